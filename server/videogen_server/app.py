@@ -1,0 +1,100 @@
+"""Server lifecycle: explicit start-up, graceful drain, shutdown in `finally`.
+
+    server = VideoGenServer(config)
+    await server.start()          # gRPC port open (health NOT_SERVING), models load and warm up
+    await server.wait()           # until stop() (e.g. from a SIGTERM handler)
+
+Start-up order: bind the gRPC port and the metrics port first, so that probes and scrapes see a
+NOT_SERVING server while models load; health turns SERVING once every model is warm. Stop order:
+health NOT_SERVING and new requests UNAVAILABLE, in-flight requests finish within the grace
+period, then the engine frees the instances.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Optional
+
+from . import __version__
+from .config import ServerConfig
+from .engine.engine import Engine
+from .metrics import Metrics
+from .transport.server import build_server
+
+log = logging.getLogger(__name__)
+
+
+class VideoGenServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.engine = Engine(config, self.metrics)
+        self.port: Optional[int] = None
+        self.metrics_port: Optional[int] = None
+        self._server = None
+        self._health = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    async def start(self) -> None:
+        self._server, self.port, self._health = build_server(self.engine, self.config)
+        self.engine.add_listener(lambda: asyncio.ensure_future(self._health.update()))
+        await self._server.start()
+        await self._health.update()
+        if self.config.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
+        self.metrics.set_build_info(**_versions())
+        log.info("gRPC on port %d, metrics on %s; loading models", self.port,
+                 f"http://{self.config.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
+        try:
+            await self.engine.start()
+        except BaseException:
+            await self.stop(0)
+            raise
+        await self._health.update()
+        log.info("ready: %s", ", ".join(f"{s.name} ({s.state.lower()})" for s in self.engine.list_models()) or "no models")
+
+    async def stop(self, grace: Optional[float] = None) -> None:
+        """Drain: NOT_SERVING, refuse new requests, let in-flight ones finish within `grace`, then stop."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.config.drain_grace_seconds if grace is None else grace
+        try:
+            self.engine.begin_drain()
+            if self._health is not None:
+                await self._health.update()
+                await self._health.servicer.enter_graceful_shutdown()
+            if self._server is not None:
+                await self._server.stop(grace)
+        finally:
+            await self.engine.shutdown(0)
+            self.metrics.close()
+            self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda s=sig: self._on_signal(s))
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("%s: draining (grace %.0fs)", sig.name, self.config.drain_grace_seconds)
+        asyncio.ensure_future(self.stop())
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"version": __version__}
+    for dist in ("torch", "diffusers", "grpcio"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = ""
+    return out
+

@@ -1,0 +1,168 @@
+"""The backend contract (Triton's initialize / execute / finalize, decoupled responses).
+
+A backend runs one model instance on one device. The engine creates one backend object per
+instance and calls every method of it from that instance's own worker thread, so a backend may
+keep per-thread state (compiled graphs, CUDA graphs) and never needs locks.
+
+    class EchoBackend(Backend):
+        name = "echo"
+
+        def initialize(self, context):
+            self.device = context.device
+
+        def execute(self, requests):
+            for r in requests:
+                p = r.params
+                for step in range(1, p.num_inference_steps + 1):
+                    if r.sender.is_cancelled():
+                        break
+                    r.sender.send(StepDone(step, p.num_inference_steps))
+                frames = numpy.zeros((p.num_frames, p.height, p.width, 3), numpy.uint8)
+                r.sender.send(FramesDecoded(chunk_index=0, start_index=0, frames=frames))
+
+        def finalize(self):
+            pass
+
+`execute` streams any number of events per request through `request.sender` and returns when it
+is done with all of them; the engine then closes each request. To fail one request of a batch,
+call `request.sender.error(exc)` and carry on with the others; an exception out of `execute`
+fails every request of the batch that is still open. Backends are found by name: the built-ins
+below, then the `videogen.backends` entry-point group (`name = "package.module:Class"`).
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Optional, Protocol
+
+from PIL import Image
+
+from ..errors import ConfigError
+from ..domain import ResolvedParams
+
+ENTRY_POINT_GROUP = "videogen.backends"
+BUILTIN_BACKENDS = {"svd": "videogen_server.backends.svd.backend:SVDBackend"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepDone:
+    """Denoising step `step` (1-based) of `num_steps` finished."""
+
+    step: int
+    num_steps: int
+    seconds: float = 0.0  # wall time of this step (device synchronised)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseTiming:
+    """Seconds a phase took for this request ("image_encode", "denoise", "decode")."""
+
+    phase: str
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FramesDecoded:
+    """Frames of one VAE decode chunk: uint8 array [n, height, width, 3], frames start..start+n-1."""
+
+    chunk_index: int
+    start_index: int
+    frames: Any  # numpy.ndarray; typed loosely so this module needs no numpy at import
+    decode_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """Sent by the backend last for a request that completed (peak memory of its run)."""
+
+    peak_memory_bytes: int = 0
+    batch_size: int = 1
+
+
+class ResponseSender(Protocol):
+    """How a backend streams events for one request. Safe to call from the worker thread."""
+
+    def send(self, event: Any) -> None: ...
+
+    def error(self, exc: BaseException) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclasses.dataclass
+class BackendRequest:
+    request_id: str
+    params: ResolvedParams
+    image: Image.Image
+    sender: ResponseSender
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceContext:
+    """What `initialize` gets: which model, which weights, where to run."""
+
+    model_name: str
+    model_version: int
+    version_path: Path  # the version folder (diffusers format for svd)
+    parameters: Mapping[str, str]  # the model's backend parameters from config.pbtxt
+    device: str  # "cpu" or "cuda:N"
+    instance_index: int
+    max_batch_size: int
+    cpu_threads: Optional[int] = None  # torch intra-op threads for CPU instances (None: torch's default)
+
+
+class Backend(abc.ABC):
+    """Base class of every backend. Subclasses set `name` and implement the three calls."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def validate_parameters(cls, parameters: Mapping[str, str]) -> None:
+        """Check the config's backend parameters; raise ValueError("<key>: <reason>"). Runs at load."""
+        if parameters:
+            raise ValueError(f"{sorted(parameters)[0]}: unknown parameter for backend {cls.name!r}")
+
+    @classmethod
+    def model_defaults(cls, version_path: Path) -> Mapping[str, Any]:
+        """Generation defaults read from the weights' metadata (no heavy work), e.g. num_frames."""
+        return {}
+
+    @abc.abstractmethod
+    def initialize(self, context: InstanceContext) -> None:
+        """Load weights onto the context's device, compile, get ready. Runs on the worker thread."""
+
+    @abc.abstractmethod
+    def execute(self, requests: list[BackendRequest]) -> None:
+        """Run a batch (1..max_batch_size requests of equal `params.batch_key`)."""
+
+    def finalize(self) -> None:
+        """Free everything `initialize` took."""
+
+    def memory_stats(self) -> Mapping[str, int]:
+        """Device memory in bytes: {"allocated", "reserved", "peak"} where known."""
+        return {}
+
+    def compile_stats(self) -> Mapping[str, int]:
+        """{"compiles": n, "recompiles": n} where the backend compiles."""
+        return {}
+
+
+def load_backend_class(name: str) -> type[Backend]:
+    """Find a backend by name: built-ins first, then the `videogen.backends` entry points."""
+    target = BUILTIN_BACKENDS.get(name)
+    if target is None:
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name == name:
+                target = ep.value
+                break
+    if target is None:
+        known = sorted(set(BUILTIN_BACKENDS) | {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)})
+        raise ConfigError("config.pbtxt", "backend", f"unknown backend {name!r}; installed: {known}")
+    module_name, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), attr)
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ConfigError("config.pbtxt", "backend", f"{target} is not a videogen_server Backend subclass")
+    return cls

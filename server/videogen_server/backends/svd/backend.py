@@ -1,0 +1,268 @@
+"""The Stable Video Diffusion backend on diffusers' real components.
+
+It runs the same computation as `StableVideoDiffusionPipeline.__call__` (same helpers, same order
+of random draws) but keeps every per-call state local to the call: a fresh scheduler per batch,
+guidance tensors per request, and a separate float32 copy of the VAE encoder instead of flipping
+the shared VAE's dtype. Denoising is batched across requests; each request keeps its own random
+generator, conditioning and decode chunking, and its frames go out chunk by chunk as decoded.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
+
+from ...errors import OutOfMemory
+from ..base import Backend, BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+#: Backend parameters (config.pbtxt `parameters`), each with its default and meaning.
+PARAMETERS = {
+    "dtype": ("float16 on GPU, float32 on CPU", "weights and activations: float32 | float16 | bfloat16"),
+    "variant": ("", "weights variant to load, e.g. fp16 for the *.fp16.safetensors files"),
+    "compile": ("none", "torch.compile mode for the UNet: " + " | ".join(COMPILE_MODES)),
+    "cpu_offload": ("false", "diffusers model CPU offload (low-memory mode: whole models move to the GPU in turn)"),
+    "forward_chunking": ("false", "UNet feed-forward chunking (lower peak memory, slower)"),
+    "channels_last": ("false", "UNet and VAE in channels_last memory format"),
+}
+
+
+def _bool(key: str, value: str) -> bool:
+    try:
+        return BOOL[value.lower()]
+    except KeyError:
+        raise ValueError(f"{key}: {value!r} is not a boolean (true/false)") from None
+
+
+class SVDBackend(Backend):
+    name = "svd"
+
+    @classmethod
+    def validate_parameters(cls, parameters: Mapping[str, str]) -> None:
+        for key, value in parameters.items():
+            if key not in PARAMETERS:
+                raise ValueError(f"{key}: unknown parameter; the svd backend takes {sorted(PARAMETERS)} "
+                                 "besides default_* and limits")
+            if key == "dtype" and value not in DTYPES:
+                raise ValueError(f"dtype: {value!r} is not one of {sorted(DTYPES)}")
+            if key == "compile" and value not in COMPILE_MODES:
+                raise ValueError(f"compile: {value!r} is not one of {list(COMPILE_MODES)}")
+            if key in ("cpu_offload", "forward_chunking", "channels_last"):
+                _bool(key, value)
+
+    @classmethod
+    def model_defaults(cls, version_path: Path) -> Mapping[str, Any]:
+        """num_frames from the UNet's config, as the pipeline's default does."""
+        try:
+            unet = json.loads((version_path / "unet" / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return {"num_frames": int(unet["num_frames"])} if "num_frames" in unet else {}
+
+    def initialize(self, context: InstanceContext) -> None:
+        p = context.parameters
+        self.device = torch.device(context.device)
+        on_gpu = self.device.type == "cuda"
+        if not on_gpu and context.cpu_threads:
+            torch.set_num_threads(context.cpu_threads)
+        self.dtype = DTYPES[p.get("dtype", "float16" if on_gpu else "float32")]
+        t0 = time.perf_counter()
+        pipe = StableVideoDiffusionPipeline.from_pretrained(
+            str(context.version_path), torch_dtype=self.dtype, use_safetensors=True,
+            variant=p.get("variant") or None)
+        pipe.set_progress_bar_config(disable=True)
+        self.cpu_offload = _bool("cpu_offload", p.get("cpu_offload", "false"))
+        if self.cpu_offload:
+            if not on_gpu:
+                raise ValueError("cpu_offload: needs a GPU instance")
+            pipe.enable_model_cpu_offload(gpu_id=self.device.index or 0)
+        else:
+            pipe.to(self.device)
+        if _bool("forward_chunking", p.get("forward_chunking", "false")):
+            pipe.unet.enable_forward_chunking()
+        if _bool("channels_last", p.get("channels_last", "false")):
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        self.pipe = pipe
+        self.exec_device = pipe._execution_device
+        # The pipeline flips the whole VAE to float32 for the image encode when it runs in float16
+        # (force_upcast) and back afterwards: shared mutable state, and a weight copy per call. We keep
+        # a float32 copy of the encoder half instead; same numbers, no flip.
+        self.vae_upcast = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
+        if self.vae_upcast:
+            self.vae_encoder32 = copy.deepcopy(pipe.vae.encoder).float()
+            self.vae_quant_conv32 = copy.deepcopy(pipe.vae.quant_conv).float()
+        self.scheduler_config = pipe.scheduler.config
+        self.compile_mode = p.get("compile", "none")
+        self.compiles = 0
+        if self.compile_mode != "none":
+            pipe.unet = torch.compile(pipe.unet, mode=self.compile_mode, fullgraph=True, dynamic=False)
+        log.info("svd instance %s/%s#%d on %s (%s) loaded in %.2fs", context.model_name, context.model_version,
+                 context.instance_index, self.device, str(self.dtype).removeprefix("torch."), time.perf_counter() - t0)
+
+    # -- one batch -------------------------------------------------------------------------------
+
+    def execute(self, requests: list[BackendRequest]) -> None:
+        try:
+            with torch.inference_mode():
+                self._execute(requests)
+        except torch.OutOfMemoryError:
+            # The batch's tensors are gone with the frame; hand their cached blocks back to the device
+            # so the next request starts clean, and fail only this batch's requests.
+            log.warning("out of device memory in a batch of %d", len(requests))
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            for r in requests:
+                r.sender.error(OutOfMemory("out of device memory for this request; try fewer frames, a smaller "
+                                           "size or a smaller decode_chunk_size"))
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _execute(self, requests: list[BackendRequest]) -> None:
+        pipe, dev = self.pipe, self.exec_device
+        p0 = requests[0].params
+        height, width, num_frames, steps = p0.height, p0.width, p0.num_frames, p0.num_inference_steps
+        do_cfg = p0.max_guidance_scale > 1.0  # equal across a batch (part of batch_key)
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        # 1. Conditioning, request by request (the pipeline's order of random draws per generator).
+        t0 = time.perf_counter()
+        embeds, image_latents, time_ids, guidance, generators = [], [], [], [], []
+        for r in requests:
+            p = r.params
+            gen = torch.Generator(device="cpu").manual_seed(p.seed)
+            emb = pipe._encode_image(r.image, dev, 1, False)
+            image = pipe.video_processor.preprocess(r.image, height=height, width=width).to(dev)
+            noise = randn_tensor(image.shape, generator=gen, device=dev, dtype=image.dtype)
+            image = image + p.noise_aug_strength * noise
+            lat = self._encode_vae(image).to(emb.dtype)
+            embeds.append(emb)
+            image_latents.append(lat.unsqueeze(1).repeat(1, num_frames, 1, 1, 1))
+            time_ids.append(pipe._get_add_time_ids(p.fps - 1, p.motion_bucket_id, p.noise_aug_strength,
+                                                   emb.dtype, 1, 1, False))
+            guidance.append(torch.linspace(p.min_guidance_scale, p.max_guidance_scale, num_frames))
+            generators.append(gen)
+        self._sync()
+        encode_s = time.perf_counter() - t0
+        for r in requests:
+            r.sender.send(PhaseTiming("image_encode", encode_s / len(requests)))
+
+        # 2. Denoising, the whole batch at once.
+        t0 = time.perf_counter()
+        scheduler = EulerDiscreteScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(steps, device=dev)
+        timesteps = scheduler.timesteps
+        emb = torch.cat(embeds)
+        img_lat = torch.cat(image_latents)
+        ids = torch.cat(time_ids).to(dev)
+        shape = (1, num_frames, pipe.unet.config.in_channels // 2,
+                 height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        latents = torch.cat([randn_tensor(shape, generator=g, device=dev, dtype=emb.dtype) for g in generators])
+        latents = latents * scheduler.init_noise_sigma
+        gscale = torch.stack(guidance).to(dev, latents.dtype)[:, :, None, None, None]
+        live = list(range(len(requests)))  # batch rows still wanted
+        t_step = time.perf_counter()
+        for i, t in enumerate(timesteps):
+            if do_cfg:
+                model_in = torch.cat([latents] * 2)
+                cond_emb = torch.cat([torch.zeros_like(emb), emb])
+                cond_lat = torch.cat([torch.zeros_like(img_lat), img_lat])
+                cond_ids = torch.cat([ids, ids])
+            else:
+                model_in, cond_emb, cond_lat, cond_ids = latents, emb, img_lat, ids
+            model_in = scheduler.scale_model_input(model_in, t)
+            model_in = torch.cat([model_in, cond_lat], dim=2)
+            noise_pred = pipe.unet(model_in, t, encoder_hidden_states=cond_emb, added_time_ids=cond_ids,
+                                   return_dict=False)[0]
+            if do_cfg:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + gscale * (cond - uncond)
+            latents = scheduler.step(noise_pred, t, latents).prev_sample
+            self._sync()  # progress reports finished work, not queued kernels
+            now = time.perf_counter()
+            for row in live:
+                requests[row].sender.send(StepDone(i + 1, len(timesteps), now - t_step))
+            t_step = now
+            keep = [k for k, row in enumerate(live) if not requests[row].sender.is_cancelled()]
+            if len(keep) < len(live):  # drop cancelled requests from the batch between steps
+                if not keep:
+                    return
+                idx = torch.tensor(keep, device=latents.device)
+                latents, emb, img_lat, ids, gscale = (x.index_select(0, idx.to(x.device))
+                                                      for x in (latents, emb, img_lat, ids, gscale))
+                live = [live[k] for k in keep]
+        denoise_s = time.perf_counter() - t0
+        for row in live:
+            requests[row].sender.send(PhaseTiming("denoise", denoise_s))
+
+        # 3. VAE decode, request by request, chunk by chunk; each chunk goes out as soon as it is ready.
+        latents = latents / pipe.vae.config.scaling_factor
+        for k, row in enumerate(live):
+            r = requests[row]
+            chunk = r.params.decode_chunk_size
+            video = latents[k]  # [F, C, h, w]
+            t_req = time.perf_counter()
+            for c, start in enumerate(range(0, num_frames, chunk)):
+                if r.sender.is_cancelled():
+                    break
+                t_chunk = time.perf_counter()
+                part = video[start:start + chunk]
+                frames = pipe.vae.decode(part, num_frames=part.shape[0]).sample.float()
+                frames = pipe.video_processor.postprocess(frames, output_type="np")
+                frames = (frames * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
+                r.sender.send(FramesDecoded(c, start, frames, decode_s=time.perf_counter() - t_chunk))
+            else:
+                r.sender.send(PhaseTiming("decode", time.perf_counter() - t_req))
+                peak = torch.cuda.max_memory_allocated(self.device) if on_gpu else _process_rss()
+                r.sender.send(Finished(peak_memory_bytes=int(peak), batch_size=len(requests)))
+
+    def _encode_vae(self, image: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        if self.vae_upcast:
+            moments = self.vae_quant_conv32(self.vae_encoder32(image.to(torch.float32)))
+            return DiagonalGaussianDistribution(moments).mode()
+        return vae.encode(image.to(vae.dtype)).latent_dist.mode()
+
+    def finalize(self) -> None:
+        del self.pipe
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def memory_stats(self) -> Mapping[str, int]:
+        if self.device.type == "cuda":
+            return {"allocated": torch.cuda.memory_allocated(self.device),
+                    "reserved": torch.cuda.memory_reserved(self.device),
+                    "peak": torch.cuda.max_memory_allocated(self.device)}
+        rss = _process_rss()
+        return {"allocated": rss, "reserved": rss}
+
+    def compile_stats(self) -> Mapping[str, int]:
+        if self.compile_mode == "none":
+            return {}
+        from torch._dynamo.utils import counters  # only once compile is on
+        return {"compiles": int(sum(counters["stats"].get(k, 0) for k in ("unique_graphs",))),
+                "recompiles": int(sum(counters["recompiles"].values()))}
+
+
+def _process_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,109 @@
+"""`videogen-server serve | make-tiny-model`: the one place where settings come from the command line."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import MODEL_CONTROL_MODES, ServerConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = ServerConfig(model_repositories=())
+    p = argparse.ArgumentParser(prog="videogen-server", description="gRPC model server for Stable Video Diffusion")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve the models of one or more repositories")
+    s.add_argument("--model-repository", action="append", required=True, type=Path, metavar="DIR",
+                   help="a model repository: <DIR>/<model>/config.pbtxt and <model>/<version>/ (repeatable)")
+    s.add_argument("--host", default=d.host, help=f"gRPC listen host (default {d.host})")
+    s.add_argument("--port", type=int, default=d.port, help=f"gRPC port, 0 = any free port (default {d.port})")
+    s.add_argument("--metrics-port", type=int, default=d.metrics_port,
+                   help=f"Prometheus /metrics port, 0 = any free port, -1 = off (default {d.metrics_port})")
+    s.add_argument("--metrics-host", default=d.metrics_host, help=f"metrics listen address (default {d.metrics_host})")
+    s.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default=d.model_control_mode,
+                   help="none: load all at start; explicit: --load-model and Load/UnloadModel RPCs; poll: reload changed models")
+    s.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="with explicit control: load this model at start ('*' = all); repeatable")
+    s.add_argument("--repository-poll-seconds", type=float, default=d.repository_poll_seconds)
+    s.add_argument("--max-queue-size", type=int, default=d.max_queue_size,
+                   help="queue bound for models whose config sets none (default %(default)s)")
+    s.add_argument("--cpu-threads", type=int, default=None, help="torch threads for CPU instances (default: torch's)")
+    s.add_argument("--media-threads", type=int, default=d.media_threads, help="frame/MP4 encoding threads")
+    s.add_argument("--drain-grace-seconds", type=float, default=d.drain_grace_seconds,
+                   help="on SIGTERM, how long in-flight requests may finish (default %(default)s)")
+    s.add_argument("--unload-timeout-seconds", type=float, default=d.unload_timeout_seconds)
+    s.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help="largest request message, image included (default %(default)s)")
+    s.add_argument("--log-format", choices=("text", "json"), default=d.log_format)
+    s.add_argument("--log-level", default=d.log_level)
+    s.add_argument("--port-file", type=Path, help="write the bound gRPC and metrics ports here once listening")
+
+    t = sub.add_parser("make-tiny-model", help="write a model repository holding a tiny random SVD (tests, demo)")
+    t.add_argument("repository", type=Path)
+    t.add_argument("--name", default="svd-tiny")
+    t.add_argument("--version", type=int, default=1)
+    t.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        model_repositories=tuple(args.model_repository), host=args.host, port=args.port,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host, model_control_mode=args.model_control_mode,
+        load_models=tuple(args.load_model), repository_poll_seconds=args.repository_poll_seconds,
+        max_queue_size=args.max_queue_size, cpu_threads=args.cpu_threads, media_threads=args.media_threads,
+        drain_grace_seconds=args.drain_grace_seconds, unload_timeout_seconds=args.unload_timeout_seconds,
+        max_request_bytes=args.max_request_bytes, log_format=args.log_format, log_level=args.log_level.upper())
+
+
+async def _serve(config: ServerConfig, port_file: Optional[Path]) -> None:
+    from .app import VideoGenServer
+
+    server = VideoGenServer(config)
+    server.install_signal_handlers()
+    try:
+        await server.start()
+        if port_file:
+            tmp = port_file.with_suffix(".tmp")
+            tmp.write_text(f"{server.port} {server.metrics_port or 0}\n")
+            tmp.replace(port_file)
+        await server.wait()
+    finally:
+        await server.stop()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "make-tiny-model":
+        from .backends.svd.tiny import write_tiny_repository
+
+        path = write_tiny_repository(args.repository, name=args.name, version=args.version, seed=args.seed)
+        print(f"wrote {path}")
+        return 0
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        print(f"videogen-server: error: {err}", file=sys.stderr)
+        return 2
+    from . import logs
+
+    logs.setup(config.log_format, config.log_level)
+    try:
+        asyncio.run(_serve(config, args.port_file))
+    except KeyboardInterrupt:
+        pass
+    except Exception as err:
+        from .errors import VideoGenError
+
+        if isinstance(err, VideoGenError):
+            print(f"videogen-server: {err.message}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

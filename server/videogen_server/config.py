@@ -1,0 +1,47 @@
+"""Typed server settings, built in one place from the command line (see `cli.py`)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+MODEL_CONTROL_MODES = ("none", "explicit", "poll")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    model_repositories: tuple[Path, ...]
+    #: gRPC listen address. "[::]" takes IPv4 and IPv6; port 0 picks a free port (read it back).
+    host: str = "[::]"
+    port: int = 8001
+    #: Prometheus /metrics HTTP port; 0 picks a free port, -1 disables the endpoint.
+    metrics_port: int = 8002
+    metrics_host: str = "0.0.0.0"
+    #: none: load every model at start; explicit: only --load-model (then LoadModel/UnloadModel RPCs);
+    #: poll: load everything and reload models whose files change.
+    model_control_mode: str = "none"
+    load_models: tuple[str, ...] = ()
+    repository_poll_seconds: float = 15.0
+    #: Queue bound for models whose config leaves dynamic_batching.default_queue_policy.max_queue_size at 0.
+    max_queue_size: int = 64
+    #: torch intra-op threads for CPU instances (None: torch's default, all cores).
+    cpu_threads: Optional[int] = None
+    #: Threads that encode frames (PNG/JPEG) and the MP4, shared by all requests.
+    media_threads: int = 2
+    #: On SIGTERM: seconds in-flight requests get to finish before the server stops.
+    drain_grace_seconds: float = 30.0
+    #: Unload: seconds in-flight requests get before they are cancelled.
+    unload_timeout_seconds: float = 60.0
+    #: Largest request message accepted (the conditioning image travels in it). Per-model image limits
+    #: (parameters max_image_bytes / max_image_pixels) apply on top.
+    max_request_bytes: int = 64 * 2**20
+    log_format: str = "text"  # text | json
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.model_control_mode not in MODEL_CONTROL_MODES:
+            raise ValueError(f"model_control_mode: {self.model_control_mode!r} is not one of {MODEL_CONTROL_MODES}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format: {self.log_format!r} is not text or json")
+        if self.load_models and self.model_control_mode != "explicit":
+            raise ValueError("--load-model needs --model-control-mode explicit")

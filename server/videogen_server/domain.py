@@ -1,0 +1,139 @@
+"""Domain types shared by transport, engine and backends. No torch, no grpc here.
+
+The transport turns protobuf messages into these and back; the engine and backends speak only
+these. Frames travel as uint8 numpy arrays of shape [n, height, width, 3].
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Optional
+
+
+class FrameEncoding(enum.Enum):
+    PNG = "png"
+    JPEG = "jpeg"
+    RAW_RGB = "raw_rgb"
+    NONE = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationParams:
+    """What the caller asked for; `None` means "the model's default"."""
+
+    width: Optional[int] = None
+    height: Optional[int] = None
+    num_frames: Optional[int] = None
+    num_inference_steps: Optional[int] = None
+    fps: Optional[int] = None
+    motion_bucket_id: Optional[int] = None
+    noise_aug_strength: Optional[float] = None
+    min_guidance_scale: Optional[float] = None
+    max_guidance_scale: Optional[float] = None
+    seed: Optional[int] = None
+    decode_chunk_size: Optional[int] = None
+    frame_encoding: FrameEncoding = FrameEncoding.PNG
+    jpeg_quality: Optional[int] = None
+    stream_video: Optional[bool] = None
+    video_fps: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedParams:
+    """Every generation parameter with the model's defaults applied and limits checked."""
+
+    width: int
+    height: int
+    num_frames: int
+    num_inference_steps: int
+    fps: int
+    motion_bucket_id: int
+    noise_aug_strength: float
+    min_guidance_scale: float
+    max_guidance_scale: float
+    seed: int
+    decode_chunk_size: int
+    frame_encoding: FrameEncoding
+    jpeg_quality: int
+    stream_video: bool
+    video_fps: int
+
+    @property
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can share one denoising batch (same tensor shapes and steps)."""
+        return (self.width, self.height, self.num_frames, self.num_inference_steps,
+                self.max_guidance_scale > 1.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["frame_encoding"] = self.frame_encoding.value
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateCall:
+    """One Generate call as the transport hands it to the engine."""
+
+    model: str
+    image: bytes
+    params: GenerationParams
+    model_version: Optional[int] = None
+    request_id: str = ""
+    priority: int = 0
+    timeout_s: Optional[float] = None  # queue timeout asked for by the request
+    deadline_s: Optional[float] = None  # seconds left on the caller's gRPC deadline
+
+
+# --- events the engine streams back (transport converts them to GenerateResponse) ---
+
+@dataclasses.dataclass(frozen=True)
+class AcceptedEvent:
+    request_id: str
+    model: str
+    model_version: int
+    queue_position: int
+    params: ResolvedParams
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressEvent:
+    step: int
+    num_steps: int
+    elapsed_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameEvent:
+    index: int
+    chunk_index: int
+    encoding: FrameEncoding
+    data: bytes
+    width: int
+    height: int
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoEvent:
+    data: bytes
+    offset: int
+    last: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryEvent:
+    request_id: str
+    num_frames: int
+    queue_s: float
+    image_encode_s: float
+    denoise_s: float
+    decode_s: float
+    video_encode_s: float
+    total_s: float
+    first_frame_s: float
+    peak_memory_bytes: int
+    video_bytes: int
+    batch_size: int
+    device: str
+
+
+EngineEvent = AcceptedEvent | ProgressEvent | FrameEvent | VideoEvent | SummaryEvent

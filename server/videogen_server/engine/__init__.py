@@ -1,0 +1,1 @@
+"""The engine: model repository, scheduler, instance pool and lifecycle. Imports no diffusers."""

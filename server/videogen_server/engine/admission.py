@@ -1,0 +1,99 @@
+"""Admission checks: every request field against the model's defaults and limits, and the image.
+
+All of this runs before a request is queued, so a bad request never costs model work. Each
+failure is an InvalidRequest naming the request field (proto field names).
+"""
+from __future__ import annotations
+
+import io
+import math
+import secrets
+import warnings
+
+from PIL import Image
+
+from ..errors import InvalidRequest
+from ..domain import FrameEncoding, GenerationParams, ResolvedParams
+from .model_config import GenerationDefaults, GenerationLimits
+
+ACCEPTED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
+MAX_SEED = 2**63 - 1
+
+
+def _int_in(field: str, value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise InvalidRequest(field, f"{value} is outside {low}..{high}")
+    return value
+
+
+def _float_in(field: str, value: float, low: float, high: float) -> float:
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidRequest(field, f"{value} is outside {low}..{high}")
+    return value
+
+
+def resolve_params(p: GenerationParams, d: GenerationDefaults, lim: GenerationLimits) -> ResolvedParams:
+    """Apply defaults, check limits; raise InvalidRequest naming the first bad field."""
+    width = _int_in("width", d.width if p.width is None else p.width, lim.min_width, lim.max_width)
+    height = _int_in("height", d.height if p.height is None else p.height, lim.min_height, lim.max_height)
+    for field, value in (("width", width), ("height", height)):
+        if value % 8:
+            raise InvalidRequest(field, f"{value} is not a multiple of 8")
+    num_frames = _int_in("num_frames", d.num_frames if p.num_frames is None else p.num_frames, 1, lim.max_num_frames)
+    steps = _int_in("num_inference_steps", d.num_inference_steps if p.num_inference_steps is None else p.num_inference_steps,
+                    1, lim.max_num_inference_steps)
+    fps = _int_in("fps", d.fps if p.fps is None else p.fps, 1, 240)
+    motion = _int_in("motion_bucket_id", d.motion_bucket_id if p.motion_bucket_id is None else p.motion_bucket_id, 0, 1023)
+    noise = _float_in("noise_aug_strength", d.noise_aug_strength if p.noise_aug_strength is None else p.noise_aug_strength, 0.0, 10.0)
+    gmin = _float_in("min_guidance_scale", d.min_guidance_scale if p.min_guidance_scale is None else p.min_guidance_scale, 0.0, 50.0)
+    gmax = _float_in("max_guidance_scale", d.max_guidance_scale if p.max_guidance_scale is None else p.max_guidance_scale, 0.0, 50.0)
+    if gmin > gmax:
+        raise InvalidRequest("min_guidance_scale", f"{gmin} is above max_guidance_scale {gmax}")
+    seed = secrets.randbelow(MAX_SEED) if p.seed is None else _int_in("seed", p.seed, 0, MAX_SEED)
+    chunk_default = d.decode_chunk_size or num_frames
+    chunk = chunk_default if p.decode_chunk_size is None else _int_in("decode_chunk_size", p.decode_chunk_size, 1, 1 << 16)
+    chunk = min(chunk, num_frames)
+    quality = d.jpeg_quality if p.jpeg_quality is None else _int_in("output.jpeg_quality", p.jpeg_quality, 1, 100)
+    video_fps = fps if p.video_fps is None else _int_in("output.video_fps", p.video_fps, 1, 240)
+    stream_video = True if p.stream_video is None else p.stream_video
+    if p.frame_encoding is FrameEncoding.NONE and not stream_video:
+        raise InvalidRequest("output.frame_encoding", "NONE with stream_video false would return nothing")
+    return ResolvedParams(
+        width=width, height=height, num_frames=num_frames, num_inference_steps=steps, fps=fps,
+        motion_bucket_id=motion, noise_aug_strength=noise, min_guidance_scale=gmin, max_guidance_scale=gmax,
+        seed=seed, decode_chunk_size=chunk, frame_encoding=p.frame_encoding, jpeg_quality=quality,
+        stream_video=stream_video, video_fps=video_fps,
+    )
+
+
+def decode_image(data: bytes, lim: GenerationLimits) -> Image.Image:
+    """Decode the conditioning image to RGB, refusing oversized payloads and decompression bombs.
+
+    The pixel count is checked from the header before any pixel is decoded. Animated images use
+    their first frame; RGBA, grayscale, palette and CMYK images are converted to RGB.
+    """
+    if not data:
+        raise InvalidRequest("image", "required: encoded PNG, JPEG or WebP bytes")
+    if len(data) > lim.max_image_bytes:
+        raise InvalidRequest("image", f"{len(data)} bytes exceeds the model's limit of {lim.max_image_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=sorted(ACCEPTED_IMAGE_FORMATS))
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise InvalidRequest("image", f"has no pixels ({w}x{h})")
+            if w * h > lim.max_image_pixels:
+                raise InvalidRequest("image", f"{w}x{h} pixels exceeds the model's limit of {lim.max_image_pixels}")
+            img.seek(0)
+            img.load()
+            rgb = img.convert("RGB")
+    except InvalidRequest:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidRequest("image", "too many pixels (decompression bomb)") from None
+    except Image.UnidentifiedImageError:
+        raise InvalidRequest("image", "not a PNG, JPEG or WebP image") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise InvalidRequest("image", f"cannot be decoded ({type(err).__name__})") from None
+    return rgb

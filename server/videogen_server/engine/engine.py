@@ -1,0 +1,570 @@
+"""The engine: loaded models, admission, one async generator per request, lifecycle.
+
+    engine = Engine(settings, metrics)
+    await engine.start()                 # load (and warm up) the models the control mode asks for
+    async for event in engine.generate(call):
+        ...                              # AcceptedEvent, ProgressEvent, FrameEvent, VideoEvent, SummaryEvent
+    await engine.shutdown()
+
+Cancellation lives here: when the consumer of `generate` goes away (client cancel, deadline,
+disconnect), the generator's cleanup takes the request out of the queue or tells its instance to
+stop at the next denoising step or decode chunk, once, whatever the transport.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import time
+import uuid
+from importlib import resources
+from pathlib import Path
+from typing import AsyncIterator, Callable, Optional
+
+from PIL import Image
+
+from ..backends.base import BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone, load_backend_class
+from ..config import ServerConfig
+from ..errors import (BackendError, ConfigError, Draining, InvalidRequest, ModelNotFound, NotReady, QueueTimeout,
+                      RequestCancelled, VideoGenError, status_name)
+from ..media.frames import encode_frame
+from ..media.mp4 import FragmentedMP4Encoder
+from ..metrics import InstanceCollector, Metrics, NvmlReader
+from ..domain import (AcceptedEvent, EngineEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams,
+                     ProgressEvent, SummaryEvent, VideoEvent)
+from . import repository
+from .admission import decode_image, resolve_params
+from .instance import Instance, WarmupSender
+from .model_config import ModelSettings
+from .request import CLOSED, EngineRequest, RequestPhase, _Failed
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+request_log = logging.getLogger("videogen.requests")
+
+STATES = ("UNAVAILABLE", "LOADING", "READY", "UNLOADING", "FAILED")
+
+
+def sample_image() -> Image.Image:
+    """The image that ships with the server (demo and warm-up)."""
+    with resources.files("videogen_server.assets").joinpath("sample.png").open("rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+@dataclasses.dataclass
+class VersionStatus:
+    version: int
+    state: str
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class ModelStatus:
+    """What ListModels/GetModel report (the transport converts it)."""
+
+    name: str
+    backend: str
+    state: str
+    versions: list[VersionStatus]
+    settings: Optional[ModelSettings]
+    instances: int
+
+
+class ModelRuntime:
+    """One loaded version of a model: its queue and its instances."""
+
+    def __init__(self, settings: ModelSettings, version: int, engine: "Engine") -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.version = version
+        self.state = "LOADING"
+        self.reason = ""
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.active: set[EngineRequest] = set()
+        labels = (self.name, str(version))
+        m = engine.metrics
+        self.labels = labels
+        self.scheduler = Scheduler(batching=settings.batching, max_batch_size=settings.max_batch_size,
+                                   on_depth=m.queue_depth.labels(*labels).set)
+        self.instances: list[Instance] = []
+        self._engine = engine
+
+    def _contexts(self) -> list[InstanceContext]:
+        from .devices import gpu_count  # torch is imported only when a model is loaded
+
+        contexts: list[InstanceContext] = []
+        path = self.settings.path / str(self.version)
+        for i, group in enumerate(self.settings.instance_groups):
+            kind = group.kind
+            if kind == "auto":
+                kind = "gpu" if gpu_count() > 0 else "cpu"
+            if kind == "gpu":
+                available = gpu_count()
+                gpus = group.gpus or tuple(range(available))
+                bad = [g for g in gpus if g >= available]
+                if not gpus or bad:
+                    raise ConfigError(str(self.settings.config_path), f"instance_group[{i}].gpus",
+                                      f"GPU {bad or 0} not present ({available} visible)")
+                devices = [f"cuda:{g}" for g in gpus for _ in range(group.count)]
+            else:
+                devices = ["cpu"] * group.count
+            for device in devices:
+                contexts.append(InstanceContext(
+                    model_name=self.name, model_version=self.version, version_path=path,
+                    parameters=self.settings.parameters, device=device, instance_index=len(contexts),
+                    max_batch_size=self.settings.max_batch_size, cpu_threads=self._engine.config.cpu_threads))
+        return contexts
+
+    def _warmup_requests(self) -> list[BackendRequest]:
+        reqs = []
+        image = sample_image()
+        for w in self.settings.warmup:
+            fields = {k: (float(v) if k in ("noise_aug_strength", "min_guidance_scale", "max_guidance_scale")
+                          else int(v)) for k, v in w.inputs.items()}
+            params = resolve_params(GenerationParams(**fields), self.settings.defaults, self.settings.limits)
+            params = dataclasses.replace(params, seed=0)
+            reqs += [BackendRequest(f"warmup-{w.name}-{n}", params, image, WarmupSender()) for n in range(w.count)]
+        return reqs
+
+    async def load(self) -> None:
+        m = self._engine.metrics
+        backend_cls = load_backend_class(self.settings.backend)
+        t0 = time.perf_counter()
+        busy = m.instances_busy.labels(*self.labels)
+        batch_hist = m.batch_size.labels(*self.labels)
+        for ctx in self._contexts():
+            self.instances.append(Instance(
+                backend_cls=backend_cls, context=ctx, scheduler=self.scheduler, warmup=self._warmup_requests(),
+                on_busy=busy.inc, on_batch=lambda b: batch_hist.observe(len(b)), on_dead=self._instance_dead))
+        futures = [asyncio.wrap_future(inst.start()) for inst in self.instances]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await self.stop()
+            raise failures[0]
+        m.load_duration.labels(*self.labels).set(time.perf_counter() - t0)
+        m.warmup_duration.labels(*self.labels).set(max(i.warmup_seconds for i in self.instances))
+        self.state = "READY"
+        m.model_ready.labels(*self.labels).set(1)
+
+    def _instance_dead(self, instance: Instance) -> None:
+        if all(i.state == "dead" for i in self.instances):
+            self.state = "FAILED"
+            self.reason = "every instance hit an unrecoverable device error"
+            self._engine._loop.call_soon_threadsafe(self._engine._notify)
+
+    async def unload(self, timeout: float) -> None:
+        """Stop admitting, let in-flight requests finish (up to `timeout`), then free the instances."""
+        self.state = "UNLOADING"
+        self._engine.metrics.model_ready.labels(*self.labels).set(0)
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("unload of %s/%s: %d requests still running after %.0fs; cancelling them",
+                        self.name, self.version, self.inflight, timeout)
+        await self.stop()
+        self.state = "UNAVAILABLE"
+
+    async def stop(self) -> None:
+        for req in self.scheduler.close():
+            req.error(NotReady(f"model {self.name!r} was unloaded"))
+            req.close()
+        for req in list(self.active):
+            req.cancel()
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, inst.join) for inst in self.instances))
+
+    def instance_rows(self):
+        for inst in self.instances:
+            if inst.state in ("ready", "warming"):
+                yield self.name, str(self.version), inst.name, inst.device, inst.backend
+
+
+class ModelEntry:
+    """A model in the repository and whichever of its versions are loaded."""
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self.settings: Optional[ModelSettings] = None
+        self.loaded: dict[int, ModelRuntime] = {}
+        self.failed: dict[int, str] = {}
+        self.error = ""
+        self.fingerprint = ""
+        self.lock = asyncio.Lock()
+
+    def select(self, version: Optional[int]) -> ModelRuntime:
+        if version:
+            rt = self.loaded.get(version)
+            if rt is None:
+                raise ModelNotFound(f"model {self.name!r} has no loaded version {version}")
+        else:
+            ready = [rt for v, rt in sorted(self.loaded.items(), reverse=True) if rt.state == "READY"]
+            if not ready:
+                raise NotReady(f"model {self.name!r} is not ready" + (f": {self.error}" if self.error else ""))
+            rt = ready[0]
+        if rt.state != "READY":
+            raise NotReady(f"model {self.name!r} version {rt.version} is {rt.state.lower()}")
+        return rt
+
+
+class Engine:
+    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.models: dict[str, ModelEntry] = {}
+        self.draining = False
+        self._listeners: list[Callable[[], None]] = []
+        self._media = concurrent.futures.ThreadPoolExecutor(max_workers=config.media_threads,
+                                                            thread_name_prefix="media")
+        self._decode = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-decode")
+        self._poller: Optional[asyncio.Task[None]] = None
+        self._loop: asyncio.AbstractEventLoop
+        metrics.add_collector(InstanceCollector(self._instance_rows, NvmlReader.try_create()))
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Scan the repository and load what the model control mode asks for."""
+        self._loop = asyncio.get_running_loop()
+        for name, path in repository.scan(self.config.model_repositories).items():
+            self.models[name] = ModelEntry(name, path)
+        mode = self.config.model_control_mode
+        if mode == "explicit":
+            unknown = [n for n in self.config.load_models if n not in self.models and n != "*"]
+            if unknown:
+                raise ConfigError("--load-model", "--load-model", f"not in the repository: {unknown}")
+            names = list(self.models) if "*" in self.config.load_models else list(self.config.load_models)
+        else:
+            names = list(self.models)
+        await asyncio.gather(*(self.load_model(n, raise_errors=False) for n in names))
+        if mode == "poll":
+            self._poller = asyncio.create_task(self._poll())
+        self._notify()
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Called (on the event loop) whenever readiness may have changed."""
+        self._listeners.append(callback)
+
+    def _notify(self) -> None:
+        for cb in self._listeners:
+            cb()
+
+    def model_ready(self, name: str) -> bool:
+        entry = self.models.get(name)
+        return bool(entry) and not self.draining and any(rt.state == "READY" for rt in entry.loaded.values())
+
+    @property
+    def ready(self) -> bool:
+        """Every model the control mode asked for is loaded and warmed up, and we are not draining."""
+        wanted = [e for e in self.models.values() if e.loaded or e.error or e.failed]
+        return not self.draining and bool(wanted) and all(self.model_ready(e.name) for e in wanted)
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        self._notify()
+
+    async def shutdown(self, grace: float = 0.0) -> None:
+        self.begin_drain()
+        if self._poller:
+            self._poller.cancel()
+        runtimes = [rt for e in self.models.values() for rt in e.loaded.values()]
+        await asyncio.gather(*(rt.unload(grace) for rt in runtimes))
+        self._media.shutdown(wait=False, cancel_futures=True)
+        self._decode.shutdown(wait=False, cancel_futures=True)
+
+    # -- model control ----------------------------------------------------------------------------
+
+    async def load_model(self, name: str, *, raise_errors: bool = True) -> None:
+        """(Re)load a model: every version its policy selects. A failed load keeps what served before."""
+        entry = self.models.get(name)
+        if entry is None:
+            found = repository.scan(self.config.model_repositories)
+            if name not in found:
+                raise ModelNotFound(f"model {name!r} is not in the repository")
+            entry = self.models[name] = ModelEntry(name, found[name])
+        async with entry.lock:
+            try:
+                settings = await asyncio.to_thread(repository.read_settings, entry.path,
+                                                   default_max_queue_size=self.config.max_queue_size)
+                entry.fingerprint = await asyncio.to_thread(repository.fingerprint, entry.path)
+                wanted = settings.version_policy.select(repository.versions_on_disk(entry.path))
+                if not wanted:
+                    raise ConfigError(str(settings.config_path), "version_policy", "selects no version folder on disk")
+            except VideoGenError as err:
+                entry.error = err.message
+                log.error("model %s not loaded: %s", name, err.message)
+                self._notify()
+                if raise_errors:
+                    raise
+                return
+            entry.error = ""
+            old = dict(entry.loaded)
+            new: dict[int, ModelRuntime] = {}
+            for version in wanted:
+                rt = ModelRuntime(settings, version, self)
+                entry.loaded.setdefault(version, rt)  # visible as LOADING if it is new
+                try:
+                    log.info("loading %s version %d", name, version)
+                    await rt.load()
+                    new[version] = rt
+                    entry.failed.pop(version, None)
+                    log.info("%s version %d ready", name, version)
+                except Exception as err:
+                    reason = err.message if isinstance(err, VideoGenError) else f"{type(err).__name__}: {err}"
+                    log.error("%s version %d failed to load: %s", name, version, reason, exc_info=not isinstance(err, VideoGenError))
+                    entry.failed[version] = reason
+                    if version in old:  # keep serving what was there
+                        new[version] = old[version]
+                    elif entry.loaded.get(version) is rt:
+                        del entry.loaded[version]
+            if not new and entry.failed:
+                entry.error = "; ".join(f"version {v}: {r}" for v, r in entry.failed.items())
+            entry.settings = settings if new else entry.settings
+            entry.loaded = dict(new)
+            self._notify()
+            retired = [rt for v, rt in old.items() if new.get(v) is not rt]
+            await asyncio.gather(*(rt.unload(self.config.unload_timeout_seconds) for rt in retired))
+            if raise_errors and entry.error:
+                raise NotReady(f"model {name!r} failed to load: {entry.error}")
+
+    async def unload_model(self, name: str) -> None:
+        entry = self.models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} is not in the repository")
+        async with entry.lock:
+            runtimes = list(entry.loaded.values())
+            for rt in runtimes:
+                rt.state = "UNLOADING"
+            self._notify()
+            await asyncio.gather(*(rt.unload(self.config.unload_timeout_seconds) for rt in runtimes))
+            entry.loaded.clear()
+            entry.failed.clear()
+            entry.error = ""
+            self._notify()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.repository_poll_seconds)
+            try:
+                found = await asyncio.to_thread(repository.scan, self.config.model_repositories)
+                for name, path in found.items():
+                    entry = self.models.get(name)
+                    if entry is None or await asyncio.to_thread(repository.fingerprint, path) != entry.fingerprint:
+                        log.info("model %s changed on disk; reloading", name)
+                        await self.load_model(name, raise_errors=False)
+                for name in [n for n in self.models if n not in found]:
+                    log.info("model %s left the repository; unloading", name)
+                    await self.unload_model(name)
+                    del self.models[name]
+            except Exception:
+                log.exception("repository poll failed")
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    def _instance_rows(self):
+        for entry in list(self.models.values()):
+            for rt in list(entry.loaded.values()):
+                yield from rt.instance_rows()
+
+    def status(self, name: str) -> ModelStatus:
+        entry = self.models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} is not in the repository")
+        versions = [VersionStatus(v, rt.state) for v, rt in sorted(entry.loaded.items())]
+        versions += [VersionStatus(v, "FAILED", r) for v, r in sorted(entry.failed.items()) if v not in entry.loaded]
+        states = [rt.state for _, rt in sorted(entry.loaded.items())]
+        state = ("READY" if "READY" in states else states[-1] if states
+                 else "FAILED" if entry.error else "UNAVAILABLE")
+        return ModelStatus(name=name, backend=entry.settings.backend if entry.settings else "", state=state,
+                           versions=versions, settings=entry.settings,
+                           instances=sum(len(rt.instances) for rt in entry.loaded.values()))
+
+    def list_models(self) -> list[ModelStatus]:
+        return [self.status(n) for n in sorted(self.models)]
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def generate(self, call: GenerateCall) -> AsyncIterator[EngineEvent]:
+        """Admit one request and stream its events. Raises VideoGenError subclasses."""
+        request_id = call.request_id or uuid.uuid4().hex
+        labels = ("", "")
+        t_start = time.monotonic()
+        outcome: Optional[BaseException] = None
+        record: dict[str, object] = {"request_id": request_id, "model": call.model}
+        rt: Optional[ModelRuntime] = None
+        req: Optional[EngineRequest] = None
+        try:
+            if self.draining:
+                raise Draining("the server is shutting down")
+            entry = self.models.get(call.model)
+            if entry is None:
+                raise ModelNotFound(f"model {call.model!r} is not in the repository")
+            labels = (call.model, "")
+            rt = entry.select(call.model_version)
+            labels = rt.labels
+            settings = rt.settings
+            params = resolve_params(call.params, settings.defaults, settings.limits)
+            batching = settings.batching
+            level = call.priority or batching.default_priority_level
+            if not 1 <= level <= batching.priority_levels:
+                raise InvalidRequest("priority", f"{call.priority} is outside 1..{batching.priority_levels}")
+            policy = batching.queue_policy
+            timeout = policy.default_timeout_s
+            if call.timeout_s and (timeout is None or call.timeout_s < timeout or policy.allow_timeout_override):
+                timeout = call.timeout_s
+            limits = [t for t in (timeout, call.deadline_s) if t is not None]
+            image = await self._loop.run_in_executor(self._decode, decode_image, call.image, settings.limits)
+            if rt.state != "READY":  # it may have started unloading while the image decoded
+                raise NotReady(f"model {call.model!r} is {rt.state.lower()}")
+            req = EngineRequest(request_id=request_id, model=rt.name, version=rt.version, params=params,
+                                image=image, priority=level, loop=self._loop,
+                                queue_deadline=time.monotonic() + min(limits) if limits else None)
+            position = rt.scheduler.submit(req)
+            rt.inflight += 1
+            rt.idle.clear()
+            rt.active.add(req)
+            self.metrics.inflight.labels(*labels).inc()
+            record.update(version=rt.version, width=params.width, height=params.height, frames=params.num_frames,
+                          steps=params.num_inference_steps, decode_chunk_size=params.decode_chunk_size,
+                          seed=params.seed, priority=level)
+            yield AcceptedEvent(request_id, rt.name, rt.version, position, params)
+            async for event in self._stream(req, rt, record):
+                yield event
+        except BaseException as exc:  # GeneratorExit / CancelledError included: the caller went away
+            outcome = exc
+            raise
+        finally:
+            if req is not None and rt is not None:
+                if req.phase is not RequestPhase.DONE:
+                    req.cancel()
+                    rt.scheduler.remove(req)
+                rt.active.discard(req)
+                rt.inflight -= 1
+                if rt.inflight == 0:
+                    rt.idle.set()
+                self.metrics.inflight.labels(*labels).dec()
+            self._account(labels, outcome, record, time.monotonic() - t_start)
+
+    def _account(self, labels: tuple[str, str], outcome: Optional[BaseException], record: dict[str, object],
+                 seconds: float) -> None:
+        if outcome is None:
+            code, name = "OK", "success"
+        elif isinstance(outcome, (GeneratorExit, asyncio.CancelledError, RequestCancelled)):
+            code, name = "CANCELLED", "cancelled"
+        else:
+            code = status_name(outcome)
+            name = "rejected" if code in ("INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE") \
+                and "queue_s" not in record else "error"
+        self.metrics.requests.labels(*labels, name, code).inc()
+        record.update(outcome=name, code=code, seconds=round(seconds, 4))
+        if outcome is not None and code not in ("OK", "CANCELLED"):
+            record["error"] = outcome.message if isinstance(outcome, VideoGenError) else "internal error"
+        request_log.info("request %s %s %s", record["request_id"], name, code,
+                         extra={"videogen_request": record})
+
+    async def _next(self, req: EngineRequest, rt: ModelRuntime):
+        """The next event from the instance; enforces the queue deadline while still queued."""
+        while req.phase is RequestPhase.QUEUED and req.queue_deadline is not None:
+            left = req.queue_deadline - time.monotonic()
+            try:
+                return await asyncio.wait_for(req.events.get(), timeout=max(0.0, left))
+            except asyncio.TimeoutError:
+                if rt.scheduler.remove(req):
+                    req.phase = RequestPhase.DONE
+                    raise QueueTimeout("queue timeout passed before an instance was free") from None
+        return await req.events.get()
+
+    async def _stream(self, req: EngineRequest, rt: ModelRuntime, record: dict[str, object]) -> AsyncIterator[EngineEvent]:
+        p = req.params
+        m, labels = self.metrics, rt.labels
+        timing = {"image_encode": 0.0, "denoise": 0.0, "decode": 0.0}
+        video_encode_s = 0.0
+        first_frame_s = 0.0
+        encoder: Optional[FragmentedMP4Encoder] = None
+        offset = 0
+        queue_observed = False
+        try:
+            while True:
+                event = await self._next(req, rt)
+                if not queue_observed and req.started_at is not None:
+                    queue_observed = True
+                    m.queue_wait.labels(*labels).observe(req.queue_wait)
+                    record["queue_s"] = round(req.queue_wait, 4)
+                if isinstance(event, StepDone):
+                    m.denoise_step.labels(*labels).observe(event.seconds)
+                    yield ProgressEvent(event.step, event.num_steps, time.monotonic() - req.enqueued_at)
+                elif isinstance(event, PhaseTiming):
+                    timing[event.phase] = timing.get(event.phase, 0.0) + event.seconds
+                    if event.phase == "image_encode":
+                        m.image_encode.labels(*labels).observe(event.seconds)
+                elif isinstance(event, FramesDecoded):
+                    m.decode_chunk.labels(*labels).observe(event.decode_s)
+                    if encoder is None and p.stream_video:
+                        encoder = FragmentedMP4Encoder(width=p.width, height=p.height, fps=p.video_fps)
+                    frames, video, seconds = await self._loop.run_in_executor(
+                        self._media, _encode_chunk, event, p.frame_encoding, p.jpeg_quality, encoder)
+                    video_encode_s += seconds
+                    for i, data in enumerate(frames):
+                        if not first_frame_s:
+                            first_frame_s = time.monotonic() - req.enqueued_at
+                            m.first_frame.labels(*labels).observe(first_frame_s)
+                        yield FrameEvent(event.start_index + i, event.chunk_index, p.frame_encoding, data,
+                                         p.width, p.height)
+                    m.frames.labels(*labels).inc(len(event.frames))
+                    if not first_frame_s and p.frame_encoding is FrameEncoding.NONE:
+                        first_frame_s = time.monotonic() - req.enqueued_at
+                        m.first_frame.labels(*labels).observe(first_frame_s)
+                    if video:
+                        yield VideoEvent(video, offset, False)
+                        offset += len(video)
+                elif isinstance(event, Finished):
+                    if encoder is not None:
+                        t0 = time.perf_counter()
+                        tail = await self._loop.run_in_executor(self._media, encoder.finish)
+                        video_encode_s += time.perf_counter() - t0
+                        m.video_encode.labels(*labels).observe(video_encode_s)
+                        yield VideoEvent(tail, offset, True)
+                        offset += len(tail)
+                    total = time.monotonic() - req.enqueued_at
+                    m.request_latency.labels(*labels).observe(total)
+                    record.update({f"{k}_s": round(v, 4) for k, v in timing.items()},
+                                  video_encode_s=round(video_encode_s, 4), first_frame_s=round(first_frame_s, 4),
+                                  peak_memory_bytes=event.peak_memory_bytes, batch_size=event.batch_size,
+                                  instance=req.instance)
+                    m.last_peak.labels(*labels, req.instance, _device_of(rt, req.instance)).set(event.peak_memory_bytes)
+                    yield SummaryEvent(
+                        request_id=req.request_id, num_frames=p.num_frames, queue_s=req.queue_wait,
+                        image_encode_s=timing["image_encode"], denoise_s=timing["denoise"], decode_s=timing["decode"],
+                        video_encode_s=video_encode_s, total_s=total, first_frame_s=first_frame_s,
+                        peak_memory_bytes=event.peak_memory_bytes, video_bytes=offset, batch_size=event.batch_size,
+                        device=_device_of(rt, req.instance))
+                    return
+                elif isinstance(event, _Failed):
+                    raise event.exc
+                elif event is CLOSED:
+                    if req.is_cancelled():
+                        raise RequestCancelled("the request was cancelled")
+                    raise BackendError("the backend ended the request without a result")
+        finally:
+            if encoder is not None:
+                encoder.close()
+
+
+def _encode_chunk(event: FramesDecoded, encoding: FrameEncoding, quality: int,
+                  encoder: Optional[FragmentedMP4Encoder]) -> tuple[list[bytes], bytes, float]:
+    frames = [] if encoding is FrameEncoding.NONE else [
+        encode_frame(f, encoding, jpeg_quality=quality) for f in event.frames]
+    t0 = time.perf_counter()
+    video = encoder.add(event.frames) if encoder is not None else b""
+    return frames, video, time.perf_counter() - t0
+
+
+def _device_of(rt: ModelRuntime, instance: str) -> str:
+    for inst in rt.instances:
+        if inst.name == instance:
+            return inst.device
+    return ""

@@ -1,0 +1,127 @@
+"""A model instance: one backend object on one device, driven by its own worker thread.
+
+Everything a backend does (initialize, warm-up, execute, finalize) happens on that one thread:
+compiled graphs and CUDA graphs must stay on the thread that made them.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from typing import Callable, Optional
+
+from ..backends.base import Backend, BackendRequest, InstanceContext
+from ..errors import InstanceDead
+from .request import EngineRequest
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class WarmupSender:
+    """Collects a warm-up request's events; raises its error on the worker thread."""
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+        self.failure: Optional[BaseException] = None
+
+    def send(self, event: object) -> None:
+        self.events.append(event)
+
+    def error(self, exc: BaseException) -> None:
+        self.failure = exc
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
+def _is_fatal_device_error(exc: BaseException) -> bool:
+    """CUDA errors other than out-of-memory leave the context unusable (illegal access, ECC, ...)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return ("CUDA error" in text or "cudaError" in text or "AcceleratorError" in text) and "out of memory" not in text
+
+
+class Instance:
+    def __init__(self, *, backend_cls: type[Backend], context: InstanceContext, scheduler: Scheduler,
+                 warmup: list[BackendRequest], on_busy: Callable[[int], None],
+                 on_batch: Callable[[list[EngineRequest]], None], on_dead: Callable[["Instance"], None]) -> None:
+        self.context = context
+        self.name = str(context.instance_index)
+        self.device = context.device
+        self.backend: Backend = backend_cls()
+        self.state = "loading"
+        self.load_seconds = 0.0
+        self.warmup_seconds = 0.0
+        self._scheduler = scheduler
+        self._warmup = warmup
+        self._on_busy = on_busy
+        self._on_batch = on_batch
+        self._on_dead = on_dead
+        self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"instance-{context.model_name}-{context.model_version}-{self.name}")
+
+    def start(self) -> concurrent.futures.Future[None]:
+        self._thread.start()
+        return self.ready
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            self.backend.initialize(self.context)
+            self.load_seconds = time.perf_counter() - t0
+            self.state = "warming"
+            t0 = time.perf_counter()
+            for req in self._warmup:
+                self.backend.execute([req])
+                if req.sender.failure is not None:  # type: ignore[attr-defined]
+                    raise RuntimeError(f"warm-up request failed: {req.sender.failure}")  # type: ignore[attr-defined]
+            self.warmup_seconds = time.perf_counter() - t0
+        except BaseException as exc:  # reported to the loader, which marks the version FAILED
+            self.state = "failed"
+            self.ready.set_exception(exc)
+            self._finalize()
+            return
+        self.state = "ready"
+        self.ready.set_result(None)
+        self._serve()
+        self._finalize()
+
+    def _serve(self) -> None:
+        while True:
+            batch = self._scheduler.next_batch()
+            if batch is None:
+                return
+            for req in batch:
+                req.instance = self.name
+            self._on_busy(+1)
+            self._on_batch(batch)
+            fatal = False
+            try:
+                self.backend.execute([BackendRequest(r.request_id, r.params, r.image, r) for r in batch])
+            except Exception as exc:
+                fatal = _is_fatal_device_error(exc)
+                log.error("instance %s of %s/%s failed a batch of %d%s", self.name, self.context.model_name,
+                          self.context.model_version, len(batch), " (device lost)" if fatal else "", exc_info=True)
+                for req in batch:
+                    req.error(InstanceDead("the model instance failed") if fatal else exc)
+            finally:
+                for req in batch:
+                    req.close()
+                self._on_busy(-1)
+            if fatal:
+                self.state = "dead"
+                self._on_dead(self)
+                return
+
+    def _finalize(self) -> None:
+        try:
+            self.backend.finalize()
+        except Exception:
+            log.warning("finalize of instance %s failed", self.name, exc_info=True)
+        if self.state != "dead":
+            self.state = "stopped"

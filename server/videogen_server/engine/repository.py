@@ -1,0 +1,60 @@
+"""The model repository: `<repo>/<model>/config.pbtxt` and numeric version folders `<model>/<N>/`."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Mapping
+
+from ..backends.base import load_backend_class
+from ..errors import ConfigError
+from .model_config import DEFAULT_MAX_QUEUE_SIZE, ModelSettings, parse_config_file, settings_from_proto
+
+log = logging.getLogger(__name__)
+
+
+def scan(repositories: tuple[Path, ...]) -> dict[str, Path]:
+    """Model name -> model folder, for every folder holding a config.pbtxt. Names must be unique."""
+    found: dict[str, Path] = {}
+    for repo in repositories:
+        if not repo.is_dir():
+            raise ConfigError(str(repo), "--model-repository", "is not a directory")
+        for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not (model_dir / "config.pbtxt").is_file():
+                continue
+            if model_dir.name in found:
+                log.error("model %r is in two repositories (%s and %s); serving the first",
+                          model_dir.name, found[model_dir.name], model_dir)
+                continue
+            found[model_dir.name] = model_dir
+    return found
+
+
+def versions_on_disk(model_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def read_settings(model_dir: Path, *, default_max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> ModelSettings:
+    """Parse and check a model's config.pbtxt against its backend; ConfigError names file and field."""
+    config = parse_config_file(model_dir / "config.pbtxt")
+    try:
+        backend_cls = load_backend_class(config.backend) if config.backend else None
+    except ConfigError as err:
+        raise ConfigError(str(model_dir / "config.pbtxt"), err.field, err.reason) from None
+    versions = versions_on_disk(model_dir)
+    defaults: Mapping[str, object] = backend_cls.model_defaults(model_dir / str(versions[-1])) if (
+        backend_cls and versions) else {}
+    return settings_from_proto(
+        config, model_dir=model_dir,
+        validate_backend_parameters=backend_cls.validate_parameters if backend_cls else (lambda p: None),
+        backend_defaults=defaults, default_max_queue_size=default_max_queue_size)
+
+
+def fingerprint(model_dir: Path) -> str:
+    """Changes when config.pbtxt or any file under a version folder changes (for poll mode)."""
+    h = hashlib.sha256()
+    for path in sorted(model_dir.rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            h.update(f"{path.relative_to(model_dir)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,76 @@
+"""One admitted request: the bridge between the asyncio side and an instance's worker thread."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import threading
+import time
+from typing import Any, Optional
+
+from PIL import Image
+
+from ..domain import ResolvedParams
+
+
+class RequestPhase(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+    exc: BaseException
+
+
+class _Closed:
+    """The instance is done with the request (sent after execute returns)."""
+
+
+CLOSED = _Closed()
+
+
+class EngineRequest:
+    """Queued or running work. Implements the backend's ResponseSender for its worker thread."""
+
+    def __init__(self, *, request_id: str, model: str, version: int, params: ResolvedParams, image: Image.Image,
+                 priority: int, queue_deadline: Optional[float], loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.version = version
+        self.params = params
+        self.image = image
+        self.priority = priority  # 1 = highest
+        self.queue_deadline = queue_deadline  # time.monotonic() by which an instance must take it
+        self.enqueued_at = time.monotonic()
+        self.started_at: Optional[float] = None
+        self.phase = RequestPhase.QUEUED
+        self.batch_size = 1
+        self.instance = ""
+        self._loop = loop
+        self.events: asyncio.Queue[Any] = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    # -- ResponseSender (worker thread) --
+    def send(self, event: Any) -> None:
+        if not self._cancelled.is_set():
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def error(self, exc: BaseException) -> None:
+        self._loop.call_soon_threadsafe(self.events.put_nowait, _Failed(exc))
+
+    def is_cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    # -- engine side --
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def close(self) -> None:
+        self.phase = RequestPhase.DONE
+        self._loop.call_soon_threadsafe(self.events.put_nowait, CLOSED)
+
+    @property
+    def queue_wait(self) -> float:
+        return (self.started_at or time.monotonic()) - self.enqueued_at

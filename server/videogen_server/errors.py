@@ -1,0 +1,99 @@
+"""One error hierarchy for the whole server.
+
+Engine, backends and admission raise these; `videogen_server.transport.status` is the only place
+that turns them into gRPC status codes. Anything that is not a `VideoGenError` is a bug or a device
+fault: the transport logs its traceback and answers INTERNAL with a generic message.
+"""
+from __future__ import annotations
+
+
+class VideoGenError(Exception):
+    """Base of every error the server reports to a caller. `message` is safe to show to callers."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(VideoGenError):
+    """A request field is missing, malformed or outside the model's limits."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class ModelNotFound(VideoGenError):
+    """No model (or no such version) with that name in the repository."""
+
+
+class QueueFull(VideoGenError):
+    """The model's queue is at its bound; the caller should back off and retry."""
+
+
+class NotReady(VideoGenError):
+    """The model or server cannot take requests now (loading, unloading, failed)."""
+
+
+class Draining(NotReady):
+    """The server is shutting down and admits no new requests."""
+
+
+class QueueTimeout(VideoGenError):
+    """The request's queue timeout passed before an instance took it."""
+
+
+class RequestCancelled(VideoGenError):
+    """The request was cancelled (by its caller or by an unload) before it finished."""
+
+
+class OutOfMemory(VideoGenError):
+    """The device ran out of memory for this request; the instance frees it and keeps serving."""
+
+
+class BackendError(VideoGenError):
+    """A backend failed one request in a way it could describe (shown to the caller)."""
+
+
+class InstanceDead(VideoGenError):
+    """An instance hit an unrecoverable device error and takes no more work."""
+
+
+class ConfigError(VideoGenError):
+    """A model configuration (config.pbtxt) is invalid. Names the file and the field."""
+
+    def __init__(self, path: str, field: str, reason: str) -> None:
+        super().__init__(f"{path}: {field}: {reason}")
+        self.path = path
+        self.field = field
+        self.reason = reason
+
+
+class PermissionDenied(VideoGenError):
+    """The operation is disabled by the server's configuration (e.g. repository control)."""
+
+
+# The one table from error to gRPC status code name. `transport.status` turns the name into a
+# grpc.StatusCode; metrics and request logs use the name as the `code` label.
+_STATUS_NAMES: list[tuple[type[VideoGenError], str]] = [
+    (InvalidRequest, "INVALID_ARGUMENT"),
+    (ModelNotFound, "NOT_FOUND"),
+    (QueueFull, "RESOURCE_EXHAUSTED"),
+    (OutOfMemory, "RESOURCE_EXHAUSTED"),
+    (NotReady, "UNAVAILABLE"),
+    (InstanceDead, "UNAVAILABLE"),
+    (QueueTimeout, "DEADLINE_EXCEEDED"),
+    (RequestCancelled, "CANCELLED"),
+    (PermissionDenied, "PERMISSION_DENIED"),
+    (ConfigError, "FAILED_PRECONDITION"),
+    (BackendError, "INTERNAL"),
+]
+
+
+def status_name(exc: BaseException) -> str:
+    """The gRPC status code name for an error; INTERNAL for anything unexpected."""
+    for cls, name in _STATUS_NAMES:
+        if isinstance(exc, cls):
+            return name
+    return "INTERNAL"

@@ -1,0 +1,80 @@
+"""Fragmented MP4 (H.264, yuv420p) written incrementally into memory with PyAV.
+
+`empty_moov` puts the header first and `frag_keyframe` + `default_base_moof` make every fragment
+self-contained, so the bytes can be streamed as they are produced and the concatenation of all
+chunks is a playable file (browsers' Media Source Extensions take it too).
+"""
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import av
+import numpy as np
+
+MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
+
+
+class _Sink(io.RawIOBase):
+    """A write-only, non-seekable file that collects what the muxer writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending = bytearray()
+        self.total = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self.pending += b
+        self.total += len(b)
+        return len(b)
+
+    def take(self) -> bytes:
+        out, self.pending = bytes(self.pending), bytearray()
+        return out
+
+
+class FragmentedMP4Encoder:
+    """Feed frames with `add`, then `finish`; each returns the MP4 bytes produced since the last call.
+
+        enc = FragmentedMP4Encoder(width=1024, height=576, fps=7)
+        data = enc.add(frames_uint8_nhwc) + enc.finish()
+    """
+
+    def __init__(self, *, width: int, height: int, fps: int, crf: int = 18, preset: str = "veryfast") -> None:
+        self._sink = _Sink()
+        self._container = av.open(self._sink, mode="w", format="mp4", options={"movflags": MOVFLAGS})
+        stream = self._container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": preset}
+        self._stream = stream
+        self._closed = False
+
+    def add(self, frames: np.ndarray) -> bytes:
+        for frame in frames:
+            for packet in self._stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                self._container.mux(packet)
+        return self._sink.take()
+
+    def finish(self) -> bytes:
+        if not self._closed:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
+            self._closed = True
+        return self._sink.take()
+
+    def close(self) -> None:
+        """Drop the encoder without finishing (a cancelled request)."""
+        if not self._closed:
+            self._closed = True
+            self._container.close()
+
+    @property
+    def bytes_written(self) -> int:
+        return self._sink.total

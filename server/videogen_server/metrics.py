@@ -1,0 +1,150 @@
+"""Prometheus metrics: the engine reports into `Metrics`, prometheus-client serves them.
+
+Base units only (`_seconds`, `_bytes`, `_total`), labels bounded: `model`, `version`, and
+`instance`/`device` where it applies; `code` is a gRPC status name. Every metric is documented in
+README.md ("Metrics"). Each server owns its registry, so several servers can run in one process.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+from typing import Callable, Iterable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# Buckets that reach minutes: a full SVD-XT video takes 10-60 s, a cold queue longer.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+ML = ("model", "version")
+
+
+class Metrics:
+    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("videogen_requests_total", "Generate requests by outcome and gRPC status code",
+                                ML + ("outcome", "code"), registry=r)
+        self.frames = Counter("videogen_frames_generated_total", "Video frames generated and sent", ML, registry=r)
+        self.request_latency = Histogram("videogen_request_duration_seconds",
+                                         "End-to-end Generate latency, accepted to summary", ML,
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("videogen_queue_wait_seconds", "Time a request waited in the queue", ML,
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.first_frame = Histogram("videogen_time_to_first_frame_seconds", "Accepted to first frame sent", ML,
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.image_encode = Histogram("videogen_image_encode_seconds", "CLIP and VAE encoding of the conditioning image",
+                                      ML, buckets=STEP_BUCKETS, registry=r)
+        self.denoise_step = Histogram("videogen_denoise_step_seconds", "One denoising step of a batch", ML,
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.decode_chunk = Histogram("videogen_vae_decode_chunk_seconds", "VAE decode of one chunk of frames", ML,
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.video_encode = Histogram("videogen_video_encode_seconds", "H.264/MP4 encoding of one video", ML,
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.batch_size = Histogram("videogen_batch_size", "Requests per executed batch", ML,
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("videogen_queue_depth", "Requests waiting in the model's queue", ML, registry=r)
+        self.inflight = Gauge("videogen_inflight_requests", "Requests admitted and not yet finished", ML, registry=r)
+        self.instances_busy = Gauge("videogen_instances_busy", "Instances executing a batch", ML, registry=r)
+        self.load_duration = Gauge("videogen_model_load_duration_seconds", "Time to load the model's instances",
+                                   ML, registry=r)
+        self.warmup_duration = Gauge("videogen_model_warmup_duration_seconds", "Time spent in warm-up requests "
+                                     "(compilation included)", ML, registry=r)
+        self.model_ready = Gauge("videogen_model_ready", "1 when the model version serves requests", ML, registry=r)
+        self.last_peak = Gauge("videogen_request_peak_memory_bytes",
+                               "Peak device memory of the instance's last request (process RSS on CPU)",
+                               ML + ("instance", "device"), registry=r)
+        self.build = Info("videogen_build", "Build information", registry=r)
+        self._http = None
+
+    def set_build_info(self, **fields: str) -> None:
+        self.build.info({"python": platform.python_version(), **fields})
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve /metrics over HTTP; returns the bound port (port 0 picks a free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = (server, _thread)
+        return server.server_address[1]
+
+    def close(self) -> None:
+        if self._http:
+            server, thread = self._http
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+            self._http = None
+
+
+class InstanceCollector(Collector):
+    """Per-instance memory and compile counters, read at scrape time from the live instances."""
+
+    def __init__(self, instances: Callable[[], Iterable[tuple[str, str, str, str, object]]],
+                 nvml: Optional["NvmlReader"] = None) -> None:
+        self._instances = instances  # yields (model, version, instance, device, backend)
+        self._nvml = nvml
+
+    def collect(self):
+        allocated = GaugeMetricFamily("videogen_device_memory_allocated_bytes",
+                                      "Device memory held by tensors (process RSS for CPU instances)",
+                                      labels=["model", "version", "instance", "device"])
+        reserved = GaugeMetricFamily("videogen_device_memory_reserved_bytes",
+                                     "Device memory reserved by the caching allocator (process RSS on CPU)",
+                                     labels=["model", "version", "instance", "device"])
+        compiles = GaugeMetricFamily("videogen_compiles_total", "Graphs compiled by torch.compile since start",
+                                     labels=["model", "version", "instance"])
+        recompiles = GaugeMetricFamily("videogen_recompiles_total", "torch.compile recompilations since start",
+                                       labels=["model", "version", "instance"])
+        for model, version, instance, device, backend in self._instances():
+            try:
+                mem = backend.memory_stats()
+                comp = backend.compile_stats()
+            except Exception:  # a dead device must not break the scrape
+                log.debug("memory stats unavailable for %s/%s#%s", model, version, instance, exc_info=True)
+                continue
+            if "allocated" in mem:
+                allocated.add_metric([model, version, instance, device], mem["allocated"])
+            if "reserved" in mem:
+                reserved.add_metric([model, version, instance, device], mem["reserved"])
+            if comp:
+                compiles.add_metric([model, version, instance], comp.get("compiles", 0))
+                recompiles.add_metric([model, version, instance], comp.get("recompiles", 0))
+        yield from (allocated, reserved, compiles, recompiles)
+        if self._nvml:
+            yield from self._nvml.collect()
+
+
+class NvmlReader:
+    """GPU memory used/total through NVML (nvidia-ml-py), when the library and a driver are present."""
+
+    def __init__(self) -> None:
+        import pynvml  # optional dependency: the `gpu` extra
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._count = pynvml.nvmlDeviceGetCount()
+
+    @classmethod
+    def try_create(cls) -> Optional["NvmlReader"]:
+        try:
+            return cls()
+        except Exception:
+            return None
+
+    def collect(self):
+        used = GaugeMetricFamily("videogen_gpu_memory_used_bytes", "GPU memory used (NVML), all processes",
+                                 labels=["device"])
+        total = GaugeMetricFamily("videogen_gpu_memory_total_bytes", "GPU memory total (NVML)", labels=["device"])
+        for i in range(self._count):
+            info = self._nvml.nvmlDeviceGetMemoryInfo(self._nvml.nvmlDeviceGetHandleByIndex(i))
+            used.add_metric([f"cuda:{i}"], info.used)
+            total.add_metric([f"cuda:{i}"], info.total)
+        yield used
+        yield total

@@ -1,0 +1,1 @@
+"""gRPC transport: servicers, status mapping, proto <-> domain conversion. Never imports torch."""

@@ -1,0 +1,68 @@
+"""Build the grpc.aio server: VideoGen, health and reflection on one port."""
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from videogen.v1 import videogen_pb2, videogen_pb2_grpc
+
+from ..config import ServerConfig
+from .servicer import VideoGenServicer
+
+log = logging.getLogger(__name__)
+
+VIDEOGEN_SERVICE = videogen_pb2.DESCRIPTOR.services_by_name["VideoGen"].full_name
+
+
+def model_health_name(model: str) -> str:
+    """Per-model health service name: `videogen.v1.VideoGen/<model>`."""
+    return f"{VIDEOGEN_SERVICE}/{model}"
+
+
+def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        # The conditioning image arrives in the request: accept up to the configured bound (per-model
+        # image limits are checked after). Responses are split to <= 1 MiB messages, so the default
+        # send limit is never approached.
+        ("grpc.max_receive_message_length", config.max_request_bytes),
+        # Let clients keep idle channels open with keepalive pings no more often than every 10 s.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class HealthReporter:
+    """Keeps grpc.health.v1 in step with the engine: overall, the VideoGen service, each model."""
+
+    def __init__(self, engine, servicer: HealthServicer) -> None:
+        self._engine = engine
+        self.servicer = servicer
+
+    async def update(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        ready = self._engine.ready
+        await self.servicer.set("", serving if ready else not_serving)
+        await self.servicer.set(VIDEOGEN_SERVICE, serving if ready else not_serving)
+        for name in list(self._engine.models):
+            await self.servicer.set(model_health_name(name), serving if self._engine.model_ready(name) else not_serving)
+
+
+def build_server(engine, config: ServerConfig) -> tuple[grpc.aio.Server, int, HealthReporter]:
+    """A configured, bound, not yet started server; returns it, the bound port and its health reporter."""
+    server = grpc.aio.server(options=channel_options(config))
+    videogen_pb2_grpc.add_VideoGenServicer_to_server(
+        VideoGenServicer(engine, model_control_mode=config.model_control_mode), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (VIDEOGEN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    return server, port, HealthReporter(engine, health)

@@ -1,0 +1,79 @@
+"""The VideoGen servicer: convert, call the engine, convert back. Nothing else."""
+from __future__ import annotations
+
+import contextlib
+import uuid
+from typing import AsyncIterator
+
+import grpc
+
+from videogen.v1 import videogen_pb2 as pb
+from videogen.v1 import videogen_pb2_grpc as pb_grpc
+
+from ..errors import InvalidRequest, PermissionDenied, VideoGenError
+from . import convert
+from .status import abort
+
+REQUEST_ID_KEY = "x-request-id"
+MAX_REQUEST_ID_LEN = 128
+
+
+def request_id_of(request_id: str, context: grpc.aio.ServicerContext) -> str:
+    """The caller's id (field first, then x-request-id metadata), else a fresh one."""
+    if not request_id:
+        request_id = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY, "")
+    if len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
+        raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_LEN} printable characters")
+    return request_id or uuid.uuid4().hex
+
+
+class VideoGenServicer(pb_grpc.VideoGenServicer):
+    def __init__(self, engine, *, model_control_mode: str) -> None:
+        self._engine = engine
+        self._control = model_control_mode
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        request_id = ""
+        try:
+            request_id = request_id_of(request.request_id, context)
+            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+            call = convert.generate_call(request, request_id=request_id, deadline_s=context.time_remaining())
+            async with contextlib.aclosing(self._engine.generate(call)) as events:
+                async for event in events:
+                    for message in convert.event_to_responses(event):
+                        yield message
+        except Exception as exc:  # CancelledError is not an Exception: a gone caller is not answered
+            await abort(context, exc, request_id=request_id)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[convert.model_status_to_pb(s) for s in self._engine.list_models()])
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        try:
+            return convert.model_status_to_pb(self._engine.status(request.name))
+        except VideoGenError as exc:
+            await abort(context, exc)
+
+    def _check_control(self) -> None:
+        if self._control != "explicit":
+            raise PermissionDenied(f"model load/unload needs --model-control-mode explicit (server runs {self._control!r})")
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        try:
+            self._check_control()
+            if not request.name:
+                raise InvalidRequest("name", "required")
+            await self._engine.load_model(request.name)
+            return convert.model_status_to_pb(self._engine.status(request.name))
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest,
+                          context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:
+        try:
+            self._check_control()
+            await self._engine.unload_model(request.name)
+            return pb.UnloadModelResponse()
+        except Exception as exc:
+            await abort(context, exc)

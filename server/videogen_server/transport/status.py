@@ -1,0 +1,26 @@
+"""The one place where errors become gRPC statuses."""
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from ..errors import VideoGenError, status_name
+
+log = logging.getLogger(__name__)
+
+GENERIC_INTERNAL = "internal error; the server log has the details"
+
+
+def to_status(exc: BaseException, *, request_id: str = "") -> tuple[grpc.StatusCode, str]:
+    """(code, caller-safe message). Unexpected errors are logged with their traceback, never sent."""
+    code = grpc.StatusCode[status_name(exc)]
+    if isinstance(exc, VideoGenError):
+        return code, exc.message
+    log.error("request %s failed unexpectedly", request_id or "-", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, *, request_id: str = "") -> None:
+    code, message = to_status(exc, request_id=request_id)
+    await context.abort(code, message)
