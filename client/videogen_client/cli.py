@@ -1,0 +1,280 @@
+"""The ``videogen`` command: generate videos and inspect models on a videogen server.
+
+Examples::
+
+    videogen generate --target localhost:8001 --image cat.png --out cat.mp4 --frames-dir frames/
+    videogen models --target localhost:8001
+    videogen model svd-xt --target localhost:8001
+
+Exit status: 0 on success, 1 when the server or a file refused (``error: <CODE>: <details>`` on
+stderr), 2 for bad command-line arguments, 130 when interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO, cast
+
+from videogen_client._proto import FrameEncodingName
+from videogen_client.client import VideoGenClient
+from videogen_client.errors import VideoGenError
+from videogen_client.events import (
+    Accepted,
+    Event,
+    Frame,
+    Progress,
+    ResultBuilder,
+    Summary,
+    VideoChunk,
+    save_frames,
+    save_video,
+)
+
+__all__ = ["main"]
+
+_TARGET_ENV = "VIDEOGEN_TARGET"
+_TOKEN_ENV = "VIDEOGEN_TOKEN"
+
+
+class _ProgressBar:
+    """A one-line progress display on a terminal: denoising steps, then frames, then video bytes.
+
+    When the stream is not a terminal it prints a line only as each phase completes.
+    """
+
+    _WIDTH = 30
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._line_length = 0
+        self._num_frames = 0
+        self._frames = 0
+        self._video_bytes = 0
+
+    def update(self, event: Event) -> None:
+        if isinstance(event, Accepted):
+            wants_frames = event.parameters.get("frame_encoding") != "none"
+            self._num_frames = int(event.parameters.get("num_frames", 0)) if wants_frames else 0
+            queued = f", queue position {event.queue_position}" if event.queue_position else ""
+            self._print(f"accepted {event.request_id} ({event.model} v{event.model_version}{queued})")
+        elif isinstance(event, Progress):
+            self._bar("denoising", event.step, event.num_steps, "steps")
+        elif isinstance(event, Frame):
+            self._frames += 1
+            self._bar("frames   ", self._frames, max(self._num_frames, self._frames), "")
+        elif isinstance(event, VideoChunk):
+            self._video_bytes += len(event.data)
+            if self._tty:
+                self._draw(f"video     {self._video_bytes / 1048576:.1f} MiB")
+        elif isinstance(event, Summary):
+            self.finish()
+
+    def finish(self) -> None:
+        """End the line being redrawn, if any."""
+        if self._line_length:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._line_length = 0
+
+    def _bar(self, label: str, done: int, total: int, unit: str) -> None:
+        filled = self._WIDTH * done // total if total else self._WIDTH
+        text = f"{label} [{'#' * filled}{'.' * (self._WIDTH - filled)}] {done}/{total} {unit}".rstrip()
+        if self._tty:
+            self._draw(text)
+        elif done == total:
+            self._print(text)
+
+    def _draw(self, text: str) -> None:
+        self._stream.write("\r" + text.ljust(self._line_length))
+        self._stream.flush()
+        self._line_length = len(text)
+
+    def _print(self, text: str) -> None:
+        self.finish()
+        self._stream.write(text + "\n")
+        self._stream.flush()
+
+
+def _read_pem(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def _client(args: argparse.Namespace) -> VideoGenClient:
+    return VideoGenClient(
+        args.target, secure=args.tls or bool(args.ca_cert or args.cert),
+        root_certificates=_read_pem(args.ca_cert), private_key=_read_pem(args.key),
+        certificate_chain=_read_pem(args.cert), token=args.token, timeout=args.timeout)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    frame_encoding = cast(FrameEncodingName, args.frame_encoding or ("png" if args.frames_dir else "none"))
+    progress = None if args.quiet else _ProgressBar(sys.stderr)
+    builder = ResultBuilder()
+    with _client(args) as client:
+        events = client.generate(
+            Path(args.image), model=args.model, model_version=args.model_version, width=args.width,
+            height=args.height, num_frames=args.num_frames, num_inference_steps=args.steps, fps=args.fps,
+            motion_bucket_id=args.motion_bucket_id, noise_aug_strength=args.noise_aug_strength,
+            min_guidance_scale=args.min_guidance_scale, max_guidance_scale=args.max_guidance_scale,
+            seed=args.seed, decode_chunk_size=args.decode_chunk_size, frame_encoding=frame_encoding,
+            jpeg_quality=args.jpeg_quality, stream_video=args.out is not None, video_fps=args.video_fps,
+            request_id=args.request_id, priority=args.priority, queue_timeout=args.queue_timeout)
+        try:
+            with contextlib.closing(events):
+                for event in events:
+                    if progress:
+                        progress.update(event)
+                    builder.add(event)
+        finally:
+            if progress:
+                progress.finish()
+    result = builder.build()
+    written = []
+    if args.out is not None:
+        written.append(f"out={save_video(result, args.out)}")
+    if args.frames_dir is not None:
+        save_frames(result, args.frames_dir)
+        written.append(f"frames_dir={args.frames_dir}")
+    print(f"request_id={result.request_id} frames={len(result.frames)} "
+          f"seconds={result.summary.total_seconds:.2f} {' '.join(written)}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        models = client.list_models()
+    rows = [("NAME", "STATE", "VERSIONS", "BACKEND", "MAX_BATCH", "INSTANCES")]
+    rows += [(m.name, m.state, ",".join(str(v.version) for v in m.versions) or "-", m.backend or "-",
+              str(m.max_batch_size), str(m.instances)) for m in models]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.get_model(args.name)
+    print(json.dumps(dataclasses.asdict(info), indent=2))
+    return 0
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    connection = argparse.ArgumentParser(add_help=False)
+    group = connection.add_argument_group("connection")
+    group.add_argument("--target", default=os.environ.get(_TARGET_ENV), metavar="HOST:PORT",
+                       help=f"the videogen server (default: ${_TARGET_ENV})")
+    group.add_argument("--token", default=os.environ.get(_TOKEN_ENV),
+                       help=f"bearer token sent as 'authorization: Bearer TOKEN' (default: ${_TOKEN_ENV})")
+    group.add_argument("--tls", action="store_true", help="connect with TLS")
+    group.add_argument("--ca-cert", metavar="FILE",
+                       help="PEM CA certificates to trust instead of the system's (implies --tls)")
+    group.add_argument("--cert", metavar="FILE",
+                       help="PEM client certificate chain for mTLS (implies --tls; needs --key)")
+    group.add_argument("--key", metavar="FILE", help="PEM private key of --cert")
+    group.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                       help="gRPC deadline of the call (default: none)")
+
+    parser = argparse.ArgumentParser(
+        prog="videogen",
+        description="Generate videos from images with a videogen server (Stable Video Diffusion).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser(
+        "generate", parents=[connection], help="generate a video from an image",
+        description="Generate a video from an image. Unset parameters take the model's defaults "
+                    "(see 'videogen model NAME').")
+    gen.set_defaults(handler=_generate, parser=gen)
+    gen.add_argument("--image", required=True, metavar="FILE", help="conditioning image (PNG, JPEG or WebP)")
+    gen.add_argument("--out", metavar="FILE.mp4", help="where to write the MP4")
+    gen.add_argument("--frames-dir", metavar="DIR", help="write every frame as DIR/frame_00000.png ...")
+    gen.add_argument("--model", default="svd-xt", help="model name (default: %(default)s)")
+    gen.add_argument("--model-version", type=int, metavar="N",
+                     help="model version (default: the latest ready one)")
+    params = gen.add_argument_group("generation parameters")
+    params.add_argument("--width", type=int, metavar="W", help="video width, a multiple of 8")
+    params.add_argument("--height", type=int, metavar="H", help="video height, a multiple of 8")
+    params.add_argument("--num-frames", type=int, metavar="N", help="frames to generate")
+    params.add_argument("--steps", type=int, metavar="N", help="denoising steps")
+    params.add_argument("--seed", type=int, metavar="N", help="random seed (default: random, reported)")
+    params.add_argument("--fps", type=int, metavar="N", help="fps conditioning value")
+    params.add_argument("--motion-bucket-id", type=int, metavar="N", help="amount of motion, 0..255")
+    params.add_argument("--noise-aug-strength", type=float, metavar="F", help="noise added to the image")
+    params.add_argument("--min-guidance-scale", type=float, metavar="F", help="guidance at the first frame")
+    params.add_argument("--max-guidance-scale", type=float, metavar="F", help="guidance at the last frame")
+    params.add_argument("--decode-chunk-size", type=int, metavar="N", help="frames per VAE decode call")
+    output = gen.add_argument_group("output")
+    output.add_argument("--frame-encoding", choices=["png", "jpeg", "raw_rgb", "none"],
+                        help="how the server sends frames (default: png with --frames-dir, else none); "
+                             "frames are written as PNG whatever their encoding")
+    output.add_argument("--jpeg-quality", type=int, metavar="Q", help="1..100, for --frame-encoding jpeg")
+    output.add_argument("--video-fps", type=int, metavar="N", help="MP4 playback rate (default: --fps)")
+    output.add_argument("--quiet", action="store_true", help="draw no progress bar")
+    sched = gen.add_argument_group("scheduling")
+    sched.add_argument("--request-id", metavar="ID", help="your id for the request (sent as x-request-id)")
+    sched.add_argument("--priority", type=_non_negative_int, default=0, metavar="N",
+                       help="priority level, 1 = highest (default: the model's)")
+    sched.add_argument("--queue-timeout", type=_positive_float, metavar="SECONDS",
+                       help="most time to wait in the queue (default: the model's)")
+
+    models = commands.add_parser("models", parents=[connection], help="list the server's models",
+                                 description="List every model the server knows, loaded or not.")
+    models.set_defaults(handler=_models, parser=models)
+
+    model = commands.add_parser("model", parents=[connection], help="describe one model as JSON",
+                                description="Print one model's versions, state, defaults, limits and "
+                                            "configuration as JSON.")
+    model.add_argument("name", help="model name")
+    model.set_defaults(handler=_model, parser=model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``videogen`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    Bad arguments exit through ``SystemExit(2)``. Example:
+    ``main(["models", "--target", "localhost:8001"])``.
+    """
+    args = _build_parser().parse_args(argv)
+    parser: argparse.ArgumentParser = args.parser  # the subcommand's, for its usage line in errors
+    if not args.target:
+        parser.error(f"--target is required (or set ${_TARGET_ENV})")
+    if bool(args.cert) != bool(args.key):
+        parser.error("--cert and --key go together")
+    if args.command == "generate":
+        if args.out is None and args.frames_dir is None:
+            parser.error("give --out, --frames-dir, or both")
+        if args.frames_dir is not None and args.frame_encoding == "none":
+            parser.error("--frames-dir needs frames; drop --frame-encoding none")
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except VideoGenError as err:
+        print(f"error: {err.code.name}: {err.details}", file=sys.stderr)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 1

@@ -1,0 +1,271 @@
+"""The synchronous videogen client."""
+from __future__ import annotations
+
+from collections.abc import Generator
+from types import TracebackType
+from typing import Literal
+
+import grpc
+from videogen.v1 import videogen_pb2, videogen_pb2_grpc
+
+from videogen_client._request import (
+    ChannelOptions,
+    ImageInput,
+    build_generate_request,
+    call_metadata,
+    connection_settings,
+)
+from videogen_client.errors import from_rpc_error
+from videogen_client.events import Event, EventDecoder, GenerationResult, collect
+from videogen_client.models import ModelInfo
+
+__all__ = ["VideoGenClient"]
+
+
+class VideoGenClient:
+    """A blocking client for a videogen server. Use it as a context manager, or call :meth:`close`.
+
+    Example::
+
+        from videogen_client import VideoGenClient, save_video
+
+        with VideoGenClient("localhost:8001", token="s3cret", timeout=600) as client:
+            result = client.run("cat.png", model="svd-xt", num_frames=14, seed=42)
+            save_video(result, "cat.mp4")
+
+    Args:
+        target: the server, as ``HOST:PORT`` (any gRPC target string works).
+        secure: use TLS. ``root_certificates`` (PEM) replaces the system's CA roots;
+            ``private_key`` and ``certificate_chain`` (PEM, both or neither) present a client
+            certificate (mTLS). The three need ``secure=True``.
+        token: a bearer token, sent as ``authorization: Bearer <token>`` metadata on every call.
+            On a plaintext channel anyone on the network path can read it.
+        options: extra gRPC channel options, ``[(name, value), ...]``; they override the client's.
+            The client raises grpc's receive limit to 8 MiB (a streamed message carries at most
+            1 MiB of payload, so that is ample headroom) and caps sends at 64 MiB (the request
+            carries the whole conditioning image, which can be large).
+        timeout: the default gRPC deadline of every call, in seconds; ``None`` = no deadline. A
+            generation runs for minutes on a GPU, so keep it generous.
+    """
+
+    def __init__(self, target: str, *, secure: bool = False, root_certificates: bytes | None = None,
+                 private_key: bytes | None = None, certificate_chain: bytes | None = None,
+                 token: str | None = None, options: ChannelOptions | None = None,
+                 timeout: float | None = None) -> None:
+        self._settings = connection_settings(
+            target, secure=secure, root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain, token=token, options=options)
+        self._timeout = timeout
+        if self._settings.credentials is None:
+            self._channel = grpc.insecure_channel(target, options=self._settings.options)
+        else:
+            self._channel = grpc.secure_channel(target, self._settings.credentials,
+                                                    options=self._settings.options)
+        self._stub = videogen_pb2_grpc.VideoGenStub(self._channel)
+
+    @property
+    def target(self) -> str:
+        """The server this client talks to."""
+        return self._settings.target
+
+    def generate(
+        self,
+        image: ImageInput,
+        *,
+        model: str,
+        model_version: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        fps: int | None = None,
+        motion_bucket_id: int | None = None,
+        noise_aug_strength: float | None = None,
+        min_guidance_scale: float | None = None,
+        max_guidance_scale: float | None = None,
+        seed: int | None = None,
+        decode_chunk_size: int | None = None,
+        frame_encoding: Literal["png", "jpeg", "raw_rgb", "none"] = "png",
+        jpeg_quality: int | None = None,
+        stream_video: bool = True,
+        video_fps: int | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        queue_timeout: float | None = None,
+        timeout: float | None = None,
+    ) -> Generator[Event, None, None]:
+        """Generate a video from ``image`` and stream the events back as they happen.
+
+        Example::
+
+            for event in client.generate("cat.png", model="svd-xt", num_frames=14, seed=42):
+                if isinstance(event, Progress):
+                    print(f"step {event.step}/{event.num_steps}")
+                elif isinstance(event, Frame):
+                    event.to_pil().save(f"frame_{event.index:05d}.png")
+                elif isinstance(event, VideoChunk):
+                    mp4.write(event.data)
+
+        The events come in order: one :class:`Accepted`, one :class:`Progress` per denoising step,
+        the :class:`Frame` s in index order (frames the server split into parts are reassembled),
+        the :class:`VideoChunk` s of a fragmented MP4, and one :class:`Summary`. The request is
+        built (and the image read) when ``generate`` is called; the RPC starts on the first
+        ``next()``. Closing the iterator early (``break`` out of the loop, or ``.close()``)
+        cancels the RPC, and the server stops working on it.
+
+        Args:
+            image: the conditioning image: encoded bytes (PNG, JPEG or WebP), a path to such a
+                file, or a PIL image (sent as PNG).
+            model: the model's name in the server's repository, e.g. "svd-xt".
+            model_version: a specific version; ``None`` = the latest ready one.
+            width, height: output size in pixels, multiples of 8 (model default 1024x576).
+            num_frames: frames to generate (model default: 14 for SVD, 25 for SVD-XT).
+            num_inference_steps: denoising steps (default 25).
+            fps: the fps conditioning value (default 7).
+            motion_bucket_id: how much motion, 0..255 (default 127).
+            noise_aug_strength: noise added to the conditioning image (default 0.02).
+            min_guidance_scale, max_guidance_scale: the classifier-free guidance ramp over the
+                frames (defaults 1.0 and 3.0).
+            seed: the random seed, 0..2**63-1; ``None`` = random (``Accepted.parameters["seed"]``
+                reports the one used).
+            decode_chunk_size: frames per VAE decode call; smaller uses less memory.
+            frame_encoding: "png", "jpeg", "raw_rgb" (height*width*3 bytes of RGB) or "none"
+                (send no frames, only the video).
+            jpeg_quality: 1..100 for "jpeg" frames (default 90).
+            stream_video: stream the MP4 (H.264) as :class:`VideoChunk` s.
+            video_fps: the MP4's playback rate (default: ``fps``).
+            request_id: your id for the request, sent as the request's ``request_id`` and as
+                ``x-request-id`` metadata; the server makes one up when it is ``None``.
+            priority: scheduling priority level, 1 = highest; 0 = the model's default.
+            queue_timeout: the most seconds the request may wait in the model's queue; ``None`` =
+                the model's default. It may only shorten the model's own queue timeout unless
+                the model allows overrides.
+            timeout: the gRPC deadline for the whole call, in seconds; ``None`` = the client's
+                default.
+
+        Only the parameters you give are sent; the others take the model's defaults
+        (see ``get_model(name).defaults``).
+
+        Raises:
+            VideoGenError: a subclass per gRPC status (from the iterator): InvalidArgumentError
+                (``.field`` names the bad parameter), ModelNotFoundError, QueueFullError,
+                UnavailableError, DeadlineExceededError, UnauthenticatedError, ...
+            OSError: ``image`` is a path that cannot be read.
+            ValueError: a parameter that cannot be represented (unknown ``frame_encoding``, a
+                negative ``priority``, ...).
+        """
+        request = build_generate_request(
+            image, model=model, model_version=model_version, width=width, height=height,
+            num_frames=num_frames, num_inference_steps=num_inference_steps, fps=fps,
+            motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
+            min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale, seed=seed,
+            decode_chunk_size=decode_chunk_size, frame_encoding=frame_encoding, jpeg_quality=jpeg_quality,
+            stream_video=stream_video, video_fps=video_fps, request_id=request_id, priority=priority,
+            queue_timeout=queue_timeout, max_send_message_length=self._settings.max_send_message_length)
+        return self._stream(request, request_id=request_id, timeout=self._deadline(timeout))
+
+    def _stream(self, request: videogen_pb2.GenerateRequest, *, request_id: str | None,
+                timeout: float | None) -> Generator[Event, None, None]:
+        metadata = call_metadata(self._settings, request_id)
+        call = self._stub.Generate(request, timeout=timeout, metadata=metadata)
+        decoder = EventDecoder()
+        try:
+            for response in call:
+                event = decoder.decode(response)
+                if event is not None:
+                    yield event
+            decoder.finish()
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
+        finally:
+            call.cancel()  # a no-op once the call has ended; stops the server when we stop early
+
+    def run(
+        self,
+        image: ImageInput,
+        *,
+        model: str,
+        model_version: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        fps: int | None = None,
+        motion_bucket_id: int | None = None,
+        noise_aug_strength: float | None = None,
+        min_guidance_scale: float | None = None,
+        max_guidance_scale: float | None = None,
+        seed: int | None = None,
+        decode_chunk_size: int | None = None,
+        frame_encoding: Literal["png", "jpeg", "raw_rgb", "none"] = "png",
+        jpeg_quality: int | None = None,
+        stream_video: bool = True,
+        video_fps: int | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        queue_timeout: float | None = None,
+        timeout: float | None = None,
+    ) -> GenerationResult:
+        """Generate a video from ``image`` and return everything at once, when it is done.
+
+        Takes the same arguments as :meth:`generate`. Example::
+
+            result = client.run("cat.png", model="svd-xt", num_frames=14, seed=42)
+            save_video(result, "cat.mp4")
+            save_frames(result, "frames/")          # frames/frame_00000.png ...
+            print(result.request_id, len(result.frames), result.summary.total_seconds)
+
+        Raises:
+            VideoGenError: as :meth:`generate`.
+        """
+        return collect(self.generate(
+            image, model=model, model_version=model_version, width=width, height=height,
+            num_frames=num_frames, num_inference_steps=num_inference_steps, fps=fps,
+            motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
+            min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale, seed=seed,
+            decode_chunk_size=decode_chunk_size, frame_encoding=frame_encoding, jpeg_quality=jpeg_quality,
+            stream_video=stream_video, video_fps=video_fps, request_id=request_id, priority=priority,
+            queue_timeout=queue_timeout, timeout=timeout))
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """Every model the server's repository knows, loaded or not.
+
+        Example: ``[m.name for m in client.list_models() if m.state == "ready"]``.
+        """
+        request = videogen_pb2.ListModelsRequest()
+        try:
+            response = self._stub.ListModels(request, metadata=self._settings.metadata,
+                                             timeout=self._deadline(timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return [ModelInfo.from_proto(model) for model in response.models]
+
+    def get_model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
+        """One model: versions, state, defaults and limits. ModelNotFoundError if there is none.
+
+        Example: ``client.get_model("svd-xt").defaults["num_frames"]``.
+        """
+        request = videogen_pb2.GetModelRequest(name=name)
+        try:
+            response = self._stub.GetModel(request, metadata=self._settings.metadata,
+                                           timeout=self._deadline(timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return ModelInfo.from_proto(response)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self._timeout if timeout is None else timeout
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> VideoGenClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"VideoGenClient({self.target!r})"

@@ -1,0 +1,192 @@
+"""Exceptions raised by the videogen client, one class per gRPC status code that means something.
+
+Every failed call raises a :class:`VideoGenError` subclass instead of a bare ``grpc.RpcError``::
+
+    from videogen_client import VideoGenClient, InvalidArgumentError, QueueFullError
+
+    with VideoGenClient("localhost:8001") as client:
+        try:
+            result = client.run("cat.png", model="svd-xt", width=1000)
+        except InvalidArgumentError as err:
+            print(err.field, err.reason)   # "width", "must be a multiple of 8"
+        except QueueFullError:
+            ...                            # back off and retry later
+
+The original ``grpc.RpcError`` stays reachable as ``err.__cause__``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+import grpc
+
+__all__ = [
+    "DeadlineExceededError",
+    "InternalServerError",
+    "InvalidArgumentError",
+    "ModelNotFoundError",
+    "ProtocolError",
+    "QueueFullError",
+    "REQUEST_ID_METADATA_KEY",
+    "RequestCancelledError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "VideoGenError",
+    "from_rpc_error",
+]
+
+#: Metadata key carrying the request id, in both directions.
+REQUEST_ID_METADATA_KEY = "x-request-id"
+
+# "<field>: <reason>", where field is a proto field path such as "width" or "output.jpeg_quality".
+_FIELD_DETAILS = re.compile(r"^\s*([A-Za-z_][\w.\[\]]*)\s*:\s*(.*)$", re.DOTALL)
+
+
+class VideoGenError(Exception):
+    """A failed videogen call.
+
+    Attributes:
+        code: the gRPC status code, e.g. ``grpc.StatusCode.NOT_FOUND``; defaults to the class's
+            ``default_code``.
+        details: the server's (or gRPC's) error message.
+        request_id: the request's id when known (from ``x-request-id`` metadata, the server's
+            Accepted event, or the id the caller sent), else ``None``.
+    """
+
+    default_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, details: str, *, code: grpc.StatusCode | None = None,
+                 request_id: str | None = None) -> None:
+        super().__init__(details)
+        self.code: grpc.StatusCode = code or self.default_code
+        self.details = details
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        text = f"{self.code.name}: {self.details}"
+        return f"{text} (request_id={self.request_id})" if self.request_id else text
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(code={self.code.name}, details={self.details!r}, "
+                f"request_id={self.request_id!r})")
+
+
+class InvalidArgumentError(VideoGenError):
+    """INVALID_ARGUMENT: the request was refused as malformed.
+
+    The server words these as ``"<field>: <reason>"``; ``field`` and ``reason`` are those two
+    parts (``field`` is ``None`` when the details do not follow that form, and ``reason`` is then
+    the whole message).
+    """
+
+    default_code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, details: str, *, code: grpc.StatusCode | None = None,
+                 request_id: str | None = None) -> None:
+        super().__init__(details, code=code, request_id=request_id)
+        match = _FIELD_DETAILS.match(details)
+        self.field: str | None = match.group(1) if match else None
+        self.reason: str = match.group(2) if match else details
+
+
+class ModelNotFoundError(VideoGenError):
+    """NOT_FOUND: no such model (or model version) in the server's repository."""
+
+    default_code = grpc.StatusCode.NOT_FOUND
+
+
+class QueueFullError(VideoGenError):
+    """RESOURCE_EXHAUSTED: the model's queue is full; retry later."""
+
+    default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(VideoGenError):
+    """UNAVAILABLE: the server cannot be reached, is shutting down, or the model is not loaded."""
+
+    default_code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceededError(VideoGenError):
+    """DEADLINE_EXCEEDED: the gRPC deadline or the request's queue timeout passed."""
+
+    default_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class RequestCancelledError(VideoGenError):
+    """CANCELLED: the call was cancelled, by the client or by the server."""
+
+    default_code = grpc.StatusCode.CANCELLED
+
+
+class UnauthenticatedError(VideoGenError):
+    """UNAUTHENTICATED: the bearer token is missing or was refused."""
+
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class InternalServerError(VideoGenError):
+    """INTERNAL, UNKNOWN or DATA_LOSS: the server failed while handling a valid request."""
+
+    default_code = grpc.StatusCode.INTERNAL
+
+
+class ProtocolError(VideoGenError):
+    """The response stream broke the videogen protocol (e.g. a frame's parts never all arrived).
+
+    Raised by the client itself, with code DATA_LOSS; it points to a server bug.
+    """
+
+    default_code = grpc.StatusCode.DATA_LOSS
+
+
+_ERROR_CLASSES: dict[grpc.StatusCode, type[VideoGenError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: QueueFullError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.CANCELLED: RequestCancelledError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.INTERNAL: InternalServerError,
+    grpc.StatusCode.UNKNOWN: InternalServerError,
+    grpc.StatusCode.DATA_LOSS: InternalServerError,
+}
+
+
+def _metadata_value(metadata: Any, key: str) -> str | None:
+    """The first value of ``key`` in sync (tuple of pairs) or aio (``grpc.aio.Metadata``) metadata."""
+    for item_key, value in metadata or ():
+        if item_key == key:
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return None
+
+
+def from_rpc_error(err: grpc.RpcError, *, request_id: str | None = None) -> VideoGenError:
+    """Convert a ``grpc.RpcError`` (sync, or ``grpc.aio.AioRpcError``) to a :class:`VideoGenError`.
+
+    The request id is read from the ``x-request-id`` trailing metadata, then the initial metadata;
+    ``request_id`` is the fallback when neither carries one. Codes without a dedicated class map to
+    :class:`VideoGenError` itself. Example::
+
+        try:
+            stub.GetModel(videogen_pb2.GetModelRequest(name="nope"))
+        except grpc.RpcError as rpc_error:
+            raise from_rpc_error(rpc_error) from rpc_error   # ModelNotFoundError
+    """
+    # A bare grpc.RpcError need not be a grpc.Call; the concrete errors raised by grpc are.
+    code_fn = getattr(err, "code", None)
+    details_fn = getattr(err, "details", None)
+    code = code_fn() if callable(code_fn) else None
+    details = details_fn() if callable(details_fn) else None
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    for accessor in ("trailing_metadata", "initial_metadata"):
+        metadata_fn = getattr(err, accessor, None)
+        found = _metadata_value(metadata_fn(), REQUEST_ID_METADATA_KEY) if callable(metadata_fn) else None
+        if found:
+            request_id = found
+            break
+    error_class = _ERROR_CLASSES.get(code, VideoGenError)
+    return error_class(details or code.name, code=code, request_id=request_id)
