@@ -161,7 +161,8 @@ class ModelRuntime:
         self.state = "UNLOADING"
         self._engine.metrics.model_ready.labels(*self.labels).set(0)
         try:
-            await asyncio.wait_for(self.idle.wait(), timeout)
+            if self.inflight:
+                await asyncio.wait_for(self.idle.wait(), timeout)
         except asyncio.TimeoutError:
             log.warning("unload of %s/%s: %d requests still running after %.0fs; cancelling them",
                         self.name, self.version, self.inflight, timeout)

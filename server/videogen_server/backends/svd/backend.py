@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,7 +21,9 @@ import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
+from transformers.utils import logging as transformers_logging
 
 from ...errors import OutOfMemory
 from ..base import Backend, BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone
@@ -29,6 +32,9 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# from_pretrained is not thread-safe: accelerate's empty-weights init patches torch.nn.Module globally,
+# so two instances loading at once can end up with meta tensors. Loads take turns; serving does not.
+_LOAD_LOCK = threading.Lock()
 BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
 #: Backend parameters (config.pbtxt `parameters`), each with its default and meaning.
@@ -82,9 +88,12 @@ class SVDBackend(Backend):
             torch.set_num_threads(context.cpu_threads)
         self.dtype = DTYPES[p.get("dtype", "float16" if on_gpu else "float32")]
         t0 = time.perf_counter()
-        pipe = StableVideoDiffusionPipeline.from_pretrained(
-            str(context.version_path), torch_dtype=self.dtype, use_safetensors=True,
-            variant=p.get("variant") or None)
+        diffusers_logging.disable_progress_bar()  # a server logs lines, not progress bars
+        transformers_logging.disable_progress_bar()
+        with _LOAD_LOCK:
+            pipe = StableVideoDiffusionPipeline.from_pretrained(
+                str(context.version_path), dtype=self.dtype, use_safetensors=True,
+                variant=p.get("variant") or None)
         pipe.set_progress_bar_config(disable=True)
         self.cpu_offload = _bool("cpu_offload", p.get("cpu_offload", "false"))
         if self.cpu_offload:
@@ -215,7 +224,7 @@ class SVDBackend(Backend):
             requests[row].sender.send(PhaseTiming("denoise", denoise_s))
 
         # 3. VAE decode, request by request, chunk by chunk; each chunk goes out as soon as it is ready.
-        latents = latents / pipe.vae.config.scaling_factor
+        latents = 1 / pipe.vae.config.scaling_factor * latents  # the pipeline's exact arithmetic
         for k, row in enumerate(live):
             r = requests[row]
             chunk = r.params.decode_chunk_size

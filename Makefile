@@ -1,0 +1,31 @@
+# videogen: `make demo` runs the server on the embedded tiny model end to end; `make test` runs the tests.
+# Both set up .venv first. On a GPU host use the CUDA build of torch: `make TORCH=torch ...`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch 2.13.0 resolves to the CPU build this project's CI machines have on disk.
+TORCH  ?= torch==2.13.0
+SOURCES := pyproject.toml setup.py $(shell find proto server client -name '*.proto' -o -name '*.py' -o -name '*.png' 2>/dev/null)
+
+.PHONY: demo test venv bench-cpu clean
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q ".[server,test]"
+	touch $@
+
+demo: venv
+	VENV=$(VENV) bash scripts/demo.sh
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+bench-cpu: venv
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench.py --tiny --out bench-out
+
+clean:
+	rm -rf $(VENV) build demo-out bench-out generated.mp4 *.egg-info

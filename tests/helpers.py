@@ -1,0 +1,226 @@
+"""Helpers for tests: run a real server on a background event loop, build requests."""
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import urllib.request
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import grpc
+
+from videogen.v1 import videogen_pb2 as pb
+from videogen.v1 import videogen_pb2_grpc as pb_grpc
+
+DEFAULT_CONFIG = None  # keep the tiny model's own config.pbtxt
+
+
+def sample_png() -> bytes:
+    return resources.files("videogen_server.assets").joinpath("sample.png").read_bytes()
+
+
+def write_config(model_dir: Path, name: str, config: Optional[str]) -> None:
+    from videogen_server.backends.svd.tiny import TINY_CONFIG
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.pbtxt").write_text(TINY_CONFIG.format(name=name) if config is None else config)
+
+
+class ServerThread:
+    """A VideoGenServer on its own asyncio loop in a daemon thread, on port 0."""
+
+    def __init__(self, *repos: Path, **config: Any) -> None:
+        from videogen_server.config import ServerConfig
+
+        config.setdefault("port", 0)
+        config.setdefault("host", "127.0.0.1")
+        config.setdefault("metrics_port", 0)
+        config.setdefault("metrics_host", "127.0.0.1")
+        config.setdefault("cpu_threads", 1)
+        config.setdefault("drain_grace_seconds", 5.0)
+        self.config = ServerConfig(model_repositories=tuple(repos), **config)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-server-loop")
+        self.server = None
+        self._channel: Optional[grpc.Channel] = None
+
+    def run(self, coro, timeout: float = 120):
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> "ServerThread":
+        from videogen_server.app import VideoGenServer
+
+        self._thread.start()
+
+        async def _start():
+            self.server = VideoGenServer(self.config)
+            await self.server.start()
+
+        self.run(_start())
+        return self
+
+    def stop(self, grace: float = 0) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        if self.server is not None:
+            self.run(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def engine(self):
+        return self.server.engine
+
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.target)
+        return self._channel
+
+    def stub(self) -> pb_grpc.VideoGenStub:
+        return pb_grpc.VideoGenStub(self.channel())
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels` (0 when absent)."""
+        return metric_value(self.scrape(), name, **labels)
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m or m.group(1) != name:
+            continue
+        have = dict(_LABEL.findall(m.group(2) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+def request(**fields: Any) -> pb.GenerateRequest:
+    fields.setdefault("model", "svd-tiny")
+    fields.setdefault("image", sample_png())
+    output = fields.pop("output", None)
+    msg = pb.GenerateRequest(**fields)
+    if output:
+        msg.output.CopyFrom(pb.OutputOptions(**output))
+    return msg
+
+
+def collect(stub: pb_grpc.VideoGenStub, req: pb.GenerateRequest, **kw: Any) -> list[pb.GenerateResponse]:
+    return list(stub.Generate(req, **kw))
+
+
+def kinds(responses: list[pb.GenerateResponse]) -> list[str]:
+    return [r.WhichOneof("event") for r in responses]
+
+
+def raw_frames(responses: list[pb.GenerateResponse]):
+    """RAW_RGB frames of a stream as a uint8 array [F, H, W, 3] (parts joined)."""
+    import numpy as np
+
+    parts: dict[int, list[bytes]] = {}
+    shape = None
+    for r in responses:
+        if r.WhichOneof("event") == "frame":
+            assert r.frame.encoding == pb.FRAME_ENCODING_RAW_RGB
+            parts.setdefault(r.frame.index, []).append(r.frame.data)
+            shape = (r.frame.height, r.frame.width, 3)
+    return np.stack([np.frombuffer(b"".join(parts[i]), np.uint8).reshape(shape) for i in sorted(parts)])
+
+
+def video_bytes(responses: list[pb.GenerateResponse]) -> bytes:
+    return b"".join(r.video.data for r in responses if r.WhichOneof("event") == "video")
+
+
+TINY_PARAMETERS = """
+parameters { key: "dtype" value { string_value: "float32" } }
+parameters { key: "default_width" value { string_value: "64" } }
+parameters { key: "default_height" value { string_value: "48" } }
+parameters { key: "default_num_inference_steps" value { string_value: "2" } }
+parameters { key: "default_decode_chunk_size" value { string_value: "2" } }
+parameters { key: "max_num_frames" value { string_value: "16" } }
+parameters { key: "min_width" value { string_value: "16" } }
+parameters { key: "min_height" value { string_value: "16" } }
+"""
+
+
+def tiny_config(name: str, body: str = "", *, parameters: str = TINY_PARAMETERS) -> str:
+    """A config.pbtxt for a tiny-model copy: `body` adds instance groups, batching, policies."""
+    if "instance_group" not in body:
+        body += "\ninstance_group [ { count: 1, kind: KIND_CPU } ]"
+    return f'name: "{name}"\nbackend: "svd"\n{body}\n{parameters}'
+
+
+class Stream:
+    """A Generate call consumed on a background thread, recording when each event arrived."""
+
+    def __init__(self, stub, req, **kw: Any) -> None:
+        import time
+
+        self.responses: list[pb.GenerateResponse] = []
+        self.times: list[float] = []
+        self.error: Optional[grpc.RpcError] = None
+        self.call = stub.Generate(req, **kw)
+        self.progressed = threading.Event()
+        self.accepted = threading.Event()
+
+        def _consume() -> None:
+            try:
+                for r in self.call:
+                    self.responses.append(r)
+                    self.times.append(time.monotonic())
+                    kind = r.WhichOneof("event")
+                    if kind == "accepted":
+                        self.accepted.set()
+                    if kind == "progress":
+                        self.progressed.set()
+            except grpc.RpcError as err:
+                self.error = err
+            finally:
+                self.accepted.set()
+                self.progressed.set()
+
+        self._thread = threading.Thread(target=_consume, daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float = 60) -> "Stream":
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "stream did not finish"
+        return self
+
+    @property
+    def done_at(self) -> float:
+        return self.times[-1]
+
+    @property
+    def summary(self) -> pb.Summary:
+        assert self.responses and self.responses[-1].WhichOneof("event") == "summary", self.error
+        return self.responses[-1].summary
+
+    def code(self) -> Optional[grpc.StatusCode]:
+        return self.error.code() if self.error else None

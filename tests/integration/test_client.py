@@ -1,0 +1,391 @@
+"""The client SDK (sync and asyncio), its helpers and the ``videogen`` CLI against a real server.
+
+Every test talks to the session's tiny server over real gRPC on loopback; the CLI tests run the
+installed command in a subprocess, as a user would.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import av
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from videogen.v1 import videogen_pb2 as pb
+from videogen_client import (
+    Accepted,
+    AsyncVideoGenClient,
+    Frame,
+    GenerationResult,
+    InvalidArgumentError,
+    ModelInfo,
+    ModelNotFoundError,
+    Progress,
+    Summary,
+    VideoChunk,
+    VideoGenClient,
+    save_frames,
+    save_video,
+)
+
+from ..helpers import collect, raw_frames, request, sample_png
+
+MODEL = "svd-tiny"
+W, H = 64, 48  # the tiny model's default size
+TIMEOUT = 60.0  # gRPC deadline of every call: a hung server fails the test instead of stalling it
+SAMPLE = sample_png()
+
+
+@pytest.fixture
+def client(tiny_server):
+    with VideoGenClient(tiny_server.target, timeout=TIMEOUT) as c:
+        yield c
+
+
+def decode_mp4(data: bytes) -> tuple[int, object, tuple[int, int]]:
+    """(decoded frame count, the stream's average_rate, (width, height)) of an MP4."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        count = sum(1 for _ in container.decode(stream))
+        return count, stream.average_rate, (stream.codec_context.width, stream.codec_context.height)
+
+
+def wait_for_metric(server, name: str, at_least: float, timeout: float = 5.0, **labels: str) -> float:
+    """Poll the server's metric until it reaches ``at_least`` (or ``timeout`` passes); return its value."""
+    deadline = time.monotonic() + timeout
+    value = server.metric(name, **labels)
+    while value < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = server.metric(name, **labels)
+    return value
+
+
+# -- 1. typed events in order, run() and the MP4 ------------------------------------------------
+
+
+def test_generate_yields_typed_events_in_order(client):
+    events = list(client.generate(SAMPLE, model=MODEL, num_frames=3, num_inference_steps=2,
+                                  decode_chunk_size=2, seed=5, request_id="client-order-1"))
+    kinds = [type(e) for e in events]
+    assert kinds[0] is Accepted and kinds[-1] is Summary
+    assert kinds.count(Accepted) == 1 and kinds.count(Summary) == 1
+    # the phases never interleave: Accepted, Progress*, Frame*, VideoChunk+, Summary
+    order = {Accepted: 0, Progress: 1, Frame: 2, VideoChunk: 3, Summary: 4}
+    assert [order[k] for k in kinds] == sorted(order[k] for k in kinds)
+
+    accepted = events[0]
+    assert accepted.request_id == "client-order-1"
+    assert (accepted.model, accepted.model_version) == (MODEL, 1)
+    p = accepted.parameters
+    assert (p["width"], p["height"], p["num_frames"], p["num_inference_steps"], p["seed"]) == (W, H, 3, 2, 5)
+    assert p["frame_encoding"] == "png" and p["stream_video"] is True
+
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [(e.step, e.num_steps) for e in progress] == [(1, 2), (2, 2)]
+    assert 0 <= progress[0].elapsed_seconds <= progress[1].elapsed_seconds
+
+    frames = [e for e in events if isinstance(e, Frame)]
+    assert [f.index for f in frames] == [0, 1, 2]
+    assert [f.chunk_index for f in frames] == [0, 0, 1]  # decode_chunk_size 2
+    assert all(f.encoding == "png" and (f.width, f.height) == (W, H) for f in frames)
+    assert all(f.to_pil().format == "PNG" and f.to_pil().size == (W, H) for f in frames)
+
+    chunks = [e for e in events if isinstance(e, VideoChunk)]
+    assert chunks and chunks[-1].last and not any(c.last for c in chunks[:-1])
+    assert all(c.mime_type == "video/mp4" for c in chunks)
+    offsets = [0]
+    for c in chunks[:-1]:
+        offsets.append(offsets[-1] + len(c.data))
+    assert [c.offset for c in chunks] == offsets
+
+    summary = events[-1]
+    assert summary.request_id == "client-order-1" and summary.num_frames == 3
+    assert summary.video_bytes == sum(len(c.data) for c in chunks)
+    assert summary.total_seconds >= summary.denoise_seconds > 0
+    video = b"".join(c.data for c in chunks)
+    assert decode_mp4(video)[0] == 3
+
+
+def test_run_returns_result_with_decodable_video(client):
+    result = client.run(SAMPLE, model=MODEL, num_frames=4, num_inference_steps=1, fps=10, seed=3)
+    assert isinstance(result, GenerationResult)
+    assert result.request_id and result.request_id == result.summary.request_id
+    assert result.progress_count == 1
+    assert len(result.frames) == 4 and [f.index for f in result.frames] == [0, 1, 2, 3]
+    assert result.summary.num_frames == 4 and result.summary.video_bytes == len(result.video)
+    count, rate, size = decode_mp4(result.video)
+    assert count == 4
+    assert rate == 10  # video_fps defaults to the requested fps
+    assert size == (W, H)
+
+
+def test_run_video_fps_and_no_frames(client):
+    """frame_encoding="none" sends only the video; video_fps sets the MP4's rate apart from fps."""
+    result = client.run(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=1, fps=7, video_fps=12,
+                        frame_encoding="none", seed=3)
+    assert result.frames == [] and result.accepted.parameters["frame_encoding"] == "none"
+    count, rate, _ = decode_mp4(result.video)
+    assert (count, rate) == (2, 12)
+
+
+# -- 2. raw_rgb frames equal the server's raw frames ----------------------------------------------
+
+
+def test_raw_rgb_frames_match_direct_stub_call(client, tiny_server, tmp_path):
+    params = dict(seed=21, num_frames=2, num_inference_steps=2, width=40, height=24)  # not square, not default
+    result = client.run(SAMPLE, model=MODEL, frame_encoding="raw_rgb", stream_video=False, **params)
+    assert result.video == b""
+    assert all(f.encoding == "raw_rgb" and len(f.data) == 40 * 24 * 3 for f in result.frames)
+    images = [f.to_pil() for f in result.frames]
+    assert all(im.size == (40, 24) and im.mode == "RGB" for im in images)
+    ours = np.stack([np.asarray(im) for im in images])
+
+    direct = raw_frames(collect(tiny_server.stub(), request(
+        **params, output={"frame_encoding": pb.FRAME_ENCODING_RAW_RGB, "stream_video": False})))
+    assert ours.shape == direct.shape == (2, 24, 40, 3)
+    assert np.array_equal(ours, direct)
+
+    # save_frames converts raw frames to PNG without changing a pixel
+    paths = save_frames(result, tmp_path / "raw")
+    assert [p.name for p in paths] == ["frame_00000.png", "frame_00001.png"]
+    with Image.open(paths[1]) as png:
+        assert png.format == "PNG"
+        assert np.array_equal(np.asarray(png.convert("RGB")), direct[1])
+
+
+# -- 3. save_video / save_frames ------------------------------------------------------------------
+
+
+def test_save_video_and_save_frames(client, tmp_path):
+    image_path = tmp_path / "in.png"
+    image_path.write_bytes(SAMPLE)
+    result = client.run(str(image_path), model=MODEL, num_frames=3, num_inference_steps=1, seed=2)
+
+    out = save_video(result, tmp_path / "nested" / "OUT.mp4")  # parent folders are created
+    assert out == tmp_path / "nested" / "OUT.mp4"
+    assert out.read_bytes() == result.video
+    assert decode_mp4(out.read_bytes())[0] == 3
+
+    frames_dir = tmp_path / "DIR"
+    paths = save_frames(result, frames_dir)
+    names = [f"frame_{i:05d}.png" for i in range(3)]
+    assert [p.name for p in paths] == names
+    assert sorted(p.name for p in frames_dir.iterdir()) == names
+    for path, frame in zip(paths, result.frames):
+        assert path.read_bytes() == frame.data  # PNG frames are written as received
+        with Image.open(path) as png:
+            assert png.size == (W, H)
+
+
+def test_save_video_without_video_raises(client, tmp_path):
+    result = client.run(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=1, stream_video=False)
+    with pytest.raises(ValueError):
+        save_video(result, tmp_path / "x.mp4")
+    assert not (tmp_path / "x.mp4").exists()
+
+
+# -- 4. asyncio client ----------------------------------------------------------------------------
+
+
+def test_async_client_run_generate_and_concurrent(tiny_server):
+    async def main():
+        async with AsyncVideoGenClient(tiny_server.target, timeout=TIMEOUT) as c:
+            result = await c.run(Image.open(io.BytesIO(SAMPLE)), model=MODEL, num_frames=2,
+                                 num_inference_steps=1, seed=8)
+            events = []
+            async with contextlib.aclosing(c.generate(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=2,
+                                                      frame_encoding="raw_rgb", stream_video=False)) as gen:
+                async for event in gen:
+                    events.append(event)
+            pair = await asyncio.gather(
+                c.run(SAMPLE, model=MODEL, num_frames=3, num_inference_steps=1, seed=1),
+                c.run(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=2, seed=2))
+            models = await c.list_models()
+            return result, events, pair, models
+
+    result, events, (r1, r2), models = asyncio.run(main())
+
+    assert len(result.frames) == 2 and result.progress_count == 1
+    assert decode_mp4(result.video)[0] == 2
+
+    assert [type(e) for e in events] == [Accepted, Progress, Progress, Frame, Frame, Summary]
+    assert [e.index for e in events if isinstance(e, Frame)] == [0, 1]
+    assert all(e.to_pil().size == (W, H) for e in events if isinstance(e, Frame))
+
+    assert r1.request_id != r2.request_id
+    assert (r1.accepted.parameters["seed"], r2.accepted.parameters["seed"]) == (1, 2)
+    assert (len(r1.frames), r1.progress_count, decode_mp4(r1.video)[0]) == (3, 1, 3)
+    assert (len(r2.frames), r2.progress_count, decode_mp4(r2.video)[0]) == (2, 2, 2)
+    assert [m.name for m in models] == [MODEL]
+
+
+def test_async_client_errors_are_typed(tiny_server):
+    async def main():
+        async with AsyncVideoGenClient(tiny_server.target, timeout=TIMEOUT) as c:
+            with pytest.raises(InvalidArgumentError) as bad:
+                await c.run(SAMPLE, model=MODEL, height=50)
+            with pytest.raises(ModelNotFoundError):
+                await c.get_model("no-such-model")
+            return bad.value
+
+    err = asyncio.run(main())
+    assert err.field == "height" and err.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- 5. errors ------------------------------------------------------------------------------------
+
+
+def test_errors_are_typed_and_the_server_keeps_working(client, tiny_server):
+    with pytest.raises(InvalidArgumentError) as width:
+        client.run(SAMPLE, model=MODEL, width=63, num_frames=2, num_inference_steps=1)
+    assert width.value.field == "width" and "8" in width.value.reason
+    assert width.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(width.value.__cause__, grpc.RpcError)  # it came from the server
+
+    with pytest.raises(ModelNotFoundError) as missing:
+        list(client.generate(SAMPLE, model="no-such-model"))
+    assert missing.value.code == grpc.StatusCode.NOT_FOUND and "no-such-model" in missing.value.details
+    with pytest.raises(ModelNotFoundError):
+        client.get_model("no-such-model")
+
+    with pytest.raises(InvalidArgumentError) as corrupt:
+        client.run(b"\x89PNG\r\n\x1a\n this is not an image", model=MODEL, num_frames=2, num_inference_steps=1)
+    assert corrupt.value.field == "image"
+
+    result = client.run(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=1, seed=1)
+    assert len(result.frames) == 2 and decode_mp4(result.video)[0] == 2
+
+
+# -- 6. breaking out of generate cancels -----------------------------------------------------------
+
+
+def test_break_after_first_progress_cancels(client, tiny_server):
+    labels = {"model": MODEL}
+    cancelled_before = tiny_server.metric("videogen_requests_total", outcome="cancelled", **labels)
+    success_before = tiny_server.metric("videogen_requests_total", outcome="success", **labels)
+
+    seen = []
+    # Many steps, so that the request cannot finish on its own before the cancel reaches the server.
+    for event in client.generate(SAMPLE, model=MODEL, num_frames=4, num_inference_steps=40, seed=1):
+        seen.append(event)
+        if isinstance(event, Progress):
+            break
+    assert [type(e) for e in seen] == [Accepted, Progress]
+
+    cancelled = wait_for_metric(tiny_server, "videogen_requests_total", cancelled_before + 1,
+                                outcome="cancelled", **labels)
+    assert cancelled == cancelled_before + 1
+    assert tiny_server.metric("videogen_requests_total", outcome="success", **labels) == success_before
+
+    result = client.run(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=1, seed=1)
+    assert len(result.frames) == 2 and result.summary.num_frames == 2
+    assert wait_for_metric(tiny_server, "videogen_requests_total", success_before + 1,
+                           outcome="success", **labels) == success_before + 1
+    assert tiny_server.metric("videogen_requests_total", outcome="cancelled", **labels) == cancelled_before + 1
+
+
+# -- 7. models ------------------------------------------------------------------------------------
+
+
+def test_list_models_and_get_model(client):
+    models = client.list_models()
+    assert [m.name for m in models] == [MODEL]
+    info = client.get_model(MODEL)
+    assert isinstance(info, ModelInfo)
+    assert info == models[0]
+    assert info.state == "ready" and info.backend == "svd"
+    assert [(v.version, v.state) for v in info.versions] == [(1, "ready")]
+    d = info.defaults
+    assert (d["num_frames"], d["width"], d["height"], d["num_inference_steps"], d["decode_chunk_size"]) == (4, W, H, 4, 2)
+    assert info.limits["max_num_frames"] == 16 and info.limits["max_width"] == 256
+    assert info.max_batch_size == 2 and info.instances == 1
+    assert info.config["name"] == MODEL
+
+
+# -- 8. the CLI -----------------------------------------------------------------------------------
+
+
+def _module_cli() -> list[str]:
+    return [sys.executable, "-m", "videogen_client.cli"]
+
+
+def _installed_cli() -> list[str]:
+    # The command installed next to this interpreter; a `videogen` elsewhere on PATH may be another install.
+    found = shutil.which("videogen", path=sysconfig.get_path("scripts")) or shutil.which("videogen")
+    return [found] if found else _module_cli()
+
+
+def cli(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*(launcher or _installed_cli()), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_generate_writes_mp4_and_frames(tiny_server, tmp_path):
+    image = tmp_path / "sample.png"
+    image.write_bytes(SAMPLE)
+    out, frames_dir = tmp_path / "OUT.mp4", tmp_path / "DIR"
+    proc = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(image),
+               "--out", str(out), "--frames-dir", str(frames_dir), "--num-frames", "3", "--steps", "1",
+               "--seed", "1", "--timeout", "60")
+    assert proc.returncode == 0, proc.stderr
+    assert "frames=3" in proc.stdout and f"out={out}" in proc.stdout
+    assert decode_mp4(out.read_bytes())[0] == 3
+    assert sorted(p.name for p in frames_dir.iterdir()) == [f"frame_{i:05d}.png" for i in range(3)]
+    with Image.open(frames_dir / "frame_00002.png") as png:
+        assert png.size == (W, H)
+
+
+@pytest.mark.parametrize("launcher", [_installed_cli, _module_cli], ids=["command", "module"])
+def test_cli_models_lists_the_model(tiny_server, launcher):
+    proc = cli("models", "--target", tiny_server.target, launcher=launcher())
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stdout  # the header and the one model
+    assert lines[0].split()[:2] == ["NAME", "STATE"]
+    assert lines[1].split()[:3] == [MODEL, "ready", "1"]
+
+
+def test_cli_model_prints_json(tiny_server):
+    proc = cli("model", MODEL, "--target", tiny_server.target)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["name"] == MODEL and info["state"] == "ready" and info["defaults"]["num_frames"] == 4
+
+
+def test_cli_bad_argument_exits_1(tiny_server, tmp_path):
+    image = tmp_path / "sample.png"
+    image.write_bytes(SAMPLE)
+    out = tmp_path / "OUT.mp4"
+    proc = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(image),
+               "--out", str(out), "--width", "63", "--steps", "1", "--quiet")
+    assert proc.returncode == 1
+    assert "INVALID_ARGUMENT" in proc.stderr and "width" in proc.stderr
+    assert not out.exists()
+
+    missing = cli("model", "no-such-model", "--target", tiny_server.target)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+    # a command line argparse refuses exits 2 without contacting the server
+    usage = cli("generate", "--target", tiny_server.target, "--image", str(image))
+    assert usage.returncode == 2 and "--out" in usage.stderr
+
+
+# -- 9. the client imports without the server's stack ----------------------------------------------
+
+
+def test_client_imports_without_torch():
+    code = ("import sys, videogen_client, videogen_client.cli; "
+            "heavy = [m for m in ('torch', 'numpy', 'diffusers', 'av') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

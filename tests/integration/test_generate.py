@@ -1,0 +1,176 @@
+"""Generate end to end over real gRPC on the tiny model: stream shape, parity, parameters, video."""
+from __future__ import annotations
+
+import io
+
+import av
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from videogen.v1 import videogen_pb2 as pb
+
+from ..helpers import collect, kinds, raw_frames, request, sample_png, video_bytes
+
+RAW = {"frame_encoding": pb.FRAME_ENCODING_RAW_RGB}
+
+
+def test_stream_order_and_summary(tiny_server):
+    responses = collect(tiny_server.stub(), request(num_frames=4, num_inference_steps=3, decode_chunk_size=2, seed=1))
+    k = kinds(responses)
+    assert k[0] == "accepted" and k[-1] == "summary"
+    assert k[1:4] == ["progress"] * 3
+    assert [r.progress.step for r in responses[1:4]] == [1, 2, 3]
+    assert all(r.progress.num_steps == 3 for r in responses[1:4])
+    frames = [r.frame for r in responses if r.WhichOneof("event") == "frame"]
+    assert [f.index for f in frames] == [0, 1, 2, 3]
+    assert [f.chunk_index for f in frames] == [0, 0, 1, 1]  # decode_chunk_size 2
+    assert all(f.num_parts == 1 and Image.open(io.BytesIO(f.data)).size == (64, 48) for f in frames)
+    # video chunks come after the last frame, the last one flagged, offsets contiguous
+    video = [r.video for r in responses if r.WhichOneof("event") == "video"]
+    assert k.index("video") > max(i for i, x in enumerate(k) if x == "frame")
+    assert video[-1].last and not any(v.last for v in video[:-1])
+    assert [v.offset for v in video] == list(np.cumsum([0] + [len(v.data) for v in video[:-1]]))
+    s = responses[-1].summary
+    acc = responses[0].accepted
+    assert s.request_id == acc.request_id and s.num_frames == 4 and s.batch_size == 1
+    assert s.total_seconds >= s.denoise_seconds > 0 and s.decode_seconds > 0 and s.first_frame_seconds > 0
+    assert s.video_bytes == sum(len(v.data) for v in video) and s.peak_memory_bytes > 0
+    assert acc.parameters.seed == 1 and acc.parameters.decode_chunk_size == 2 and acc.model_version == 1
+
+
+def test_defaults_apply_and_seed_is_reported(tiny_server):
+    responses = collect(tiny_server.stub(), request(output={"stream_video": False}))
+    p = responses[0].accepted.parameters
+    assert (p.width, p.height, p.num_frames, p.num_inference_steps, p.fps, p.motion_bucket_id) == (64, 48, 4, 4, 7, 127)
+    assert p.noise_aug_strength == pytest.approx(0.02) and (p.min_guidance_scale, p.max_guidance_scale) == (1.0, 3.0)
+    assert p.decode_chunk_size == 2 and p.seed >= 0
+    assert "video" not in kinds(responses)
+
+
+def test_frames_are_streamed_before_later_chunks_are_decoded(tiny_server):
+    """Each decode chunk's frames arrive before the next chunk is decoded (first frame well before the end)."""
+    stream = tiny_server.stub().Generate(request(num_frames=8, decode_chunk_size=1, num_inference_steps=1, output=RAW))
+    import time
+
+    arrivals = {}
+    for r in stream:
+        if r.WhichOneof("event") == "frame":
+            arrivals[r.frame.index] = time.monotonic()
+    # chunk_index grows frame by frame, and frames are not all sent in one burst at the end
+    assert sorted(arrivals) == list(range(8))
+    assert arrivals[7] > arrivals[0]
+
+
+PARITY_CASES = [
+    dict(seed=7, num_frames=4, num_inference_steps=3, decode_chunk_size=2),
+    dict(seed=11, num_frames=3, num_inference_steps=2, width=48, height=32, fps=12, motion_bucket_id=40,
+         noise_aug_strength=0.1, decode_chunk_size=3),
+    dict(seed=5, num_frames=5, num_inference_steps=4, min_guidance_scale=1.5, max_guidance_scale=2.5,
+         decode_chunk_size=2),
+    dict(seed=3, num_frames=2, num_inference_steps=2, max_guidance_scale=1.0, decode_chunk_size=1),  # no CFG
+]
+
+
+@pytest.fixture(scope="module")
+def reference_pipeline(tiny_model_source):
+    """diffusers' own pipeline on the same weights, loaded the same way."""
+    import torch
+    from diffusers import StableVideoDiffusionPipeline
+
+    pipe = StableVideoDiffusionPipeline.from_pretrained(str(tiny_model_source / "1"), torch_dtype=torch.float32,
+                                                        use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_frames(pipe, params: dict) -> np.ndarray:
+    import torch
+
+    p = dict(params)
+    image = Image.open(io.BytesIO(sample_png())).convert("RGB")
+    out = pipe(image, height=p.pop("height", 48), width=p.pop("width", 64), generator=torch.Generator().manual_seed(p.pop("seed")),
+               output_type="np", **p).frames[0]
+    return out
+
+
+@pytest.mark.parametrize("params", PARITY_CASES, ids=lambda p: f"seed{p['seed']}")
+def test_parity_with_diffusers_pipeline(tiny_server, reference_pipeline, params):
+    """The 8-bit frames equal diffusers' output converted the same way ((x * 255).round())."""
+    responses = collect(tiny_server.stub(), request(**params, output=RAW))
+    ours = raw_frames(responses)
+    expected = (pipeline_frames(reference_pipeline, params) * 255).round().astype(np.uint8)
+    assert ours.shape == expected.shape
+    np.testing.assert_array_equal(ours, expected)
+
+
+def _frames(server, **params) -> np.ndarray:
+    return raw_frames(collect(server.stub(), request(output={**RAW, "stream_video": False}, **params)))
+
+
+@pytest.mark.parametrize("change", [
+    {"motion_bucket_id": 10}, {"fps": 25}, {"noise_aug_strength": 0.5}, {"seed": 99}, {"min_guidance_scale": 2.0},
+    {"max_guidance_scale": 6.0}, {"num_inference_steps": 3},
+])
+def test_each_parameter_changes_the_output(tiny_server, change):
+    base = dict(seed=1, num_frames=3, num_inference_steps=2)
+    a = _frames(tiny_server, **base)
+    b = _frames(tiny_server, **{**base, **change})
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+def test_same_seed_same_frames_and_size_applies(tiny_server):
+    base = dict(seed=4, num_frames=2, num_inference_steps=2)
+    np.testing.assert_array_equal(_frames(tiny_server, **base), _frames(tiny_server, **base))
+    assert _frames(tiny_server, **base, width=32, height=16).shape == (2, 16, 32, 3)
+    assert _frames(tiny_server, **{**base, "num_frames": 5}).shape[0] == 5
+
+
+def test_decode_chunk_size_groups_frames(tiny_server):
+    responses = collect(tiny_server.stub(), request(num_frames=5, num_inference_steps=1, decode_chunk_size=2))
+    chunks = [r.frame.chunk_index for r in responses if r.WhichOneof("event") == "frame"]
+    assert chunks == [0, 0, 1, 1, 2]
+
+
+def test_mp4_decodes_to_the_requested_frames_and_fps(tiny_server):
+    responses = collect(tiny_server.stub(), request(num_frames=6, num_inference_steps=1, fps=7,
+                                                    output={"video_fps": 12, "frame_encoding": pb.FRAME_ENCODING_NONE}))
+    assert "frame" not in kinds(responses)
+    data = video_bytes(responses)
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        assert stream.average_rate == 12
+        assert stream.codec_context.pix_fmt == "yuv420p"
+    assert len(decoded) == 6 and decoded[0].shape == (48, 64, 3)
+    assert b"ftyp" in data[:16] and b"moof" in data  # fragmented MP4
+
+
+def test_jpeg_frames(tiny_server):
+    responses = collect(tiny_server.stub(), request(num_frames=2, num_inference_steps=1,
+                                                    output={"frame_encoding": pb.FRAME_ENCODING_JPEG, "jpeg_quality": 50}))
+    frames = [r.frame for r in responses if r.WhichOneof("event") == "frame"]
+    assert all(Image.open(io.BytesIO(f.data)).format == "JPEG" for f in frames)
+
+
+def test_request_id_round_trips(tiny_server):
+    stream = tiny_server.stub().Generate(request(num_inference_steps=1, num_frames=1),
+                                         metadata=(("x-request-id", "req-42"),))
+    responses = list(stream)
+    assert dict(stream.initial_metadata())["x-request-id"] == "req-42"
+    assert responses[0].accepted.request_id == "req-42" and responses[-1].summary.request_id == "req-42"
+
+
+def test_list_and_get_model(tiny_server):
+    stub = tiny_server.stub()
+    models = stub.ListModels(pb.ListModelsRequest()).models
+    assert [m.name for m in models] == ["svd-tiny"]
+    info = stub.GetModel(pb.GetModelRequest(name="svd-tiny"))
+    assert info.state == pb.MODEL_STATE_READY and info.backend == "svd" and info.instances == 1
+    assert [v.version for v in info.versions] == [1]
+    assert info.defaults.num_frames == 4 and info.limits.max_num_frames == 16 and info.config.name == "svd-tiny"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetModel(pb.GetModelRequest(name="nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

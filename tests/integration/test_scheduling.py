@@ -1,0 +1,292 @@
+"""The Triton-style core through the gRPC API: queue, priorities, timeouts, cancellation,
+instances, dynamic batching, model control, version policy, custom backends."""
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from videogen.v1 import videogen_pb2 as pb
+
+from ..helpers import ServerThread, Stream, collect, raw_frames, request, tiny_config
+
+LONG = dict(num_inference_steps=12, num_frames=4)  # ~1.5 s on one CPU thread
+SHORT = dict(num_inference_steps=1, num_frames=1, output={"stream_video": False})
+
+
+def one_level_queue(size: int, extra: str = "") -> str:
+    return f"dynamic_batching {{ default_queue_policy {{ max_queue_size: {size} {extra} }} }}"
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_queue_full_is_resource_exhausted(make_repo):
+    repo = make_repo({"m": tiny_config("m", one_level_queue(1))})
+    with ServerThread(repo) as server:
+        stub = server.stub()
+        running = Stream(stub, request(model="m", **LONG))
+        running.progressed.wait(10)
+        queued = Stream(stub, request(model="m", **SHORT))
+        queued.accepted.wait(10)
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, request(model="m", **SHORT))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert running.join().summary and queued.join().summary
+        assert server.metric("videogen_requests_total", model="m", code="RESOURCE_EXHAUSTED", outcome="rejected") == 1
+
+
+def test_high_priority_runs_before_earlier_low_priority(make_repo):
+    cfg = tiny_config("m", "dynamic_batching { priority_levels: 2 default_priority_level: 2 }")
+    with ServerThread(make_repo({"m": cfg})) as server:
+        stub = server.stub()
+        running = Stream(stub, request(model="m", **LONG))
+        running.progressed.wait(10)
+        low = [Stream(stub, request(model="m", **SHORT)) for _ in range(2)]
+        for s in low:
+            s.accepted.wait(10)
+        high = Stream(stub, request(model="m", priority=1, **SHORT))
+        high.accepted.wait(10)
+        assert high.responses[0].accepted.queue_position == 0  # nothing of its level ahead
+        for s in [running, high, *low]:
+            s.join()
+        assert high.done_at < min(s.done_at for s in low)
+
+
+def test_queue_timeout_and_deadline_while_queued(make_repo):
+    cfg = tiny_config("m", one_level_queue(8, "default_timeout_microseconds: 300000"))
+    with ServerThread(make_repo({"m": cfg})) as server:
+        stub = server.stub()
+        running = Stream(stub, request(model="m", **LONG))
+        running.progressed.wait(10)
+        batches = server.metric("videogen_batch_size_count", model="m")
+        t0 = time.monotonic()
+        by_config = Stream(stub, request(model="m", **SHORT)).join()
+        by_request = Stream(stub, request(model="m", timeout_microseconds=100_000, **SHORT)).join()
+        by_deadline = Stream(stub, request(model="m", **SHORT), timeout=0.2).join()
+        assert by_config.code() == by_request.code() == by_deadline.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - t0 < 1.4  # each gave up while the long request was still running
+        running.join()
+        # none of them ever reached an instance
+        assert server.metric("videogen_batch_size_count", model="m") == batches
+        # a request may not lengthen the model's timeout (no allow_timeout_override)
+        longer = Stream(stub, request(model="m", **LONG))
+        longer.progressed.wait(10)
+        asked_more = Stream(stub, request(model="m", timeout_microseconds=60_000_000, **SHORT)).join()
+        assert asked_more.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        longer.join()
+
+
+def test_cancel_queued_and_running_requests_frees_them(make_repo):
+    with ServerThread(make_repo({"m": tiny_config("m", one_level_queue(4))})) as server:
+        stub = server.stub()
+        running = Stream(stub, request(model="m", num_inference_steps=50, num_frames=4))
+        running.progressed.wait(10)
+        queued = Stream(stub, request(model="m", **SHORT))
+        queued.accepted.wait(10)
+        queued.call.cancel()
+        wait_until(lambda: server.metric("videogen_queue_depth", model="m") == 0)
+        steps_before = server.metric("videogen_denoise_step_seconds_count", model="m")
+        running.call.cancel()
+        t0 = time.monotonic()
+        after = collect(stub, request(model="m", **SHORT))
+        assert after[-1].summary.num_frames == 1
+        # the cancelled run stopped within a step or two, far from its 50
+        wait_until(lambda: server.metric("videogen_requests_total", model="m", outcome="cancelled") == 2)
+        assert server.metric("videogen_denoise_step_seconds_count", model="m") - steps_before <= 3
+        assert time.monotonic() - t0 < 5
+        assert server.metric("videogen_inflight_requests", model="m") == 0
+        assert server.metric("videogen_instances_busy", model="m") == 0
+
+
+def test_two_instances_serve_two_requests_at_once(make_repo):
+    cfg = tiny_config("m", "instance_group [ { count: 2, kind: KIND_CPU } ]")
+    with ServerThread(make_repo({"m": cfg})) as server:
+        stub = server.stub()
+        assert stub.GetModel(pb.GetModelRequest(name="m")).instances == 2
+        streams = [Stream(stub, request(model="m", **LONG)) for _ in range(2)]
+        for s in streams:
+            s.join()
+        # neither waited for the other: both were taken at once
+        assert all(s.summary.queue_seconds < 0.5 for s in streams)
+        starts = [s.times[1] for s in streams]  # first progress
+        ends = [s.done_at for s in streams]
+        assert max(starts) < min(ends)  # their runs overlapped
+
+
+def test_dynamic_batching_parity(make_repo):
+    """Two requests of one shape run as one batch; each gets the frames it gets alone.
+
+    Each request keeps its own generator, conditioning, guidance and decode chunking, so the only
+    difference a batch makes is float rounding inside batched GEMM/convolution kernels (CPU and GPU
+    kernels are not batch-invariant). After 8-bit quantisation that moves at most a handful of
+    values by one level; anything else (a mixed-up seed, conditioning or chunking) changes nearly
+    every pixel.
+    """
+    cfg = tiny_config("m", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 2000000 "
+                           "preferred_batch_size: [2] }")
+    raw = {"frame_encoding": pb.FRAME_ENCODING_RAW_RGB, "stream_video": False}
+    a = dict(seed=1, motion_bucket_id=20, fps=5, noise_aug_strength=0.05, decode_chunk_size=1)
+    b = dict(seed=2, motion_bucket_id=200, fps=9, min_guidance_scale=1.5, decode_chunk_size=3)
+    common = dict(model="m", num_frames=3, num_inference_steps=3, output=raw)
+    alone_cfg = tiny_config("alone")
+    with ServerThread(make_repo({"m": cfg, "alone": alone_cfg})) as server:
+        stub = server.stub()
+        streams = [Stream(stub, request(**common, **p)) for p in (a, b)]
+        for s in streams:
+            s.join()
+        assert [s.summary.batch_size for s in streams] == [2, 2]
+        for s, p in zip(streams, (a, b)):
+            alone = collect(stub, request(**{**common, "model": "alone"}, **p))
+            assert alone[-1].summary.batch_size == 1
+            batched, single = raw_frames(s.responses).astype(int), raw_frames(alone).astype(int)
+            assert batched.shape == single.shape
+            diff = np.abs(batched - single)
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+        assert server.metric("videogen_batch_size_sum", model="m") == 2
+
+
+def test_different_shapes_are_not_batched(make_repo):
+    cfg = tiny_config("m", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 300000 }")
+    with ServerThread(make_repo({"m": cfg})) as server:
+        stub = server.stub()
+        streams = [Stream(stub, request(model="m", num_frames=n, **{k: v for k, v in SHORT.items() if k != "num_frames"}))
+                   for n in (1, 2)]
+        assert [s.join().summary.batch_size for s in streams] == [1, 1]
+
+
+def test_explicit_load_unload_while_another_model_serves(make_repo):
+    repo = make_repo({"a": tiny_config("a"), "b": tiny_config("b")})
+    with ServerThread(repo, model_control_mode="explicit", load_models=("a",)) as server:
+        stub = server.stub()
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, request(model="b", **SHORT))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        running = Stream(stub, request(model="a", **LONG))
+        running.progressed.wait(10)
+        info = stub.LoadModel(pb.LoadModelRequest(name="b"))
+        assert info.state == pb.MODEL_STATE_READY
+        assert collect(stub, request(model="b", **SHORT))[-1].summary.num_frames == 1
+        # unloading a waits for its in-flight request, which completes
+        stub.UnloadModel(pb.UnloadModelRequest(name="a"))
+        assert running.join().summary.num_frames == 4
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, request(model="a", **SHORT))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert stub.GetModel(pb.GetModelRequest(name="a")).state == pb.MODEL_STATE_UNAVAILABLE
+        assert collect(stub, request(model="b", **SHORT))[-1].summary.num_frames == 1
+        with pytest.raises(grpc.RpcError) as err:
+            stub.LoadModel(pb.LoadModelRequest(name="nope"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_load_unload_refused_without_explicit_mode(tiny_server):
+    with pytest.raises(grpc.RpcError) as err:
+        tiny_server.stub().UnloadModel(pb.UnloadModelRequest(name="svd-tiny"))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_failed_reload_keeps_the_previous_version_serving(make_repo):
+    repo = make_repo({"a": tiny_config("a")})
+    with ServerThread(repo, model_control_mode="explicit", load_models=("a",)) as server:
+        stub = server.stub()
+        (repo / "a" / "config.pbtxt").write_text(tiny_config("a", parameters='parameters { key: "dtype" value { string_value: "float8" } }'))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.LoadModel(pb.LoadModelRequest(name="a"))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "config.pbtxt" in err.value.details() and "dtype" in err.value.details()
+        assert collect(stub, request(model="a", **SHORT))[-1].summary.num_frames == 1
+
+
+@pytest.mark.parametrize("policy,loaded", [
+    ("", [3]),
+    ("version_policy: { latest: { num_versions: 2 } }", [2, 3]),
+    ("version_policy: { all: {} }", [1, 2, 3]),
+    ("version_policy: { specific: { versions: [1, 3] } }", [1, 3]),
+])
+def test_version_policy(make_repo, policy, loaded):
+    repo = make_repo({"m": tiny_config("m", policy)}, versions={"m": [1, 2, 3]})
+    with ServerThread(repo) as server:
+        stub = server.stub()
+        info = stub.GetModel(pb.GetModelRequest(name="m"))
+        assert [v.version for v in info.versions] == loaded
+        assert all(v.state == pb.MODEL_STATE_READY for v in info.versions)
+        # unset version = the highest; an explicit one runs that version; others are NOT_FOUND
+        assert collect(stub, request(model="m", **SHORT))[0].accepted.model_version == max(loaded)
+        assert collect(stub, request(model="m", model_version=min(loaded), **SHORT))[0].accepted.model_version == min(loaded)
+        if 2 not in loaded:
+            with pytest.raises(grpc.RpcError) as err:
+                collect(stub, request(model="m", model_version=2, **SHORT))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_bad_config_fails_that_model_only(make_repo):
+    repo = make_repo({"good": tiny_config("good"), "bad": tiny_config("bad", "max_batch_size: -1")})
+    with ServerThread(repo) as server:
+        stub = server.stub()
+        bad = stub.GetModel(pb.GetModelRequest(name="bad"))
+        assert bad.state == pb.MODEL_STATE_FAILED
+        assert collect(stub, request(model="good", **SHORT))[-1].summary.num_frames == 1
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, request(model="bad", **SHORT))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "bad/config.pbtxt: max_batch_size: must be >= 0" in err.value.details()
+
+
+ECHO_BACKEND = '''
+import numpy as np
+from videogen_server.backends import Backend, Finished, FramesDecoded, StepDone
+
+
+class EchoBackend(Backend):
+    """Frames whose every pixel is the frame index; proves third-party backends plug in by name."""
+
+    name = "echo"
+
+    def initialize(self, context):
+        self.context = context
+
+    def execute(self, requests):
+        for r in requests:
+            p = r.params
+            for step in range(1, p.num_inference_steps + 1):
+                r.sender.send(StepDone(step, p.num_inference_steps))
+            frames = np.stack([np.full((p.height, p.width, 3), i, np.uint8) for i in range(p.num_frames)])
+            r.sender.send(FramesDecoded(chunk_index=0, start_index=0, frames=frames))
+            r.sender.send(Finished())
+'''
+
+
+def test_custom_backend_from_an_entry_point(tmp_path, monkeypatch):
+    import importlib
+
+    site = tmp_path / "site"
+    (site / "echo_backend_pkg").mkdir(parents=True)
+    (site / "echo_backend_pkg" / "__init__.py").write_text(ECHO_BACKEND)
+    dist = site / "echo_backend_pkg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: echo-backend-pkg\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[videogen.backends]\necho = echo_backend_pkg:EchoBackend\n")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    repo = tmp_path / "repo"
+    (repo / "echo" / "1").mkdir(parents=True)
+    (repo / "echo" / "config.pbtxt").write_text(
+        'name: "echo"\nbackend: "echo"\ninstance_group [ { kind: KIND_CPU } ]\n'
+        'parameters { key: "default_width" value { string_value: "32" } }\n'
+        'parameters { key: "default_height" value { string_value: "16" } }\n'
+        'parameters { key: "default_num_frames" value { string_value: "3" } }\n'
+        'parameters { key: "min_width" value { string_value: "16" } }\n'
+        'parameters { key: "min_height" value { string_value: "16" } }')
+    with ServerThread(repo) as server:
+        responses = collect(server.stub(), request(model="echo", output={"frame_encoding": pb.FRAME_ENCODING_RAW_RGB}))
+        frames = raw_frames(responses)
+        assert frames.shape == (3, 16, 32, 3)
+        assert [int(f.max()) for f in frames] == [0, 1, 2]
+        assert responses[-1].summary.num_frames == 3
