@@ -56,7 +56,12 @@ class VideoGenServer:
         log.info("ready: %s", ", ".join(f"{s.name} ({s.state.lower()})" for s in self.engine.list_models()) or "no models")
 
     async def stop(self, grace: Optional[float] = None) -> None:
-        """Drain: NOT_SERVING, refuse new requests, let in-flight ones finish within `grace`, then stop."""
+        """Drain: NOT_SERVING, refuse new requests, let in-flight ones finish within `grace`, then stop.
+
+        The port stays open during the drain, so health checks read NOT_SERVING and new calls get a
+        clean UNAVAILABLE from the engine; only then does the gRPC server stop (grpc's own stop
+        refuses every new call at once, health checks included).
+        """
         if self._stopping:
             await self._stopped.wait()
             return
@@ -66,9 +71,12 @@ class VideoGenServer:
             self.engine.begin_drain()
             if self._health is not None:
                 await self._health.update()
+            if not await self.engine.wait_idle(grace):
+                log.warning("drain grace of %.0fs passed with requests in flight; cancelling them", grace)
+            if self._health is not None:
                 await self._health.servicer.enter_graceful_shutdown()
             if self._server is not None:
-                await self._server.stop(grace)
+                await self._server.stop(1.0)  # in-flight streams end with the engine below
         finally:
             await self.engine.shutdown(0)
             self.metrics.close()

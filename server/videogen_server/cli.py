@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--unload-timeout-seconds", type=float, default=d.unload_timeout_seconds)
     s.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="largest request message, image included (default %(default)s)")
+    s.add_argument("--max-connection-age-seconds", type=float, default=d.max_connection_age_seconds,
+                   help="close connections after this long so clients rebalance over new replicas; 0 = never")
+    s.add_argument("--max-connection-age-grace-seconds", type=float, default=d.max_connection_age_grace_seconds,
+                   help="how long streams on an aged connection may still run")
     s.add_argument("--log-format", choices=("text", "json"), default=d.log_format)
     s.add_argument("--log-level", default=d.log_level)
     s.add_argument("--port-file", type=Path, help="write the bound gRPC and metrics ports here once listening")
@@ -56,7 +60,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         load_models=tuple(args.load_model), repository_poll_seconds=args.repository_poll_seconds,
         max_queue_size=args.max_queue_size, cpu_threads=args.cpu_threads, media_threads=args.media_threads,
         drain_grace_seconds=args.drain_grace_seconds, unload_timeout_seconds=args.unload_timeout_seconds,
-        max_request_bytes=args.max_request_bytes, log_format=args.log_format, log_level=args.log_level.upper())
+        max_request_bytes=args.max_request_bytes, max_connection_age_seconds=args.max_connection_age_seconds,
+        max_connection_age_grace_seconds=args.max_connection_age_grace_seconds, log_format=args.log_format, log_level=args.log_level.upper())
 
 
 async def _serve(config: ServerConfig, port_file: Optional[Path]) -> None:

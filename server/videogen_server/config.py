@@ -35,6 +35,11 @@ class ServerConfig:
     #: Largest request message accepted (the conditioning image travels in it). Per-model image limits
     #: (parameters max_image_bytes / max_image_pixels) apply on top.
     max_request_bytes: int = 64 * 2**20
+    #: Close client connections after this long (plus the grace below) so that clients balancing
+    #: round_robin over a headless Service re-resolve DNS and find new replicas. 0 = never.
+    max_connection_age_seconds: float = 300.0
+    #: In-flight streams on an aged connection get this long to finish (longer than one video).
+    max_connection_age_grace_seconds: float = 600.0
     log_format: str = "text"  # text | json
     log_level: str = "INFO"
 

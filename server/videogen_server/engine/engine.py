@@ -268,6 +268,15 @@ class Engine:
         self.draining = True
         self._notify()
 
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight (True) or `timeout` passes (False)."""
+        runtimes = [rt for e in self.models.values() for rt in e.loaded.values() if rt.inflight]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(rt.idle.wait() for rt in runtimes)), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
     async def shutdown(self, grace: float = 0.0) -> None:
         self.begin_drain()
         if self._poller:

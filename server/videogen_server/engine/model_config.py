@@ -244,8 +244,8 @@ def settings_from_proto(
         validate_backend_parameters(backend_params)
     except ValueError as err:
         raise fail("parameters", str(err)) from None
-    if "max_num_frames" not in limits and "num_frames" in defaults:
-        limits["max_num_frames"] = max(defaults["num_frames"], GenerationLimits.max_num_frames)
+    if "max_num_frames" not in limits and "num_frames" in backend_defaults:  # a model trained on more frames
+        limits["max_num_frames"] = max(int(backend_defaults["num_frames"]), GenerationLimits.max_num_frames)
     gen_defaults = GenerationDefaults(**defaults)
     gen_limits = GenerationLimits(**limits)
     _check_defaults_within_limits(gen_defaults, gen_limits, fail)

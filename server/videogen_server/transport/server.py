@@ -24,7 +24,7 @@ def model_health_name(model: str) -> str:
 
 
 def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
-    return [
+    options = [
         # The conditioning image arrives in the request: accept up to the configured bound (per-model
         # image limits are checked after). Responses are split to <= 1 MiB messages, so the default
         # send limit is never approached.
@@ -33,6 +33,12 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+    if config.max_connection_age_seconds > 0:
+        # Scale-out: clients re-resolve and rebalance when their connection ages out (GOAWAY);
+        # streams still running on it get the grace period.
+        options += [("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_seconds * 1000))]
+    return options
 
 
 class HealthReporter:

@@ -1,0 +1,167 @@
+"""Metrics over real HTTP scrapes, gRPC health, reflection, request logs and request ids."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ..helpers import ServerThread, Stream, collect, metric_value, request, tiny_config
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health(server: ServerThread, service: str = "") -> int:
+    return health_pb2_grpc.HealthStub(server.channel()).Check(health_pb2.HealthCheckRequest(service=service)).status
+
+
+HISTOGRAMS = {  # metric -> observations one request of 3 steps, 4 frames, decode chunks of 2 adds
+    "videogen_request_duration_seconds": 1, "videogen_queue_wait_seconds": 1,
+    "videogen_time_to_first_frame_seconds": 1, "videogen_image_encode_seconds": 1,
+    "videogen_denoise_step_seconds": 3, "videogen_vae_decode_chunk_seconds": 2, "videogen_video_encode_seconds": 1,
+    "videogen_batch_size": 1,
+}
+
+
+def test_metrics_move_by_exactly_one_request(make_repo):
+    with ServerThread(make_repo({"m": tiny_config("m")})) as server:
+        labels = {"model": "m", "version": "1"}
+        before = server.scrape()
+        collect(server.stub(), request(model="m", num_frames=4, num_inference_steps=3, decode_chunk_size=2))
+        time.sleep(0.05)  # the generator's cleanup records after the last message
+        after = server.scrape()
+
+        def delta(name, **extra):
+            return metric_value(after, name, **labels, **extra) - metric_value(before, name, **labels, **extra)
+
+        assert delta("videogen_requests_total", outcome="success", code="OK") == 1
+        assert delta("videogen_frames_generated_total") == 4
+        for name, count in HISTOGRAMS.items():
+            assert delta(f"{name}_count") == count, name
+            assert delta(f"{name}_bucket", le="+Inf") == count, name
+        assert delta("videogen_batch_size_sum") == 1
+        assert delta("videogen_request_duration_seconds_sum") > 0
+        for gauge in ("videogen_queue_depth", "videogen_inflight_requests", "videogen_instances_busy"):
+            assert metric_value(after, gauge, **labels) == 0, gauge
+        assert metric_value(after, "videogen_model_ready", **labels) == 1
+        assert metric_value(after, "videogen_model_load_duration_seconds", **labels) > 0
+        assert metric_value(after, "videogen_model_warmup_duration_seconds", **labels) > 0
+        mem = dict(labels, instance="0", device="cpu")
+        assert metric_value(after, "videogen_device_memory_allocated_bytes", **mem) > 0
+        assert metric_value(after, "videogen_request_peak_memory_bytes", **mem) > 0
+        assert 'videogen_build_info{' in after and 'diffusers="' in after
+        # a rejected request counts under its code, with bounded labels
+        with pytest.raises(grpc.RpcError):
+            collect(server.stub(), request(model="m", width=7))
+        assert server.metric("videogen_requests_total", model="m", outcome="rejected", code="INVALID_ARGUMENT") == 1
+        # histogram buckets reach minutes
+        assert 'le="600.0"' in after
+
+
+def test_gauges_while_busy(make_repo):
+    cfg = tiny_config("m", "dynamic_batching { default_queue_policy { max_queue_size: 4 } }")
+    with ServerThread(make_repo({"m": cfg})) as server:
+        running = Stream(server.stub(), request(model="m", num_inference_steps=20))
+        running.progressed.wait(10)
+        queued = Stream(server.stub(), request(model="m", num_inference_steps=1))
+        queued.accepted.wait(10)
+        text = server.scrape()
+        assert metric_value(text, "videogen_instances_busy", model="m") == 1
+        assert metric_value(text, "videogen_inflight_requests", model="m") == 2
+        assert metric_value(text, "videogen_queue_depth", model="m") == 1
+        running.join(), queued.join()
+        assert server.metric("videogen_queue_depth", model="m") == 0
+
+
+def test_health_follows_loading_and_drain(make_repo):
+    # A warm-up of several requests keeps the model loading long enough to look at health meanwhile.
+    cfg = tiny_config("m", 'model_warmup [ { name: "w", inputs { key: "num_inference_steps" value: "3" } count: 4 } ]')
+    server = ServerThread(make_repo({"m": cfg}))
+    starting = threading.Thread(target=server.start)
+    starting.start()
+    seen = set()
+    while starting.is_alive():
+        if server.server is not None and server.server.port:
+            try:
+                seen.add(health(server))
+            except grpc.RpcError:
+                pass
+        time.sleep(0.05)
+    try:
+        assert NOT_SERVING in seen  # reachable and NOT_SERVING while loading and warming up
+        assert health(server) == SERVING
+        assert health(server, "videogen.v1.VideoGen") == SERVING
+        assert health(server, "videogen.v1.VideoGen/m") == SERVING
+        running = Stream(server.stub(), request(model="m", num_inference_steps=12))
+        running.progressed.wait(10)
+        import asyncio
+
+        stop_future = asyncio.run_coroutine_threadsafe(server.server.stop(10), server.loop)
+        deadline = time.monotonic() + 5
+        while health(server) != NOT_SERVING:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert health(server, "videogen.v1.VideoGen/m") == NOT_SERVING
+        assert running.join().summary.num_frames == 4  # in-flight request finished during the drain
+        stop_future.result(20)
+    finally:
+        server.stop()
+
+
+def test_draining_server_refuses_new_requests(make_repo):
+    import asyncio
+
+    with ServerThread(make_repo({"m": tiny_config("m")})) as server:
+        running = Stream(server.stub(), request(model="m", num_inference_steps=12))
+        running.progressed.wait(10)
+        stop_future = asyncio.run_coroutine_threadsafe(server.server.stop(10), server.loop)
+        time.sleep(0.2)
+        with pytest.raises(grpc.RpcError) as err:
+            collect(server.stub(), request(model="m", num_inference_steps=1))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert running.join().summary.num_frames == 4
+        stop_future.result(20)
+
+
+def test_reflection_lists_services_and_calls_generate_without_stubs(tiny_server):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    db = ProtoReflectionDescriptorDatabase(tiny_server.channel())
+    services = set(db.get_services())
+    assert {"videogen.v1.VideoGen", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+    pool = descriptor_pool.DescriptorPool(db)
+    method = pool.FindServiceByName("videogen.v1.VideoGen").methods_by_name["Generate"]
+    assert method.input_type.full_name == "videogen.v1.GenerateRequest" and method.server_streaming
+    # a generic client: message classes built from the reflected descriptors only
+    Req = message_factory.GetMessageClass(method.input_type)
+    Resp = message_factory.GetMessageClass(method.output_type)
+    from ..helpers import sample_png
+
+    call = tiny_server.channel().unary_stream("/videogen.v1.VideoGen/Generate", request_serializer=Req.SerializeToString,
+                                              response_deserializer=Resp.FromString)
+    events = [r.WhichOneof("event") for r in call(Req(model="svd-tiny", image=sample_png(), num_frames=1,
+                                                        num_inference_steps=1))]
+    assert events[0] == "accepted" and events[-1] == "summary"
+
+
+def test_request_log_line_and_json_format(tiny_server, caplog):
+    from videogen_server.logs import JsonFormatter
+
+    with caplog.at_level(logging.INFO, logger="videogen.requests"):
+        collect(tiny_server.stub(), request(num_frames=2, num_inference_steps=2, decode_chunk_size=1),
+                metadata=(("x-request-id", "log-me"),))
+        time.sleep(0.05)
+    records = [r for r in caplog.records if getattr(r, "videogen_request", {}).get("request_id") == "log-me"]
+    assert len(records) == 1
+    line = json.loads(JsonFormatter().format(records[0]))
+    req = line["request"]
+    assert (req["model"], req["version"], req["outcome"], req["code"]) == ("svd-tiny", 1, "success", "OK")
+    assert (req["width"], req["height"], req["frames"], req["steps"], req["decode_chunk_size"]) == (64, 48, 2, 2, 1)
+    for key in ("queue_s", "image_encode_s", "denoise_s", "decode_s", "video_encode_s", "peak_memory_bytes"):
+        assert key in req

@@ -1,0 +1,133 @@
+"""config.pbtxt parsing: good configs become typed settings; each bad one names file, field, problem."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from videogen_server.engine import repository
+from videogen_server.engine.model_config import VersionPolicy
+from videogen_server.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, name: str = "m", versions=(1,)) -> Path:
+    model = tmp_path / name
+    for v in versions:
+        (model / str(v)).mkdir(parents=True, exist_ok=True)
+    (model / "config.pbtxt").write_text(text)
+    return model
+
+
+FULL = '''
+name: "m"
+backend: "svd"
+max_batch_size: 4
+version_policy: { specific: { versions: [1, 2] } }
+instance_group [ { count: 2, kind: KIND_GPU, gpus: [0, 1] }, { kind: KIND_CPU } ]
+dynamic_batching {
+  max_queue_delay_microseconds: 50000
+  preferred_batch_size: [2, 4]
+  priority_levels: 3
+  default_priority_level: 2
+  default_queue_policy { max_queue_size: 10 default_timeout_microseconds: 2500000 allow_timeout_override: true }
+}
+parameters { key: "dtype" value { string_value: "bfloat16" } }
+parameters { key: "compile" value { string_value: "max-autotune" } }
+parameters { key: "cpu_offload" value { string_value: "true" } }
+parameters { key: "default_num_inference_steps" value { string_value: "30" } }
+parameters { key: "default_noise_aug_strength" value { string_value: "0.05" } }
+parameters { key: "max_width" value { string_value: "1280" } }
+model_warmup [ { name: "xt", inputs { key: "num_frames" value: "25" } count: 2 } ]
+'''
+
+
+def test_full_config(tmp_path):
+    s = repository.read_settings(write(tmp_path, FULL, versions=(1, 2, 3)))
+    assert (s.name, s.backend, s.max_batch_size) == ("m", "svd", 4)
+    assert s.version_policy == VersionPolicy(kind="specific", versions=(1, 2))
+    assert s.version_policy.select([1, 2, 3]) == [2, 1]
+    assert [(g.kind, g.count, g.gpus) for g in s.instance_groups] == [("gpu", 2, (0, 1)), ("cpu", 1, ())]
+    b = s.batching
+    assert b.enabled and b.max_queue_delay_s == 0.05 and b.preferred_batch_sizes == (2, 4)
+    assert (b.priority_levels, b.default_priority_level) == (3, 2)
+    assert b.queue_policy.max_queue_size == 10 and b.queue_policy.default_timeout_s == 2.5
+    assert b.queue_policy.allow_timeout_override
+    assert dict(s.parameters) == {"dtype": "bfloat16", "compile": "max-autotune", "cpu_offload": "true"}
+    assert s.defaults.num_inference_steps == 30 and s.defaults.noise_aug_strength == 0.05
+    assert s.limits.max_width == 1280
+    assert s.warmup[0].inputs == {"num_frames": "25"} and s.warmup[0].count == 2
+
+
+def test_minimal_config_takes_diffusers_defaults(tmp_path):
+    s = repository.read_settings(write(tmp_path, 'backend: "svd"'))
+    assert s.name == "m" and s.max_batch_size == 1 and not s.batching.enabled
+    assert s.defaults.width == 1024 and s.defaults.height == 576 and s.defaults.num_inference_steps == 25
+    assert (s.defaults.fps, s.defaults.motion_bucket_id, s.defaults.noise_aug_strength) == (7, 127, 0.02)
+    assert (s.defaults.min_guidance_scale, s.defaults.max_guidance_scale) == (1.0, 3.0)
+    assert s.version_policy.select([1, 5, 3]) == [5]
+    assert [(g.kind, g.count) for g in s.instance_groups] == [("auto", 1)]
+
+
+def test_num_frames_default_comes_from_the_unet(tmp_path):
+    model = write(tmp_path, 'backend: "svd"')
+    (model / "1" / "unet").mkdir()
+    (model / "1" / "unet" / "config.json").write_text('{"num_frames": 14}')
+    assert repository.read_settings(model).defaults.num_frames == 14
+
+
+BAD = [
+    ('backend: "svd" max_batch_size: ', "config.pbtxt", "not valid ModelConfig text format"),
+    ('backend: "svd" no_such_field: 1', "config.pbtxt", "no_such_field"),
+    ('name: "other" backend: "svd"', "name", "must equal the model's folder name"),
+    ('name: "m"', "backend", "required"),
+    ('backend: "tensorrt"', "backend", "unknown backend 'tensorrt'"),
+    ('backend: "svd" max_batch_size: -2', "max_batch_size", "must be >= 0"),
+    ('backend: "svd" version_policy: { specific: {} }', "version_policy.specific.versions", "one or more"),
+    ('backend: "svd" instance_group [ { count: -1 } ]', "instance_group[0].count", ">= 1"),
+    ('backend: "svd" instance_group [ { kind: KIND_CPU, gpus: [0] } ]', "instance_group[0].gpus", "KIND_CPU"),
+    ('backend: "svd" max_batch_size: 2 dynamic_batching { preferred_batch_size: [4] }',
+     "dynamic_batching.preferred_batch_size", "outside 1..max_batch_size"),
+    ('backend: "svd" dynamic_batching { priority_levels: 2 default_priority_level: 3 }',
+     "dynamic_batching.default_priority_level", "1..2"),
+    ('backend: "svd" dynamic_batching { default_queue_policy { timeout_action: DELAY } }',
+     "dynamic_batching.default_queue_policy.timeout_action", "only REJECT"),
+    ('backend: "svd" parameters { key: "dtype" value { string_value: "float8" } }', "parameters", "dtype"),
+    ('backend: "svd" parameters { key: "compiel" value { string_value: "none" } }', "parameters", "compiel: unknown"),
+    ('backend: "svd" parameters { key: "cpu_offload" value { string_value: "maybe" } }', "parameters", "not a boolean"),
+    ('backend: "svd" parameters { key: "default_width" value { string_value: "wide" } }', "parameters['default_width']",
+     "not a number"),
+    ('backend: "svd" parameters { key: "default_width" value { string_value: "1020" } }', "parameters['default_width']",
+     "multiple of 8"),
+    ('backend: "svd" parameters { key: "default_num_frames" value { string_value: "40" } }',
+     "parameters['default_num_frames']", "max_num_frames"),
+    ('backend: "svd" model_warmup [ { inputs { key: "frames" value: "2" } } ]', "model_warmup[0].inputs", "unknown keys"),
+]
+
+
+@pytest.mark.parametrize("text,field,reason", BAD, ids=[b[1] + str(i) for i, b in enumerate(BAD)])
+def test_bad_config_names_file_field_and_problem(tmp_path, text, field, reason):
+    model = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        repository.read_settings(model)
+    assert err.value.path == str(model / "config.pbtxt")
+    assert err.value.field == field
+    assert reason in err.value.reason
+    assert str(err.value).startswith(f"{model / 'config.pbtxt'}: {field}: ")
+
+
+def test_scan_finds_models_and_versions(tmp_path):
+    write(tmp_path, 'backend: "svd"', name="a", versions=(1, 10, 2))
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "a" / "notes").mkdir()
+    found = repository.scan((tmp_path,))
+    assert list(found) == ["a"]
+    assert repository.versions_on_disk(found["a"]) == [1, 2, 10]
+    with pytest.raises(ConfigError):
+        repository.scan((tmp_path / "missing",))
+
+
+def test_fingerprint_changes_with_files(tmp_path):
+    model = write(tmp_path, 'backend: "svd"')
+    before = repository.fingerprint(model)
+    (model / "1" / "weights.safetensors").write_bytes(b"x")
+    assert repository.fingerprint(model) != before
