@@ -278,3 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import sysconfig
 import time
-from pathlib import Path
 
 import av
 import grpc
