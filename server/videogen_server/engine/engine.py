@@ -118,7 +118,7 @@ class ModelRuntime:
                     max_batch_size=self.settings.max_batch_size, cpu_threads=self._engine.config.cpu_threads))
         return contexts
 
-    def _warmup_requests(self) -> list[BackendRequest]:
+    def _warmup_requests(self) -> list[list[BackendRequest]]:
         reqs = []
         image = sample_image()
         for w in self.settings.warmup:
@@ -126,7 +126,9 @@ class ModelRuntime:
                           else int(v)) for k, v in w.inputs.items()}
             params = resolve_params(GenerationParams(**fields), self.settings.defaults, self.settings.limits)
             params = dataclasses.replace(params, seed=0)
-            reqs += [BackendRequest(f"warmup-{w.name}-{n}", params, image, WarmupSender()) for n in range(w.count)]
+            for n in range(w.count):  # each batch_size needs its own compiled graph: warm it too
+                reqs.append([BackendRequest(f"warmup-{w.name}-{n}-{b}", params, image, WarmupSender())
+                             for b in range(w.batch_size)])
         return reqs
 
     async def load(self) -> None:

@@ -44,7 +44,7 @@ def _is_fatal_device_error(exc: BaseException) -> bool:
 
 class Instance:
     def __init__(self, *, backend_cls: type[Backend], context: InstanceContext, scheduler: Scheduler,
-                 warmup: list[BackendRequest], on_busy: Callable[[int], None],
+                 warmup: list[list[BackendRequest]], on_busy: Callable[[int], None],
                  on_batch: Callable[[list[EngineRequest]], None], on_dead: Callable[["Instance"], None]) -> None:
         self.context = context
         self.name = str(context.instance_index)
@@ -76,10 +76,11 @@ class Instance:
             self.load_seconds = time.perf_counter() - t0
             self.state = "warming"
             t0 = time.perf_counter()
-            for req in self._warmup:
-                self.backend.execute([req])
-                if req.sender.failure is not None:  # type: ignore[attr-defined]
-                    raise RuntimeError(f"warm-up request failed: {req.sender.failure}")  # type: ignore[attr-defined]
+            for batch in self._warmup:
+                self.backend.execute(batch)
+                failed = [r.sender.failure for r in batch if r.sender.failure is not None]  # type: ignore[attr-defined]
+                if failed:
+                    raise RuntimeError(f"warm-up request failed: {failed[0]}")
             self.warmup_seconds = time.perf_counter() - t0
         except BaseException as exc:  # reported to the loader, which marks the version FAILED
             self.state = "failed"

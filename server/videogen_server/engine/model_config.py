@@ -96,6 +96,7 @@ class Warmup:
     name: str
     inputs: Mapping[str, str]
     count: int = 1
+    batch_size: int = 1  # run the request as a batch of this many (compiled graphs are per batch size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +256,10 @@ def settings_from_proto(
         unknown = set(w.inputs) - _REQUEST_FIELDS
         if unknown:
             raise fail(f"model_warmup[{i}].inputs", f"unknown keys {sorted(unknown)}; use {sorted(_REQUEST_FIELDS)}")
-        warmups.append(Warmup(name=w.name or f"warmup_{i}", inputs=dict(w.inputs), count=max(1, w.count)))
+        if w.batch_size > max_batch_size:
+            raise fail(f"model_warmup[{i}].batch_size", f"{w.batch_size} is above max_batch_size ({max_batch_size})")
+        warmups.append(Warmup(name=w.name or f"warmup_{i}", inputs=dict(w.inputs), count=max(1, w.count),
+                              batch_size=max(1, w.batch_size)))
 
     return ModelSettings(
         name=name, backend=config.backend, path=model_dir, max_batch_size=max_batch_size,

@@ -45,6 +45,8 @@ PARAMETERS = {
     "cpu_offload": ("false", "diffusers model CPU offload (low-memory mode: whole models move to the GPU in turn)"),
     "forward_chunking": ("false", "UNet feed-forward chunking (lower peak memory, slower)"),
     "channels_last": ("false", "UNet and VAE in channels_last memory format"),
+    "compile_cache_dir": ("", "persistent torch.compile cache (Inductor FX graphs, AOTAutograd, Triton kernels) so a "
+                          "restart does not compile from scratch; process-wide, first model to set it wins"),
 }
 
 
@@ -118,8 +120,11 @@ class SVDBackend(Backend):
             self.vae_quant_conv32 = copy.deepcopy(pipe.vae.quant_conv).float()
         self.scheduler_config = pipe.scheduler.config
         self.compile_mode = p.get("compile", "none")
-        self.compiles = 0
         if self.compile_mode != "none":
+            cache = p.get("compile_cache_dir")
+            if cache:  # read by Inductor/Triton when they first compile; set before that
+                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
+                os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
             pipe.unet = torch.compile(pipe.unet, mode=self.compile_mode, fullgraph=True, dynamic=False)
         log.info("svd instance %s/%s#%d on %s (%s) loaded in %.2fs", context.model_name, context.model_version,
                  context.instance_index, self.device, str(self.dtype).removeprefix("torch."), time.perf_counter() - t0)
