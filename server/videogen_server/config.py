@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -26,8 +27,9 @@ class ServerConfig:
     max_queue_size: int = 64
     #: torch intra-op threads for CPU instances (None: torch's default, all cores).
     cpu_threads: Optional[int] = None
-    #: Threads that encode frames (PNG/JPEG) and the MP4, shared by all requests.
-    media_threads: int = 2
+    #: Threads that encode frames (PNG/JPEG) and MP4s, shared by all requests (a chunk's frames
+    #: encode in parallel). Default: the CPU count, at most 8.
+    media_threads: int = dataclasses.field(default_factory=lambda: min(8, os.cpu_count() or 1))
     #: On SIGTERM: seconds in-flight requests get to finish before the server stops.
     drain_grace_seconds: float = 30.0
     #: Unload: seconds in-flight requests get before they are cancelled.

@@ -517,8 +517,16 @@ class Engine:
                     m.decode_chunk.labels(*labels).observe(event.decode_s)
                     if encoder is None and p.stream_video:
                         encoder = FragmentedMP4Encoder(width=p.width, height=p.height, fps=p.video_fps)
-                    frames, video, seconds = await self._loop.run_in_executor(
-                        self._media, _encode_chunk, event, p.frame_encoding, p.jpeg_quality, encoder)
+                    # Frames encode in parallel (PIL releases the GIL while compressing) beside the
+                    # MP4; the worker meanwhile decodes the next chunk.
+                    jobs = [] if p.frame_encoding is FrameEncoding.NONE else [
+                        self._loop.run_in_executor(self._media, encode_frame, f, p.frame_encoding, p.jpeg_quality)
+                        for f in event.frames]
+                    if encoder is not None:
+                        jobs.append(self._loop.run_in_executor(self._media, _timed, encoder.add, event.frames))
+                    done = await asyncio.gather(*jobs)
+                    video, seconds = done.pop() if encoder is not None else (b"", 0.0)
+                    frames = done
                     video_encode_s += seconds
                     for i, data in enumerate(frames):
                         if not first_frame_s:
@@ -566,13 +574,10 @@ class Engine:
                 encoder.close()
 
 
-def _encode_chunk(event: FramesDecoded, encoding: FrameEncoding, quality: int,
-                  encoder: Optional[FragmentedMP4Encoder]) -> tuple[list[bytes], bytes, float]:
-    frames = [] if encoding is FrameEncoding.NONE else [
-        encode_frame(f, encoding, jpeg_quality=quality) for f in event.frames]
+def _timed(fn, *args):
     t0 = time.perf_counter()
-    video = encoder.add(event.frames) if encoder is not None else b""
-    return frames, video, time.perf_counter() - t0
+    out = fn(*args)
+    return out, time.perf_counter() - t0
 
 
 def _device_of(rt: ModelRuntime, instance: str) -> str:

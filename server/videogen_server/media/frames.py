@@ -9,7 +9,7 @@ from PIL import Image
 from ..domain import FrameEncoding
 
 
-def encode_frame(frame: np.ndarray, encoding: FrameEncoding, *, jpeg_quality: int = 90) -> bytes:
+def encode_frame(frame: np.ndarray, encoding: FrameEncoding, jpeg_quality: int = 90) -> bytes:
     """One uint8 [H, W, 3] frame as PNG, JPEG or raw RGB bytes."""
     if encoding is FrameEncoding.RAW_RGB:
         return np.ascontiguousarray(frame, dtype=np.uint8).tobytes()

@@ -116,8 +116,10 @@ class SVDBackend(Backend):
         # a float32 copy of the encoder half instead; same numbers, no flip.
         self.vae_upcast = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
         if self.vae_upcast:
-            self.vae_encoder32 = copy.deepcopy(pipe.vae.encoder).float()
-            self.vae_quant_conv32 = copy.deepcopy(pipe.vae.quant_conv).float()
+            # On the execution device even under CPU offload (accelerate hooks only the whole VAE);
+            # the encoder half is ~140 MB in float32.
+            self.vae_encoder32 = copy.deepcopy(pipe.vae.encoder).to(self.exec_device, torch.float32)
+            self.vae_quant_conv32 = copy.deepcopy(pipe.vae.quant_conv).to(self.exec_device, torch.float32)
         self.scheduler_config = pipe.scheduler.config
         self.compile_mode = p.get("compile", "none")
         if self.compile_mode != "none":

@@ -1,0 +1,583 @@
+"""Benchmark: the plain diffusers pipeline vs. the videogen server, same weights, same workload, one run.
+
+Usage:
+    python bench/bench.py --tiny --out /tmp/benchout     # CPU, tiny random SVD (64x48, 8 frames, 6 steps)
+    python bench/bench.py                                # GPU, full-size SVD-XT, random fp16 weights
+    python bench/bench.py --variants plain,server --steps 10 --time-budget 400
+
+Full size builds the SVD-XT architecture with random weights exactly as /work/shared/reference/svd_baseline.py
+does (no download), casts it to fp16 and saves it once into <workdir>/repo/svd-xt/1/ with a config.pbtxt;
+the plain pipeline (StableVideoDiffusionPipeline.from_pretrained) and every server variant load those files.
+Workload: 1024x576, 25 frames, 25 steps, decode_chunk_size 8, seed 42.
+
+Variants (--variants, comma list):
+  plain           the diffusers pipeline in-process: warm-up call (2 steps), then timed call(s)
+  plain_compile   the same with torch.compile(unet, mode=--compile-mode, fullgraph=True)
+  server          VideoGenServer in-process (own event-loop thread), called through the gRPC client SDK
+                  over loopback with frame_encoding "png" and stream_video on: one warm-up request (2 steps),
+                  then timed requests, medians reported
+  server_lowmem   server with cpu_offload (GPU only), forward_chunking and decode_chunk_size 2
+  server_compile  server with parameters compile=--compile-mode (ready_s includes compilation)
+With --tiny the server variant also measures the overhead ratio (server e2e / plain total, medians of 5) and
+the busy fraction of a 1-instance server under --load concurrent requests.
+
+Results go to <out>/bench_results.json (rewritten after every variant); a table is printed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import ctypes
+import gc
+import io
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+import traceback
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ALL_VARIANTS = ("plain", "server", "server_lowmem", "server_compile", "server_compile_warm", "plain_compile")
+T0 = time.perf_counter()
+GIB = 2**30
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return round(statistics.median(xs), 4) if xs else None
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+def build_full_pipeline(device: str):
+    """Full-size SVD-XT with random weights, as the reference script builds it."""
+    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
+                           UNetSpatioTemporalConditionModel)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNetSpatioTemporalConditionModel()  # class defaults == SVD / SVD-XT unet config
+        vae = AutoencoderKLTemporalDecoder(block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3,
+                                           down_block_types=["DownEncoderBlock2D"] * 4, latent_channels=4,
+                                           layers_per_block=2)
+        enc = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32, patch_size=14,
+            image_size=224, projection_dim=1024, hidden_act="gelu"))
+    fe = CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224})
+    sched = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, interpolation_type="linear",
+        num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1,
+        timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)
+    return StableVideoDiffusionPipeline(vae=vae, image_encoder=enc, unet=unet, scheduler=sched, feature_extractor=fe)
+
+
+def prepare_weights(workdir: Path, name: str, tiny: bool, device: str, dtype: torch.dtype) -> dict:
+    """Build and save the model once into <workdir>/repo/<name>/1/; reused when the marker matches."""
+    version_dir = workdir / "repo" / name / "1"
+    marker = workdir / "bench_model.json"
+    want = {"arch": "tiny" if tiny else "svd-xt", "dtype": str(dtype), "seed": 0}
+    if marker.exists() and (version_dir / "model_index.json").exists():
+        info = json.loads(marker.read_text())
+        if info.get("key") == want:
+            log(f"reusing weights in {version_dir}")
+            return {**info, "build_s": 0.0, "reused": True}
+    t0 = time.perf_counter()
+    if tiny:
+        from videogen_server.backends.svd.tiny import build_tiny_pipeline
+        pipe = build_tiny_pipeline(0)
+    else:
+        pipe = build_full_pipeline(device)
+    pipe.to(dtype=dtype)
+    params_m = {k: round(sum(p.numel() for p in getattr(pipe, k).parameters()) / 1e6, 1)
+                for k in ("unet", "vae", "image_encoder")}
+    version_dir.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(version_dir), safe_serialization=True)
+    del pipe
+    free_memory()
+    info = {"key": want, "path": str(version_dir), "params_M": params_m}
+    marker.write_text(json.dumps(info))
+    log(f"built and saved {want['arch']} weights ({params_m} M params) in {time.perf_counter() - t0:.1f}s")
+    return {**info, "build_s": round(time.perf_counter() - t0, 1), "reused": False}
+
+
+def write_config(model_dir: Path, a, kind: str, dtype: str, decode_chunk: int, extra: dict) -> dict:
+    """config.pbtxt for one variant; its warm-up request has the benchmark's shape (2 steps)."""
+    params = {"dtype": dtype, "default_width": a.width, "default_height": a.height, "default_num_frames": a.frames,
+              "default_num_inference_steps": a.steps, "default_decode_chunk_size": decode_chunk,
+              "max_num_frames": max(25, a.frames), "min_width": 16, "min_height": 16,
+              "max_width": max(1024, a.width), "max_height": max(1024, a.height), **extra}
+    warm = {"width": a.width, "height": a.height, "num_frames": a.frames, "num_inference_steps": 2,
+            "decode_chunk_size": decode_chunk}
+    lines = [f'name: "{model_dir.name}"', 'backend: "svd"', "max_batch_size: 1",
+             f"instance_group [ {{ count: 1, kind: {kind} }} ]",
+             "dynamic_batching { max_queue_delay_microseconds: 0 default_queue_policy { max_queue_size: 32 } }"]
+    lines += [f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items()]
+    inputs = " ".join(f'inputs {{ key: "{k}" value: "{v}" }}' for k, v in warm.items())
+    lines.append(f'model_warmup [ {{ name: "bench" {inputs} }} ]')
+    (model_dir / "config.pbtxt").write_text("\n".join(lines) + "\n")
+    return {k: str(v) for k, v in params.items()}
+
+
+def test_image(width: int, height: int) -> bytes:
+    """The reference's synthetic gradient image, as PNG bytes."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([(x * 7) % 256, (y * 5) % 256, (x * y) % 256], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+class Ctx:
+    """What every variant needs."""
+
+    def __init__(self, a, device: str, dtype: torch.dtype, version_dir: Path, png: bytes, cpu_threads):
+        self.a, self.device, self.dtype, self.version_dir, self.png = a, device, dtype, version_dir, png
+        self.cuda = device == "cuda"
+        self.cpu_threads = cpu_threads
+        self.reference_frames = None  # uint8 [first, last] frames from the plain run, to compare outputs
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def peak_gib(self):
+        if self.cuda:
+            return round(torch.cuda.max_memory_allocated() / GIB, 2)
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2)  # process RSS peak
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+
+def quiet_libraries() -> None:
+    """No loading progress bars or deprecation chatter from diffusers / transformers."""
+    import diffusers
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
+def tune_malloc() -> bool:
+    """CPU runs: stop glibc from trimming the heap and mmapping big buffers afresh on every call; the page
+    faults that follow cost up to ~25 % of a tiny run, unevenly between threads, and blur plain vs. server."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-1, 1 << 30) and libc.mallopt(-3, 32 << 20))  # M_TRIM_/M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def free_memory(reset_dynamo: bool = False) -> None:
+    if reset_dynamo:
+        torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def allocated_gib():
+    return round(torch.cuda.memory_allocated() / GIB, 2) if torch.cuda.is_available() else None
+
+
+def max_diff(ref, frames) -> int | None:
+    """Largest per-pixel difference between two lists of uint8 frames (None if either is missing)."""
+    if ref is None or frames is None or any(f is None for f in frames):
+        return None
+    return int(max(np.abs(r.astype(np.int16) - f.astype(np.int16)).max() for r, f in zip(ref, frames)))
+
+
+# -- plain diffusers -------------------------------------------------------------------------------
+
+def run_plain(ctx: Ctx, compiled: bool) -> dict:
+    """On a worker thread of its own, as the server's instance runs (same allocator arena behaviour)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="plain") as pool:
+        return pool.submit(_run_plain, ctx, compiled).result()
+
+
+def _run_plain(ctx: Ctx, compiled: bool) -> dict:
+    from diffusers import StableVideoDiffusionPipeline
+
+    a = ctx.a
+    if ctx.cpu_threads:
+        torch.set_num_threads(ctx.cpu_threads)
+    alloc_before = allocated_gib()
+    t0 = time.perf_counter()
+    pipe = StableVideoDiffusionPipeline.from_pretrained(str(ctx.version_dir), torch_dtype=ctx.dtype,
+                                                        use_safetensors=True)
+    pipe.to(ctx.device)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - t0
+    if compiled:
+        pipe.unet = torch.compile(pipe.unet, mode=a.compile_mode, fullgraph=True)
+    image = Image.open(io.BytesIO(ctx.png)).convert("RGB")
+
+    def call(steps: int) -> dict:
+        stamps = []
+
+        def on_step(p, i, t, kwargs):
+            ctx.sync()
+            stamps.append(time.perf_counter())
+            return kwargs
+
+        ctx.reset_peak()
+        ctx.sync()
+        t0 = time.perf_counter()
+        frames = pipe(image, height=a.height, width=a.width, num_frames=a.frames, num_inference_steps=steps,
+                      decode_chunk_size=a.decode_chunk, generator=torch.Generator("cpu").manual_seed(a.seed),
+                      callback_on_step_end=on_step, output_type="np").frames[0]
+        ctx.sync()
+        t1 = time.perf_counter()
+        steps_t = [b - x for x, b in zip(stamps, stamps[1:])]
+        out = {"total_s": round(t1 - t0, 3), "median_step_s": median(steps_t),
+               "encode_plus_step0_s": round(stamps[0] - t0, 3), "decode_and_post_s": round(t1 - stamps[-1], 3),
+               "peak_mem_gib": ctx.peak_gib()}
+        out["_frames"] = [(frames[i] * 255).round().astype(np.uint8) for i in (0, -1)]
+        return out
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        call(2)  # warm-up (compiles with plain_compile)
+        warmup_s = time.perf_counter() - t0
+        runs = [call(a.steps) for _ in range(a.plain_repeats)]
+    if not compiled:
+        ctx.reference_frames = runs[-1]["_frames"]
+    max_d = max_diff(ctx.reference_frames, runs[-1]["_frames"]) if compiled else None
+    for r in runs:
+        del r["_frames"]
+    del pipe
+    res = {"alloc_before_gib": alloc_before, "load_s": round(load_s, 2), "warmup_s": round(warmup_s, 2),
+           "ready_s": round(load_s + warmup_s, 2), "runs": runs, **{k: median(r[k] for r in runs) for k in runs[0]}}
+    res.update(e2e_s=res["total_s"], first_frame_s=res["total_s"], step_s=res["median_step_s"],
+               decode_s=res["decode_and_post_s"], max_abs_diff_vs_plain=max_d)
+    return res
+
+
+# -- the server, in-process ------------------------------------------------------------------------
+
+class ServerThread:
+    """A VideoGenServer on its own asyncio loop in a daemon thread, gRPC on 127.0.0.1:<free port>."""
+
+    def __init__(self, repo: Path, cpu_threads) -> None:
+        from videogen_server.config import ServerConfig
+
+        self.config = ServerConfig(model_repositories=(repo,), host="127.0.0.1", port=0, metrics_port=-1,
+                                   cpu_threads=cpu_threads, drain_grace_seconds=5.0)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="bench-server-loop")
+        self.server = None
+
+    def run(self, coro, timeout=None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> None:
+        from videogen_server.app import VideoGenServer
+
+        self.thread.start()
+
+        async def _start():
+            self.server = VideoGenServer(self.config)
+            await self.server.start()
+
+        self.run(_start())
+
+    def stop(self) -> None:
+        try:
+            if self.server is not None:
+                self.run(self.server.stop(5), timeout=120)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+            if not self.thread.is_alive():
+                self.loop.close()
+            self.server = None
+
+
+def one_request(client, ctx: Ctx, model: str, steps: int, decode_chunk: int, keep_frames: bool = False,
+                **conditioning) -> dict:
+    """One Generate call through the SDK; client-side timings plus the server's Summary."""
+    from videogen_client.events import Frame, Progress, Summary, VideoChunk
+
+    a = ctx.a
+    progress, frames, video_bytes, first_frame, summary = [], {}, 0, None, None
+    t0 = time.perf_counter()
+    for ev in client.generate(ctx.png, model=model, width=a.width, height=a.height, num_frames=a.frames,
+                              num_inference_steps=steps, decode_chunk_size=decode_chunk,
+                              **{"seed": a.seed, **conditioning}, frame_encoding="png", stream_video=True,
+                              timeout=3600):
+        now = time.perf_counter()
+        if isinstance(ev, Progress):
+            progress.append((ev.elapsed_seconds, now))
+        elif isinstance(ev, Frame):
+            first_frame = now if first_frame is None else first_frame
+            if keep_frames and ev.index in (0, a.frames - 1):
+                frames[ev.index] = ev  # decoded after the clock stops
+        elif isinstance(ev, VideoChunk):
+            video_bytes += len(ev.data)
+        elif isinstance(ev, Summary):
+            summary = ev
+    t1 = time.perf_counter()
+    steps_t = [b[0] - x[0] for x, b in zip(progress, progress[1:])]
+    s = summary
+    return {"t_send": t0, "t_done": t1, "e2e_s": round(t1 - t0, 3),
+            "first_frame_s": round(first_frame - t0, 3) if first_frame else None, "step_s": median(steps_t),
+            "tail_s": round(t1 - progress[-1][1], 3) if progress else None, "video_bytes": video_bytes,
+            "queue_s": s.queue_seconds, "image_encode_s": s.image_encode_seconds, "denoise_s": s.denoise_seconds,
+            "decode_s": s.decode_seconds, "video_encode_s": s.video_encode_seconds,
+            "server_total_s": s.total_seconds, "server_first_frame_s": s.first_frame_seconds,
+            "peak_mem_gib": round(s.peak_memory_bytes / GIB, 2), "batch_size": s.batch_size,
+            "_frames": [np.asarray(frames[i].to_pil().convert("RGB")) if i in frames else None
+                        for i in (0, a.frames - 1)] if keep_frames else None}
+
+
+def saturate(client, ctx: Ctx, model: str, decode_chunk: int, n: int) -> dict:
+    """n concurrent requests from threads; busy fraction = summed model time / wall time."""
+    results: list = [None] * n
+
+    def worker(i):
+        try:
+            results[i] = one_request(client, ctx, model, ctx.a.steps, decode_chunk)
+        except Exception as err:  # noqa: BLE001 - reported below
+            results[i] = err
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [repr(r) for r in results if isinstance(r, Exception)]
+    ok = [r for r in results if isinstance(r, dict)]
+    if not ok:
+        return {"errors": errors}
+    wall = max(r["t_done"] for r in ok) - min(r["t_send"] for r in ok)
+    busy = sum(r["image_encode_s"] + r["denoise_s"] + r["decode_s"] for r in ok)
+    return {"requests": n, "completed": len(ok), "errors": errors, "wall_s": round(wall, 3),
+            "busy_fraction": round(busy / wall, 3), "videos_per_s": round(len(ok) / wall, 3),
+            "median_queue_s": median(r["queue_s"] for r in ok), "median_e2e_s": median(r["e2e_s"] for r in ok)}
+
+
+def run_server(ctx: Ctx, name: str, model_dir: Path) -> dict:
+    from videogen_client import VideoGenClient
+
+    a = ctx.a
+    extra, chunk = {}, a.decode_chunk
+    if name == "server_lowmem":
+        extra, chunk = {"forward_chunking": "true"}, 2
+        if ctx.cuda:
+            extra["cpu_offload"] = "true"
+    elif name in ("server_compile", "server_compile_warm"):
+        # the second start (server_compile_warm) finds the first one's kernels in the cache
+        extra = {"compile": a.compile_mode, "compile_cache_dir": str(model_dir.parent.parent / "compile-cache")}
+    params = write_config(model_dir, a, "KIND_GPU" if ctx.cuda else "KIND_CPU",
+                          "float16" if ctx.dtype == torch.float16 else "float32", chunk, extra)
+    alloc_before = allocated_gib()
+    srv = ServerThread(model_dir.parent, ctx.cpu_threads)
+    t0 = time.perf_counter()
+    try:
+        srv.start()
+        ready_s = time.perf_counter() - t0
+        engine = srv.server.engine
+        if not engine.model_ready(model_dir.name):
+            raise RuntimeError(f"model not ready: {engine.models[model_dir.name].error}")
+        res = {"ready_s": round(ready_s, 2), "alloc_before_gib": alloc_before, "parameters": params,
+               "decode_chunk_size": chunk}
+        try:  # load / warm-up split, from the engine's instance (internal; best effort)
+            inst = next(iter(engine.models[model_dir.name].loaded.values())).instances[0]
+            res.update(load_s=round(inst.load_seconds, 2), warmup_s=round(inst.warmup_seconds, 2))
+        except Exception:  # noqa: BLE001
+            pass
+        log(f"{name}: ready in {ready_s:.1f}s on port {srv.server.port}")
+        with VideoGenClient(f"127.0.0.1:{srv.server.port}") as client:
+            one_request(client, ctx, model_dir.name, 2, chunk)  # client-side warm-up
+            runs = [one_request(client, ctx, model_dir.name, a.steps, chunk, keep_frames=(i == 0))
+                    for i in range(a.server_repeats)]
+            # frames match plain's only with the same decode chunking (the decoder is temporal)
+            res["max_abs_diff_vs_plain"] = (max_diff(ctx.reference_frames, runs[0]["_frames"])
+                                            if chunk == a.decode_chunk else None)
+            for r in runs:
+                for k in ("_frames", "t_send", "t_done"):
+                    del r[k]
+            res["runs"] = runs
+            res.update({k: median(r[k] for r in runs) for k in runs[0]})
+            if "compile" in extra:  # other seeds, conditioning and decode chunking must not recompile
+                before = dict(inst.backend.compile_stats())
+                one_request(client, ctx, model_dir.name, 3, max(1, chunk // 2), seed=7, fps=12, motion_bucket_id=60)
+                res["compile_stats_after_warmup"] = before
+                res["compile_stats_after_other_params"] = dict(inst.backend.compile_stats())
+            if name == "server" and a.load > 0 and not over_budget(a):
+                log(f"{name}: {a.load} concurrent requests")
+                res["saturation"] = saturate(client, ctx, model_dir.name, chunk, a.load)
+        return res
+    finally:
+        srv.stop()
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+def over_budget(a) -> bool:
+    return a.time_budget is not None and time.perf_counter() - T0 > a.time_budget
+
+
+def cpu_name() -> str:
+    try:
+        model = next(l for l in open("/proc/cpuinfo") if l.startswith("model name")).split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown"
+    return f"cpu ({model}, {os.cpu_count()} cores)"
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "diffusers", "transformers", "grpcio", "videogen"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def print_table(variants: dict) -> None:
+    cols = ("ready_s", "e2e_s", "first_frame_s", "step_s", "decode_s", "peak_mem_gib")
+    print(f"\n{'variant':<16}" + "".join(f"{c.replace('peak_mem_gib', 'peak_GiB'):>14}" for c in cols))
+    for name, r in variants.items():
+        if "error" in r or "skipped" in r:
+            print(f"{name:<16}  {r.get('skipped') or r.get('error')}")
+            continue
+        print(f"{name:<16}" + "".join(f"{'-' if r.get(c) is None else format(r[c], '.3f'):>14}" for c in cols))
+
+
+def main() -> None:
+    quiet_libraries()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny random model on CPU")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--frames", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--decode-chunk", type=int, help="decode_chunk_size (default 8; tiny 4)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--variants", help=f"comma list of {','.join(ALL_VARIANTS)}")
+    p.add_argument("--compile-mode", default="reduce-overhead",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    p.add_argument("--repeats", type=int, help="timed calls per variant (default: plain 1, server 2; tiny 5)")
+    p.add_argument("--load", type=int, help="concurrent requests for the busy-fraction test (default: tiny 8, else 0)")
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="results folder (default $OUT or cwd)")
+    p.add_argument("--workdir", help="where the weights go (default /tmp/videogen-bench-<tiny|full>)")
+    p.add_argument("--time-budget", type=float, help="seconds; skip the remaining variants once exceeded")
+    a = p.parse_args()
+
+    cuda = torch.cuda.is_available() and not a.tiny
+    if not a.tiny and not cuda:
+        sys.exit("full size needs a CUDA GPU; use --tiny on CPU")
+    d = (64, 48, 8, 6, 4) if a.tiny else (1024, 576, 25, 25, 8)
+    a.width, a.height, a.frames, a.steps, a.decode_chunk = (
+        v if v is not None else dv for v, dv in zip((a.width, a.height, a.frames, a.steps, a.decode_chunk), d))
+    a.plain_repeats = a.repeats or (5 if a.tiny else 1)
+    a.server_repeats = a.repeats or (5 if a.tiny else 2)
+    a.load = a.load if a.load is not None else (8 if a.tiny else 0)
+    variants = (a.variants or ("plain,server" if a.tiny else "plain,server,server_lowmem,server_compile")).split(",")
+    bad = [v for v in variants if v not in ALL_VARIANTS]
+    if bad:
+        sys.exit(f"unknown variants {bad}; choose from {ALL_VARIANTS}")
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    cpu_threads = None if cuda else torch.get_num_threads()  # the server uses the same threads as plain
+    malloc_tuned = False if cuda else tune_malloc()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(a.workdir or f"/tmp/videogen-bench-{'tiny' if a.tiny else 'full'}")
+    name = "svd-tiny" if a.tiny else "svd-xt"
+
+    results = {
+        "meta": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:],
+                 "device": torch.cuda.get_device_name(0) if cuda else cpu_name(),
+                 "cpu_threads": torch.get_num_threads(), "malloc_tuned": malloc_tuned, **versions()},
+        "params": {"mode": "tiny" if a.tiny else "full", "width": a.width, "height": a.height, "frames": a.frames,
+                   "steps": a.steps, "decode_chunk_size": a.decode_chunk, "seed": a.seed, "dtype": str(dtype),
+                   "compile_mode": a.compile_mode, "plain_repeats": a.plain_repeats,
+                   "server_repeats": a.server_repeats, "load": a.load, "frame_encoding": "png",
+                   "stream_video": True, "variants": variants, "time_budget": a.time_budget},
+        "variants": {}, "derived": {}}
+    path = out / "bench_results.json"
+
+    def save():
+        path.write_text(json.dumps(results, indent=1))
+
+    log(f"{results['meta']['device']}: {a.width}x{a.height}, {a.frames} frames, {a.steps} steps, "
+        f"decode_chunk_size {a.decode_chunk}, {dtype}; variants {variants}")
+    results["model"] = prepare_weights(workdir, name, a.tiny, device, dtype)
+    save()
+    ctx = Ctx(a, device, dtype, workdir / "repo" / name / "1", test_image(a.width, a.height), cpu_threads)
+    for v in variants:
+        if over_budget(a):
+            results["variants"][v] = {"skipped": f"time budget {a.time_budget:.0f}s exceeded"}
+            log(f"{v}: skipped (time budget)")
+            save()
+            continue
+        log(f"{v}: start")
+        try:
+            if v.startswith("plain"):
+                r = run_plain(ctx, compiled=v == "plain_compile")
+            else:
+                r = run_server(ctx, v, workdir / "repo" / name)
+        except Exception as err:  # noqa: BLE001 - record and go on with the next variant
+            traceback.print_exc()
+            r = {"error": f"{type(err).__name__}: {err}"}
+        free_memory(reset_dynamo="compile" in v)  # the variant's models are unreferenced by now
+        results["variants"][v] = r
+        log(f"{v}: " + ", ".join(f"{k} {r.get(k)}" for k in ("ready_s", "e2e_s", "step_s", "peak_mem_gib", "error")
+                                 if k in r))
+        save()
+
+    vs, der = results["variants"], results["derived"]
+    plain, server = vs.get("plain", {}), vs.get("server", {})
+    if plain.get("total_s") and server.get("e2e_s"):
+        der["overhead_ratio_e2e"] = round(server["e2e_s"] / plain["total_s"], 3)
+        der["overhead_ratio_e2e_min"] = round(min(r["e2e_s"] for r in server["runs"])
+                                              / min(r["total_s"] for r in plain["runs"]), 3)
+        if plain.get("median_step_s") and server.get("step_s"):
+            der["step_ratio"] = round(server["step_s"] / plain["median_step_s"], 3)
+    if "saturation" in server:
+        der["busy_fraction"] = server["saturation"].get("busy_fraction")
+        der["videos_per_s_under_load"] = server["saturation"].get("videos_per_s")
+    results["meta"]["wall_s"] = round(time.perf_counter() - T0, 1)
+    save()
+    print_table(vs)
+    if "overhead_ratio_e2e" in der:
+        print(f"\noverhead ratio, server e2e (client side) / plain total: {der['overhead_ratio_e2e']:.3f} "
+              f"(medians {server['e2e_s']:.3f}s / {plain['total_s']:.3f}s of {len(server['runs'])} / "
+              f"{len(plain['runs'])} runs), {der['overhead_ratio_e2e_min']:.3f} (best runs)")
+    if "busy_fraction" in der:
+        sat = server["saturation"]
+        print(f"busy fraction under load ({sat['completed']}/{sat['requests']} concurrent requests, 1 instance): "
+              f"{der['busy_fraction']:.3f}  (wall {sat['wall_s']:.2f}s, {sat['videos_per_s']:.2f} videos/s)")
+    for v, r in vs.items():
+        if r.get("max_abs_diff_vs_plain") is not None:
+            print(f"{v}: max |frame - plain frame| (first and last frame, 0-255): {r['max_abs_diff_vs_plain']}")
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
