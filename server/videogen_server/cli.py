@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from .config import MODEL_CONTROL_MODES, ServerConfig
 
@@ -41,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="close connections after this long so clients rebalance over new replicas; 0 = never")
     s.add_argument("--max-connection-age-grace-seconds", type=float, default=d.max_connection_age_grace_seconds,
                    help="how long streams on an aged connection may still run")
+    s.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (with --tls-key)")
+    s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    s.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates it signed (mutual TLS)")
+    s.add_argument("--auth-token-file", type=Path,
+                   help="file of accepted bearer tokens, one per line; also VIDEOGEN_AUTH_TOKENS (comma-separated)")
     s.add_argument("--log-format", choices=("text", "json"), default=d.log_format)
     s.add_argument("--log-level", default=d.log_level)
     s.add_argument("--port-file", type=Path, help="write the bound gRPC and metrics ports here once listening")
@@ -53,7 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
+def _auth_tokens(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, ...]:
+    tokens = [t.strip() for t in environ.get("VIDEOGEN_AUTH_TOKENS", "").split(",")]
+    if args.auth_token_file:
+        tokens += [line.strip() for line in args.auth_token_file.read_text().splitlines()]
+    return tuple(t for t in tokens if t and not t.startswith("#"))
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> ServerConfig:
     return ServerConfig(
         model_repositories=tuple(args.model_repository), host=args.host, port=args.port,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, model_control_mode=args.model_control_mode,
@@ -61,7 +74,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_queue_size=args.max_queue_size, cpu_threads=args.cpu_threads, media_threads=args.media_threads,
         drain_grace_seconds=args.drain_grace_seconds, unload_timeout_seconds=args.unload_timeout_seconds,
         max_request_bytes=args.max_request_bytes, max_connection_age_seconds=args.max_connection_age_seconds,
-        max_connection_age_grace_seconds=args.max_connection_age_grace_seconds, log_format=args.log_format, log_level=args.log_level.upper())
+        max_connection_age_grace_seconds=args.max_connection_age_grace_seconds, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_tokens=_auth_tokens(args, environ),
+        log_format=args.log_format, log_level=args.log_level.upper())
 
 
 async def _serve(config: ServerConfig, port_file: Optional[Path]) -> None:
@@ -90,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         config = config_from_args(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"videogen-server: error: {err}", file=sys.stderr)
         return 2
     from . import logs

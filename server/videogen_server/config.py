@@ -42,6 +42,14 @@ class ServerConfig:
     max_connection_age_seconds: float = 300.0
     #: In-flight streams on an aged connection get this long to finish (longer than one video).
     max_connection_age_grace_seconds: float = 600.0
+    #: TLS: PEM server certificate chain and private key (both or neither). With a client CA, mutual
+    #: TLS: every client must present a certificate signed by it.
+    tls_cert: Optional[Path] = None
+    tls_key: Optional[Path] = None
+    tls_client_ca: Optional[Path] = None
+    #: Bearer tokens accepted in `authorization: Bearer <token>` metadata; empty = no authentication.
+    #: Health checks are always allowed (probes carry no token).
+    auth_tokens: tuple[str, ...] = ()
     log_format: str = "text"  # text | json
     log_level: str = "INFO"
 
@@ -50,5 +58,11 @@ class ServerConfig:
             raise ValueError(f"model_control_mode: {self.model_control_mode!r} is not one of {MODEL_CONTROL_MODES}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format: {self.log_format!r} is not text or json")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if any(not t or any(c.isspace() for c in t) for t in self.auth_tokens):
+            raise ValueError("auth tokens must be non-empty and contain no whitespace")
         if self.load_models and self.model_control_mode != "explicit":
             raise ValueError("--load-model needs --model-control-mode explicit")

@@ -70,6 +70,10 @@ class ConfigError(VideoGenError):
         self.reason = reason
 
 
+class Unauthenticated(VideoGenError):
+    """No valid bearer token on a call that needs one."""
+
+
 class PermissionDenied(VideoGenError):
     """The operation is disabled by the server's configuration (e.g. repository control)."""
 
@@ -86,6 +90,7 @@ _STATUS_NAMES: list[tuple[type[VideoGenError], str]] = [
     (QueueTimeout, "DEADLINE_EXCEEDED"),
     (RequestCancelled, "CANCELLED"),
     (PermissionDenied, "PERMISSION_DENIED"),
+    (Unauthenticated, "UNAUTHENTICATED"),
     (ConfigError, "FAILED_PRECONDITION"),
     (BackendError, "INTERNAL"),
 ]

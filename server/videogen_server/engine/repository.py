@@ -22,6 +22,9 @@ def scan(repositories: tuple[Path, ...]) -> dict[str, Path]:
         for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if not (model_dir / "config.pbtxt").is_file():
                 continue
+            if not model_dir.resolve().is_relative_to(repo.resolve()):
+                log.error("model folder %s leads outside its repository (%s); not served", model_dir, repo)
+                continue
             if model_dir.name in found:
                 log.error("model %r is in two repositories (%s and %s); serving the first",
                           model_dir.name, found[model_dir.name], model_dir)

@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 from videogen.v1 import videogen_pb2, videogen_pb2_grpc
 
 from ..config import ServerConfig
+from .auth import BearerTokenInterceptor
 from .servicer import VideoGenServicer
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ class HealthReporter:
 
 def build_server(engine, config: ServerConfig) -> tuple[grpc.aio.Server, int, HealthReporter]:
     """A configured, bound, not yet started server; returns it, the bound port and its health reporter."""
-    server = grpc.aio.server(options=channel_options(config))
+    interceptors = [BearerTokenInterceptor(config.auth_tokens)] if config.auth_tokens else []
+    server = grpc.aio.server(options=channel_options(config), interceptors=interceptors)
     videogen_pb2_grpc.add_VideoGenServicer_to_server(
         VideoGenServicer(engine, model_control_mode=config.model_control_mode), server)
     health = HealthServicer()
@@ -68,7 +70,15 @@ def build_server(engine, config: ServerConfig) -> tuple[grpc.aio.Server, int, He
     reflection.enable_server_reflection(
         (VIDEOGEN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+        credentials = grpc.ssl_server_credentials(
+            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+            root_certificates=ca, require_client_auth=ca is not None)
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     return server, port, HealthReporter(engine, health)

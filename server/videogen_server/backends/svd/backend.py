@@ -45,6 +45,8 @@ PARAMETERS = {
     "cpu_offload": ("false", "diffusers model CPU offload (low-memory mode: whole models move to the GPU in turn)"),
     "forward_chunking": ("false", "UNet feed-forward chunking (lower peak memory, slower)"),
     "channels_last": ("false", "UNet and VAE in channels_last memory format"),
+    "fault_injection": ("", "testing only: `oom@K` or `error@K` raises a device out-of-memory error or a RuntimeError "
+                        "at denoising step K, for requests whose seed is the one after `:seed=` (e.g. oom@2:seed=666)"),
     "compile_cache_dir": ("", "persistent torch.compile cache (Inductor FX graphs, AOTAutograd, Triton kernels) so a "
                           "restart does not compile from scratch; process-wide, first model to set it wins"),
 }
@@ -72,6 +74,8 @@ class SVDBackend(Backend):
                 raise ValueError(f"compile: {value!r} is not one of {list(COMPILE_MODES)}")
             if key in ("cpu_offload", "forward_chunking", "channels_last"):
                 _bool(key, value)
+            if key == "fault_injection":
+                _parse_fault(value)
 
     @classmethod
     def model_defaults(cls, version_path: Path) -> Mapping[str, Any]:
@@ -121,6 +125,7 @@ class SVDBackend(Backend):
             self.vae_encoder32 = copy.deepcopy(pipe.vae.encoder).to(self.exec_device, torch.float32)
             self.vae_quant_conv32 = copy.deepcopy(pipe.vae.quant_conv).to(self.exec_device, torch.float32)
         self.scheduler_config = pipe.scheduler.config
+        self.fault = _parse_fault(p.get("fault_injection", ""))
         self.compile_mode = p.get("compile", "none")
         if self.compile_mode != "none":
             cache = p.get("compile_cache_dir")
@@ -213,6 +218,9 @@ class SVDBackend(Backend):
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + gscale * (cond - uncond)
             latents = scheduler.step(noise_pred, t, latents).prev_sample
+            if self.fault and self.fault[1] == i + 1 and any(requests[r].params.seed == self.fault[2] for r in live):
+                raise (torch.OutOfMemoryError if self.fault[0] == "oom" else RuntimeError)(
+                    f"injected {self.fault[0]} at step {i + 1}")
             self._sync()  # progress reports finished work, not queued kernels
             now = time.perf_counter()
             for row in live:
@@ -277,6 +285,20 @@ class SVDBackend(Backend):
         from torch._dynamo.utils import counters  # only once compile is on
         return {"compiles": int(sum(counters["stats"].get(k, 0) for k in ("unique_graphs",))),
                 "recompiles": int(sum(counters["recompiles"].values()))}
+
+
+def _parse_fault(text: str):
+    """`oom@K:seed=N` / `error@K:seed=N` -> (kind, step, seed); "" -> None."""
+    if not text:
+        return None
+    try:
+        head, _, seed = text.partition(":seed=")
+        kind, _, step = head.partition("@")
+        if kind not in ("oom", "error"):
+            raise ValueError
+        return kind, int(step), int(seed)
+    except ValueError:
+        raise ValueError(f"fault_injection: {text!r} is not oom@STEP:seed=N or error@STEP:seed=N") from None
 
 
 def _process_rss() -> int:

@@ -1,0 +1,127 @@
+"""Fault injection: device OOM and backend errors end one request; drain on SIGTERM; bad weights."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from videogen.v1 import videogen_pb2 as pb
+
+from ..helpers import TINY_PARAMETERS, ServerThread, Stream, collect, request, tiny_config
+
+SHORT = dict(num_inference_steps=3, num_frames=2, output={"stream_video": False})
+
+
+def faulty(kind: str) -> str:
+    return tiny_config("m", parameters=TINY_PARAMETERS + f'parameters {{ key: "fault_injection" '
+                                                         f'value {{ string_value: "{kind}@2:seed=666" }} }}')
+
+
+def test_out_of_memory_ends_only_that_request(make_repo):
+    with ServerThread(make_repo({"m": faulty("oom")})) as server:
+        stub = server.stub()
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, request(model="m", seed=666, **SHORT))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "out of device memory" in err.value.details()
+        # the instance serves the next request, and is idle afterwards
+        assert collect(stub, request(model="m", seed=1, **SHORT))[-1].summary.num_frames == 2
+        assert server.metric("videogen_requests_total", model="m", outcome="error", code="RESOURCE_EXHAUSTED") == 1
+        assert server.metric("videogen_instances_busy", model="m") == 0
+        assert server.metric("videogen_inflight_requests", model="m") == 0
+
+
+def test_backend_error_is_internal_with_a_generic_message(make_repo, caplog):
+    with ServerThread(make_repo({"m": faulty("error")})) as server:
+        stub = server.stub()
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, request(model="m", seed=666, **SHORT))
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert "injected" not in err.value.details() and "Traceback" not in err.value.details()
+        assert "injected error at step 2" in caplog.text  # the traceback is in the server log
+        assert collect(stub, request(model="m", seed=2, **SHORT))[-1].summary.num_frames == 2
+
+
+def test_pickle_weights_are_refused_and_other_models_serve(make_repo):
+    import torch
+    from safetensors.torch import load_file
+
+    repo = make_repo({"good": tiny_config("good"), "pickled": tiny_config("pickled")})
+    unet = repo / "pickled" / "1" / "unet"
+    weights = unet / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), unet / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with ServerThread(repo) as server:
+        stub = server.stub()
+        info = stub.GetModel(pb.GetModelRequest(name="pickled"))
+        assert info.state == pb.MODEL_STATE_FAILED and "safetensors" in info.versions[0].reason.lower()
+        assert collect(stub, request(model="good", **SHORT))[-1].summary.num_frames == 2
+
+
+def test_load_never_leaves_the_repository(make_repo):
+    repo = make_repo({"a": tiny_config("a")})
+    with ServerThread(repo, model_control_mode="explicit", load_models=("a",)) as server:
+        for name in ("../a", "a/../a", "/etc", "..", "a/1"):
+            with pytest.raises(grpc.RpcError) as err:
+                server.stub().LoadModel(pb.LoadModelRequest(name=name))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND, name
+
+
+def test_sigterm_drains_then_exits_zero(tmp_path, tiny_model_source):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_model_source, repo / "svd-tiny")
+    ports = tmp_path / "ports"
+    proc = subprocess.Popen([sys.executable, "-m", "videogen_server.cli", "serve", "--model-repository", str(repo),
+                             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--port-file", str(ports),
+                             "--cpu-threads", "1", "--drain-grace-seconds", "20"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not ports.exists() or not ports.read_text().strip():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        target = f"127.0.0.1:{ports.read_text().split()[0]}"
+        channel = grpc.insecure_channel(target)
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = pb_stub(channel)
+        running = Stream(stub, request(num_inference_steps=15, num_frames=4))
+        running.progressed.wait(20)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, request(num_inference_steps=1, num_frames=1))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert running.join(30).summary.num_frames == 4  # the in-flight request finished
+        assert proc.wait(30) == 0
+        channel.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def pb_stub(channel):
+    from videogen.v1 import videogen_pb2_grpc
+
+    return videogen_pb2_grpc.VideoGenStub(channel)
+
+
+def test_a_model_folder_linking_outside_the_repository_is_not_served(make_repo, tmp_path):
+    outside = make_repo({"elsewhere": tiny_config("elsewhere")})
+    repo = tmp_path / "repo2"
+    repo.mkdir()
+    (repo / "elsewhere").symlink_to(outside / "elsewhere")
+    from videogen_server.engine import repository
+
+    assert repository.scan((repo,)) == {}

@@ -1,0 +1,128 @@
+"""TLS, mutual TLS and bearer tokens on the gRPC port, with the SDK as a user would call it."""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from videogen_client import UnauthenticatedError, UnavailableError, VideoGenClient
+
+from ..helpers import ServerThread, sample_png
+
+
+def _pki(tmp: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def cert(subject, key, issuer, issuer_key, *, ca=False, san=None, usage=None):
+        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        if usage:
+            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    def write(stem, key, crt):
+        (tmp / f"{stem}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
+        (tmp / f"{stem}.crt").write_bytes(crt.public_bytes(serialization.Encoding.PEM))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    write("ca", ca_key, cert("videogen test CA", ca_key, "videogen test CA", ca_key, ca=True))
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    write("server", server_key, cert("localhost", server_key, "videogen test CA", ca_key,
+                                     san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+                                     usage=ExtendedKeyUsageOID.SERVER_AUTH))
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    write("client", client_key, cert("client", client_key, "videogen test CA", ca_key,
+                                     usage=ExtendedKeyUsageOID.CLIENT_AUTH))
+    return {n: tmp / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return _pki(tmp_path_factory.mktemp("pki"))
+
+
+def _run(client: VideoGenClient):
+    return client.run(sample_png(), model="svd-tiny", num_frames=1, num_inference_steps=1, stream_video=False)
+
+
+@pytest.fixture
+def repo(tmp_path, tiny_model_source):
+    import shutil
+
+    shutil.copytree(tiny_model_source, tmp_path / "repo" / "svd-tiny")
+    return tmp_path / "repo"
+
+
+def test_tls(repo, pki):
+    with ServerThread(repo, tls_cert=pki["server.crt"], tls_key=pki["server.key"]) as server:
+        ca = pki["ca.crt"].read_bytes()
+        with VideoGenClient(server.target, secure=True, root_certificates=ca) as client:
+            assert _run(client).summary.num_frames == 1
+        with VideoGenClient(server.target) as plaintext:  # a plaintext client cannot talk to a TLS port
+            with pytest.raises(UnavailableError):
+                plaintext.list_models(timeout=5)
+
+
+def test_mutual_tls(repo, pki):
+    with ServerThread(repo, tls_cert=pki["server.crt"], tls_key=pki["server.key"],
+                      tls_client_ca=pki["ca.crt"]) as server:
+        ca = pki["ca.crt"].read_bytes()
+        with VideoGenClient(server.target, secure=True, root_certificates=ca,
+                            private_key=pki["client.key"].read_bytes(),
+                            certificate_chain=pki["client.crt"].read_bytes()) as client:
+            assert _run(client).summary.num_frames == 1
+        with VideoGenClient(server.target, secure=True, root_certificates=ca) as anonymous:
+            with pytest.raises(UnavailableError):  # the handshake fails without a client certificate
+                anonymous.list_models(timeout=5)
+
+
+def test_bearer_tokens(repo):
+    with ServerThread(repo, auth_tokens=("tok-one", "tok-two")) as server:
+        for token in (None, "wrong", "tok-on", "tok-one-extra"):
+            with VideoGenClient(server.target, token=token) as client:
+                with pytest.raises(UnauthenticatedError):
+                    _run(client)
+                with pytest.raises(UnauthenticatedError):
+                    client.list_models()
+        for token in ("tok-one", "tok-two"):
+            with VideoGenClient(server.target, token=token) as client:
+                assert _run(client).summary.num_frames == 1
+        # probes carry no token: health stays open
+        channel = grpc.insecure_channel(server.target)
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        channel.close()
+        # nothing reached the engine without a token
+        assert server.metric("videogen_requests_total", code="UNAUTHENTICATED") == 0
+        assert server.metric("videogen_requests_total", outcome="success") == 2
+
+
+def test_cli_reads_tokens_from_file_and_environment(tmp_path):
+    from videogen_server.cli import _parser, config_from_args
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# one per line\nfile-token\n\n")
+    args = _parser().parse_args(["serve", "--model-repository", str(tmp_path), "--auth-token-file", str(tokens)])
+    config = config_from_args(args, {"VIDEOGEN_AUTH_TOKENS": "env-a, env-b"})
+    assert config.auth_tokens == ("env-a", "env-b", "file-token")
+    with pytest.raises(ValueError):
+        config_from_args(_parser().parse_args(["serve", "--model-repository", str(tmp_path),
+                                               "--tls-cert", str(tokens)]), {})
