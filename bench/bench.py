@@ -13,11 +13,14 @@ Workload: 1024x576, 25 frames, 25 steps, decode_chunk_size 8, seed 42.
 Variants (--variants, comma list):
   plain           the diffusers pipeline in-process: warm-up call (2 steps), then timed call(s)
   plain_compile   the same with torch.compile(unet, mode=--compile-mode, fullgraph=True)
+  plain_lowmem    the pipeline with model CPU offload (GPU), forward chunking and decode_chunk_size 2
   server          VideoGenServer in-process (own event-loop thread), called through the gRPC client SDK
                   over loopback with frame_encoding "png" and stream_video on: one warm-up request (2 steps),
                   then timed requests, medians reported
   server_lowmem   server with cpu_offload (GPU only), forward_chunking and decode_chunk_size 2
-  server_compile  server with parameters compile=--compile-mode (ready_s includes compilation)
+  server_compile  server with parameters compile=--compile-mode (ready_s includes compilation) and a
+                  persistent compile cache under <workdir>/compile-cache
+  server_compile_warm  the same again: a restart that finds its kernels in the cache
 With --tiny the server variant also measures the overhead ratio (server e2e / plain total, medians of 5) and
 the busy fraction of a 1-instance server under --load concurrent requests.
 
@@ -48,7 +51,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-ALL_VARIANTS = ("plain", "server", "server_lowmem", "server_compile", "server_compile_warm", "plain_compile")
+ALL_VARIANTS = ("plain", "server", "server_lowmem", "server_compile", "server_compile_warm", "plain_compile",
+                "plain_lowmem")
 T0 = time.perf_counter()
 GIB = 2**30
 
@@ -210,13 +214,13 @@ def max_diff(ref, frames) -> int | None:
 
 # -- plain diffusers -------------------------------------------------------------------------------
 
-def run_plain(ctx: Ctx, compiled: bool) -> dict:
+def run_plain(ctx: Ctx, compiled: bool, lowmem: bool = False) -> dict:
     """On a worker thread of its own, as the server's instance runs (same allocator arena behaviour)."""
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="plain") as pool:
-        return pool.submit(_run_plain, ctx, compiled).result()
+        return pool.submit(_run_plain, ctx, compiled, lowmem).result()
 
 
-def _run_plain(ctx: Ctx, compiled: bool) -> dict:
+def _run_plain(ctx: Ctx, compiled: bool, lowmem: bool) -> dict:
     from diffusers import StableVideoDiffusionPipeline
 
     a = ctx.a
@@ -226,7 +230,14 @@ def _run_plain(ctx: Ctx, compiled: bool) -> dict:
     t0 = time.perf_counter()
     pipe = StableVideoDiffusionPipeline.from_pretrained(str(ctx.version_dir), torch_dtype=ctx.dtype,
                                                         use_safetensors=True)
-    pipe.to(ctx.device)
+    decode_chunk = a.decode_chunk
+    if lowmem:  # the reference's low-memory recipe, to compare with server_lowmem in the same run
+        if ctx.cuda:
+            pipe.enable_model_cpu_offload()
+        pipe.unet.enable_forward_chunking()
+        decode_chunk = 2
+    else:
+        pipe.to(ctx.device)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - t0
     if compiled:
@@ -245,7 +256,7 @@ def _run_plain(ctx: Ctx, compiled: bool) -> dict:
         ctx.sync()
         t0 = time.perf_counter()
         frames = pipe(image, height=a.height, width=a.width, num_frames=a.frames, num_inference_steps=steps,
-                      decode_chunk_size=a.decode_chunk, generator=torch.Generator("cpu").manual_seed(a.seed),
+                      decode_chunk_size=decode_chunk, generator=torch.Generator("cpu").manual_seed(a.seed),
                       callback_on_step_end=on_step, output_type="np").frames[0]
         ctx.sync()
         t1 = time.perf_counter()
@@ -261,7 +272,7 @@ def _run_plain(ctx: Ctx, compiled: bool) -> dict:
         call(2)  # warm-up (compiles with plain_compile)
         warmup_s = time.perf_counter() - t0
         runs = [call(a.steps) for _ in range(a.plain_repeats)]
-    if not compiled:
+    if not compiled and not lowmem:
         ctx.reference_frames = runs[-1]["_frames"]
     max_d = max_diff(ctx.reference_frames, runs[-1]["_frames"]) if compiled else None
     for r in runs:
@@ -539,7 +550,7 @@ def main() -> None:
         log(f"{v}: start")
         try:
             if v.startswith("plain"):
-                r = run_plain(ctx, compiled=v == "plain_compile")
+                r = run_plain(ctx, compiled=v == "plain_compile", lowmem=v == "plain_lowmem")
             else:
                 r = run_server(ctx, v, workdir / "repo" / name)
         except Exception as err:  # noqa: BLE001 - record and go on with the next variant
