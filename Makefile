@@ -7,7 +7,12 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 SOURCES := pyproject.toml setup.py $(shell find proto server client -name '*.proto' -o -name '*.py' -o -name '*.png' 2>/dev/null)
 
-.PHONY: demo test venv bench-cpu clean
+# The Triton compatibility tests' external client lives in its own environment: tritonclient pins
+# protobuf<7, the server's grpc tooling needs protobuf>=7.
+TRITON_VENV  ?= .venv-triton
+TRITONCLIENT ?= tritonclient[grpc]==2.73.0
+
+.PHONY: demo test venv triton-venv bench-cpu clean
 
 venv: $(BIN)/.installed
 
@@ -18,14 +23,22 @@ $(BIN)/.installed: $(SOURCES)
 	$(BIN)/python -m pip install -q ".[server,test]"
 	touch $@
 
+triton-venv: $(TRITON_VENV)/.installed
+
+$(TRITON_VENV)/.installed:
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install -q "$(TRITONCLIENT)" numpy
+	touch $@
+
 demo: venv
 	VENV=$(VENV) bash scripts/demo.sh
 
-test: venv
-	$(BIN)/python -m pytest -q
+test: venv triton-venv
+	VIDEOGEN_TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(BIN)/python -m pytest -q
 
 bench-cpu: venv
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench.py --tiny --out bench-out
 
 clean:
-	rm -rf $(VENV) build demo-out bench-out generated.mp4 *.egg-info
+	rm -rf $(VENV) $(TRITON_VENV) build demo-out bench-out generated.mp4 *.egg-info

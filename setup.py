@@ -1,8 +1,8 @@
 """Build hook: generate the Python gRPC stubs (and their .pyi) from proto/ at install time.
 
 The include root is proto/, which mirrors the package path, so the generated modules import each
-other as `videogen.v1.xxx_pb2` with no rewriting. Generated code lands in the build directory only;
-it is never committed or edited.
+other as `videogen.v1.xxx_pb2` (and `inference.xxx_pb2` for the Open Inference Protocol) with no
+rewriting. Generated code lands in the build directory only; it is never committed or edited.
 """
 from __future__ import annotations
 
@@ -41,8 +41,10 @@ def generate_stubs(out_dir: Path) -> list[str]:
             if not init.exists():
                 init.write_text("")
         (out_dir / pkg / "py.typed").write_text("")
+    # Every top-level package the protos generate (videogen/, inference/), nothing else in build_lib.
+    top_level = {Path(p).parts[0] for p in protos}
     for path in out_dir.rglob("*"):
-        if path.is_file() and path.parts[len(out_dir.parts)] == "videogen":
+        if path.is_file() and path.parts[len(out_dir.parts)] in top_level:
             written.append(str(path))
     return written
 

@@ -39,7 +39,8 @@ class VideoGenServer:
 
     async def start(self) -> None:
         self._server, self.port, self._health = build_server(self.engine, self.config)
-        self.engine.add_listener(lambda: asyncio.ensure_future(self._health.update()))
+        loop = asyncio.get_running_loop()  # readiness may change on any thread; health updates on the loop
+        self.engine.add_listener(lambda: loop.call_soon_threadsafe(asyncio.ensure_future, self._health.update()))
         await self._server.start()
         await self._health.update()
         if self.config.metrics_port >= 0:

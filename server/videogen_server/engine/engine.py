@@ -39,6 +39,7 @@ from .instance import Instance, WarmupSender
 from .model_config import ModelSettings
 from .request import CLOSED, EngineRequest, RequestPhase, _Failed
 from .scheduler import Scheduler
+from .stats import ModelStats, StatsSnapshot
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("videogen.requests")
@@ -90,6 +91,7 @@ class ModelRuntime:
         self.scheduler = Scheduler(batching=settings.batching, max_batch_size=settings.max_batch_size,
                                    on_depth=m.queue_depth.labels(*labels).set)
         self.instances: list[Instance] = []
+        self.stats = ModelStats()  # cumulative, for the Open Inference Protocol's ModelStatistics
         self._engine = engine
 
     def _contexts(self) -> list[InstanceContext]:
@@ -137,10 +139,15 @@ class ModelRuntime:
         t0 = time.perf_counter()
         busy = m.instances_busy.labels(*self.labels)
         batch_hist = m.batch_size.labels(*self.labels)
+
+        def on_batch(batch: list[EngineRequest]) -> None:
+            batch_hist.observe(len(batch))
+            self.stats.executed()
+
         for ctx in self._contexts():
             self.instances.append(Instance(
                 backend_cls=backend_cls, context=ctx, scheduler=self.scheduler, warmup=self._warmup_requests(),
-                on_busy=busy.inc, on_batch=lambda b: batch_hist.observe(len(b)), on_dead=self._instance_dead))
+                on_busy=busy.inc, on_batch=on_batch, on_dead=self._instance_dead))
         futures = [asyncio.wrap_future(inst.start()) for inst in self.instances]
         results = await asyncio.gather(*futures, return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
@@ -398,6 +405,20 @@ class Engine:
     def list_models(self) -> list[ModelStatus]:
         return [self.status(n) for n in sorted(self.models)]
 
+    def statistics(self, name: str = "", version: Optional[int] = None) -> list[tuple[str, int, StatsSnapshot]]:
+        """Cumulative statistics of loaded model versions: (model, version, snapshot), sorted.
+
+        `name` empty: every model; `version` None: every loaded version. A named model that is not in
+        the repository raises ModelNotFound; one with no loaded version (or not that version) NotReady.
+        """
+        if name and name not in self.models:
+            raise ModelNotFound(f"model {name!r} is not in the repository")
+        out = [(n, v, rt.stats.snapshot()) for n in sorted(self.models) if not name or n == name
+               for v, rt in sorted(self.models[n].loaded.items()) if version is None or v == version]
+        if name and not out:
+            raise NotReady(f"model {name!r} has no loaded version" + (f" {version}" if version else ""))
+        return out
+
     # -- requests ---------------------------------------------------------------------------------
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[EngineEvent]:
@@ -409,6 +430,7 @@ class Engine:
         record: dict[str, object] = {"request_id": request_id, "model": call.model}
         rt: Optional[ModelRuntime] = None
         req: Optional[EngineRequest] = None
+        phases: dict[str, float] = {}  # exact phase seconds, for the version's statistics
         try:
             if self.draining:
                 raise Draining("the server is shutting down")
@@ -444,7 +466,7 @@ class Engine:
                           steps=params.num_inference_steps, decode_chunk_size=params.decode_chunk_size,
                           seed=params.seed, priority=level)
             yield AcceptedEvent(request_id, rt.name, rt.version, position, params)
-            async for event in self._stream(req, rt, record):
+            async for event in self._stream(req, rt, record, phases):
                 yield event
         except BaseException as exc:  # GeneratorExit / CancelledError included: the caller went away
             outcome = exc
@@ -459,7 +481,10 @@ class Engine:
                 if rt.inflight == 0:
                     rt.idle.set()
                 self.metrics.inflight.labels(*labels).dec()
-            self._account(labels, outcome, record, time.monotonic() - t_start)
+            seconds = time.monotonic() - t_start
+            if rt is not None:
+                rt.stats.finished(ok=outcome is None, seconds=seconds, phases=phases)
+            self._account(labels, outcome, record, seconds)
 
     def _account(self, labels: tuple[str, str], outcome: Optional[BaseException], record: dict[str, object],
                  seconds: float) -> None:
@@ -490,7 +515,8 @@ class Engine:
                     raise QueueTimeout("queue timeout passed before an instance was free") from None
         return await req.events.get()
 
-    async def _stream(self, req: EngineRequest, rt: ModelRuntime, record: dict[str, object]) -> AsyncIterator[EngineEvent]:
+    async def _stream(self, req: EngineRequest, rt: ModelRuntime, record: dict[str, object],
+                      phases: dict[str, float]) -> AsyncIterator[EngineEvent]:
         p = req.params
         m, labels = self.metrics, rt.labels
         timing = {"image_encode": 0.0, "denoise": 0.0, "decode": 0.0}
@@ -551,6 +577,7 @@ class Engine:
                         offset += len(tail)
                     total = time.monotonic() - req.enqueued_at
                     m.request_latency.labels(*labels).observe(total)
+                    phases.update(timing, queue=req.queue_wait, video_encode=video_encode_s)
                     record.update({f"{k}_s": round(v, 4) for k, v in timing.items()},
                                   video_encode_s=round(video_encode_s, 4), first_frame_s=round(first_frame_s, 4),
                                   peak_memory_bytes=event.peak_memory_bytes, batch_size=event.batch_size,

@@ -1,4 +1,5 @@
-"""Build the grpc.aio server: VideoGen, health and reflection on one port."""
+"""Build the grpc.aio server: VideoGen, the Open Inference Protocol (KServe v2 / Triton), health and
+reflection on one port."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from videogen.v1 import videogen_pb2, videogen_pb2_grpc
 
 from ..config import ServerConfig
+from . import kserve
 from .auth import BearerTokenInterceptor
 from .servicer import VideoGenServicer
 
@@ -43,7 +45,7 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 class HealthReporter:
-    """Keeps grpc.health.v1 in step with the engine: overall, the VideoGen service, each model."""
+    """Keeps grpc.health.v1 in step with the engine: overall, both services, each model."""
 
     def __init__(self, engine, servicer: HealthServicer) -> None:
         self._engine = engine
@@ -55,6 +57,7 @@ class HealthReporter:
         ready = self._engine.ready
         await self.servicer.set("", serving if ready else not_serving)
         await self.servicer.set(VIDEOGEN_SERVICE, serving if ready else not_serving)
+        await self.servicer.set(kserve.SERVICE_NAME, serving if ready else not_serving)
         for name in list(self._engine.models):
             await self.servicer.set(model_health_name(name), serving if self._engine.model_ready(name) else not_serving)
 
@@ -65,10 +68,14 @@ def build_server(engine, config: ServerConfig) -> tuple[grpc.aio.Server, int, He
     server = grpc.aio.server(options=channel_options(config), interceptors=interceptors)
     videogen_pb2_grpc.add_VideoGenServicer_to_server(
         VideoGenServicer(engine, model_control_mode=config.model_control_mode), server)
+    # The Open Inference Protocol (KServe v2 / Triton) on the same port, over the same engine.
+    kserve.kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        kserve.KServeServicer(engine, model_control_mode=config.model_control_mode), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (VIDEOGEN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (VIDEOGEN_SERVICE, kserve.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
         server)
     address = f"{config.host}:{config.port}"
     if config.tls_cert:

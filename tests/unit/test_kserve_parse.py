@@ -1,0 +1,120 @@
+"""Reading Open Inference Protocol requests (transport/kserve.py) without a server or tritonclient."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+from inference import grpc_service_pb2 as kpb
+
+from videogen_server.domain import FrameEncoding
+from videogen_server.errors import InvalidRequest
+from videogen_server.transport.kserve import parse_infer_request, serialize_bytes
+
+PNG = b"\x89PNG fake"
+
+
+def make(raw: bool = True, **tensors) -> kpb.ModelInferRequest:
+    """A request with `image` and typed tensors: name=(datatype, values)."""
+    req = kpb.ModelInferRequest(model_name="m")
+    req.inputs.add(name="image", datatype="BYTES", shape=[1])
+    if raw:
+        req.raw_input_contents.append(serialize_bytes([PNG]))
+    else:
+        req.inputs[0].contents.bytes_contents.append(PNG)
+    fmt = {"INT32": "i", "INT64": "q", "FP32": "f", "FP64": "d", "UINT8": "B"}
+    for name, (dt, values) in tensors.items():
+        t = req.inputs.add(name=name, datatype=dt, shape=[len(values)])
+        if raw:
+            req.raw_input_contents.append(struct.pack(f"<{len(values)}{fmt[dt]}", *values))
+        else:
+            field = {"INT32": "int_contents", "INT64": "int64_contents", "FP32": "fp32_contents",
+                     "FP64": "fp64_contents", "UINT8": "uint_contents"}[dt]
+            getattr(t.contents, field).extend(values)
+    return req
+
+
+def parse(req: kpb.ModelInferRequest):
+    return parse_infer_request(req, request_id="r", deadline_s=None)
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_inputs_raw_or_typed_contents(raw):
+    got = parse(make(raw, num_frames=("INT32", [3]), seed=("INT64", [2**40]), noise_aug_strength=("FP64", [0.05]),
+                     size=("INT32", [64, 48]), guidance=("FP32", [1.0, 2.5])))
+    p = got.call.params
+    assert got.call.image == PNG and got.call.model == "m" and got.call.model_version is None
+    assert (p.num_frames, p.seed, p.width, p.height) == (3, 2**40, 64, 48)
+    assert p.noise_aug_strength == struct.unpack("<f", struct.pack("<f", 0.05))[0]  # float32, as VideoGen
+    assert (p.min_guidance_scale, p.max_guidance_scale) == (1.0, 2.5)
+    assert got.outputs == ("frames", "video")
+    assert p.frame_encoding is FrameEncoding.RAW_RGB and p.stream_video is True
+
+
+def test_parameters_priority_timeout_and_outputs():
+    req = make()
+    req.model_version = "2"
+    req.parameters["priority"].uint64_param = 1
+    req.parameters["timeout"].int64_param = 250_000
+    req.parameters["size"].string_param = "32x16"
+    req.parameters["guidance"].double_param = 2.0
+    req.parameters["num_inference_steps"].string_param = "3"
+    req.parameters["triton_enable_empty_final_response"].bool_param = True
+    req.outputs.add(name="video")
+    got = parse(req)
+    c, p = got.call, got.call.params
+    assert (c.model_version, c.priority, c.timeout_s) == (2, 1, 0.25)
+    assert (p.width, p.height, p.num_inference_steps) == (32, 16, 3)
+    assert (p.min_guidance_scale, p.max_guidance_scale) == (2.0, 2.0)
+    assert got.outputs == ("video",) and p.frame_encoding is FrameEncoding.NONE and p.stream_video is True
+
+
+def setp(key: str, kind: str, value):
+    return lambda r: setattr(r.parameters[key], kind, value)
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda r: (r.inputs.add(name="nope", datatype="INT32", shape=[1]), r.raw_input_contents.append(b"\0" * 4)),
+     "nope"),
+    (lambda r: r.raw_input_contents.append(b""), "raw_input_contents"),
+    (setp("nope", "int64_param", 1), "nope"),
+    (setp("num_frames", "double_param", 2.5), "num_frames"),
+    (setp("seed", "bool_param", True), "seed"),
+    (setp("sequence_id", "int64_param", 7), "sequence_id"),
+    (setp("priority", "int64_param", -1), "priority"),
+    (lambda r: r.outputs.add(name="latents"), "outputs"),
+    (lambda r: setattr(r, "model_version", "latest"), "model_version"),
+])
+def test_bad_requests_name_the_field(mutate, field):
+    req = make(num_frames=("INT32", [2]))
+    mutate(req)
+    with pytest.raises(InvalidRequest) as err:
+        parse(req)
+    assert err.value.field == field
+
+
+def test_conflicts_and_shapes():
+    req = make(num_frames=("INT32", [2]))
+    req.parameters["num_frames"].int64_param = 3
+    with pytest.raises(InvalidRequest, match="both as an input tensor and as a request parameter"):
+        parse(req)
+    with pytest.raises(InvalidRequest, match="sets width"):
+        parse(make(width=("INT32", [64]), size=("INT32", [64, 48])))
+    with pytest.raises(InvalidRequest, match="single value"):
+        parse(make(num_frames=("INT32", [2, 3])))
+    with pytest.raises(InvalidRequest, match="not an integer"):
+        parse(make(num_frames=("FP32", [2.5])))
+    with pytest.raises(InvalidRequest, match="image: required"):
+        parse(kpb.ModelInferRequest(model_name="m"))
+    truncated = make()
+    truncated.raw_input_contents[0] = struct.pack("<I", 100) + b"short"
+    with pytest.raises(InvalidRequest, match="runs past the end"):
+        parse(truncated)
+    wrong_size = make(num_frames=("INT32", [2]))
+    wrong_size.raw_input_contents[1] = b"\x00" * 3
+    with pytest.raises(InvalidRequest, match="raw bytes do not hold"):
+        parse(wrong_size)
+    as_pixels = make()
+    as_pixels.inputs[0].datatype = "UINT8"
+    as_pixels.raw_input_contents[0] = b"\x00"
+    with pytest.raises(InvalidRequest, match="must be BYTES"):
+        parse(as_pixels)
