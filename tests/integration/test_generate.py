@@ -79,7 +79,7 @@ def reference_pipeline(tiny_model_source):
     import torch
     from diffusers import StableVideoDiffusionPipeline
 
-    pipe = StableVideoDiffusionPipeline.from_pretrained(str(tiny_model_source / "1"), torch_dtype=torch.float32,
+    pipe = StableVideoDiffusionPipeline.from_pretrained(str(tiny_model_source / "1"), dtype=torch.float32,
                                                         use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
