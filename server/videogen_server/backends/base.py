@@ -98,6 +98,7 @@ class BackendRequest:
     params: ResolvedParams
     image: Image.Image
     sender: ResponseSender
+    prepared: Any = None  # what `Backend.prepare` returned for this request (None if it was not run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +134,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def initialize(self, context: InstanceContext) -> None:
         """Load weights onto the context's device, compile, get ready. Runs on the worker thread."""
+
+    def prepare(self, params: ResolvedParams, image: Image.Image) -> Any:
+        """CPU preprocessing of one request, before it is queued; the result is `BackendRequest.prepared`.
+
+        Runs on the engine's preprocessing threads, concurrently with `execute` on the instance's
+        thread, so it must only read immutable state and never touch the device. Work done here
+        (decoding-size image resizes, normalisation) keeps the instance busy with device work only.
+        """
+        return None
 
     @abc.abstractmethod
     def execute(self, requests: list[BackendRequest]) -> None:

@@ -18,6 +18,8 @@ from .model_config import GenerationDefaults, GenerationLimits
 
 ACCEPTED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
 MAX_SEED = 2**63 - 1
+#: The CLIP preprocessing blurs with reflect padding, which needs a few pixels per side.
+MIN_IMAGE_SIDE = 8
 
 
 def _int_in(field: str, value: int, low: int, high: int) -> int:
@@ -81,8 +83,8 @@ def decode_image(data: bytes, lim: GenerationLimits) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=sorted(ACCEPTED_IMAGE_FORMATS))
             w, h = img.size
-            if w <= 0 or h <= 0:
-                raise InvalidRequest("image", f"has no pixels ({w}x{h})")
+            if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
+                raise InvalidRequest("image", f"{w}x{h} is smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels")
             if w * h > lim.max_image_pixels:
                 raise InvalidRequest("image", f"{w}x{h} pixels exceeds the model's limit of {lim.max_image_pixels}")
             img.seek(0)

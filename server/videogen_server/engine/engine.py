@@ -230,7 +230,7 @@ class Engine:
         self._listeners: list[Callable[[], None]] = []
         self._media = concurrent.futures.ThreadPoolExecutor(max_workers=config.media_threads,
                                                             thread_name_prefix="media")
-        self._decode = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-decode")
+        self._decode = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
         self._poller: Optional[asyncio.Task[None]] = None
         self._loop: asyncio.AbstractEventLoop
         metrics.add_collector(InstanceCollector(self._instance_rows, NvmlReader.try_create()))
@@ -430,6 +430,7 @@ class Engine:
         record: dict[str, object] = {"request_id": request_id, "model": call.model}
         rt: Optional[ModelRuntime] = None
         req: Optional[EngineRequest] = None
+        admitted = False  # queued: from here on the request is counted in flight and must be let go
         phases: dict[str, float] = {}  # exact phase seconds, for the version's statistics
         try:
             if self.draining:
@@ -451,13 +452,15 @@ class Engine:
             if call.timeout_s and (timeout is None or call.timeout_s < timeout or policy.allow_timeout_override):
                 timeout = call.timeout_s
             limits = [t for t in (timeout, call.deadline_s) if t is not None]
-            image = await self._loop.run_in_executor(self._decode, decode_image, call.image, settings.limits)
+            image, prepared = await self._loop.run_in_executor(
+                self._decode, _decode_and_prepare, call.image, settings.limits, params, rt.instances[0].backend)
             if rt.state != "READY":  # it may have started unloading while the image decoded
                 raise NotReady(f"model {call.model!r} is {rt.state.lower()}")
             req = EngineRequest(request_id=request_id, model=rt.name, version=rt.version, params=params,
-                                image=image, priority=level, loop=self._loop,
+                                image=image, prepared=prepared, priority=level, loop=self._loop,
                                 queue_deadline=time.monotonic() + min(limits) if limits else None)
             position = rt.scheduler.submit(req)
+            admitted = True
             rt.inflight += 1
             rt.idle.clear()
             rt.active.add(req)
@@ -472,7 +475,7 @@ class Engine:
             outcome = exc
             raise
         finally:
-            if req is not None and rt is not None:
+            if admitted and req is not None and rt is not None:
                 if req.phase is not RequestPhase.DONE:
                     req.cancel()
                     rt.scheduler.remove(req)
@@ -599,6 +602,12 @@ class Engine:
         finally:
             if encoder is not None:
                 encoder.close()
+
+
+def _decode_and_prepare(data: bytes, limits, params, backend):
+    """Admission's CPU work, on the preprocessing threads: decode the image, then the backend's prepare."""
+    image = decode_image(data, limits)
+    return image, backend.prepare(params, image)
 
 
 def _timed(fn, *args):

@@ -103,7 +103,7 @@ class Instance:
             self._on_batch(batch)
             fatal = False
             try:
-                self.backend.execute([BackendRequest(r.request_id, r.params, r.image, r) for r in batch])
+                self.backend.execute([BackendRequest(r.request_id, r.params, r.image, r, r.prepared) for r in batch])
             except Exception as exc:
                 fatal = _is_fatal_device_error(exc)
                 log.error("instance %s of %s/%s failed a batch of %d%s", self.name, self.context.model_name,

@@ -35,12 +35,14 @@ class EngineRequest:
     """Queued or running work. Implements the backend's ResponseSender for its worker thread."""
 
     def __init__(self, *, request_id: str, model: str, version: int, params: ResolvedParams, image: Image.Image,
-                 priority: int, queue_deadline: Optional[float], loop: asyncio.AbstractEventLoop) -> None:
+                 priority: int, queue_deadline: Optional[float], loop: asyncio.AbstractEventLoop,
+                 prepared: Any = None) -> None:
         self.request_id = request_id
         self.model = model
         self.version = version
         self.params = params
         self.image = image
+        self.prepared = prepared  # the backend's CPU preprocessing, done at admission
         self.priority = priority  # 1 = highest
         self.queue_deadline = queue_deadline  # time.monotonic() by which an instance must take it
         self.enqueued_at = time.monotonic()

@@ -22,8 +22,9 @@ def request_id_of(request_id: str, context: grpc.aio.ServicerContext) -> str:
     """The caller's id (field first, then x-request-id metadata), else a fresh one."""
     if not request_id:
         request_id = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY, "")
-    if len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
-        raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_LEN} printable characters")
+    # gRPC metadata values are printable ASCII; anything else could not be echoed back.
+    if len(request_id) > MAX_REQUEST_ID_LEN or not (request_id.isascii() and request_id.isprintable()):
+        raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_LEN} printable ASCII characters")
     return request_id or uuid.uuid4().hex
 
 
@@ -35,16 +36,23 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         request_id = ""
+        headers_sent = False
         try:
             request_id = request_id_of(request.request_id, context)
-            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
             call = convert.generate_call(request, request_id=request_id, deadline_s=context.time_remaining())
             async with contextlib.aclosing(self._engine.generate(call)) as events:
                 async for event in events:
+                    if not headers_sent:
+                        # Headers go out with the first event, once admitted: a refusal before that
+                        # (queue full, draining) ends a call that has sent nothing, which gRPC's
+                        # retry policy may send again, to another server.
+                        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+                        headers_sent = True
                     for message in convert.event_to_responses(event):
                         yield message
         except Exception as exc:  # CancelledError is not an Exception: a gone caller is not answered
-            await abort(context, exc, request_id=request_id)
+            trailer = ((REQUEST_ID_KEY, request_id),) if request_id and not headers_sent else ()
+            await abort(context, exc, request_id=request_id, trailing_metadata=trailer)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[convert.model_status_to_pb(s) for s in self._engine.list_models()])

@@ -21,6 +21,7 @@ def to_status(exc: BaseException, *, request_id: str = "") -> tuple[grpc.StatusC
     return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException, *, request_id: str = "") -> None:
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, *, request_id: str = "",
+                trailing_metadata: tuple[tuple[str, str], ...] = ()) -> None:
     code, message = to_status(exc, request_id=request_id)
-    await context.abort(code, message)
+    await context.abort(code, message, trailing_metadata=trailing_metadata)

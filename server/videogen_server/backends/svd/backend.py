@@ -9,6 +9,7 @@ generator, conditioning and decode chunking, and its frames go out chunk by chun
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -19,13 +20,16 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from PIL import Image
 from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
 from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers.utils import logging as transformers_logging
 
 from ...errors import OutOfMemory
+from ...domain import ResolvedParams
 from ..base import Backend, BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,14 @@ PARAMETERS = {
     "compile_cache_dir": ("", "persistent torch.compile cache (Inductor FX graphs, AOTAutograd, Triton kernels) so a "
                           "restart does not compile from scratch; process-wide, first model to set it wins"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """CPU tensors of one request's conditioning image: CLIP pixel values and the VAE's input."""
+
+    clip: torch.Tensor
+    vae: torch.Tensor
 
 
 def _bool(key: str, value: str) -> bool:
@@ -136,6 +148,25 @@ class SVDBackend(Backend):
         log.info("svd instance %s/%s#%d on %s (%s) loaded in %.2fs", context.model_name, context.model_version,
                  context.instance_index, self.device, str(self.dtype).removeprefix("torch."), time.perf_counter() - t0)
 
+    # -- preprocessing (engine threads, CPU only) ---------------------------------------------------
+
+    def prepare(self, params: ResolvedParams, image: Image.Image) -> Prepared:
+        """The pipeline's CPU preprocessing, the same operations in the same order, off the instance.
+
+        CLIP input: diffusers' `_encode_image` up to the feature extractor (antialiased resize to
+        224x224, CLIP normalisation). VAE input: `video_processor.preprocess` to width x height. Both
+        stay on the CPU, as in the pipeline, until `execute` moves them to the device.
+        """
+        pipe = self.pipe
+        with torch.inference_mode():
+            pixels = pipe.video_processor.numpy_to_pt(pipe.video_processor.pil_to_numpy(image))
+            pixels = _resize_with_antialiasing(pixels * 2.0 - 1.0, (224, 224))
+            pixels = (pixels + 1.0) / 2.0
+            clip = pipe.feature_extractor(images=pixels, do_normalize=True, do_center_crop=False, do_resize=False,
+                                          do_rescale=False, return_tensors="pt").pixel_values
+            vae = pipe.video_processor.preprocess(image, height=params.height, width=params.width)
+        return Prepared(clip, vae)
+
     # -- one batch -------------------------------------------------------------------------------
 
     def execute(self, requests: list[BackendRequest]) -> None:
@@ -166,22 +197,36 @@ class SVDBackend(Backend):
             torch.cuda.reset_peak_memory_stats(self.device)
 
         # 1. Conditioning, request by request (the pipeline's order of random draws per generator).
+        #    A request whose conditioning fails is failed alone; the rest of the batch goes on.
         t0 = time.perf_counter()
-        embeds, image_latents, time_ids, guidance, generators = [], [], [], [], []
+        embeds, image_latents, time_ids, guidance, generators, ok = [], [], [], [], [], []
+        enc_dtype = next(pipe.image_encoder.parameters()).dtype
         for r in requests:
             p = r.params
-            gen = torch.Generator(device="cpu").manual_seed(p.seed)
-            emb = pipe._encode_image(r.image, dev, 1, False)
-            image = pipe.video_processor.preprocess(r.image, height=height, width=width).to(dev)
-            noise = randn_tensor(image.shape, generator=gen, device=dev, dtype=image.dtype)
-            image = image + p.noise_aug_strength * noise
-            lat = self._encode_vae(image).to(emb.dtype)
+            try:
+                prepared = r.prepared if r.prepared is not None else self.prepare(p, r.image)
+                gen = torch.Generator(device="cpu").manual_seed(p.seed)
+                emb = pipe.image_encoder(prepared.clip.to(device=dev, dtype=enc_dtype)).image_embeds.unsqueeze(1)
+                image = prepared.vae.to(dev)
+                noise = randn_tensor(image.shape, generator=gen, device=dev, dtype=image.dtype)
+                image = image + p.noise_aug_strength * noise
+                lat = self._encode_vae(image).to(emb.dtype)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                log.error("conditioning of request %s failed", r.request_id, exc_info=True)
+                r.sender.error(exc)
+                continue
             embeds.append(emb)
             image_latents.append(lat.unsqueeze(1).repeat(1, num_frames, 1, 1, 1))
             time_ids.append(pipe._get_add_time_ids(p.fps - 1, p.motion_bucket_id, p.noise_aug_strength,
                                                    emb.dtype, 1, 1, False))
             guidance.append(torch.linspace(p.min_guidance_scale, p.max_guidance_scale, num_frames))
             generators.append(gen)
+            ok.append(r)
+        if not ok:
+            return
+        requests = ok
         self._sync()
         encode_s = time.perf_counter() - t0
         for r in requests:
