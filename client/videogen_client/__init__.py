@@ -15,10 +15,15 @@ Example::
             if isinstance(event, Progress):
                 print(f"step {event.step}/{event.num_steps}")
 
+Several servers: ``VideoGenClient(["10.0.0.1:8001", "10.0.0.2:8001"])`` or
+``VideoGenClient("dns:///videogen.svc:8001")`` spreads calls over them (``round_robin``) and retries
+calls refused before any work (queue full, draining) on the next one (``retry=RetryPolicy(...)``).
+
 ``AsyncVideoGenClient`` is the same API for asyncio. Failed calls raise ``VideoGenError``
 subclasses (``InvalidArgumentError``, ``QueueFullError``, ...). The ``videogen`` command
 (``videogen_client.cli``) wraps the client. Importing this package needs neither torch nor numpy.
 """
+from videogen_client._request import RetryPolicy
 from videogen_client.client import VideoGenClient
 from videogen_client.client_aio import AsyncVideoGenClient
 from videogen_client.errors import (
@@ -69,6 +74,7 @@ __all__ = [
     "QueueFullError",
     "RequestCancelledError",
     "ResultBuilder",
+    "RetryPolicy",
     "Summary",
     "UnauthenticatedError",
     "UnavailableError",

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import io
+import ipaddress
+import json
 import os
+import random
+import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +26,10 @@ ImageInput = Union[bytes, str, os.PathLike[str], Image.Image]
 #: Channel options as grpc takes them: (name, value) pairs.
 ChannelOptions = Sequence[tuple[str, Any]]
 
+#: Where a client connects: one gRPC target string ("HOST:PORT", "dns:///name:port",
+#: "ipv4:10.0.0.1:8001,10.0.0.2:8001", ...), "HOST:PORT,HOST:PORT", or a sequence of "HOST:PORT".
+Target = Union[str, Sequence[str]]
+
 # Every streamed message carries at most 1 MiB of payload (bigger frames are split, the MP4 comes
 # in <= 1 MiB chunks), so 8 MiB leaves ample headroom, also for large ListModels answers, while
 # still bounding what a misbehaving server can make the client buffer.
@@ -32,38 +41,250 @@ MAX_RECEIVE_MESSAGE_LENGTH = 8 * 1024 * 1024
 MAX_SEND_MESSAGE_LENGTH = 64 * 1024 * 1024
 
 
+# The gRPC service whose methods the client's retry policy covers.
+_SERVICE = "videogen.v1.VideoGen"
+_RETRIED_METHODS = ("Generate", "ListModels", "GetModel")  # never Load/UnloadModel (not idempotent)
+# Name-resolver schemes grpc understands; a target starting with one is passed to grpc untouched.
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:", "google-c2p:")
+_STATUS_NAMES = frozenset(code.name for code in grpc.StatusCode)
+_LB_POLICY = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a client retries calls the server refused before doing any work: gRPC's ``retryPolicy``.
+
+    The client puts this into the channel's service config (``grpc.service_config``), so gRPC
+    itself retries, with exponential backoff and full jitter: attempt ``n`` waits a random time up
+    to ``min(initial_backoff * backoff_multiplier**(n-1), max_backoff)`` seconds. With several
+    servers and ``round_robin`` a retry goes to the next server, so a request refused at admission
+    (queue full: RESOURCE_EXHAUSTED; server draining or model not ready: UNAVAILABLE) or whose
+    connection failed runs on another server instead. The call's deadline covers every attempt.
+
+    gRPC retries a call only until it is *committed*: for ``Generate``, a server-streaming call,
+    that is when the first response arrives, so a generation that has started streaming is never
+    run twice. A failure after that (e.g. the server dies mid-video) reaches the caller. gRPC also
+    commits a call when the server sends response headers; a ``Generate`` that fails with a
+    retryable status after headers but before any response message was refused before any work
+    too, and the client itself sends it again, under the same policy and deadline.
+
+    Attributes:
+        max_attempts: attempts in all, first one included, 2..5 (gRPC's cap is 5).
+        initial_backoff, max_backoff: seconds, > 0.
+        backoff_multiplier: > 0.
+        retryable_status_codes: gRPC status code names (or ``grpc.StatusCode`` members) that are
+            retried; default UNAVAILABLE and RESOURCE_EXHAUSTED.
+    """
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    backoff_multiplier: float = 2.0
+    retryable_status_codes: tuple[str, ...] = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.max_attempts <= 5:
+            raise ValueError(f"max_attempts must be 2..5 (gRPC's cap), not {self.max_attempts}")
+        for name in ("initial_backoff", "max_backoff", "backoff_multiplier"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        if isinstance(self.retryable_status_codes, (str, grpc.StatusCode)):
+            raise TypeError("retryable_status_codes must be a sequence of status code names")
+        codes = tuple(c.name if isinstance(c, grpc.StatusCode) else str(c).upper()
+                      for c in self.retryable_status_codes)
+        unknown = [c for c in codes if c not in _STATUS_NAMES or c == "OK"]
+        if not codes or unknown:
+            raise ValueError(f"retryable_status_codes must name gRPC status codes other than OK, "
+                             f"not {list(self.retryable_status_codes)!r}")
+        object.__setattr__(self, "retryable_status_codes", codes)
+
+    def service_config_policy(self) -> dict[str, Any]:
+        """The ``retryPolicy`` object of a gRPC service config."""
+        return {
+            "maxAttempts": self.max_attempts,
+            "initialBackoff": _duration(self.initial_backoff),
+            "maxBackoff": _duration(self.max_backoff),
+            "backoffMultiplier": self.backoff_multiplier,
+            "retryableStatusCodes": list(self.retryable_status_codes),
+        }
+
+    def retries(self, code: grpc.StatusCode | None) -> bool:
+        """Whether ``code`` is one of the retryable status codes."""
+        return code is not None and code.name in self.retryable_status_codes
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt + 1`` (``attempt`` >= 1), with full jitter as gRPC does."""
+        return random.uniform(0, min(self.initial_backoff * self.backoff_multiplier ** (attempt - 1),
+                                     self.max_backoff))
+
+
+def _duration(seconds: float) -> str:
+    """A protobuf JSON Duration: "0.1s"."""
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+
+
+def service_config(load_balancing: str, retry: RetryPolicy | None, health_check: bool = False) -> str:
+    """The JSON service config of a client channel: load balancing, client-side health checking
+    (honoured by ``round_robin``, not by ``pick_first``) and the retry policy."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
+    if health_check:
+        config["healthCheckConfig"] = {"serviceName": _SERVICE}
+    if retry is not None:
+        config["methodConfig"] = [{
+            "name": [{"service": _SERVICE, "method": method} for method in _RETRIED_METHODS],
+            "retryPolicy": retry.service_config_policy(),
+        }]
+    return json.dumps(config, separators=(",", ":"))
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6]:port"; ValueError otherwise."""
+    if address.startswith("["):
+        host, sep, port = address[1:].partition("]:")
+    else:
+        host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"target {address!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def _addresses(host: str, port: int) -> tuple[list[str], list[str]]:
+    """(IPv4, IPv6) addresses of ``host``: the literal itself, else its name resolved now."""
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        return ([str(literal)], []) if literal.version == 4 else ([], [str(literal)])
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ValueError(f"cannot resolve target host {host!r}: {err}") from None
+    v4 = list(dict.fromkeys(str(info[4][0]) for info in infos if info[0] == socket.AF_INET))
+    v6 = list(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos if info[0] == socket.AF_INET6))
+    return v4, v6
+
+
+def channel_target(target: Target) -> str:
+    """The gRPC target string for ``target``.
+
+    One target (a string without commas, or one that starts with a resolver scheme such as
+    ``dns:``, ``ipv4:`` or ``unix:``) is used as it is. Several ``HOST:PORT`` (a sequence, or a
+    comma-separated string) become one ``ipv4:`` (or ``ipv6:``) address list: IP literals as
+    given, host names resolved once, now (use ``dns:///name:port`` for a name whose addresses
+    change). IPv4 is used when every target has an IPv4 address, else IPv6 when every target has
+    one.
+    """
+    if isinstance(target, str):
+        text = target.strip()
+        if "," not in text or text.lower().startswith(_SCHEMES):
+            if not text:
+                raise ValueError("target must be HOST:PORT (or any gRPC target string)")
+            return text
+        parts = text.split(",")
+    else:
+        parts = list(target)
+        if not all(isinstance(part, str) for part in parts):
+            raise TypeError("target must be a string or a sequence of 'HOST:PORT' strings")
+    parts = [part.strip() for part in parts]
+    if not parts or not all(parts):
+        raise ValueError(f"target must be HOST:PORT, or several of them, not {target!r}")
+    if len(parts) == 1:
+        return channel_target(parts[0])
+    for part in parts:
+        if part.lower().startswith(_SCHEMES) or "," in part:
+            raise ValueError(f"target {part!r}: a target with a scheme must be the only target; "
+                             "give several targets as 'HOST:PORT' each")
+    resolved = [(port, *_addresses(host, port)) for host, port in map(_host_port, parts)]
+    if all(v4 for _, v4, _ in resolved):
+        return "ipv4:" + ",".join(dict.fromkeys(f"{a}:{port}" for port, v4, _ in resolved for a in v4))
+    if all(v6 for _, _, v6 in resolved):
+        return "ipv6:" + ",".join(dict.fromkeys(f"[{a}]:{port}" for port, _, v6 in resolved for a in v6))
+    raise ValueError(f"targets {parts!r} do not share an address family (all IPv4 or all IPv6)")
+
+
+def several_servers(grpc_target: str) -> bool:
+    """Whether a gRPC target names (or may name) several servers: an ``ipv4:``/``ipv6:`` list of
+    more than one address, or a ``dns:`` name (whose name may have several addresses)."""
+    lowered = grpc_target.lower()
+    return lowered.startswith("dns:") or (lowered.startswith(("ipv4:", "ipv6:")) and "," in lowered)
+
+
 @dataclass(frozen=True)
 class ConnectionSettings:
     """How a client connects: the target, channel options and credentials, and metadata for every call."""
 
-    target: str
+    target: str  # the gRPC target string the channel uses
     options: list[tuple[str, Any]]
     credentials: grpc.ChannelCredentials | None  # None = plaintext
     metadata: tuple[tuple[str, str], ...]
     max_send_message_length: int  # -1 = unlimited
+    retry: RetryPolicy | None  # None = no retries
 
 
-def connection_settings(target: str, *, secure: bool, root_certificates: bytes | None,
+def connection_settings(target: Target, *, secure: bool, root_certificates: bytes | None,
                         private_key: bytes | None, certificate_chain: bytes | None,
-                        token: str | None, options: ChannelOptions | None) -> ConnectionSettings:
+                        token: str | None, options: ChannelOptions | None,
+                        retry: bool | RetryPolicy = True, load_balancing: str = "round_robin",
+                        health_check: bool | None = None) -> ConnectionSettings:
     """Validate the client constructor's arguments and turn them into :class:`ConnectionSettings`."""
-    if not target:
-        raise ValueError("target must be HOST:PORT (or any gRPC target string)")
+    grpc_target = channel_target(target)
     if (private_key is None) != (certificate_chain is None):
         raise ValueError("private_key and certificate_chain must be given together (mTLS)")
     if not secure and (root_certificates or private_key or certificate_chain):
         raise ValueError("root_certificates, private_key and certificate_chain need secure=True")
+    if not isinstance(load_balancing, str) or not _LB_POLICY.match(load_balancing):
+        raise ValueError(f"load_balancing must be a gRPC load-balancing policy name such as "
+                         f"'round_robin' or 'pick_first', not {load_balancing!r}")
+    if isinstance(retry, RetryPolicy):
+        policy: RetryPolicy | None = retry
+    elif isinstance(retry, bool):
+        policy = RetryPolicy() if retry else None
+    else:
+        raise TypeError(f"retry must be True, False or a RetryPolicy, not {type(retry).__name__}")
     merged: dict[str, Any] = {
         "grpc.max_receive_message_length": MAX_RECEIVE_MESSAGE_LENGTH,
         "grpc.max_send_message_length": MAX_SEND_MESSAGE_LENGTH,
+        "grpc.service_config": service_config(
+            load_balancing, policy, several_servers(grpc_target) if health_check is None else bool(health_check)),
+        # Ours, not one a DNS TXT record might carry.
+        "grpc.service_config_disable_resolution": 1,
+        "grpc.enable_retries": 1 if policy is not None else 0,
     }
     merged.update(options or ())
+    max_send = int(merged["grpc.max_send_message_length"])
+    # gRPC keeps a call's sent messages for retries only up to this size (default 256 KiB) and
+    # commits the call beyond it: the request carries the image, so allow the largest request.
+    merged.setdefault("grpc.per_rpc_retry_buffer_size",
+                      (max_send if max_send >= 0 else MAX_SEND_MESSAGE_LENGTH) + 4096)
     credentials = (grpc.ssl_channel_credentials(root_certificates=root_certificates, private_key=private_key,
                                                 certificate_chain=certificate_chain) if secure else None)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     return ConnectionSettings(
-        target=target, options=list(merged.items()), credentials=credentials, metadata=metadata,
-        max_send_message_length=int(merged["grpc.max_send_message_length"]))
+        target=grpc_target, options=list(merged.items()), credentials=credentials, metadata=metadata,
+        max_send_message_length=max_send, retry=policy)
+
+
+def refused_before_work(err: grpc.RpcError, settings: ConnectionSettings, *, received: bool) -> bool:
+    """Whether a failed Generate call may be sent again by the client itself (see the clients' ``_stream``).
+
+    True when retries are on, no response message arrived, the status is retryable, and the
+    server had sent response headers first: gRPC commits a call once headers arrive, so it did not
+    retry this one itself (a refusal without headers, a "trailers-only" response, was already
+    retried by gRPC under the same policy).
+    """
+    if settings.retry is None or received:
+        return False
+    code_fn = getattr(err, "code", None)
+    if not callable(code_fn) or not settings.retry.retries(code_fn()):
+        return False
+    headers_fn = getattr(err, "initial_metadata", None)
+    try:
+        headers = headers_fn() if callable(headers_fn) else None
+    except Exception:  # pragma: no cover - a call object without headers to give
+        headers = None
+    return bool(headers)
 
 
 def call_metadata(settings: ConnectionSettings, request_id: str | None) -> tuple[tuple[str, str], ...]:

@@ -5,6 +5,12 @@ Examples::
     videogen generate --target localhost:8001 --image cat.png --out cat.mp4 --frames-dir frames/
     videogen models --target localhost:8001
     videogen model svd-xt --target localhost:8001
+    videogen generate --target 10.0.0.1:8001 --target 10.0.0.2:8001 --image cat.png --out cat.mp4
+    videogen models --target 10.0.0.1:8001,10.0.0.2:8001
+
+Several ``--target`` s (repeated or comma-separated) spread requests over the servers
+(round_robin); a request a server refuses before any work (queue full, draining) is retried on
+the next one unless ``--no-retry``.
 
 Exit status: 0 on success, 1 when the server or a file refused (``error: <CODE>: <details>`` on
 stderr), 2 for bad command-line arguments, 130 when interrupted.
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import TextIO, cast
 
 from videogen_client._proto import FrameEncodingName
+from videogen_client._request import _SCHEMES
 from videogen_client.client import VideoGenClient
 from videogen_client.errors import VideoGenError
 from videogen_client.events import (
@@ -106,11 +113,26 @@ def _read_pem(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
 
+def _targets(values: Sequence[str]) -> list[str]:
+    """The servers of ``--target`` values: each repeated value, comma lists split (a value with a
+    resolver scheme, such as ``dns:///name:port`` or ``ipv4:A:P,B:P``, is one target)."""
+    targets: list[str] = []
+    for value in values:
+        text = value.strip()
+        if text.lower().startswith(_SCHEMES):
+            targets.append(text)
+        else:
+            targets.extend(part.strip() for part in text.split(","))
+    return targets
+
+
 def _client(args: argparse.Namespace) -> VideoGenClient:
+    target: str | list[str] = args.target[0] if len(args.target) == 1 else args.target
     return VideoGenClient(
-        args.target, secure=args.tls or bool(args.ca_cert or args.cert),
+        target, secure=args.tls or bool(args.ca_cert or args.cert),
         root_certificates=_read_pem(args.ca_cert), private_key=_read_pem(args.key),
-        certificate_chain=_read_pem(args.cert), token=args.token, timeout=args.timeout)
+        certificate_chain=_read_pem(args.cert), token=args.token, timeout=args.timeout,
+        retry=not args.no_retry)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -183,8 +205,13 @@ def _positive_float(text: str) -> float:
 def _build_parser() -> argparse.ArgumentParser:
     connection = argparse.ArgumentParser(add_help=False)
     group = connection.add_argument_group("connection")
-    group.add_argument("--target", default=os.environ.get(_TARGET_ENV), metavar="HOST:PORT",
-                       help=f"the videogen server (default: ${_TARGET_ENV})")
+    group.add_argument("--target", action="append", metavar="HOST:PORT",
+                       help=f"the videogen server (default: ${_TARGET_ENV}); repeat it or give a "
+                            "comma-separated list for several servers (round_robin), or a gRPC "
+                            "target such as dns:///NAME:PORT")
+    group.add_argument("--no-retry", action="store_true",
+                       help="do not retry requests refused before any work (queue full, draining, "
+                            "unreachable) on another server")
     group.add_argument("--token", default=os.environ.get(_TOKEN_ENV),
                        help=f"bearer token sent as 'authorization: Bearer TOKEN' (default: ${_TOKEN_ENV})")
     group.add_argument("--tls", action="store_true", help="connect with TLS")
@@ -258,8 +285,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _build_parser().parse_args(argv)
     parser: argparse.ArgumentParser = args.parser  # the subcommand's, for its usage line in errors
+    if not args.target and os.environ.get(_TARGET_ENV):
+        args.target = [os.environ[_TARGET_ENV]]
+    args.target = _targets(args.target or [])
     if not args.target:
         parser.error(f"--target is required (or set ${_TARGET_ENV})")
+    if not all(args.target):
+        parser.error("--target: empty entry in the list of servers")
     if bool(args.cert) != bool(args.key):
         parser.error("--cert and --key go together")
     if args.command == "generate":

@@ -1,6 +1,7 @@
 """The synchronous videogen client."""
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 from types import TracebackType
 from typing import Literal
@@ -11,9 +12,12 @@ from videogen.v1 import videogen_pb2, videogen_pb2_grpc
 from videogen_client._request import (
     ChannelOptions,
     ImageInput,
+    RetryPolicy,
+    Target,
     build_generate_request,
     call_metadata,
     connection_settings,
+    refused_before_work,
 )
 from videogen_client.errors import from_rpc_error
 from videogen_client.events import Event, EventDecoder, GenerationResult, collect
@@ -33,8 +37,19 @@ class VideoGenClient:
             result = client.run("cat.png", model="svd-xt", num_frames=14, seed=42)
             save_video(result, "cat.mp4")
 
+    Scale-out: give several servers, or a DNS name with several addresses, and calls are spread
+    over them (``round_robin``); calls a server refuses before doing any work (queue full, server
+    draining, connection refused) are retried on the next one::
+
+        VideoGenClient(["10.0.0.1:8001", "10.0.0.2:8001"])         # or "10.0.0.1:8001,10.0.0.2:8001"
+        VideoGenClient("dns:///videogen-headless.ml.svc:8001")     # every A record of the name
+
     Args:
-        target: the server, as ``HOST:PORT`` (any gRPC target string works).
+        target: the server, as ``HOST:PORT`` (any gRPC target string works, e.g.
+            ``dns:///name:port`` or ``ipv4:10.0.0.1:8001,10.0.0.2:8001``), or several servers: a
+            sequence of ``HOST:PORT`` or one comma-separated string. Several targets become one
+            ``ipv4:``/``ipv6:`` address list; host names among them are resolved once, when the
+            client is created (``dns:///`` re-resolves, e.g. when connections age out).
         secure: use TLS. ``root_certificates`` (PEM) replaces the system's CA roots;
             ``private_key`` and ``certificate_chain`` (PEM, both or neither) present a client
             certificate (mTLS). The three need ``secure=True``.
@@ -45,28 +60,59 @@ class VideoGenClient:
             1 MiB of payload, so that is ample headroom) and caps sends at 64 MiB (the request
             carries the whole conditioning image, which can be large).
         timeout: the default gRPC deadline of every call, in seconds; ``None`` = no deadline. A
-            generation runs for minutes on a GPU, so keep it generous.
+            generation runs for minutes on a GPU, so keep it generous. Retries happen within it.
+        retry: retry calls that failed with UNAVAILABLE or RESOURCE_EXHAUSTED before the server
+            did any work: ``True`` (the default :class:`RetryPolicy`: 4 attempts, backoff from
+            0.1 s up to 5 s), a :class:`RetryPolicy`, or ``False``. It goes into the channel's
+            gRPC service config, so gRPC retries (on the next server, with ``round_robin``).
+            gRPC retries a server-streaming call only before its first response: a ``Generate``
+            rejected at admission (queue full, server draining) is sent again transparently, one
+            that has started streaming is not (it is never run twice).
+        load_balancing: the gRPC load-balancing policy over the target's addresses:
+            ``"round_robin"`` (default: each call to the next ready server) or ``"pick_first"``
+            (one server at a time, the next only when it fails).
+        health_check: with ``round_robin``, send calls only to servers whose gRPC health
+            (``grpc.health.v1``, service ``videogen.v1.VideoGen``) is SERVING (gRPC client-side
+            health checking; a server without the health service counts as healthy), so that
+            servers still loading their models or draining get no new calls instead of refusing
+            them. ``None`` (default): on when ``target`` names several servers (several
+            addresses, or a ``dns:`` name), off for one ``HOST:PORT``: a server reports
+            NOT_SERVING until every model it was asked to load is ready (and while one has
+            failed to load), and a client with health checks could not reach such a lone server
+            at all, not even for ``list_models``. Without health checks, calls a draining server
+            refuses are retried (see ``retry``), but with concurrent calls a retry can land on
+            the same server again.
+
+    An ``options`` entry ``("grpc.service_config", json)`` replaces the service config that
+    ``retry``, ``load_balancing`` and ``health_check`` build.
     """
 
-    def __init__(self, target: str, *, secure: bool = False, root_certificates: bytes | None = None,
+    def __init__(self, target: Target, *, secure: bool = False, root_certificates: bytes | None = None,
                  private_key: bytes | None = None, certificate_chain: bytes | None = None,
                  token: str | None = None, options: ChannelOptions | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, retry: bool | RetryPolicy = True,
+                 load_balancing: str = "round_robin", health_check: bool | None = None) -> None:
         self._settings = connection_settings(
             target, secure=secure, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, token=token, options=options)
+            certificate_chain=certificate_chain, token=token, options=options, retry=retry,
+            load_balancing=load_balancing, health_check=health_check)
         self._timeout = timeout
         if self._settings.credentials is None:
-            self._channel = grpc.insecure_channel(target, options=self._settings.options)
+            self._channel = grpc.insecure_channel(self._settings.target, options=self._settings.options)
         else:
-            self._channel = grpc.secure_channel(target, self._settings.credentials,
-                                                    options=self._settings.options)
+            self._channel = grpc.secure_channel(self._settings.target, self._settings.credentials,
+                                                options=self._settings.options)
         self._stub = videogen_pb2_grpc.VideoGenStub(self._channel)
 
     @property
     def target(self) -> str:
-        """The server this client talks to."""
+        """The gRPC target this client talks to (several servers appear as ``ipv4:A:P,B:P``)."""
         return self._settings.target
+
+    @property
+    def retry(self) -> RetryPolicy | None:
+        """The retry policy, ``None`` when retries are off."""
+        return self._settings.retry
 
     def generate(
         self,
@@ -111,7 +157,10 @@ class VideoGenClient:
         the :class:`VideoChunk` s of a fragmented MP4, and one :class:`Summary`. The request is
         built (and the image read) when ``generate`` is called; the RPC starts on the first
         ``next()``. Closing the iterator early (``break`` out of the loop, or ``.close()``)
-        cancels the RPC, and the server stops working on it.
+        cancels the RPC, and the server stops working on it. With retries on (the client's
+        ``retry``), a request refused before its first event (queue full, server draining) is
+        sent again, to the next server with ``round_robin``, within ``timeout``; once events
+        flow it is not retried.
 
         Args:
             image: the conditioning image: encoded bytes (PNG, JPEG or WebP), a path to such a
@@ -167,18 +216,44 @@ class VideoGenClient:
     def _stream(self, request: videogen_pb2.GenerateRequest, *, request_id: str | None,
                 timeout: float | None) -> Generator[Event, None, None]:
         metadata = call_metadata(self._settings, request_id)
-        call = self._stub.Generate(request, timeout=timeout, metadata=metadata)
-        decoder = EventDecoder()
-        try:
-            for response in call:
-                event = decoder.decode(response)
-                if event is not None:
-                    yield event
-            decoder.finish()
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
-        finally:
-            call.cancel()  # a no-op once the call has ended; stops the server when we stop early
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 1
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            call = self._stub.Generate(request, timeout=remaining, metadata=metadata)
+            decoder = EventDecoder()
+            received = False
+            try:
+                for response in call:
+                    received = True
+                    event = decoder.decode(response)
+                    if event is not None:
+                        yield event
+                decoder.finish()
+                return
+            except grpc.RpcError as err:
+                # Refused after response headers but before any response: gRPC counts the call as
+                # committed and does not retry it, so we do (see RetryPolicy).
+                wait = self._retry_wait(err, attempt, deadline, received=received)
+                if wait is None:
+                    raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
+            finally:
+                call.cancel()  # a no-op once the call has ended; stops the server when we stop early
+            time.sleep(wait)
+            attempt += 1
+
+    def _retry_wait(self, err: grpc.RpcError, attempt: int, deadline: float | None, *,
+                    received: bool) -> float | None:
+        """Seconds to wait before sending a refused Generate again; ``None``: do not."""
+        policy = self._settings.retry
+        if policy is None or attempt >= policy.max_attempts:
+            return None
+        if not refused_before_work(err, self._settings, received=received):
+            return None
+        wait = policy.backoff(attempt)
+        if deadline is not None and time.monotonic() + wait >= deadline:
+            return None
+        return wait
 
     def run(
         self,

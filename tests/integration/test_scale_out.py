@@ -1,0 +1,346 @@
+"""Client-side scale-out: one VideoGenClient over several servers (round_robin, health checks, retries).
+
+The main test runs three real server processes (``python -m videogen_server.cli serve``) on
+loopback, each on its own copy of the tiny model: requests spread over all three; one is sent
+SIGTERM while it has a request in flight (it drains: NOT_SERVING, new calls refused with
+UNAVAILABLE, then exits 0) and the same client keeps working with zero failed requests: the calls
+the draining server refuses are retried on the others. A second test shows that retry in-process
+(the server refuses before sending any response, so gRPC's retry policy sends the call again; the
+client also retries calls refused after headers, for servers that send them first) and client-side
+health checks; the rest checks target parsing and the service config without a server.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from videogen_client import (
+    AsyncVideoGenClient,
+    DeadlineExceededError,
+    Progress,
+    RetryPolicy,
+    UnavailableError,
+    VideoGenClient,
+    VideoGenError,
+)
+from videogen_client._request import channel_target, connection_settings, service_config
+
+from ..helpers import ServerThread, metric_value, sample_png
+
+MODEL = "svd-tiny"
+SAMPLE = sample_png()
+QUICK = dict(model=MODEL, num_frames=1, num_inference_steps=1, frame_encoding="none")
+START_TIMEOUT = 90.0  # three processes importing torch on two shared cores
+EXIT_TIMEOUT = 15.0
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    port_file: Path
+    log: Path
+    port: int = 0
+    metrics_port: int = 0
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return metric_value(response.read().decode(), name, **labels)
+
+    def successes(self) -> float:
+        return self.metric("videogen_requests_total", model=MODEL, outcome="success")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def _spawn(workdir: Path, source: Path) -> ServerProcess:
+    repo = workdir / "repo"
+    shutil.copytree(source, repo / MODEL)
+    port_file, log = workdir / "ports", workdir / "server.log"
+    command = [sys.executable, "-m", "videogen_server.cli", "serve", "--model-repository", str(repo),
+               "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+               "--port-file", str(port_file), "--cpu-threads", "1", "--media-threads", "1",
+               "--drain-grace-seconds", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=env, cwd=workdir)
+    return ServerProcess(process, port_file, log)
+
+
+def _wait_ready(servers: list[ServerProcess]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    for server in servers:
+        while not server.port_file.exists():
+            code = server.process.poll()
+            assert code is None, f"server exited with {code} while starting:\n{server.log_tail()}"
+            assert time.monotonic() < deadline, f"server not ready after {START_TIMEOUT}s:\n{server.log_tail()}"
+            time.sleep(0.1)
+        server.port, server.metrics_port = map(int, server.port_file.read_text().split())
+
+
+@pytest.fixture
+def three_servers(tmp_path, tiny_model_source):
+    servers: list[ServerProcess] = []
+    try:
+        for i in range(3):
+            workdir = tmp_path / f"server{i}"
+            workdir.mkdir()
+            servers.append(_spawn(workdir, tiny_model_source))
+        _wait_ready(servers)
+        yield servers
+    finally:
+        for server in servers:
+            if server.process.poll() is None:
+                server.process.kill()
+        for server in servers:
+            try:
+                server.process.wait(10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a kill that did not take
+                pass
+
+
+def _health(target: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen"), timeout=5).status
+
+
+class _LongRequest:
+    """A long Generate on one server, consumed on a thread; ``started`` is set at its first step."""
+
+    def __init__(self, target: str) -> None:
+        self.client = VideoGenClient(target, timeout=60)
+        self.started = threading.Event()
+        self.outcome: str | None = None
+        self._thread = threading.Thread(target=self._consume, daemon=True)
+        self._thread.start()
+
+    def _consume(self) -> None:
+        try:
+            for event in self.client.generate(SAMPLE, model=MODEL, num_frames=4, num_inference_steps=50,
+                                              frame_encoding="none"):
+                if isinstance(event, Progress):
+                    self.started.set()
+            self.outcome = "OK"
+        except VideoGenError as err:
+            self.outcome = err.code.name
+        finally:
+            self.started.set()
+
+    def stop(self) -> None:
+        self.client.close()  # cancels the call if it still runs
+        self._thread.join(10)
+
+
+def test_requests_spread_over_servers_and_survive_a_drain(three_servers):
+    servers = three_servers
+    targets = [s.target for s in servers]
+    with VideoGenClient(targets, timeout=30) as client:
+        assert client.target == "ipv4:" + ",".join(targets)
+        for _ in range(9):
+            client.run(SAMPLE, **QUICK)
+        spread = [s.successes() for s in servers]
+        assert sum(spread) == 9 and all(n > 0 for n in spread), spread
+
+        # SIGTERM server 0 while it runs a request: it drains (NOT_SERVING, new calls refused).
+        drained, rest = servers[0], servers[1:]
+        before = sum(s.successes() for s in rest)
+        long_request = _LongRequest(drained.target)
+        try:
+            assert long_request.started.wait(20) and long_request.outcome is None, long_request.outcome
+            drained.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while _health(drained.target) != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "no NOT_SERVING after SIGTERM:\n" + drained.log_tail()
+                time.sleep(0.05)
+            with pytest.raises(UnavailableError):  # a direct call is refused while draining
+                with VideoGenClient(drained.target, timeout=10, retry=False) as direct:
+                    direct.run(SAMPLE, **QUICK)
+
+            failures = []
+            for _ in range(6):
+                try:
+                    client.run(SAMPLE, **QUICK)
+                except VideoGenError as err:  # pragma: no cover - what the test guards against
+                    failures.append(repr(err))
+            assert failures == []
+            assert sum(s.successes() for s in rest) - before == 6
+        finally:
+            long_request.stop()
+        try:
+            code = drained.process.wait(EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the drained server did not exit within {EXIT_TIMEOUT}s:\n{drained.log_tail()}")
+        assert code == 0, drained.log_tail()
+        assert "SIGTERM: draining" in drained.log.read_text()
+
+        # With one server gone the other two still serve the same client.
+        client.run(SAMPLE, **QUICK)
+        assert all(s.process.poll() is None for s in rest)
+
+
+def test_a_refused_request_is_retried_on_another_server(tmp_path, tiny_model_source):
+    """A draining server refuses Generate with UNAVAILABLE before any response; the call is sent
+    again and round_robin takes it to the other server."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_model_source, repo / MODEL)
+    with ServerThread(repo) as good, ServerThread(repo) as draining:
+        draining.engine.begin_drain()  # refuses new requests (health checks are off in these clients)
+        targets = [good.target, draining.target]
+
+        def refused() -> float:
+            return draining.metric("videogen_requests_total", outcome="rejected", code="UNAVAILABLE")
+
+        # Sequential calls: round_robin sends each retry to the other server.
+        with VideoGenClient(targets, timeout=30, health_check=False) as client:
+            for _ in range(6):
+                client.run(SAMPLE, **QUICK)
+        after_sync = refused()
+        assert after_sync >= 1  # some went to the draining server first, and were retried
+        assert good.metric("videogen_requests_total", outcome="success") == 6
+
+        async def sequentially() -> None:  # the asyncio client does the same
+            async with AsyncVideoGenClient(targets, timeout=30, health_check=False) as aio_client:
+                for _ in range(6):
+                    await aio_client.run(SAMPLE, **QUICK)
+
+        asyncio.run(sequentially())
+        assert refused() > after_sync
+        assert good.metric("videogen_requests_total", outcome="success") == 12
+
+        with VideoGenClient(targets, timeout=30, retry=False, health_check=False) as client:
+            errors = []
+            for _ in range(6):
+                try:
+                    client.run(SAMPLE, **QUICK)
+                except UnavailableError as err:
+                    errors.append(err)
+        assert errors and all("shutting down" in e.details for e in errors)
+
+        # With client-side health checks (on by default for several servers) a server that
+        # reports NOT_SERVING gets no calls at all.
+        draining.run(draining.server._health.update())
+        before = refused()
+        with VideoGenClient(targets, timeout=30, retry=False) as client:
+            for _ in range(4):
+                client.run(SAMPLE, **QUICK)
+        assert refused() == before
+
+
+def test_retries_respect_max_attempts_and_the_deadline(tmp_path, tiny_model_source):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_model_source, repo / MODEL)
+    with ServerThread(repo) as draining:
+        draining.engine.begin_drain()
+        policy = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.02)
+        with VideoGenClient(draining.target, timeout=30, retry=policy) as client:
+            with pytest.raises(UnavailableError):
+                client.run(SAMPLE, **QUICK)
+        # The server refuses before sending headers, so gRPC's retry policy makes the 3 attempts; the
+        # client's own retry (for servers that send headers first) adds none here.
+        assert draining.metric("videogen_requests_total", outcome="rejected", code="UNAVAILABLE") == 3
+        start = time.monotonic()
+        slow = RetryPolicy(max_attempts=5, initial_backoff=5, max_backoff=5)
+        with VideoGenClient(draining.target, timeout=0.5, retry=slow) as client:
+            # the deadline ends the call during gRPC's backoff (DEADLINE_EXCEEDED), or the client's
+            # own retry gives up before waiting past it (UNAVAILABLE)
+            with pytest.raises((UnavailableError, DeadlineExceededError)):
+                client.run(SAMPLE, **QUICK)
+        assert time.monotonic() - start < 3  # no backoff past the deadline
+
+
+# -- without a server -------------------------------------------------------------------------------
+
+
+def test_targets_become_one_grpc_target():
+    assert channel_target("localhost:8001") == "localhost:8001"
+    assert channel_target("dns:///videogen.ml.svc:8001") == "dns:///videogen.ml.svc:8001"
+    assert channel_target("ipv4:10.0.0.1:1,10.0.0.2:2") == "ipv4:10.0.0.1:1,10.0.0.2:2"
+    assert channel_target(["10.0.0.1:1", "10.0.0.2:2"]) == "ipv4:10.0.0.1:1,10.0.0.2:2"
+    assert channel_target("10.0.0.1:1, 10.0.0.2:2") == "ipv4:10.0.0.1:1,10.0.0.2:2"
+    assert channel_target(("127.0.0.1:1", "localhost:2")) == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert channel_target(["[::1]:1", "[::1]:2"]) == "ipv6:[::1]:1,[::1]:2"
+    assert channel_target(["10.0.0.1:1"]) == "10.0.0.1:1"
+    for bad in ("", [], ["10.0.0.1:1", ""], ["10.0.0.1", "10.0.0.2:2"], ["10.0.0.1:1", "10.0.0.2:0"],
+                ["dns:///a:1", "10.0.0.2:2"], ["[::1]:1", "10.0.0.2:2"], "10.0.0.1:1,,10.0.0.2:2"):
+        with pytest.raises(ValueError):
+            channel_target(bad)
+
+
+def test_service_config_has_round_robin_health_checks_and_the_retry_policy():
+    config = json.loads(service_config("round_robin", RetryPolicy(), health_check=True))
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["healthCheckConfig"] == {"serviceName": "videogen.v1.VideoGen"}
+    assert "healthCheckConfig" not in json.loads(service_config("round_robin", RetryPolicy()))
+    (method,) = config["methodConfig"]
+    assert {"service": "videogen.v1.VideoGen", "method": "Generate"} in method["name"]
+    assert method["retryPolicy"] == {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "5s",
+                                     "backoffMultiplier": 2.0,
+                                     "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]}
+    assert "methodConfig" not in json.loads(service_config("pick_first", None, health_check=False))
+
+    def health_checked(target) -> bool:
+        settings = connection_settings(target, secure=False, root_certificates=None, private_key=None,
+                                       certificate_chain=None, token=None, options=None)
+        return "healthCheckConfig" in json.loads(dict(settings.options)["grpc.service_config"])
+
+    assert not health_checked("localhost:8001") and not health_checked(["127.0.0.1:1"])
+    assert health_checked(["127.0.0.1:1", "127.0.0.1:2"]) and health_checked("dns:///videogen:8001")
+    assert health_checked("ipv4:10.0.0.1:1,10.0.0.2:1") and not health_checked("ipv4:10.0.0.1:1")
+
+    settings = connection_settings(["127.0.0.1:1", "127.0.0.1:2"], secure=False, root_certificates=None,
+                                   private_key=None, certificate_chain=None, token=None, options=None,
+                                   retry=False, load_balancing="pick_first")
+    options = dict(settings.options)
+    assert settings.target == "ipv4:127.0.0.1:1,127.0.0.1:2" and settings.retry is None
+    assert options["grpc.enable_retries"] == 0
+    assert json.loads(options["grpc.service_config"])["loadBalancingConfig"] == [{"pick_first": {}}]
+    assert options["grpc.per_rpc_retry_buffer_size"] > 64 * 2**20  # a whole request can be retried
+    custom = connection_settings("h:1", secure=False, root_certificates=None, private_key=None,
+                                 certificate_chain=None, token=None,
+                                 options=[("grpc.service_config", "{}")])
+    assert dict(custom.options)["grpc.service_config"] == "{}"
+
+
+def test_retry_policy_is_validated():
+    assert RetryPolicy(retryable_status_codes=[grpc.StatusCode.UNAVAILABLE]).retryable_status_codes == ("UNAVAILABLE",)
+    for bad in (dict(max_attempts=1), dict(max_attempts=6), dict(initial_backoff=0), dict(max_backoff=-1),
+                dict(backoff_multiplier=float("nan")), dict(retryable_status_codes=()),
+                dict(retryable_status_codes=("NOPE",)), dict(retryable_status_codes=("OK",))):
+        with pytest.raises(ValueError):
+            RetryPolicy(**bad)
+    with pytest.raises(ValueError):
+        VideoGenClient("localhost:1", load_balancing="round robin")
+    with pytest.raises(TypeError):
+        VideoGenClient("localhost:1", retry="yes")  # type: ignore[arg-type]
+
+
+def test_cli_takes_several_targets():
+    from videogen_client.cli import _targets
+
+    assert _targets(["a:1", "b:2,c:3"]) == ["a:1", "b:2", "c:3"]
+    assert _targets(["ipv4:10.0.0.1:1,10.0.0.2:2"]) == ["ipv4:10.0.0.1:1,10.0.0.2:2"]
+    assert _targets(["dns:///x:1"]) == ["dns:///x:1"]
