@@ -290,3 +290,29 @@ def test_custom_backend_from_an_entry_point(tmp_path, monkeypatch):
         assert frames.shape == (3, 16, 32, 3)
         assert [int(f.max()) for f in frames] == [0, 1, 2]
         assert responses[-1].summary.num_frames == 3
+
+
+def test_an_idle_instance_takes_work_while_another_gathers_a_batch(make_repo):
+    """Instance A holds a request of one shape for max_queue_delay; a request of another shape
+    arriving meanwhile goes to idle instance B at once (and waits its own batching delay there),
+    not after A's batch has run (which would be about twice the delay plus a run)."""
+    cfg = tiny_config("m", "max_batch_size: 2\ninstance_group [ { count: 2, kind: KIND_CPU } ]\n"
+                           "dynamic_batching { max_queue_delay_microseconds: 1500000 }")
+    with ServerThread(make_repo({"m": cfg})) as server:
+        stub = server.stub()
+        gathering = Stream(stub, request(model="m", num_frames=1, **{k: v for k, v in SHORT.items() if k != "num_frames"}))
+        gathering.accepted.wait(10)
+        time.sleep(0.2)  # A is now waiting for a partner of its shape
+        other = Stream(stub, request(model="m", num_frames=2, **{k: v for k, v in SHORT.items() if k != "num_frames"}))
+        waited = other.join().summary.queue_seconds
+        assert 1.4 <= waited < 2.4  # its own 1.5 s batching delay, on the other instance
+        assert gathering.join().summary.queue_seconds >= 1.4  # A did wait for a partner
+
+
+def test_reloading_a_loaded_model_keeps_it_ready(make_repo):
+    repo = make_repo({"a": tiny_config("a")})
+    with ServerThread(repo, model_control_mode="explicit", load_models=("a",)) as server:
+        assert server.metric("videogen_model_ready", model="a", version="1") == 1
+        server.stub().LoadModel(pb.LoadModelRequest(name="a"))
+        assert server.metric("videogen_model_ready", model="a", version="1") == 1
+        assert collect(server.stub(), request(model="a", **SHORT))[-1].summary.num_frames == 1

@@ -26,13 +26,13 @@ from PIL import Image
 
 from ..backends.base import BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone, load_backend_class
 from ..config import ServerConfig
-from ..errors import (BackendError, ConfigError, Draining, InvalidRequest, ModelNotFound, NotReady, QueueTimeout,
-                      RequestCancelled, VideoGenError, status_name)
+from ..errors import (BackendError, ConfigError, Draining, InstanceDead, InvalidRequest, ModelNotFound, NotReady,
+                      QueueTimeout, RequestCancelled, VideoGenError, status_name)
 from ..media.frames import encode_frame
 from ..media.mp4 import FragmentedMP4Encoder
 from ..metrics import InstanceCollector, Metrics, NvmlReader
 from ..domain import (AcceptedEvent, EngineEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams,
-                     ProgressEvent, SummaryEvent, VideoEvent)
+                     ProgressEvent, ResolvedParams, SummaryEvent, VideoEvent)
 from . import repository
 from .admission import decode_image, resolve_params
 from .instance import Instance, WarmupSender
@@ -43,8 +43,6 @@ from .stats import ModelStats, StatsSnapshot
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("videogen.requests")
-
-STATES = ("UNAVAILABLE", "LOADING", "READY", "UNLOADING", "FAILED")
 
 
 def sample_image() -> Image.Image:
@@ -120,18 +118,16 @@ class ModelRuntime:
                     max_batch_size=self.settings.max_batch_size, cpu_threads=self._engine.config.cpu_threads))
         return contexts
 
-    def _warmup_requests(self) -> list[list[BackendRequest]]:
-        reqs = []
-        image = sample_image()
+    def _warmup_inputs(self) -> list[tuple[str, ResolvedParams, int]]:
+        """(name, parameters, batch size) of every warm-up batch, in order."""
+        out = []
         for w in self.settings.warmup:
             fields = {k: (float(v) if k in ("noise_aug_strength", "min_guidance_scale", "max_guidance_scale")
                           else int(v)) for k, v in w.inputs.items()}
             params = resolve_params(GenerationParams(**fields), self.settings.defaults, self.settings.limits)
-            params = dataclasses.replace(params, seed=0)
-            for n in range(w.count):  # each batch_size needs its own compiled graph: warm it too
-                reqs.append([BackendRequest(f"warmup-{w.name}-{n}-{b}", params, image, WarmupSender())
-                             for b in range(w.batch_size)])
-        return reqs
+            # each batch_size needs its own compiled graph: warm it too
+            out += [(f"warmup-{w.name}-{n}", dataclasses.replace(params, seed=0), w.batch_size) for n in range(w.count)]
+        return out
 
     async def load(self) -> None:
         m = self._engine.metrics
@@ -144,9 +140,12 @@ class ModelRuntime:
             batch_hist.observe(len(batch))
             self.stats.executed()
 
+        warmups, image = self._warmup_inputs(), sample_image()
         for ctx in self._contexts():
+            batches = [[BackendRequest(f"{name}-{b}", params, image, WarmupSender()) for b in range(size)]
+                       for name, params, size in warmups]
             self.instances.append(Instance(
-                backend_cls=backend_cls, context=ctx, scheduler=self.scheduler, warmup=self._warmup_requests(),
+                backend_cls=backend_cls, context=ctx, scheduler=self.scheduler, warmup=batches,
                 on_busy=busy.inc, on_batch=on_batch, on_dead=self._instance_dead))
         futures = [asyncio.wrap_future(inst.start()) for inst in self.instances]
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -160,9 +159,14 @@ class ModelRuntime:
         m.model_ready.labels(*self.labels).set(1)
 
     def _instance_dead(self, instance: Instance) -> None:
+        """On the dead instance's thread. The last one takes the version down with it."""
         if all(i.state == "dead" for i in self.instances):
             self.state = "FAILED"
             self.reason = "every instance hit an unrecoverable device error"
+            self._engine.metrics.model_ready.labels(*self.labels).set(0)
+            for req in self.scheduler.close():  # nothing would ever take them
+                req.error(InstanceDead(f"model {self.name!r} version {self.version} lost its instances"))
+                req.close()
             self._engine._loop.call_soon_threadsafe(self._engine._notify)
 
     async def unload(self, timeout: float) -> None:
@@ -183,9 +187,17 @@ class ModelRuntime:
             req.error(NotReady(f"model {self.name!r} was unloaded"))
             req.close()
         for req in list(self.active):
+            req.error(NotReady(f"model {self.name!r} was unloaded"))  # retryable elsewhere, unlike CANCELLED
             req.cancel()
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, inst.join) for inst in self.instances))
+
+    def live_backend(self):
+        """A ready instance's backend, for CPU preprocessing (`prepare`) at admission."""
+        for inst in self.instances:
+            if inst.state == "ready":
+                return inst.backend
+        raise NotReady(f"model {self.name!r} version {self.version} has no live instance")
 
     def instance_rows(self):
         for inst in self.instances:
@@ -342,13 +354,19 @@ class Engine:
                         del entry.loaded[version]
             if not new and entry.failed:
                 entry.error = "; ".join(f"version {v}: {r}" for v, r in entry.failed.items())
-            entry.settings = settings if new else entry.settings
+            if any(new.get(v) is not old.get(v) for v in new):  # a failed reload keeps the old settings
+                entry.settings = settings
             entry.loaded = dict(new)
             self._notify()
             retired = [rt for v, rt in old.items() if new.get(v) is not rt]
             await asyncio.gather(*(rt.unload(self.config.unload_timeout_seconds) for rt in retired))
-            if raise_errors and entry.error:
-                raise NotReady(f"model {name!r} failed to load: {entry.error}")
+            for rt in new.values():  # a retired runtime of the same version shared these labels
+                self.metrics.model_ready.labels(*rt.labels).set(1 if rt.state == "READY" else 0)
+                self.metrics.queue_depth.labels(*rt.labels).set(rt.scheduler.depth())
+            failed = {v: entry.failed[v] for v in wanted if v in entry.failed}
+            if raise_errors and failed:
+                raise NotReady(f"model {name!r} failed to load: "
+                               + "; ".join(f"version {v}: {r}" for v, r in failed.items()))
 
     async def unload_model(self, name: str) -> None:
         entry = self.models.get(name)
@@ -453,8 +471,10 @@ class Engine:
                 timeout = call.timeout_s
             limits = [t for t in (timeout, call.deadline_s) if t is not None]
             image, prepared = await self._loop.run_in_executor(
-                self._decode, _decode_and_prepare, call.image, settings.limits, params, rt.instances[0].backend)
-            if rt.state != "READY":  # it may have started unloading while the image decoded
+                self._decode, _decode_and_prepare, call.image, settings.limits, params, rt.live_backend())
+            if self.draining:  # a drain or unload may have begun while the image decoded
+                raise Draining("the server is shutting down")
+            if rt.state != "READY":
                 raise NotReady(f"model {call.model!r} is {rt.state.lower()}")
             req = EngineRequest(request_id=request_id, model=rt.name, version=rt.version, params=params,
                                 image=image, prepared=prepared, priority=level, loop=self._loop,
@@ -516,6 +536,7 @@ class Engine:
                 if rt.scheduler.remove(req):
                     req.phase = RequestPhase.DONE
                     raise QueueTimeout("queue timeout passed before an instance was free") from None
+                break  # an instance took it (it may still be gathering its batch): no deadline now
         return await req.events.get()
 
     async def _stream(self, req: EngineRequest, rt: ModelRuntime, record: dict[str, object],
@@ -557,16 +578,13 @@ class Engine:
                     video, seconds = done.pop() if encoder is not None else (b"", 0.0)
                     frames = done
                     video_encode_s += seconds
+                    if not first_frame_s:  # the first chunk's frames go out now (or its video, with NONE)
+                        first_frame_s = time.monotonic() - req.enqueued_at
+                        m.first_frame.labels(*labels).observe(first_frame_s)
                     for i, data in enumerate(frames):
-                        if not first_frame_s:
-                            first_frame_s = time.monotonic() - req.enqueued_at
-                            m.first_frame.labels(*labels).observe(first_frame_s)
                         yield FrameEvent(event.start_index + i, event.chunk_index, p.frame_encoding, data,
                                          p.width, p.height)
                     m.frames.labels(*labels).inc(len(event.frames))
-                    if not first_frame_s and p.frame_encoding is FrameEncoding.NONE:
-                        first_frame_s = time.monotonic() - req.enqueued_at
-                        m.first_frame.labels(*labels).observe(first_frame_s)
                     if video:
                         yield VideoEvent(video, offset, False)
                         offset += len(video)
@@ -585,13 +603,14 @@ class Engine:
                                   video_encode_s=round(video_encode_s, 4), first_frame_s=round(first_frame_s, 4),
                                   peak_memory_bytes=event.peak_memory_bytes, batch_size=event.batch_size,
                                   instance=req.instance)
-                    m.last_peak.labels(*labels, req.instance, _device_of(rt, req.instance)).set(event.peak_memory_bytes)
+                    device = _device_of(rt, req.instance)
+                    m.last_peak.labels(*labels, req.instance, device).set(event.peak_memory_bytes)
                     yield SummaryEvent(
                         request_id=req.request_id, num_frames=p.num_frames, queue_s=req.queue_wait,
                         image_encode_s=timing["image_encode"], denoise_s=timing["denoise"], decode_s=timing["decode"],
                         video_encode_s=video_encode_s, total_s=total, first_frame_s=first_frame_s,
                         peak_memory_bytes=event.peak_memory_bytes, video_bytes=offset, batch_size=event.batch_size,
-                        device=_device_of(rt, req.instance))
+                        device=device)
                     return
                 elif isinstance(event, _Failed):
                     raise event.exc
@@ -601,7 +620,12 @@ class Engine:
                     raise BackendError("the backend ended the request without a result")
         finally:
             if encoder is not None:
-                encoder.close()
+                # A cancelled request may leave an add/finish running on a media thread: close after it
+                # there (the encoder's lock orders them), never here under it.
+                try:
+                    self._media.submit(encoder.close)
+                except RuntimeError:  # the pool is shut down: nothing runs on it any more
+                    encoder.close()
 
 
 def _decode_and_prepare(data: bytes, limits, params, backend):

@@ -23,11 +23,10 @@ class WarmupSender:
     """Collects a warm-up request's events; raises its error on the worker thread."""
 
     def __init__(self) -> None:
-        self.events: list[object] = []
         self.failure: Optional[BaseException] = None
 
     def send(self, event: object) -> None:
-        self.events.append(event)
+        pass  # warm-up output is thrown away (frames of a full-size video are tens of MB)
 
     def error(self, exc: BaseException) -> None:
         self.failure = exc
@@ -82,6 +81,7 @@ class Instance:
                 if failed:
                     raise RuntimeError(f"warm-up request failed: {failed[0]}")
             self.warmup_seconds = time.perf_counter() - t0
+            self._warmup = []
         except BaseException as exc:  # reported to the loader, which marks the version FAILED
             self.state = "failed"
             self.ready.set_exception(exc)

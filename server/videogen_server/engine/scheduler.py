@@ -45,7 +45,9 @@ class Scheduler:
             ahead = sum(len(q) for q in self._levels[: req.priority])
             self._levels[req.priority - 1].append(req)
             self._on_depth(depth + 1)
-            self._cv.notify()
+            # notify_all: a single wake-up could land on an instance that is gathering a batch of
+            # another shape and ignores this request, while an idle instance sleeps on.
+            self._cv.notify_all()
             return ahead
 
     def remove(self, req: EngineRequest) -> bool:

@@ -7,6 +7,7 @@ chunks is a playable file (browsers' Media Source Extensions take it too).
 from __future__ import annotations
 
 import io
+import threading
 from fractions import Fraction
 
 import av
@@ -21,7 +22,6 @@ class _Sink(io.RawIOBase):
     def __init__(self) -> None:
         super().__init__()
         self.pending = bytearray()
-        self.total = 0
 
     def writable(self) -> bool:
         return True
@@ -31,7 +31,6 @@ class _Sink(io.RawIOBase):
 
     def write(self, b) -> int:  # type: ignore[override]
         self.pending += b
-        self.total += len(b)
         return len(b)
 
     def take(self) -> bytes:
@@ -54,27 +53,32 @@ class FragmentedMP4Encoder:
         stream.options = {"crf": str(crf), "preset": preset}
         self._stream = stream
         self._closed = False
+        # add/finish run on media threads; close may come from a cancelled request meanwhile.
+        # Closing a container under a running encode crashes libav, so every call takes the lock.
+        self._lock = threading.Lock()
 
     def add(self, frames: np.ndarray) -> bytes:
-        for frame in frames:
-            for packet in self._stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                self._container.mux(packet)
-        return self._sink.take()
+        with self._lock:
+            if self._closed:
+                return b""
+            for frame in frames:
+                image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                for packet in self._stream.encode(image):
+                    self._container.mux(packet)
+            return self._sink.take()
 
     def finish(self) -> bytes:
-        if not self._closed:
-            for packet in self._stream.encode():
-                self._container.mux(packet)
-            self._container.close()
-            self._closed = True
-        return self._sink.take()
+        with self._lock:
+            if not self._closed:
+                for packet in self._stream.encode():
+                    self._container.mux(packet)
+                self._container.close()
+                self._closed = True
+            return self._sink.take()
 
     def close(self) -> None:
-        """Drop the encoder without finishing (a cancelled request)."""
-        if not self._closed:
-            self._closed = True
-            self._container.close()
-
-    @property
-    def bytes_written(self) -> int:
-        return self._sink.total
+        """Drop the encoder without finishing (a cancelled request); a no-op once finished."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._container.close()

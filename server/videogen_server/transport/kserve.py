@@ -39,7 +39,7 @@ from .. import __version__
 from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams, ResolvedParams,
                       VideoEvent)
 from ..errors import InvalidRequest, ModelNotFound, NotReady, PermissionDenied
-from .servicer import MAX_REQUEST_ID_LEN, REQUEST_ID_KEY, request_id_of
+from .servicer import REQUEST_ID_KEY, check_request_id, request_id_of
 from .status import abort, to_status
 
 log = logging.getLogger(__name__)
@@ -596,8 +596,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         request_id = req.id or uuid.uuid4().hex
         model_version = req.model_version
         try:
-            if len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
-                raise InvalidRequest("id", f"at most {MAX_REQUEST_ID_LEN} printable characters")
+            check_request_id("id", request_id)
             parsed = parse_infer_request(req, request_id=request_id, deadline_s=context.time_remaining())
             accepted: Optional[AcceptedEvent] = None
             video: list[bytes] = []

@@ -22,10 +22,14 @@ def request_id_of(request_id: str, context: grpc.aio.ServicerContext) -> str:
     """The caller's id (field first, then x-request-id metadata), else a fresh one."""
     if not request_id:
         request_id = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY, "")
-    # gRPC metadata values are printable ASCII; anything else could not be echoed back.
-    if len(request_id) > MAX_REQUEST_ID_LEN or not (request_id.isascii() and request_id.isprintable()):
-        raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_LEN} printable ASCII characters")
+    check_request_id("request_id", request_id)
     return request_id or uuid.uuid4().hex
+
+
+def check_request_id(field: str, request_id: str) -> None:
+    """gRPC metadata values are printable ASCII; an id we could not echo back is refused."""
+    if len(request_id) > MAX_REQUEST_ID_LEN or not (request_id.isascii() and request_id.isprintable()):
+        raise InvalidRequest(field, f"at most {MAX_REQUEST_ID_LEN} printable ASCII characters")
 
 
 class VideoGenServicer(pb_grpc.VideoGenServicer):
