@@ -38,8 +38,8 @@ from inference import model_config_pb2 as kmc
 from .. import __version__
 from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams, ResolvedParams,
                       VideoEvent)
-from ..errors import InvalidRequest, ModelNotFound, NotReady, PermissionDenied
-from .servicer import REQUEST_ID_KEY, check_request_id, request_id_of
+from ..errors import InvalidRequest, ModelNotFound, NotReady
+from .servicer import REQUEST_ID_KEY, check_request_id, request_id_of, require_explicit_control
 from .status import abort, to_status
 
 log = logging.getLogger(__name__)
@@ -477,9 +477,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return kpb.RepositoryIndexResponse(models=models)
 
     def _check_control(self, name: str, parameters) -> None:
-        if self._control != "explicit":
-            raise PermissionDenied("model load/unload needs --model-control-mode explicit "
-                                   f"(server runs {self._control!r})")
+        require_explicit_control(self._control)
         if not name:
             raise InvalidRequest("model_name", "required")
         for key in parameters:

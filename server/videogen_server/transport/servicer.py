@@ -26,6 +26,12 @@ def request_id_of(request_id: str, context: grpc.aio.ServicerContext) -> str:
     return request_id or uuid.uuid4().hex
 
 
+def require_explicit_control(mode: str) -> None:
+    """Repository load/unload over RPC is allowed with --model-control-mode explicit only."""
+    if mode != "explicit":
+        raise PermissionDenied(f"model load/unload needs --model-control-mode explicit (server runs {mode!r})")
+
+
 def check_request_id(field: str, request_id: str) -> None:
     """gRPC metadata values are printable ASCII; an id we could not echo back is refused."""
     if len(request_id) > MAX_REQUEST_ID_LEN or not (request_id.isascii() and request_id.isprintable()):
@@ -68,8 +74,7 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
             await abort(context, exc)
 
     def _check_control(self) -> None:
-        if self._control != "explicit":
-            raise PermissionDenied(f"model load/unload needs --model-control-mode explicit (server runs {self._control!r})")
+        require_explicit_control(self._control)
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
