@@ -79,10 +79,9 @@ class ModelRuntime:
         self.version = version
         self.state = "LOADING"
         self.reason = ""
-        self.inflight = 0
-        self.idle = asyncio.Event()
+        self.active: set[EngineRequest] = set()  # admitted and not finished
+        self.idle = asyncio.Event()  # set while `active` is empty
         self.idle.set()
-        self.active: set[EngineRequest] = set()
         labels = (self.name, str(version))
         m = engine.metrics
         self.labels = labels
@@ -174,11 +173,11 @@ class ModelRuntime:
         self.state = "UNLOADING"
         self._engine.metrics.model_ready.labels(*self.labels).set(0)
         try:
-            if self.inflight:
+            if self.active:
                 await asyncio.wait_for(self.idle.wait(), timeout)
         except asyncio.TimeoutError:
             log.warning("unload of %s/%s: %d requests still running after %.0fs; cancelling them",
-                        self.name, self.version, self.inflight, timeout)
+                        self.name, self.version, len(self.active), timeout)
         await self.stop()
         self.state = "UNAVAILABLE"
 
@@ -291,7 +290,7 @@ class Engine:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (True) or `timeout` passes (False)."""
-        runtimes = [rt for e in self.models.values() for rt in e.loaded.values() if rt.inflight]
+        runtimes = [rt for e in self.models.values() for rt in e.loaded.values() if rt.active]
         try:
             await asyncio.wait_for(asyncio.gather(*(rt.idle.wait() for rt in runtimes)), timeout)
             return True
@@ -481,9 +480,8 @@ class Engine:
                                 queue_deadline=time.monotonic() + min(limits) if limits else None)
             position = rt.scheduler.submit(req)
             admitted = True
-            rt.inflight += 1
-            rt.idle.clear()
             rt.active.add(req)
+            rt.idle.clear()
             self.metrics.inflight.labels(*labels).inc()
             record.update(version=rt.version, width=params.width, height=params.height, frames=params.num_frames,
                           steps=params.num_inference_steps, decode_chunk_size=params.decode_chunk_size,
@@ -500,8 +498,7 @@ class Engine:
                     req.cancel()
                     rt.scheduler.remove(req)
                 rt.active.discard(req)
-                rt.inflight -= 1
-                if rt.inflight == 0:
+                if not rt.active:
                     rt.idle.set()
                 self.metrics.inflight.labels(*labels).dec()
             seconds = time.monotonic() - t_start
