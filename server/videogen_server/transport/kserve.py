@@ -510,7 +510,6 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         request_id = ""
         try:
             request_id = request_id_of(request.id, context)
-            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
             parsed = parse_infer_request(request, request_id=request_id, deadline_s=context.time_remaining())
             frames: list[bytes] = []
             video: list[bytes] = []
@@ -535,9 +534,13 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 else:
                     response.outputs.add(name="video", datatype="BYTES", shape=(1,))
                     response.raw_output_contents.append(serialize_bytes([b"".join(video)]))
+            # Headers only with a result: a refusal then ends a call that sent nothing, which gRPC's
+            # retry policy may send again (as Generate does); a failure carries the id in trailers.
+            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
             return response
         except Exception as exc:  # CancelledError is not an Exception: a gone caller is not answered
-            await abort(context, exc, request_id=request_id)
+            await abort(context, exc, request_id=request_id,
+                        trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[kpb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[kpb.ModelStreamInferResponse]:
