@@ -125,3 +125,24 @@ def test_a_model_folder_linking_outside_the_repository_is_not_served(make_repo, 
     from videogen_server.engine import repository
 
     assert repository.scan((repo,)) == {}
+
+
+def test_out_of_memory_in_a_batch_fails_only_the_request_that_does_not_fit(make_repo):
+    """The batch runs out of memory; its requests run again one by one: the one that does not fit
+    alone gets RESOURCE_EXHAUSTED, the other completes, streaming each step once."""
+    cfg = tiny_config("m", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 2000000 "
+                           "preferred_batch_size: [2] }",
+                      parameters=TINY_PARAMETERS + 'parameters { key: "fault_injection" '
+                                                   'value { string_value: "oom@2:seed=666" } }')
+    with ServerThread(make_repo({"m": cfg})) as server:
+        stub = server.stub()
+        bad = Stream(stub, request(model="m", seed=666, **SHORT))
+        good = Stream(stub, request(model="m", seed=1, **SHORT))
+        bad.join(), good.join()
+        assert bad.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        steps = [r.progress.step for r in good.responses if r.HasField("progress")]
+        assert steps == [1, 2, 3]
+        assert good.summary.num_frames == 2 and good.summary.batch_size == 1  # it finished on its own
+        # the scheduler formed one batch of 2; the re-runs happened inside it
+        assert server.metric("videogen_batch_size_count", model="m") == 1
+        assert server.metric("videogen_batch_size_sum", model="m") == 2

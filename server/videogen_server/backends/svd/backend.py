@@ -170,16 +170,28 @@ class SVDBackend(Backend):
     # -- one batch -------------------------------------------------------------------------------
 
     def execute(self, requests: list[BackendRequest]) -> None:
+        self._run([dataclasses.replace(r, sender=_Replay(r.sender)) for r in requests])
+
+    def _run(self, requests: list[BackendRequest]) -> None:
         try:
             with torch.inference_mode():
                 self._execute(requests)
         except torch.OutOfMemoryError:
             # The batch's tensors are gone with the frame; hand their cached blocks back to the device
-            # so the next request starts clean, and fail only this batch's requests.
-            log.warning("out of device memory in a batch of %d", len(requests))
+            # so what runs next starts clean. A batch may fit where its requests together did not:
+            # run the unfinished ones alone (their senders drop what was already streamed), and fail
+            # only a request that does not fit by itself.
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            for r in requests:
+            pending = [r for r in requests if not (r.sender.done or r.sender.is_cancelled())]
+            if len(requests) > 1 and pending:
+                log.warning("out of device memory in a batch of %d; running its %d unfinished requests one by one",
+                            len(requests), len(pending))
+                for r in pending:
+                    self._run([r])
+                return
+            log.warning("out of device memory for request %s", ", ".join(r.request_id for r in pending))
+            for r in pending:
                 r.sender.error(OutOfMemory("out of device memory for this request; try fewer frames, a smaller "
                                            "size or a smaller decode_chunk_size"))
 
@@ -330,6 +342,42 @@ class SVDBackend(Backend):
         from torch._dynamo.utils import counters  # only once compile is on
         return {"compiles": int(sum(counters["stats"].get(k, 0) for k in ("unique_graphs",))),
                 "recompiles": int(sum(counters["recompiles"].values()))}
+
+
+class _Replay:
+    """A request's sender for one execute: remembers what went out, so a re-run (a batch split after
+    running out of memory) streams each step and decode chunk once, and knows who finished."""
+
+    def __init__(self, sender) -> None:
+        self._sender = sender
+        self._step = 0
+        self._chunk = -1
+        self._phases: set[str] = set()
+        self.done = False  # finished, or failed: nothing to re-run
+
+    def send(self, event) -> None:
+        if isinstance(event, StepDone):
+            if event.step <= self._step:
+                return
+            self._step = event.step
+        elif isinstance(event, FramesDecoded):
+            if event.chunk_index <= self._chunk:
+                return
+            self._chunk = event.chunk_index
+        elif isinstance(event, PhaseTiming):
+            if event.phase in self._phases:
+                return
+            self._phases.add(event.phase)
+        elif isinstance(event, Finished):
+            self.done = True
+        self._sender.send(event)
+
+    def error(self, exc: BaseException) -> None:
+        self.done = True
+        self._sender.error(exc)
+
+    def is_cancelled(self) -> bool:
+        return self._sender.is_cancelled()
 
 
 def _parse_fault(text: str):
