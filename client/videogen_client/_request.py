@@ -8,6 +8,7 @@ import os
 import random
 import re
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,6 +286,20 @@ def refused_before_work(err: grpc.RpcError, settings: ConnectionSettings, *, rec
     except Exception:  # pragma: no cover - a call object without headers to give
         headers = None
     return bool(headers)
+
+
+def retry_wait(err: grpc.RpcError, settings: ConnectionSettings, attempt: int, deadline: float | None, *,
+               received: bool) -> float | None:
+    """Seconds to wait before the client sends a refused Generate again; ``None``: do not."""
+    policy = settings.retry
+    if policy is None or attempt >= policy.max_attempts:
+        return None
+    if not refused_before_work(err, settings, received=received):
+        return None
+    wait = policy.backoff(attempt)
+    if deadline is not None and time.monotonic() + wait >= deadline:
+        return None
+    return wait
 
 
 def call_metadata(settings: ConnectionSettings, request_id: str | None) -> tuple[tuple[str, str], ...]:

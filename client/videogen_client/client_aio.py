@@ -20,7 +20,7 @@ from videogen_client._request import (
     build_generate_request,
     call_metadata,
     connection_settings,
-    refused_before_work,
+    retry_wait,
 )
 from videogen_client.errors import from_rpc_error
 from videogen_client.events import Event, EventDecoder, GenerationResult, ResultBuilder
@@ -240,26 +240,13 @@ class AsyncVideoGenClient:
             except grpc.RpcError as err:
                 # Refused after response headers but before any response: gRPC counts the call as
                 # committed and does not retry it, so we do (see RetryPolicy).
-                wait = self._retry_wait(err, attempt, deadline, received=received)
+                wait = retry_wait(err, self._settings, attempt, deadline, received=received)
                 if wait is None:
                     raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
             finally:
                 call.cancel()  # a no-op once the call has ended; stops the server when we stop early
             await asyncio.sleep(wait)
             attempt += 1
-
-    def _retry_wait(self, err: grpc.RpcError, attempt: int, deadline: float | None, *,
-                    received: bool) -> float | None:
-        """Seconds to wait before sending a refused Generate again; ``None``: do not."""
-        policy = self._settings.retry
-        if policy is None or attempt >= policy.max_attempts:
-            return None
-        if not refused_before_work(err, self._settings, received=received):
-            return None
-        wait = policy.backoff(attempt)
-        if deadline is not None and time.monotonic() + wait >= deadline:
-            return None
-        return wait
 
     async def run(
         self,
