@@ -98,9 +98,10 @@ class InstanceCollector(Collector):
         reserved = GaugeMetricFamily("videogen_device_memory_reserved_bytes",
                                      "Device memory reserved by the caching allocator (process RSS on CPU)",
                                      labels=["model", "version", "instance", "device"])
-        compiles = GaugeMetricFamily("videogen_compiles_total", "Graphs compiled by torch.compile since start",
+        compiles = GaugeMetricFamily("videogen_compiles_total", "Graphs torch.compile built for this instance",
                                      labels=["model", "version", "instance"])
-        recompiles = GaugeMetricFamily("videogen_recompiles_total", "torch.compile recompilations since start",
+        recompiles = GaugeMetricFamily("videogen_recompiles_total", "Graphs torch.compile built for this instance "
+                                       "after its warm-up (requests outside the warmed shape set)",
                                        labels=["model", "version", "instance"])
         for model, version, instance, device, backend in self._instances():
             try:

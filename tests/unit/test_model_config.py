@@ -33,7 +33,7 @@ dynamic_batching {
 }
 parameters { key: "dtype" value { string_value: "bfloat16" } }
 parameters { key: "compile" value { string_value: "max-autotune" } }
-parameters { key: "cpu_offload" value { string_value: "true" } }
+parameters { key: "channels_last" value { string_value: "true" } }
 parameters { key: "default_num_inference_steps" value { string_value: "30" } }
 parameters { key: "default_noise_aug_strength" value { string_value: "0.05" } }
 parameters { key: "max_width" value { string_value: "1280" } }
@@ -52,7 +52,7 @@ def test_full_config(tmp_path):
     assert (b.priority_levels, b.default_priority_level) == (3, 2)
     assert b.queue_policy.max_queue_size == 10 and b.queue_policy.default_timeout_s == 2.5
     assert b.queue_policy.allow_timeout_override
-    assert dict(s.parameters) == {"dtype": "bfloat16", "compile": "max-autotune", "cpu_offload": "true"}
+    assert dict(s.parameters) == {"dtype": "bfloat16", "compile": "max-autotune", "channels_last": "true"}
     assert s.defaults.num_inference_steps == 30 and s.defaults.noise_aug_strength == 0.05
     assert s.limits.max_width == 1280
     assert s.warmup[0].inputs == {"num_frames": "25"} and s.warmup[0].count == 2
@@ -94,6 +94,12 @@ BAD = [
     ('backend: "svd" parameters { key: "dtype" value { string_value: "float8" } }', "parameters", "dtype"),
     ('backend: "svd" parameters { key: "compiel" value { string_value: "none" } }', "parameters", "compiel: unknown"),
     ('backend: "svd" parameters { key: "cpu_offload" value { string_value: "maybe" } }', "parameters", "not a boolean"),
+    ('backend: "svd" parameters { key: "fp8" value { string_value: "e4m3" } }', "parameters", "fp8: 'e4m3' is not a bool"),
+    ('backend: "svd" parameters { key: "compile_vae" value { string_value: "fast" } }', "parameters", "compile_vae: 'fast'"),
+    ('backend: "svd" parameters { key: "attention_backend" value { string_value: "fa3" } }', "parameters",
+     "attention_backend: 'fa3' is not one of"),
+    ('backend: "svd" parameters [ { key: "cpu_offload" value { string_value: "true" } }, '
+     '{ key: "compile" value { string_value: "default" } } ]', "parameters", "compile: cannot be combined with cpu_offload"),
     ('backend: "svd" parameters { key: "default_width" value { string_value: "wide" } }', "parameters['default_width']",
      "not a number"),
     ('backend: "svd" parameters { key: "default_width" value { string_value: "1020" } }', "parameters['default_width']",

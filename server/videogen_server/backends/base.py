@@ -155,8 +155,11 @@ class Backend(abc.ABC):
         """Device memory in bytes: {"allocated", "reserved", "peak"} where known."""
         return {}
 
+    def warmed_up(self) -> None:
+        """Called on the instance thread once the warm-up requests ran, before serving starts."""
+
     def compile_stats(self) -> Mapping[str, int]:
-        """{"compiles": n, "recompiles": n} where the backend compiles."""
+        """{"compiles": graphs built, "recompiles": graphs built after warm-up} where the backend compiles."""
         return {}
 
 

@@ -82,6 +82,7 @@ class Instance:
                     raise RuntimeError(f"warm-up request failed: {failed[0]}")
             self.warmup_seconds = time.perf_counter() - t0
             self._warmup = []
+            self.backend.warmed_up()
         except BaseException as exc:  # reported to the loader, which marks the version FAILED
             self.state = "failed"
             self.ready.set_exception(exc)

@@ -31,13 +31,15 @@ from transformers.utils import logging as transformers_logging
 from ...errors import OutOfMemory
 from ...domain import ResolvedParams
 from ..base import Backend, BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone
+from . import accel
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # from_pretrained is not thread-safe: accelerate's empty-weights init patches torch.nn.Module globally,
-# so two instances loading at once can end up with meta tensors. Loads take turns; serving does not.
+# so two instances loading at once (or one loading while another builds modules) can end up with meta
+# tensors. Loads and module surgery take turns; serving does not.
 _LOAD_LOCK = threading.Lock()
 BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
@@ -45,8 +47,16 @@ BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": 
 PARAMETERS = {
     "dtype": ("float16 on GPU, float32 on CPU", "weights and activations: float32 | float16 | bfloat16"),
     "variant": ("", "weights variant to load, e.g. fp16 for the *.fp16.safetensors files"),
-    "compile": ("none", "torch.compile mode for the UNet: " + " | ".join(COMPILE_MODES)),
-    "cpu_offload": ("false", "diffusers model CPU offload (low-memory mode: whole models move to the GPU in turn)"),
+    "compile": ("none", "torch.compile mode for the UNet (fullgraph, static shapes: one graph per width x height x "
+                "frames x batch size, built by the warm-up requests): " + " | ".join(COMPILE_MODES)),
+    "compile_vae": ("none", "torch.compile mode for the VAE decoder, with a dynamic frame dimension: every "
+                    "decode_chunk_size shares one graph per width x height: " + " | ".join(COMPILE_MODES)),
+    "fp8": ("false", "UNet linear layers as FP8 e4m3 matrix products (dynamic per-row activation scales, "
+            "per-channel weight scales); GPUs of compute capability 8.9+ (Ada, Hopper); changes frames slightly"),
+    "fuse_qkv": ("false", "one projection for attention query/key/value instead of three"),
+    "attention_backend": ("auto", "scaled-dot-product attention kernel: " + " | ".join(accel.SDPA_BACKENDS)),
+    "cpu_offload": ("false", "low-memory mode: models live in pinned host memory and move to the GPU for their "
+                    "phase only (image encoder, then UNet); not with compile"),
     "forward_chunking": ("false", "UNet feed-forward chunking (lower peak memory, slower)"),
     "channels_last": ("false", "UNet and VAE in channels_last memory format"),
     "fault_injection": ("", "testing only: `oom@K` or `error@K` raises a device out-of-memory error or a RuntimeError "
@@ -82,12 +92,19 @@ class SVDBackend(Backend):
                                  "besides default_* and limits")
             if key == "dtype" and value not in DTYPES:
                 raise ValueError(f"dtype: {value!r} is not one of {sorted(DTYPES)}")
-            if key == "compile" and value not in COMPILE_MODES:
-                raise ValueError(f"compile: {value!r} is not one of {list(COMPILE_MODES)}")
-            if key in ("cpu_offload", "forward_chunking", "channels_last"):
+            if key in ("compile", "compile_vae") and value not in COMPILE_MODES:
+                raise ValueError(f"{key}: {value!r} is not one of {list(COMPILE_MODES)}")
+            if key == "attention_backend" and value not in accel.SDPA_BACKENDS:
+                raise ValueError(f"attention_backend: {value!r} is not one of {list(accel.SDPA_BACKENDS)}")
+            if key in ("cpu_offload", "forward_chunking", "channels_last", "fp8", "fuse_qkv"):
                 _bool(key, value)
             if key == "fault_injection":
                 _parse_fault(value)
+        offload = _bool("cpu_offload", parameters.get("cpu_offload", "false"))
+        for key in ("compile", "compile_vae"):
+            if offload and parameters.get(key, "none") != "none":
+                # compiled graphs (CUDA graphs above all) hold on to the weights' device addresses
+                raise ValueError(f"{key}: cannot be combined with cpu_offload (the weights move every request)")
 
     @classmethod
     def model_defaults(cls, version_path: Path) -> Mapping[str, Any]:
@@ -108,25 +125,40 @@ class SVDBackend(Backend):
         t0 = time.perf_counter()
         diffusers_logging.disable_progress_bar()  # a server logs lines, not progress bars
         transformers_logging.disable_progress_bar()
-        with _LOAD_LOCK:
+        applied = []
+        if _bool("fp8", p.get("fp8", "false")):
+            why_not = accel.fp8_supported(self.device)
+            if why_not:
+                raise ValueError(f"fp8: {why_not}")
+        with _LOAD_LOCK:  # the module surgery too: it creates modules, which a concurrent load may patch
             pipe = StableVideoDiffusionPipeline.from_pretrained(
                 str(context.version_path), dtype=self.dtype, use_safetensors=True,
                 variant=p.get("variant") or None)
+            if _bool("fuse_qkv", p.get("fuse_qkv", "false")):
+                applied.append(f"fuse_qkv ({accel.fuse_qkv(pipe.unet)} attention layers)")
+            if _bool("fp8", p.get("fp8", "false")):
+                applied.append(f"fp8 ({accel.to_fp8(pipe.unet)} linear layers)")
         pipe.set_progress_bar_config(disable=True)
         self.cpu_offload = _bool("cpu_offload", p.get("cpu_offload", "false"))
+        self.offload = None
         if self.cpu_offload:
             if not on_gpu:
                 raise ValueError("cpu_offload: needs a GPU instance")
-            pipe.enable_model_cpu_offload(gpu_id=self.device.index or 0)
+            pipe.vae.to(self.device)  # small; the decode needs it every request
+            self.offload = accel.PhaseOffload({"image_encoder": pipe.image_encoder, "unet": pipe.unet}, self.device)
+            applied.append("cpu_offload")
         else:
             pipe.to(self.device)
         if _bool("forward_chunking", p.get("forward_chunking", "false")):
             pipe.unet.enable_forward_chunking()
+            applied.append("forward_chunking")
         if _bool("channels_last", p.get("channels_last", "false")):
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
+            applied.append("channels_last")
+        self.attention = p.get("attention_backend", "auto")
         self.pipe = pipe
-        self.exec_device = pipe._execution_device
+        self.exec_device = self.device
         # The pipeline flips the whole VAE to float32 for the image encode when it runs in float16
         # (force_upcast) and back afterwards: shared mutable state, and a weight copy per call. We keep
         # a float32 copy of the encoder half instead; same numbers, no flip.
@@ -139,14 +171,26 @@ class SVDBackend(Backend):
         self.scheduler_config = pipe.scheduler.config
         self.fault = _parse_fault(p.get("fault_injection", ""))
         self.compile_mode = p.get("compile", "none")
-        if self.compile_mode != "none":
+        self.compile_vae_mode = p.get("compile_vae", "none")
+        self.decoder = None
+        self.thread = threading.get_ident()  # the instance thread: initialize, warm-up and serving
+        self.graphs_after_warmup = None
+        if self.compile_mode != "none" or self.compile_vae_mode != "none":
+            accel.GraphCounter.install()
+            accel.raise_recompile_limit()
             cache = p.get("compile_cache_dir")
             if cache:  # read by Inductor/Triton when they first compile; set before that
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
                 os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
+        if self.compile_mode != "none":
             pipe.unet = torch.compile(pipe.unet, mode=self.compile_mode, fullgraph=True, dynamic=False)
-        log.info("svd instance %s/%s#%d on %s (%s) loaded in %.2fs", context.model_name, context.model_version,
-                 context.instance_index, self.device, str(self.dtype).removeprefix("torch."), time.perf_counter() - t0)
+            applied.append(f"compile {self.compile_mode}")
+        if self.compile_vae_mode != "none":
+            self.decoder = accel.CompiledDecoder(pipe.vae, self.compile_vae_mode)
+            applied.append(f"compile_vae {self.compile_vae_mode}")
+        log.info("svd instance %s/%s#%d on %s (%s) loaded in %.2fs%s", context.model_name, context.model_version,
+                 context.instance_index, self.device, str(self.dtype).removeprefix("torch."), time.perf_counter() - t0,
+                 f"; {', '.join(applied)}" if applied else "")
 
     # -- preprocessing (engine threads, CPU only) ---------------------------------------------------
 
@@ -174,7 +218,7 @@ class SVDBackend(Backend):
 
     def _run(self, requests: list[BackendRequest]) -> None:
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), accel.sdpa_backend(self.attention):
                 self._execute(requests)
         except torch.OutOfMemoryError:
             # The batch's tensors are gone with the frame; hand their cached blocks back to the device
@@ -213,6 +257,8 @@ class SVDBackend(Backend):
         t0 = time.perf_counter()
         embeds, image_latents, time_ids, guidance, generators, ok = [], [], [], [], [], []
         enc_dtype = next(pipe.image_encoder.parameters()).dtype
+        if self.offload:
+            self.offload.use("image_encoder")
         for r in requests:
             p = r.params
             try:
@@ -246,6 +292,8 @@ class SVDBackend(Backend):
 
         # 2. Denoising, the whole batch at once.
         t0 = time.perf_counter()
+        if self.offload:
+            self.offload.use("unet")
         scheduler = EulerDiscreteScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(steps, device=dev)
         timesteps = scheduler.timesteps
@@ -297,6 +345,8 @@ class SVDBackend(Backend):
 
         # 3. VAE decode, request by request, chunk by chunk; each chunk goes out as soon as it is ready.
         latents = 1 / pipe.vae.config.scaling_factor * latents  # the pipeline's exact arithmetic
+        if self.decoder is not None:  # builds this size's graphs the first time (warm-up requests)
+            self.decoder.warm(latents[0], requests[live[0]].params.decode_chunk_size)
         for k, row in enumerate(live):
             r = requests[row]
             chunk = r.params.decode_chunk_size
@@ -307,7 +357,10 @@ class SVDBackend(Backend):
                     break
                 t_chunk = time.perf_counter()
                 part = video[start:start + chunk]
-                frames = pipe.vae.decode(part, num_frames=part.shape[0]).sample.float()
+                if self.decoder is not None:
+                    frames = self.decoder(part).float()
+                else:
+                    frames = pipe.vae.decode(part, num_frames=part.shape[0]).sample.float()
                 frames = pipe.video_processor.postprocess(frames, output_type="np")
                 frames = (frames * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
                 r.sender.send(FramesDecoded(c, start, frames, decode_s=time.perf_counter() - t_chunk))
@@ -324,7 +377,9 @@ class SVDBackend(Backend):
         return vae.encode(image.to(vae.dtype)).latent_dist.mode()
 
     def finalize(self) -> None:
-        del self.pipe
+        if self.offload:
+            self.offload.release()
+        del self.pipe, self.decoder, self.offload
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -336,12 +391,15 @@ class SVDBackend(Backend):
         rss = _process_rss()
         return {"allocated": rss, "reserved": rss}
 
+    def warmed_up(self) -> None:
+        self.graphs_after_warmup = accel.GraphCounter.count(self.thread)
+
     def compile_stats(self) -> Mapping[str, int]:
-        if self.compile_mode == "none":
+        if self.compile_mode == "none" and self.compile_vae_mode == "none":
             return {}
-        from torch._dynamo.utils import counters  # only once compile is on
-        return {"compiles": int(sum(counters["stats"].get(k, 0) for k in ("unique_graphs",))),
-                "recompiles": int(sum(counters["recompiles"].values()))}
+        graphs = accel.GraphCounter.count(self.thread)
+        base = graphs if self.graphs_after_warmup is None else self.graphs_after_warmup
+        return {"compiles": graphs, "recompiles": graphs - base}
 
 
 class _Replay:

@@ -1,0 +1,272 @@
+"""Speed and memory options of the SVD backend, each one a small, separately measurable step.
+
+- `Fp8Linear` / `to_fp8`: the UNet's linear layers as FP8 (e4m3) matrix products with per-row dynamic
+  activation scales and per-output-channel weight scales (the torchao "float8 dynamic, row-wise" recipe,
+  written on `torch._scaled_mm` so it needs no extra package). Convolutions stay in 16 bit.
+- `fuse_qkv`: one projection for query/key/value (self-attention) and key/value (cross-attention).
+- `sdpa_backend`: pins scaled-dot-product attention to one backend (flash, cuDNN, efficient, math).
+- `CompiledDecoder`: the VAE decoder under torch.compile with a dynamic frame dimension, so every decode
+  chunk length shares one graph (the decoder is temporal: padding a chunk would change its frames).
+- `PhaseOffload`: the low-memory mode; whole models move to the device for their phase only, copied
+  from pinned host memory (the host copy stays the master, so moving a model off costs nothing).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Iterator
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+#: Linear layers left in 16 bit: time/conditioning embeddings see a handful of rows, where FP8 gains nothing
+#: and the scale round-trip costs precision.
+FP8_SKIP = ("time_embedding", "add_embedding", "time_emb_proj", "time_pos_embed")
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    SDPA_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                     "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+except ImportError:  # pragma: no cover - torch < 2.3
+    SDPA_BACKENDS = {"auto": None}
+
+
+def sdpa_backend(name: str):
+    """A context that makes SDPA use one backend ("auto": torch's own choice per call)."""
+    backend = SDPA_BACKENDS[name]
+    return contextlib.nullcontext() if backend is None else sdpa_kernel([backend])
+
+
+# -- FP8 -------------------------------------------------------------------------------------------
+
+def fp8_supported(device: torch.device) -> str | None:
+    """None if FP8 matrix products run on `device`, else why not."""
+    if not hasattr(torch, "_scaled_mm"):
+        return f"torch {torch.__version__} has no _scaled_mm"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            return f"needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); this GPU has {major}.{minor}"
+    return None
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T + b with x and W in float8 e4m3: x scaled per row at run time, W per output channel once.
+
+    The product runs on FP8 tensor cores (`torch._scaled_mm`, bfloat16 out, the output type every
+    backend supports for row-wise scales) and is cast back to the activation dtype; under torch.compile
+    the scaling and casts fuse into the neighbouring kernels.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX  # [N, 1]
+        self.register_buffer("weight_fp8", (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # [1, N] float32
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    @staticmethod
+    def eligible(linear: nn.Linear) -> bool:
+        # _scaled_mm wants both matrix sizes divisible by 16
+        return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        xf = x2.float()
+        x_scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX  # [M, 1]
+        xq = (xf / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                             out_dtype=torch.bfloat16).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def to_fp8(model: nn.Module, skip: tuple[str, ...] = FP8_SKIP) -> int:
+    """Replaces the eligible nn.Linear layers of `model` in place; returns how many."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and Fp8Linear.eligible(m) and not any(s in name for s in skip)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Fp8Linear(linear))
+    return len(targets)
+
+
+# -- fused projections -----------------------------------------------------------------------------
+
+def fuse_qkv(model: nn.Module) -> int:
+    """Fuses every diffusers Attention's projections (one GEMM instead of three or two) and switches it to
+    the fused processor. The separate projections are dropped so the weights are not held twice."""
+    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Attention) and not getattr(m, "fused_projections", False):
+            m.fuse_projections()
+            m.set_processor(FusedAttnProcessor2_0())
+            # the fused processor reads to_qkv (self-attention) or to_q + to_kv (cross-attention)
+            drop = ("to_k", "to_v") if m.is_cross_attention else ("to_q", "to_k", "to_v")
+            for name in drop:
+                delattr(m, name)
+            n += 1
+    return n
+
+
+# -- VAE decoder compiled with a dynamic frame dimension ---------------------------------------------
+
+class _Decode(nn.Module):
+    """One video's chunk of latents [F, C, h, w] -> frames [F, 3, H, W]; F is read from the tensor."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z, num_frames=z.shape[0]).sample
+
+
+class CompiledDecoder:
+    """The VAE decode of one chunk under torch.compile, with the frame dimension left dynamic.
+
+    Torch specialises sizes 0 and 1, so a one-frame chunk (25 frames in chunks of 8 end with one) has a
+    graph of its own; the rest share a graph with a symbolic frame count. `warm` decodes chunks of 1, 2
+    and the first request's chunk length at a latent size before that request's frames, so the graphs
+    exist before any other chunk length asks for them. A convolution backend may still split the
+    dynamic range (oneDNN on CPU does at 16 frames): a chunk length on the far side of such a split
+    builds one more graph, counted as a recompile. Spatial sizes are static (graphs per size).
+    """
+
+    def __init__(self, vae: nn.Module, mode: str) -> None:
+        kwargs = {"fullgraph": True}  # dynamic left to mark_dynamic: frames only
+        if mode != "default":
+            kwargs["mode"] = mode
+        self._fn = torch.compile(_Decode(vae), **kwargs)
+        self._warm: set[tuple[int, int]] = set()
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[0] >= 2:
+            torch._dynamo.maybe_mark_dynamic(z, 0)
+        return self._fn(z)
+
+    def warm(self, latents: torch.Tensor, chunk: int) -> bool:
+        """Builds the graphs for latents [F, C, h, w] of this size; False if that was done before."""
+        frames, channels, h, w = latents.shape
+        if (h, w) in self._warm:
+            return False
+        for n in sorted({1, 2, min(chunk, frames)}):  # never longer than the request's own chunks (memory)
+            self(torch.zeros(n, channels, h, w, dtype=latents.dtype, device=latents.device))
+        self._warm.add((h, w))
+        return True
+
+
+# -- how many graphs each instance compiled ---------------------------------------------------------
+
+class GraphCounter:
+    """Counts torch.compile's frame compilations per thread.
+
+    Each instance initialises, warms up and serves on its own thread, and Dynamo compiles one frame at
+    a time under its global lock, on the calling thread: a compile-end callback that reads the current
+    thread attributes every graph to the instance that built it (torch's own counters are process-wide,
+    and its `recompiles` counter is not kept by recent releases).
+    """
+
+    _lock = threading.Lock()
+    _counts: dict[int, int] = {}
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        with cls._lock:
+            if cls._installed:
+                return
+            from torch._dynamo.callback import CallbackTrigger, callback_handler
+
+            def on_end(args=None) -> None:
+                if args is not None and getattr(args, "callback_trigger", None) != CallbackTrigger.DYNAMO:
+                    return  # CUDA graph recordings, lazy backward passes
+                ident = threading.get_ident()
+                with cls._lock:
+                    cls._counts[ident] = cls._counts.get(ident, 0) + 1
+
+            callback_handler.register_end_callback(on_end)
+            cls._installed = True
+
+    @classmethod
+    def count(cls, thread_ident: int) -> int:
+        with cls._lock:
+            return cls._counts.get(thread_ident, 0)
+
+
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Every shape bucket and every instance of a model is one more graph of the same code object;
+    Dynamo's default limit (8) would silently fall back to eager after the eighth."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < limit:
+            setattr(cfg, name, limit)
+            break
+
+
+# -- low-memory mode ---------------------------------------------------------------------------------
+
+class PhaseOffload:
+    """Keeps models in pinned host memory and puts one at a time on the device, for its phase.
+
+    diffusers' `enable_model_cpu_offload` does the same through accelerate's forward hooks, which move
+    a model back with a device-to-host copy into fresh pageable memory. Here the host copy is the
+    master: bringing a model in is one asynchronous copy from pinned memory, taking it out only
+    re-points its tensors at the host copy.
+    """
+
+    def __init__(self, models: dict[str, nn.Module], device: torch.device) -> None:
+        self.device = device
+        self.current: str | None = None
+        self._tensors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for name, model in models.items():
+            model.to("cpu")
+            pairs = []
+            for t in _tensors(model):
+                host = t.data.pin_memory() if device.type == "cuda" else t.data
+                t.data = host
+                pairs.append((t, host))
+            self._tensors[name] = pairs
+
+    def use(self, name: str) -> None:
+        """Puts `name` on the device, and the model there before it back on the host."""
+        if self.current == name:
+            return
+        if self.current is not None:
+            for t, host in self._tensors[self.current]:
+                t.data = host
+            self.current = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the freed weights go back to the device for the next model
+        for t, host in self._tensors[name]:
+            t.data = host.to(self.device, non_blocking=True, copy=True)
+        self.current = name
+
+    def release(self) -> None:
+        if self.current is not None:
+            for t, host in self._tensors[self.current]:
+                t.data = host
+            self.current = None
+
+
+def _tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    seen: set[int] = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield t
+

@@ -1,0 +1,133 @@
+"""The svd backend's speed options on the tiny model over real gRPC: what each does to the frames, and
+that a compiled VAE decoder serves every decode_chunk_size without recompiling.
+
+FP8 runs here through torch._scaled_mm's CPU kernel (the same code path as on a GPU, other kernels);
+cpu_offload needs a GPU, so its phase logic is checked on the meta device instead (said in that test).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from videogen.v1 import videogen_pb2 as pb
+
+from ..helpers import TINY_PARAMETERS, ServerThread, collect, raw_frames, request, tiny_config
+
+RAW = {"frame_encoding": pb.FRAME_ENCODING_RAW_RGB}
+
+
+def _param(key: str, value: str) -> str:
+    return f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
+
+
+def _frames(server, model: str, **fields) -> np.ndarray:
+    responses = collect(server.stub(), request(model=model, output=RAW, **fields))
+    assert responses[-1].WhichOneof("event") == "summary", responses[-1]
+    return np.stack(raw_frames(responses)).astype(np.int16)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+CASES = [dict(seed=7, num_frames=5, num_inference_steps=3, decode_chunk_size=2),
+         dict(seed=3, num_frames=4, num_inference_steps=2, decode_chunk_size=3, width=48, height=32, fps=12)]
+
+
+def test_fused_projections_attention_backend_and_fp8_against_the_plain_model(make_repo):
+    repo = make_repo({
+        "plain": tiny_config("plain"),
+        "fused": tiny_config("fused", parameters=TINY_PARAMETERS + _param("fuse_qkv", "true")),
+        "math": tiny_config("math", parameters=TINY_PARAMETERS + _param("attention_backend", "math")),
+        "fp8": tiny_config("fp8", parameters=TINY_PARAMETERS + _param("fp8", "true")),
+    })
+    with ServerThread(repo) as server:
+        for case in CASES:
+            plain = _frames(server, "plain", **case)
+            # one projection instead of three: the same products, the same frames
+            assert np.array_equal(_frames(server, "fused", **case), plain)
+            # another attention kernel: the same maths, float rounding apart
+            assert np.abs(_frames(server, "math", **case) - plain).max() <= 1
+            # FP8 linears change frames a little, and only a little (about 38-41 dB on this model)
+            fp8 = _frames(server, "fp8", **case)
+            assert np.abs(fp8 - plain).max() > 0, "fp8 must actually run in 8 bit"
+            assert _psnr(fp8, plain) > 30
+        info = server.stub().GetModel(pb.GetModelRequest(name="fp8"))
+        assert info.state == pb.MODEL_STATE_READY
+
+
+def test_compiled_vae_decoder_serves_every_chunk_length_without_recompiling(make_repo):
+    """compile_vae: one dynamic-frames graph set per size, built by the warm-up; frames as eager."""
+    warm = 'model_warmup [ { name: "w" inputs { key: "num_frames" value: "5" } inputs { key: "decode_chunk_size" ' \
+           'value: "2" } inputs { key: "num_inference_steps" value: "1" } } ]'
+    limits = TINY_PARAMETERS.replace('"max_num_frames" value { string_value: "16" }',
+                                     '"max_num_frames" value { string_value: "8" }')
+    repo = make_repo({
+        "eager": tiny_config("eager", parameters=limits),
+        "compiled": tiny_config("compiled", warm, parameters=limits + _param("compile_vae", "default")),
+    })
+    with ServerThread(repo) as server:
+        labels = {"model": "compiled", "version": "1"}
+        graphs = server.metric("videogen_compiles_total", **labels)
+        assert graphs >= 2, "the warm-up builds the one-frame graph and the dynamic one"
+        assert server.metric("videogen_recompiles_total", **labels) == 0
+        assert server.metric("videogen_compiles_total", model="eager", version="1") == 0
+        for frames, chunk in [(5, 1), (5, 2), (5, 3), (5, 5), (8, 8), (7, 4), (2, 2)]:
+            case = dict(seed=5, num_frames=frames, num_inference_steps=2, decode_chunk_size=chunk)
+            assert np.abs(_frames(server, "compiled", **case) - _frames(server, "eager", **case)).max() <= 1, case
+        assert server.metric("videogen_compiles_total", **labels) == graphs
+        assert server.metric("videogen_recompiles_total", **labels) == 0
+        # a size outside the warmed set builds graphs, and the metric says so
+        _frames(server, "compiled", seed=5, num_frames=3, num_inference_steps=1, width=48, height=32)
+        assert server.metric("videogen_recompiles_total", **labels) > 0
+
+
+def test_cpu_offload_needs_a_gpu(make_repo):
+    repo = make_repo({"m": tiny_config("m", parameters=TINY_PARAMETERS + _param("cpu_offload", "true"))})
+    with ServerThread(repo) as server:
+        info = server.stub().GetModel(pb.GetModelRequest(name="m"))
+        assert info.state != pb.MODEL_STATE_READY
+        assert "cpu_offload: needs a GPU instance" in server.engine.models["m"].error
+
+
+def test_phase_offload_moves_one_model_at_a_time():
+    """PhaseOffload's bookkeeping, with the CPU standing in for the GPU (none here): a model "on the
+    device" holds fresh copies of its tensors, one model at a time, and moving it off re-points it at
+    the host copies it started with (pinned on a GPU machine), with no copy back."""
+    from videogen_server.backends.svd.accel import PhaseOffload
+
+    a, b = torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    tensors = lambda m: list(m.parameters()) + list(m.buffers())  # noqa: E731
+    off = PhaseOffload({"a": a, "b": b}, torch.device("cpu"))
+    host = {id(t): t.data.data_ptr() for m in (a, b) for t in tensors(m)}
+    on_host = lambda m: all(t.data.data_ptr() == host[id(t)] for t in tensors(m))  # noqa: E731
+    on_device = lambda m: not any(t.data.data_ptr() == host[id(t)] for t in tensors(m))  # noqa: E731
+    assert on_host(a) and on_host(b)
+    x = torch.randn(2, 4)
+    before = b(a(x))
+    off.use("a")
+    assert on_device(a) and on_host(b)
+    off.use("b")
+    assert on_host(a) and on_device(b)
+    off.use("b")
+    assert off.current == "b" and on_device(b)
+    assert torch.equal(b(a(x)), before)  # same values wherever they live
+    off.release()
+    assert on_host(a) and on_host(b) and off.current is None
+
+
+def test_fp8_linear_matches_a_16bit_linear_closely():
+    from videogen_server.backends.svd.accel import Fp8Linear, to_fp8
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(3, 5, 64)
+    fp8 = Fp8Linear(lin)
+    y, ref = fp8(x), lin(x)
+    assert y.shape == ref.shape == (3, 5, 32)
+    rel = ((y - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.05  # e4m3 keeps ~3 significant bits per element; errors average out over K
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 10))  # 10: not a multiple of 16
+    assert to_fp8(model) == 1 and isinstance(model[0], Fp8Linear) and isinstance(model[1], torch.nn.Linear)
