@@ -18,9 +18,14 @@ Variants (--variants, comma list):
                   over loopback with frame_encoding "png" and stream_video on: one warm-up request (2 steps),
                   then timed requests, medians reported
   server_lowmem   server with cpu_offload (GPU only), forward_chunking and decode_chunk_size 2
-  server_compile  server with parameters compile=--compile-mode (ready_s includes compilation) and a
-                  persistent compile cache under <workdir>/compile-cache
-  server_compile_warm  the same again: a restart that finds its kernels in the cache
+  server_compile  server with compile=--compile-mode for the UNet, compile_vae=default for the VAE decoder
+                  (ready_s includes compilation) and a persistent compile cache under <workdir>/compile-cache
+  server_compile_warm  the same again: a restart that finds its kernels in the cache (run it in a second
+                  process, as a restarted server would be: in one process torch's in-memory caches are warm too)
+  server_compile_fp8   server_compile with fp8=true; PSNR of its frames against the plain pipeline's
+  unet_tricks     one UNet forward (guidance batch, eager) per option, each on its own: float16, bfloat16,
+                  channels_last, fuse_qkv, fp8, each SDPA backend; seconds and error against float16
+--server-params k=v,k=v adds backend parameters to every server variant (e.g. attention_backend=cudnn).
 With --tiny the server variant also measures the overhead ratio (server e2e / plain total, medians of 5) and
 the busy fraction of a 1-instance server under --load concurrent requests.
 
@@ -51,8 +56,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-ALL_VARIANTS = ("plain", "server", "server_lowmem", "server_compile", "server_compile_warm", "plain_compile",
-                "plain_lowmem")
+ALL_VARIANTS = ("plain", "server", "server_lowmem", "server_compile", "server_compile_warm", "server_compile_fp8",
+                "plain_compile", "plain_lowmem", "unet_tricks")
 T0 = time.perf_counter()
 GIB = 2**30
 
@@ -156,7 +161,16 @@ class Ctx:
         self.a, self.device, self.dtype, self.version_dir, self.png = a, device, dtype, version_dir, png
         self.cuda = device == "cuda"
         self.cpu_threads = cpu_threads
-        self.reference_frames = None  # uint8 [first, last] frames from the plain run, to compare outputs
+        self.reference_frames = None  # uint8 frames of the plain run (this process's or a saved one's)
+        self.reference_path = version_dir.parent.parent.parent / (
+            f"reference-{a.width}x{a.height}-{a.frames}f-{a.steps}s-c{a.decode_chunk}-seed{a.seed}.npy")
+        if self.reference_path.exists():
+            self.reference_frames = list(np.load(self.reference_path))
+
+    def set_reference(self, frames) -> None:
+        """The plain pipeline's frames, kept for the variants after it and saved for later processes."""
+        self.reference_frames = frames
+        np.save(self.reference_path, np.stack(frames))
 
     def sync(self) -> None:
         if self.cuda:
@@ -207,9 +221,17 @@ def allocated_gib():
 
 def max_diff(ref, frames) -> int | None:
     """Largest per-pixel difference between two lists of uint8 frames (None if either is missing)."""
-    if ref is None or frames is None or any(f is None for f in frames):
+    if ref is None or frames is None or len(ref) != len(frames) or any(f is None for f in frames):
         return None
     return int(max(np.abs(r.astype(np.int16) - f.astype(np.int16)).max() for r, f in zip(ref, frames)))
+
+
+def psnr(ref, frames) -> float | None:
+    """PSNR in dB of every frame against the reference's (None if either is missing; 999 if identical)."""
+    if ref is None or frames is None or len(ref) != len(frames) or any(f is None for f in frames):
+        return None
+    mse = float(np.mean([np.mean((r.astype(np.float64) - f) ** 2) for r, f in zip(ref, frames)]))
+    return 999.0 if mse == 0 else round(10 * np.log10(255.0**2 / mse), 2)
 
 
 # -- plain diffusers -------------------------------------------------------------------------------
@@ -264,7 +286,7 @@ def _run_plain(ctx: Ctx, compiled: bool, lowmem: bool) -> dict:
         out = {"total_s": round(t1 - t0, 3), "median_step_s": median(steps_t),
                "encode_plus_step0_s": round(stamps[0] - t0, 3), "decode_and_post_s": round(t1 - stamps[-1], 3),
                "peak_mem_gib": ctx.peak_gib()}
-        out["_frames"] = [(frames[i] * 255).round().astype(np.uint8) for i in (0, -1)]
+        out["_frames"] = [(f * 255).round().astype(np.uint8) for f in frames]
         return out
 
     t0 = time.perf_counter()
@@ -273,7 +295,7 @@ def _run_plain(ctx: Ctx, compiled: bool, lowmem: bool) -> dict:
         warmup_s = time.perf_counter() - t0
         runs = [call(a.steps) for _ in range(a.plain_repeats)]
     if not compiled and not lowmem:
-        ctx.reference_frames = runs[-1]["_frames"]
+        ctx.set_reference(runs[-1]["_frames"])
     max_d = max_diff(ctx.reference_frames, runs[-1]["_frames"]) if compiled else None
     for r in runs:
         del r["_frames"]
@@ -282,6 +304,81 @@ def _run_plain(ctx: Ctx, compiled: bool, lowmem: bool) -> dict:
            "ready_s": round(load_s + warmup_s, 2), "runs": runs, **{k: median(r[k] for r in runs) for k in runs[0]}}
     res.update(e2e_s=res["total_s"], first_frame_s=res["total_s"], step_s=res["median_step_s"],
                decode_s=res["decode_and_post_s"], max_abs_diff_vs_plain=max_d)
+    return res
+
+
+# -- one UNet forward per option ----------------------------------------------------------------------
+
+def run_unet_tricks(ctx: Ctx) -> dict:
+    """Eager UNet forward with guidance (batch 2) at the workload's shape, one option at a time, through
+    the backend's own helpers (videogen_server.backends.svd.accel). Eager figures: under torch.compile
+    the elementwise work around each option fuses, so they bound, not predict, the compiled gain."""
+    import copy
+
+    from diffusers import UNetSpatioTemporalConditionModel
+    from videogen_server.backends.svd import accel
+
+    a, dev = ctx.a, torch.device(ctx.device)
+    base = UNetSpatioTemporalConditionModel.from_pretrained(str(ctx.version_dir / "unet"), torch_dtype=ctx.dtype,
+                                                            use_safetensors=True).to(dev).eval()
+    g = torch.Generator("cpu").manual_seed(0)
+    h, w = a.height // 8, a.width // 8
+    inputs = dict(sample=torch.randn(2, a.frames, 8, h, w, generator=g),
+                  timestep=torch.tensor(1.0), encoder_hidden_states=torch.randn(2, 1, 1024, generator=g),
+                  added_time_ids=torch.tensor([[6.0, 127.0, 0.02]] * 2))
+    if a.tiny:
+        inputs["encoder_hidden_states"] = torch.randn(2, 1, base.config.cross_attention_dim, generator=g)
+    repeats = 2 if a.tiny else 5
+
+    def measure(unet, dtype, sdpa="auto") -> dict:
+        x = {k: v.to(dev, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+        with torch.inference_mode(), accel.sdpa_backend(sdpa):
+            out = unet(**x, return_dict=False)[0]  # warm-up (cuDNN / cuBLAS heuristics, allocator)
+            times = []
+            for _ in range(repeats):
+                ctx.sync()
+                t0 = time.perf_counter()
+                out = unet(**x, return_dict=False)[0]
+                ctx.sync()
+                times.append(time.perf_counter() - t0)
+        return {"forward_s": median(times), "out": out.float()}
+
+    res: dict = {"shape": [2, a.frames, 8, h, w], "repeats": repeats}
+    ref = measure(base, ctx.dtype)
+    res["float16" if ctx.dtype == torch.float16 else "float32"] = {"forward_s": ref["forward_s"]}
+
+    def variant(name: str, make, dtype=ctx.dtype, **kw) -> None:
+        if over_budget(a):
+            res[name] = {"skipped": "time budget"}
+            return
+        try:
+            unet = make()
+            r = measure(unet, dtype, **kw)
+            err = (r["out"] - ref["out"]).norm() / ref["out"].norm()
+            res[name] = {"forward_s": r["forward_s"], "speedup": round(ref["forward_s"] / r["forward_s"], 3),
+                         "rel_l2_error_vs_base": round(float(err), 5)}
+            del unet, r
+        except Exception as err:  # noqa: BLE001 - an option a GPU lacks is a result too
+            res[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        free_memory()
+        log(f"unet_tricks {name}: {res[name]}")
+
+    def with_(fn):
+        def make():
+            unet = copy.deepcopy(base)
+            fn(unet)
+            return unet
+        return make
+
+    if ctx.cuda:
+        variant("bfloat16", lambda: copy.deepcopy(base).to(torch.bfloat16), dtype=torch.bfloat16)
+    variant("channels_last", with_(accel.channels_last))
+    variant("fuse_qkv", with_(accel.fuse_qkv))
+    variant("fp8", with_(accel.to_fp8))
+    variant("fuse_qkv+fp8", with_(lambda u: (accel.fuse_qkv(u), accel.to_fp8(u))))
+    for sdpa in ("flash", "cudnn", "efficient"):
+        variant(f"sdpa_{sdpa}", lambda: base, sdpa=sdpa)
+    del base
     return res
 
 
@@ -342,7 +439,7 @@ def one_request(client, ctx: Ctx, model: str, steps: int, decode_chunk: int, kee
             progress.append((ev.elapsed_seconds, now))
         elif isinstance(ev, Frame):
             first_frame = now if first_frame is None else first_frame
-            if keep_frames and ev.index in (0, a.frames - 1):
+            if keep_frames:
                 frames[ev.index] = ev  # decoded after the clock stops
         elif isinstance(ev, VideoChunk):
             video_bytes += len(ev.data)
@@ -359,7 +456,7 @@ def one_request(client, ctx: Ctx, model: str, steps: int, decode_chunk: int, kee
             "server_total_s": s.total_seconds, "server_first_frame_s": s.first_frame_seconds,
             "peak_mem_gib": round(s.peak_memory_bytes / GIB, 2), "batch_size": s.batch_size,
             "_frames": [np.asarray(frames[i].to_pil().convert("RGB")) if i in frames else None
-                        for i in (0, a.frames - 1)] if keep_frames else None}
+                        for i in range(a.frames)] if keep_frames else None}
 
 
 def saturate(client, ctx: Ctx, model: str, decode_chunk: int, n: int) -> dict:
@@ -397,9 +494,13 @@ def run_server(ctx: Ctx, name: str, model_dir: Path) -> dict:
         extra, chunk = {"forward_chunking": "true"}, 2
         if ctx.cuda:
             extra["cpu_offload"] = "true"
-    elif name in ("server_compile", "server_compile_warm"):
+    elif name.startswith("server_compile"):
         # the second start (server_compile_warm) finds the first one's kernels in the cache
-        extra = {"compile": a.compile_mode, "compile_cache_dir": str(model_dir.parent.parent / "compile-cache")}
+        extra = {"compile": a.compile_mode, "compile_vae": "default",
+                 "compile_cache_dir": str(model_dir.parent.parent / "compile-cache")}
+        if name == "server_compile_fp8":
+            extra["fp8"] = "true"
+    extra.update(a.server_params)
     params = write_config(model_dir, a, "KIND_GPU" if ctx.cuda else "KIND_CPU",
                           "float16" if ctx.dtype == torch.float16 else "float32", chunk, extra)
     alloc_before = allocated_gib()
@@ -424,8 +525,9 @@ def run_server(ctx: Ctx, name: str, model_dir: Path) -> dict:
             runs = [one_request(client, ctx, model_dir.name, a.steps, chunk, keep_frames=(i == 0))
                     for i in range(a.server_repeats)]
             # frames match plain's only with the same decode chunking (the decoder is temporal)
-            res["max_abs_diff_vs_plain"] = (max_diff(ctx.reference_frames, runs[0]["_frames"])
-                                            if chunk == a.decode_chunk else None)
+            same_chunks = chunk == a.decode_chunk
+            res["max_abs_diff_vs_plain"] = max_diff(ctx.reference_frames, runs[0]["_frames"]) if same_chunks else None
+            res["psnr_vs_plain_db"] = psnr(ctx.reference_frames, runs[0]["_frames"]) if same_chunks else None
             for r in runs:
                 for k in ("_frames", "t_send", "t_done"):
                     del r[k]
@@ -433,9 +535,11 @@ def run_server(ctx: Ctx, name: str, model_dir: Path) -> dict:
             res.update({k: median(r[k] for r in runs) for k in runs[0]})
             if "compile" in extra:  # other seeds, conditioning and decode chunking must not recompile
                 before = dict(inst.backend.compile_stats())
-                one_request(client, ctx, model_dir.name, 3, max(1, chunk // 2), seed=7, fps=12, motion_bucket_id=60)
-                res["compile_stats_after_warmup"] = before
+                for other in (max(1, chunk // 2), 3, 5, a.frames):
+                    one_request(client, ctx, model_dir.name, 3, other, seed=7, fps=12, motion_bucket_id=60)
+                res["compile_stats_after_timed_runs"] = before
                 res["compile_stats_after_other_params"] = dict(inst.backend.compile_stats())
+                res["other_decode_chunk_sizes"] = sorted({max(1, chunk // 2), 3, 5, a.frames})
             if name == "server" and a.load > 0 and not over_budget(a):
                 log(f"{name}: {a.load} concurrent requests")
                 res["saturation"] = saturate(client, ctx, model_dir.name, chunk, a.load)
@@ -472,12 +576,13 @@ def versions() -> dict:
 
 def print_table(variants: dict) -> None:
     cols = ("ready_s", "e2e_s", "first_frame_s", "step_s", "decode_s", "peak_mem_gib")
-    print(f"\n{'variant':<16}" + "".join(f"{c.replace('peak_mem_gib', 'peak_GiB'):>14}" for c in cols))
+    print(f"\n{'variant':<20}" + "".join(f"{c.replace('peak_mem_gib', 'peak_GiB'):>14}" for c in cols))
     for name, r in variants.items():
         if "error" in r or "skipped" in r:
-            print(f"{name:<16}  {r.get('skipped') or r.get('error')}")
+            print(f"{name:<20}  {r.get('skipped') or r.get('error')}")
             continue
-        print(f"{name:<16}" + "".join(f"{'-' if r.get(c) is None else format(r[c], '.3f'):>14}" for c in cols))
+        if name != "unet_tricks":
+            print(f"{name:<20}" + "".join(f"{'-' if r.get(c) is None else format(r[c], '.3f'):>14}" for c in cols))
 
 
 def main() -> None:
@@ -498,7 +603,12 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="results folder (default $OUT or cwd)")
     p.add_argument("--workdir", help="where the weights go (default /tmp/videogen-bench-<tiny|full>)")
     p.add_argument("--time-budget", type=float, help="seconds; skip the remaining variants once exceeded")
+    p.add_argument("--server-params", default="", help="k=v,k=v backend parameters added to every server variant")
     a = p.parse_args()
+    try:
+        a.server_params = dict(kv.split("=", 1) for kv in a.server_params.split(",") if kv)
+    except ValueError:
+        sys.exit("--server-params: expected k=v,k=v")
 
     cuda = torch.cuda.is_available() and not a.tiny
     if not a.tiny and not cuda:
@@ -529,7 +639,8 @@ def main() -> None:
                    "steps": a.steps, "decode_chunk_size": a.decode_chunk, "seed": a.seed, "dtype": str(dtype),
                    "compile_mode": a.compile_mode, "plain_repeats": a.plain_repeats,
                    "server_repeats": a.server_repeats, "load": a.load, "frame_encoding": "png",
-                   "stream_video": True, "variants": variants, "time_budget": a.time_budget},
+                   "stream_video": True, "variants": variants, "time_budget": a.time_budget,
+                   "server_params": a.server_params},
         "variants": {}, "derived": {}}
     path = out / "bench_results.json"
 
@@ -549,7 +660,9 @@ def main() -> None:
             continue
         log(f"{v}: start")
         try:
-            if v.startswith("plain"):
+            if v == "unet_tricks":
+                r = run_unet_tricks(ctx)
+            elif v.startswith("plain"):
                 r = run_plain(ctx, compiled=v == "plain_compile", lowmem=v == "plain_lowmem")
             else:
                 r = run_server(ctx, v, workdir / "repo" / name)
@@ -586,7 +699,17 @@ def main() -> None:
               f"{der['busy_fraction']:.3f}  (wall {sat['wall_s']:.2f}s, {sat['videos_per_s']:.2f} videos/s)")
     for v, r in vs.items():
         if r.get("max_abs_diff_vs_plain") is not None:
-            print(f"{v}: max |frame - plain frame| (first and last frame, 0-255): {r['max_abs_diff_vs_plain']}")
+            print(f"{v}: frames vs the plain pipeline's (all {a.frames}): max |diff| {r['max_abs_diff_vs_plain']} "
+                  f"of 255, PSNR {r['psnr_vs_plain_db']} dB")
+        if "compile_stats_after_other_params" in r:
+            print(f"{v}: graphs {r['compile_stats_after_timed_runs']} after the timed runs, "
+                  f"{r['compile_stats_after_other_params']} after requests with other seed, fps, motion bucket and "
+                  f"decode_chunk_size {r['other_decode_chunk_sizes']}")
+    if "unet_tricks" in vs and "error" not in vs["unet_tricks"]:
+        print("\nunet_tricks (eager UNet forward, guidance batch):")
+        for k, r in vs["unet_tricks"].items():
+            if isinstance(r, dict):
+                print(f"  {k:<16} {r}")
     print(f"results: {path}")
 
 

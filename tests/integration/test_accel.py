@@ -36,20 +36,22 @@ CASES = [dict(seed=7, num_frames=5, num_inference_steps=3, decode_chunk_size=2),
          dict(seed=3, num_frames=4, num_inference_steps=2, decode_chunk_size=3, width=48, height=32, fps=12)]
 
 
-def test_fused_projections_attention_backend_and_fp8_against_the_plain_model(make_repo):
+def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_plain_model(make_repo):
     repo = make_repo({
         "plain": tiny_config("plain"),
         "fused": tiny_config("fused", parameters=TINY_PARAMETERS + _param("fuse_qkv", "true")),
         "math": tiny_config("math", parameters=TINY_PARAMETERS + _param("attention_backend", "math")),
         "fp8": tiny_config("fp8", parameters=TINY_PARAMETERS + _param("fp8", "true")),
+        "nhwc": tiny_config("nhwc", parameters=TINY_PARAMETERS + _param("channels_last", "true")),
     })
     with ServerThread(repo) as server:
         for case in CASES:
             plain = _frames(server, "plain", **case)
             # one projection instead of three: the same products, the same frames
             assert np.array_equal(_frames(server, "fused", **case), plain)
-            # another attention kernel: the same maths, float rounding apart
+            # another attention kernel, another convolution layout: the same maths, float rounding apart
             assert np.abs(_frames(server, "math", **case) - plain).max() <= 1
+            assert np.abs(_frames(server, "nhwc", **case) - plain).max() <= 1
             # FP8 linears change frames a little, and only a little (about 38-41 dB on this model)
             fp8 = _frames(server, "fp8", **case)
             assert np.abs(fp8 - plain).max() > 0, "fp8 must actually run in 8 bit"
@@ -58,15 +60,17 @@ def test_fused_projections_attention_backend_and_fp8_against_the_plain_model(mak
         assert info.state == pb.MODEL_STATE_READY
 
 
-def test_compiled_vae_decoder_serves_every_chunk_length_without_recompiling(make_repo):
-    """compile_vae: one dynamic-frames graph set per size, built by the warm-up; frames as eager."""
+def test_compiled_vae_decoder_serves_every_chunk_length_without_recompiling(make_repo, tmp_path):
+    """compile_vae: one dynamic-frames graph set per size, built by the warm-up; frames as eager; the
+    compiled code lands in compile_cache_dir."""
     warm = 'model_warmup [ { name: "w" inputs { key: "num_frames" value: "5" } inputs { key: "decode_chunk_size" ' \
            'value: "2" } inputs { key: "num_inference_steps" value: "1" } } ]'
     limits = TINY_PARAMETERS.replace('"max_num_frames" value { string_value: "16" }',
                                      '"max_num_frames" value { string_value: "8" }')
     repo = make_repo({
         "eager": tiny_config("eager", parameters=limits),
-        "compiled": tiny_config("compiled", warm, parameters=limits + _param("compile_vae", "default")),
+        "compiled": tiny_config("compiled", warm, parameters=limits + _param("compile_vae", "default")
+                                + _param("compile_cache_dir", str(tmp_path / "compile-cache"))),
     })
     with ServerThread(repo) as server:
         labels = {"model": "compiled", "version": "1"}
@@ -74,6 +78,8 @@ def test_compiled_vae_decoder_serves_every_chunk_length_without_recompiling(make
         assert graphs >= 2, "the warm-up builds the one-frame graph and the dynamic one"
         assert server.metric("videogen_recompiles_total", **labels) == 0
         assert server.metric("videogen_compiles_total", model="eager", version="1") == 0
+        cached = [p for p in (tmp_path / "compile-cache").rglob("*") if p.is_file()]
+        assert cached, "Inductor's cache should be in compile_cache_dir"
         for frames, chunk in [(5, 1), (5, 2), (5, 3), (5, 5), (8, 8), (7, 4), (2, 2)]:
             case = dict(seed=5, num_frames=frames, num_inference_steps=2, decode_chunk_size=chunk)
             assert np.abs(_frames(server, "compiled", **case) - _frames(server, "eager", **case)).max() <= 1, case

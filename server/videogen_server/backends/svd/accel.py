@@ -103,6 +103,17 @@ def to_fp8(model: nn.Module, skip: tuple[str, ...] = FP8_SKIP) -> int:
     return len(targets)
 
 
+# -- memory format -----------------------------------------------------------------------------------
+
+def channels_last(model: nn.Module) -> int:
+    """2-d convolutions' weights in channels_last (NHWC), which cuDNN's tensor-core kernels read without a
+    transpose; the temporal 3-d convolutions keep their layout (a 5-d tensor has no channels_last)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for m in convs:
+        m.to(memory_format=torch.channels_last)
+    return len(convs)
+
+
 # -- fused projections -----------------------------------------------------------------------------
 
 def fuse_qkv(model: nn.Module) -> int:
@@ -190,10 +201,11 @@ class GraphCounter:
         with cls._lock:
             if cls._installed:
                 return
-            from torch._dynamo.callback import CallbackTrigger, callback_handler
+            from torch._dynamo.callback import callback_handler
 
             def on_end(args=None) -> None:
-                if args is not None and getattr(args, "callback_trigger", None) != CallbackTrigger.DYNAMO:
+                trigger = getattr(args, "callback_trigger", None)  # torch < 2.6 passes no arguments
+                if trigger is not None and trigger.name != "DYNAMO":
                     return  # CUDA graph recordings, lazy backward passes
                 ident = threading.get_ident()
                 with cls._lock:
@@ -206,6 +218,30 @@ class GraphCounter:
     def count(cls, thread_ident: int) -> int:
         with cls._lock:
             return cls._counts.get(thread_ident, 0)
+
+
+_cache_dir: str | None = None
+
+
+def use_compile_cache(path: str) -> None:
+    """Points Inductor's and Triton's on-disk caches at `path` (FX graphs, AOTAutograd entries, kernels).
+
+    Process-wide: the first call wins and later different paths are logged and ignored. It sets the
+    variables outright rather than by default: importing diffusers already lets Inductor fill in its own
+    default (/tmp/torchinductor_<user>), so a default-only setting would never take effect.
+    """
+    global _cache_dir
+    import os
+
+    with GraphCounter._lock:
+        if _cache_dir is None:
+            os.makedirs(path, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+            os.environ["TRITON_CACHE_DIR"] = os.path.join(path, "triton")
+            _cache_dir = path
+        elif _cache_dir != path:
+            log.warning("compile_cache_dir %s ignored: this process already caches compiled code in %s", path,
+                        _cache_dir)
 
 
 def raise_recompile_limit(limit: int = 64) -> None:

@@ -58,7 +58,7 @@ PARAMETERS = {
     "cpu_offload": ("false", "low-memory mode: models live in pinned host memory and move to the GPU for their "
                     "phase only (image encoder, then UNet); not with compile"),
     "forward_chunking": ("false", "UNet feed-forward chunking (lower peak memory, slower)"),
-    "channels_last": ("false", "UNet and VAE in channels_last memory format"),
+    "channels_last": ("false", "the UNet's and VAE's 2-d convolution weights in channels_last (NHWC) memory format"),
     "fault_injection": ("", "testing only: `oom@K` or `error@K` raises a device out-of-memory error or a RuntimeError "
                         "at denoising step K, for requests whose seed is the one after `:seed=` (e.g. oom@2:seed=666)"),
     "compile_cache_dir": ("", "persistent torch.compile cache (Inductor FX graphs, AOTAutograd, Triton kernels) so a "
@@ -153,9 +153,8 @@ class SVDBackend(Backend):
             pipe.unet.enable_forward_chunking()
             applied.append("forward_chunking")
         if _bool("channels_last", p.get("channels_last", "false")):
-            pipe.unet.to(memory_format=torch.channels_last)
-            pipe.vae.to(memory_format=torch.channels_last)
-            applied.append("channels_last")
+            n = accel.channels_last(pipe.unet) + accel.channels_last(pipe.vae)
+            applied.append(f"channels_last ({n} convolutions)")
         self.attention = p.get("attention_backend", "auto")
         self.pipe = pipe
         self.exec_device = self.device
@@ -178,10 +177,8 @@ class SVDBackend(Backend):
         if self.compile_mode != "none" or self.compile_vae_mode != "none":
             accel.GraphCounter.install()
             accel.raise_recompile_limit()
-            cache = p.get("compile_cache_dir")
-            if cache:  # read by Inductor/Triton when they first compile; set before that
-                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
-                os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
+            if p.get("compile_cache_dir"):
+                accel.use_compile_cache(p["compile_cache_dir"])
         if self.compile_mode != "none":
             pipe.unet = torch.compile(pipe.unet, mode=self.compile_mode, fullgraph=True, dynamic=False)
             applied.append(f"compile {self.compile_mode}")

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device session's measurements, written under $OUT (run from the repository root on the GPU machine).
+#
+# The machine's image lacks diffusers, PyAV and our grpc pins: carry them as wheels in .whl/ together with
+# this repository's own wheel (stubs are generated at build time), as /work/.library/device/README.md says:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl diffusers==0.42.1 av==18.1.0 \
+#       grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 importlib_metadata
+#   pip wheel --no-deps --no-build-isolation . -w .whl
+#
+# part1: per-option UNet timings, the plain pipeline, the compiled server from a cold cache, then (new
+#        processes, as a restart would be) the compiled server from the warm cache and the low-memory mode.
+# part2: the compiled server with FP8 linears (PSNR against part1's plain frames, saved in the workdir)
+#        and the pipeline's own low-memory recipe; needs part1's workdir, so run it on the same warm machine.
+set -u
+part=${1:?usage: bench/gpu_session.sh part1|part2}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/vg-out}
+W=/tmp/vg-bench
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$OUT/gpu-$part.txt" 2>&1
+bench() { python3 bench/bench.py --workdir "$W" --repeats 1 "$@"; }
+case $part in
+part1)
+    bench --out "$OUT/p1" --variants unet_tricks,plain,server_compile --time-budget 330 2>&1 | tee "$OUT/p1.log"
+    bench --out "$OUT/p2" --variants server_compile_warm --time-budget 120 2>&1 | tee "$OUT/p2.log"
+    bench --out "$OUT/p3" --variants server_lowmem --time-budget 100 2>&1 | tee "$OUT/p3.log"
+    ;;
+part2)
+    bench --out "$OUT/p4" --variants server_compile_fp8,plain_lowmem --time-budget 230 2>&1 | tee "$OUT/p4.log"
+    ;;
+*)
+    echo "unknown part $part" >&2
+    exit 2
+    ;;
+esac
