@@ -53,6 +53,7 @@ BAD = [
     ("max_guidance_scale", dict(max_guidance_scale=-1.0)),
     ("seed", dict(seed=-5)),
     ("decode_chunk_size", dict(decode_chunk_size=0)),
+    ("decode_chunk_size", dict(decode_chunk_size=17)),  # above max_num_frames (= max_decode_chunk_size)
     ("output.jpeg_quality", dict(output={"frame_encoding": pb.FRAME_ENCODING_JPEG, "jpeg_quality": 101})),
     ("output.frame_encoding", dict(output={"frame_encoding": pb.FRAME_ENCODING_NONE, "stream_video": False})),
     ("model", dict(model="")),

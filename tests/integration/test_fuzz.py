@@ -183,7 +183,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "min_guidance_scale": st.none(),  # drawn together with max below
     "max_guidance_scale": st.none(),
     "seed": st.none() | st.integers(0, 2**63 - 1),
-    "decode_chunk_size": st.none() | st.integers(1, 4) | st.integers(1, 2**16),
+    "decode_chunk_size": st.none() | st.integers(1, 4) | st.integers(1, 16),  # up to max_num_frames
     "request_id": st.just("") | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=128),
     "priority": st.sampled_from([0, 1, 2]),
     "timeout_microseconds": st.sampled_from([0, 60_000_000, 2**64 - 1]),

@@ -107,6 +107,9 @@ BAD = [
     ('backend: "svd" parameters { key: "default_num_frames" value { string_value: "40" } }',
      "parameters['default_num_frames']", "max_num_frames"),
     ('backend: "svd" model_warmup [ { inputs { key: "frames" value: "2" } } ]', "model_warmup[0].inputs", "unknown keys"),
+    ('backend: "svd" parameters [ { key: "max_decode_chunk_size" value { string_value: "4" } }, '
+     '{ key: "default_decode_chunk_size" value { string_value: "8" } } ]', "parameters['default_decode_chunk_size']",
+     "within 1..max_decode_chunk_size"),
 ]
 
 

@@ -113,6 +113,7 @@ class InstanceContext:
     instance_index: int
     max_batch_size: int
     cpu_threads: Optional[int] = None  # torch intra-op threads for CPU instances (None: torch's default)
+    max_decode_chunk_size: int = 25  # the model's limit: no request decodes more frames in one VAE call
 
 
 class Backend(abc.ABC):

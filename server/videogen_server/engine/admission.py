@@ -52,8 +52,9 @@ def resolve_params(p: GenerationParams, d: GenerationDefaults, lim: GenerationLi
     if gmin > gmax:
         raise InvalidRequest("min_guidance_scale", f"{gmin} is above max_guidance_scale {gmax}")
     seed = secrets.randbelow(MAX_SEED) if p.seed is None else _int_in("seed", p.seed, 0, MAX_SEED)
-    chunk_default = d.decode_chunk_size or num_frames
-    chunk = chunk_default if p.decode_chunk_size is None else _int_in("decode_chunk_size", p.decode_chunk_size, 1, 1 << 16)
+    chunk_default = d.decode_chunk_size or min(num_frames, lim.decode_chunk_limit)
+    chunk = chunk_default if p.decode_chunk_size is None else _int_in("decode_chunk_size", p.decode_chunk_size, 1,
+                                                                       lim.decode_chunk_limit)
     chunk = min(chunk, num_frames)
     quality = d.jpeg_quality if p.jpeg_quality is None else _int_in("output.jpeg_quality", p.jpeg_quality, 1, 100)
     video_fps = fps if p.video_fps is None else _int_in("output.video_fps", p.video_fps, 1, 240)

@@ -114,7 +114,8 @@ class ModelRuntime:
                 contexts.append(InstanceContext(
                     model_name=self.name, model_version=self.version, version_path=path,
                     parameters=self.settings.parameters, device=device, instance_index=len(contexts),
-                    max_batch_size=self.settings.max_batch_size, cpu_threads=self._engine.config.cpu_threads))
+                    max_batch_size=self.settings.max_batch_size, cpu_threads=self._engine.config.cpu_threads,
+                    max_decode_chunk_size=self.settings.limits.decode_chunk_limit))
         return contexts
 
     def _warmup_inputs(self) -> list[tuple[str, ResolvedParams, int]]:

@@ -46,9 +46,15 @@ class GenerationLimits:
     min_height: int = 64
     max_height: int = 1024
     max_num_frames: int = 25
+    max_decode_chunk_size: int = 0  # 0: up to max_num_frames (a whole video in one VAE call)
     max_num_inference_steps: int = 100
     max_image_bytes: int = 32 * 2**20
     max_image_pixels: int = 40_000_000
+
+    @property
+    def decode_chunk_limit(self) -> int:
+        """The longest VAE decode chunk a request may ask for."""
+        return min(self.max_decode_chunk_size or self.max_num_frames, self.max_num_frames)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +288,9 @@ def _check_defaults_within_limits(d: GenerationDefaults, lim: GenerationLimits, 
         ("default_num_frames", 1 <= d.num_frames <= lim.max_num_frames, "within 1..max_num_frames"),
         ("default_num_inference_steps", 1 <= d.num_inference_steps <= lim.max_num_inference_steps, "within 1..max_num_inference_steps"),
         ("default_decode_chunk_size", 0 <= d.decode_chunk_size, "0 (all frames) or more"),
+        ("max_decode_chunk_size", 0 <= lim.max_decode_chunk_size, "0 (max_num_frames) or more"),
+        ("default_decode_chunk_size", not lim.max_decode_chunk_size or d.decode_chunk_size <= lim.max_decode_chunk_size,
+         "within 1..max_decode_chunk_size (0, all frames, exceeds it)"),
         ("min_width", 8 <= lim.min_width <= lim.max_width, "8 <= min_width <= max_width"),
         ("min_height", 8 <= lim.min_height <= lim.max_height, "8 <= min_height <= max_height"),
     ]

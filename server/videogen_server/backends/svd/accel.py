@@ -151,31 +151,33 @@ class CompiledDecoder:
     """The VAE decode of one chunk under torch.compile, with the frame dimension left dynamic.
 
     Torch specialises sizes 0 and 1, so a one-frame chunk (25 frames in chunks of 8 end with one) has a
-    graph of its own; the rest share a graph with a symbolic frame count. `warm` decodes chunks of 1, 2
-    and the first request's chunk length at a latent size before that request's frames, so the graphs
-    exist before any other chunk length asks for them. A convolution backend may still split the
-    dynamic range (oneDNN on CPU does at 16 frames): a chunk length on the far side of such a split
-    builds one more graph, counted as a recompile. Spatial sizes are static (graphs per size).
+    graph of its own; the rest share graphs with a symbolic frame count. That range can split once
+    more: Inductor indexes with 32-bit integers while every tensor has fewer than 2^31 elements (at
+    1024x576 the decoder's 256-channel upsampling output passes that at 15 frames), and oneDNN's
+    convolution choice on CPU splits at 16 frames. So `warm` decodes chunks of 1, 2 and `max_chunk`
+    frames at a latent size, before the first request at that size decodes anything: every chunk
+    length up to the model's max_decode_chunk_size then finds its graph. Spatial sizes are static.
     """
 
-    def __init__(self, vae: nn.Module, mode: str) -> None:
+    def __init__(self, vae: nn.Module, mode: str, max_chunk: int) -> None:
         kwargs = {"fullgraph": True}  # dynamic left to mark_dynamic: frames only
         if mode != "default":
             kwargs["mode"] = mode
         self._fn = torch.compile(_Decode(vae), **kwargs)
         self._warm: set[tuple[int, int]] = set()
+        self.max_chunk = max_chunk
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         if z.shape[0] >= 2:
             torch._dynamo.maybe_mark_dynamic(z, 0)
         return self._fn(z)
 
-    def warm(self, latents: torch.Tensor, chunk: int) -> bool:
+    def warm(self, latents: torch.Tensor) -> bool:
         """Builds the graphs for latents [F, C, h, w] of this size; False if that was done before."""
-        frames, channels, h, w = latents.shape
+        _, channels, h, w = latents.shape
         if (h, w) in self._warm:
             return False
-        for n in sorted({1, 2, min(chunk, frames)}):  # never longer than the request's own chunks (memory)
+        for n in sorted({1, min(2, self.max_chunk), self.max_chunk}):
             self(torch.zeros(n, channels, h, w, dtype=latents.dtype, device=latents.device))
         self._warm.add((h, w))
         return True

@@ -183,7 +183,7 @@ class SVDBackend(Backend):
             pipe.unet = torch.compile(pipe.unet, mode=self.compile_mode, fullgraph=True, dynamic=False)
             applied.append(f"compile {self.compile_mode}")
         if self.compile_vae_mode != "none":
-            self.decoder = accel.CompiledDecoder(pipe.vae, self.compile_vae_mode)
+            self.decoder = accel.CompiledDecoder(pipe.vae, self.compile_vae_mode, context.max_decode_chunk_size)
             applied.append(f"compile_vae {self.compile_vae_mode}")
         log.info("svd instance %s/%s#%d on %s (%s) loaded in %.2fs%s", context.model_name, context.model_version,
                  context.instance_index, self.device, str(self.dtype).removeprefix("torch."), time.perf_counter() - t0,
@@ -343,7 +343,7 @@ class SVDBackend(Backend):
         # 3. VAE decode, request by request, chunk by chunk; each chunk goes out as soon as it is ready.
         latents = 1 / pipe.vae.config.scaling_factor * latents  # the pipeline's exact arithmetic
         if self.decoder is not None:  # builds this size's graphs the first time (warm-up requests)
-            self.decoder.warm(latents[0], requests[live[0]].params.decode_chunk_size)
+            self.decoder.warm(latents[0])
         for k, row in enumerate(live):
             r = requests[row]
             chunk = r.params.decode_chunk_size
