@@ -18,6 +18,7 @@ Variants (--variants, comma list):
                   over loopback with frame_encoding "png" and stream_video on: one warm-up request (2 steps),
                   then timed requests, medians reported
   server_lowmem   server with cpu_offload (GPU only), forward_chunking and decode_chunk_size 2
+  server_offload  server with cpu_offload and decode_chunk_size 2, no forward chunking (isolates chunking's cost)
   server_compile  server with compile=--compile-mode for the UNet, compile_vae=default for the VAE decoder
                   (ready_s includes compilation) and a persistent compile cache under <workdir>/compile-cache
   server_compile_warm  the same again: a restart that finds its kernels in the cache (run it in a second
@@ -56,7 +57,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-ALL_VARIANTS = ("plain", "server", "server_lowmem", "server_compile", "server_compile_warm", "server_compile_fp8",
+ALL_VARIANTS = ("plain", "server", "server_lowmem", "server_offload", "server_compile", "server_compile_warm", "server_compile_fp8",
                 "plain_compile", "plain_lowmem", "unet_tricks")
 T0 = time.perf_counter()
 GIB = 2**30
@@ -494,8 +495,8 @@ def run_server(ctx: Ctx, name: str, model_dir: Path) -> dict:
 
     a = ctx.a
     extra, chunk = {}, a.decode_chunk
-    if name == "server_lowmem":
-        extra, chunk = {"forward_chunking": "true"}, 2
+    if name in ("server_lowmem", "server_offload"):
+        extra, chunk = ({"forward_chunking": "true"} if name == "server_lowmem" else {}), 2
         if ctx.cuda:
             extra["cpu_offload"] = "true"
     elif name.startswith("server_compile"):

@@ -7,12 +7,13 @@
 #       grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 importlib_metadata
 #   pip wheel --no-deps --no-build-isolation . -w .whl
 #
-# part1: per-option UNet timings, the plain pipeline, the compiled server from a cold cache, then (new
-#        processes, as a restart would be) the compiled server from the warm cache and the low-memory mode.
-# part2: the compiled server with FP8 linears (PSNR against part1's plain frames, saved in the workdir)
-#        and the pipeline's own low-memory recipe; needs part1's workdir, so run it on the same warm machine.
+# part1: the plain pipeline and the compiled server from a cold cache, then (a new process, as a restart
+#        would be) the compiled server from the warm cache. tricks: one eager UNet forward per option.
+# part2: the compiled server with FP8 linears (PSNR against part1's plain frames, saved in the workdir), then
+#        the pipeline's low-memory recipe beside ours with and without forward chunking; needs part1's
+#        workdir, so run it on the same warm machine (or add plain to its first line).
 set -u
-part=${1:?usage: bench/gpu_session.sh part1|part2}
+part=${1:?usage: bench/gpu_session.sh part1|part2|tricks}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -23,12 +24,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 bench() { python3 bench/bench.py --workdir "$W" --repeats 1 "$@"; }
 case $part in
 part1)
-    bench --out "$OUT/p1" --variants unet_tricks,plain,server_compile --time-budget 330 2>&1 | tee "$OUT/p1.log"
+    # H200, 2026-11-26: plain ~30 s; server_compile ~270 s to ready from a cold cache (UNet and VAE) + ~2 min of requests; warm ~90 s
+    bench --out "$OUT/p1" --variants plain,server_compile --time-budget 300 2>&1 | tee "$OUT/p1.log"
     bench --out "$OUT/p2" --variants server_compile_warm --time-budget 120 2>&1 | tee "$OUT/p2.log"
-    bench --out "$OUT/p3" --variants server_lowmem --time-budget 100 2>&1 | tee "$OUT/p3.log"
+    ;;
+tricks)
+    # one eager UNet forward per option (~50 s)
+    bench --out "$OUT/p0" --variants unet_tricks 2>&1 | tee "$OUT/p0.log"
     ;;
 part2)
-    bench --out "$OUT/p4" --variants server_compile_fp8,plain_lowmem --time-budget 230 2>&1 | tee "$OUT/p4.log"
+    bench --out "$OUT/p4" --variants server_compile_fp8 --time-budget 230 2>&1 | tee "$OUT/p4.log"
+    # the low-memory gap (3.9 s per step against the pipeline's 0.72): same process, per-step figures
+    bench --out "$OUT/p5" --steps 5 --variants plain_lowmem,server_offload,server_lowmem --time-budget 150 2>&1 \
+        | tee "$OUT/p5.log"
     ;;
 *)
     echo "unknown part $part" >&2

@@ -36,9 +36,18 @@ except ImportError:  # pragma: no cover - torch < 2.3
 
 
 def sdpa_backend(name: str):
-    """A context that makes SDPA use one backend ("auto": torch's own choice per call)."""
+    """A context that makes SDPA prefer one backend ("auto": torch's own choice per call).
+
+    The others stay as fallbacks, in torch's order, for the calls the preferred one cannot take: cuDNN,
+    for one, refuses SVD's cross-attention (its key/value sequence is one token long), and pinning it
+    alone failed the whole forward on an H200 ("No available kernel").
+    """
     backend = SDPA_BACKENDS[name]
-    return contextlib.nullcontext() if backend is None else sdpa_kernel([backend])
+    if backend is None:
+        return contextlib.nullcontext()
+    order = [backend] + [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                     SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != backend]
+    return sdpa_kernel(order, set_priority=True)
 
 
 # -- FP8 -------------------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ PARAMETERS = {
     "fp8": ("false", "UNet linear layers as FP8 e4m3 matrix products (dynamic per-row activation scales, "
             "per-channel weight scales); GPUs of compute capability 8.9+ (Ada, Hopper); changes frames slightly"),
     "fuse_qkv": ("false", "one projection for attention query/key/value instead of three"),
-    "attention_backend": ("auto", "scaled-dot-product attention kernel: " + " | ".join(accel.SDPA_BACKENDS)),
+    "attention_backend": ("auto", "scaled-dot-product attention kernel to prefer (the others remain for calls it "
+                          "cannot take): " + " | ".join(accel.SDPA_BACKENDS)),
     "cpu_offload": ("false", "low-memory mode: models live in pinned host memory and move to the GPU for their "
                     "phase only (image encoder, then UNet); not with compile"),
     "forward_chunking": ("false", "UNet feed-forward chunking (lower peak memory, slower)"),
