@@ -12,8 +12,9 @@
 # part2: the compiled server with FP8 linears (PSNR against part1's plain frames, saved in the workdir), then
 #        the pipeline's low-memory recipe beside ours with and without forward chunking; needs part1's
 #        workdir, so run it on the same warm machine (or add plain to its first line).
+# part3: the compiled server with Inductor's conv_1x1_as_mm and coordinate-descent tuning.
 set -u
-part=${1:?usage: bench/gpu_session.sh part1|part2|tricks}
+part=${1:?usage: bench/gpu_session.sh part1|part2|part3|tricks}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -27,6 +28,12 @@ part1)
     # H200, 2026-11-26: plain ~30 s; server_compile ~270 s to ready from a cold cache (UNet and VAE) + ~2 min of requests; warm ~90 s
     bench --out "$OUT/p1" --variants plain,server_compile --time-budget 300 2>&1 | tee "$OUT/p1.log"
     bench --out "$OUT/p2" --variants server_compile_warm --time-budget 120 2>&1 | tee "$OUT/p2.log"
+    ;;
+part3)
+    # Inductor knobs diffusers recommends for UNets, on top of reduce-overhead (cold compile, ~5 min; own cache)
+    bench --out "$OUT/p6" --variants server_compile --time-budget 400 \
+        --server-params "compile_options=conv_1x1_as_mm=true;coordinate_descent_tuning=true,compile_cache_dir=/tmp/vg-cc-opts" \
+        2>&1 | tee "$OUT/p6.log"
     ;;
 tricks)
     # one eager UNet forward per option (~50 s)

@@ -70,9 +70,13 @@ def test_compiled_vae_decoder_serves_every_chunk_length_without_recompiling(make
     repo = make_repo({
         "eager": tiny_config("eager", parameters=limits),
         "compiled": tiny_config("compiled", warm, parameters=limits + _param("compile_vae", "default")
-                                + _param("compile_cache_dir", str(tmp_path / "compile-cache"))),
+                                + _param("compile_cache_dir", str(tmp_path / "compile-cache"))
+                                + _param("compile_options", "conv_1x1_as_mm=true; epilogue_fusion=false")),
+        "typo": tiny_config("typo", parameters=TINY_PARAMETERS + _param("compile_vae", "default")
+                            + _param("compile_options", "conv_1x1_as_mmm=true")),
     })
     with ServerThread(repo) as server:
+        assert "compile_options: unknown Inductor option(s) ['conv_1x1_as_mmm']" in server.engine.models["typo"].error
         labels = {"model": "compiled", "version": "1"}
         graphs = server.metric("videogen_compiles_total", **labels)
         assert graphs >= 2, "the warm-up builds the one-frame graph and the dynamic one"

@@ -156,6 +156,43 @@ class _Decode(nn.Module):
         return self.vae.decode(z, num_frames=z.shape[0]).sample
 
 
+def parse_compile_options(text: str) -> dict[str, object]:
+    """`key=value;key=value` -> Inductor options; values true/false, integers, floats or strings."""
+    out: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ValueError(f"compile_options: {item!r} is not key=value")
+        low = value.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    out[key] = value
+    return out
+
+
+def compile_module(model: nn.Module, mode: str, options: dict[str, object], **kwargs):
+    """torch.compile(model, mode=mode), or with the mode's Inductor options plus `options` when given
+    (torch.compile takes a mode or options, not both). Unknown option names are refused by name."""
+    if not options:
+        return torch.compile(model, **({} if mode == "default" else {"mode": mode}), **kwargs)
+    import torch._inductor as inductor
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        raise ValueError(f"compile_options: unknown Inductor option(s) {unknown}")
+    return torch.compile(model, options={**inductor.list_mode_options(mode), **options}, **kwargs)
+
+
 class CompiledDecoder:
     """The VAE decode of one chunk under torch.compile, with the frame dimension left dynamic.
 
@@ -168,11 +205,9 @@ class CompiledDecoder:
     length up to the model's max_decode_chunk_size then finds its graph. Spatial sizes are static.
     """
 
-    def __init__(self, vae: nn.Module, mode: str, max_chunk: int) -> None:
-        kwargs = {"fullgraph": True}  # dynamic left to mark_dynamic: frames only
-        if mode != "default":
-            kwargs["mode"] = mode
-        self._fn = torch.compile(_Decode(vae), **kwargs)
+    def __init__(self, vae: nn.Module, mode: str, max_chunk: int, options: dict[str, object] | None = None) -> None:
+        # dynamic left to mark_dynamic: frames only
+        self._fn = compile_module(_Decode(vae), mode, options or {}, fullgraph=True)
         self._warm: set[tuple[int, int]] = set()
         self.max_chunk = max_chunk
 

@@ -62,6 +62,8 @@ PARAMETERS = {
     "channels_last": ("false", "the UNet's and VAE's 2-d convolution weights in channels_last (NHWC) memory format"),
     "fault_injection": ("", "testing only: `oom@K` or `error@K` raises a device out-of-memory error or a RuntimeError "
                         "at denoising step K, for requests whose seed is the one after `:seed=` (e.g. oom@2:seed=666)"),
+    "compile_options": ("", "extra Inductor options for compile and compile_vae, `key=value;key=value` (e.g. "
+                        "conv_1x1_as_mm=true;coordinate_descent_tuning=true), over the mode's own"),
     "compile_cache_dir": ("", "persistent torch.compile cache (Inductor FX graphs, AOTAutograd, Triton kernels) so a "
                           "restart does not compile from scratch; process-wide, first model to set it wins"),
 }
@@ -101,6 +103,8 @@ class SVDBackend(Backend):
                 _bool(key, value)
             if key == "fault_injection":
                 _parse_fault(value)
+            if key == "compile_options":
+                accel.parse_compile_options(value)
         offload = _bool("cpu_offload", parameters.get("cpu_offload", "false"))
         for key in ("compile", "compile_vae"):
             if offload and parameters.get(key, "none") != "none":
@@ -180,12 +184,16 @@ class SVDBackend(Backend):
             accel.raise_recompile_limit()
             if p.get("compile_cache_dir"):
                 accel.use_compile_cache(p["compile_cache_dir"])
+        options = accel.parse_compile_options(p.get("compile_options", ""))
         if self.compile_mode != "none":
-            pipe.unet = torch.compile(pipe.unet, mode=self.compile_mode, fullgraph=True, dynamic=False)
+            pipe.unet = accel.compile_module(pipe.unet, self.compile_mode, options, fullgraph=True, dynamic=False)
             applied.append(f"compile {self.compile_mode}")
         if self.compile_vae_mode != "none":
-            self.decoder = accel.CompiledDecoder(pipe.vae, self.compile_vae_mode, context.max_decode_chunk_size)
+            self.decoder = accel.CompiledDecoder(pipe.vae, self.compile_vae_mode, context.max_decode_chunk_size,
+                                                 options)
             applied.append(f"compile_vae {self.compile_vae_mode}")
+        if options:
+            applied.append(f"compile_options {options}")
         log.info("svd instance %s/%s#%d on %s (%s) loaded in %.2fs%s", context.model_name, context.model_version,
                  context.instance_index, self.device, str(self.dtype).removeprefix("torch."), time.perf_counter() - t0,
                  f"; {', '.join(applied)}" if applied else "")
