@@ -290,7 +290,7 @@ def _check_defaults_within_limits(d: GenerationDefaults, lim: GenerationLimits, 
         ("default_decode_chunk_size", 0 <= d.decode_chunk_size, "0 (all frames) or more"),
         ("max_decode_chunk_size", 0 <= lim.max_decode_chunk_size, "0 (max_num_frames) or more"),
         ("default_decode_chunk_size", not lim.max_decode_chunk_size or d.decode_chunk_size <= lim.max_decode_chunk_size,
-         "within 1..max_decode_chunk_size (0, all frames, exceeds it)"),
+         "at most max_decode_chunk_size, or 0 (all frames, in chunks of max_decode_chunk_size)"),
         ("min_width", 8 <= lim.min_width <= lim.max_width, "8 <= min_width <= max_width"),
         ("min_height", 8 <= lim.min_height <= lim.max_height, "8 <= min_height <= max_height"),
     ]

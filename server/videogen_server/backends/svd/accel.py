@@ -4,9 +4,12 @@
   activation scales and per-output-channel weight scales (the torchao "float8 dynamic, row-wise" recipe,
   written on `torch._scaled_mm` so it needs no extra package). Convolutions stay in 16 bit.
 - `fuse_qkv`: one projection for query/key/value (self-attention) and key/value (cross-attention).
-- `sdpa_backend`: pins scaled-dot-product attention to one backend (flash, cuDNN, efficient, math).
-- `CompiledDecoder`: the VAE decoder under torch.compile with a dynamic frame dimension, so every decode
-  chunk length shares one graph (the decoder is temporal: padding a chunk would change its frames).
+- `channels_last`: 2-d convolution weights in NHWC.
+- `sdpa_backend`: makes scaled-dot-product attention prefer one backend (flash, cuDNN, efficient, math).
+- `compile_module` / `CompiledDecoder`: torch.compile with optional Inductor options; the VAE decoder with
+  a dynamic frame dimension, so chunk lengths share graphs (the decoder is temporal: padding a chunk
+  would change its frames). `GraphCounter` counts the graphs each instance built; `use_compile_cache`
+  points the on-disk caches at a persistent folder.
 - `PhaseOffload`: the low-memory mode; whole models move to the device for their phase only, copied
   from pinned host memory (the host copy stays the master, so moving a model off costs nothing).
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -267,6 +269,7 @@ class GraphCounter:
 
 
 _cache_dir: str | None = None
+_cache_lock = threading.Lock()
 
 
 def use_compile_cache(path: str) -> None:
@@ -279,7 +282,7 @@ def use_compile_cache(path: str) -> None:
     global _cache_dir
     import os
 
-    with GraphCounter._lock:
+    with _cache_lock:
         if _cache_dir is None:
             os.makedirs(path, exist_ok=True)
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
@@ -329,9 +332,7 @@ class PhaseOffload:
         if self.current == name:
             return
         if self.current is not None:
-            for t, host in self._tensors[self.current]:
-                t.data = host
-            self.current = None
+            self.release()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # the freed weights go back to the device for the next model
         for t, host in self._tensors[name]:
@@ -339,16 +340,13 @@ class PhaseOffload:
         self.current = name
 
     def release(self) -> None:
+        """Takes the model on the device off it (its tensors point at their host copies again)."""
         if self.current is not None:
             for t, host in self._tensors[self.current]:
                 t.data = host
             self.current = None
 
 
-def _tensors(model: nn.Module) -> Iterator[torch.Tensor]:
-    seen: set[int] = set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            yield t
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    return list(model.parameters()) + list(model.buffers())  # each shared tensor once
 

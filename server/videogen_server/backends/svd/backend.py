@@ -49,8 +49,9 @@ PARAMETERS = {
     "variant": ("", "weights variant to load, e.g. fp16 for the *.fp16.safetensors files"),
     "compile": ("none", "torch.compile mode for the UNet (fullgraph, static shapes: one graph per width x height x "
                 "frames x batch size, built by the warm-up requests): " + " | ".join(COMPILE_MODES)),
-    "compile_vae": ("none", "torch.compile mode for the VAE decoder, with a dynamic frame dimension: every "
-                    "decode_chunk_size shares one graph per width x height: " + " | ".join(COMPILE_MODES)),
+    "compile_vae": ("none", "torch.compile mode for the VAE decoder, with a dynamic frame dimension: the first "
+                    "request at a size builds the graphs of every chunk length up to max_decode_chunk_size: "
+                    + " | ".join(COMPILE_MODES)),
     "fp8": ("false", "UNet linear layers as FP8 e4m3 matrix products (dynamic per-row activation scales, "
             "per-channel weight scales); GPUs of compute capability 8.9+ (Ada, Hopper); changes frames slightly"),
     "fuse_qkv": ("false", "one projection for attention query/key/value instead of three"),
@@ -162,16 +163,14 @@ class SVDBackend(Backend):
             applied.append(f"channels_last ({n} convolutions)")
         self.attention = p.get("attention_backend", "auto")
         self.pipe = pipe
-        self.exec_device = self.device
         # The pipeline flips the whole VAE to float32 for the image encode when it runs in float16
         # (force_upcast) and back afterwards: shared mutable state, and a weight copy per call. We keep
         # a float32 copy of the encoder half instead; same numbers, no flip.
         self.vae_upcast = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
         if self.vae_upcast:
-            # On the execution device even under CPU offload (accelerate hooks only the whole VAE);
-            # the encoder half is ~140 MB in float32.
-            self.vae_encoder32 = copy.deepcopy(pipe.vae.encoder).to(self.exec_device, torch.float32)
-            self.vae_quant_conv32 = copy.deepcopy(pipe.vae.quant_conv).to(self.exec_device, torch.float32)
+            # On the device even under cpu_offload, as the VAE is; the encoder half is ~140 MB in float32.
+            self.vae_encoder32 = copy.deepcopy(pipe.vae.encoder).to(self.device, torch.float32)
+            self.vae_quant_conv32 = copy.deepcopy(pipe.vae.quant_conv).to(self.device, torch.float32)
         self.scheduler_config = pipe.scheduler.config
         self.fault = _parse_fault(p.get("fault_injection", ""))
         self.compile_mode = p.get("compile", "none")
@@ -250,7 +249,7 @@ class SVDBackend(Backend):
             torch.cuda.synchronize(self.device)
 
     def _execute(self, requests: list[BackendRequest]) -> None:
-        pipe, dev = self.pipe, self.exec_device
+        pipe, dev = self.pipe, self.device
         p0 = requests[0].params
         height, width, num_frames, steps = p0.height, p0.width, p0.num_frames, p0.num_inference_steps
         do_cfg = p0.max_guidance_scale > 1.0  # equal across a batch (part of batch_key)
