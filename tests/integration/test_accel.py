@@ -60,6 +60,7 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
         assert info.state == pb.MODEL_STATE_READY
 
 
+@pytest.mark.timeout(600)  # Inductor compiles four graphs from a cold cache: ~100 s on 2 busy cores
 def test_compiled_vae_decoder_serves_every_chunk_length_without_recompiling(make_repo, tmp_path):
     """compile_vae: one dynamic-frames graph set per size, built by the warm-up; frames as eager; the
     compiled code lands in compile_cache_dir."""
