@@ -335,15 +335,19 @@ def run_unet_tricks(ctx: Ctx) -> dict:
 
     def measure(unet, dtype, sdpa="auto") -> dict:
         x = {k: v.to(dev, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
-        with torch.inference_mode(), accel.sdpa_backend(sdpa):
-            out = unet(**x, return_dict=False)[0]  # warm-up (cuDNN / cuBLAS heuristics, allocator)
-            times = []
-            for _ in range(repeats):
-                ctx.sync()
-                t0 = time.perf_counter()
-                out = unet(**x, return_dict=False)[0]
-                ctx.sync()
-                times.append(time.perf_counter() - t0)
+        accel.prefer_sdpa_backend(sdpa)  # as the server sets it (process-wide), released below
+        try:
+            with torch.inference_mode():
+                out = unet(**x, return_dict=False)[0]  # warm-up (cuDNN / cuBLAS heuristics, allocator)
+                times = []
+                for _ in range(repeats):
+                    ctx.sync()
+                    t0 = time.perf_counter()
+                    out = unet(**x, return_dict=False)[0]
+                    ctx.sync()
+                    times.append(time.perf_counter() - t0)
+        finally:
+            accel.release_sdpa_backend(sdpa)
         return {"forward_s": median(times), "out": out.float()}
 
     res: dict = {"shape": [2, a.frames, 8, h, w], "repeats": repeats}

@@ -40,24 +40,51 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
     repo = make_repo({
         "plain": tiny_config("plain"),
         "fused": tiny_config("fused", parameters=TINY_PARAMETERS + _param("fuse_qkv", "true")),
-        "math": tiny_config("math", parameters=TINY_PARAMETERS + _param("attention_backend", "math")),
         "fp8": tiny_config("fp8", parameters=TINY_PARAMETERS + _param("fp8", "true")),
         "nhwc": tiny_config("nhwc", parameters=TINY_PARAMETERS + _param("channels_last", "true")),
     })
+    plain = {}
     with ServerThread(repo) as server:
-        for case in CASES:
-            plain = _frames(server, "plain", **case)
+        for i, case in enumerate(CASES):
+            plain[i] = _frames(server, "plain", **case)
             # one projection instead of three: the same products, the same frames
-            assert np.array_equal(_frames(server, "fused", **case), plain)
-            # another attention kernel, another convolution layout: the same maths, float rounding apart
-            assert np.abs(_frames(server, "math", **case) - plain).max() <= 1
-            assert np.abs(_frames(server, "nhwc", **case) - plain).max() <= 1
+            assert np.array_equal(_frames(server, "fused", **case), plain[i])
+            # another convolution layout: the same maths, float rounding apart
+            assert np.abs(_frames(server, "nhwc", **case) - plain[i]).max() <= 1
             # FP8 linears change frames a little, and only a little (about 38-41 dB on this model)
             fp8 = _frames(server, "fp8", **case)
-            assert np.abs(fp8 - plain).max() > 0, "fp8 must actually run in 8 bit"
-            assert _psnr(fp8, plain) > 30
-        info = server.stub().GetModel(pb.GetModelRequest(name="fp8"))
-        assert info.state == pb.MODEL_STATE_READY
+            assert np.abs(fp8 - plain[i]).max() > 0, "fp8 must actually run in 8 bit"
+            assert _psnr(fp8, plain[i]) > 30
+    # The attention kernel preference is process-wide (torch's switches are): a server of its own.
+    import shutil
+
+    from torch.nn.attention import SDPBackend
+
+    for name in ("plain", "fused", "fp8", "nhwc"):
+        shutil.rmtree(repo / name)  # make_repo adds to the same folder
+    repo2 = make_repo({
+        "math": tiny_config("math", parameters=TINY_PARAMETERS + _param("attention_backend", "math")),
+        "math2": tiny_config("math2", parameters=TINY_PARAMETERS + _param("attention_backend", "math")),
+    })
+    default_order = torch._C._get_sdp_priority_order()
+    with ServerThread(repo2) as server:
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.MATH)
+        for i, case in enumerate(CASES):  # the same maths, float rounding apart
+            assert np.abs(_frames(server, "math", **case) - plain[i]).max() <= 1
+    # unloading every model that asked for it gives torch its own choice back
+    assert torch._C._get_sdp_priority_order() == default_order
+
+
+def test_two_attention_preferences_in_one_process_refuse_the_second(make_repo):
+    repo = make_repo({
+        "math": tiny_config("math", parameters=TINY_PARAMETERS + _param("attention_backend", "math")),
+        "flash": tiny_config("flash", parameters=TINY_PARAMETERS + _param("attention_backend", "flash")),
+    })
+    with ServerThread(repo) as server:
+        errors = {name: server.engine.models[name].error for name in ("math", "flash")}
+        refused = [name for name, error in errors.items() if "process-wide" in error]
+        assert len(refused) == 1, errors  # whichever loaded second
+        assert "already prefers" in errors[refused[0]]
 
 
 @pytest.mark.timeout(600)  # Inductor compiles four graphs from a cold cache: ~100 s on 2 busy cores
@@ -110,8 +137,16 @@ def test_phase_offload_moves_one_model_at_a_time():
     from videogen_server.backends.svd.accel import PhaseOffload
 
     a, b = torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    conv = torch.nn.Conv2d(3, 16, 3).to(memory_format=torch.channels_last)
     tensors = lambda m: list(m.parameters()) + list(m.buffers())  # noqa: E731
-    off = PhaseOffload({"a": a, "b": b}, torch.device("cpu"))
+    weights = {id(t): t.detach().clone() for m in (a, b, conv) for t in tensors(m)}
+    off = PhaseOffload({"a": a, "b": b, "conv": conv}, torch.device("cpu"))
+    # one flat host buffer per model, values and strides kept (channels_last stays channels_last)
+    assert all(torch.equal(t, weights[id(t)]) for m in (a, b, conv) for t in tensors(m))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert len({t.untyped_storage().data_ptr() for t in tensors(b)}) == 1
+    off.use("conv")
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     host = {id(t): t.data.data_ptr() for m in (a, b) for t in tensors(m)}
     on_host = lambda m: all(t.data.data_ptr() == host[id(t)] for t in tensors(m))  # noqa: E731
     on_device = lambda m: not any(t.data.data_ptr() == host[id(t)] for t in tensors(m))  # noqa: E731

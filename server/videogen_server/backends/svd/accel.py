@@ -5,7 +5,8 @@
   written on `torch._scaled_mm` so it needs no extra package). Convolutions stay in 16 bit.
 - `fuse_qkv`: one projection for query/key/value (self-attention) and key/value (cross-attention).
 - `channels_last`: 2-d convolution weights in NHWC.
-- `sdpa_backend`: makes scaled-dot-product attention prefer one backend (flash, cuDNN, efficient, math).
+- `prefer_sdpa_backend`: makes scaled-dot-product attention prefer one backend (flash, cuDNN, efficient,
+  math), process-wide while a model that asked for it is loaded.
 - `compile_module` / `CompiledDecoder`: torch.compile with optional Inductor options; the VAE decoder with
   a dynamic frame dimension, so chunk lengths share graphs (the decoder is temporal: padding a chunk
   would change its frames). `GraphCounter` counts the graphs each instance built; `use_compile_cache`
@@ -37,19 +38,57 @@ except ImportError:  # pragma: no cover - torch < 2.3
     SDPA_BACKENDS = {"auto": None}
 
 
-def sdpa_backend(name: str):
-    """A context that makes SDPA prefer one backend ("auto": torch's own choice per call).
+_sdpa_lock = threading.Lock()
+_sdpa_preference: str | None = None  # the process's non-auto choice, once one model made it
+_sdpa_users = 0  # instances holding it; the last one to release it restores torch's default
+_sdpa_stack = contextlib.ExitStack()  # holds that choice while it has users
 
-    The others stay as fallbacks, in torch's order, for the calls the preferred one cannot take: cuDNN,
-    for one, refuses SVD's cross-attention (its key/value sequence is one token long), and pinning it
-    alone failed the whole forward on an H200 ("No available kernel").
+
+def prefer_sdpa_backend(name: str) -> str:
+    """Makes SDPA prefer one backend for the whole process; returns the preference in force.
+
+    torch's SDPA switches are process-wide, not per thread: a per-call context in one instance
+    thread would change every other instance's kernels while it ran (and two overlapping contexts
+    could leave the wrong one behind for good), and compiled graphs pick their kernel when traced.
+    So the first model that asks for a kernel sets it, before anything is compiled; "auto" models
+    share it, and a model asking for another kernel is refused until every instance that asked for
+    the first has called `release_sdpa_backend` (unloaded). The other backends stay enabled, in
+    torch's own order, for calls the preferred one cannot take: cuDNN refuses SVD's cross-attention
+    (its key/value sequence is one token long), and pinning it alone failed the whole forward on an
+    H200 ("No available kernel").
     """
+    global _sdpa_preference, _sdpa_users
     backend = SDPA_BACKENDS[name]
-    if backend is None:
-        return contextlib.nullcontext()
-    order = [backend] + [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                                     SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != backend]
-    return sdpa_kernel(order, set_priority=True)
+    with _sdpa_lock:
+        if backend is None:
+            return _sdpa_preference or "auto"
+        if _sdpa_preference == name:
+            _sdpa_users += 1
+            return name
+        if _sdpa_preference is not None:
+            raise ValueError(f"attention_backend: {name!r}, but this process already prefers "
+                             f"{_sdpa_preference!r} for another model (the setting is process-wide)")
+        try:
+            torch_order = [SDPBackend(b) for b in torch._C._get_sdp_priority_order()]
+        except (AttributeError, ValueError):  # no priority API: a fixed order
+            torch_order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+                           SDPBackend.CUDNN_ATTENTION]
+        _sdpa_stack.enter_context(sdpa_kernel([backend] + [b for b in torch_order if b != backend],
+                                              set_priority=True))
+        _sdpa_preference, _sdpa_users = name, 1
+        return name
+
+
+def release_sdpa_backend(name: str) -> None:
+    """One holder of `name` is gone; the last one restores torch's own kernel choice."""
+    global _sdpa_preference, _sdpa_users
+    with _sdpa_lock:
+        if SDPA_BACKENDS[name] is None or _sdpa_preference != name:
+            return
+        _sdpa_users -= 1
+        if _sdpa_users == 0:
+            _sdpa_stack.close()
+            _sdpa_preference = None
 
 
 # -- FP8 -------------------------------------------------------------------------------------------
@@ -89,7 +128,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features).contiguous()  # _scaled_mm on CUDA wants a row-major left side
         xf = x2.float()
         x_scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX  # [M, 1]
         xq = (xf / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -208,8 +247,9 @@ class CompiledDecoder:
     """
 
     def __init__(self, vae: nn.Module, mode: str, max_chunk: int, options: dict[str, object] | None = None) -> None:
-        # dynamic left to mark_dynamic: frames only
-        self._fn = compile_module(_Decode(vae), mode, options or {}, fullgraph=True)
+        # static shapes but for the frame dimension marked at each call (else a second spatial size would
+        # make height and width symbolic too: generic kernels)
+        self._fn = compile_module(_Decode(vae), mode, options or {}, fullgraph=True, dynamic=False)
         self._warm: set[tuple[int, int]] = set()
         self.max_chunk = max_chunk
 
@@ -234,10 +274,11 @@ class CompiledDecoder:
 class GraphCounter:
     """Counts torch.compile's frame compilations per thread.
 
-    Each instance initialises, warms up and serves on its own thread, and Dynamo compiles one frame at
-    a time under its global lock, on the calling thread: a compile-end callback that reads the current
-    thread attributes every graph to the instance that built it (torch's own counters are process-wide,
-    and its `recompiles` counter is not kept by recent releases).
+    Each instance initialises, warms up and serves on its own thread, and Dynamo compiles a frame on
+    the calling thread: a bytecode hook (called once per compiled frame) that reads the current thread
+    attributes every graph to the instance that built it. torch's own counters are process-wide, its
+    `recompiles` counter is not kept by recent releases, and its compile callbacks are cleared by
+    torch._dynamo.reset() and fire once for overlapping compiles of several threads.
     """
 
     _lock = threading.Lock()
@@ -249,17 +290,15 @@ class GraphCounter:
         with cls._lock:
             if cls._installed:
                 return
-            from torch._dynamo.callback import callback_handler
+            from torch._dynamo.convert_frame import register_bytecode_hook
 
-            def on_end(args=None) -> None:
-                trigger = getattr(args, "callback_trigger", None)  # torch < 2.6 passes no arguments
-                if trigger is not None and trigger.name != "DYNAMO":
-                    return  # CUDA graph recordings, lazy backward passes
+            def on_compiled(code, new_code):
                 ident = threading.get_ident()
                 with cls._lock:
                     cls._counts[ident] = cls._counts.get(ident, 0) + 1
+                return None  # keep Dynamo's bytecode
 
-            callback_handler.register_end_callback(on_end)
+            register_bytecode_hook(on_compiled)
             cls._installed = True
 
     @classmethod
@@ -294,8 +333,9 @@ def use_compile_cache(path: str) -> None:
 
 
 def raise_recompile_limit(limit: int = 64) -> None:
-    """Every shape bucket and every instance of a model is one more graph of the same code object;
-    Dynamo's default limit (8) would silently fall back to eager after the eighth."""
+    """Every shape bucket and every instance of a model is one more graph of the same code object
+    (the VAE decoder: 2-3 per size). Past Dynamo's limit (default 8) a fullgraph compile raises, and
+    the request that needed the graph fails."""
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name) and getattr(cfg, name) < limit:
@@ -311,8 +351,13 @@ class PhaseOffload:
     diffusers' `enable_model_cpu_offload` does the same through accelerate's forward hooks, which move
     a model back with a device-to-host copy into fresh pageable memory. Here the host copy is the
     master: bringing a model in is one asynchronous copy from pinned memory, taking it out only
-    re-points its tensors at the host copy.
+    re-points its tensors at the host copy. Each model's tensors live in one flat host buffer (pinned
+    on a GPU machine: per-tensor pinning rounds every block up to a power of two, ~30 % more for the
+    SVD-XT UNet), each with its own strides (channels_last weights stay channels_last).
+    Apply every change to the weights (dtype, memory format, fusion) before building this.
     """
+
+    ALIGN = 64  # bytes between tensors in the flat buffer
 
     def __init__(self, models: dict[str, nn.Module], device: torch.device) -> None:
         self.device = device
@@ -320,9 +365,19 @@ class PhaseOffload:
         self._tensors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for name, model in models.items():
             model.to("cpu")
+            tensors = _tensors(model)
+            sizes = [t.untyped_storage().nbytes() if _dense(t) else t.numel() * t.element_size() for t in tensors]
+            offsets, total = [], 0
+            for n in sizes:
+                offsets.append(total)
+                total += -(-n // self.ALIGN) * self.ALIGN
+            flat = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=device.type == "cuda")
             pairs = []
-            for t in _tensors(model):
-                host = t.data.pin_memory() if device.type == "cuda" else t.data
+            for t, off, n in zip(tensors, offsets, sizes):
+                strides = t.stride() if _dense(t) else None
+                host = flat[off:off + n].view(t.dtype)
+                host = host.as_strided(t.shape, strides) if strides is not None else host.view(t.shape)
+                host.copy_(t.data)
                 t.data = host
                 pairs.append((t, host))
             self._tensors[name] = pairs
@@ -349,4 +404,9 @@ class PhaseOffload:
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
     return list(model.parameters()) + list(model.buffers())  # each shared tensor once
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """A tensor that owns exactly its storage from offset 0 (contiguous in some dimension order)."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 

@@ -56,9 +56,9 @@ PARAMETERS = {
             "per-channel weight scales); GPUs of compute capability 8.9+ (Ada, Hopper); changes frames slightly"),
     "fuse_qkv": ("false", "one projection for attention query/key/value instead of three"),
     "attention_backend": ("auto", "scaled-dot-product attention kernel to prefer (the others remain for calls it "
-                          "cannot take): " + " | ".join(accel.SDPA_BACKENDS)),
+                          "cannot take), process-wide: " + " | ".join(accel.SDPA_BACKENDS)),
     "cpu_offload": ("false", "low-memory mode: models live in pinned host memory and move to the GPU for their "
-                    "phase only (image encoder, then UNet); not with compile"),
+                    "phase only (image encoder, then UNet, which leaves before the VAE decode); not with compile"),
     "forward_chunking": ("false", "UNet feed-forward chunking (lower peak memory, slower)"),
     "channels_last": ("false", "the UNet's and VAE's 2-d convolution weights in channels_last (NHWC) memory format"),
     "fault_injection": ("", "testing only: `oom@K` or `error@K` raises a device out-of-memory error or a RuntimeError "
@@ -145,9 +145,15 @@ class SVDBackend(Backend):
             if _bool("fp8", p.get("fp8", "false")):
                 applied.append(f"fp8 ({accel.to_fp8(pipe.unet)} linear layers)")
         pipe.set_progress_bar_config(disable=True)
+        if _bool("forward_chunking", p.get("forward_chunking", "false")):
+            pipe.unet.enable_forward_chunking()
+            applied.append("forward_chunking")
+        if _bool("channels_last", p.get("channels_last", "false")):
+            n = accel.channels_last(pipe.unet) + accel.channels_last(pipe.vae)
+            applied.append(f"channels_last ({n} convolutions)")
         self.cpu_offload = _bool("cpu_offload", p.get("cpu_offload", "false"))
         self.offload = None
-        if self.cpu_offload:
+        if self.cpu_offload:  # after every change to the weights: it keeps the host copies
             if not on_gpu:
                 raise ValueError("cpu_offload: needs a GPU instance")
             pipe.vae.to(self.device)  # small; the decode needs it every request
@@ -155,13 +161,6 @@ class SVDBackend(Backend):
             applied.append("cpu_offload")
         else:
             pipe.to(self.device)
-        if _bool("forward_chunking", p.get("forward_chunking", "false")):
-            pipe.unet.enable_forward_chunking()
-            applied.append("forward_chunking")
-        if _bool("channels_last", p.get("channels_last", "false")):
-            n = accel.channels_last(pipe.unet) + accel.channels_last(pipe.vae)
-            applied.append(f"channels_last ({n} convolutions)")
-        self.attention = p.get("attention_backend", "auto")
         self.pipe = pipe
         # The pipeline flips the whole VAE to float32 for the image encode when it runs in float16
         # (force_upcast) and back afterwards: shared mutable state, and a weight copy per call. We keep
@@ -180,6 +179,7 @@ class SVDBackend(Backend):
         self.graphs_after_warmup = None
         if self.compile_mode != "none" or self.compile_vae_mode != "none":
             accel.GraphCounter.install()
+            self.graphs_before = accel.GraphCounter.count(self.thread)  # a reused thread id may have counts
             accel.raise_recompile_limit()
             if p.get("compile_cache_dir"):
                 accel.use_compile_cache(p["compile_cache_dir"])
@@ -193,6 +193,11 @@ class SVDBackend(Backend):
             applied.append(f"compile_vae {self.compile_vae_mode}")
         if options:
             applied.append(f"compile_options {options}")
+        # last, so that a failed initialize holds no process-wide preference; before any compile (warm-up)
+        self.attention = p.get("attention_backend", "auto")
+        in_force = accel.prefer_sdpa_backend(self.attention)
+        if in_force != "auto":
+            applied.append(f"attention_backend {in_force} (process-wide)")
         log.info("svd instance %s/%s#%d on %s (%s) loaded in %.2fs%s", context.model_name, context.model_version,
                  context.instance_index, self.device, str(self.dtype).removeprefix("torch."), time.perf_counter() - t0,
                  f"; {', '.join(applied)}" if applied else "")
@@ -223,7 +228,7 @@ class SVDBackend(Backend):
 
     def _run(self, requests: list[BackendRequest]) -> None:
         try:
-            with torch.inference_mode(), accel.sdpa_backend(self.attention):
+            with torch.inference_mode():
                 self._execute(requests)
         except torch.OutOfMemoryError:
             # The batch's tensors are gone with the frame; hand their cached blocks back to the device
@@ -350,6 +355,9 @@ class SVDBackend(Backend):
 
         # 3. VAE decode, request by request, chunk by chunk; each chunk goes out as soon as it is ready.
         latents = 1 / pipe.vae.config.scaling_factor * latents  # the pipeline's exact arithmetic
+        if self.offload:  # the UNet's memory goes to the decode (as diffusers' offload does)
+            self.offload.release()
+            torch.cuda.empty_cache()
         if self.decoder is not None:  # builds this size's graphs the first time (warm-up requests)
             self.decoder.warm(latents[0])
         for k, row in enumerate(live):
@@ -382,6 +390,8 @@ class SVDBackend(Backend):
         return vae.encode(image.to(vae.dtype)).latent_dist.mode()
 
     def finalize(self) -> None:
+        if getattr(self, "attention", None):
+            accel.release_sdpa_backend(self.attention)
         if self.offload:
             self.offload.release()
         del self.pipe, self.decoder, self.offload
@@ -404,7 +414,7 @@ class SVDBackend(Backend):
             return {}
         graphs = accel.GraphCounter.count(self.thread)
         base = graphs if self.graphs_after_warmup is None else self.graphs_after_warmup
-        return {"compiles": graphs, "recompiles": graphs - base}
+        return {"compiles": graphs - self.graphs_before, "recompiles": graphs - base}
 
 
 class _Replay:
