@@ -366,7 +366,7 @@ class PhaseOffload:
         for name, model in models.items():
             model.to("cpu")
             tensors = _tensors(model)
-            sizes = [t.untyped_storage().nbytes() if _dense(t) else t.numel() * t.element_size() for t in tensors]
+            sizes = [t.numel() * t.element_size() for t in tensors]
             offsets, total = [], 0
             for n in sizes:
                 offsets.append(total)

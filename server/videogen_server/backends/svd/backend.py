@@ -151,9 +151,8 @@ class SVDBackend(Backend):
         if _bool("channels_last", p.get("channels_last", "false")):
             n = accel.channels_last(pipe.unet) + accel.channels_last(pipe.vae)
             applied.append(f"channels_last ({n} convolutions)")
-        self.cpu_offload = _bool("cpu_offload", p.get("cpu_offload", "false"))
         self.offload = None
-        if self.cpu_offload:  # after every change to the weights: it keeps the host copies
+        if _bool("cpu_offload", p.get("cpu_offload", "false")):  # after every change to the weights: it keeps the host copies
             if not on_gpu:
                 raise ValueError("cpu_offload: needs a GPU instance")
             pipe.vae.to(self.device)  # small; the decode needs it every request
