@@ -661,7 +661,10 @@ def main() -> None:
 
     log(f"{results['meta']['device']}: {a.width}x{a.height}, {a.frames} frames, {a.steps} steps, "
         f"decode_chunk_size {a.decode_chunk}, {dtype}; variants {variants}")
-    results["model"] = prepare_weights(workdir, name, a.tiny, device, dtype)
+    # On a thread that ends: a thread that ran parallel CPU ops keeps its OpenMP team, and more teams than
+    # cores slow every other team (see tests/integration/test_threads.py); the main thread stays clean.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        results["model"] = pool.submit(prepare_weights, workdir, name, a.tiny, device, dtype).result()
     save()
     ctx = Ctx(a, device, dtype, workdir / "repo" / name / "1", test_image(a.width, a.height), cpu_threads)
     for v in variants:

@@ -42,6 +42,20 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-auto
 # tensors. Loads and module surgery take turns; serving does not.
 _LOAD_LOCK = threading.Lock()
 BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+# torch's intra-op thread count (libgomp) is per thread, and libgomp throttles the spin-waiting of every
+# team once the process holds more of its threads than there are cores. A preprocessing thread that ran
+# one parallel op with the default team made a 2-core instance's steps ~35% slower, for good. So
+# intra-op parallelism belongs to the instance threads alone: `prepare` runs single-threaded, and each
+# instance sets its own count (torch.set_num_threads also changes the count new threads start with).
+_DEFAULT_THREADS: list[int] = []
+_single_threaded = threading.local()
+
+
+def _default_threads() -> int:
+    """torch's intra-op thread count as the process started (before any thread changed it)."""
+    if not _DEFAULT_THREADS:
+        _DEFAULT_THREADS.append(torch.get_num_threads())
+    return _DEFAULT_THREADS[0]
 
 #: Backend parameters (config.pbtxt `parameters`), each with its default and meaning.
 PARAMETERS = {
@@ -125,8 +139,8 @@ class SVDBackend(Backend):
         p = context.parameters
         self.device = torch.device(context.device)
         on_gpu = self.device.type == "cuda"
-        if not on_gpu and context.cpu_threads:
-            torch.set_num_threads(context.cpu_threads)
+        default_threads = _default_threads()  # before this thread changes the count new threads start with
+        torch.set_num_threads(context.cpu_threads if context.cpu_threads and not on_gpu else default_threads)
         self.dtype = DTYPES[p.get("dtype", "float16" if on_gpu else "float32")]
         t0 = time.perf_counter()
         diffusers_logging.disable_progress_bar()  # a server logs lines, not progress bars
@@ -211,6 +225,10 @@ class SVDBackend(Backend):
         stay on the CPU, as in the pipeline, until `execute` moves them to the device.
         """
         pipe = self.pipe
+        if threading.get_ident() != self.thread and not getattr(_single_threaded, "set", False):  # _DEFAULT_THREADS
+            _default_threads()
+            torch.set_num_threads(1)
+            _single_threaded.set = True
         with torch.inference_mode():
             pixels = pipe.video_processor.numpy_to_pt(pipe.video_processor.pil_to_numpy(image))
             pixels = _resize_with_antialiasing(pixels * 2.0 - 1.0, (224, 224))
