@@ -27,6 +27,8 @@ Variants (--variants, comma list):
   unet_tricks     one UNet forward (guidance batch, eager) per option, each on its own: float16, bfloat16,
                   channels_last, fuse_qkv, fp8, each SDPA backend; seconds and error against float16
 --server-params k=v,k=v adds backend parameters to every server variant (e.g. attention_backend=cudnn).
+--profile (GPU) adds each server variant's device time per denoising step by kernel kind (conv, attention,
+gemm, gemm_fp8, triton = Inductor's fused kernels, memcpy, ...) and its top kernels.
 With --tiny the server variant also measures the overhead ratio (server e2e / plain total, medians of 5) and
 the busy fraction of a 1-instance server under --load concurrent requests.
 
@@ -494,6 +496,59 @@ def saturate(client, ctx: Ctx, model: str, decode_chunk: int, n: int) -> dict:
             "median_queue_s": median(r["queue_s"] for r in ok), "median_e2e_s": median(r["e2e_s"] for r in ok)}
 
 
+KERNEL_KINDS = (  # first match wins; names as CUPTI reports them on Hopper (cuDNN, cuBLAS, CUTLASS, Inductor)
+    ("memcpy", ("memcpy", "memset")),
+    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
+    ("conv", ("fprop", "dgrad", "conv", "implicit_convolve", "winograd")),
+    ("gemm_fp8", ("e4m3", "f8f8", "fp8")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "matmul", "cublas", "xmma")),
+    ("triton", ("triton",)),  # Inductor's generated (fused) kernels
+    ("norm", ("norm", "moments")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def device_activity(fn) -> tuple[dict, dict]:
+    """Runs fn under torch.profiler (device activity only: CUPTI sees every thread's kernels, CUDA graph
+    replays included); returns seconds per kernel kind and per kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+    kinds, names = {}, {}
+    for e in prof.events():
+        if getattr(e.device_type, "name", "") != "CUDA":
+            continue
+        us = e.time_range.elapsed_us()
+        kinds[kernel_kind(e.name)] = kinds.get(kernel_kind(e.name), 0.0) + us / 1e6
+        n = names.setdefault(e.name[:120], [0, 0.0])
+        n[0] += 1
+        n[1] += us / 1e6
+    return kinds, names
+
+
+def profile_steps(client, ctx: Ctx, model: str, chunk: int, steps: int = 4) -> dict:
+    """Device time of one denoising step by kernel kind: a request of `steps` steps minus one of 1 step
+    (same image encode and decode), divided by steps - 1. The kernel sum beside the measured step time
+    says whether the step is device-bound (sum ~ step) or waits on the host (sum << step)."""
+    k1, _ = device_activity(lambda: one_request(client, ctx, model, 1, chunk))
+    box = {}
+    kn, names = device_activity(lambda: box.setdefault("r", one_request(client, ctx, model, steps, chunk)))
+    per = {k: round((kn.get(k, 0.0) - k1.get(k, 0.0)) / (steps - 1), 4) for k in sorted(set(kn) | set(k1))}
+    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:15]
+    return {"steps": steps, "step_s_measured": box["r"]["step_s"], "per_step_s_by_kind": per,
+            "per_step_kernel_sum_s": round(sum(per.values()), 4),
+            "top_kernels_whole_request": [{"name": n, "count": c, "s": round(t, 4)} for n, (c, t) in top]}
+
+
 def run_server(ctx: Ctx, name: str, model_dir: Path) -> dict:
     from videogen_client import VideoGenClient
 
@@ -552,6 +607,12 @@ def run_server(ctx: Ctx, name: str, model_dir: Path) -> dict:
                 res["compile_stats_after_timed_runs"] = before
                 res["compile_stats_after_other_params"] = dict(inst.backend.compile_stats())
                 res["other_decode_chunk_sizes"] = others
+            if a.profile and ctx.cuda:
+                try:
+                    res["profile"] = profile_steps(client, ctx, model_dir.name, chunk)
+                    log(f"{name}: profile {res['profile']['per_step_s_by_kind']}")
+                except Exception as err:  # noqa: BLE001 - a profiler failure must not lose the timings
+                    res["profile"] = {"error": f"{type(err).__name__}: {err}"[:300]}
             if name == "server" and a.load > 0 and not over_budget(a):
                 log(f"{name}: {a.load} concurrent requests")
                 res["saturation"] = saturate(client, ctx, model_dir.name, chunk, a.load)
@@ -616,6 +677,8 @@ def main() -> None:
     p.add_argument("--workdir", help="where the weights go (default /tmp/videogen-bench-<tiny|full>)")
     p.add_argument("--time-budget", type=float, help="seconds; skip the remaining variants once exceeded")
     p.add_argument("--server-params", default="", help="k=v,k=v backend parameters added to every server variant")
+    p.add_argument("--profile", action="store_true",
+                   help="GPU: device time of one denoising step by kernel kind (torch.profiler) for server variants")
     a = p.parse_args()
     try:
         a.server_params = dict(kv.split("=", 1) for kv in a.server_params.split(",") if kv)
@@ -720,6 +783,10 @@ def main() -> None:
             print(f"{v}: graphs {r['compile_stats_after_timed_runs']} after the timed runs, "
                   f"{r['compile_stats_after_other_params']} after requests with other seed, fps, motion bucket and "
                   f"decode_chunk_size {r['other_decode_chunk_sizes']}")
+        if "profile" in r and "per_step_s_by_kind" in r["profile"]:
+            pr = r["profile"]
+            print(f"{v}: device time per step {pr['per_step_kernel_sum_s']} s (measured step {pr['step_s_measured']} s): "
+                  + ", ".join(f"{k} {t}" for k, t in sorted(pr["per_step_s_by_kind"].items(), key=lambda kv: -kv[1])))
     if "unet_tricks" in vs and "error" not in vs["unet_tricks"]:
         print("\nunet_tricks (eager UNet forward, guidance batch):")
         for k, r in vs["unet_tricks"].items():

@@ -13,8 +13,9 @@
 #        plain ones), then the pipeline's low-memory recipe beside ours with and without forward
 #        chunking (~7 min with the cold FP8 compile; self-contained).
 # part3: the compiled server with Inductor's conv_1x1_as_mm and coordinate-descent tuning.
+# part4: part2 with --profile (device time per step by kernel kind), then the fp16 compiled server if time is left.
 set -u
-part=${1:?usage: bench/gpu_session.sh part1|part2|part3|tricks}
+part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|tricks}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -38,6 +39,16 @@ part3)
 tricks)
     # one eager UNet forward per option (~50 s)
     bench --out "$OUT/p0" --variants unet_tricks 2>&1 | tee "$OUT/p0.log"
+    ;;
+part4)
+    # part2 with device time per step by kernel kind (--profile), then, if the session has time left,
+    # the fp16 compiled server again (its profile; 0 recompiles with max_decode_chunk_size) in its own cache
+    bench --out "$OUT/p4" --variants plain,server_compile_fp8 --profile --time-budget 300 2>&1 | tee "$OUT/p4.log"
+    bench --out "$OUT/p5" --steps 5 --variants plain_lowmem,server_offload,server_lowmem --profile --time-budget 170 \
+        2>&1 | tee "$OUT/p5.log"
+    if [ "$SECONDS" -lt 240 ]; then
+        bench --out "$OUT/p1" --variants server_compile --profile --time-budget 60 2>&1 | tee "$OUT/p1.log"
+    fi
     ;;
 part2)
     bench --out "$OUT/p4" --variants plain,server_compile_fp8 --time-budget 260 2>&1 | tee "$OUT/p4.log"
