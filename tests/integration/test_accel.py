@@ -42,6 +42,7 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
         "fused": tiny_config("fused", parameters=TINY_PARAMETERS + _param("fuse_qkv", "true")),
         "fp8": tiny_config("fp8", parameters=TINY_PARAMETERS + _param("fp8", "true")),
         "nhwc": tiny_config("nhwc", parameters=TINY_PARAMETERS + _param("channels_last", "true")),
+        "blocks": tiny_config("blocks", parameters=TINY_PARAMETERS + _param("forward_chunking", "500")),
     })
     plain = {}
     with ServerThread(repo) as server:
@@ -51,6 +52,8 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
             assert np.array_equal(_frames(server, "fused", **case), plain[i])
             # another convolution layout: the same maths, float rounding apart
             assert np.abs(_frames(server, "nhwc", **case) - plain[i]).max() <= 1
+            # feed-forward over blocks of 500 tokens (the top level has 3072-7680): the same per-token maths
+            assert np.abs(_frames(server, "blocks", **case) - plain[i]).max() <= 1
             # FP8 linears change frames a little, and only a little (about 38-41 dB on this model)
             fp8 = _frames(server, "fp8", **case)
             assert np.abs(fp8 - plain[i]).max() > 0, "fp8 must actually run in 8 bit"
@@ -60,7 +63,7 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
 
     from torch.nn.attention import SDPBackend
 
-    for name in ("plain", "fused", "fp8", "nhwc"):
+    for name in ("plain", "fused", "fp8", "nhwc", "blocks"):
         shutil.rmtree(repo / name)  # make_repo adds to the same folder
     repo2 = make_repo({
         "math": tiny_config("math", parameters=TINY_PARAMETERS + _param("attention_backend", "math")),
@@ -177,3 +180,26 @@ def test_fp8_linear_matches_a_16bit_linear_closely():
     assert 0 < rel < 0.05  # e4m3 keeps ~3 significant bits per element; errors average out over K
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 10))  # 10: not a multiple of 16
     assert to_fp8(model) == 1 and isinstance(model[0], Fp8Linear) and isinstance(model[1], torch.nn.Linear)
+
+
+def test_feed_forward_blocks_split_rows_evenly_and_match_the_whole():
+    from diffusers.models.attention import FeedForward
+
+    from videogen_server.backends.svd import accel
+
+    torch.manual_seed(0)
+    ff = FeedForward(32, activation_fn="geglu").eval()
+    x = torch.randn(10, 7, 32).permute(1, 0, 2)  # 70 tokens, strided like the temporal blocks' input
+    with torch.inference_mode():
+        whole = ff(x)
+        calls = []
+        inner = ff.forward
+        ff.forward = lambda h, *a, **k: (calls.append(tuple(h.shape)), inner(h, *a, **k))[1]
+        assert accel.chunk_feed_forward(torch.nn.Sequential(ff), max_rows=32) == 1
+        blocks = ff(x)
+        assert accel.chunk_feed_forward(torch.nn.Sequential(ff), max_rows=8) == 0  # once only
+    assert calls == [(24, 32), (24, 32), (22, 32)]  # ceil(70 / 32) = 3 even blocks, not 32 + 32 + 6
+    assert blocks.shape == whole.shape == (7, 10, 32)
+    torch.testing.assert_close(blocks, whole)
+    with torch.inference_mode():
+        assert ff(x[:1]).shape == (1, 10, 32) and calls[-1] == (1, 10, 32)  # small inputs go through whole

@@ -95,6 +95,8 @@ BAD = [
     ('backend: "svd" parameters { key: "compiel" value { string_value: "none" } }', "parameters", "compiel: unknown"),
     ('backend: "svd" parameters { key: "cpu_offload" value { string_value: "maybe" } }', "parameters", "not a boolean"),
     ('backend: "svd" parameters { key: "fp8" value { string_value: "e4m3" } }', "parameters", "fp8: 'e4m3' is not a bool"),
+    ('backend: "svd" parameters { key: "forward_chunking" value { string_value: "-3" } }', "parameters",
+     "forward_chunking: expected true, false or a positive number of tokens per block"),
     ('backend: "svd" parameters { key: "compile_vae" value { string_value: "fast" } }', "parameters", "compile_vae: 'fast'"),
     ('backend: "svd" parameters { key: "compile_options" value { string_value: "max_autotune" } }', "parameters",
      "compile_options: 'max_autotune' is not key=value"),

@@ -184,6 +184,56 @@ def fuse_qkv(model: nn.Module) -> int:
     return n
 
 
+# -- feed-forward over row blocks ---------------------------------------------------------------------
+
+#: tokens per feed-forward block under forward_chunking: true. At 1024x576 x 25 frames the top level's
+#: 460800 tokens go in 15 blocks; each block's GEGLU intermediate is ~0.4 GB instead of ~4.7 GB at once.
+FF_BLOCK_ROWS = 32768
+
+
+def chunk_feed_forward(model: nn.Module, max_rows: int = FF_BLOCK_ROWS) -> int:
+    """Runs every diffusers FeedForward of `model` over contiguous blocks of at most `max_rows` tokens.
+
+    A feed-forward acts on each token alone, so blocks of rows give the same result with a fraction of
+    the 4x-wide intermediate alive at once. diffusers' own `enable_forward_chunking` splits along the
+    batch-frames or frame axis instead, one slice each: the temporal blocks' slices are strided
+    (tokens x 1 x channels), and cuBLAS ran them on narrow-tile kernels at 3.3 s of GEMM per step
+    (H200, SVD-XT, against 0.12 s unchunked). Returns how many modules it changed; parameter names stay.
+    """
+    from diffusers.models.attention import FeedForward
+
+    if max_rows < 1:
+        raise ValueError(f"forward_chunking: a block needs at least one row, got {max_rows}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, FeedForward) and not hasattr(m, "_videogen_block_rows"):
+            m._videogen_block_rows = max_rows
+            m.forward = _RowBlocks(m.forward, max_rows)  # instance attribute: nn.Module.__call__ reads it
+            n += 1
+    return n
+
+
+class _RowBlocks:
+    def __init__(self, forward, max_rows: int) -> None:
+        self.forward, self.max_rows = forward, max_rows
+
+    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        lead, width = hidden_states.shape[:-1], hidden_states.shape[-1]
+        rows = lead.numel()
+        if rows <= self.max_rows:
+            return self.forward(hidden_states, *args, **kwargs)
+        flat = hidden_states.reshape(rows, width)  # a copy for the temporal blocks' permuted view
+        blocks = -(-rows // self.max_rows)
+        step = -(-rows // blocks)  # even blocks: no tiny last GEMM
+        first = self.forward(flat[:step], *args, **kwargs)
+        out = first.new_empty((rows, first.shape[-1]))
+        out[:step] = first
+        del first
+        for start in range(step, rows, step):
+            out[start:start + step] = self.forward(flat[start:start + step], *args, **kwargs)
+        return out.reshape(*lead, out.shape[-1])
+
+
 # -- VAE decoder compiled with a dynamic frame dimension ---------------------------------------------
 
 class _Decode(nn.Module):

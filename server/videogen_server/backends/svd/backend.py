@@ -73,7 +73,8 @@ PARAMETERS = {
                           "cannot take), process-wide: " + " | ".join(accel.SDPA_BACKENDS)),
     "cpu_offload": ("false", "low-memory mode: models live in pinned host memory and move to the GPU for their "
                     "phase only (image encoder, then UNet, which leaves before the VAE decode); not with compile"),
-    "forward_chunking": ("false", "UNet feed-forward chunking (lower peak memory, slower)"),
+    "forward_chunking": ("false", "UNet feed-forward layers over blocks of tokens (lower peak memory): true "
+                         f"({accel.FF_BLOCK_ROWS} tokens a block) | false | tokens per block"),
     "channels_last": ("false", "the UNet's and VAE's 2-d convolution weights in channels_last (NHWC) memory format"),
     "fault_injection": ("", "testing only: `oom@K` or `error@K` raises a device out-of-memory error or a RuntimeError "
                         "at denoising step K, for requests whose seed is the one after `:seed=` (e.g. oom@2:seed=666)"),
@@ -114,8 +115,10 @@ class SVDBackend(Backend):
                 raise ValueError(f"{key}: {value!r} is not one of {list(COMPILE_MODES)}")
             if key == "attention_backend" and value not in accel.SDPA_BACKENDS:
                 raise ValueError(f"attention_backend: {value!r} is not one of {list(accel.SDPA_BACKENDS)}")
-            if key in ("cpu_offload", "forward_chunking", "channels_last", "fp8", "fuse_qkv"):
+            if key in ("cpu_offload", "channels_last", "fp8", "fuse_qkv"):
                 _bool(key, value)
+            if key == "forward_chunking":
+                _block_rows(value)
             if key == "fault_injection":
                 _parse_fault(value)
             if key == "compile_options":
@@ -159,9 +162,10 @@ class SVDBackend(Backend):
             if _bool("fp8", p.get("fp8", "false")):
                 applied.append(f"fp8 ({accel.to_fp8(pipe.unet)} linear layers)")
         pipe.set_progress_bar_config(disable=True)
-        if _bool("forward_chunking", p.get("forward_chunking", "false")):
-            pipe.unet.enable_forward_chunking()
-            applied.append("forward_chunking")
+        rows = _block_rows(p.get("forward_chunking", "false"))
+        if rows:
+            n = accel.chunk_feed_forward(pipe.unet, rows)
+            applied.append(f"forward_chunking ({n} feed-forward layers, {rows} tokens a block)")
         if _bool("channels_last", p.get("channels_last", "false")):
             n = accel.channels_last(pipe.unet) + accel.channels_last(pipe.vae)
             applied.append(f"channels_last ({n} convolutions)")
@@ -468,6 +472,20 @@ class _Replay:
 
     def is_cancelled(self) -> bool:
         return self._sender.is_cancelled()
+
+
+def _block_rows(value: str) -> int:
+    """forward_chunking: true | false | tokens per block -> tokens per block (0: off)."""
+    if value.strip().lower() in BOOL:
+        return accel.FF_BLOCK_ROWS if BOOL[value.strip().lower()] else 0
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise ValueError(f"forward_chunking: expected true, false or a positive number of tokens per block, "
+                         f"got {value!r}")
+    return rows
 
 
 def _parse_fault(text: str):
