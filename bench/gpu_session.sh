@@ -14,8 +14,10 @@
 #        chunking (~7 min with the cold FP8 compile; self-contained).
 # part3: the compiled server with Inductor's conv_1x1_as_mm and coordinate-descent tuning.
 # part4: part2 with --profile (device time per step by kernel kind), then the fp16 compiled server if time is left.
+# part5: the fp16 compiled UNet's step profile, then the same with channels_last (predicted: the 0.031 s of
+#        cuDNN layout transposes per step gone, ~0.43 s a step against 0.456).
 set -u
-part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|tricks}
+part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|tricks}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -49,6 +51,14 @@ part4)
     if [ "$SECONDS" -lt 240 ]; then
         bench --out "$OUT/p1" --variants server_compile --profile --time-budget 60 2>&1 | tee "$OUT/p1.log"
     fi
+    ;;
+part5)
+    # the fp16 compiled step's own kernel profile, then the same with channels-last convolutions (UNet only:
+    # the VAE's compile would double the cold start and not change the step; ~8 min with the plain run)
+    bench --out "$OUT/p7" --variants plain,server_compile --profile --server-params compile_vae=none \
+        --time-budget 120 2>&1 | tee "$OUT/p7.log"
+    bench --out "$OUT/p8" --variants server_compile --profile --time-budget 60 \
+        --server-params "compile_vae=none,channels_last=true,compile_cache_dir=/tmp/vg-cc-nhwc" 2>&1 | tee "$OUT/p8.log"
     ;;
 part2)
     bench --out "$OUT/p4" --variants plain,server_compile_fp8 --time-budget 260 2>&1 | tee "$OUT/p4.log"

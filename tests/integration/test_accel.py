@@ -203,3 +203,17 @@ def test_feed_forward_blocks_split_rows_evenly_and_match_the_whole():
     torch.testing.assert_close(blocks, whole)
     with torch.inference_mode():
         assert ff(x[:1]).shape == (1, 10, 32) and calls[-1] == (1, 10, 32)  # small inputs go through whole
+
+
+def test_channels_last_covers_the_temporal_3d_convolutions(tiny_model_source):
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from videogen_server.backends.svd import accel
+
+    unet = UNetSpatioTemporalConditionModel.from_pretrained(str(tiny_model_source / "1" / "unet"))
+    convs2d = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    convs3d = [m for m in unet.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs3d, "the tiny UNet has temporal blocks"
+    assert accel.channels_last(unet) == len(convs2d) + len(convs3d)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs2d)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in convs3d)

@@ -156,12 +156,20 @@ def to_fp8(model: nn.Module, skip: tuple[str, ...] = FP8_SKIP) -> int:
 # -- memory format -----------------------------------------------------------------------------------
 
 def channels_last(model: nn.Module) -> int:
-    """2-d convolutions' weights in channels_last (NHWC), which cuDNN's tensor-core kernels read without a
-    transpose; the temporal 3-d convolutions keep their layout (a 5-d tensor has no channels_last)."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    for m in convs:
-        m.to(memory_format=torch.channels_last)
-    return len(convs)
+    """Convolution weights in channels-last order: NHWC for the 2-d convolutions, NDHWC for the temporal
+    3-d ones, which cuDNN's tensor-core kernels read without a transpose. Activations follow the
+    weights' format out of each convolution, and the temporal blocks' (B, F, C, H, W) -> (B, C, F, H, W)
+    permute of an NHWC activation is already NDHWC, so no layout transposes remain around convolutions
+    (cuDNN's NCHW<->NHWC transposes were 0.031 s of a compiled step on an H200)."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.to(memory_format=torch.channels_last)
+            n += 1
+        elif isinstance(m, nn.Conv3d):
+            m.to(memory_format=torch.channels_last_3d)
+            n += 1
+    return n
 
 
 # -- fused projections -----------------------------------------------------------------------------

@@ -75,7 +75,8 @@ PARAMETERS = {
                     "phase only (image encoder, then UNet, which leaves before the VAE decode); not with compile"),
     "forward_chunking": ("false", "UNet feed-forward layers over blocks of tokens (lower peak memory): true "
                          f"({accel.FF_BLOCK_ROWS} tokens a block) | false | tokens per block"),
-    "channels_last": ("false", "the UNet's and VAE's 2-d convolution weights in channels_last (NHWC) memory format"),
+    "channels_last": ("false", "the UNet's and VAE's convolution weights channels-last (NHWC; NDHWC for the "
+                      "temporal 3-d ones)"),
     "fault_injection": ("", "testing only: `oom@K` or `error@K` raises a device out-of-memory error or a RuntimeError "
                         "at denoising step K, for requests whose seed is the one after `:seed=` (e.g. oom@2:seed=666)"),
     "compile_options": ("", "extra Inductor options for compile and compile_vae, `key=value;key=value` (e.g. "
