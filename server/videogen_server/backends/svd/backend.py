@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -47,15 +48,13 @@ BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": 
 # one parallel op with the default team made a 2-core instance's steps ~35% slower, for good. So
 # intra-op parallelism belongs to the instance threads alone: `prepare` runs single-threaded, and each
 # instance sets its own count (torch.set_num_threads also changes the count new threads start with).
-_DEFAULT_THREADS: list[int] = []
 _single_threaded = threading.local()
 
 
+@functools.cache
 def _default_threads() -> int:
     """torch's intra-op thread count as the process started (before any thread changed it)."""
-    if not _DEFAULT_THREADS:
-        _DEFAULT_THREADS.append(torch.get_num_threads())
-    return _DEFAULT_THREADS[0]
+    return torch.get_num_threads()
 
 #: Backend parameters (config.pbtxt `parameters`), each with its default and meaning.
 PARAMETERS = {
@@ -230,7 +229,7 @@ class SVDBackend(Backend):
         stay on the CPU, as in the pipeline, until `execute` moves them to the device.
         """
         pipe = self.pipe
-        if threading.get_ident() != self.thread and not getattr(_single_threaded, "set", False):  # _DEFAULT_THREADS
+        if threading.get_ident() != self.thread and not getattr(_single_threaded, "set", False):  # see _default_threads
             _default_threads()
             torch.set_num_threads(1)
             _single_threaded.set = True
