@@ -497,13 +497,15 @@ def saturate(client, ctx: Ctx, model: str, decode_chunk: int, n: int) -> dict:
 
 
 KERNEL_KINDS = (  # first match wins; names as CUPTI reports them on Hopper (cuDNN, cuBLAS, CUTLASS, Inductor)
+    # Inductor names its kernels after the ops fused into them (a convolution's bias add, an attention
+    # output's transpose), so its kernels go first, whatever ops they mention
+    ("triton", ("triton_",)),
     ("memcpy", ("memcpy", "memset")),
-    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("layout", ("nchwtonhwc", "nhwctonchw")),
     ("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
     ("conv", ("fprop", "dgrad", "conv", "implicit_convolve", "winograd")),
-    ("gemm_fp8", ("e4m3", "f8f8", "fp8")),
+    ("gemm_fp8", ("e4m3", "f8f8", "fp8", "nvjet_sm90_qq")),  # cuBLAS's FP8 kernels: nvjet_sm90_qqtst_...
     ("gemm", ("gemm", "nvjet", "cutlass", "matmul", "cublas", "xmma")),
-    ("triton", ("triton",)),  # Inductor's generated (fused) kernels
     ("norm", ("norm", "moments")),
 )
 
