@@ -42,7 +42,7 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
         "fused": tiny_config("fused", parameters=TINY_PARAMETERS + _param("fuse_qkv", "true")),
         "fp8": tiny_config("fp8", parameters=TINY_PARAMETERS + _param("fp8", "true")),
         "nhwc": tiny_config("nhwc", parameters=TINY_PARAMETERS + _param("channels_last", "true")),
-        "blocks": tiny_config("blocks", parameters=TINY_PARAMETERS + _param("forward_chunking", "500")),
+        "blocks": tiny_config("blocks", parameters=TINY_PARAMETERS + _param("forward_chunking", "1024")),
     })
     plain = {}
     with ServerThread(repo) as server:
@@ -52,7 +52,7 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
             assert np.array_equal(_frames(server, "fused", **case), plain[i])
             # another convolution layout: the same maths, float rounding apart
             assert np.abs(_frames(server, "nhwc", **case) - plain[i]).max() <= 1
-            # feed-forward over blocks of 500 tokens (the top level has 3072-7680): the same per-token maths
+            # feed-forward over blocks of 1024 tokens (the top level has 3072-7680): the same per-token maths
             assert np.abs(_frames(server, "blocks", **case) - plain[i]).max() <= 1
             # FP8 linears change frames a little, and only a little (about 38-41 dB on this model)
             fp8 = _frames(server, "fp8", **case)
@@ -182,10 +182,17 @@ def test_fp8_linear_matches_a_16bit_linear_closely():
     assert to_fp8(model) == 1 and isinstance(model[0], Fp8Linear) and isinstance(model[1], torch.nn.Linear)
 
 
-def test_feed_forward_blocks_split_rows_evenly_and_match_the_whole():
+def test_feed_forward_blocks_split_rows_evenly_and_match_the_whole(tiny_model_source):
+    from diffusers import UNetSpatioTemporalConditionModel
     from diffusers.models.attention import FeedForward
 
     from videogen_server.backends.svd import accel
+
+    # the UNet's feed-forwards are the FeedForward class this wraps (spatial ff, temporal ff_in and ff)
+    unet = UNetSpatioTemporalConditionModel.from_pretrained(str(tiny_model_source / "1" / "unet"))
+    names = {name.rsplit(".", 1)[-1] for name, m in unet.named_modules() if isinstance(m, FeedForward)}
+    assert names == {"ff", "ff_in"}
+    assert accel.chunk_feed_forward(unet, 1024) == sum(isinstance(m, FeedForward) for m in unet.modules()) > 0
 
     torch.manual_seed(0)
     ff = FeedForward(32, activation_fn="geglu").eval()

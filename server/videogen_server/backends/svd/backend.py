@@ -46,9 +46,13 @@ BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": 
 # torch's intra-op thread count (libgomp) is per thread, and libgomp throttles the spin-waiting of every
 # team once the process holds more of its threads than there are cores. A preprocessing thread that ran
 # one parallel op with the default team made a 2-core instance's steps ~35% slower, for good. So
-# intra-op parallelism belongs to the instance threads alone: `prepare` runs single-threaded, and each
-# instance sets its own count (torch.set_num_threads also changes the count new threads start with).
+# intra-op parallelism belongs to the instance threads alone: `prepare` for a CPU instance runs
+# single-threaded, and each instance sets its own count (torch.set_num_threads also changes the count
+# new threads start with).
 _single_threaded = threading.local()
+# forward_chunking's smallest block: smaller blocks make GEMMs too small to keep the GPU busy, and a
+# compiled UNet unrolls one call per block (a block of 2 tokens: ~230k calls per top-level layer)
+MIN_BLOCK_ROWS = 1024
 
 
 @functools.cache
@@ -142,8 +146,9 @@ class SVDBackend(Backend):
         p = context.parameters
         self.device = torch.device(context.device)
         on_gpu = self.device.type == "cuda"
-        default_threads = _default_threads()  # before this thread changes the count new threads start with
-        torch.set_num_threads(context.cpu_threads if context.cpu_threads and not on_gpu else default_threads)
+        with _LOAD_LOCK:  # the default is read before any instance thread changes what new threads start with
+            default_threads = _default_threads()
+            torch.set_num_threads(context.cpu_threads if context.cpu_threads and not on_gpu else default_threads)
         self.dtype = DTYPES[p.get("dtype", "float16" if on_gpu else "float32")]
         t0 = time.perf_counter()
         diffusers_logging.disable_progress_bar()  # a server logs lines, not progress bars
@@ -229,7 +234,10 @@ class SVDBackend(Backend):
         stay on the CPU, as in the pipeline, until `execute` moves them to the device.
         """
         pipe = self.pipe
-        if threading.get_ident() != self.thread and not getattr(_single_threaded, "set", False):  # see _default_threads
+        # CPU instances only (see _default_threads): a GPU instance's thread runs no parallel CPU ops to slow,
+        # and there the preprocessing of a large image is faster on all cores
+        if (self.device.type == "cpu" and threading.get_ident() != self.thread
+                and not getattr(_single_threaded, "set", False)):
             _default_threads()
             torch.set_num_threads(1)
             _single_threaded.set = True
@@ -475,16 +483,14 @@ class _Replay:
 
 
 def _block_rows(value: str) -> int:
-    """forward_chunking: true | false | tokens per block -> tokens per block (0: off)."""
-    if value.strip().lower() in BOOL:
-        return accel.FF_BLOCK_ROWS if BOOL[value.strip().lower()] else 0
-    try:
-        rows = int(value)
-    except ValueError:
-        rows = 0
-    if rows < 1:
-        raise ValueError(f"forward_chunking: expected true, false or a positive number of tokens per block, "
-                         f"got {value!r}")
+    """forward_chunking: true | false | tokens per block (>= MIN_BLOCK_ROWS) -> tokens per block (0: off)."""
+    word = value.strip().lower()
+    if word in ("true", "yes", "false", "no", "0"):
+        return accel.FF_BLOCK_ROWS if word in ("true", "yes") else 0
+    rows = int(word) if word.isascii() and word.isdigit() else 0
+    if rows < MIN_BLOCK_ROWS:
+        raise ValueError(f"forward_chunking: expected true, false or a number of tokens per block of at least "
+                         f"{MIN_BLOCK_ROWS}, got {value!r}")
     return rows
 
 
