@@ -77,7 +77,7 @@ PARAMETERS = {
     "cpu_offload": ("false", "low-memory mode: models live in pinned host memory and move to the GPU for their "
                     "phase only (image encoder, then UNet, which leaves before the VAE decode); not with compile"),
     "forward_chunking": ("false", "UNet feed-forward layers over blocks of tokens (lower peak memory): true "
-                         f"({accel.FF_BLOCK_ROWS} tokens a block) | false | tokens per block"),
+                         f"({accel.FF_BLOCK_ROWS} tokens a block) | false | tokens per block (>= {MIN_BLOCK_ROWS})"),
     "channels_last": ("false", "the UNet's and VAE's convolution weights channels-last (NHWC; NDHWC for the "
                       "temporal 3-d ones)"),
     "fault_injection": ("", "testing only: `oom@K` or `error@K` raises a device out-of-memory error or a RuntimeError "
