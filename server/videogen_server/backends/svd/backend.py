@@ -238,8 +238,7 @@ class SVDBackend(Backend):
         # and there the preprocessing of a large image is faster on all cores
         if (self.device.type == "cpu" and threading.get_ident() != self.thread
                 and not getattr(_single_threaded, "set", False)):
-            _default_threads()
-            torch.set_num_threads(1)
+            torch.set_num_threads(1)  # initialize has read the process default already
             _single_threaded.set = True
         with torch.inference_mode():
             pixels = pipe.video_processor.numpy_to_pt(pipe.video_processor.pil_to_numpy(image))
