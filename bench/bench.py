@@ -25,7 +25,8 @@ Variants (--variants, comma list):
                   process, as a restarted server would be: in one process torch's in-memory caches are warm too)
   server_compile_fp8   server_compile with fp8=true; PSNR of its frames against the plain pipeline's
   unet_tricks     one UNet forward (guidance batch, eager) per option, each on its own: float16, bfloat16,
-                  channels_last, fuse_qkv, fp8, each SDPA backend; seconds and error against float16
+                  channels_last, fuse_qkv, fp8, fold_cross_attention, temporal_convs_2d (alone and with
+                  channels_last), each SDPA backend; seconds and error against float16
 --server-params k=v,k=v adds backend parameters to every server variant (e.g. attention_backend=cudnn).
 --profile (GPU) adds each server variant's device time per denoising step by kernel kind (conv, attention,
 gemm, gemm_fp8, triton = Inductor's fused kernels, memcpy, ...) and its top kernels.
@@ -385,6 +386,9 @@ def run_unet_tricks(ctx: Ctx) -> dict:
     variant("fuse_qkv", with_(accel.fuse_qkv))
     variant("fp8", with_(accel.to_fp8))
     variant("fuse_qkv+fp8", with_(lambda u: (accel.fuse_qkv(u), accel.to_fp8(u))))
+    variant("fold_cross_attention", with_(accel.fold_cross_attention))
+    variant("temporal_convs_2d", with_(accel.temporal_convs_2d))
+    variant("temporal_convs_2d+channels_last", with_(lambda u: (accel.temporal_convs_2d(u), accel.channels_last(u))))
     for sdpa in ("flash", "cudnn", "efficient"):
         variant(f"sdpa_{sdpa}", lambda: base, sdpa=sdpa)
     del base

@@ -43,6 +43,8 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
         "fp8": tiny_config("fp8", parameters=TINY_PARAMETERS + _param("fp8", "true")),
         "nhwc": tiny_config("nhwc", parameters=TINY_PARAMETERS + _param("channels_last", "true")),
         "blocks": tiny_config("blocks", parameters=TINY_PARAMETERS + _param("forward_chunking", "1024")),
+        "folded": tiny_config("folded", parameters=TINY_PARAMETERS + _param("fold_cross_attention", "true")
+                              + _param("temporal_convs_2d", "true")),
     })
     plain = {}
     with ServerThread(repo) as server:
@@ -54,6 +56,8 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
             assert np.abs(_frames(server, "nhwc", **case) - plain[i]).max() <= 1
             # feed-forward over blocks of 1024 tokens (the top level has 3072-7680): the same per-token maths
             assert np.abs(_frames(server, "blocks", **case) - plain[i]).max() <= 1
+            # one-token cross-attention as its value projection, temporal convolutions as 2-d: the same sums
+            assert np.abs(_frames(server, "folded", **case) - plain[i]).max() <= 1
             # FP8 linears change frames a little, and only a little (about 38-41 dB on this model)
             fp8 = _frames(server, "fp8", **case)
             assert np.abs(fp8 - plain[i]).max() > 0, "fp8 must actually run in 8 bit"
@@ -63,7 +67,7 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
 
     from torch.nn.attention import SDPBackend
 
-    for name in ("plain", "fused", "fp8", "nhwc", "blocks"):
+    for name in ("plain", "fused", "fp8", "nhwc", "blocks", "folded"):
         shutil.rmtree(repo / name)  # make_repo adds to the same folder
     repo2 = make_repo({
         "math": tiny_config("math", parameters=TINY_PARAMETERS + _param("attention_backend", "math")),
@@ -224,3 +228,99 @@ def test_channels_last_covers_the_temporal_3d_convolutions(tiny_model_source):
     assert accel.channels_last(unet) == len(convs2d) + len(convs3d)
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs2d)
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in convs3d)
+
+
+def _unet_inputs(unet) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return dict(sample=torch.randn(2, 4, 8, 6, 8, generator=g), timestep=torch.tensor(1.0),
+                encoder_hidden_states=torch.randn(2, 1, unet.config.cross_attention_dim, generator=g),
+                added_time_ids=torch.tensor([[6.0, 127.0, 0.02]] * 2))
+
+
+def test_fold_cross_attention_skips_the_query_side_and_keeps_the_output(tiny_model_source):
+    import copy
+
+    from diffusers import UNetSpatioTemporalConditionModel
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from videogen_server.backends.svd import accel
+
+    base = UNetSpatioTemporalConditionModel.from_pretrained(str(tiny_model_source / "1" / "unet")).eval()
+    cross = [m for m in base.modules() if isinstance(m, Attention) and m.is_cross_attention]
+    assert cross and len(cross) < sum(isinstance(m, Attention) for m in base.modules())
+    x = _unet_inputs(base)
+    folded = copy.deepcopy(base)
+    assert accel.fold_cross_attention(folded) == len(cross)
+    assert accel.fold_cross_attention(folded) == 0  # once only
+    queries = []
+    for m in folded.modules():
+        if isinstance(m, Attention) and m.is_cross_attention:
+            m.to_q.register_forward_hook(lambda *a: queries.append(1))
+            m.to_k.register_forward_hook(lambda *a: queries.append(1))
+    with torch.inference_mode():
+        ref = base(**x, return_dict=False)[0]
+        out = folded(**x, return_dict=False)[0]
+        fused = copy.deepcopy(base)
+        accel.fuse_qkv(fused)  # the fused projection holds the value in its second half
+        accel.fold_cross_attention(fused)
+        out_fused = fused(**x, return_dict=False)[0]
+    assert queries == [], "no query or key projection runs for a one-token context"
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_fused, ref, rtol=1e-5, atol=1e-6)
+
+    # any other call goes to the wrapped processor: a longer context, a mask
+    torch.manual_seed(1)
+    attn = Attention(16, cross_attention_dim=8, heads=2, dim_head=8, out_bias=True).eval()
+    plain, inner_calls = AttnProcessor2_0(), []
+
+    def inner(*args, **kwargs):
+        inner_calls.append(args[2].shape[1])  # the context's length
+        return plain(*args, **kwargs)
+
+    attn.set_processor(accel.OneTokenCrossAttention(inner))
+    h, ctx3 = torch.randn(2, 5, 16), torch.randn(2, 3, 8)
+    mask = torch.full((2, 1, 1), -1.0)  # additive, over the one key
+    with torch.inference_mode():
+        torch.testing.assert_close(attn(h, ctx3), plain(attn, h, ctx3))
+        torch.testing.assert_close(attn(h, ctx3[:, :1], attention_mask=mask), plain(attn, h, ctx3[:, :1], mask))
+        assert inner_calls == [3, 1]
+        one = attn(h, ctx3[:, :1])
+        assert inner_calls == [3, 1], "a one-token context without a mask is folded"
+        torch.testing.assert_close(one, plain(attn, h, ctx3[:, :1]))
+    assert one.shape == (2, 5, 16)
+
+
+def test_temporal_convs_2d_replace_every_temporal_conv_with_the_same_sums(tiny_model_source):
+    import copy
+
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from videogen_server.backends.svd import accel
+
+    base = UNetSpatioTemporalConditionModel.from_pretrained(str(tiny_model_source / "1" / "unet")).eval()
+    n3d = sum(type(m) is torch.nn.Conv3d for m in base.modules())
+    unet = copy.deepcopy(base)
+    assert accel.temporal_convs_2d(unet) == n3d > 0
+    assert not any(isinstance(m, torch.nn.Conv3d) for m in unet.modules())
+    assert accel.temporal_convs_2d(unet) == 0
+    assert set(dict(unet.named_parameters())) == set(dict(base.named_parameters())), "parameter names stay"
+    x = _unet_inputs(base)
+    with torch.inference_mode():
+        ref = base(**x, return_dict=False)[0]
+        torch.testing.assert_close(unet(**x, return_dict=False)[0], ref, rtol=1e-5, atol=1e-5)
+        # under torch.compile (fullgraph, as the server compiles the UNet), with fold_cross_attention too
+        accel.fold_cross_attention(unet)
+        compiled = torch.compile(unet, fullgraph=True, dynamic=False)
+        torch.testing.assert_close(compiled(**x, return_dict=False)[0], ref, rtol=1e-4, atol=1e-5)
+
+    # what is not a (k, 1, 1) temporal convolution stays: strides, spatial kernels, other padding modes
+    keep = [torch.nn.Conv3d(4, 4, (3, 3, 3), padding=1), torch.nn.Conv3d(4, 4, (3, 1, 1), stride=(2, 1, 1)),
+            torch.nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0), padding_mode="circular")]
+    assert accel.temporal_convs_2d(torch.nn.Sequential(*keep)) == 0
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(6, 4, (3, 1, 1), padding=(1, 0, 0), groups=2)
+    model = torch.nn.Sequential(copy.deepcopy(conv))
+    assert accel.temporal_convs_2d(model) == 1
+    v = torch.randn(2, 6, 5, 3, 7).permute(0, 1, 2, 4, 3)  # a permuted (strided) view, as the UNet passes
+    with torch.inference_mode():
+        torch.testing.assert_close(model(v), conv(v), rtol=1e-5, atol=1e-6)

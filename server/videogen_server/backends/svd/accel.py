@@ -5,6 +5,11 @@
   written on `torch._scaled_mm` so it needs no extra package). Convolutions stay in 16 bit.
 - `fuse_qkv`: one projection for query/key/value (self-attention) and key/value (cross-attention).
 - `channels_last`: 2-d convolution weights in NHWC.
+- `temporal_convs_2d`: the temporal (k x 1 x 1) 3-d convolutions as the same (k x 1) 2-d convolutions
+  over frames x pixels, which Inductor's channels-last layout covers (it leaves 3-d ones to cuDNN's
+  layout transposes).
+- `fold_cross_attention`: attention over SVD's single image-embedding token is its value projection;
+  the query projection and the softmax are skipped.
 - `prefer_sdpa_backend`: makes scaled-dot-product attention prefer one backend (flash, cuDNN, efficient,
   math), process-wide while a model that asked for it is loaded.
 - `compile_module` / `CompiledDecoder`: torch.compile with optional Inductor options; the VAE decoder with
@@ -168,6 +173,101 @@ def channels_last(model: nn.Module) -> int:
             n += 1
         elif isinstance(m, nn.Conv3d):
             m.to(memory_format=torch.channels_last_3d)
+            n += 1
+    return n
+
+
+class FramesConv2d(nn.Conv2d):
+    """A (k, 1, 1) Conv3d over [B, C, F, H, W] as the (k, 1) Conv2d over [B, C, F, H*W]: the same sums.
+
+    The temporal blocks permute a [B*F, C, H, W] activation to [B, C, F, H, W]; flattening H and W of
+    that view costs nothing, and when the activation is channels-last the result is a channels-last
+    4-d tensor as it stands. Inductor's layout optimisation keeps 2-d convolutions channels-last end to
+    end but leaves 3-d ones in the input's order, so cuDNN transposed around each of the UNet's 44
+    temporal convolutions (part of 0.031 s of layout transposes per compiled SVD-XT step, H200).
+    """
+
+    @classmethod
+    def eligible(cls, conv: nn.Module) -> bool:
+        return (type(conv) is nn.Conv3d and conv.kernel_size[1:] == (1, 1) and conv.stride == (1, 1, 1)
+                and conv.dilation == (1, 1, 1) and isinstance(conv.padding, tuple) and conv.padding[1:] == (0, 0)
+                and conv.padding_mode == "zeros" and not conv.transposed)
+
+    @classmethod
+    def from_conv3d(cls, conv: nn.Conv3d) -> "FramesConv2d":
+        w = conv.weight.detach()
+        new = cls(conv.in_channels, conv.out_channels, (conv.kernel_size[0], 1), padding=(conv.padding[0], 0),
+                  groups=conv.groups, bias=conv.bias is not None, device="meta")
+        new.weight = nn.Parameter(w.squeeze(-1).contiguous(), requires_grad=conv.weight.requires_grad)
+        if conv.bias is not None:
+            new.bias = nn.Parameter(conv.bias.detach(), requires_grad=conv.bias.requires_grad)
+        new.train(conv.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"FramesConv2d takes [B, C, F, H, W], got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        return super().forward(x.flatten(3)).unflatten(3, (h, w))
+
+
+def temporal_convs_2d(model: nn.Module) -> int:
+    """Replaces every eligible temporal Conv3d of `model` by a `FramesConv2d`; returns how many."""
+    targets = [(name, m) for name, m in model.named_modules() if FramesConv2d.eligible(m)]
+    for name, conv in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FramesConv2d.from_conv3d(conv))
+    return len(targets)
+
+
+# -- cross-attention over one token -------------------------------------------------------------------
+
+class OneTokenCrossAttention:
+    """An attention processor for cross-attention whose key/value sequence is one token long.
+
+    Softmax over a single key is exactly 1 whatever the query, so the attention output is the value
+    projection of that token for every query position: out = to_out(to_v(context)), broadcast. SVD
+    conditions every cross-attention (16 spatial, 16 temporal in SVD-XT) on one CLIP image embedding,
+    so this skips, per call, the query projection and the output projection over every token (~6
+    TFLOP of the 160 of a guided SVD-XT step), the key projection, and an attention call that cuDNN
+    refuses (one key) and flash runs at a fraction of bandwidth (~23 ms a step on an H200). The
+    numbers are the same up to the rounding of a differently-shaped output GEMM. Calls of any other
+    shape (longer context, a mask, 4-d input) go to the processor it wraps.
+    """
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+        if (encoder_hidden_states is None or encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[1] != 1
+                or attention_mask is not None or hidden_states.dim() != 3 or args or kwargs):
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        context = encoder_hidden_states
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        if hasattr(attn, "to_v"):
+            value = attn.to_v(context)
+        else:  # fuse_qkv: key and value in one projection (value second), over the few context rows
+            value = attn.to_kv(context).chunk(2, dim=-1)[1]
+        out = attn.to_out[1](attn.to_out[0](value.to(hidden_states.dtype)))  # [B, 1, C]
+        out = out.expand(hidden_states.shape[0], hidden_states.shape[1], out.shape[-1])
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def fold_cross_attention(model: nn.Module) -> int:
+    """Wraps the processor of every cross-attention of `model` in `OneTokenCrossAttention`; returns how
+    many. Apply after `fuse_qkv` (it reads the fused projection too)."""
+    from diffusers.models.attention_processor import Attention
+
+    n = 0
+    for m in model.modules():
+        if (isinstance(m, Attention) and m.is_cross_attention and m.spatial_norm is None
+                and not isinstance(m.processor, OneTokenCrossAttention)):
+            m.set_processor(OneTokenCrossAttention(m.processor))
             n += 1
     return n
 

@@ -80,6 +80,12 @@ PARAMETERS = {
                          f"({accel.FF_BLOCK_ROWS} tokens a block) | false | tokens per block (>= {MIN_BLOCK_ROWS})"),
     "channels_last": ("false", "the UNet's and VAE's convolution weights channels-last (NHWC; NDHWC for the "
                       "temporal 3-d ones)"),
+    "fold_cross_attention": ("false", "the UNet's cross-attention over the one image-embedding token computed as what "
+                             "it equals, the value projection of that token for every position (no query projection, "
+                             "no softmax); the same frames up to float rounding"),
+    "temporal_convs_2d": ("false", "the UNet's temporal (3x1x1) 3-d convolutions as the equivalent (3x1) 2-d "
+                          "convolutions over frames x pixels, which torch.compile keeps channels-last like the "
+                          "spatial ones; the same frames up to float rounding"),
     "fault_injection": ("", "testing only: `oom@K` or `error@K` raises a device out-of-memory error or a RuntimeError "
                         "at denoising step K, for requests whose seed is the one after `:seed=` (e.g. oom@2:seed=666)"),
     "compile_options": ("", "extra Inductor options for compile and compile_vae, `key=value;key=value` (e.g. "
@@ -119,7 +125,7 @@ class SVDBackend(Backend):
                 raise ValueError(f"{key}: {value!r} is not one of {list(COMPILE_MODES)}")
             if key == "attention_backend" and value not in accel.SDPA_BACKENDS:
                 raise ValueError(f"attention_backend: {value!r} is not one of {list(accel.SDPA_BACKENDS)}")
-            if key in ("cpu_offload", "channels_last", "fp8", "fuse_qkv"):
+            if key in ("cpu_offload", "channels_last", "fp8", "fuse_qkv", "fold_cross_attention", "temporal_convs_2d"):
                 _bool(key, value)
             if key == "forward_chunking":
                 _block_rows(value)
@@ -166,6 +172,10 @@ class SVDBackend(Backend):
                 applied.append(f"fuse_qkv ({accel.fuse_qkv(pipe.unet)} attention layers)")
             if _bool("fp8", p.get("fp8", "false")):
                 applied.append(f"fp8 ({accel.to_fp8(pipe.unet)} linear layers)")
+            if _bool("fold_cross_attention", p.get("fold_cross_attention", "false")):  # after fuse_qkv and fp8
+                applied.append(f"fold_cross_attention ({accel.fold_cross_attention(pipe.unet)} layers)")
+            if _bool("temporal_convs_2d", p.get("temporal_convs_2d", "false")):  # before channels_last
+                applied.append(f"temporal_convs_2d ({accel.temporal_convs_2d(pipe.unet)} convolutions)")
         pipe.set_progress_bar_config(disable=True)
         rows = _block_rows(p.get("forward_chunking", "false"))
         if rows:
