@@ -26,7 +26,7 @@ Variants (--variants, comma list):
   server_compile_fp8   server_compile with fp8=true; PSNR of its frames against the plain pipeline's
   unet_tricks     one UNet forward (guidance batch, eager) per option, each on its own: float16, bfloat16,
                   channels_last, fuse_qkv, fp8, fold_cross_attention, temporal_convs_2d (alone and with
-                  channels_last), each SDPA backend; seconds and error against float16
+                  channels_last), each SDPA backend, cudnn_benchmark; seconds and error against float16
 --server-params k=v,k=v adds backend parameters to every server variant (e.g. attention_backend=cudnn).
 --profile (GPU) adds each server variant's device time per denoising step by kernel kind (conv, attention,
 gemm, gemm_fp8, triton = Inductor's fused kernels, memcpy, ...) and its top kernels.
@@ -336,9 +336,11 @@ def run_unet_tricks(ctx: Ctx) -> dict:
         inputs["encoder_hidden_states"] = torch.randn(2, 1, base.config.cross_attention_dim, generator=g)
     repeats = 2 if a.tiny else 5
 
-    def measure(unet, dtype, sdpa="auto") -> dict:
+    def measure(unet, dtype, sdpa="auto", cudnn_benchmark=False) -> dict:
         x = {k: v.to(dev, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
         accel.prefer_sdpa_backend(sdpa)  # as the server sets it (process-wide), released below
+        if cudnn_benchmark:
+            accel.use_cudnn_benchmark()
         try:
             with torch.inference_mode():
                 out = unet(**x, return_dict=False)[0]  # warm-up (cuDNN / cuBLAS heuristics, allocator)
@@ -351,6 +353,8 @@ def run_unet_tricks(ctx: Ctx) -> dict:
                     times.append(time.perf_counter() - t0)
         finally:
             accel.release_sdpa_backend(sdpa)
+            if cudnn_benchmark:
+                accel.release_cudnn_benchmark()
         return {"forward_s": median(times), "out": out.float()}
 
     res: dict = {"shape": [2, a.frames, 8, h, w], "repeats": repeats}
@@ -391,6 +395,7 @@ def run_unet_tricks(ctx: Ctx) -> dict:
     variant("temporal_convs_2d+channels_last", with_(lambda u: (accel.temporal_convs_2d(u), accel.channels_last(u))))
     for sdpa in ("flash", "cudnn", "efficient"):
         variant(f"sdpa_{sdpa}", lambda: base, sdpa=sdpa)
+    variant("cudnn_benchmark", lambda: base, cudnn_benchmark=True)  # the warm-up call pays the timing
     del base
     return res
 

@@ -71,15 +71,19 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
         shutil.rmtree(repo / name)  # make_repo adds to the same folder
     repo2 = make_repo({
         "math": tiny_config("math", parameters=TINY_PARAMETERS + _param("attention_backend", "math")),
-        "math2": tiny_config("math2", parameters=TINY_PARAMETERS + _param("attention_backend", "math")),
+        "math2": tiny_config("math2", parameters=TINY_PARAMETERS + _param("attention_backend", "math")
+                             + _param("cudnn_benchmark", "true")),
     })
     default_order = torch._C._get_sdp_priority_order()
+    assert not torch.backends.cudnn.benchmark
     with ServerThread(repo2) as server:
         assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.MATH)
+        assert torch.backends.cudnn.benchmark, "process-wide while the model that asked is loaded"
         for i, case in enumerate(CASES):  # the same maths, float rounding apart
             assert np.abs(_frames(server, "math", **case) - plain[i]).max() <= 1
     # unloading every model that asked for it gives torch its own choice back
     assert torch._C._get_sdp_priority_order() == default_order
+    assert not torch.backends.cudnn.benchmark
 
 
 def test_two_attention_preferences_in_one_process_refuse_the_second(make_repo):

@@ -11,7 +11,8 @@
 - `fold_cross_attention`: attention over SVD's single image-embedding token is its value projection;
   the query projection and the softmax are skipped.
 - `prefer_sdpa_backend`: makes scaled-dot-product attention prefer one backend (flash, cuDNN, efficient,
-  math), process-wide while a model that asked for it is loaded.
+  math), process-wide while a model that asked for it is loaded; `use_cudnn_benchmark` likewise for
+  cuDNN's convolution autotuning.
 - `compile_module` / `CompiledDecoder`: torch.compile with optional Inductor options; the VAE decoder with
   a dynamic frame dimension, so chunk lengths share graphs (the decoder is temporal: padding a chunk
   would change its frames). `GraphCounter` counts the graphs each instance built; `use_compile_cache`
@@ -94,6 +95,34 @@ def release_sdpa_backend(name: str) -> None:
         if _sdpa_users == 0:
             _sdpa_stack.close()
             _sdpa_preference = None
+
+
+_cudnn_lock = threading.Lock()
+_cudnn_users = 0  # instances that asked for cuDNN autotuning; the last one to go restores the setting
+_cudnn_before: bool | None = None
+
+
+def use_cudnn_benchmark() -> None:
+    """cuDNN autotuning (`torch.backends.cudnn.benchmark`): the first convolution of each shape times
+    cuDNN's algorithms and keeps the fastest, instead of its heuristic's pick. Pays where shapes are
+    few and fixed, as in compiled shape buckets (the warm-up requests pay the timing). Process-wide,
+    as torch's switch is: on while any instance that asked for it is loaded."""
+    global _cudnn_users, _cudnn_before
+    with _cudnn_lock:
+        if _cudnn_users == 0:
+            _cudnn_before = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+        _cudnn_users += 1
+
+
+def release_cudnn_benchmark() -> None:
+    global _cudnn_users
+    with _cudnn_lock:
+        if _cudnn_users == 0:
+            return
+        _cudnn_users -= 1
+        if _cudnn_users == 0:
+            torch.backends.cudnn.benchmark = bool(_cudnn_before)
 
 
 # -- FP8 -------------------------------------------------------------------------------------------

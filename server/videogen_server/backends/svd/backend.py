@@ -74,6 +74,9 @@ PARAMETERS = {
     "fuse_qkv": ("false", "one projection for attention query/key/value instead of three"),
     "attention_backend": ("auto", "scaled-dot-product attention kernel to prefer (the others remain for calls it "
                           "cannot take), process-wide: " + " | ".join(accel.SDPA_BACKENDS)),
+    "cudnn_benchmark": ("false", "cuDNN times its convolution algorithms for each new shape and keeps the fastest "
+                        "(torch.backends.cudnn.benchmark), process-wide while this model is loaded; the first request "
+                        "of a shape (size, frames, decode chunk length) pays the timing: warm them up"),
     "cpu_offload": ("false", "low-memory mode: models live in pinned host memory and move to the GPU for their "
                     "phase only (image encoder, then UNet, which leaves before the VAE decode); not with compile"),
     "forward_chunking": ("false", "UNet feed-forward layers over blocks of tokens (lower peak memory): true "
@@ -125,7 +128,8 @@ class SVDBackend(Backend):
                 raise ValueError(f"{key}: {value!r} is not one of {list(COMPILE_MODES)}")
             if key == "attention_backend" and value not in accel.SDPA_BACKENDS:
                 raise ValueError(f"attention_backend: {value!r} is not one of {list(accel.SDPA_BACKENDS)}")
-            if key in ("cpu_offload", "channels_last", "fp8", "fuse_qkv", "fold_cross_attention", "temporal_convs_2d"):
+            if key in ("cpu_offload", "channels_last", "fp8", "fuse_qkv", "fold_cross_attention", "temporal_convs_2d",
+                       "cudnn_benchmark"):
                 _bool(key, value)
             if key == "forward_chunking":
                 _block_rows(value)
@@ -232,6 +236,10 @@ class SVDBackend(Backend):
         in_force = accel.prefer_sdpa_backend(self.attention)
         if in_force != "auto":
             applied.append(f"attention_backend {in_force} (process-wide)")
+        self.cudnn_benchmark = _bool("cudnn_benchmark", p.get("cudnn_benchmark", "false"))
+        if self.cudnn_benchmark:
+            accel.use_cudnn_benchmark()
+            applied.append("cudnn_benchmark (process-wide)")
         log.info("svd instance %s/%s#%d on %s (%s) loaded in %.2fs%s", context.model_name, context.model_version,
                  context.instance_index, self.device, str(self.dtype).removeprefix("torch."), time.perf_counter() - t0,
                  f"; {', '.join(applied)}" if applied else "")
@@ -432,6 +440,9 @@ class SVDBackend(Backend):
     def finalize(self) -> None:
         if getattr(self, "attention", None):
             accel.release_sdpa_backend(self.attention)
+        if getattr(self, "cudnn_benchmark", False):
+            accel.release_cudnn_benchmark()
+            self.cudnn_benchmark = False
         if self.offload:
             self.offload.release()
         del self.pipe, self.decoder, self.offload
