@@ -566,23 +566,32 @@ class Engine:
                     if encoder is None and p.stream_video:
                         encoder = FragmentedMP4Encoder(width=p.width, height=p.height, fps=p.video_fps)
                     # Frames encode in parallel (PIL releases the GIL while compressing) beside the
-                    # MP4; the worker meanwhile decodes the next chunk.
+                    # MP4; the worker meanwhile decodes the next chunk. Each frame goes out as soon as
+                    # it and the ones before it are encoded, without waiting for the MP4 fragment (x264
+                    # takes longer for a chunk than one PNG does).
+                    video_job = (self._loop.run_in_executor(self._media, _timed, encoder.add, event.frames)
+                                 if encoder is not None else None)
                     jobs = [] if p.frame_encoding is FrameEncoding.NONE else [
                         self._loop.run_in_executor(self._media, encode_frame, f, p.frame_encoding, p.jpeg_quality)
                         for f in event.frames]
-                    if encoder is not None:
-                        jobs.append(self._loop.run_in_executor(self._media, _timed, encoder.add, event.frames))
-                    done = await asyncio.gather(*jobs)
-                    video, seconds = done.pop() if encoder is not None else (b"", 0.0)
-                    frames = done
+                    try:
+                        for i, job in enumerate(jobs):
+                            data = await job
+                            if not first_frame_s:
+                                first_frame_s = time.monotonic() - req.enqueued_at
+                                m.first_frame.labels(*labels).observe(first_frame_s)
+                            yield FrameEvent(event.start_index + i, event.chunk_index, p.frame_encoding, data,
+                                             p.width, p.height)
+                        m.frames.labels(*labels).inc(len(event.frames))
+                        video, seconds = await video_job if video_job is not None else (b"", 0.0)
+                    finally:  # a request ended meanwhile: no job's outcome goes unread
+                        for job in jobs + ([video_job] if video_job is not None else []):
+                            if not job.done():
+                                job.add_done_callback(_discard)
                     video_encode_s += seconds
-                    if not first_frame_s:  # the first chunk's frames go out now (or its video, with NONE)
+                    if not first_frame_s:  # with FRAME_ENCODING_NONE the first chunk's video is the first output
                         first_frame_s = time.monotonic() - req.enqueued_at
                         m.first_frame.labels(*labels).observe(first_frame_s)
-                    for i, data in enumerate(frames):
-                        yield FrameEvent(event.start_index + i, event.chunk_index, p.frame_encoding, data,
-                                         p.width, p.height)
-                    m.frames.labels(*labels).inc(len(event.frames))
                     if video:
                         yield VideoEvent(video, offset, False)
                         offset += len(video)
@@ -630,6 +639,13 @@ def _decode_and_prepare(data: bytes, limits, params, backend):
     """Admission's CPU work, on the preprocessing threads: decode the image, then the backend's prepare."""
     image = decode_image(data, limits)
     return image, backend.prepare(params, image)
+
+
+def _discard(future) -> None:
+    """Reads a media job's outcome that nobody awaits any more (its request ended), so a failure there
+    is not logged as an exception never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _timed(fn, *args):
