@@ -27,9 +27,10 @@ def test_stream_order_and_summary(tiny_server):
     assert [f.index for f in frames] == [0, 1, 2, 3]
     assert [f.chunk_index for f in frames] == [0, 0, 1, 1]  # decode_chunk_size 2
     assert all(f.num_parts == 1 and Image.open(io.BytesIO(f.data)).size == (64, 48) for f in frames)
-    # video chunks come after the last frame, the last one flagged, offsets contiguous
+    # video chunks: the last one flagged and after the last frame, offsets contiguous
     video = [r.video for r in responses if r.WhichOneof("event") == "video"]
-    assert k.index("video") > max(i for i, x in enumerate(k) if x == "frame")
+    assert k.index("video") > k.index("frame") and len(k) - 1 - k[::-1].index("video") > max(
+        i for i, x in enumerate(k) if x == "frame")
     assert video[-1].last and not any(v.last for v in video[:-1])
     assert [v.offset for v in video] == list(np.cumsum([0] + [len(v.data) for v in video[:-1]]))
     s = responses[-1].summary
@@ -146,6 +147,17 @@ def test_mp4_decodes_to_the_requested_frames_and_fps(tiny_server):
         assert stream.codec_context.pix_fmt == "yuv420p"
     assert len(decoded) == 6 and decoded[0].shape == (48, 64, 3)
     assert b"ftyp" in data[:16] and b"moof" in data  # fragmented MP4
+
+
+def test_mp4_streams_while_later_chunks_decode(tiny_server):
+    """The video is not held to the end: fragments of the first chunks go out before the last frames."""
+    responses = collect(tiny_server.stub(), request(num_frames=12, num_inference_steps=1, decode_chunk_size=2))
+    k = kinds(responses)
+    last_frame = max(i for i, x in enumerate(k) if x == "frame")
+    early = [r.video for i, r in enumerate(responses) if k[i] == "video" and i < last_frame]
+    assert early and b"moof" in b"".join(v.data for v in early), k
+    with av.open(io.BytesIO(video_bytes(responses))) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 12
 
 
 def test_jpeg_frames(tiny_server):

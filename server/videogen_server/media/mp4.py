@@ -1,8 +1,15 @@
 """Fragmented MP4 (H.264, yuv420p) written incrementally into memory with PyAV.
 
-`empty_moov` puts the header first and `frag_keyframe` + `default_base_moof` make every fragment
-self-contained, so the bytes can be streamed as they are produced and the concatenation of all
-chunks is a playable file (browsers' Media Source Extensions take it too).
+`empty_moov` puts the header first and `frag_every_frame` + `default_base_moof` make every frame a
+self-contained fragment, so the bytes can be streamed as they are produced and the concatenation of
+all chunks is a playable file (browsers' Media Source Extensions take it too).
+
+The encoder is set for a short delay, so that each decode chunk's frames leave as MP4 while the next
+chunk decodes: x264 with sliced threads (frame threads hold one frame each: on 16 cores, the whole of
+a 25-frame video until the flush) and a 3-frame rate-control lookahead (veryfast's is 10). At CRF 18
+the file is as large as with x264's defaults (1024x576, 25 frames: 3.13 against 3.12 MB), and the
+flush at the end holds the last few frames instead of all of them (here, 2 cores: 0.09 s against
+0.19 s). With `frag_keyframe` and one keyframe per video, every byte came out at the end.
 """
 from __future__ import annotations
 
@@ -13,7 +20,8 @@ from fractions import Fraction
 import av
 import numpy as np
 
-MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
+MOVFLAGS = "frag_every_frame+empty_moov+default_base_moof"
+X264_PARAMS = "sliced-threads=1:rc-lookahead=3:sync-lookahead=0"
 
 
 class _Sink(io.RawIOBase):
@@ -50,7 +58,7 @@ class FragmentedMP4Encoder:
         self._container = av.open(self._sink, mode="w", format="mp4", options={"movflags": MOVFLAGS})
         stream = self._container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": preset}
+        stream.options = {"crf": str(crf), "preset": preset, "x264-params": X264_PARAMS}
         self._stream = stream
         self._closed = False
         # add/finish run on media threads; close may come from a cancelled request meanwhile.
