@@ -16,13 +16,14 @@
 # part4: part2 with --profile (device time per step by kernel kind), then the fp16 compiled server if time is left.
 # part5: the fp16 compiled UNet's step profile, then the same with channels_last (predicted: the 0.031 s of
 #        cuDNN layout transposes per step gone, ~0.43 s a step against 0.456).
-# part6: the fourth session's changes (built without a device): the compiled server (UNet + VAE, as run 3:
-#        13.07 s end to end, 0.456 s a step) with fold_cross_attention, temporal_convs_2d and
-#        cudnn_benchmark, profiled, beside the plain pipeline; every server variant now also runs one
-#        step ahead of progress, makes uint8 frames on the device and sends frames before the MP4
-#        fragment. Then, in the time left, one eager UNet forward per option (unet_tricks). ~9.5 min.
+# part6: the fourth session's options, beside a baseline in the same call: the plain pipeline, the compiled
+#        server (UNet only, as part5's first run) and the same with fold_cross_attention, temporal_convs_2d
+#        and cudnn_benchmark, both profiled (each option shows in its own bucket of the step). Both server
+#        runs also have this session's always-on changes (one step of run-ahead, uint8 frames made on the
+#        device, frames before the MP4, the MP4 streamed per chunk). Then unet_tricks in the time left.
+#        ~8 min. part7 then measures the end to end of the full configuration (UNet + VAE compiled).
 set -u
-part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|part6|tricks}
+part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|part6|part7|tricks}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -66,16 +67,25 @@ part5)
         --server-params "compile_vae=none,channels_last=true,compile_cache_dir=/tmp/vg-cc-nhwc" 2>&1 | tee "$OUT/p8.log"
     ;;
 part6)
-    # predicted: attention -0.02 s and GEMM -0.01 s a step (fold), layout transposes -0.03 s (temporal
-    # convolutions 2-d), convolutions lower by an unknown amount (cudnn_benchmark); ~0.39 s a step, and
-    # ~0.3 s less decode and tail: ~11.2 s end to end against run 3's 13.07 s
-    bench --out "$OUT/p9" --variants plain,server_compile --profile --time-budget 400 --server-params \
-        "fold_cross_attention=true,temporal_convs_2d=true,cudnn_benchmark=true,compile_cache_dir=/tmp/vg-cc-fold" \
-        2>&1 | tee "$OUT/p9.log"
-    left=$((560 - SECONDS))
-    if [ "$left" -gt 60 ]; then
-        bench --out "$OUT/p10" --variants unet_tricks --time-budget "$left" 2>&1 | tee "$OUT/p10.log"
+    # predicted (the table in docs/performance.md): attention -0.02 s and GEMM -0.01 s a step (fold),
+    # layout transposes -0.03 s (2-d temporal convolutions), convolutions lower by an unknown amount
+    # (cudnn_benchmark): ~0.39 s a step against ~0.456
+    bench --out "$OUT/p9" --variants plain,server_compile --profile --time-budget 300 \
+        --server-params "compile_vae=none,compile_cache_dir=/tmp/vg-cc-base" 2>&1 | tee "$OUT/p9.log"
+    bench --out "$OUT/p10" --variants server_compile --profile --time-budget 60 --server-params \
+        "compile_vae=none,fold_cross_attention=true,temporal_convs_2d=true,cudnn_benchmark=true,compile_cache_dir=/tmp/vg-cc-fold" \
+        2>&1 | tee "$OUT/p10.log"
+    left=$((570 - SECONDS))
+    if [ "$left" -gt 90 ]; then
+        bench --out "$OUT/p11" --variants unet_tricks --time-budget "$left" 2>&1 | tee "$OUT/p11.log"
     fi
+    ;;
+part7)
+    # the full configuration's end to end and first frame (UNet + VAE compiled, cold, ~5.5 min), with the
+    # options part6 found faster (edit the list to what part6 showed)
+    bench --out "$OUT/p12" --variants plain,server_compile --time-budget 120 --server-params \
+        "fold_cross_attention=true,temporal_convs_2d=true,cudnn_benchmark=true,compile_cache_dir=/tmp/vg-cc-full" \
+        2>&1 | tee "$OUT/p12.log"
     ;;
 part2)
     bench --out "$OUT/p4" --variants plain,server_compile_fp8 --time-budget 260 2>&1 | tee "$OUT/p4.log"

@@ -62,6 +62,12 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
             fp8 = _frames(server, "fp8", **case)
             assert np.abs(fp8 - plain[i]).max() > 0, "fp8 must actually run in 8 bit"
             assert _psnr(fp8, plain[i]) > 30
+        # the options were applied, not only harmless
+        from videogen_server.backends.svd import accel
+        unet = next(iter(server.engine.models["folded"].loaded.values())).instances[0].backend.pipe.unet
+        assert any(isinstance(m, accel.FramesConv2d) for m in unet.modules())
+        assert not any(isinstance(m, torch.nn.Conv3d) for m in unet.modules())
+        assert any(isinstance(getattr(m, "processor", None), accel.OneTokenCrossAttention) for m in unet.modules())
     # The attention kernel preference is process-wide (torch's switches are): a server of its own.
     import shutil
 
@@ -269,7 +275,7 @@ def test_fold_cross_attention_skips_the_query_side_and_keeps_the_output(tiny_mod
         accel.fold_cross_attention(fused)
         out_fused = fused(**x, return_dict=False)[0]
     assert queries == [], "no query or key projection runs for a one-token context"
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out, ref), "float32 on CPU: the same sums, bit for bit"
     torch.testing.assert_close(out_fused, ref, rtol=1e-5, atol=1e-6)
 
     # any other call goes to the wrapped processor: a longer context, a mask
@@ -294,6 +300,65 @@ def test_fold_cross_attention_skips_the_query_side_and_keeps_the_output(tiny_mod
     assert one.shape == (2, 5, 16)
 
 
+@pytest.mark.parametrize("config", [
+    dict(), dict(residual_connection=True), dict(rescale_output_factor=2.0), dict(cross_attention_norm="layer_norm"),
+    dict(cross_attention_norm="group_norm", cross_attention_norm_num_groups=4), dict(qk_norm="layer_norm"),
+])
+def test_fold_matches_each_attention_configuration_it_accepts(config):
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from videogen_server.backends.svd import accel
+
+    torch.manual_seed(0)
+    attn = Attention(16, cross_attention_dim=8, heads=2, dim_head=8, out_bias=True, **config).eval()
+    model = torch.nn.Sequential(attn)
+    h, ctx = torch.randn(2, 5, 16), torch.randn(2, 1, 8)
+    with torch.inference_mode():
+        ref = attn(h, ctx)
+        assert accel.fold_cross_attention(model) == 1
+        torch.testing.assert_close(attn(h, ctx), ref, rtol=1e-5, atol=1e-6)
+        # a 4-d (image-shaped) input goes to the wrapped processor
+        h4 = torch.randn(2, 16, 2, 3)
+        torch.testing.assert_close(attn(h4, ctx), AttnProcessor2_0()(attn, h4, ctx))
+
+
+def test_fold_leaves_attention_it_cannot_fold():
+    from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor2_0, AttnProcessor2_0
+
+    from videogen_server.backends.svd import accel
+
+    # keys from the hidden states too (added key/value projections), a processor of one's own, self-attention
+    added = Attention(16, cross_attention_dim=8, heads=2, dim_head=8, added_kv_proj_dim=8,
+                      processor=AttnAddedKVProcessor2_0())
+
+    class Custom(AttnProcessor2_0):
+        pass
+
+    custom = Attention(16, cross_attention_dim=8, heads=2, dim_head=8, processor=Custom())
+    plain_self = Attention(16, heads=2, dim_head=8)
+    assert accel.fold_cross_attention(torch.nn.Sequential(added, custom, plain_self)) == 0
+    assert not any(isinstance(m.processor, accel.OneTokenCrossAttention) for m in (added, custom, plain_self))
+
+
+def test_cudnn_benchmark_is_on_while_any_holder_is_loaded():
+    from videogen_server.backends.svd import accel
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        accel.use_cudnn_benchmark()
+        accel.use_cudnn_benchmark()
+        assert torch.backends.cudnn.benchmark
+        accel.release_cudnn_benchmark()
+        assert torch.backends.cudnn.benchmark, "one holder is left"
+        accel.release_cudnn_benchmark()
+        assert not torch.backends.cudnn.benchmark, "the setting from before comes back"
+        accel.release_cudnn_benchmark()  # one release too many changes nothing
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def test_temporal_convs_2d_replace_every_temporal_conv_with_the_same_sums(tiny_model_source):
     import copy
 
@@ -308,6 +373,7 @@ def test_temporal_convs_2d_replace_every_temporal_conv_with_the_same_sums(tiny_m
     assert not any(isinstance(m, torch.nn.Conv3d) for m in unet.modules())
     assert accel.temporal_convs_2d(unet) == 0
     assert set(dict(unet.named_parameters())) == set(dict(base.named_parameters())), "parameter names stay"
+    # (their shapes lose the trailing unit dimension: [O, I, 3, 1, 1] -> [O, I, 3, 1])
     x = _unet_inputs(base)
     with torch.inference_mode():
         ref = base(**x, return_dict=False)[0]
@@ -328,3 +394,4 @@ def test_temporal_convs_2d_replace_every_temporal_conv_with_the_same_sums(tiny_m
     v = torch.randn(2, 6, 5, 3, 7).permute(0, 1, 2, 4, 3)  # a permuted (strided) view, as the UNet passes
     with torch.inference_mode():
         torch.testing.assert_close(model(v), conv(v), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(v[0]), conv(v[0]), rtol=1e-5, atol=1e-6)  # unbatched, as Conv3d takes it

@@ -79,9 +79,11 @@ def test_generate_yields_typed_events_in_order(client):
     kinds = [type(e) for e in events]
     assert kinds[0] is Accepted and kinds[-1] is Summary
     assert kinds.count(Accepted) == 1 and kinds.count(Summary) == 1
-    # the phases never interleave: Accepted, Progress*, Frame*, VideoChunk+, Summary
-    order = {Accepted: 0, Progress: 1, Frame: 2, VideoChunk: 3, Summary: 4}
+    # Accepted, Progress*, then Frames with the MP4 bytes encoded so far after each chunk's frames,
+    # the last VideoChunk after the last Frame, Summary
+    order = {Accepted: 0, Progress: 1, Frame: 2, VideoChunk: 2, Summary: 4}
     assert [order[k] for k in kinds] == sorted(order[k] for k in kinds)
+    assert kinds[-2] is VideoChunk and events[-2].last
 
     accepted = events[0]
     assert accepted.request_id == "client-order-1"

@@ -568,7 +568,8 @@ class Engine:
                     # Frames encode in parallel (PIL releases the GIL while compressing) beside the
                     # MP4; the worker meanwhile decodes the next chunk. Each frame goes out as soon as
                     # it and the ones before it are encoded, without waiting for the MP4 fragment (x264
-                    # takes longer for a chunk than one PNG does).
+                    # takes longer for a chunk than one PNG does). The MP4 job is queued first, so it
+                    # starts at once; with one media thread the frames wait for it, as they did before.
                     video_job = (self._loop.run_in_executor(self._media, _timed, encoder.add, event.frames)
                                  if encoder is not None else None)
                     jobs = [] if p.frame_encoding is FrameEncoding.NONE else [
@@ -584,10 +585,10 @@ class Engine:
                                              p.width, p.height)
                         m.frames.labels(*labels).inc(len(event.frames))
                         video, seconds = await video_job if video_job is not None else (b"", 0.0)
-                    finally:  # a request ended meanwhile: no job's outcome goes unread
+                    finally:  # a request ended meanwhile: drop queued jobs, and leave no outcome unread
                         for job in jobs + ([video_job] if video_job is not None else []):
-                            if not job.done():
-                                job.add_done_callback(_discard)
+                            job.cancel()  # a no-op for finished and running jobs
+                            job.add_done_callback(_discard)  # runs at once on a finished one
                     video_encode_s += seconds
                     if not first_frame_s:  # with FRAME_ENCODING_NONE the first chunk's video is the first output
                         first_frame_s = time.monotonic() - req.enqueued_at

@@ -234,14 +234,19 @@ class FramesConv2d(nn.Conv2d):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # unbatched [C, F, H, W], as Conv3d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.dim() != 5:
-            raise ValueError(f"FramesConv2d takes [B, C, F, H, W], got {tuple(x.shape)}")
+            raise ValueError(f"FramesConv2d takes [B, C, F, H, W] or [C, F, H, W], got {tuple(x.shape)}")
         h, w = x.shape[-2:]
         return super().forward(x.flatten(3)).unflatten(3, (h, w))
 
 
 def temporal_convs_2d(model: nn.Module) -> int:
-    """Replaces every eligible temporal Conv3d of `model` by a `FramesConv2d`; returns how many."""
+    """Replaces every eligible temporal Conv3d of `model` by a `FramesConv2d`; returns how many.
+
+    Parameter names stay; the weights lose their trailing unit dimension ([O, I, k, 1, 1] ->
+    [O, I, k, 1]), so a state dict taken afterwards loads into this form, not into the stock model."""
     targets = [(name, m) for name, m in model.named_modules() if FramesConv2d.eligible(m)]
     for name, conv in targets:
         parent_name, _, child = name.rpartition(".")
@@ -270,8 +275,9 @@ class OneTokenCrossAttention:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
-        if (encoder_hidden_states is None or encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[1] != 1
-                or attention_mask is not None or hidden_states.dim() != 3 or args or kwargs):
+        if (not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3
+                or encoder_hidden_states.shape[1] != 1 or attention_mask is not None or hidden_states.dim() != 3
+                or args or kwargs):
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         context = encoder_hidden_states
         if attn.norm_cross:
@@ -288,14 +294,22 @@ class OneTokenCrossAttention:
 
 
 def fold_cross_attention(model: nn.Module) -> int:
-    """Wraps the processor of every cross-attention of `model` in `OneTokenCrossAttention`; returns how
-    many. Apply after `fuse_qkv` (it reads the fused projection too)."""
-    from diffusers.models.attention_processor import Attention
+    """Wraps the processor of every plain cross-attention of `model` in `OneTokenCrossAttention`;
+    returns how many. Apply after `fuse_qkv` (it reads the fused projection too).
+
+    Only diffusers' standard processors are wrapped (what SVD uses): others may attend to more than
+    the context (added key/value projections of the hidden states), take several contexts (IP
+    adapters) or carry weights and logic of their own (LoRA, custom processors), where the fold would
+    be wrong or bypass them.
+    """
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
     n = 0
     for m in model.modules():
-        if (isinstance(m, Attention) and m.is_cross_attention and m.spatial_norm is None
-                and not isinstance(m.processor, OneTokenCrossAttention)):
+        if (isinstance(m, Attention) and m.is_cross_attention
+                and type(m.processor) in (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0)
+                and getattr(m, "add_k_proj", None) is None and not getattr(m, "only_cross_attention", False)
+                and (getattr(m, "to_v", None) is not None or hasattr(m, "to_kv"))):
             m.set_processor(OneTokenCrossAttention(m.processor))
             n += 1
     return n

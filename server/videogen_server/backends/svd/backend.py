@@ -76,13 +76,14 @@ PARAMETERS = {
                           "cannot take), process-wide: " + " | ".join(accel.SDPA_BACKENDS)),
     "cudnn_benchmark": ("false", "cuDNN times its convolution algorithms for each new shape and keeps the fastest "
                         "(torch.backends.cudnn.benchmark), process-wide while this model is loaded; the first request "
-                        "of a shape (size, frames, decode chunk length) pays the timing: warm them up"),
+                        "of a shape (size, frames, decode chunk length) pays the timing: warm them up. The choice is "
+                        "made by timing, so frames may differ by float rounding between restarts"),
     "cpu_offload": ("false", "low-memory mode: models live in pinned host memory and move to the GPU for their "
                     "phase only (image encoder, then UNet, which leaves before the VAE decode); not with compile"),
     "forward_chunking": ("false", "UNet feed-forward layers over blocks of tokens (lower peak memory): true "
                          f"({accel.FF_BLOCK_ROWS} tokens a block) | false | tokens per block (>= {MIN_BLOCK_ROWS})"),
     "channels_last": ("false", "the UNet's and VAE's convolution weights channels-last (NHWC; NDHWC for the "
-                      "temporal 3-d ones)"),
+                      "temporal 3-d ones, unless temporal_convs_2d made them 2-d)"),
     "fold_cross_attention": ("false", "the UNet's cross-attention over the one image-embedding token computed as what "
                              "it equals, the value projection of that token for every position (no query projection, "
                              "no softmax); the same frames up to float rounding"),
@@ -382,6 +383,7 @@ class SVDBackend(Backend):
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + gscale * (cond - uncond)
             latents = scheduler.step(noise_pred, t, latents).prev_sample
+            # (on a GPU, step K-1 is not reported yet when the fault at step K is raised: run-ahead)
             if self.fault and self.fault[1] == i + 1 and any(requests[r].params.seed == self.fault[2] for r in live):
                 raise (torch.OutOfMemoryError if self.fault[0] == "oom" else RuntimeError)(
                     f"injected {self.fault[0]} at step {i + 1}")
