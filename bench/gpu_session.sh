@@ -22,8 +22,10 @@
 #        runs also have this session's always-on changes (one step of run-ahead, uint8 frames made on the
 #        device, frames before the MP4, the MP4 streamed per chunk). Then unet_tricks in the time left.
 #        ~8 min. part7 then measures the end to end of the full configuration (UNet + VAE compiled).
+# part8: the low-memory mode with the UNet compiled (compile=default, allowed with cpu_offload since the
+#        fourth session), ~4 min.
 set -u
-part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|part6|part7|tricks}
+part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|part6|part7|part8|tricks}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -86,6 +88,12 @@ part7)
     bench --out "$OUT/p12" --variants plain,server_compile --time-budget 120 --server-params \
         "fold_cross_attention=true,temporal_convs_2d=true,cudnn_benchmark=true,compile_cache_dir=/tmp/vg-cc-full" \
         2>&1 | tee "$OUT/p12.log"
+    ;;
+part8)
+    # the low-memory mode compiled (compile=default: no CUDA graphs, the UNet's weights move every request),
+    # against run 5's eager 0.636 s a step at 7.69 GiB; 5 steps, cold compile ~2.5 min
+    bench --out "$OUT/p13" --steps 5 --variants server_lowmem --profile --time-budget 60 \
+        --server-params "compile=default,compile_cache_dir=/tmp/vg-cc-lowmem" 2>&1 | tee "$OUT/p13.log"
     ;;
 part2)
     bench --out "$OUT/p4" --variants plain,server_compile_fp8 --time-budget 260 2>&1 | tee "$OUT/p4.log"

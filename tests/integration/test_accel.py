@@ -147,6 +147,47 @@ def test_cpu_offload_needs_a_gpu(make_repo):
         assert "cpu_offload: needs a GPU instance" in server.engine.models["m"].error
 
 
+def test_compiled_unet_follows_phase_offload_without_recompiling(tiny_model_source):
+    """cpu_offload with compile (modes without CUDA graphs): PhaseOffload points the UNet's tensors at
+    new device copies every request, and a compiled UNet must read them, not what it was compiled with,
+    and not recompile. The CPU stands in for the GPU as the "device" (a copy into fresh storage each
+    time, as on a GPU); CUDA graphs, which would replay the old addresses, are refused by validation."""
+    import threading
+
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from videogen_server.backends.svd import accel
+    from videogen_server.backends.svd.backend import SVDBackend
+
+    SVDBackend.validate_parameters({"cpu_offload": "true", "compile": "default", "compile_vae": "reduce-overhead"})
+    SVDBackend.validate_parameters({"cpu_offload": "true", "compile": "max-autotune-no-cudagraphs"})
+    unet = UNetSpatioTemporalConditionModel.from_pretrained(str(tiny_model_source / "1" / "unet")).eval()
+    x = _unet_inputs(unet)
+    with torch.inference_mode():
+        ref = unet(**x, return_dict=False)[0]
+    off = accel.PhaseOffload({"unet": unet, "other": torch.nn.Linear(2, 2)}, torch.device("cpu"))
+    compiled = torch.compile(unet, fullgraph=True, dynamic=False)
+    accel.GraphCounter.install()
+    me = threading.get_ident()
+    outs, graphs = [], []
+    with torch.inference_mode():  # as the backend's execute runs
+        for _ in range(3):
+            off.use("unet")
+            ptr = unet.conv_in.weight.data_ptr()
+            outs.append(compiled(**x, return_dict=False)[0])
+            graphs.append(accel.GraphCounter.count(me))
+            off.use("other")  # the UNet is off the device: its tensors point at the host copies again
+            assert unet.conv_in.weight.data_ptr() != ptr
+    assert graphs[0] == graphs[1] == graphs[2], f"recompiled after the weights moved: {graphs}"
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    # and it really reads the weights it is given now
+    off.use("unet")
+    with torch.inference_mode():
+        unet.conv_out.bias.data.add_(1.0)
+        assert (compiled(**x, return_dict=False)[0] - ref).abs().min() > 0.5
+
+
 def test_phase_offload_moves_one_model_at_a_time():
     """PhaseOffload's bookkeeping, with the CPU standing in for the GPU (none here): a model "on the
     device" holds fresh copies of its tensors, one model at a time, and moving it off re-points it at

@@ -105,7 +105,12 @@ BAD = [
     ('backend: "svd" parameters { key: "attention_backend" value { string_value: "fa3" } }', "parameters",
      "attention_backend: 'fa3' is not one of"),
     ('backend: "svd" parameters [ { key: "cpu_offload" value { string_value: "true" } }, '
-     '{ key: "compile" value { string_value: "default" } } ]', "parameters", "compile: cannot be combined with cpu_offload"),
+     '{ key: "compile" value { string_value: "reduce-overhead" } } ]', "parameters",
+     "compile: 'reduce-overhead' records CUDA graphs, which cannot be combined with cpu_offload"),
+    ('backend: "svd" parameters [ { key: "cpu_offload" value { string_value: "true" } }, '
+     '{ key: "compile" value { string_value: "default" } }, '
+     '{ key: "compile_options" value { string_value: "triton.cudagraphs=true" } } ]', "parameters",
+     "compile_options: triton.cudagraphs cannot be combined with cpu_offload"),
     ('backend: "svd" parameters { key: "default_width" value { string_value: "wide" } }', "parameters['default_width']",
      "not a number"),
     ('backend: "svd" parameters { key: "default_width" value { string_value: "1020" } }', "parameters['default_width']",

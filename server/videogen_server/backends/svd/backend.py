@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # from_pretrained is not thread-safe: accelerate's empty-weights init patches torch.nn.Module globally,
 # so two instances loading at once (or one loading while another builds modules) can end up with meta
 # tensors. Loads and module surgery take turns; serving does not.
@@ -79,7 +80,8 @@ PARAMETERS = {
                         "of a shape (size, frames, decode chunk length) pays the timing: warm them up. The choice is "
                         "made by timing, so frames may differ by float rounding between restarts"),
     "cpu_offload": ("false", "low-memory mode: models live in pinned host memory and move to the GPU for their "
-                    "phase only (image encoder, then UNet, which leaves before the VAE decode); not with compile"),
+                    "phase only (image encoder, then UNet, which leaves before the VAE decode); with compile, only "
+                    "the modes without CUDA graphs (default, max-autotune-no-cudagraphs)"),
     "forward_chunking": ("false", "UNet feed-forward layers over blocks of tokens (lower peak memory): true "
                          f"({accel.FF_BLOCK_ROWS} tokens a block) | false | tokens per block (>= {MIN_BLOCK_ROWS})"),
     "channels_last": ("false", "the UNet's and VAE's convolution weights channels-last (NHWC; NDHWC for the "
@@ -139,10 +141,15 @@ class SVDBackend(Backend):
             if key == "compile_options":
                 accel.parse_compile_options(value)
         offload = _bool("cpu_offload", parameters.get("cpu_offload", "false"))
-        for key in ("compile", "compile_vae"):
-            if offload and parameters.get(key, "none") != "none":
-                # compiled graphs (CUDA graphs above all) hold on to the weights' device addresses
-                raise ValueError(f"{key}: cannot be combined with cpu_offload (the weights move every request)")
+        mode = parameters.get("compile", "none")
+        if offload and mode in CUDA_GRAPH_MODES:
+            # a CUDA graph replays the device addresses it captured, and the offloaded UNet's weights move
+            # to new ones every request (the VAE stays on the device: compile_vae takes any mode)
+            raise ValueError(f"compile: {mode!r} records CUDA graphs, which cannot be combined with cpu_offload (the "
+                             f"UNet's weights move every request); use default or max-autotune-no-cudagraphs")
+        options = accel.parse_compile_options(parameters.get("compile_options", ""))
+        if offload and mode != "none" and options.get("triton.cudagraphs") in (True, 1):
+            raise ValueError("compile_options: triton.cudagraphs cannot be combined with cpu_offload")
 
     @classmethod
     def model_defaults(cls, version_path: Path) -> Mapping[str, Any]:
