@@ -587,7 +587,7 @@ class Engine:
                         video, seconds = await video_job if video_job is not None else (b"", 0.0)
                     finally:  # a request ended meanwhile: drop queued jobs, and leave no outcome unread
                         for job in jobs + ([video_job] if video_job is not None else []):
-                            job.cancel()  # a no-op for finished and running jobs
+                            job.cancel()  # a queued one never runs; a running one finishes unread
                             job.add_done_callback(_discard)  # runs at once on a finished one
                     video_encode_s += seconds
                     if not first_frame_s:  # with FRAME_ENCODING_NONE the first chunk's video is the first output
