@@ -178,12 +178,16 @@ class Fp8Linear(nn.Module):
 
 def to_fp8(model: nn.Module, skip: tuple[str, ...] = FP8_SKIP) -> int:
     """Replaces the eligible nn.Linear layers of `model` in place; returns how many."""
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and Fp8Linear.eligible(m) and not any(s in name for s in skip)]
-    for name, linear in targets:
+    return _replace_modules(model, lambda name, m: isinstance(m, nn.Linear) and Fp8Linear.eligible(m)
+                            and not any(s in name for s in skip), Fp8Linear)
+
+
+def _replace_modules(model: nn.Module, wanted, make) -> int:
+    """Replaces each submodule for which wanted(name, module) holds by make(module); returns how many."""
+    targets = [(name, m) for name, m in model.named_modules() if name and wanted(name, m)]
+    for name, module in targets:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Fp8Linear(linear))
+        setattr(model.get_submodule(parent_name), child, make(module))
     return len(targets)
 
 
@@ -247,12 +251,7 @@ def temporal_convs_2d(model: nn.Module) -> int:
 
     Parameter names stay; the weights lose their trailing unit dimension ([O, I, k, 1, 1] ->
     [O, I, k, 1]), so a state dict taken afterwards loads into this form, not into the stock model."""
-    targets = [(name, m) for name, m in model.named_modules() if FramesConv2d.eligible(m)]
-    for name, conv in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FramesConv2d.from_conv3d(conv))
-    return len(targets)
+    return _replace_modules(model, lambda name, m: FramesConv2d.eligible(m), FramesConv2d.from_conv3d)
 
 
 # -- cross-attention over one token -------------------------------------------------------------------
