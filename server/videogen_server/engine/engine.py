@@ -544,6 +544,13 @@ class Engine:
         timing = {"image_encode": 0.0, "denoise": 0.0, "decode": 0.0}
         video_encode_s = 0.0
         first_frame_s = 0.0
+
+        def first_output() -> None:  # the first frame (or, with FRAME_ENCODING_NONE, video) going out
+            nonlocal first_frame_s
+            if not first_frame_s:
+                first_frame_s = time.monotonic() - req.enqueued_at
+                m.first_frame.labels(*labels).observe(first_frame_s)
+
         encoder: Optional[FragmentedMP4Encoder] = None
         offset = 0
         queue_observed = False
@@ -578,9 +585,7 @@ class Engine:
                     try:
                         for i, job in enumerate(jobs):
                             data = await job
-                            if not first_frame_s:
-                                first_frame_s = time.monotonic() - req.enqueued_at
-                                m.first_frame.labels(*labels).observe(first_frame_s)
+                            first_output()
                             yield FrameEvent(event.start_index + i, event.chunk_index, p.frame_encoding, data,
                                              p.width, p.height)
                         m.frames.labels(*labels).inc(len(event.frames))
@@ -590,9 +595,7 @@ class Engine:
                             job.cancel()  # a queued one never runs; a running one finishes unread
                             job.add_done_callback(_discard)  # runs at once on a finished one
                     video_encode_s += seconds
-                    if not first_frame_s:  # with FRAME_ENCODING_NONE the first chunk's video is the first output
-                        first_frame_s = time.monotonic() - req.enqueued_at
-                        m.first_frame.labels(*labels).observe(first_frame_s)
+                    first_output()  # a no-op once a frame went out
                     if video:
                         yield VideoEvent(video, offset, False)
                         offset += len(video)

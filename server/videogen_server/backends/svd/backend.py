@@ -547,9 +547,7 @@ def _to_uint8(frames: torch.Tensor, denormalize: bool) -> np.ndarray:
     on the device, in place, and only uint8 crosses to the host: the host's numpy version of it took
     ~90 ms per 8 frames at 1024x576 (here, one core) while the GPU waited for the next chunk's launch.
     """
-    x = frames * 0.5 if denormalize else frames.clone()
-    if denormalize:
-        x.add_(0.5).clamp_(0, 1)
+    x = (frames * 0.5).add_(0.5).clamp_(0, 1) if denormalize else frames.clone()
     x.mul_(255).round_()
     return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
