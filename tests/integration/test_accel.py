@@ -414,7 +414,25 @@ def test_temporal_convs_2d_replace_every_temporal_conv_with_the_same_sums(tiny_m
     assert not any(isinstance(m, torch.nn.Conv3d) for m in unet.modules())
     assert accel.temporal_convs_2d(unet) == 0
     assert set(dict(unet.named_parameters())) == set(dict(base.named_parameters())), "parameter names stay"
-    # (their shapes lose the trailing unit dimension: [O, I, 3, 1, 1] -> [O, I, 3, 1])
+    # in memory the weights lose the trailing unit dimension ([O, I, 3, 1, 1] -> [O, I, 3, 1]); state dicts
+    # keep the stock form both ways: saved from the rewritten UNet, loaded into the stock one and back
+    shapes = {k: v.shape for k, v in base.state_dict().items()}
+    assert {k: v.shape for k, v in unet.state_dict().items()} == shapes
+    assert any(p.dim() == 4 and p.shape[-1] == 1 and shapes[k][-2:] == (1, 1) for k, p in unet.named_parameters())
+    stock = copy.deepcopy(base)
+    with torch.no_grad():
+        for m in stock.modules():
+            if type(m) is torch.nn.Conv3d:
+                m.weight.zero_()
+    stock.load_state_dict(unet.state_dict())  # strict: every key and shape fits
+    again = copy.deepcopy(unet)
+    with torch.no_grad():
+        for m in again.modules():
+            if isinstance(m, accel.FramesConv2d):
+                m.weight.zero_()
+    again.load_state_dict(base.state_dict())
+    for k, v in base.state_dict().items():
+        assert torch.equal(stock.state_dict()[k], v) and torch.equal(again.state_dict()[k], v), k
     x = _unet_inputs(base)
     with torch.inference_mode():
         ref = base(**x, return_dict=False)[0]

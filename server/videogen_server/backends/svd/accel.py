@@ -218,7 +218,27 @@ class FramesConv2d(nn.Conv2d):
     4-d tensor as it stands. Inductor's layout optimisation keeps 2-d convolutions channels-last end to
     end but leaves 3-d ones in the input's order, so cuDNN transposed around each of the UNet's 44
     temporal convolutions (part of 0.031 s of layout transposes per compiled SVD-XT step, H200).
+
+    Its state dict is the Conv3d's ([O, I, k, 1, 1] weights), and it loads either form, so checkpoints
+    saved from a model with these convolutions load into the stock model and back.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_state_dict_post_hook(FramesConv2d._weight_as_3d)
+        self.register_load_state_dict_pre_hook(FramesConv2d._weight_from_3d)
+
+    @staticmethod
+    def _weight_as_3d(module, state_dict, prefix, local_metadata) -> None:
+        key = prefix + "weight"
+        if key in state_dict and state_dict[key].dim() == 4:
+            state_dict[key] = state_dict[key].unsqueeze(-1)
+
+    @staticmethod
+    def _weight_from_3d(module, state_dict, prefix, local_metadata, *args) -> None:
+        key = prefix + "weight"
+        if key in state_dict and state_dict[key].dim() == 5 and state_dict[key].shape[-1] == 1:
+            state_dict[key] = state_dict[key].squeeze(-1)
 
     @classmethod
     def eligible(cls, conv: nn.Module) -> bool:
@@ -250,7 +270,7 @@ def temporal_convs_2d(model: nn.Module) -> int:
     """Replaces every eligible temporal Conv3d of `model` by a `FramesConv2d`; returns how many.
 
     Parameter names stay; the weights lose their trailing unit dimension ([O, I, k, 1, 1] ->
-    [O, I, k, 1]), so a state dict taken afterwards loads into this form, not into the stock model."""
+    [O, I, k, 1]) in memory but keep it in state dicts (see `FramesConv2d`)."""
     return _replace_modules(model, lambda name, m: FramesConv2d.eligible(m), FramesConv2d.from_conv3d)
 
 
