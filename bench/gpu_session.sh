@@ -21,7 +21,11 @@
 #        and cudnn_benchmark, both profiled (each option shows in its own bucket of the step). Both server
 #        runs also have this session's always-on changes (one step of run-ahead, uint8 frames made on the
 #        device, frames before the MP4, the MP4 streamed per chunk). Then unet_tricks in the time left.
-#        ~8 min. part7 then measures the end to end of the full configuration (UNet + VAE compiled).
+#        ~8 min.
+# part7: the target itself, in one call: the plain pipeline and the full configuration (UNet + VAE compiled,
+#        with the fourth session's options) end to end and first frame, profiled, so each option still shows
+#        in its bucket against run 4's profile (cross-attention flash calls gone, layout transposes down).
+#        ~7 min. Run this first when a session can afford one call; part6 splits the options apart.
 # part8: the low-memory mode with the UNet compiled (compile=default, allowed with cpu_offload since the
 #        fourth session), ~4 min.
 set -u
@@ -84,8 +88,8 @@ part6)
     ;;
 part7)
     # the full configuration's end to end and first frame (UNet + VAE compiled, cold, ~5.5 min), with the
-    # options part6 found faster (edit the list to what part6 showed)
-    bench --out "$OUT/p12" --variants plain,server_compile --time-budget 120 --server-params \
+    # options (edit the list to what part6 showed, if it ran first); predicted ~11.0 s, first frame ~10.3 s
+    bench --out "$OUT/p12" --variants plain,server_compile --profile --time-budget 120 --server-params \
         "fold_cross_attention=true,temporal_convs_2d=true,cudnn_benchmark=true,compile_cache_dir=/tmp/vg-cc-full" \
         2>&1 | tee "$OUT/p12.log"
     ;;
