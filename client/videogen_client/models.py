@@ -37,7 +37,8 @@ class ModelInfo:
             height, num_frames, num_inference_steps, fps, motion_bucket_id, noise_aug_strength,
             min_guidance_scale, max_guidance_scale, decode_chunk_size).
         limits: the bounds the server enforces (min_width, max_width, min_height, max_height,
-            max_num_frames, max_num_inference_steps, max_image_bytes, max_image_pixels).
+            max_num_frames, max_num_inference_steps, max_image_bytes, max_image_pixels,
+            max_decode_chunk_size).
         max_batch_size: how many requests one denoising batch may hold.
         instances: how many instances of the model are loaded.
         config: the model's configuration (config.pbtxt) in protobuf's JSON mapping, with the

@@ -310,6 +310,7 @@ def test_list_models_and_get_model(client):
     d = info.defaults
     assert (d["num_frames"], d["width"], d["height"], d["num_inference_steps"], d["decode_chunk_size"]) == (4, W, H, 4, 2)
     assert info.limits["max_num_frames"] == 16 and info.limits["max_width"] == 256
+    assert info.limits["max_decode_chunk_size"] == 16
     assert info.max_batch_size == 2 and info.instances == 1
     assert info.config["name"] == MODEL
 

@@ -151,3 +151,33 @@ def test_fingerprint_changes_with_files(tmp_path):
     before = repository.fingerprint(model)
     (model / "1" / "weights.safetensors").write_bytes(b"x")
     assert repository.fingerprint(model) != before
+
+
+def test_warmup_seed_is_fixed_and_taken_when_given(tmp_path):
+    from types import SimpleNamespace
+
+    from videogen_server.engine.engine import ModelRuntime
+
+    s = repository.read_settings(write(tmp_path, 'backend: "svd" max_batch_size: 2 model_warmup [ '
+                                       '{ name: "a", inputs { key: "num_frames" value: "5" } count: 2 }, '
+                                       '{ name: "b", inputs { key: "seed" value: "123" } batch_size: 2 } ]'))
+    batches = ModelRuntime._warmup_inputs(SimpleNamespace(settings=s))
+    assert [(name, p.seed, p.num_frames, n) for name, p, n in batches] == [
+        ("warmup-a-0", 0, 5, 1), ("warmup-a-1", 0, 5, 1), ("warmup-b-0", 123, s.defaults.num_frames, 2)]
+
+
+@pytest.mark.parametrize("params, chunk, limit", [
+    ("", 25, 25),  # every frame in one VAE call
+    ('parameters { key: "max_decode_chunk_size" value { string_value: "8" } }', 8, 8),
+    ('parameters { key: "max_decode_chunk_size" value { string_value: "8" } } '
+     'parameters { key: "default_decode_chunk_size" value { string_value: "4" } }', 4, 8),
+])
+def test_get_model_reports_the_decode_chunk_a_request_gets(tmp_path, params, chunk, limit):
+    from videogen_server.engine.admission import resolve_params
+    from videogen_server.domain import GenerationParams
+    from videogen_server.transport.convert import defaults_to_pb, limits_to_pb
+
+    s = repository.read_settings(write(tmp_path, f'backend: "svd" {params}'))
+    assert resolve_params(GenerationParams(), s.defaults, s.limits).decode_chunk_size == chunk
+    assert defaults_to_pb(s.defaults, s.limits).decode_chunk_size == chunk
+    assert limits_to_pb(s.limits).max_decode_chunk_size == limit

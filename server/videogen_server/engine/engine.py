@@ -125,8 +125,11 @@ class ModelRuntime:
             fields = {k: (float(v) if k in ("noise_aug_strength", "min_guidance_scale", "max_guidance_scale")
                           else int(v)) for k, v in w.inputs.items()}
             params = resolve_params(GenerationParams(**fields), self.settings.defaults, self.settings.limits)
-            # each batch_size needs its own compiled graph: warm it too
-            out += [(f"warmup-{w.name}-{n}", dataclasses.replace(params, seed=0), w.batch_size) for n in range(w.count)]
+            # each batch_size needs its own compiled graph: warm it too. A fixed seed (0 unless given), so
+            # warm-ups repeat from one start to the next
+            seed = params.seed if "seed" in w.inputs else 0
+            out += [(f"warmup-{w.name}-{n}", dataclasses.replace(params, seed=seed), w.batch_size)
+                    for n in range(w.count)]
         return out
 
     async def load(self) -> None:

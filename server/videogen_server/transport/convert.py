@@ -96,19 +96,22 @@ def event_to_responses(event: EngineEvent) -> Iterator[pb.GenerateResponse]:
         raise TypeError(f"no conversion for {type(event).__name__}")
 
 
-def defaults_to_pb(d: GenerationDefaults) -> pb.GenerationDefaults:
+def defaults_to_pb(d: GenerationDefaults, lim: GenerationLimits) -> pb.GenerationDefaults:
+    """What a request gets for each unset field; decode_chunk_size for a request of the default num_frames
+    (admission.resolve_params: the configured default, else every frame up to the chunk limit)."""
     return pb.GenerationDefaults(
         width=d.width, height=d.height, num_frames=d.num_frames, num_inference_steps=d.num_inference_steps,
         fps=d.fps, motion_bucket_id=d.motion_bucket_id, noise_aug_strength=d.noise_aug_strength,
         min_guidance_scale=d.min_guidance_scale, max_guidance_scale=d.max_guidance_scale,
-        decode_chunk_size=d.decode_chunk_size or d.num_frames)
+        decode_chunk_size=d.decode_chunk_size or min(d.num_frames, lim.decode_chunk_limit))
 
 
 def limits_to_pb(lim: GenerationLimits) -> pb.GenerationLimits:
     return pb.GenerationLimits(
         min_width=lim.min_width, max_width=lim.max_width, min_height=lim.min_height, max_height=lim.max_height,
         max_num_frames=lim.max_num_frames, max_num_inference_steps=lim.max_num_inference_steps,
-        max_image_bytes=lim.max_image_bytes, max_image_pixels=lim.max_image_pixels)
+        max_image_bytes=lim.max_image_bytes, max_image_pixels=lim.max_image_pixels,
+        max_decode_chunk_size=lim.decode_chunk_limit)
 
 
 def model_status_to_pb(status) -> pb.ModelInfo:
@@ -118,7 +121,7 @@ def model_status_to_pb(status) -> pb.ModelInfo:
                   for v in status.versions])
     if status.settings is not None:
         s = status.settings
-        info.defaults.CopyFrom(defaults_to_pb(s.defaults))
+        info.defaults.CopyFrom(defaults_to_pb(s.defaults, s.limits))
         info.limits.CopyFrom(limits_to_pb(s.limits))
         info.max_batch_size = s.max_batch_size
         info.config.CopyFrom(s.proto)
