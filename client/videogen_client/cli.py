@@ -246,7 +246,7 @@ def _build_parser() -> argparse.ArgumentParser:
     params.add_argument("--steps", type=int, metavar="N", help="denoising steps")
     params.add_argument("--seed", type=int, metavar="N", help="random seed (default: random, reported)")
     params.add_argument("--fps", type=int, metavar="N", help="fps conditioning value")
-    params.add_argument("--motion-bucket-id", type=int, metavar="N", help="amount of motion, 0..255")
+    params.add_argument("--motion-bucket-id", type=int, metavar="N", help="amount of motion (SVD was trained on 0..255; the server takes 0..1023)")
     params.add_argument("--noise-aug-strength", type=float, metavar="F", help="noise added to the image")
     params.add_argument("--min-guidance-scale", type=float, metavar="F", help="guidance at the first frame")
     params.add_argument("--max-guidance-scale", type=float, metavar="F", help="guidance at the last frame")

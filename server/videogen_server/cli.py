@@ -48,8 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--auth-token-file", type=Path,
                    help="file of accepted bearer tokens, one per line; also VIDEOGEN_AUTH_TOKENS (comma-separated)")
     s.add_argument("--log-format", choices=("text", "json"), default=d.log_format)
-    s.add_argument("--log-level", default=d.log_level)
-    s.add_argument("--port-file", type=Path, help="write the bound gRPC and metrics ports here once listening")
+    s.add_argument("--log-level", default=d.log_level, type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    s.add_argument("--port-file", type=Path, help="write the bound gRPC and metrics ports here once start-up has "
+                   "loaded every model (each ready or failed)")
 
     t = sub.add_parser("make-tiny-model", help="write a model repository holding a tiny random SVD (tests, demo)")
     t.add_argument("repository", type=Path)

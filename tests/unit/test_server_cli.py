@@ -1,0 +1,16 @@
+"""videogen-server's command line: flags become a typed ServerConfig, bad values exit 2 naming the flag."""
+from __future__ import annotations
+
+import pytest
+
+from videogen_server.cli import _parser, config_from_args
+
+
+def test_log_level_any_case_and_bad_ones_refused(tmp_path, capsys):
+    args = _parser().parse_args(["serve", "--model-repository", str(tmp_path), "--log-level", "debug"])
+    assert config_from_args(args, {}).log_level == "DEBUG"
+    assert config_from_args(_parser().parse_args(["serve", "--model-repository", str(tmp_path)]), {}).log_level == "INFO"
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(["serve", "--model-repository", str(tmp_path), "--log-level", "loud"])
+    assert exit_.value.code == 2
+    assert "--log-level" in capsys.readouterr().err
