@@ -64,9 +64,11 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
             assert _psnr(fp8, plain[i]) > 30
         # the options were applied, not only harmless
         from videogen_server.backends.svd import accel
-        unet = next(iter(server.engine.models["folded"].loaded.values())).instances[0].backend.pipe.unet
-        assert any(isinstance(m, accel.FramesConv2d) for m in unet.modules())
-        assert not any(isinstance(m, torch.nn.Conv3d) for m in unet.modules())
+        pipe = next(iter(server.engine.models["folded"].loaded.values())).instances[0].backend.pipe
+        unet = pipe.unet
+        for model in (unet, pipe.vae):  # the VAE decoder's temporal convolutions too
+            assert any(isinstance(m, accel.FramesConv2d) for m in model.modules())
+            assert not any(isinstance(m, torch.nn.Conv3d) for m in model.modules())
         assert any(isinstance(getattr(m, "processor", None), accel.OneTokenCrossAttention) for m in unet.modules())
     # The attention kernel preference is process-wide (torch's switches are): a server of its own.
     import shutil
@@ -116,12 +118,22 @@ def test_compiled_vae_decoder_serves_every_chunk_length_without_recompiling(make
         "eager": tiny_config("eager", parameters=limits),
         "compiled": tiny_config("compiled", warm, parameters=limits + _param("compile_vae", "default")
                                 + _param("compile_cache_dir", str(tmp_path / "compile-cache"))
-                                + _param("compile_options", "conv_1x1_as_mm=true; epilogue_fusion=false")),
+                                + _param("compile_options", "conv_1x1_as_mm=true; epilogue_fusion=false")
+                                # channels-last convolutions in the dynamic-frames graph (on a GPU, Inductor
+                                # leaves them off there; on CPU, oneDNN has them on anyway), 2-d temporal ones
+                                + _param("compile_vae_options", "force_layout_optimization=true; epilogue_fusion=true")
+                                + _param("temporal_convs_2d", "true")),
         "typo": tiny_config("typo", parameters=TINY_PARAMETERS + _param("compile_vae", "default")
                             + _param("compile_options", "conv_1x1_as_mmm=true")),
+        "vae_typo": tiny_config("vae_typo", parameters=TINY_PARAMETERS + _param("compile_vae", "default")
+                                + _param("compile_vae_options", "force_layout_optimisation=true")),
     })
     with ServerThread(repo) as server:
         assert "compile_options: unknown Inductor option(s) ['conv_1x1_as_mmm']" in server.engine.models["typo"].error
+        assert "compile_vae_options: unknown Inductor option(s) ['force_layout_optimisation']" \
+            in server.engine.models["vae_typo"].error
+        decoder = next(iter(server.engine.models["compiled"].loaded.values())).instances[0].backend.decoder
+        assert decoder.options == {"conv_1x1_as_mm": True, "epilogue_fusion": True, "force_layout_optimization": True}
         labels = {"model": "compiled", "version": "1"}
         graphs = server.metric("videogen_compiles_total", **labels)
         assert graphs >= 2, "the warm-up builds the one-frame graph and the dynamic one"

@@ -102,6 +102,8 @@ BAD = [
     ('backend: "svd" parameters { key: "compile_vae" value { string_value: "fast" } }', "parameters", "compile_vae: 'fast'"),
     ('backend: "svd" parameters { key: "compile_options" value { string_value: "max_autotune" } }', "parameters",
      "compile_options: 'max_autotune' is not key=value"),
+    ('backend: "svd" parameters { key: "compile_vae_options" value { string_value: "a=1;b" } }', "parameters",
+     "compile_vae_options: 'b' is not key=value"),
     ('backend: "svd" parameters { key: "attention_backend" value { string_value: "fa3" } }', "parameters",
      "attention_backend: 'fa3' is not one of"),
     ('backend: "svd" parameters [ { key: "cpu_offload" value { string_value: "true" } }, '

@@ -417,14 +417,15 @@ class _Decode(nn.Module):
         return self.vae.decode(z, num_frames=z.shape[0]).sample
 
 
-def parse_compile_options(text: str) -> dict[str, object]:
-    """`key=value;key=value` -> Inductor options; values true/false, integers, floats or strings."""
+def parse_compile_options(text: str, key_name: str = "compile_options") -> dict[str, object]:
+    """`key=value;key=value` -> Inductor options; values true/false, integers, floats or strings.
+    Errors name `key_name`, the parameter the text came from."""
     out: dict[str, object] = {}
     for item in filter(None, (part.strip() for part in text.split(";"))):
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
-            raise ValueError(f"compile_options: {item!r} is not key=value")
+            raise ValueError(f"{key_name}: {item!r} is not key=value")
         low = value.lower()
         if low in ("true", "false"):
             out[key] = low == "true"
@@ -439,18 +440,24 @@ def parse_compile_options(text: str) -> dict[str, object]:
     return out
 
 
+def check_compile_options(options: dict[str, object], key_name: str = "compile_options") -> None:
+    """Refuses Inductor option names that torch does not know, naming them and the parameter."""
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        raise ValueError(f"{key_name}: unknown Inductor option(s) {unknown}")
+
+
 def compile_module(model: nn.Module, mode: str, options: dict[str, object], **kwargs):
     """torch.compile(model, mode=mode), or with the mode's Inductor options plus `options` when given
     (torch.compile takes a mode or options, not both). Unknown option names are refused by name."""
     if not options:
         return torch.compile(model, **({} if mode == "default" else {"mode": mode}), **kwargs)
     import torch._inductor as inductor
-    import torch._inductor.config as inductor_config
 
-    known = inductor_config.get_config_copy()
-    unknown = sorted(k for k in options if k not in known)
-    if unknown:
-        raise ValueError(f"compile_options: unknown Inductor option(s) {unknown}")
+    check_compile_options(options)
     return torch.compile(model, options={**inductor.list_mode_options(mode), **options}, **kwargs)
 
 
@@ -469,7 +476,8 @@ class CompiledDecoder:
     def __init__(self, vae: nn.Module, mode: str, max_chunk: int, options: dict[str, object] | None = None) -> None:
         # static shapes but for the frame dimension marked at each call (else a second spatial size would
         # make height and width symbolic too: generic kernels)
-        self._fn = compile_module(_Decode(vae), mode, options or {}, fullgraph=True, dynamic=False)
+        self.options = dict(options or {})
+        self._fn = compile_module(_Decode(vae), mode, self.options, fullgraph=True, dynamic=False)
         self._warm: set[tuple[int, int]] = set()
         self.max_chunk = max_chunk
 

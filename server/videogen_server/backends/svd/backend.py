@@ -89,13 +89,16 @@ PARAMETERS = {
     "fold_cross_attention": ("false", "the UNet's cross-attention over the one image-embedding token computed as what "
                              "it equals, the value projection of that token for every position (no query projection, "
                              "no softmax); the same frames up to float rounding"),
-    "temporal_convs_2d": ("false", "the UNet's temporal (3x1x1) 3-d convolutions as the equivalent (3x1) 2-d "
-                          "convolutions over frames x pixels, which torch.compile keeps channels-last like the "
-                          "spatial ones; the same frames up to float rounding"),
+    "temporal_convs_2d": ("false", "the temporal (3x1x1) 3-d convolutions of the UNet and the VAE decoder as the "
+                          "equivalent (3x1) 2-d convolutions over frames x pixels, which torch.compile keeps "
+                          "channels-last like the spatial ones; the same frames up to float rounding"),
     "fault_injection": ("", "testing only: `oom@K` or `error@K` raises a device out-of-memory error or a RuntimeError "
                         "at denoising step K, for requests whose seed is the one after `:seed=` (e.g. oom@2:seed=666)"),
     "compile_options": ("", "extra Inductor options for compile and compile_vae, `key=value;key=value` (e.g. "
                         "conv_1x1_as_mm=true;coordinate_descent_tuning=true), over the mode's own"),
+    "compile_vae_options": ("", "Inductor options for compile_vae only, over compile_options (same form), e.g. "
+                            "force_layout_optimization=true: channels-last convolutions in the VAE decoder, which "
+                            "Inductor leaves off for graphs with a dynamic dimension"),
     "compile_cache_dir": ("", "persistent torch.compile cache (Inductor FX graphs, AOTAutograd, Triton kernels) so a "
                           "restart does not compile from scratch; process-wide, first model to set it wins"),
 }
@@ -138,8 +141,8 @@ class SVDBackend(Backend):
                 _block_rows(value)
             if key == "fault_injection":
                 _parse_fault(value)
-            if key == "compile_options":
-                accel.parse_compile_options(value)
+            if key in ("compile_options", "compile_vae_options"):
+                accel.parse_compile_options(value, key)
         offload = _bool("cpu_offload", parameters.get("cpu_offload", "false"))
         mode = parameters.get("compile", "none")
         if offload and mode in CUDA_GRAPH_MODES:
@@ -189,7 +192,8 @@ class SVDBackend(Backend):
             if _bool("fold_cross_attention", p.get("fold_cross_attention", "false")):  # after fuse_qkv and fp8
                 applied.append(f"fold_cross_attention ({accel.fold_cross_attention(pipe.unet)} layers)")
             if _bool("temporal_convs_2d", p.get("temporal_convs_2d", "false")):  # before channels_last
-                applied.append(f"temporal_convs_2d ({accel.temporal_convs_2d(pipe.unet)} convolutions)")
+                n_unet, n_vae = accel.temporal_convs_2d(pipe.unet), accel.temporal_convs_2d(pipe.vae.decoder)
+                applied.append(f"temporal_convs_2d ({n_unet} UNet, {n_vae} VAE decoder convolutions)")
         pipe.set_progress_bar_config(disable=True)
         rows = _block_rows(p.get("forward_chunking", "false"))
         if rows:
@@ -230,13 +234,17 @@ class SVDBackend(Backend):
             if p.get("compile_cache_dir"):
                 accel.use_compile_cache(p["compile_cache_dir"])
         options = accel.parse_compile_options(p.get("compile_options", ""))
+        vae_only = accel.parse_compile_options(p.get("compile_vae_options", ""), "compile_vae_options")
+        accel.check_compile_options(options, "compile_options")  # both before any compile: typos name their key
+        accel.check_compile_options(vae_only, "compile_vae_options")
+        vae_options = {**options, **vae_only}
         if self.compile_mode != "none":
             pipe.unet = accel.compile_module(pipe.unet, self.compile_mode, options, fullgraph=True, dynamic=False)
             applied.append(f"compile {self.compile_mode}")
         if self.compile_vae_mode != "none":
             self.decoder = accel.CompiledDecoder(pipe.vae, self.compile_vae_mode, context.max_decode_chunk_size,
-                                                 options)
-            applied.append(f"compile_vae {self.compile_vae_mode}")
+                                                 vae_options)
+            applied.append(f"compile_vae {self.compile_vae_mode}" + (f" {vae_options}" if vae_options else ""))
         if options:
             applied.append(f"compile_options {options}")
         # last, so that a failed initialize holds no process-wide preference; before any compile (warm-up)
