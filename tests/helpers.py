@@ -224,3 +224,22 @@ class Stream:
 
     def code(self) -> Optional[grpc.StatusCode]:
         return self.error.code() if self.error else None
+
+
+def install_backend(tmp_path: Path, monkeypatch, package: str, name: str, source: str):
+    """Installs `source` as package `package` whose `videogen.backends` entry point `name` is its class
+    named like the backend (`name = "package:Class"` as a third-party distribution declares it), on a
+    sys.path entry of the test; returns the imported module."""
+    import importlib
+
+    site = tmp_path / "site"
+    (site / package).mkdir(parents=True)
+    (site / package / "__init__.py").write_text(source)
+    dist = site / f"{package}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package.replace('_', '-')}\nVersion: 0.1\n")
+    cls = next(line.split()[1].split("(")[0] for line in source.splitlines() if line.startswith("class "))
+    (dist / "entry_points.txt").write_text(f"[videogen.backends]\n{name} = {package}:{cls}\n")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    return importlib.import_module(package)

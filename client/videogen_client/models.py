@@ -40,6 +40,8 @@ class ModelInfo:
             max_num_frames, max_num_inference_steps, max_image_bytes, max_image_pixels,
             max_decode_chunk_size).
         max_batch_size: how many requests one denoising batch may hold.
+        reason: why the model does not serve, if it does not (a config error names its file and
+            field; a failed load, its versions' reasons); empty otherwise.
         instances: how many instances of the model are loaded.
         config: the model's configuration (config.pbtxt) in protobuf's JSON mapping, with the
             proto field names (64-bit integers are strings there).
@@ -54,6 +56,7 @@ class ModelInfo:
     max_batch_size: int
     instances: int
     config: dict[str, Any]
+    reason: str = ""
 
     @classmethod
     def from_proto(cls, message: videogen_pb2.ModelInfo) -> ModelInfo:
@@ -68,4 +71,5 @@ class ModelInfo:
             max_batch_size=message.max_batch_size,
             instances=message.instances,
             config=MessageToDict(message.config, preserving_proto_field_name=True),
+            reason=message.reason,
         )

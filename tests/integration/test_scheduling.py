@@ -10,7 +10,7 @@ import pytest
 
 from videogen.v1 import videogen_pb2 as pb
 
-from ..helpers import ServerThread, Stream, collect, raw_frames, request, tiny_config
+from ..helpers import ServerThread, Stream, collect, install_backend, raw_frames, request, tiny_config
 
 LONG = dict(num_inference_steps=12, num_frames=4)  # ~1.5 s on one CPU thread
 SHORT = dict(num_inference_steps=1, num_frames=1, output={"stream_video": False})
@@ -232,11 +232,14 @@ def test_a_bad_config_fails_that_model_only(make_repo):
         stub = server.stub()
         bad = stub.GetModel(pb.GetModelRequest(name="bad"))
         assert bad.state == pb.MODEL_STATE_FAILED
+        assert "bad/config.pbtxt: max_batch_size: must be >= 0" in bad.reason  # for operators
+        assert not stub.GetModel(pb.GetModelRequest(name="good")).reason
         assert collect(stub, request(model="good", **SHORT))[-1].summary.num_frames == 1
         with pytest.raises(grpc.RpcError) as err:
             collect(stub, request(model="bad", **SHORT))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "bad/config.pbtxt: max_batch_size: must be >= 0" in err.value.details()
+        # an inference caller learns that it failed, not the server's paths
+        assert err.value.details() == "model 'bad' is not ready (it failed to load)"
 
 
 ECHO_BACKEND = '''
@@ -264,17 +267,7 @@ class EchoBackend(Backend):
 
 
 def test_custom_backend_from_an_entry_point(tmp_path, monkeypatch):
-    import importlib
-
-    site = tmp_path / "site"
-    (site / "echo_backend_pkg").mkdir(parents=True)
-    (site / "echo_backend_pkg" / "__init__.py").write_text(ECHO_BACKEND)
-    dist = site / "echo_backend_pkg-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: echo-backend-pkg\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[videogen.backends]\necho = echo_backend_pkg:EchoBackend\n")
-    monkeypatch.syspath_prepend(str(site))
-    importlib.invalidate_caches()
+    install_backend(tmp_path, monkeypatch, "echo_backend_pkg", "echo", ECHO_BACKEND)
     repo = tmp_path / "repo"
     (repo / "echo" / "1").mkdir(parents=True)
     (repo / "echo" / "config.pbtxt").write_text(

@@ -26,8 +26,10 @@ keep per-thread state (compiled graphs, CUDA graphs) and never needs locks.
 `execute` streams any number of events per request through `request.sender` and returns when it
 is done with all of them; the engine then closes each request. To fail one request of a batch,
 call `request.sender.error(exc)` and carry on with the others; an exception out of `execute`
-fails every request of the batch that is still open. Backends are found by name: the built-ins
-below, then the `videogen.backends` entry-point group (`name = "package.module:Class"`).
+fails every request of the batch that is still open; so must an error that leaves the device unusable
+(`is_fatal_device_error`), even one met by a single request, so that the engine retires the instance
+instead of failing every later request one by one. Backends are found by name: the built-ins below,
+then the `videogen.backends` entry-point group (`name = "package.module:Class"`).
 """
 from __future__ import annotations
 
@@ -45,6 +47,16 @@ from ..domain import ResolvedParams
 
 ENTRY_POINT_GROUP = "videogen.backends"
 BUILTIN_BACKENDS = {"svd": "videogen_server.backends.svd.backend:SVDBackend"}
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """A CUDA error that leaves the context unusable (illegal address, ECC, launch failure): every later
+    call on the device fails too. Out of memory, including cuBLAS/cuDNN failing to allocate their
+    workspaces, is not: the device works once memory is freed."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "out of memory" in text or "ALLOC_FAILED" in text:
+        return False
+    return "CUDA error" in text or "cudaError" in text or "AcceleratorError" in text
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from PIL import Image
 from ..backends.base import BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone, load_backend_class
 from ..config import ServerConfig
 from ..errors import (BackendError, ConfigError, Draining, InstanceDead, InvalidRequest, ModelNotFound, NotReady,
-                      QueueTimeout, RequestCancelled, VideoGenError, status_name)
+                      QueueFull, QueueTimeout, RequestCancelled, VideoGenError, status_name)
 from ..media.frames import encode_frame
 from ..media.mp4 import FragmentedMP4Encoder
 from ..metrics import InstanceCollector, Metrics, NvmlReader
@@ -68,6 +68,7 @@ class ModelStatus:
     versions: list[VersionStatus]
     settings: Optional[ModelSettings]
     instances: int
+    reason: str = ""  # why it does not serve (a config error, failed loads), for operators
 
 
 class ModelRuntime:
@@ -80,7 +81,8 @@ class ModelRuntime:
         self.state = "LOADING"
         self.reason = ""
         self.active: set[EngineRequest] = set()  # admitted and not finished
-        self.idle = asyncio.Event()  # set while `active` is empty
+        self.preparing = 0  # requests whose image is being decoded and preprocessed for this version
+        self.idle = asyncio.Event()  # set while nothing is active or preparing (an unload waits for it)
         self.idle.set()
         labels = (self.name, str(version))
         m = engine.metrics
@@ -177,11 +179,11 @@ class ModelRuntime:
         self.state = "UNLOADING"
         self._engine.metrics.model_ready.labels(*self.labels).set(0)
         try:
-            if self.active:
+            if not self.idle.is_set():  # requests running, queued or still in preprocessing
                 await asyncio.wait_for(self.idle.wait(), timeout)
         except asyncio.TimeoutError:
-            log.warning("unload of %s/%s: %d requests still running after %.0fs; cancelling them",
-                        self.name, self.version, len(self.active), timeout)
+            log.warning("unload of %s/%s: %d requests still running (%d in preprocessing) after %.0fs; "
+                        "cancelling them", self.name, self.version, len(self.active), self.preparing, timeout)
         await self.stop()
         self.state = "UNAVAILABLE"
 
@@ -194,6 +196,25 @@ class ModelRuntime:
             req.cancel()
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, inst.join) for inst in self.instances))
+
+    def update_idle(self) -> None:
+        if self.active or self.preparing:
+            self.idle.clear()
+        else:
+            self.idle.set()
+
+    def reserve_queue_slot(self) -> None:
+        """Admission's first step, before any image work: refuse at once when the queue, counting the
+        requests still in preprocessing, is full (so shedding load stays cheap), else count this one."""
+        if self.scheduler.depth() + self.preparing >= self.scheduler.max_queue_size:
+            raise QueueFull(f"model {self.name!r} queue is full ({self.scheduler.max_queue_size} waiting); "
+                            "retry later")
+        self.preparing += 1
+        self.idle.clear()
+
+    def release_queue_slot(self) -> None:
+        self.preparing -= 1
+        self.update_idle()
 
     def live_backend(self):
         """A ready instance's backend, for CPU preprocessing (`prepare`) at admission."""
@@ -229,7 +250,8 @@ class ModelEntry:
         else:
             ready = [rt for v, rt in sorted(self.loaded.items(), reverse=True) if rt.state == "READY"]
             if not ready:
-                raise NotReady(f"model {self.name!r} is not ready" + (f": {self.error}" if self.error else ""))
+                # why a load failed (file paths, driver text) is for operators: GetModel and the log
+                raise NotReady(f"model {self.name!r} is not ready" + (" (it failed to load)" if self.error else ""))
             rt = ready[0]
         if rt.state != "READY":
             raise NotReady(f"model {self.name!r} version {rt.version} is {rt.state.lower()}")
@@ -247,6 +269,7 @@ class Engine:
                                                             thread_name_prefix="media")
         self._decode = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
         self._poller: Optional[asyncio.Task[None]] = None
+        self._control_tasks: set[asyncio.Task[None]] = set()  # loads and unloads (strong references)
         self._loop: asyncio.AbstractEventLoop
         metrics.add_collector(InstanceCollector(self._instance_rows, NvmlReader.try_create()))
 
@@ -294,7 +317,7 @@ class Engine:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (True) or `timeout` passes (False)."""
-        runtimes = [rt for e in self.models.values() for rt in e.loaded.values() if rt.active]
+        runtimes = [rt for e in self.models.values() for rt in e.loaded.values() if not rt.idle.is_set()]
         try:
             await asyncio.wait_for(asyncio.gather(*(rt.idle.wait() for rt in runtimes)), timeout)
             return True
@@ -313,7 +336,25 @@ class Engine:
     # -- model control ----------------------------------------------------------------------------
 
     async def load_model(self, name: str, *, raise_errors: bool = True) -> None:
-        """(Re)load a model: every version its policy selects. A failed load keeps what served before."""
+        """(Re)load a model: every version its policy selects. A failed load keeps what served before.
+
+        The load runs to its end even if the caller goes away (a LoadModel whose deadline passes during
+        a minutes-long compile, a cancelled poller): a load cut short would leave a version LOADING for
+        good, with its instances holding the device."""
+        await self._run_to_end(self._load_model(name, raise_errors=raise_errors))
+
+    async def unload_model(self, name: str) -> None:
+        """Unload every version of a model; like a load, it runs to its end whatever the caller does."""
+        await self._run_to_end(self._unload_model(name))
+
+    async def _run_to_end(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._control_tasks.add(task)
+        task.add_done_callback(_settle_control_task)
+        task.add_done_callback(self._control_tasks.discard)
+        await asyncio.shield(task)
+
+    async def _load_model(self, name: str, *, raise_errors: bool = True) -> None:
         entry = self.models.get(name)
         if entry is None:
             found = repository.scan(self.config.model_repositories)
@@ -322,15 +363,16 @@ class Engine:
             entry = self.models[name] = ModelEntry(name, found[name])
         async with entry.lock:
             try:
+                # first: a model that fails to read is tried again when its files change, not every poll
+                entry.fingerprint = await asyncio.to_thread(repository.fingerprint, entry.path)
                 settings = await asyncio.to_thread(repository.read_settings, entry.path,
                                                    default_max_queue_size=self.config.max_queue_size)
-                entry.fingerprint = await asyncio.to_thread(repository.fingerprint, entry.path)
                 wanted = settings.version_policy.select(repository.versions_on_disk(entry.path))
                 if not wanted:
                     raise ConfigError(str(settings.config_path), "version_policy", "selects no version folder on disk")
-            except VideoGenError as err:
-                entry.error = err.message
-                log.error("model %s not loaded: %s", name, err.message)
+            except Exception as err:  # a broken model fails alone (a backend's import, a malformed file)
+                entry.error = err.message if isinstance(err, VideoGenError) else f"{type(err).__name__}: {err}"
+                log.error("model %s not loaded: %s", name, entry.error, exc_info=not isinstance(err, VideoGenError))
                 self._notify()
                 if raise_errors:
                     raise
@@ -371,7 +413,7 @@ class Engine:
                 raise NotReady(f"model {name!r} failed to load: "
                                + "; ".join(f"version {v}: {r}" for v, r in failed.items()))
 
-    async def unload_model(self, name: str) -> None:
+    async def _unload_model(self, name: str) -> None:
         entry = self.models.get(name)
         if entry is None:
             raise ModelNotFound(f"model {name!r} is not in the repository")
@@ -391,17 +433,24 @@ class Engine:
             await asyncio.sleep(self.config.repository_poll_seconds)
             try:
                 found = await asyncio.to_thread(repository.scan, self.config.model_repositories)
-                for name, path in found.items():
+            except Exception:
+                log.exception("repository poll failed")
+                continue
+            for name, path in found.items():  # one model's trouble does not hold up the others
+                try:
                     entry = self.models.get(name)
                     if entry is None or await asyncio.to_thread(repository.fingerprint, path) != entry.fingerprint:
                         log.info("model %s changed on disk; reloading", name)
                         await self.load_model(name, raise_errors=False)
-                for name in [n for n in self.models if n not in found]:
+                except Exception:
+                    log.exception("repository poll: model %s", name)
+            for name in [n for n in self.models if n not in found]:
+                try:
                     log.info("model %s left the repository; unloading", name)
                     await self.unload_model(name)
                     del self.models[name]
-            except Exception:
-                log.exception("repository poll failed")
+                except Exception:
+                    log.exception("repository poll: unloading model %s", name)
 
     # -- introspection ----------------------------------------------------------------------------
 
@@ -421,7 +470,7 @@ class Engine:
                  else "FAILED" if entry.error else "UNAVAILABLE")
         return ModelStatus(name=name, backend=entry.settings.backend if entry.settings else "", state=state,
                            versions=versions, settings=entry.settings,
-                           instances=sum(len(rt.instances) for rt in entry.loaded.values()))
+                           instances=sum(len(rt.instances) for rt in entry.loaded.values()), reason=entry.error)
 
     def list_models(self) -> list[ModelStatus]:
         return [self.status(n) for n in sorted(self.models)]
@@ -460,32 +509,45 @@ class Engine:
             if entry is None:
                 raise ModelNotFound(f"model {call.model!r} is not in the repository")
             labels = (call.model, "")
-            rt = entry.select(call.model_version)
-            labels = rt.labels
-            settings = rt.settings
-            params = resolve_params(call.params, settings.defaults, settings.limits)
-            batching = settings.batching
-            level = call.priority or batching.default_priority_level
-            if not 1 <= level <= batching.priority_levels:
-                raise InvalidRequest("priority", f"{call.priority} is outside 1..{batching.priority_levels}")
-            policy = batching.queue_policy
-            timeout = policy.default_timeout_s
-            if call.timeout_s and (timeout is None or call.timeout_s < timeout or policy.allow_timeout_override):
-                timeout = call.timeout_s
-            limits = [t for t in (timeout, call.deadline_s) if t is not None]
-            image, prepared = await self._loop.run_in_executor(
-                self._decode, _decode_and_prepare, call.image, settings.limits, params, rt.live_backend())
-            if self.draining:  # a drain or unload may have begun while the image decoded
-                raise Draining("the server is shutting down")
-            if rt.state != "READY":
-                raise NotReady(f"model {call.model!r} is {rt.state.lower()}")
+            wanted = call.params
+            for attempt in range(3):
+                rt = entry.select(call.model_version)
+                labels = rt.labels
+                settings = rt.settings
+                params = resolve_params(wanted, settings.defaults, settings.limits)
+                wanted = dataclasses.replace(wanted, seed=params.seed)  # one seed, drawn once
+                batching = settings.batching
+                level = call.priority or batching.default_priority_level
+                if not 1 <= level <= batching.priority_levels:
+                    raise InvalidRequest("priority", f"{call.priority} is outside 1..{batching.priority_levels}")
+                policy = batching.queue_policy
+                timeout = policy.default_timeout_s
+                if call.timeout_s and (timeout is None or call.timeout_s < timeout or policy.allow_timeout_override):
+                    timeout = call.timeout_s
+                rt.reserve_queue_slot()  # counted in flight from here: an unload waits for its preprocessing
+                try:
+                    image, prepared = await self._loop.run_in_executor(
+                        self._decode, _decode_and_prepare, call.image, settings.limits, params, rt.live_backend())
+                finally:
+                    rt.release_queue_slot()
+                if self.draining:  # a drain may have begun while the image decoded
+                    raise Draining("the server is shutting down")
+                if rt.state == "READY":
+                    break
+                # unloaded or replaced meanwhile (a reload): admit it to the version serving now, if any
+                if attempt == 2 or entry.select(call.model_version) is rt:
+                    raise NotReady(f"model {call.model!r} is {rt.state.lower()}")
+            # the gRPC deadline counts from the call's start; the queue timeout from entering the queue
+            now = time.monotonic()
+            limits = [t for t in (now + timeout if timeout is not None else None,
+                                  t_start + call.deadline_s if call.deadline_s is not None else None) if t is not None]
             req = EngineRequest(request_id=request_id, model=rt.name, version=rt.version, params=params,
                                 image=image, prepared=prepared, priority=level, loop=self._loop,
-                                queue_deadline=time.monotonic() + min(limits) if limits else None)
+                                queue_deadline=min(limits) if limits else None)
             position = rt.scheduler.submit(req)
             admitted = True
             rt.active.add(req)
-            rt.idle.clear()
+            rt.update_idle()
             self.metrics.inflight.labels(*labels).inc()
             record.update(version=rt.version, width=params.width, height=params.height, frames=params.num_frames,
                           steps=params.num_inference_steps, decode_chunk_size=params.decode_chunk_size,
@@ -502,8 +564,7 @@ class Engine:
                     req.cancel()
                     rt.scheduler.remove(req)
                 rt.active.discard(req)
-                if not rt.active:
-                    rt.idle.set()
+                rt.update_idle()
                 self.metrics.inflight.labels(*labels).dec()
             seconds = time.monotonic() - t_start
             if rt is not None:
@@ -646,6 +707,12 @@ def _decode_and_prepare(data: bytes, limits, params, backend):
     """Admission's CPU work, on the preprocessing threads: decode the image, then the backend's prepare."""
     image = decode_image(data, limits)
     return image, backend.prepare(params, image)
+
+
+def _settle_control_task(task: asyncio.Task) -> None:
+    """Reads the outcome of a load or unload whose caller went away: it is logged already."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _discard(future) -> None:

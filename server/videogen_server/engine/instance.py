@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from ..backends.base import Backend, BackendRequest, InstanceContext
+from ..backends.base import Backend, BackendRequest, InstanceContext, is_fatal_device_error
 from ..errors import InstanceDead
 from .request import EngineRequest
 from .scheduler import Scheduler
@@ -33,12 +33,6 @@ class WarmupSender:
 
     def is_cancelled(self) -> bool:
         return False
-
-
-def _is_fatal_device_error(exc: BaseException) -> bool:
-    """CUDA errors other than out-of-memory leave the context unusable (illegal access, ECC, ...)."""
-    text = f"{type(exc).__name__}: {exc}"
-    return ("CUDA error" in text or "cudaError" in text or "AcceleratorError" in text) and "out of memory" not in text
 
 
 class Instance:
@@ -69,6 +63,10 @@ class Instance:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        if not self.ready.set_running_or_notify_cancel():  # nobody waits any more: load nothing
+            self.state = "stopped"
+            return
+        # running: `ready` can no longer be cancelled, so its result is always delivered
         try:
             t0 = time.perf_counter()
             self.backend.initialize(self.context)
@@ -106,7 +104,7 @@ class Instance:
             try:
                 self.backend.execute([BackendRequest(r.request_id, r.params, r.image, r, r.prepared) for r in batch])
             except Exception as exc:
-                fatal = _is_fatal_device_error(exc)
+                fatal = is_fatal_device_error(exc)
                 log.error("instance %s of %s/%s failed a batch of %d%s", self.name, self.context.model_name,
                           self.context.model_version, len(batch), " (device lost)" if fatal else "", exc_info=True)
                 for req in batch:

@@ -117,6 +117,7 @@ def limits_to_pb(lim: GenerationLimits) -> pb.GenerationLimits:
 def model_status_to_pb(status) -> pb.ModelInfo:
     info = pb.ModelInfo(
         name=status.name, backend=status.backend, state=_STATES[status.state], instances=status.instances,
+        reason=status.reason,
         versions=[pb.ModelVersionInfo(version=v.version, state=_STATES[v.state], reason=v.reason)
                   for v in status.versions])
     if status.settings is not None:

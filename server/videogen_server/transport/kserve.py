@@ -471,7 +471,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         models = []
         for status in self._engine.list_models():
             entries = [(str(v.version), _INDEX_STATES[v.state], v.reason) for v in status.versions] or \
-                [("", "UNAVAILABLE", "unloaded")]
+                [("", "UNAVAILABLE", status.reason or "unloaded")]
             models += [kpb.RepositoryIndexResponse.ModelIndex(name=status.name, version=v, state=s, reason=r)
                        for v, s, r in entries if not request.ready or s == "READY"]
         return kpb.RepositoryIndexResponse(models=models)

@@ -31,7 +31,8 @@ from transformers.utils import logging as transformers_logging
 
 from ...errors import OutOfMemory
 from ...domain import ResolvedParams
-from ..base import Backend, BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone
+from ..base import (Backend, BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone,
+                    is_fatal_device_error)
 from . import accel
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,8 @@ class SVDBackend(Backend):
         else:
             pipe.to(self.device)
         self.pipe = pipe
+        # what `prepare` needs, kept past finalize: admission may still be preprocessing for this instance
+        self.video_processor, self.feature_extractor = pipe.video_processor, pipe.feature_extractor
         # The pipeline flips the whole VAE to float32 for the image encode when it runs in float16
         # (force_upcast) and back afterwards: shared mutable state, and a weight copy per call. We keep
         # a float32 copy of the encoder half instead; same numbers, no flip.
@@ -269,7 +272,7 @@ class SVDBackend(Backend):
         224x224, CLIP normalisation). VAE input: `video_processor.preprocess` to width x height. Both
         stay on the CPU, as in the pipeline, until `execute` moves them to the device.
         """
-        pipe = self.pipe
+        processor = self.video_processor
         # CPU instances only (see _default_threads): a GPU instance's thread runs no parallel CPU ops to slow,
         # and there the preprocessing of a large image is faster on all cores
         if (self.device.type == "cpu" and threading.get_ident() != self.thread
@@ -277,12 +280,12 @@ class SVDBackend(Backend):
             torch.set_num_threads(1)  # initialize has read the process default already
             _single_threaded.set = True
         with torch.inference_mode():
-            pixels = pipe.video_processor.numpy_to_pt(pipe.video_processor.pil_to_numpy(image))
+            pixels = processor.numpy_to_pt(processor.pil_to_numpy(image))
             pixels = _resize_with_antialiasing(pixels * 2.0 - 1.0, (224, 224))
             pixels = (pixels + 1.0) / 2.0
-            clip = pipe.feature_extractor(images=pixels, do_normalize=True, do_center_crop=False, do_resize=False,
+            clip = self.feature_extractor(images=pixels, do_normalize=True, do_center_crop=False, do_resize=False,
                                           do_rescale=False, return_tensors="pt").pixel_values
-            vae = pipe.video_processor.preprocess(image, height=params.height, width=params.width)
+            vae = processor.preprocess(image, height=params.height, width=params.width)
         return Prepared(clip, vae)
 
     # -- one batch -------------------------------------------------------------------------------
@@ -294,24 +297,28 @@ class SVDBackend(Backend):
         try:
             with torch.inference_mode():
                 self._execute(requests)
-        except torch.OutOfMemoryError:
-            # The batch's tensors are gone with the frame; hand their cached blocks back to the device
-            # so what runs next starts clean. A batch may fit where its requests together did not:
-            # run the unfinished ones alone (their senders drop what was already streamed), and fail
-            # only a request that does not fit by itself.
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            pending = [r for r in requests if not (r.sender.done or r.sender.is_cancelled())]
-            if len(requests) > 1 and pending:
-                log.warning("out of device memory in a batch of %d; running its %d unfinished requests one by one",
-                            len(requests), len(pending))
-                for r in pending:
-                    self._run([r])
-                return
-            log.warning("out of device memory for request %s", ", ".join(r.request_id for r in pending))
+            return
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                raise
+        # Out of memory. Handled here, past the except clause: while it runs, the exception's traceback
+        # keeps the failed frames and their tensors alive. Now they are gone; hand their cached blocks
+        # back to the device so what runs next starts clean. A batch may fit where its requests together
+        # did not: run the unfinished ones alone (their senders drop what was already streamed), and
+        # fail only a request that does not fit by itself.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        pending = [r for r in requests if not (r.sender.done or r.sender.is_cancelled())]
+        if len(requests) > 1 and pending:
+            log.warning("out of device memory in a batch of %d; running its %d unfinished requests one by one",
+                        len(requests), len(pending))
             for r in pending:
-                r.sender.error(OutOfMemory("out of device memory for this request; try fewer frames, a smaller "
-                                           "size or a smaller decode_chunk_size"))
+                self._run([r])
+            return
+        log.warning("out of device memory for request %s", ", ".join(r.request_id for r in pending))
+        for r in pending:
+            r.sender.error(OutOfMemory("out of device memory for this request; try fewer frames, a smaller "
+                                       "size or a smaller decode_chunk_size"))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -343,9 +350,9 @@ class SVDBackend(Backend):
                 noise = randn_tensor(image.shape, generator=gen, device=dev, dtype=image.dtype)
                 image = image + p.noise_aug_strength * noise
                 lat = self._encode_vae(image).to(emb.dtype)
-            except torch.OutOfMemoryError:
-                raise
             except Exception as exc:
+                if _out_of_memory(exc) or is_fatal_device_error(exc):
+                    raise  # the batch's affair (re-run alone), or the instance's (the device is gone)
                 log.error("conditioning of request %s failed", r.request_id, exc_info=True)
                 r.sender.error(exc)
                 continue
@@ -558,6 +565,12 @@ def _to_uint8(frames: torch.Tensor, denormalize: bool) -> np.ndarray:
     x = (frames * 0.5).add_(0.5).clamp_(0, 1) if denormalize else frames.clone()
     x.mul_(255).round_()
     return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error, or a CUDA library failing to allocate its workspace (cuBLAS's
+    CUBLAS_STATUS_ALLOC_FAILED, cuDNN's CUDNN_STATUS_ALLOC_FAILED): memory pressure, not a lost device."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "ALLOC_FAILED" in str(exc))
 
 
 def _cuda_mark(device: torch.device):

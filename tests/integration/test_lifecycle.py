@@ -1,0 +1,219 @@
+"""Model lifecycle against requests in flight: reloads and unloads while images are still being
+preprocessed, a LoadModel whose caller gives up, load shedding before any image work, device errors
+met during conditioning, broken model files. Real servers on port 0; the slow parts come from a
+small backend installed through the entry-point group, as a third-party backend would be."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import grpc
+import pytest
+
+from videogen.v1 import videogen_pb2 as pb
+
+from ..helpers import ServerThread, Stream, collect, install_backend, request, tiny_config
+
+SHORT = dict(num_inference_steps=1, num_frames=1, output={"stream_video": False})
+
+SLOW_BACKEND = '''
+import threading
+import time
+
+import numpy as np
+from videogen_server.backends import Backend, Finished, FramesDecoded, StepDone
+
+GATE = threading.Event()  # tests hold preprocessing here
+GATE.set()
+LOADS = []  # instance starts, in order
+
+
+class SlowBackend(Backend):
+    """Preprocessing waits for GATE and needs state that finalize drops (as the SVD backend's pipeline
+    is); initialize takes `init_seconds`."""
+
+    name = "slow"
+
+    @classmethod
+    def validate_parameters(cls, parameters):
+        float(parameters.get("init_seconds", "0"))
+
+    def initialize(self, context):
+        time.sleep(float(context.parameters.get("init_seconds", "0")))
+        self.scale = 1
+        LOADS.append(context.model_version)
+
+    def prepare(self, params, image):
+        GATE.wait(30)
+        return self.scale  # AttributeError once finalized
+
+    def execute(self, requests):
+        for r in requests:
+            p = r.params
+            r.sender.send(StepDone(1, 1))
+            frames = np.zeros((p.num_frames, p.height, p.width, 3), np.uint8) + r.prepared
+            r.sender.send(FramesDecoded(chunk_index=0, start_index=0, frames=frames))
+            r.sender.send(Finished())
+
+    def finalize(self):
+        del self.scale
+'''
+
+
+@pytest.fixture
+def slow_backend(tmp_path, monkeypatch):
+    """Installs the `slow` backend (an entry point of a package on sys.path); returns its module."""
+    module = install_backend(tmp_path, monkeypatch, "slow_backend_pkg", "slow", SLOW_BACKEND)
+    yield module
+    module.GATE.set()
+
+
+def slow_repo(tmp_path, extra: str = "", init_seconds: float = 0.0):
+    repo = tmp_path / "repo"
+    (repo / "a" / "1").mkdir(parents=True)
+    (repo / "a" / "config.pbtxt").write_text(
+        'name: "a"\nbackend: "slow"\ninstance_group [ { kind: KIND_CPU } ]\n' + extra +
+        f'parameters {{ key: "init_seconds" value {{ string_value: "{init_seconds}" }} }}\n'
+        'parameters { key: "default_width" value { string_value: "16" } }\n'
+        'parameters { key: "default_height" value { string_value: "16" } }\n'
+        'parameters { key: "min_width" value { string_value: "16" } }\n'
+        'parameters { key: "min_height" value { string_value: "16" } }\n')
+    return repo
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def preparing(server, name: str = "a") -> int:
+    return sum(rt.preparing for rt in server.engine.models[name].loaded.values())
+
+
+def in_thread(fn):
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            out["error"] = err
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_reload_and_unload_while_images_are_preprocessed(tmp_path, slow_backend):
+    """A request still in preprocessing when its version is replaced goes to the new version; when the
+    model is unloaded it gets UNAVAILABLE (retryable), never INTERNAL; the unload waits for it."""
+    with ServerThread(slow_repo(tmp_path), model_control_mode="explicit", load_models=("a",)) as server:
+        stub = server.stub()
+        slow_backend.GATE.clear()
+        reloaded = Stream(stub, request(model="a", num_frames=1, num_inference_steps=1))
+        wait_until(lambda: preparing(server) == 1)
+        old = server.engine.models["a"].loaded[1]
+        reload, out = in_thread(lambda: stub.LoadModel(pb.LoadModelRequest(name="a")))
+        wait_until(lambda: server.engine.models["a"].loaded[1] is not old)  # the new version serves
+        assert old.state == "UNLOADING" and reload.is_alive(), "the unload of the old waits for preprocessing"
+        slow_backend.GATE.set()
+        reload.join(30)
+        assert "error" not in out, out
+        assert reloaded.join().summary.num_frames == 1, reloaded.error
+        assert reloaded.responses[0].accepted.model_version == 1
+
+        slow_backend.GATE.clear()
+        unloaded = Stream(stub, request(model="a", num_frames=1, num_inference_steps=1))
+        wait_until(lambda: preparing(server) == 1)
+        unload, out = in_thread(lambda: stub.UnloadModel(pb.UnloadModelRequest(name="a")))
+        time.sleep(0.3)
+        assert unload.is_alive(), "the unload waits for the request in preprocessing"
+        slow_backend.GATE.set()
+        unload.join(30)
+        assert "error" not in out, out
+        assert unloaded.join().code() == grpc.StatusCode.UNAVAILABLE
+        assert server.metric("videogen_requests_total", code="INTERNAL") == 0
+
+
+def test_a_load_whose_caller_gives_up_still_completes(tmp_path, slow_backend):
+    """LoadModel with a deadline shorter than the load: the caller gets DEADLINE_EXCEEDED, the load goes
+    on and the model serves (a load cut short used to stay LOADING for good, its instance holding the
+    device)."""
+    with ServerThread(slow_repo(tmp_path, init_seconds=1.5), model_control_mode="explicit") as server:
+        stub = server.stub()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.LoadModel(pb.LoadModelRequest(name="a"), timeout=0.3)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(lambda: stub.GetModel(pb.GetModelRequest(name="a")).state == pb.MODEL_STATE_READY)
+        assert collect(stub, request(model="a", num_frames=1, num_inference_steps=1))[-1].summary.num_frames == 1
+        assert server.engine.ready
+
+
+def test_a_full_queue_refuses_before_any_image_work(tmp_path, slow_backend):
+    """Requests in preprocessing hold their queue place: with max_queue_size 1 and one request still
+    preprocessing, the next is refused at once, before its image is decoded."""
+    extra = "dynamic_batching { default_queue_policy { max_queue_size: 1 } }\n"
+    with ServerThread(slow_repo(tmp_path, extra)) as server:
+        stub = server.stub()
+        slow_backend.GATE.clear()
+        first = Stream(stub, request(model="a", num_frames=1, num_inference_steps=1))
+        wait_until(lambda: preparing(server) == 1)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, request(model="a", num_frames=1, num_inference_steps=1))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - t0 < 5, "refused without waiting for the preprocessing threads"
+        slow_backend.GATE.set()
+        assert first.join().summary.num_frames == 1
+        assert preparing(server) == 0 and server.engine.models["a"].loaded[1].idle.is_set()
+
+
+def test_a_device_error_during_conditioning_retires_the_instance(make_repo, monkeypatch):
+    """A CUDA error that leaves the device unusable, met while encoding a request's image, ends the
+    instance (UNAVAILABLE; health NOT_SERVING so the orchestrator restarts the pod) instead of failing
+    every later request one by one. A workspace allocation failure is memory pressure: that request
+    gets RESOURCE_EXHAUSTED and the instance serves on. There is no GPU here: the errors are raised
+    with CUDA's own texts from the VAE encode the conditioning runs."""
+    from videogen_server.backends.svd.backend import SVDBackend
+
+    real = SVDBackend._encode_vae
+    fault = {"text": ""}
+
+    def encode(self, image):
+        if fault["text"]:
+            raise RuntimeError(fault["text"])
+        return real(self, image)
+
+    monkeypatch.setattr(SVDBackend, "_encode_vae", encode)
+    with ServerThread(make_repo({"m": tiny_config("m")})) as server:
+        stub = server.stub()
+        fault["text"] = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, request(model="m", **SHORT))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        fault["text"] = ""
+        assert collect(stub, request(model="m", **SHORT))[-1].summary.num_frames == 1
+        fault["text"] = "CUDA error: an illegal memory access was encountered"
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, request(model="m", **SHORT))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert stub.GetModel(pb.GetModelRequest(name="m")).state == pb.MODEL_STATE_FAILED
+        assert not server.engine.ready
+
+
+def test_a_model_with_a_malformed_file_fails_alone(make_repo):
+    """An unexpected error reading one model (here its UNet config) fails that model, named in GetModel's
+    reason, while the server starts and serves the others."""
+    repo = make_repo({"good": tiny_config("good"), "bad": tiny_config("bad")})
+    unet_config = repo / "bad" / "1" / "unet" / "config.json"
+    config = json.loads(unet_config.read_text())
+    config["num_frames"] = None
+    unet_config.write_text(json.dumps(config))
+    with ServerThread(repo) as server:
+        stub = server.stub()
+        bad = stub.GetModel(pb.GetModelRequest(name="bad"))
+        assert bad.state == pb.MODEL_STATE_FAILED and "TypeError" in bad.reason
+        assert collect(stub, request(model="good", **SHORT))[-1].summary.num_frames == 1
