@@ -466,3 +466,34 @@ def test_temporal_convs_2d_replace_every_temporal_conv_with_the_same_sums(tiny_m
     with torch.inference_mode():
         torch.testing.assert_close(model(v), conv(v), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model(v[0]), conv(v[0]), rtol=1e-5, atol=1e-6)  # unbatched, as Conv3d takes it
+
+
+@pytest.mark.timeout(600)
+def test_compiled_decoder_warm_up_covers_every_chunk_length(tiny_model_source):
+    """Where the frame count splits the VAE's graphs depends on size, device and options (here, on CPU
+    with 2-d temporal convolutions at a small size: oneDNN's choice splits at 4 frames and at 16), so
+    the warm-up decodes every length up to the limit: no chunk length recompiles afterwards, however
+    many splits fall inside the range (warming 1, 2 and the limit alone missed the middle one)."""
+    import threading
+
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    from videogen_server.backends.svd import accel
+
+    vae = AutoencoderKLTemporalDecoder.from_pretrained(str(tiny_model_source / "1" / "vae")).eval()
+    accel.temporal_convs_2d(vae.decoder)
+    accel.raise_recompile_limit()  # as the backend does: earlier tests' decoders share the code object
+    accel.GraphCounter.install()
+    count = lambda: accel.GraphCounter.count(threading.get_ident())  # noqa: E731
+    decoder = accel.CompiledDecoder(vae, "default", 16)
+    with torch.inference_mode():
+        latents = torch.randn(16, vae.config.latent_channels, 6, 8)
+        before = count()
+        assert decoder.warm(latents) and not decoder.warm(latents)
+        graphs = count() - before
+        assert graphs >= 3, "the one-frame graph and at least two frame ranges"
+        for n in (5, 3, 9, 2, 16, 15, 4, 1, 12):
+            frames = decoder(latents[:n])
+            assert frames.shape[0] == n
+        assert count() - before == graphs, "a chunk length compiled after the warm-up"
+        torch.testing.assert_close(frames, vae.decode(latents[:12], num_frames=12).sample, rtol=1e-4, atol=1e-4)

@@ -465,12 +465,16 @@ class CompiledDecoder:
     """The VAE decode of one chunk under torch.compile, with the frame dimension left dynamic.
 
     Torch specialises sizes 0 and 1, so a one-frame chunk (25 frames in chunks of 8 end with one) has a
-    graph of its own; the rest share graphs with a symbolic frame count. That range can split once
-    more: Inductor indexes with 32-bit integers while every tensor has fewer than 2^31 elements (at
-    1024x576 the decoder's 256-channel upsampling output passes that at 15 frames), and oneDNN's
-    convolution choice on CPU splits at 16 frames. So `warm` decodes chunks of 1, 2 and `max_chunk`
-    frames at a latent size, before the first request at that size decodes anything: every chunk
-    length up to the model's max_decode_chunk_size then finds its graph. Spatial sizes are static.
+    graph of its own; the rest share graphs with a symbolic frame count. That range splits further
+    wherever a size-dependent choice made while tracing flips: Inductor indexes with 32-bit integers
+    while every tensor has fewer than 2^31 elements (at 1024x576 the decoder's 256-channel upsampling
+    output passes that at 15 frames), and the convolution backend's choice (oneDNN on CPU splits at
+    16 frames, and at a few frames for small images once the temporal convolutions are 2-d) guards
+    on the frame count. Where the splits fall depends on the size, the device and the options, so
+    `warm` decodes a chunk of every length from 1 to `max_chunk` at a latent size, before the first
+    request at that size decodes anything: whatever the splits, every chunk length up to the model's
+    max_decode_chunk_size then finds its graph (a graph is built only where one is missing; the rest
+    is one decode per length: 36 frames for a limit of 8). Spatial sizes are static.
     """
 
     def __init__(self, vae: nn.Module, mode: str, max_chunk: int, options: dict[str, object] | None = None) -> None:
@@ -491,7 +495,7 @@ class CompiledDecoder:
         _, channels, h, w = latents.shape
         if (h, w) in self._warm:
             return False
-        for n in sorted({1, min(2, self.max_chunk), self.max_chunk}):
+        for n in range(1, self.max_chunk + 1):
             self(torch.zeros(n, channels, h, w, dtype=latents.dtype, device=latents.device))
         self._warm.add((h, w))
         return True
