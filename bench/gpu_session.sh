@@ -26,10 +26,14 @@
 #        with the fourth session's options) end to end and first frame, profiled, so each option still shows
 #        in its bucket against run 4's profile (cross-attention flash calls gone, layout transposes down).
 #        ~7 min. Run this first when a session can afford one call; part6 splits the options apart.
+# part9: GEMM autotuning for the compiled UNet (Inductor's max_autotune_gemm: Triton GEMM templates against
+#        cuBLAS per shape, with epilogue fusion benchmarked, e.g. GEGLU into its GEMM), UNet only, profiled,
+#        its own cache (a long cold compile, ~6-8 min; a one-off with compile_cache_dir). Compare its step with
+#        part6's baseline (p9) or run 3's 0.456 s.
 # part8: the low-memory mode with the UNet compiled (compile=default, allowed with cpu_offload since the
 #        fourth session), ~4 min.
 set -u
-part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|part6|part7|part8|tricks}
+part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|part6|part7|part8|part9|tricks}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -101,6 +105,11 @@ part7)
         bench --out "$OUT/p12b" --variants server_compile --profile --time-budget 60 --server-params "$opts" \
             2>&1 | tee "$OUT/p12b.log"
     fi
+    ;;
+part9)
+    bench --out "$OUT/p14" --variants server_compile --profile --time-budget 60 --server-params \
+        "compile_vae=none,fold_cross_attention=true,temporal_convs_2d=true,compile_cache_dir=/tmp/vg-cc-gemm,compile_options=max_autotune_gemm=true" \
+        2>&1 | tee "$OUT/p14.log"
     ;;
 part8)
     # the low-memory mode compiled (compile=default: no CUDA graphs, the UNet's weights move every request),
