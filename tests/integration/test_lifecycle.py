@@ -64,6 +64,9 @@ class SlowBackend(Backend):
 @pytest.fixture
 def slow_backend(tmp_path, monkeypatch):
     """Installs the `slow` backend (an entry point of a package on sys.path); returns its module."""
+    import sys
+
+    sys.modules.pop("slow_backend_pkg", None)  # a fresh GATE and LOADS for each test
     module = install_backend(tmp_path, monkeypatch, "slow_backend_pkg", "slow", SLOW_BACKEND)
     yield module
     module.GATE.set()
@@ -118,7 +121,9 @@ def test_reload_and_unload_while_images_are_preprocessed(tmp_path, slow_backend)
         old = server.engine.models["a"].loaded[1]
         reload, out = in_thread(lambda: stub.LoadModel(pb.LoadModelRequest(name="a")))
         wait_until(lambda: server.engine.models["a"].loaded[1] is not old)  # the new version serves
-        assert old.state == "UNLOADING" and reload.is_alive(), "the unload of the old waits for preprocessing"
+        wait_until(lambda: old.state == "UNLOADING")
+        time.sleep(0.2)
+        assert reload.is_alive() and old.preparing == 1, "the unload of the old waits for preprocessing"
         slow_backend.GATE.set()
         reload.join(30)
         assert "error" not in out, out
@@ -128,14 +133,53 @@ def test_reload_and_unload_while_images_are_preprocessed(tmp_path, slow_backend)
         slow_backend.GATE.clear()
         unloaded = Stream(stub, request(model="a", num_frames=1, num_inference_steps=1))
         wait_until(lambda: preparing(server) == 1)
+        current = server.engine.models["a"].loaded[1]
         unload, out = in_thread(lambda: stub.UnloadModel(pb.UnloadModelRequest(name="a")))
-        time.sleep(0.3)
+        wait_until(lambda: current.state == "UNLOADING")
+        time.sleep(0.2)
         assert unload.is_alive(), "the unload waits for the request in preprocessing"
         slow_backend.GATE.set()
         unload.join(30)
         assert "error" not in out, out
         assert unloaded.join().code() == grpc.StatusCode.UNAVAILABLE
         assert server.metric("videogen_requests_total", code="INTERNAL") == 0
+
+
+def test_preprocessing_that_outlasts_the_unload_gets_unavailable(tmp_path, slow_backend):
+    """An unload that gives up waiting finalizes the backend under a request still in preprocessing;
+    whatever that backend's prepare then raises, the request is told the model went away (UNAVAILABLE,
+    retryable), not INTERNAL."""
+    with ServerThread(slow_repo(tmp_path), model_control_mode="explicit", load_models=("a",),
+                      unload_timeout_seconds=0.2) as server:
+        stub = server.stub()
+        slow_backend.GATE.clear()
+        late = Stream(stub, request(model="a", num_frames=1, num_inference_steps=1))
+        wait_until(lambda: preparing(server) == 1)
+        stub.UnloadModel(pb.UnloadModelRequest(name="a"))  # returns after the 0.2 s wait, finalized
+        slow_backend.GATE.set()
+        assert late.join().code() == grpc.StatusCode.UNAVAILABLE
+        assert server.metric("videogen_requests_total", code="INTERNAL") == 0
+
+
+def test_loads_in_flight_are_joined_and_stop_with_the_server(tmp_path, slow_backend):
+    """LoadModel calls that give up at their deadline while a reload runs join that reload instead of
+    queueing one reload (a recompile) each; a server stopped during a reload leaves no instance behind."""
+    import threading
+
+    server = ServerThread(slow_repo(tmp_path, init_seconds=1.0), model_control_mode="explicit", load_models=("a",))
+    with server:
+        stub = server.stub()
+        assert slow_backend.LOADS == [1]
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.LoadModel(pb.LoadModelRequest(name="a"), timeout=0.2)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(lambda: not server.engine._control_tasks)
+        assert slow_backend.LOADS == [1, 1], "one reload, joined by the later calls"
+        assert stub.GetModel(pb.GetModelRequest(name="a")).state == pb.MODEL_STATE_READY
+        with pytest.raises(grpc.RpcError):
+            stub.LoadModel(pb.LoadModelRequest(name="a"), timeout=0.2)  # a reload in flight at the stop
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("instance-a-")], timeout=15)
 
 
 def test_a_load_whose_caller_gives_up_still_completes(tmp_path, slow_backend):
@@ -153,21 +197,25 @@ def test_a_load_whose_caller_gives_up_still_completes(tmp_path, slow_backend):
 
 
 def test_a_full_queue_refuses_before_any_image_work(tmp_path, slow_backend):
-    """Requests in preprocessing hold their queue place: with max_queue_size 1 and one request still
-    preprocessing, the next is refused at once, before its image is decoded."""
+    """Requests in preprocessing count toward what the model can take: with max_queue_size 1 and one
+    instance (one running, one queued, as Triton takes them), a third request while two are still
+    preprocessing is refused at once, before its image is decoded."""
     extra = "dynamic_batching { default_queue_policy { max_queue_size: 1 } }\n"
     with ServerThread(slow_repo(tmp_path, extra)) as server:
         stub = server.stub()
         slow_backend.GATE.clear()
         first = Stream(stub, request(model="a", num_frames=1, num_inference_steps=1))
-        wait_until(lambda: preparing(server) == 1)
+        second = Stream(stub, request(model="a", num_frames=1, num_inference_steps=1))
+        wait_until(lambda: preparing(server) == 2)
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             collect(stub, request(model="a", num_frames=1, num_inference_steps=1))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert time.monotonic() - t0 < 5, "refused without waiting for the preprocessing threads"
         slow_backend.GATE.set()
-        assert first.join().summary.num_frames == 1
+        # released together, the second may reach the queue before the instance took the first
+        codes = [first.join().code(), second.join().code()]
+        assert None in codes and set(codes) <= {None, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
         assert preparing(server) == 0 and server.engine.models["a"].loaded[1].idle.is_set()
 
 
@@ -200,6 +248,7 @@ def test_a_device_error_during_conditioning_retires_the_instance(make_repo, monk
         with pytest.raises(grpc.RpcError) as err:
             collect(stub, request(model="m", **SHORT))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # the version is down before the caller hears of it (a retry at once must not find it READY)
         assert stub.GetModel(pb.GetModelRequest(name="m")).state == pb.MODEL_STATE_FAILED
         assert not server.engine.ready
 

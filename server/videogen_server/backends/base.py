@@ -154,6 +154,8 @@ class Backend(abc.ABC):
         Runs on the engine's preprocessing threads, concurrently with `execute` on the instance's
         thread, so it must only read immutable state and never touch the device. Work done here
         (decoding-size image resizes, normalisation) keeps the instance busy with device work only.
+        It may still run after `finalize` (an unload that gave up waiting for it): keep what it reads
+        past finalize; if it fails then, the request is answered UNAVAILABLE, not INTERNAL.
         """
         return None
 

@@ -153,7 +153,13 @@ class ModelRuntime:
                 backend_cls=backend_cls, context=ctx, scheduler=self.scheduler, warmup=batches,
                 on_busy=busy.inc, on_batch=on_batch, on_dead=self._instance_dead))
         futures = [asyncio.wrap_future(inst.start()) for inst in self.instances]
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        try:
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        except BaseException:  # cancelled (a shutdown): the instances finish loading, then find no work
+            for req in self.scheduler.close():
+                req.error(NotReady(f"model {self.name!r} was unloaded"))
+                req.close()
+            raise
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             await self.stop()
@@ -204,13 +210,19 @@ class ModelRuntime:
             self.idle.set()
 
     def reserve_queue_slot(self) -> None:
-        """Admission's first step, before any image work: refuse at once when the queue, counting the
-        requests still in preprocessing, is full (so shedding load stays cheap), else count this one."""
-        if self.scheduler.depth() + self.preparing >= self.scheduler.max_queue_size:
-            raise QueueFull(f"model {self.name!r} queue is full ({self.scheduler.max_queue_size} waiting); "
-                            "retry later")
+        """Admission's first step, before any image work: refuse at once when the queue is full (so
+        shedding load stays cheap), or when more requests are in preprocessing than the queue and the
+        instances could take (they would be refused after it); else count this one in flight."""
+        limit = self.scheduler.max_queue_size
+        if self.scheduler.depth() >= limit or self.preparing >= limit + self.capacity:
+            raise QueueFull(f"model {self.name!r} queue is full ({limit} waiting); retry later")
         self.preparing += 1
         self.idle.clear()
+
+    @property
+    def capacity(self) -> int:
+        """Requests the instances can run at once (batches of max_batch_size)."""
+        return len(self.instances) * max(1, self.settings.max_batch_size)
 
     def release_queue_slot(self) -> None:
         self.preparing -= 1
@@ -241,6 +253,7 @@ class ModelEntry:
         self.error = ""
         self.fingerprint = ""
         self.lock = asyncio.Lock()
+        self.loading: Optional[asyncio.Task[None]] = None  # the load in flight, which later loads join
 
     def select(self, version: Optional[int]) -> ModelRuntime:
         if version:
@@ -328,6 +341,10 @@ class Engine:
         self.begin_drain()
         if self._poller:
             self._poller.cancel()
+        # loads still in flight stop here (a new runtime is in entry.loaded only once its load is done)
+        for task in list(self._control_tasks):
+            task.cancel()
+        await asyncio.gather(*self._control_tasks, return_exceptions=True)
         runtimes = [rt for e in self.models.values() for rt in e.loaded.values()]
         await asyncio.gather(*(rt.unload(grace) for rt in runtimes))
         self._media.shutdown(wait=False, cancel_futures=True)
@@ -340,27 +357,41 @@ class Engine:
 
         The load runs to its end even if the caller goes away (a LoadModel whose deadline passes during
         a minutes-long compile, a cancelled poller): a load cut short would leave a version LOADING for
-        good, with its instances holding the device."""
-        await self._run_to_end(self._load_model(name, raise_errors=raise_errors))
+        good, with its instances holding the device. A load asked for while one of the same model is in
+        flight joins it (a client retrying a LoadModel whose deadline passes would otherwise queue one
+        full reload, a recompile, per retry)."""
+        entry = self.models.get(name)
+        task = entry.loading if entry is not None else None
+        if task is None or task.done():
+            task = self._start_control(self._load_model(name))
+            if entry is not None:
+                entry.loading = task
+        try:
+            await asyncio.shield(task)
+        except Exception:
+            if raise_errors:
+                raise
 
     async def unload_model(self, name: str) -> None:
         """Unload every version of a model; like a load, it runs to its end whatever the caller does."""
-        await self._run_to_end(self._unload_model(name))
+        await asyncio.shield(self._start_control(self._unload_model(name)))
 
-    async def _run_to_end(self, coro) -> None:
+    def _start_control(self, coro) -> asyncio.Task[None]:
+        """A load or unload as a task of its own: it runs to its end even if its caller goes away."""
         task = asyncio.ensure_future(coro)
         self._control_tasks.add(task)
         task.add_done_callback(_settle_control_task)
         task.add_done_callback(self._control_tasks.discard)
-        await asyncio.shield(task)
+        return task
 
-    async def _load_model(self, name: str, *, raise_errors: bool = True) -> None:
+    async def _load_model(self, name: str) -> None:
         entry = self.models.get(name)
         if entry is None:
             found = repository.scan(self.config.model_repositories)
             if name not in found:
                 raise ModelNotFound(f"model {name!r} is not in the repository")
             entry = self.models[name] = ModelEntry(name, found[name])
+            entry.loading = asyncio.current_task()  # a second load of this new model joins this one
         async with entry.lock:
             try:
                 # first: a model that fails to read is tried again when its files change, not every poll
@@ -374,9 +405,7 @@ class Engine:
                 entry.error = err.message if isinstance(err, VideoGenError) else f"{type(err).__name__}: {err}"
                 log.error("model %s not loaded: %s", name, entry.error, exc_info=not isinstance(err, VideoGenError))
                 self._notify()
-                if raise_errors:
-                    raise
-                return
+                raise
             entry.error = ""
             old = dict(entry.loaded)
             new: dict[int, ModelRuntime] = {}
@@ -409,7 +438,7 @@ class Engine:
                 self.metrics.model_ready.labels(*rt.labels).set(1 if rt.state == "READY" else 0)
                 self.metrics.queue_depth.labels(*rt.labels).set(rt.scheduler.depth())
             failed = {v: entry.failed[v] for v in wanted if v in entry.failed}
-            if raise_errors and failed:
+            if failed:
                 raise NotReady(f"model {name!r} failed to load: "
                                + "; ".join(f"version {v}: {r}" for v, r in failed.items()))
 
@@ -528,6 +557,12 @@ class Engine:
                 try:
                     image, prepared = await self._loop.run_in_executor(
                         self._decode, _decode_and_prepare, call.image, settings.limits, params, rt.live_backend())
+                except Exception as err:
+                    # a backend finalized under its preprocessing (an unload that timed out waiting) is the
+                    # version's departure, not the request's fault: treated as below
+                    if isinstance(err, VideoGenError) or rt.state == "READY":
+                        raise
+                    log.info("request %s: preprocessing ended with the version unloading: %r", request_id, err)
                 finally:
                     rt.release_queue_slot()
                 if self.draining:  # a drain may have begun while the image decoded

@@ -107,6 +107,9 @@ class Instance:
                 fatal = is_fatal_device_error(exc)
                 log.error("instance %s of %s/%s failed a batch of %d%s", self.name, self.context.model_name,
                           self.context.model_version, len(batch), " (device lost)" if fatal else "", exc_info=True)
+                if fatal:  # before anyone hears of it: a caller retrying at once must find the version down
+                    self.state = "dead"
+                    self._on_dead(self)
                 for req in batch:
                     req.error(InstanceDead("the model instance failed") if fatal else exc)
             finally:
@@ -114,8 +117,6 @@ class Instance:
                     req.close()
                 self._on_busy(-1)
             if fatal:
-                self.state = "dead"
-                self._on_dead(self)
                 return
 
     def _finalize(self) -> None:
