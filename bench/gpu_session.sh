@@ -92,7 +92,7 @@ part6)
     ;;
 part7)
     # the full configuration's end to end and first frame (UNet + VAE compiled, cold, ~5.5 min), with the
-    # options (edit the list to what part6 showed, if it ran first); predicted ~11.0 s, first frame ~10.3 s.
+    # options (edit the list to what part6 showed, if it ran first); predicted ~10.6 s, first frame ~10.1 s.
     # The VAE decoder also gets its temporal convolutions as 2-d and Inductor's layout optimisation forced
     # (off by default in its dynamic-frames graph): decode predicted below run 3's 1.09 s.
     opts="fold_cross_attention=true,temporal_convs_2d=true,cudnn_benchmark=true,compile_cache_dir=/tmp/vg-cc-full"

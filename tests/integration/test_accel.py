@@ -471,7 +471,8 @@ def test_temporal_convs_2d_replace_every_temporal_conv_with_the_same_sums(tiny_m
 @pytest.mark.timeout(600)
 def test_compiled_decoder_warm_up_covers_every_chunk_length(tiny_model_source):
     """Where the frame count splits the VAE's graphs depends on size, device and options (here, on CPU
-    with 2-d temporal convolutions at a small size: oneDNN's choice splits at 4 frames and at 16), so
+    with 2-d temporal convolutions at a small size, the convolution backend's choice split it at 2, 4, 7
+    and 16 frames on the development machine), so
     the warm-up decodes every length up to the limit: no chunk length recompiles afterwards, however
     many splits fall inside the range (warming 1, 2 and the limit alone missed the middle one)."""
     import threading
@@ -491,7 +492,6 @@ def test_compiled_decoder_warm_up_covers_every_chunk_length(tiny_model_source):
         before = count()
         assert decoder.warm(latents) and not decoder.warm(latents)
         graphs = count() - before
-        assert graphs >= 3, "the one-frame graph and at least two frame ranges"
         for n in (5, 3, 9, 2, 16, 15, 4, 1, 12):
             frames = decoder(latents[:n])
             assert frames.shape[0] == n

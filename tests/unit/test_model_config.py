@@ -173,6 +173,8 @@ def test_warmup_seed_is_fixed_and_taken_when_given(tmp_path):
     ('parameters { key: "max_decode_chunk_size" value { string_value: "8" } }', 8, 8),
     ('parameters { key: "max_decode_chunk_size" value { string_value: "8" } } '
      'parameters { key: "default_decode_chunk_size" value { string_value: "4" } }', 4, 8),
+    ('parameters { key: "default_num_frames" value { string_value: "4" } } '
+     'parameters { key: "default_decode_chunk_size" value { string_value: "8" } }', 4, 25),  # never above the frames
 ])
 def test_get_model_reports_the_decode_chunk_a_request_gets(tmp_path, params, chunk, limit):
     from videogen_server.engine.admission import resolve_params

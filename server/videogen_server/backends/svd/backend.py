@@ -245,6 +245,12 @@ class SVDBackend(Backend):
             pipe.unet = accel.compile_module(pipe.unet, self.compile_mode, options, fullgraph=True, dynamic=False)
             applied.append(f"compile {self.compile_mode}")
         if self.compile_vae_mode != "none":
+            if context.max_decode_chunk_size > 16:
+                log.warning("compile_vae with max_decode_chunk_size %d: the first request at each size decodes a "
+                            "chunk of every length up to it (%d frames) to build the graphs; set "
+                            "max_decode_chunk_size to the chunk lengths this model should serve (e.g. 8)",
+                            context.max_decode_chunk_size,
+                            context.max_decode_chunk_size * (context.max_decode_chunk_size + 1) // 2)
             self.decoder = accel.CompiledDecoder(pipe.vae, self.compile_vae_mode, context.max_decode_chunk_size,
                                                  vae_options)
             applied.append(f"compile_vae {self.compile_vae_mode}" + (f" {vae_options}" if vae_options else ""))
@@ -568,9 +574,11 @@ def _to_uint8(frames: torch.Tensor, denormalize: bool) -> np.ndarray:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    """torch's out-of-memory error, or a CUDA library failing to allocate its workspace (cuBLAS's
+    """torch's out-of-memory error, CUDA's own ("CUDA error: out of memory", from an allocation outside
+    torch's caching allocator), or a CUDA library failing to allocate its workspace (cuBLAS's
     CUBLAS_STATUS_ALLOC_FAILED, cuDNN's CUDNN_STATUS_ALLOC_FAILED): memory pressure, not a lost device."""
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "ALLOC_FAILED" in str(exc))
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("ALLOC_FAILED" in str(exc) or "out of memory" in str(exc)))
 
 
 def _cuda_mark(device: torch.device):
