@@ -49,13 +49,22 @@ ENTRY_POINT_GROUP = "videogen.backends"
 BUILTIN_BACKENDS = {"svd": "videogen_server.backends.svd.backend:SVDBackend"}
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Memory pressure, not a lost device: torch's OutOfMemoryError (known by name: this module does not
+    import torch), CUDA's own "out of memory" (an allocation outside torch's caching allocator), or a CUDA
+    library failing to allocate its workspace (CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_ALLOC_FAILED)."""
+    if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
+        return True
+    text = str(exc)
+    return "out of memory" in text or "ALLOC_FAILED" in text
+
+
 def is_fatal_device_error(exc: BaseException) -> bool:
     """A CUDA error that leaves the context unusable (illegal address, ECC, launch failure): every later
-    call on the device fails too. Out of memory, including cuBLAS/cuDNN failing to allocate their
-    workspaces, is not: the device works once memory is freed."""
-    text = f"{type(exc).__name__}: {exc}"
-    if "out of memory" in text or "ALLOC_FAILED" in text:
+    call on the device fails too. Out of memory is not: the device works once memory is freed."""
+    if is_out_of_memory(exc):
         return False
+    text = f"{type(exc).__name__}: {exc}"
     return "CUDA error" in text or "cudaError" in text or "AcceleratorError" in text
 
 

@@ -32,7 +32,7 @@ from transformers.utils import logging as transformers_logging
 from ...errors import OutOfMemory
 from ...domain import ResolvedParams
 from ..base import (Backend, BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone,
-                    is_fatal_device_error)
+                    is_fatal_device_error, is_out_of_memory)
 from . import accel
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class SVDBackend(Backend):
                 self._execute(requests)
             return
         except Exception as exc:
-            if not _out_of_memory(exc):
+            if not is_out_of_memory(exc):
                 raise
         # Out of memory. Handled here, past the except clause: while it runs, the exception's traceback
         # keeps the failed frames and their tensors alive. Now they are gone; hand their cached blocks
@@ -357,7 +357,7 @@ class SVDBackend(Backend):
                 image = image + p.noise_aug_strength * noise
                 lat = self._encode_vae(image).to(emb.dtype)
             except Exception as exc:
-                if _out_of_memory(exc) or is_fatal_device_error(exc):
+                if is_out_of_memory(exc) or is_fatal_device_error(exc):
                     raise  # the batch's affair (re-run alone), or the instance's (the device is gone)
                 log.error("conditioning of request %s failed", r.request_id, exc_info=True)
                 r.sender.error(exc)
@@ -571,14 +571,6 @@ def _to_uint8(frames: torch.Tensor, denormalize: bool) -> np.ndarray:
     x = (frames * 0.5).add_(0.5).clamp_(0, 1) if denormalize else frames.clone()
     x.mul_(255).round_()
     return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """torch's out-of-memory error, CUDA's own ("CUDA error: out of memory", from an allocation outside
-    torch's caching allocator), or a CUDA library failing to allocate its workspace (cuBLAS's
-    CUBLAS_STATUS_ALLOC_FAILED, cuDNN's CUDNN_STATUS_ALLOC_FAILED): memory pressure, not a lost device."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and ("ALLOC_FAILED" in str(exc) or "out of memory" in str(exc)))
 
 
 def _cuda_mark(device: torch.device):
