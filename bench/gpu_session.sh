@@ -23,9 +23,12 @@
 #        device, frames before the MP4, the MP4 streamed per chunk). Then unet_tricks in the time left.
 #        ~8 min.
 # part7: the target itself, in one call: the plain pipeline and the full configuration (UNet + VAE compiled,
-#        with the fourth session's options) end to end and first frame, profiled, so each option still shows
-#        in its bucket against run 4's profile (cross-attention flash calls gone, layout transposes down).
-#        ~7 min. Run this first when a session can afford one call; part6 splits the options apart.
+#        with the fourth session's options, and the fifth's for the VAE decoder: its temporal convolutions as
+#        2-d and Inductor's layout optimisation forced through compile_vae_options) end to end and first
+#        frame, profiled, so each option still shows in its bucket against run 4's profile (cross-attention
+#        flash calls gone, layout transposes down) and the decode beside run 3's 1.09 s. Falls back to the
+#        same without the forced VAE layout if that server fails. ~7 min. Run this first when a session can
+#        afford one call; part6 splits the options apart.
 # part9: GEMM autotuning for the compiled UNet (Inductor's max_autotune_gemm: Triton GEMM templates against
 #        cuBLAS per shape, with epilogue fusion benchmarked, e.g. GEGLU into its GEMM), UNet only, profiled,
 #        its own cache (a long cold compile, ~6-8 min; a one-off with compile_cache_dir). Compare its step with
