@@ -156,9 +156,7 @@ class ModelRuntime:
         try:
             results = await asyncio.gather(*futures, return_exceptions=True)
         except BaseException:  # cancelled (a shutdown): the instances finish loading, then find no work
-            for req in self.scheduler.close():
-                req.error(NotReady(f"model {self.name!r} was unloaded"))
-                req.close()
+            self._close_queue(lambda: NotReady(f"model {self.name!r} was unloaded"))
             raise
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
@@ -175,9 +173,9 @@ class ModelRuntime:
             self.state = "FAILED"
             self.reason = "every instance hit an unrecoverable device error"
             self._engine.metrics.model_ready.labels(*self.labels).set(0)
-            for req in self.scheduler.close():  # nothing would ever take them
-                req.error(InstanceDead(f"model {self.name!r} version {self.version} lost its instances"))
-                req.close()
+            # nothing would ever take them
+            self._close_queue(lambda: InstanceDead(
+                f"model {self.name!r} version {self.version} lost its instances"))
             self._engine._loop.call_soon_threadsafe(self._engine._notify)
 
     async def unload(self, timeout: float) -> None:
@@ -194,14 +192,18 @@ class ModelRuntime:
         self.state = "UNAVAILABLE"
 
     async def stop(self) -> None:
-        for req in self.scheduler.close():
-            req.error(NotReady(f"model {self.name!r} was unloaded"))
-            req.close()
+        self._close_queue(lambda: NotReady(f"model {self.name!r} was unloaded"))
         for req in list(self.active):
             req.error(NotReady(f"model {self.name!r} was unloaded"))  # retryable elsewhere, unlike CANCELLED
             req.cancel()
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, inst.join) for inst in self.instances))
+
+    def _close_queue(self, error: Callable[[], Exception]) -> None:
+        """Stops the scheduler handing out work; each request still queued ends with its own `error()`."""
+        for req in self.scheduler.close():
+            req.error(error())
+            req.close()
 
     def update_idle(self) -> None:
         if self.active or self.preparing:
@@ -217,7 +219,7 @@ class ModelRuntime:
         if self.scheduler.depth() >= limit or self.preparing >= limit + self.capacity:
             raise QueueFull(f"model {self.name!r} queue is full ({limit} waiting); retry later")
         self.preparing += 1
-        self.idle.clear()
+        self.update_idle()
 
     @property
     def capacity(self) -> int:
