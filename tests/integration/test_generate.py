@@ -106,6 +106,42 @@ def test_parity_with_diffusers_pipeline(tiny_server, reference_pipeline, params)
     np.testing.assert_array_equal(ours, expected)
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def test_large_photo_matches_the_pipeline(tiny_server, reference_pipeline):
+    """A 2400x1600 image takes the sampled CLIP resize (preprocess.clip_resize, not diffusers' full blur):
+    the frames are diffusers' within one 8-bit level (its CLIP input is within ~1e-6 of the pipeline's)."""
+    from videogen_server.backends.svd import backend, preprocess
+
+    assert preprocess.blur_cost(1600, 2400) > backend.EXACT_CLIP_RESIZE_MAX_COST  # this test's premise
+    rng = np.random.default_rng(3)
+    ramp = np.linspace(0, 200, 2400)[None, :, None] + np.linspace(0, 50, 1600)[:, None, None]
+    pixels = np.clip(ramp + rng.integers(0, 40, (1600, 2400, 3)), 0, 255).astype(np.uint8)
+    params = dict(seed=8, num_frames=3, num_inference_steps=3, decode_chunk_size=2)
+    ours = raw_frames(collect(tiny_server.stub(), request(image=_png(pixels), **params, output=RAW)))
+    import torch
+
+    out = reference_pipeline(Image.fromarray(pixels), height=48, width=64, output_type="np",
+                             generator=torch.Generator().manual_seed(8), num_frames=3, num_inference_steps=3,
+                             decode_chunk_size=2).frames[0]
+    expected = (out * 255).round().astype(np.uint8)
+    assert ours.shape == expected.shape
+    assert np.abs(ours.astype(int) - expected).max() <= 1
+
+
+def test_long_thin_image_is_served(tiny_server):
+    """1 000 000 x 8 pixels is within the pixel limit; diffusers' blur would run a kernel of ~9000 taps over
+    all of them (~2e11 multiply-adds, many minutes of a preprocessing thread). The sampled resize serves it."""
+    pixels = np.tile(np.arange(256, dtype=np.uint8), (8, 1_000_000 // 256 + 1))[:, :1_000_000, None].repeat(3, 2)
+    responses = collect(tiny_server.stub(), request(image=_png(pixels), num_frames=2, num_inference_steps=1,
+                                                    output=RAW), timeout=60)
+    assert raw_frames(responses).shape == (2, 48, 64, 3) and responses[-1].WhichOneof("event") == "summary"
+
+
 def _frames(server, **params) -> np.ndarray:
     return raw_frames(collect(server.stub(), request(output={**RAW, "stream_video": False}, **params)))
 
