@@ -161,6 +161,28 @@ def test_preprocessing_that_outlasts_the_unload_gets_unavailable(tmp_path, slow_
         assert server.metric("videogen_requests_total", code="INTERNAL") == 0
 
 
+def test_a_caller_gone_during_preprocessing_keeps_its_slot_until_the_work_ends(tmp_path, slow_backend):
+    """A caller that cancels while its image is being preprocessed cannot stop the thread doing it: that
+    work still counts toward admission until it ends (it used to free its slot at once, so a burst of
+    cancelled calls let more preprocessing start than the bound), and an unload waits for it before
+    finalizing the backend it runs on."""
+    with ServerThread(slow_repo(tmp_path), model_control_mode="explicit", load_models=("a",)) as server:
+        stub = server.stub()
+        slow_backend.GATE.clear()
+        gone = Stream(stub, request(model="a", num_frames=1, num_inference_steps=1))
+        wait_until(lambda: preparing(server) == 1)
+        gone.call.cancel()
+        assert gone.join().code() == grpc.StatusCode.CANCELLED
+        time.sleep(0.3)  # the server has seen the cancellation; its preprocessing thread still waits
+        assert preparing(server) == 1
+        rt = server.engine.models["a"].loaded[1]
+        assert not rt.idle.is_set(), "an unload now would finalize the backend under the running prepare"
+        slow_backend.GATE.set()
+        wait_until(lambda: preparing(server) == 0 and rt.idle.is_set())
+        stub.UnloadModel(pb.UnloadModelRequest(name="a"))
+        assert server.metric("videogen_requests_total", code="INTERNAL") == 0
+
+
 def test_loads_in_flight_are_joined_and_stop_with_the_server(tmp_path, slow_backend):
     """LoadModel calls that give up at their deadline while a reload runs join that reload instead of
     queueing one reload (a recompile) each; a server stopped during a reload leaves no instance behind."""

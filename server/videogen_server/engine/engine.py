@@ -556,9 +556,11 @@ class Engine:
                 if call.timeout_s and (timeout is None or call.timeout_s < timeout or policy.allow_timeout_override):
                     timeout = call.timeout_s
                 rt.reserve_queue_slot()  # counted in flight from here: an unload waits for its preprocessing
+                job: Optional[concurrent.futures.Future] = None
                 try:
-                    image, prepared = await self._loop.run_in_executor(
-                        self._decode, _decode_and_prepare, call.image, settings.limits, params, rt.live_backend())
+                    job = self._decode.submit(_decode_and_prepare, call.image, settings.limits, params,
+                                              rt.live_backend())
+                    image, prepared = await asyncio.wrap_future(job, loop=self._loop)
                 except Exception as err:
                     # a backend finalized under its preprocessing (an unload that timed out waiting) is the
                     # version's departure, not the request's fault: treated as below
@@ -566,7 +568,7 @@ class Engine:
                         raise
                     log.info("request %s: preprocessing ended with the version unloading: %r", request_id, err)
                 finally:
-                    rt.release_queue_slot()
+                    self._release_slot_after(rt, job)
                 if self.draining:  # a drain may have begun while the image decoded
                     raise Draining("the server is shutting down")
                 if rt.state == "READY":
@@ -607,6 +609,23 @@ class Engine:
             if rt is not None:
                 rt.stats.finished(ok=outcome is None, seconds=seconds, phases=phases)
             self._account(labels, outcome, record, seconds)
+
+    def _release_slot_after(self, rt: "ModelRuntime", job: Optional[concurrent.futures.Future]) -> None:
+        """Gives a request's preprocessing slot back once its job has ended. A caller that went away
+        while its image was being worked on leaves the job running on a preprocessing thread (a thread
+        cannot be stopped): the slot stays taken until it ends, so admission still counts that work and
+        an unload still waits for it before finalizing the backend it uses."""
+        if job is None or job.done():
+            rt.release_queue_slot()
+            return
+
+        def ended(_job: concurrent.futures.Future) -> None:
+            try:
+                self._loop.call_soon_threadsafe(rt.release_queue_slot)
+            except RuntimeError:  # the loop has closed (the server stopped): nothing left to count
+                pass
+
+        job.add_done_callback(ended)
 
     def _account(self, labels: tuple[str, str], outcome: Optional[BaseException], record: dict[str, object],
                  seconds: float) -> None:
