@@ -35,6 +35,12 @@
 #        part6's baseline (p9) or run 3's 0.456 s.
 # part8: the low-memory mode with the UNet compiled (compile=default, allowed with cpu_offload since the
 #        fourth session), ~4 min.
+#
+# Compile caches: part7 packs its cache (/tmp/vg-cc-full) as $OUT/cc-full.tar.xz when that fits in what a call
+# returns (15 MiB here) and reports its size either way. A later session on the same kind of card, code and
+# torch can carry it back (copy it into .cc/, which .git/info/exclude ignores, and name .cc in carry beside
+# .whl: 64 MiB in all, the wheels take 48): every .cc/*.tar.xz is unpacked into /tmp first, so the same
+# server params start warm (~37 s to ready instead of ~270 s), leaving the call's time for more variants.
 set -u
 part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|part6|part7|part8|part9|tricks}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -45,6 +51,16 @@ W=/tmp/vg-bench
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$OUT/gpu-$part.txt" 2>&1
 bench() { python3 bench/bench.py --workdir "$W" --repeats 1 "$@"; }
+for f in .cc/*.tar.xz; do
+    [ -e "$f" ] && tar -C /tmp -xJf "$f" && echo "unpacked compile cache $f" | tee -a "$OUT/gpu-$part.txt"
+done
+keep_cache() {  # DIR NAME: its size by part to $OUT/cache-NAME.txt; DIR as $OUT/NAME.tar.xz if that fits
+    [ -d "$1" ] || return 0
+    du -sh "$1"/* "$1" >"$OUT/cache-$2.txt" 2>&1
+    tar -C "$(dirname "$1")" -cf - "$(basename "$1")" | xz -T0 -6 >"/tmp/$2.tar.xz"
+    ls -l "/tmp/$2.tar.xz" >>"$OUT/cache-$2.txt"
+    if [ "$(stat -c %s "/tmp/$2.tar.xz")" -le $((15 * 1024 * 1024)) ]; then cp "/tmp/$2.tar.xz" "$OUT/"; fi
+}
 case $part in
 part1)
     # H200, 2026-11-26: plain ~30 s; server_compile ~270 s to ready from a cold cache (UNet and VAE) + ~2 min of requests; warm ~90 s
@@ -108,6 +124,7 @@ part7)
         bench --out "$OUT/p12b" --variants server_compile --profile --time-budget 60 --server-params "$opts" \
             2>&1 | tee "$OUT/p12b.log"
     fi
+    [ "$SECONDS" -lt 540 ] && keep_cache /tmp/vg-cc-full cc-full
     ;;
 part9)
     bench --out "$OUT/p14" --variants server_compile --profile --time-budget 60 --server-params \
