@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import math
 import os
 import random
 import re
@@ -40,6 +41,11 @@ MAX_RECEIVE_MESSAGE_LENGTH = 8 * 1024 * 1024
 # the request against this limit itself, so that the mistake is reported as INVALID_ARGUMENT on
 # "image" rather than as grpc's RESOURCE_EXHAUSTED (which would read as a full queue).
 MAX_SEND_MESSAGE_LENGTH = 64 * 1024 * 1024
+# The server's rule for request ids (they travel as x-request-id metadata, which is printable ASCII):
+# checked here too, since gRPC refuses other metadata before sending, as an INTERNAL "Invalid metadata".
+MAX_REQUEST_ID_LEN = 128
+# gRPC cannot represent deadlines much beyond this (1e10 s already fails at once): longer is no deadline.
+_LONGEST_DEADLINE = 1e9
 
 
 # The gRPC service whose methods the client's retry policy covers.
@@ -118,6 +124,18 @@ class RetryPolicy:
         """Seconds to wait before attempt ``attempt + 1`` (``attempt`` >= 1), with full jitter as gRPC does."""
         return random.uniform(0, min(self.initial_backoff * self.backoff_multiplier ** (attempt - 1),
                                      self.max_backoff))
+
+
+def deadline_seconds(timeout: float | None, name: str = "timeout") -> float | None:
+    """A call's gRPC deadline in seconds as grpc takes it: ``None``, infinity or more than ~31 years
+    mean no deadline; NaN, zero and negative values are refused (ValueError naming ``name``)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout <= 0:
+        raise ValueError(f"{name} must be > 0 seconds (or None for no deadline), not {timeout}")
+    return None if timeout > _LONGEST_DEADLINE else float(timeout)
 
 
 def _duration(seconds: float) -> str:
@@ -205,6 +223,28 @@ def channel_target(target: Target) -> str:
     raise ValueError(f"targets {parts!r} do not share an address family (all IPv4 or all IPv6)")
 
 
+def _parts(target: Target) -> list[str]:
+    """The HOST:PORT entries of a several-server target (see channel_target)."""
+    return [part.strip() for part in (target.split(",") if isinstance(target, str) else target)]
+
+
+def _passed_through(target: Target) -> str | None:
+    """The target string when channel_target uses it as it is, else None."""
+    if isinstance(target, str):
+        text = target.strip()
+        if "," not in text or text.lower().startswith(_SCHEMES):
+            return text
+    return None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def several_servers(grpc_target: str) -> bool:
     """Whether a gRPC target names (or may name) several servers: an ``ipv4:``/``ipv6:`` list of
     more than one address, or a ``dns:`` name (whose name may have several addresses)."""
@@ -231,6 +271,11 @@ def connection_settings(target: Target, *, secure: bool, root_certificates: byte
                         health_check: bool | None = None) -> ConnectionSettings:
     """Validate the client constructor's arguments and turn them into :class:`ConnectionSettings`."""
     grpc_target = channel_target(target)
+    if token is not None:
+        # a token read from a file keeps its newline; gRPC refuses metadata that is not printable ASCII
+        token = token.strip()
+        if not (token.isascii() and token.isprintable()) or " " in token:
+            raise ValueError("token must be printable ASCII without spaces (a bearer token)")
     if (private_key is None) != (certificate_chain is None):
         raise ValueError("private_key and certificate_chain must be given together (mTLS)")
     if not secure and (root_certificates or private_key or certificate_chain):
@@ -253,6 +298,17 @@ def connection_settings(target: Target, *, secure: bool, root_certificates: byte
         "grpc.service_config_disable_resolution": 1,
         "grpc.enable_retries": 1 if policy is not None else 0,
     }
+    if (secure and _passed_through(target) is None and len(_parts(target)) > 1
+            and "grpc.ssl_target_name_override" not in dict(options or ())):
+        # several HOST:PORT resolved to an address list: TLS would check the certificate against an
+        # address; check it against the host name the caller gave instead
+        hosts = {_host_port(part)[0] for part in _parts(target)}
+        if len(hosts) > 1 and not all(_is_ip(host) for host in hosts):
+            raise ValueError(f"with TLS, several servers must share one host name, which their certificate "
+                             f"names (they have {sorted(hosts)}): use 'dns:///NAME:PORT', or give "
+                             f"options=[('grpc.ssl_target_name_override', NAME)]")
+        if not _is_ip(next(iter(hosts))):
+            merged["grpc.ssl_target_name_override"] = next(iter(hosts))
     merged.update(options or ())
     max_send = int(merged["grpc.max_send_message_length"])
     # gRPC keeps a call's sent messages for retries only up to this size (default 256 KiB) and
@@ -333,8 +389,12 @@ def build_generate_request(
     """The GenerateRequest for ``generate``'s arguments; optional fields are set only when given."""
     if not model:
         raise ValueError("model is required, e.g. model='svd-xt'")
-    if queue_timeout is not None and queue_timeout <= 0:
-        raise ValueError(f"queue_timeout must be > 0 seconds (or None for the model's), not {queue_timeout}")
+    if queue_timeout is not None and not (isinstance(queue_timeout, (int, float)) and 0 < queue_timeout < math.inf):
+        raise ValueError(f"queue_timeout must be a finite number of seconds > 0 (or None for the model's), "
+                         f"not {queue_timeout}")
+    if request_id and (len(request_id) > MAX_REQUEST_ID_LEN
+                       or not (request_id.isascii() and request_id.isprintable())):
+        raise InvalidArgumentError(f"request_id: at most {MAX_REQUEST_ID_LEN} printable ASCII characters")
     request = videogen_pb2.GenerateRequest(model=model, image=image_bytes(image))
     request.output.frame_encoding = frame_encoding_value(frame_encoding)
     fields: dict[str, Any] = {

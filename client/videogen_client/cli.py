@@ -13,7 +13,8 @@ Several ``--target`` s (repeated or comma-separated) spread requests over the se
 the next one unless ``--no-retry``.
 
 Exit status: 0 on success, 1 when the server or a file refused (``error: <CODE>: <details>`` on
-stderr), 2 for bad command-line arguments, 130 when interrupted.
+stderr), 2 for bad command-line arguments (values the client refuses before sending included),
+130 when interrupted.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -197,8 +199,8 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -304,8 +306,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except VideoGenError as err:
         print(f"error: {err.code.name}: {err.details}", file=sys.stderr)
-    except (OSError, ValueError) as err:
+    except OSError as err:
         print(f"error: {err}", file=sys.stderr)
+    except ValueError as err:  # a value the client refused before sending (out of a field's range, ...)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ from videogen_client._request import (
     build_generate_request,
     call_metadata,
     connection_settings,
+    deadline_seconds,
     retry_wait,
 )
 from videogen_client.errors import from_rpc_error
@@ -96,7 +97,8 @@ class VideoGenClient:
             target, secure=secure, root_certificates=root_certificates, private_key=private_key,
             certificate_chain=certificate_chain, token=token, options=options, retry=retry,
             load_balancing=load_balancing, health_check=health_check)
-        self._timeout = timeout
+        self._timeout = deadline_seconds(timeout)
+        self._closed = False
         if self._settings.credentials is None:
             self._channel = grpc.insecure_channel(self._settings.target, options=self._settings.options)
         else:
@@ -316,10 +318,13 @@ class VideoGenClient:
         return ModelInfo.from_proto(response)
 
     def _deadline(self, timeout: float | None) -> float | None:
-        return self._timeout if timeout is None else timeout
+        if self._closed:  # the same error for every call on a closed client, sync or asyncio
+            raise ValueError(f"{self!r} is closed")
+        return self._timeout if timeout is None else deadline_seconds(timeout)
 
     def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
+        """Close the channel; calls in flight end with RequestCancelledError."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> VideoGenClient:

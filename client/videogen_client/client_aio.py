@@ -20,9 +20,10 @@ from videogen_client._request import (
     build_generate_request,
     call_metadata,
     connection_settings,
+    deadline_seconds,
     retry_wait,
 )
-from videogen_client.errors import from_rpc_error
+from videogen_client.errors import RequestCancelledError, from_rpc_error
 from videogen_client.events import Event, EventDecoder, GenerationResult, ResultBuilder
 from videogen_client.models import ModelInfo
 
@@ -99,7 +100,8 @@ class AsyncVideoGenClient:
             target, secure=secure, root_certificates=root_certificates, private_key=private_key,
             certificate_chain=certificate_chain, token=token, options=options, retry=retry,
             load_balancing=load_balancing, health_check=health_check)
-        self._timeout = timeout
+        self._timeout = deadline_seconds(timeout)
+        self._closed = False
         if self._settings.credentials is None:
             self._channel = grpc.aio.insecure_channel(self._settings.target, options=self._settings.options)
         else:
@@ -243,6 +245,14 @@ class AsyncVideoGenClient:
                 wait = retry_wait(err, self._settings, attempt, deadline, received=received)
                 if wait is None:
                     raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
+            except asyncio.CancelledError:
+                # grpc.aio ends a call whose channel close() closed by cancelling its reader; unless this
+                # task itself is being cancelled, that is the call's end, as the sync client reports it
+                task = asyncio.current_task()
+                if not self._closed or (task is not None and getattr(task, "cancelling", lambda: 0)()):
+                    raise
+                raise RequestCancelledError("the client was closed during the call",
+                                            request_id=decoder.request_id or request_id) from None
             finally:
                 call.cancel()  # a no-op once the call has ended; stops the server when we stop early
             await asyncio.sleep(wait)
@@ -327,10 +337,13 @@ class AsyncVideoGenClient:
         return ModelInfo.from_proto(response)
 
     def _deadline(self, timeout: float | None) -> float | None:
-        return self._timeout if timeout is None else timeout
+        if self._closed:  # the same error for every call on a closed client, sync or asyncio
+            raise ValueError(f"{self!r} is closed")
+        return self._timeout if timeout is None else deadline_seconds(timeout)
 
     async def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
+        """Close the channel; calls in flight end with RequestCancelledError."""
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncVideoGenClient:

@@ -6,9 +6,9 @@ Every failed call raises a :class:`VideoGenError` subclass instead of a bare ``g
 
     with VideoGenClient("localhost:8001") as client:
         try:
-            result = client.run("cat.png", model="svd-xt", width=1000)
+            result = client.run("cat.png", model="svd-xt", width=1001)
         except InvalidArgumentError as err:
-            print(err.field, err.reason)   # "width", "must be a multiple of 8"
+            print(err.field, err.reason)   # "width", "1001 is not a multiple of 8"
         except QueueFullError:
             ...                            # back off and retry later
 
@@ -26,6 +26,7 @@ __all__ = [
     "InternalServerError",
     "InvalidArgumentError",
     "ModelNotFoundError",
+    "OutOfMemoryError",
     "ProtocolError",
     "QueueFullError",
     "REQUEST_ID_METADATA_KEY",
@@ -97,7 +98,17 @@ class ModelNotFoundError(VideoGenError):
 
 
 class QueueFullError(VideoGenError):
-    """RESOURCE_EXHAUSTED: the model's queue is full; retry later."""
+    """RESOURCE_EXHAUSTED: the model's queue is full (or its preprocessing is); retry later."""
+
+    default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class OutOfMemoryError(VideoGenError):
+    """RESOURCE_EXHAUSTED: the request did not fit in the device's memory, even run alone.
+
+    Retrying the same request will fail the same way: ask for fewer frames, a smaller size or a
+    smaller ``decode_chunk_size``.
+    """
 
     default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -140,6 +151,11 @@ class ProtocolError(VideoGenError):
 
     default_code = grpc.StatusCode.DATA_LOSS
 
+
+# RESOURCE_EXHAUSTED is three things: a full queue (retry later), the server's device memory (the
+# server's message starts so), and gRPC's refusal of a request over the server's size limit.
+_OUT_OF_MEMORY = "out of device memory"
+_TOO_LARGE = re.compile(r"Received message larger than max")
 
 _ERROR_CLASSES: dict[grpc.StatusCode, type[VideoGenError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
@@ -189,4 +205,11 @@ def from_rpc_error(err: grpc.RpcError, *, request_id: str | None = None) -> Vide
             request_id = found
             break
     error_class = _ERROR_CLASSES.get(code, VideoGenError)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and details:
+        if _TOO_LARGE.search(details):
+            # gRPC's own refusal of a message over the server's --max-request-bytes: the image is too big
+            return InvalidArgumentError(f"image: the request is larger than the server accepts ({details})",
+                                        code=grpc.StatusCode.INVALID_ARGUMENT, request_id=request_id)
+        if details.startswith(_OUT_OF_MEMORY):
+            error_class = OutOfMemoryError
     return error_class(details or code.name, code=code, request_id=request_id)

@@ -317,8 +317,14 @@ class ResultBuilder:
 def collect(events: Iterable[Event]) -> GenerationResult:
     """Run ``events`` (e.g. ``client.generate(...)``) to the end and return the result."""
     builder = ResultBuilder()
-    for event in events:
-        builder.add(event)
+    iterator = iter(events)
+    try:
+        for event in iterator:
+            builder.add(event)
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:  # a generator: ends its call now, not when the traceback lets it go
+            close()
     return builder.build()
 
 

@@ -39,6 +39,8 @@ class ModelInfo:
         limits: the bounds the server enforces (min_width, max_width, min_height, max_height,
             max_num_frames, max_num_inference_steps, max_image_bytes, max_image_pixels,
             max_decode_chunk_size).
+            Both are empty for a model whose configuration the server has not read (one never
+            loaded in explicit mode, or whose config failed to parse).
         max_batch_size: how many requests one denoising batch may hold.
         reason: why the model does not serve, if it does not (a config error names its file and
             field; a failed load, its versions' reasons); empty otherwise.
@@ -66,8 +68,8 @@ class ModelInfo:
             state=enum_name(_MODEL_STATE, message.state),
             versions=[ModelVersion(version=v.version, state=enum_name(_MODEL_STATE, v.state), reason=v.reason)
                       for v in message.versions],
-            defaults=scalar_fields(message.defaults),
-            limits=scalar_fields(message.limits),
+            defaults=scalar_fields(message.defaults) if message.HasField("defaults") else {},
+            limits=scalar_fields(message.limits) if message.HasField("limits") else {},
             max_batch_size=message.max_batch_size,
             instances=message.instances,
             config=MessageToDict(message.config, preserving_proto_field_name=True),

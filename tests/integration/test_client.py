@@ -391,3 +391,101 @@ def test_client_imports_without_torch():
             "assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# -- 10. what a calling service meets at the edges (found by review) -------------------------------
+
+
+def test_ids_and_timeouts_the_client_cannot_send_are_refused_naming_them(client, tiny_server, tmp_path):
+    """gRPC refuses metadata that is not printable ASCII locally, as INTERNAL "Invalid metadata" (which
+    reads as a server failure); a deadline of infinity failed at once. The client checks both first."""
+    for bad in ("é", "a\nb", "x" * 129):
+        with pytest.raises(InvalidArgumentError) as err:
+            client.run(SAMPLE, model=MODEL, request_id=bad)
+        assert err.value.field == "request_id"
+    assert client.list_models(timeout=float("inf"))[0].name == MODEL  # no deadline
+    with VideoGenClient(tiny_server.target, timeout=float("inf")) as forever:
+        assert forever.run(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1).summary.num_frames == 1
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="timeout"):
+            client.list_models(timeout=bad)
+    with pytest.raises(ValueError, match="queue_timeout"):
+        client.run(SAMPLE, model=MODEL, queue_timeout=float("inf"))
+    image = tmp_path / "sample.png"
+    image.write_bytes(SAMPLE)
+    for flag, value, status in (("--queue-timeout", "inf", 2), ("--request-id", "é", 1)):
+        proc = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(image),
+                   "--out", str(tmp_path / "x.mp4"), flag, value, "--quiet")
+        assert proc.returncode == status and flag[2:].replace("-", "_") in proc.stderr.replace("-", "_"), proc.stderr
+        assert "Traceback" not in proc.stderr and "Invalid metadata" not in proc.stderr
+
+
+def test_async_client_ids_and_closing(tiny_server):
+    """The asyncio client refuses the same ids; a call in flight when the client closes ends with
+    RequestCancelledError (as in the sync client: not a CancelledError of a task nobody cancelled), and
+    calls on a closed client raise ValueError in both clients."""
+    from videogen_client import RequestCancelledError
+
+    async def scenario():
+        aclient = AsyncVideoGenClient(tiny_server.target, timeout=TIMEOUT)
+        with pytest.raises(InvalidArgumentError):
+            await aclient.run(SAMPLE, model=MODEL, request_id="é")
+
+        async def consume():
+            async for _ in aclient.generate(SAMPLE, model=MODEL, num_frames=8, num_inference_steps=40):
+                started.set()
+
+        started = asyncio.Event()
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        await aclient.close()
+        with pytest.raises(RequestCancelledError):
+            await task
+        assert not task.cancelled()
+        with pytest.raises(ValueError, match="closed"):
+            await aclient.list_models()
+
+    asyncio.run(scenario())
+    sync = VideoGenClient(tiny_server.target)
+    sync.close()
+    with pytest.raises(ValueError, match="closed"):
+        sync.list_models()
+
+
+def test_a_request_over_the_servers_size_limit_is_invalid_argument_on_image(tiny_model_source, tmp_path):
+    """gRPC refuses a message over the server's --max-request-bytes as RESOURCE_EXHAUSTED, which read as
+    "queue full" (retry later); it is the image's size."""
+    from ..helpers import ServerThread
+
+    shutil.copytree(tiny_model_source, tmp_path / "repo" / MODEL)
+    big = np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="PNG")
+    assert len(buf.getvalue()) > 1 << 20
+    with ServerThread(tmp_path / "repo", max_request_bytes=1 << 20) as server:
+        with VideoGenClient(server.target, timeout=TIMEOUT, retry=False) as small:
+            with pytest.raises(InvalidArgumentError) as err:
+                small.run(buf.getvalue(), model=MODEL, num_frames=1, num_inference_steps=1)
+            assert err.value.field == "image" and "larger than" in err.value.reason
+            assert small.run(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1).summary.num_frames == 1
+
+
+def test_out_of_memory_is_its_own_error_and_models_not_loaded_have_no_defaults(make_repo):
+    """A request that does not fit the device (the server's fault injection stands in for a GPU's
+    out-of-memory) is OutOfMemoryError, not QueueFullError (retrying will not help); a model whose
+    config the server has not read reports empty defaults and limits, not zeros."""
+    from videogen_client import OutOfMemoryError, QueueFullError
+
+    from ..helpers import TINY_PARAMETERS, ServerThread, tiny_config
+
+    cfg = tiny_config("m", parameters=TINY_PARAMETERS + 'parameters { key: "fault_injection" '
+                                                        'value { string_value: "oom@1:seed=666" } }')
+    with ServerThread(make_repo({"m": cfg, "idle": None}), model_control_mode="explicit",
+                      load_models=("m",)) as server:
+        with VideoGenClient(server.target, timeout=TIMEOUT) as c:
+            with pytest.raises(OutOfMemoryError) as err:
+                c.run(SAMPLE, model="m", seed=666, num_frames=1, num_inference_steps=1)
+            assert not isinstance(err.value, QueueFullError) and err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            idle = c.get_model("idle")
+            assert idle.state == "unavailable" and idle.defaults == {} and idle.limits == {}
+            assert c.get_model("m").defaults["num_frames"] > 0

@@ -48,10 +48,14 @@ def _pki(tmp: Path) -> dict[str, Path]:
     write("server", server_key, cert("localhost", server_key, "videogen test CA", ca_key,
                                      san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
                                      usage=ExtendedKeyUsageOID.SERVER_AUTH))
+    dns_key = ec.generate_private_key(ec.SECP256R1())  # names the host only, as most certificates do
+    write("server-dns", dns_key, cert("localhost", dns_key, "videogen test CA", ca_key,
+                                      san=[x509.DNSName("localhost")], usage=ExtendedKeyUsageOID.SERVER_AUTH))
     client_key = ec.generate_private_key(ec.SECP256R1())
     write("client", client_key, cert("client", client_key, "videogen test CA", ca_key,
                                      usage=ExtendedKeyUsageOID.CLIENT_AUTH))
-    return {n: tmp / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+    return {n: tmp / n for n in ("ca.crt", "server.crt", "server.key", "server-dns.crt", "server-dns.key",
+                                 "client.crt", "client.key")}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +85,20 @@ def test_tls(repo, pki):
                 plaintext.list_models(timeout=5)
 
 
+def test_tls_to_a_list_of_host_names(repo, pki):
+    """Several HOST:PORT become one address list: TLS must still check the certificate against the host
+    name given (a certificate naming only the host failed hostname verification before)."""
+    with ServerThread(repo, tls_cert=pki["server-dns.crt"], tls_key=pki["server-dns.key"]) as server:
+        ca = pki["ca.crt"].read_bytes()
+        port = server.target.rsplit(":", 1)[1]
+        for target in ([f"localhost:{port}", f"localhost:{port}"], f"localhost:{port},localhost:{port}"):
+            with VideoGenClient(target, secure=True, root_certificates=ca) as client:
+                assert client.target.startswith(("ipv4:", "ipv6:"))
+                assert _run(client).summary.num_frames == 1
+        with pytest.raises(ValueError, match="one host name"):
+            VideoGenClient([f"localhost:{port}", f"127.0.0.1:{port}"], secure=True, root_certificates=ca)
+
+
 def test_mutual_tls(repo, pki):
     with ServerThread(repo, tls_cert=pki["server.crt"], tls_key=pki["server.key"],
                       tls_client_ca=pki["ca.crt"]) as server:
@@ -105,6 +123,11 @@ def test_bearer_tokens(repo):
         for token in ("tok-one", "tok-two"):
             with VideoGenClient(server.target, token=token) as client:
                 assert _run(client).summary.num_frames == 1
+        # read from a file, a token keeps its newline: gRPC refused it as an INTERNAL "Invalid metadata"
+        with VideoGenClient(server.target, token="tok-one\n") as client:
+            assert client.list_models()[0].name == "svd-tiny"
+        with pytest.raises(ValueError, match="token"):
+            VideoGenClient(server.target, token="tok one")
         # probes carry no token: health stays open
         channel = grpc.insecure_channel(server.target)
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
