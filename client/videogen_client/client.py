@@ -189,8 +189,8 @@ class VideoGenClient:
                 ``x-request-id`` metadata; the server makes one up when it is ``None``.
             priority: scheduling priority level, 1 = highest; 0 = the model's default.
             queue_timeout: the most seconds the request may wait in the model's queue; ``None`` =
-                the model's default. It may only shorten the model's own queue timeout unless
-                the model allows overrides.
+                the model's default. It may shorten the model's own queue timeout, never
+                lengthen it.
             timeout: the gRPC deadline for the whole call, in seconds; ``None`` = the client's
                 default.
 

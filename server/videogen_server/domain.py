@@ -80,6 +80,9 @@ class GenerateCall:
     model_version: Optional[int] = None
     request_id: str = ""
     priority: int = 0
+    # Triton's rule (KServe calls): a priority level outside the model's levels takes the default level;
+    # VideoGen calls are refused instead
+    priority_falls_back: bool = False
     timeout_s: Optional[float] = None  # queue timeout asked for by the request
     deadline_s: Optional[float] = None  # seconds left on the caller's gRPC deadline
 

@@ -60,7 +60,8 @@ def test_high_priority_runs_before_earlier_low_priority(make_repo):
 
 
 def test_queue_timeout_and_deadline_while_queued(make_repo):
-    cfg = tiny_config("m", one_level_queue(8, "default_timeout_microseconds: 300000"))
+    # allow_timeout_override as in Triton: requests may shorten the timeout, never lengthen it
+    cfg = tiny_config("m", one_level_queue(8, "default_timeout_microseconds: 300000 allow_timeout_override: true"))
     with ServerThread(make_repo({"m": cfg})) as server:
         stub = server.stub()
         running = Stream(stub, request(model="m", **LONG))
@@ -75,7 +76,7 @@ def test_queue_timeout_and_deadline_while_queued(make_repo):
         running.join()
         # none of them ever reached an instance
         assert server.metric("videogen_batch_size_count", model="m") == batches
-        # a request may not lengthen the model's timeout (no allow_timeout_override)
+        # a request may not lengthen the model's timeout (allow_timeout_override or not)
         longer = Stream(stub, request(model="m", **LONG))
         longer.progressed.wait(10)
         asked_more = Stream(stub, request(model="m", timeout_microseconds=60_000_000, **SHORT)).join()

@@ -63,6 +63,7 @@ def test_parameters_priority_timeout_and_outputs():
     got = parse(req)
     c, p = got.call, got.call.params
     assert (c.model_version, c.priority, c.timeout_s) == (2, 1, 0.25)
+    assert c.priority_falls_back  # Triton's rule: a level outside the model's takes the default
     assert (p.width, p.height, p.num_inference_steps) == (32, 16, 3)
     assert (p.min_guidance_scale, p.max_guidance_scale) == (2.0, 2.0)
     assert got.outputs == ("video",) and p.frame_encoding is FrameEncoding.NONE and p.stream_video is True
@@ -83,6 +84,11 @@ def setp(key: str, kind: str, value):
     (setp("priority", "int64_param", -1), "priority"),
     (lambda r: r.outputs.add(name="latents"), "outputs"),
     (lambda r: setattr(r, "model_version", "latest"), "model_version"),
+    (lambda r: setattr(r, "model_version", "²"), "model_version"),  # isdigit() alone takes it (was INTERNAL)
+    # the shared-memory extension is not offered: refused, not read from or written to the wrong place
+    (lambda r: setattr(r.inputs[0].parameters["shared_memory_region"], "string_param", "in0"), "image"),
+    (lambda r: setattr(r.outputs.add(name="frames").parameters["shared_memory_region"], "string_param", "out0"),
+     "frames"),
 ])
 def test_bad_requests_name_the_field(mutate, field):
     req = make(num_frames=("INT32", [2]))
@@ -118,3 +124,31 @@ def test_conflicts_and_shapes():
     as_pixels.raw_input_contents[0] = b"\x00"
     with pytest.raises(InvalidRequest, match="must be BYTES"):
         parse(as_pixels)
+
+
+def test_model_config_is_one_triton_would_accept(tmp_path):
+    """The server batches requests itself, so ModelConfig reports max_batch_size 0: beside it, Triton
+    refuses preferred batch sizes; and the queue bound reported is the one enforced (the server's
+    --max-queue-size when config.pbtxt sets none), not 0 (= unbounded to a Triton reader)."""
+    from videogen_server.engine.repository import read_settings
+    from videogen_server.transport.kserve import model_config_to_pb
+
+    from ..helpers import tiny_config
+
+    text = tiny_config("m", "max_batch_size: 2\ndynamic_batching { preferred_batch_size: [ 2 ] priority_levels: 2 "
+                            "default_priority_level: 2 }")
+    text += '\nparameters { key: "default_num_frames" value { string_value: "4" } }'  # no model files here
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "config.pbtxt").write_text(text)
+    cfg = model_config_to_pb(read_settings(tmp_path / "m", default_max_queue_size=37))
+    assert cfg.max_batch_size == 0 and list(cfg.dynamic_batching.preferred_batch_size) == []
+    assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 37
+    assert cfg.dynamic_batching.priority_levels == 2 and cfg.model_transaction_policy.decoupled
+
+
+def test_version_folders_are_ascii_numbers(tmp_path):
+    from videogen_server.engine.repository import versions_on_disk
+
+    for name in ("1", "3", "²", "x", "0"):
+        (tmp_path / name).mkdir()
+    assert versions_on_disk(tmp_path) == [1, 3]

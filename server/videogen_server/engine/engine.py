@@ -517,7 +517,9 @@ class Engine:
         out = [(n, v, rt.stats.snapshot()) for n in sorted(self.models) if not name or n == name
                for v, rt in sorted(self.models[n].loaded.items()) if version is None or v == version]
         if name and not out:
-            raise NotReady(f"model {name!r} has no loaded version" + (f" {version}" if version else ""))
+            if version is not None:  # as ModelMetadata answers for a version it does not serve
+                raise ModelNotFound(f"model {name!r} has no loaded version {version}")
+            raise NotReady(f"model {name!r} has no loaded version")
         return out
 
     # -- requests ---------------------------------------------------------------------------------
@@ -550,10 +552,14 @@ class Engine:
                 batching = settings.batching
                 level = call.priority or batching.default_priority_level
                 if not 1 <= level <= batching.priority_levels:
-                    raise InvalidRequest("priority", f"{call.priority} is outside 1..{batching.priority_levels}")
+                    if not call.priority_falls_back:
+                        raise InvalidRequest("priority", f"{call.priority} is outside 1..{batching.priority_levels}")
+                    level = batching.default_priority_level
                 policy = batching.queue_policy
                 timeout = policy.default_timeout_s
-                if call.timeout_s and (timeout is None or call.timeout_s < timeout or policy.allow_timeout_override):
+                # a request may shorten the model's queue timeout, never lengthen it (allow_timeout_override
+                # in Triton lets requests shorten it only; here they always may: see README)
+                if call.timeout_s and (timeout is None or call.timeout_s < timeout):
                     timeout = call.timeout_s
                 rt.reserve_queue_slot()  # counted in flight from here: an unload waits for its preprocessing
                 job: Optional[concurrent.futures.Future] = None

@@ -34,7 +34,8 @@ def scan(repositories: tuple[Path, ...]) -> dict[str, Path]:
 
 
 def versions_on_disk(model_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    return sorted(int(p.name) for p in model_dir.iterdir()
+                  if p.is_dir() and p.name.isascii() and p.name.isdigit() and int(p.name) > 0)
 
 
 def read_settings(model_dir: Path, *, default_max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> ModelSettings:

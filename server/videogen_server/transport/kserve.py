@@ -211,6 +211,7 @@ def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline
                                  f"unknown input; the model's inputs are {', '.join(_INPUTS)}")
         if t.name in given:
             raise InvalidRequest(t.name, "given twice")
+        _no_shared_memory(t.name, t.parameters)
         given[t.name] = _tensor_values(t, req.raw_input_contents[i] if req.raw_input_contents else None)
         if spec.kind == "bytes" and t.datatype != "BYTES":
             raise InvalidRequest(t.name, f"must be BYTES [1] (an encoded PNG, JPEG or WebP), not {t.datatype}")
@@ -275,7 +276,8 @@ def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline
         frame_encoding=FrameEncoding.RAW_RGB if "frames" in outputs else FrameEncoding.NONE,
         stream_video="video" in outputs, video_fps=video_fps)
     call = GenerateCall(model=req.model_name, image=images[0], params=params, model_version=version,
-                        request_id=request_id, priority=priority, timeout_s=timeout_s, deadline_s=deadline_s)
+                        request_id=request_id, priority=priority, priority_falls_back=True, timeout_s=timeout_s,
+                        deadline_s=deadline_s)
     return InferCall(call=call, outputs=outputs)
 
 
@@ -287,16 +289,24 @@ def requested_outputs(outputs: Iterable[kpb.ModelInferRequest.InferRequestedOutp
                                  + ", ".join(_OUTPUT_NAMES))
         if "classification" in o.parameters:
             raise InvalidRequest("outputs", "classification is not supported")
+        _no_shared_memory(o.name or "outputs", o.parameters)
         if o.name not in names:
             names.append(o.name)
     return tuple(names) or _OUTPUT_NAMES
+
+
+def _no_shared_memory(name: str, parameters) -> None:
+    """The shared-memory extension is not offered (ServerMetadata does not list it): a tensor that asks
+    for it is refused, rather than read from or written to the wrong place."""
+    if any(key.startswith("shared_memory_") for key in parameters):
+        raise InvalidRequest(name, "shared memory is not supported; send the data in the request")
 
 
 def parse_version(text: str, field: str = "version") -> Optional[int]:
     """"" = unset (None); otherwise a positive integer."""
     if not text:
         return None
-    if not text.isdigit() or int(text) <= 0:
+    if not (text.isascii() and text.isdigit()) or int(text) <= 0:  # isdigit alone takes "²"
         raise InvalidRequest(field, f"{text!r} is not a version number")
     return int(text)
 
@@ -347,6 +357,11 @@ def model_config_to_pb(settings) -> kmc.ModelConfig:
     # Tensors carry no batch dimension; the server batches separate requests of one shape itself
     # (dynamic_batching below, up to config.pbtxt's max_batch_size).
     cfg.max_batch_size = 0
+    if cfg.HasField("dynamic_batching"):
+        # sizes of the server's own batches, which Triton would refuse beside max_batch_size 0
+        del cfg.dynamic_batching.preferred_batch_size[:]
+        # the bound enforced (config.pbtxt's, else the server's --max-queue-size), not 0 = unbounded
+        cfg.dynamic_batching.default_queue_policy.max_queue_size = settings.batching.queue_policy.max_queue_size
     if not cfg.HasField("version_policy"):
         cfg.version_policy.latest.num_versions = 1
     del cfg.instance_group[:]
@@ -509,7 +524,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
         request_id = ""
         try:
-            request_id = request_id_of(request.id, context)
+            request_id = request_id_of(request.id, context, field="id")
             parsed = parse_infer_request(request, request_id=request_id, deadline_s=context.time_remaining())
             frames: list[bytes] = []
             video: list[bytes] = []
@@ -625,7 +640,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             yield kpb.ModelStreamInferResponse(infer_response=final)
         except Exception as exc:
             _, message = to_status(exc, request_id=request_id)
-            yield kpb.ModelStreamInferResponse(
-                error_message=message,
-                infer_response=kpb.ModelInferResponse(model_name=req.model_name, model_version=model_version,
-                                                      id=req.id))
+            failed = kpb.ModelInferResponse(model_name=req.model_name, model_version=model_version, id=req.id)
+            failed.parameters[FINAL_RESPONSE].bool_param = True  # Triton sends a failed request's response final
+            failed.parameters["request_id"].string_param = request_id
+            yield kpb.ModelStreamInferResponse(error_message=message, infer_response=failed)

@@ -18,11 +18,11 @@ REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID_LEN = 128
 
 
-def request_id_of(request_id: str, context: grpc.aio.ServicerContext) -> str:
-    """The caller's id (field first, then x-request-id metadata), else a fresh one."""
+def request_id_of(request_id: str, context: grpc.aio.ServicerContext, field: str = "request_id") -> str:
+    """The caller's id (`field` first, then x-request-id metadata), else a fresh one."""
     if not request_id:
         request_id = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY, "")
-    check_request_id("request_id", request_id)
+    check_request_id(field, request_id)
     return request_id or uuid.uuid4().hex
 
 
