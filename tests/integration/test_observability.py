@@ -129,6 +129,25 @@ def test_draining_server_refuses_new_requests(make_repo):
         stop_future.result(20)
 
 
+def test_requests_still_running_when_the_drain_ends_are_errors_not_cancellations(make_repo):
+    """At the drain's end the server stops what still runs: the caller hears UNAVAILABLE saying why, and
+    metrics count an error (the error-rate alert sees it), not a caller's cancellation."""
+    import asyncio
+
+    with ServerThread(make_repo({"m": tiny_config("m")})) as server:
+        running = Stream(server.stub(), request(model="m", num_inference_steps=100, num_frames=16))
+        running.progressed.wait(10)
+        asyncio.run_coroutine_threadsafe(server.server.stop(0.3), server.loop).result(60)
+        assert running.join().code() == grpc.StatusCode.UNAVAILABLE
+        assert "drain grace" in running.error.details()
+        registry = server.server.metrics.registry
+        labels = {"model": "m", "version": "1"}
+        assert registry.get_sample_value("videogen_requests_total",
+                                         {**labels, "outcome": "error", "code": "UNAVAILABLE"}) == 1
+        assert registry.get_sample_value("videogen_requests_total",
+                                         {**labels, "outcome": "cancelled", "code": "CANCELLED"}) is None
+
+
 def test_reflection_lists_services_and_calls_generate_without_stubs(tiny_server):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 

@@ -339,6 +339,18 @@ class Engine:
         except asyncio.TimeoutError:
             return False
 
+    def end_requests(self, error: Callable[[], Exception]) -> int:
+        """Ends every request still queued or running with its own `error()` (the drain's end: the
+        caller hears why, and metrics count an error, not a caller's cancellation). Returns how many."""
+        ended = 0
+        for entry in self.models.values():
+            for rt in entry.loaded.values():
+                for req in list(rt.active):
+                    req.error(error())
+                    req.cancel()
+                    ended += 1
+        return ended
+
     async def shutdown(self, grace: float = 0.0) -> None:
         self.begin_drain()
         if self._poller:
