@@ -179,8 +179,10 @@ def test_a_caller_gone_during_preprocessing_keeps_its_slot_until_the_work_ends(t
         assert not rt.idle.is_set(), "an unload now would finalize the backend under the running prepare"
         slow_backend.GATE.set()
         wait_until(lambda: preparing(server) == 0 and rt.idle.is_set())
+        assert 'videogen_model_ready{model="a",version="1"} 1.0' in server.scrape()
         stub.UnloadModel(pb.UnloadModelRequest(name="a"))
         assert server.metric("videogen_requests_total", code="INTERNAL") == 0
+        assert "videogen_model_ready{" not in server.scrape()  # unloaded: no 0 left for the alert to page on
 
 
 def test_loads_in_flight_are_joined_and_stop_with_the_server(tmp_path, slow_backend):

@@ -46,3 +46,56 @@ def test_poll_reloads_adds_and_removes_models(make_repo):
         with pytest.raises(grpc.RpcError) as err:
             collect(stub, request(model="b", num_frames=1, num_inference_steps=1))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _series(server, name: str, **labels: str) -> list[str]:
+    """The label sets of `name`'s samples that include `labels` (present at 0 included)."""
+    from ..helpers import _LABEL, _SAMPLE
+
+    found = []
+    for line in server.scrape().splitlines():
+        m = _SAMPLE.match(line)
+        if m and m.group(1) == name and all(dict(_LABEL.findall(m.group(2) or "")).get(k) == v
+                                            for k, v in labels.items()):
+            found.append(m.group(2))
+    return found
+
+
+def test_model_ready_follows_rollouts_failures_and_unloads(make_repo):
+    """videogen_model_ready is what the not-ready alert reads: a version retired by a rollout or an unload
+    takes its gauges along (a 0 left behind paged for good), a version or a model that fails to load
+    shows 0 (it showed nothing), and the outcomes the alerts count start at 0 (increase() misses a
+    series' first event)."""
+    repo = make_repo({"a": tiny_config("a", "version_policy: { latest: { num_versions: 1 } }")})
+    with ServerThread(repo, model_control_mode="poll", repository_poll_seconds=0.3) as server:
+        stub = server.stub()
+        assert server.metric("videogen_model_ready", model="a", version="1") == 1
+        assert _series(server, "videogen_requests_total", model="a", version="1", outcome="error",
+                       code="RESOURCE_EXHAUSTED")
+        collect(stub, request(model="a", num_frames=1, num_inference_steps=1))
+        assert _series(server, "videogen_request_peak_memory_bytes", model="a", version="1")
+        # a rollout: version 2 replaces 1
+        shutil.copytree(repo / "a" / "1", repo / "a" / ".v2")
+        (repo / "a" / ".v2").rename(repo / "a" / "2")
+        wait_for(lambda: server.metric("videogen_model_ready", model="a", version="2") == 1)
+        wait_for(lambda: not _series(server, "videogen_model_ready", model="a", version="1"))
+        for gauge in ("videogen_queue_depth", "videogen_inflight_requests", "videogen_request_peak_memory_bytes"):
+            assert not _series(server, gauge, model="a", version="1"), gauge
+        assert _series(server, "videogen_requests_total", model="a", version="1")  # what it did stays counted
+        # a model whose weights are broken: version 1 shows 0
+        shutil.copytree(repo / "a" / "1", repo / "broken" / "1")
+        for weights in (repo / "broken" / "1").rglob("*.safetensors"):
+            weights.write_bytes(b"not safetensors")
+        (repo / "broken" / "config.pbtxt").write_text(tiny_config("broken"))
+        wait_for(lambda: _series(server, "videogen_model_ready", model="broken", version="1"))
+        assert server.metric("videogen_model_ready", model="broken", version="1") == 0
+        # a model whose config cannot be read: no version is known, the model shows 0 under version ""
+        (repo / "bad").mkdir()
+        (repo / "bad" / "config.pbtxt").write_text('name: "bad"\nbackend: "svd"\nmax_batch_size: -3\n')
+        wait_for(lambda: _series(server, "videogen_model_ready", model="bad", version=""))
+        # models that leave the repository take their series along
+        shutil.rmtree(repo / "broken")
+        shutil.rmtree(repo / "bad")
+        wait_for(lambda: not _series(server, "videogen_model_ready", model="broken")
+                 and not _series(server, "videogen_model_ready", model="bad"))
+        assert server.metric("videogen_model_ready", model="a", version="2") == 1

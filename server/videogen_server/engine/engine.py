@@ -89,6 +89,9 @@ class ModelRuntime:
         self.labels = labels
         self.scheduler = Scheduler(batching=settings.batching, max_batch_size=settings.max_batch_size,
                                    on_depth=m.queue_depth.labels(*labels).set)
+        # bound now: a request of this runtime ending after its series were removed (see Engine._publish)
+        # updates a detached child instead of bringing the series back
+        self.inflight_gauge = m.inflight.labels(*labels)
         self.instances: list[Instance] = []
         self.stats = ModelStats()  # cumulative, for the Open Inference Protocol's ModelStatistics
         self._engine = engine
@@ -256,6 +259,8 @@ class ModelEntry:
         self.fingerprint = ""
         self.lock = asyncio.Lock()
         self.loading: Optional[asyncio.Task[None]] = None  # the load in flight, which later loads join
+        self.published: set[str] = set()  # version labels whose per-version gauges are exported
+        self.peaks: set[tuple[str, str, str]] = set()  # (version, instance, device) of the peak-memory gauge
 
     def select(self, version: Optional[int]) -> ModelRuntime:
         if version:
@@ -339,6 +344,38 @@ class Engine:
         except asyncio.TimeoutError:
             return False
 
+    # the per-version gauges: they describe what serves now, so a version that went away takes them along
+    # (its counters and histograms stay: they count what it did, and rate() ends with them)
+    _VERSION_GAUGES = ("model_ready", "queue_depth", "inflight", "instances_busy", "load_duration", "warmup_duration")
+    # the request outcomes the alerts watch: exported at 0 from the start, since increase() over a series
+    # that appears at its first event reads 0 for that event
+    _ALERTED_OUTCOMES = (("error", "RESOURCE_EXHAUSTED"), ("rejected", "RESOURCE_EXHAUSTED"), ("error", "INTERNAL"),
+                         ("error", "UNAVAILABLE"))
+
+    def _publish(self, entry: ModelEntry) -> None:
+        """Brings a model's per-version series in line with its state: `videogen_model_ready` for every
+        version loaded (1 once READY) or that failed to load (0), and for a model whose files could not be
+        read, under version "" (0), so that the not-ready alert sees failures too; the gauges of versions
+        no longer there are removed, so that alert does not fire for good after a rollout or an unload."""
+        m = self.metrics
+        now = {str(v): 1 if rt.state == "READY" else 0 for v, rt in entry.loaded.items()}
+        for v in entry.failed:
+            now.setdefault(str(v), 0)
+        if entry.error and not now:
+            now[""] = 0
+        for version in entry.published - now.keys():
+            for gauge in self._VERSION_GAUGES:
+                getattr(m, gauge).remove(entry.name, version)
+            for peak in [p for p in entry.peaks if p[0] == version]:
+                m.last_peak.remove(entry.name, *peak)
+                entry.peaks.discard(peak)
+        for version, ready in now.items():
+            m.model_ready.labels(entry.name, version).set(ready)
+            if version and version not in entry.published:
+                for outcome, code in self._ALERTED_OUTCOMES:
+                    m.requests.labels(entry.name, version, outcome, code)
+        entry.published = set(now)
+
     def end_requests(self, error: Callable[[], Exception]) -> int:
         """Ends every request still queued or running with its own `error()` (the drain's end: the
         caller hears why, and metrics count an error, not a caller's cancellation). Returns how many."""
@@ -418,6 +455,7 @@ class Engine:
             except Exception as err:  # a broken model fails alone (a backend's import, a malformed file)
                 entry.error = err.message if isinstance(err, VideoGenError) else f"{type(err).__name__}: {err}"
                 log.error("model %s not loaded: %s", name, entry.error, exc_info=not isinstance(err, VideoGenError))
+                self._publish(entry)
                 self._notify()
                 raise
             entry.error = ""
@@ -426,6 +464,7 @@ class Engine:
             for version in wanted:
                 rt = ModelRuntime(settings, version, self)
                 entry.loaded.setdefault(version, rt)  # visible as LOADING if it is new
+                self._publish(entry)
                 try:
                     log.info("loading %s version %d", name, version)
                     await rt.load()
@@ -448,8 +487,8 @@ class Engine:
             self._notify()
             retired = [rt for v, rt in old.items() if new.get(v) is not rt]
             await asyncio.gather(*(rt.unload(self.config.unload_timeout_seconds) for rt in retired))
-            for rt in new.values():  # a retired runtime of the same version shared these labels
-                self.metrics.model_ready.labels(*rt.labels).set(1 if rt.state == "READY" else 0)
+            self._publish(entry)  # after the unloads: a retired runtime of the same version shared the labels
+            for rt in new.values():
                 self.metrics.queue_depth.labels(*rt.labels).set(rt.scheduler.depth())
             failed = {v: entry.failed[v] for v in wanted if v in entry.failed}
             if failed:
@@ -469,6 +508,7 @@ class Engine:
             entry.loaded.clear()
             entry.failed.clear()
             entry.error = ""
+            self._publish(entry)
             self._notify()
 
     async def _poll(self) -> None:
@@ -605,7 +645,7 @@ class Engine:
             admitted = True
             rt.active.add(req)
             rt.update_idle()
-            self.metrics.inflight.labels(*labels).inc()
+            rt.inflight_gauge.inc()
             record.update(version=rt.version, width=params.width, height=params.height, frames=params.num_frames,
                           steps=params.num_inference_steps, decode_chunk_size=params.decode_chunk_size,
                           seed=params.seed, priority=level)
@@ -622,7 +662,7 @@ class Engine:
                     rt.scheduler.remove(req)
                 rt.active.discard(req)
                 rt.update_idle()
-                self.metrics.inflight.labels(*labels).dec()
+                rt.inflight_gauge.dec()
             seconds = time.monotonic() - t_start
             if rt is not None:
                 rt.stats.finished(ok=outcome is None, seconds=seconds, phases=phases)
@@ -753,7 +793,10 @@ class Engine:
                                   peak_memory_bytes=event.peak_memory_bytes, batch_size=event.batch_size,
                                   instance=req.instance)
                     device = _device_of(rt, req.instance)
-                    m.last_peak.labels(*labels, req.instance, device).set(event.peak_memory_bytes)
+                    entry = self.models.get(rt.name)
+                    if entry is not None and str(rt.version) in entry.published:  # not a version gone since
+                        m.last_peak.labels(*labels, req.instance, device).set(event.peak_memory_bytes)
+                        entry.peaks.add((str(rt.version), req.instance, device))
                     yield SummaryEvent(
                         request_id=req.request_id, num_frames=p.num_frames, queue_s=req.queue_wait,
                         image_encode_s=timing["image_encode"], denoise_s=timing["denoise"], decode_s=timing["decode"],
