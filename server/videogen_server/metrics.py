@@ -11,7 +11,7 @@ import platform
 from typing import Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter("videogen_requests_total", "Generate requests by outcome and gRPC status code",
                                 ML + ("outcome", "code"), registry=r)
-        self.frames = Counter("videogen_frames_generated_total", "Video frames generated and sent", ML, registry=r)
+        self.frames = Counter("videogen_frames_generated_total", "Video frames generated (sent as frames or not)",
+                              ML, registry=r)
         self.request_latency = Histogram("videogen_request_duration_seconds",
                                          "End-to-end Generate latency, accepted to summary", ML,
                                          buckets=LATENCY_BUCKETS, registry=r)
@@ -40,7 +41,8 @@ class Metrics:
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.image_encode = Histogram("videogen_image_encode_seconds", "CLIP and VAE encoding of the conditioning image",
                                       ML, buckets=STEP_BUCKETS, registry=r)
-        self.denoise_step = Histogram("videogen_denoise_step_seconds", "One denoising step of a batch", ML,
+        self.denoise_step = Histogram("videogen_denoise_step_seconds",
+                                      "One denoising step of a batch, observed once per request in it", ML,
                                       buckets=STEP_BUCKETS, registry=r)
         self.decode_chunk = Histogram("videogen_vae_decode_chunk_seconds", "VAE decode of one chunk of frames", ML,
                                       buckets=STEP_BUCKETS, registry=r)
@@ -98,11 +100,13 @@ class InstanceCollector(Collector):
         reserved = GaugeMetricFamily("videogen_device_memory_reserved_bytes",
                                      "Device memory reserved by the caching allocator (process RSS on CPU)",
                                      labels=["model", "version", "instance", "device"])
-        compiles = GaugeMetricFamily("videogen_compiles_total", "Graphs torch.compile built for this instance",
-                                     labels=["model", "version", "instance"])
-        recompiles = GaugeMetricFamily("videogen_recompiles_total", "Graphs torch.compile built for this instance "
-                                       "after its warm-up (requests outside the warmed shape set)",
+        # counters (exported as videogen_compiles_total / videogen_recompiles_total): they only grow in an
+        # instance's life, and rate()/increase() then treat a new instance's restart at 0 as a reset
+        compiles = CounterMetricFamily("videogen_compiles", "Graphs torch.compile built for this instance",
                                        labels=["model", "version", "instance"])
+        recompiles = CounterMetricFamily("videogen_recompiles", "Graphs torch.compile built for this instance "
+                                         "after its warm-up (requests outside the warmed shape set)",
+                                         labels=["model", "version", "instance"])
         for model, version, instance, device, backend in self._instances():
             try:
                 mem = backend.memory_stats()

@@ -398,7 +398,8 @@ def test_autoscaler_owns_the_replica_count(k8s: dict[str, dict]) -> None:
     namespace = _kustomization().get("namespace")
     for trigger in scaled["triggers"]:
         query = trigger["metadata"].get("query", "")
-        assert "videogen_queue_depth" in query
+        # in flight (queued + running), not queue depth: that settles at `threshold` queued per replica
+        assert "videogen_inflight_requests" in query
         match = re.search(r'namespace="([^"]*)"', query)
         if namespace and match:
             assert match.group(1) == namespace, f"the KEDA query filters namespace {match.group(1)!r}, " \
