@@ -133,6 +133,31 @@ def test_large_photo_matches_the_pipeline(tiny_server, reference_pipeline):
     assert np.abs(ours.astype(int) - expected).max() <= 1
 
 
+def test_a_phone_photo_is_used_upright(tiny_server):
+    """Cameras store a portrait photo as landscape pixels plus an EXIF orientation tag (6: turn 90 degrees
+    clockwise), which diffusers' load_image applies. The server must too: the tagged JPEG gives the frames
+    of the same pixels turned upright and sent untagged."""
+    rng = np.random.default_rng(5)
+    ramp = np.linspace(0, 200, 96)[None, :, None] + np.linspace(0, 40, 64)[:, None, None]
+    stored = np.clip(ramp + rng.integers(0, 30, (64, 96, 3)), 0, 255).astype(np.uint8)  # landscape, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the viewer turns it 90 degrees clockwise
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    tagged = buf.getvalue()
+    with Image.open(io.BytesIO(tagged)) as im:  # the JPEG's own pixels (lossy), turned as a viewer does
+        upright = Image.fromarray(np.asarray(im.convert("RGB"))).transpose(Image.Transpose.ROTATE_270)
+    assert upright.size == (64, 96)  # portrait
+    params = dict(seed=6, num_frames=2, num_inference_steps=2, width=48, height=64)
+    ours = raw_frames(collect(tiny_server.stub(), request(image=tagged, **params, output=RAW)))
+    expected = raw_frames(collect(tiny_server.stub(), request(image=_png(np.asarray(upright)), **params, output=RAW)))
+    np.testing.assert_array_equal(ours, expected)
+    sideways = raw_frames(collect(tiny_server.stub(), request(image=_png(np.asarray(Image.open(io.BytesIO(tagged))
+                                                                                   .convert("RGB"))),
+                                                              **params, output=RAW)))
+    assert not np.array_equal(ours, sideways)
+
+
 def test_long_thin_image_is_served(tiny_server):
     """1 000 000 x 8 pixels is within the pixel limit; diffusers' blur would run a kernel of ~9000 taps over
     all of them (~2e11 multiply-adds, many minutes of a preprocessing thread). The sampled resize serves it."""

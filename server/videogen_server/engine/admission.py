@@ -6,15 +6,18 @@ failure is an InvalidRequest naming the request field (proto field names).
 from __future__ import annotations
 
 import io
+import logging
 import math
 import secrets
 import warnings
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import InvalidRequest
 from ..domain import FrameEncoding, GenerationParams, ResolvedParams
 from .model_config import GenerationDefaults, GenerationLimits
+
+log = logging.getLogger(__name__)
 
 ACCEPTED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
 MAX_SEED = 2**63 - 1
@@ -69,11 +72,23 @@ def resolve_params(p: GenerationParams, d: GenerationDefaults, lim: GenerationLi
     )
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: cameras store a portrait photo as landscape pixels plus an
+    EXIF orientation tag, which diffusers' `load_image` applies (`ImageOps.exif_transpose`) and so do
+    we. An EXIF block too broken to read leaves the pixels as stored rather than refusing the image."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - malformed metadata is not a malformed image
+        log.debug("EXIF orientation unreadable; using the pixels as stored", exc_info=True)
+        return img
+
+
 def decode_image(data: bytes, lim: GenerationLimits) -> Image.Image:
     """Decode the conditioning image to RGB, refusing oversized payloads and decompression bombs.
 
     The pixel count is checked from the header before any pixel is decoded. Animated images use
-    their first frame; RGBA, grayscale, palette and CMYK images are converted to RGB.
+    their first frame; an EXIF orientation is applied (a portrait phone photo stays portrait); RGBA,
+    grayscale, palette and CMYK images are converted to RGB.
     """
     if not data:
         raise InvalidRequest("image", "required: encoded PNG, JPEG or WebP bytes")
@@ -90,7 +105,7 @@ def decode_image(data: bytes, lim: GenerationLimits) -> Image.Image:
                 raise InvalidRequest("image", f"{w}x{h} pixels exceeds the model's limit of {lim.max_image_pixels}")
             img.seek(0)
             img.load()
-            rgb = img.convert("RGB")
+            rgb = _upright(img).convert("RGB")
     except InvalidRequest:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
