@@ -48,6 +48,8 @@ MAX_REQUEST_ID_LEN = 128
 _LONGEST_DEADLINE = 1e9
 
 
+_RESIZE_MODES = {"stretch": videogen_pb2.RESIZE_MODE_STRETCH, "crop": videogen_pb2.RESIZE_MODE_CROP}
+
 # The gRPC service whose methods the client's retry policy covers.
 _SERVICE = "videogen.v1.VideoGen"
 _RETRIED_METHODS = ("Generate", "ListModels", "GetModel")  # never Load/UnloadModel (not idempotent)
@@ -383,6 +385,7 @@ def build_generate_request(
     num_frames: int | None, num_inference_steps: int | None, fps: int | None, motion_bucket_id: int | None,
     noise_aug_strength: float | None, min_guidance_scale: float | None, max_guidance_scale: float | None,
     seed: int | None, decode_chunk_size: int | None, frame_encoding: str, jpeg_quality: int | None,
+    resize_mode: str | None = None,
     stream_video: bool, video_fps: int | None, request_id: str | None, priority: int,
     queue_timeout: float | None, max_send_message_length: int,
 ) -> videogen_pb2.GenerateRequest:
@@ -397,6 +400,10 @@ def build_generate_request(
         raise InvalidArgumentError(f"request_id: at most {MAX_REQUEST_ID_LEN} printable ASCII characters")
     request = videogen_pb2.GenerateRequest(model=model, image=image_bytes(image))
     request.output.frame_encoding = frame_encoding_value(frame_encoding)
+    if resize_mode is not None:
+        if resize_mode not in _RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {', '.join(_RESIZE_MODES)}, not {resize_mode!r}")
+        request.resize_mode = _RESIZE_MODES[resize_mode]
     fields: dict[str, Any] = {
         # Optional fields: set only when given, since an unset field means "the model's default".
         "model_version": model_version, "width": width, "height": height, "num_frames": num_frames,

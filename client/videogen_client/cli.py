@@ -147,7 +147,8 @@ def _generate(args: argparse.Namespace) -> int:
             height=args.height, num_frames=args.num_frames, num_inference_steps=args.steps, fps=args.fps,
             motion_bucket_id=args.motion_bucket_id, noise_aug_strength=args.noise_aug_strength,
             min_guidance_scale=args.min_guidance_scale, max_guidance_scale=args.max_guidance_scale,
-            seed=args.seed, decode_chunk_size=args.decode_chunk_size, frame_encoding=frame_encoding,
+            seed=args.seed, decode_chunk_size=args.decode_chunk_size, resize_mode=args.resize_mode,
+            frame_encoding=frame_encoding,
             jpeg_quality=args.jpeg_quality, stream_video=args.out is not None, video_fps=args.video_fps,
             request_id=args.request_id, priority=args.priority, queue_timeout=args.queue_timeout)
         try:
@@ -253,6 +254,9 @@ def _build_parser() -> argparse.ArgumentParser:
     params.add_argument("--min-guidance-scale", type=float, metavar="F", help="guidance at the first frame")
     params.add_argument("--max-guidance-scale", type=float, metavar="F", help="guidance at the last frame")
     params.add_argument("--decode-chunk-size", type=int, metavar="N", help="frames per VAE decode call")
+    params.add_argument("--resize-mode", choices=["stretch", "crop"],
+                        help="fit the image to WxH by resizing it (stretch, the default) or by centre-cropping it to "
+                             "that aspect first (crop: no distortion)")
     output = gen.add_argument_group("output")
     output.add_argument("--frame-encoding", choices=["png", "jpeg", "raw_rgb", "none"],
                         help="how the server sends frames (default: png with --frames-dir, else none); "

@@ -136,6 +136,7 @@ class AsyncVideoGenClient:
         max_guidance_scale: float | None = None,
         seed: int | None = None,
         decode_chunk_size: int | None = None,
+        resize_mode: Literal["stretch", "crop"] | None = None,
         frame_encoding: Literal["png", "jpeg", "raw_rgb", "none"] = "png",
         jpeg_quality: int | None = None,
         stream_video: bool = True,
@@ -186,6 +187,9 @@ class AsyncVideoGenClient:
             seed: the random seed, 0..2**63-1; ``None`` = random (``Accepted.parameters["seed"]``
                 reports the one used).
             decode_chunk_size: frames per VAE decode call; smaller uses less memory.
+            resize_mode: how the image is fitted to width x height: "stretch" (the default, as
+                diffusers' pipeline does: resized whatever its aspect) or "crop" (centre-cropped to
+                the requested aspect first, so a 4:3 photo makes a 16:9 video without squashing).
             frame_encoding: "png", "jpeg", "raw_rgb" (height*width*3 bytes of RGB) or "none"
                 (send no frames, only the video).
             jpeg_quality: 1..100 for "jpeg" frames (default 90).
@@ -216,7 +220,8 @@ class AsyncVideoGenClient:
             num_frames=num_frames, num_inference_steps=num_inference_steps, fps=fps,
             motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
             min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale, seed=seed,
-            decode_chunk_size=decode_chunk_size, frame_encoding=frame_encoding, jpeg_quality=jpeg_quality,
+            decode_chunk_size=decode_chunk_size, resize_mode=resize_mode, frame_encoding=frame_encoding,
+            jpeg_quality=jpeg_quality,
             stream_video=stream_video, video_fps=video_fps, request_id=request_id, priority=priority,
             queue_timeout=queue_timeout, max_send_message_length=self._settings.max_send_message_length)
         return self._stream(request, request_id=request_id, timeout=self._deadline(timeout))
@@ -275,6 +280,7 @@ class AsyncVideoGenClient:
         max_guidance_scale: float | None = None,
         seed: int | None = None,
         decode_chunk_size: int | None = None,
+        resize_mode: Literal["stretch", "crop"] | None = None,
         frame_encoding: Literal["png", "jpeg", "raw_rgb", "none"] = "png",
         jpeg_quality: int | None = None,
         stream_video: bool = True,
@@ -302,7 +308,8 @@ class AsyncVideoGenClient:
             num_frames=num_frames, num_inference_steps=num_inference_steps, fps=fps,
             motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
             min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale, seed=seed,
-            decode_chunk_size=decode_chunk_size, frame_encoding=frame_encoding, jpeg_quality=jpeg_quality,
+            decode_chunk_size=decode_chunk_size, resize_mode=resize_mode, frame_encoding=frame_encoding,
+            jpeg_quality=jpeg_quality,
             stream_video=stream_video, video_fps=video_fps, request_id=request_id, priority=priority,
             queue_timeout=queue_timeout, timeout=timeout)
         async with contextlib.aclosing(events):

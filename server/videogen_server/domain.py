@@ -17,6 +17,13 @@ class FrameEncoding(enum.Enum):
     NONE = "none"
 
 
+class ResizeMode(enum.Enum):
+    """How the conditioning image is fitted to width x height."""
+
+    STRETCH = "stretch"  # resized to width x height whatever its aspect, as diffusers' pipeline does
+    CROP = "crop"  # centre-cropped to width:height first, then resized: no distortion
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationParams:
     """What the caller asked for; `None` means "the model's default"."""
@@ -36,6 +43,7 @@ class GenerationParams:
     jpeg_quality: Optional[int] = None
     stream_video: Optional[bool] = None
     video_fps: Optional[int] = None
+    resize_mode: ResizeMode = ResizeMode.STRETCH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +65,7 @@ class ResolvedParams:
     jpeg_quality: int
     stream_video: bool
     video_fps: int
+    resize_mode: ResizeMode = ResizeMode.STRETCH
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
@@ -67,6 +76,7 @@ class ResolvedParams:
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["frame_encoding"] = self.frame_encoding.value
+        out["resize_mode"] = self.resize_mode.value
         return out
 
 

@@ -411,6 +411,11 @@ def test_ids_and_timeouts_the_client_cannot_send_are_refused_naming_them(client,
             client.list_models(timeout=bad)
     with pytest.raises(ValueError, match="queue_timeout"):
         client.run(SAMPLE, model=MODEL, queue_timeout=float("inf"))
+    with pytest.raises(ValueError, match="resize_mode"):
+        client.run(SAMPLE, model=MODEL, resize_mode="fill")
+    cropped = client.run(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1, resize_mode="crop", width=32,
+                         height=64)
+    assert cropped.accepted.parameters["resize_mode"] == "crop" and len(cropped.frames) == 1
     image = tmp_path / "sample.png"
     image.write_bytes(SAMPLE)
     for flag, value, status in (("--queue-timeout", "inf", 2), ("--request-id", "é", 1)):

@@ -187,6 +187,8 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "request_id": st.just("") | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=128),
     "priority": st.sampled_from([0, 1, 2]),
     "timeout_microseconds": st.sampled_from([0, 60_000_000, 2**64 - 1]),
+    # CROP is valid but can be refused for a size far from the image's aspect (a sliver): WILD draws it
+    "resize_mode": st.sampled_from([0, 1]),
     "output.frame_encoding": st.sampled_from([0, 1, 2, 3, 4]),
     "output.jpeg_quality": st.none() | st.integers(1, 100),
     "output.stream_video": st.none() | st.booleans(),
@@ -222,6 +224,7 @@ WILD: dict[str, st.SearchStrategy[Any]] = {
     | st.sampled_from(["x" * 129, "tab\there", "new\nline", "\x00", "\x7f", "\u2028", "\u200b", "\ud7ff\x85"]),
     "priority": UINT32 | st.sampled_from([3, 2**32 - 1]),
     "timeout_microseconds": UINT64 | st.sampled_from([1, 1000]),
+    "resize_mode": INT32 | st.sampled_from([2, 3, -1]),
     "output.frame_encoding": INT32 | st.sampled_from([5, -1]),
     "output.jpeg_quality": st.none() | INT32 | st.sampled_from([0, 101]),
     "output.stream_video": st.none() | st.booleans(),

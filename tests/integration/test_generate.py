@@ -158,6 +158,33 @@ def test_a_phone_photo_is_used_upright(tiny_server):
     assert not np.array_equal(ours, sideways)
 
 
+def test_resize_mode_crop_fits_the_aspect_without_squashing(tiny_server):
+    """resize_mode CROP centre-crops the image to width:height before the pipeline's resize: the frames of
+    a 4:3 image cropped by the server equal those of the same image cropped by the caller (stretch, the
+    default, resizes whatever the aspect, as diffusers' pipeline does)."""
+    rng = np.random.default_rng(9)
+    ramp = np.linspace(0, 200, 120)[None, :, None] + np.linspace(0, 40, 90)[:, None, None]
+    photo = np.clip(ramp + rng.integers(0, 30, (90, 120, 3)), 0, 255).astype(np.uint8)  # 4:3
+    params = dict(seed=2, num_frames=2, num_inference_steps=2, width=64, height=32)  # 2:1
+    responses = collect(tiny_server.stub(), request(image=_png(photo), resize_mode=pb.RESIZE_MODE_CROP,
+                                                    **params, output=RAW))
+    assert responses[0].accepted.parameters.resize_mode == pb.RESIZE_MODE_CROP
+    cropped = photo[15:75]  # 120x60: the full width, the middle 60 rows
+    expected = raw_frames(collect(tiny_server.stub(), request(image=_png(cropped), **params, output=RAW)))
+    np.testing.assert_array_equal(raw_frames(responses), expected)
+    stretched = collect(tiny_server.stub(), request(image=_png(photo), **params, output=RAW))
+    assert stretched[0].accepted.parameters.resize_mode == pb.RESIZE_MODE_STRETCH
+    assert not np.array_equal(raw_frames(stretched), expected)
+    # a crop that would leave a sliver, and a value the proto does not define, are refused naming the field
+    for bad, reason in ((dict(image=_png(np.zeros((9, 400, 3), np.uint8)), resize_mode=pb.RESIZE_MODE_CROP,
+                              width=32, height=64), "pixels across"),
+                        (dict(resize_mode=7), "unknown value")):
+        with pytest.raises(grpc.RpcError) as err:
+            collect(tiny_server.stub(), request(num_frames=1, num_inference_steps=1, **bad))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("resize_mode:") and reason in err.value.details()
+
+
 def test_long_thin_image_is_served(tiny_server):
     """1 000 000 x 8 pixels is within the pixel limit; diffusers' blur would run a kernel of ~9000 taps over
     all of them (~2e11 multiply-adds, many minutes of a preprocessing thread). The sampled resize serves it."""

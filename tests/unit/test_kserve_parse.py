@@ -6,7 +6,7 @@ import struct
 import pytest
 from inference import grpc_service_pb2 as kpb
 
-from videogen_server.domain import FrameEncoding
+from videogen_server.domain import FrameEncoding, ResizeMode
 from videogen_server.errors import InvalidRequest
 from videogen_server.transport.kserve import parse_infer_request, serialize_bytes
 
@@ -59,12 +59,14 @@ def test_parameters_priority_timeout_and_outputs():
     req.parameters["guidance"].double_param = 2.0
     req.parameters["num_inference_steps"].string_param = "3"
     req.parameters["triton_enable_empty_final_response"].bool_param = True
+    req.parameters["resize_mode"].string_param = "crop"
     req.outputs.add(name="video")
     got = parse(req)
     c, p = got.call, got.call.params
     assert (c.model_version, c.priority, c.timeout_s) == (2, 1, 0.25)
     assert c.priority_falls_back  # Triton's rule: a level outside the model's takes the default
     assert (p.width, p.height, p.num_inference_steps) == (32, 16, 3)
+    assert p.resize_mode is ResizeMode.CROP
     assert (p.min_guidance_scale, p.max_guidance_scale) == (2.0, 2.0)
     assert got.outputs == ("video",) and p.frame_encoding is FrameEncoding.NONE and p.stream_video is True
 
@@ -84,7 +86,8 @@ def setp(key: str, kind: str, value):
     (setp("priority", "int64_param", -1), "priority"),
     (lambda r: r.outputs.add(name="latents"), "outputs"),
     (lambda r: setattr(r, "model_version", "latest"), "model_version"),
-    (lambda r: setattr(r, "model_version", "²"), "model_version"),  # isdigit() alone takes it (was INTERNAL)
+    (lambda r: setattr(r, "model_version", "²"), "model_version"),
+    (setp("resize_mode", "string_param", "fill"), "resize_mode"),  # isdigit() alone takes it (was INTERNAL)
     # the shared-memory extension is not offered: refused, not read from or written to the wrong place
     (lambda r: setattr(r.inputs[0].parameters["shared_memory_region"], "string_param", "in0"), "image"),
     (lambda r: setattr(r.outputs.add(name="frames").parameters["shared_memory_region"], "string_param", "out0"),

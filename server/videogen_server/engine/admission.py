@@ -14,7 +14,7 @@ import warnings
 from PIL import Image, ImageOps
 
 from ..errors import InvalidRequest
-from ..domain import FrameEncoding, GenerationParams, ResolvedParams
+from ..domain import FrameEncoding, GenerationParams, ResizeMode, ResolvedParams
 from .model_config import GenerationDefaults, GenerationLimits
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def resolve_params(p: GenerationParams, d: GenerationDefaults, lim: GenerationLi
         width=width, height=height, num_frames=num_frames, num_inference_steps=steps, fps=fps,
         motion_bucket_id=motion, noise_aug_strength=noise, min_guidance_scale=gmin, max_guidance_scale=gmax,
         seed=seed, decode_chunk_size=chunk, frame_encoding=p.frame_encoding, jpeg_quality=quality,
-        stream_video=stream_video, video_fps=video_fps,
+        stream_video=stream_video, video_fps=video_fps, resize_mode=p.resize_mode,
     )
 
 
@@ -81,6 +81,26 @@ def _upright(img: Image.Image) -> Image.Image:
     except Exception:  # noqa: BLE001 - malformed metadata is not a malformed image
         log.debug("EXIF orientation unreadable; using the pixels as stored", exc_info=True)
         return img
+
+
+def fit_image(image: Image.Image, params: ResolvedParams) -> Image.Image:
+    """The image the backend resizes to width x height: as it is (STRETCH, diffusers' behaviour), or its
+    centred part of the requested aspect (CROP), so a 4:3 photo makes a 16:9 video without squashing."""
+    if params.resize_mode is not ResizeMode.CROP:
+        return image
+    w, h = image.size
+    if w * params.height > h * params.width:  # wider than asked: keep the full height
+        keep = max(1, min(w, round(h * params.width / params.height)))
+        left = (w - keep) // 2
+        box = (left, 0, left + keep, h)
+    else:  # taller (or equal): keep the full width
+        keep = max(1, min(h, round(w * params.height / params.width)))
+        top = (h - keep) // 2
+        box = (0, top, w, top + keep)
+    if keep < MIN_IMAGE_SIDE:
+        raise InvalidRequest("resize_mode", f"cropping the {w}x{h} image to {params.width}:{params.height} leaves "
+                             f"{keep} pixels across; use stretch")
+    return image if box == (0, 0, w, h) else image.crop(box)
 
 
 def decode_image(data: bytes, lim: GenerationLimits) -> Image.Image:

@@ -34,7 +34,7 @@ from ..metrics import InstanceCollector, Metrics, NvmlReader
 from ..domain import (AcceptedEvent, EngineEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams,
                      ProgressEvent, ResolvedParams, SummaryEvent, VideoEvent)
 from . import repository
-from .admission import decode_image, resolve_params
+from .admission import decode_image, fit_image, resolve_params
 from .instance import Instance, WarmupSender
 from .model_config import ModelSettings
 from .request import CLOSED, EngineRequest, RequestPhase, _Failed
@@ -822,7 +822,7 @@ class Engine:
 
 def _decode_and_prepare(data: bytes, limits, params, backend):
     """Admission's CPU work, on the preprocessing threads: decode the image, then the backend's prepare."""
-    image = decode_image(data, limits)
+    image = fit_image(decode_image(data, limits), params)
     return image, backend.prepare(params, image)
 
 

@@ -8,7 +8,7 @@ from videogen.v1 import videogen_pb2 as pb
 from ..engine.model_config import GenerationDefaults, GenerationLimits
 from ..errors import InvalidRequest
 from ..domain import (AcceptedEvent, EngineEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams,
-                     ProgressEvent, ResolvedParams, SummaryEvent, VideoEvent)
+                     ProgressEvent, ResizeMode, ResolvedParams, SummaryEvent, VideoEvent)
 
 #: Largest payload in one streamed message. A default gRPC client accepts 4 MiB; we stay far below.
 MAX_PAYLOAD_BYTES = 1 << 20
@@ -22,6 +22,9 @@ _ENCODINGS = {
 }
 _ENCODING_TO_PB = {FrameEncoding.PNG: pb.FRAME_ENCODING_PNG, FrameEncoding.JPEG: pb.FRAME_ENCODING_JPEG,
                    FrameEncoding.RAW_RGB: pb.FRAME_ENCODING_RAW_RGB, FrameEncoding.NONE: pb.FRAME_ENCODING_NONE}
+_RESIZE_MODES = {pb.RESIZE_MODE_UNSPECIFIED: ResizeMode.STRETCH, pb.RESIZE_MODE_STRETCH: ResizeMode.STRETCH,
+                 pb.RESIZE_MODE_CROP: ResizeMode.CROP}
+_RESIZE_MODE_TO_PB = {ResizeMode.STRETCH: pb.RESIZE_MODE_STRETCH, ResizeMode.CROP: pb.RESIZE_MODE_CROP}
 _STATES = {"UNAVAILABLE": pb.MODEL_STATE_UNAVAILABLE, "LOADING": pb.MODEL_STATE_LOADING,
            "READY": pb.MODEL_STATE_READY, "UNLOADING": pb.MODEL_STATE_UNLOADING, "FAILED": pb.MODEL_STATE_FAILED}
 
@@ -38,6 +41,8 @@ def generate_call(req: pb.GenerateRequest, *, request_id: str, deadline_s: Optio
         raise InvalidRequest("model", "required")
     if req.output.frame_encoding not in _ENCODINGS:
         raise InvalidRequest("output.frame_encoding", f"unknown value {req.output.frame_encoding}")
+    if req.resize_mode not in _RESIZE_MODES:
+        raise InvalidRequest("resize_mode", f"unknown value {req.resize_mode}")
     out = req.output
     params = GenerationParams(
         **{f: _opt(req, f) for f in _OPTIONAL_FIELDS},
@@ -45,6 +50,7 @@ def generate_call(req: pb.GenerateRequest, *, request_id: str, deadline_s: Optio
         jpeg_quality=_opt(out, "jpeg_quality"),
         stream_video=_opt(out, "stream_video"),
         video_fps=_opt(out, "video_fps"),
+        resize_mode=_RESIZE_MODES[req.resize_mode],
     )
     if req.HasField("model_version") and req.model_version < 0:
         raise InvalidRequest("model_version", f"{req.model_version} is negative")
@@ -58,6 +64,7 @@ def generate_call(req: pb.GenerateRequest, *, request_id: str, deadline_s: Optio
 def resolved_to_pb(p: ResolvedParams) -> pb.ResolvedParameters:
     d = p.as_dict()
     d["frame_encoding"] = _ENCODING_TO_PB[p.frame_encoding]
+    d["resize_mode"] = _RESIZE_MODE_TO_PB[p.resize_mode]
     return pb.ResolvedParameters(**d)
 
 

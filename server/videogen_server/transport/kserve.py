@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import logging
 import math
 import struct
@@ -36,8 +37,8 @@ from inference import grpc_service_pb2_grpc as kpb_grpc
 from inference import model_config_pb2 as kmc
 
 from .. import __version__
-from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams, ResolvedParams,
-                      VideoEvent)
+from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams, ResizeMode,
+                      ResolvedParams, VideoEvent)
 from ..errors import InvalidRequest, ModelNotFound, NotReady
 from .servicer import REQUEST_ID_KEY, check_request_id, request_id_of, require_explicit_control
 from .status import abort, to_status
@@ -218,13 +219,18 @@ def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline
         if spec.kind != "bytes" and t.datatype == "BYTES":
             raise InvalidRequest(t.name, f"must be a number tensor ({spec.datatype} {list(spec.shape)}), not BYTES")
 
-    priority, timeout_s = 0, None
+    priority, timeout_s, resize_mode = 0, None, ResizeMode.STRETCH
     for key, p in req.parameters.items():
         value = _param_value(key, p)
         if key == "priority":
             priority = _number("priority", value, "int")
             if priority < 0:
                 raise InvalidRequest("priority", f"{priority} is negative")
+        elif key == "resize_mode":
+            modes = {m.value: m for m in ResizeMode}
+            if value not in modes:
+                raise InvalidRequest("resize_mode", f"{value!r} is not one of {', '.join(modes)}")
+            resize_mode = modes[value]
         elif key == "timeout":
             micros = _number("timeout", value, "int")
             if micros < 0:
@@ -240,7 +246,7 @@ def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline
                 raise InvalidRequest(key, "given both as an input tensor and as a request parameter")
             given[key] = [value]
         else:
-            raise InvalidRequest(key, "unknown request parameter; known: priority, timeout, "
+            raise InvalidRequest(key, "unknown request parameter; known: priority, timeout, resize_mode, "
                                  + ", ".join(_CONDITIONING))
 
     images = given.pop("image", None)
@@ -274,7 +280,7 @@ def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline
     params = GenerationParams(
         **fields,
         frame_encoding=FrameEncoding.RAW_RGB if "frames" in outputs else FrameEncoding.NONE,
-        stream_video="video" in outputs, video_fps=video_fps)
+        stream_video="video" in outputs, video_fps=video_fps, resize_mode=resize_mode)
     call = GenerateCall(model=req.model_name, image=images[0], params=params, model_version=version,
                         request_id=request_id, priority=priority, priority_falls_back=True, timeout_s=timeout_s,
                         deadline_s=deadline_s)
@@ -312,7 +318,9 @@ def parse_version(text: str, field: str = "version") -> Optional[int]:
 
 
 def _set_param(params, key: str, value: Any) -> None:
-    if isinstance(value, bool):
+    if isinstance(value, enum.Enum):
+        params[key].string_param = str(value.value)
+    elif isinstance(value, bool):
         params[key].bool_param = value
     elif isinstance(value, int):
         params[key].int64_param = value
@@ -324,7 +332,7 @@ def _set_param(params, key: str, value: Any) -> None:
 
 _RESOLVED_REPORTED = ("width", "height", "num_frames", "num_inference_steps", "fps", "motion_bucket_id",
                       "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "seed", "decode_chunk_size",
-                      "video_fps")
+                      "video_fps", "resize_mode")
 
 
 def _set_resolved(params, resolved: Optional[ResolvedParams], request_id: str) -> None:
