@@ -5,6 +5,7 @@ import io
 import ipaddress
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -133,8 +134,9 @@ def deadline_seconds(timeout: float | None, name: str = "timeout") -> float | No
     mean no deadline; NaN, zero and negative values are refused (ValueError naming ``name``)."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(f"{name} must be a number of seconds or None, not {type(timeout).__name__}")
+    timeout = float(timeout)  # numpy scalars included
     if math.isnan(timeout) or timeout <= 0:
         raise ValueError(f"{name} must be > 0 seconds (or None for no deadline), not {timeout}")
     return None if timeout > _LONGEST_DEADLINE else float(timeout)
@@ -239,14 +241,6 @@ def _passed_through(target: Target) -> str | None:
     return None
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def several_servers(grpc_target: str) -> bool:
     """Whether a gRPC target names (or may name) several servers: an ``ipv4:``/``ipv6:`` list of
     more than one address, or a ``dns:`` name (whose name may have several addresses)."""
@@ -304,13 +298,13 @@ def connection_settings(target: Target, *, secure: bool, root_certificates: byte
             and "grpc.ssl_target_name_override" not in dict(options or ())):
         # several HOST:PORT resolved to an address list: TLS would check the certificate against an
         # address; check it against the host name the caller gave instead
+        # (an address list's authority is the whole list, which no certificate names)
         hosts = {_host_port(part)[0] for part in _parts(target)}
-        if len(hosts) > 1 and not all(_is_ip(host) for host in hosts):
+        if len(hosts) > 1:
             raise ValueError(f"with TLS, several servers must share one host name, which their certificate "
                              f"names (they have {sorted(hosts)}): use 'dns:///NAME:PORT', or give "
-                             f"options=[('grpc.ssl_target_name_override', NAME)]")
-        if not _is_ip(next(iter(hosts))):
-            merged["grpc.ssl_target_name_override"] = next(iter(hosts))
+                             f"options=[('grpc.ssl_target_name_override', NAME)] with a name the certificates hold")
+        merged["grpc.ssl_target_name_override"] = next(iter(hosts))
     merged.update(options or ())
     max_send = int(merged["grpc.max_send_message_length"])
     # gRPC keeps a call's sent messages for retries only up to this size (default 256 KiB) and
@@ -392,7 +386,7 @@ def build_generate_request(
     """The GenerateRequest for ``generate``'s arguments; optional fields are set only when given."""
     if not model:
         raise ValueError("model is required, e.g. model='svd-xt'")
-    if queue_timeout is not None and not (isinstance(queue_timeout, (int, float)) and 0 < queue_timeout < math.inf):
+    if queue_timeout is not None and not (isinstance(queue_timeout, numbers.Real) and 0 < queue_timeout < math.inf):
         raise ValueError(f"queue_timeout must be a finite number of seconds > 0 (or None for the model's), "
                          f"not {queue_timeout}")
     if request_id and (len(request_id) > MAX_REQUEST_ID_LEN

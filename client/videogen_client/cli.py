@@ -13,8 +13,8 @@ Several ``--target`` s (repeated or comma-separated) spread requests over the se
 the next one unless ``--no-retry``.
 
 Exit status: 0 on success, 1 when the server or a file refused (``error: <CODE>: <details>`` on
-stderr), 2 for bad command-line arguments (values the client refuses before sending included),
-130 when interrupted.
+stderr; an INVALID_ARGUMENT the client finds itself too), 2 for bad command-line arguments (values a
+request cannot hold included), 130 when interrupted.
 """
 from __future__ import annotations
 

@@ -251,13 +251,8 @@ class AsyncVideoGenClient:
                 if wait is None:
                     raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
             except asyncio.CancelledError:
-                # grpc.aio ends a call whose channel close() closed by cancelling its reader; unless this
-                # task itself is being cancelled, that is the call's end, as the sync client reports it
-                task = asyncio.current_task()
-                if not self._closed or (task is not None and getattr(task, "cancelling", lambda: 0)()):
-                    raise
-                raise RequestCancelledError("the client was closed during the call",
-                                            request_id=decoder.request_id or request_id) from None
+                self._closed_under_call(decoder.request_id or request_id)
+                raise
             finally:
                 call.cancel()  # a no-op once the call has ended; stops the server when we stop early
             await asyncio.sleep(wait)
@@ -328,6 +323,9 @@ class AsyncVideoGenClient:
                                                    timeout=self._deadline(timeout))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
+        except asyncio.CancelledError:
+            self._closed_under_call(None)
+            raise
         return [ModelInfo.from_proto(model) for model in response.models]
 
     async def get_model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
@@ -341,7 +339,19 @@ class AsyncVideoGenClient:
                                                  timeout=self._deadline(timeout))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
+        except asyncio.CancelledError:
+            self._closed_under_call(None)
+            raise
         return ModelInfo.from_proto(response)
+
+    def _closed_under_call(self, request_id: str | None) -> None:
+        """In an ``except asyncio.CancelledError``: grpc.aio ends the calls of a channel that ``close()``
+        closed by cancelling them. Unless this task itself is being cancelled, that is the call's end,
+        reported as the sync client does (RequestCancelledError); else the caller re-raises."""
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)  # Python 3.11+; on 3.10 a close() wins the tie
+        if self._closed and not (cancelling is not None and cancelling()):
+            raise RequestCancelledError("the client was closed during the call", request_id=request_id) from None
 
     def _deadline(self, timeout: float | None) -> float | None:
         if self._closed:  # the same error for every call on a closed client, sync or asyncio

@@ -494,3 +494,39 @@ def test_out_of_memory_is_its_own_error_and_models_not_loaded_have_no_defaults(m
             idle = c.get_model("idle")
             assert idle.state == "unavailable" and idle.defaults == {} and idle.limits == {}
             assert c.get_model("m").defaults["num_frames"] > 0
+
+
+def test_async_unary_calls_in_flight_when_the_client_closes(tmp_path):
+    """close() ends the calls in flight with RequestCancelledError, unary ones too (a server that answers
+    ListModels slowly stands in for a busy one): not a CancelledError in a task nobody cancelled."""
+    import threading
+    from concurrent import futures
+
+    from videogen.v1 import videogen_pb2_grpc as pb_grpc
+    from videogen_client import RequestCancelledError
+
+    release = threading.Event()
+
+    class Slow(pb_grpc.VideoGenServicer):
+        def ListModels(self, request, context):
+            release.wait(10)
+            return pb.ListModelsResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_VideoGenServicer_to_server(Slow(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        async def scenario():
+            client = AsyncVideoGenClient(f"127.0.0.1:{port}", timeout=TIMEOUT, retry=False)
+            task = asyncio.create_task(client.list_models())
+            await asyncio.sleep(0.3)
+            await client.close()
+            with pytest.raises(RequestCancelledError):
+                await task
+            assert not task.cancelled()
+
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        server.stop(0)

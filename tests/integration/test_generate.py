@@ -185,13 +185,20 @@ def test_resize_mode_crop_fits_the_aspect_without_squashing(tiny_server):
         assert err.value.details().startswith("resize_mode:") and reason in err.value.details()
 
 
-def test_long_thin_image_is_served(tiny_server):
+def test_long_thin_image_is_served(tiny_server, monkeypatch):
     """1 000 000 x 8 pixels is within the pixel limit; diffusers' blur would run a kernel of ~9000 taps over
-    all of them (~2e11 multiply-adds, many minutes of a preprocessing thread). The sampled resize serves it."""
+    all of them (~2e11 multiply-adds, ~40 s of a preprocessing thread here; tens of minutes at 5 000 000 x 8).
+    The sampled resize serves it in well under a second."""
+    from videogen_server.backends.svd import preprocess
+
+    calls = []
+    real = preprocess.clip_resize
+    monkeypatch.setattr(preprocess, "clip_resize", lambda image, *a: calls.append(image.shape) or real(image, *a))
     pixels = np.tile(np.arange(256, dtype=np.uint8), (8, 1_000_000 // 256 + 1))[:, :1_000_000, None].repeat(3, 2)
     responses = collect(tiny_server.stub(), request(image=_png(pixels), num_frames=2, num_inference_steps=1,
                                                     output=RAW), timeout=60)
     assert raw_frames(responses).shape == (2, 48, 64, 3) and responses[-1].WhichOneof("event") == "summary"
+    assert calls == [(8, 1_000_000, 3)]  # the sampled resize, not diffusers' blur
 
 
 def _frames(server, **params) -> np.ndarray:

@@ -137,13 +137,18 @@ def test_requests_still_running_when_the_drain_ends_are_errors_not_cancellations
     with ServerThread(make_repo({"m": tiny_config("m")})) as server:
         running = Stream(server.stub(), request(model="m", num_inference_steps=100, num_frames=16))
         running.progressed.wait(10)
+        queued = Stream(server.stub(), request(model="m", num_inference_steps=1, num_frames=1))
+        queued.accepted.wait(10)
         asyncio.run_coroutine_threadsafe(server.server.stop(0.3), server.loop).result(60)
-        assert running.join().code() == grpc.StatusCode.UNAVAILABLE
-        assert "drain grace" in running.error.details()
+        for stream in (running, queued):  # admitted, then dropped: errors (rejected is for admission refusals)
+            assert stream.join().code() == grpc.StatusCode.UNAVAILABLE
+            assert "drain grace" in stream.error.details()
         registry = server.server.metrics.registry
         labels = {"model": "m", "version": "1"}
         assert registry.get_sample_value("videogen_requests_total",
-                                         {**labels, "outcome": "error", "code": "UNAVAILABLE"}) == 1
+                                         {**labels, "outcome": "error", "code": "UNAVAILABLE"}) == 2
+        assert not registry.get_sample_value("videogen_requests_total",
+                                             {**labels, "outcome": "rejected", "code": "UNAVAILABLE"})
         assert registry.get_sample_value("videogen_requests_total",
                                          {**labels, "outcome": "cancelled", "code": "CANCELLED"}) is None
 

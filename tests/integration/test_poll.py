@@ -82,6 +82,19 @@ def test_model_ready_follows_rollouts_failures_and_unloads(make_repo):
         for gauge in ("videogen_queue_depth", "videogen_inflight_requests", "videogen_request_peak_memory_bytes"):
             assert not _series(server, gauge, model="a", version="1"), gauge
         assert _series(server, "videogen_requests_total", model="a", version="1")  # what it did stays counted
+        # a failed rollout (a broken version 3 under `latest: 1`): version 2 keeps serving, 3 shows 0;
+        # rolled back (3 removed), 3's series goes
+        shutil.copytree(repo / "a" / "2", repo / "a" / ".v3")
+        for weights in (repo / "a" / ".v3").rglob("*.safetensors"):
+            weights.write_bytes(b"not safetensors")
+        (repo / "a" / ".v3").rename(repo / "a" / "3")
+        wait_for(lambda: _series(server, "videogen_model_ready", model="a", version="3"))
+        assert server.metric("videogen_model_ready", model="a", version="3") == 0
+        assert server.metric("videogen_model_ready", model="a", version="2") == 1
+        assert collect(stub, request(model="a", num_frames=1, num_inference_steps=1))[0].accepted.model_version == 2
+        shutil.rmtree(repo / "a" / "3")
+        wait_for(lambda: not _series(server, "videogen_model_ready", model="a", version="3"))
+        assert server.metric("videogen_model_ready", model="a", version="2") == 1
         # a model whose weights are broken: version 1 shows 0
         shutil.copytree(repo / "a" / "1", repo / "broken" / "1")
         for weights in (repo / "broken" / "1").rglob("*.safetensors"):

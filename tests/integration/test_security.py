@@ -95,8 +95,9 @@ def test_tls_to_a_list_of_host_names(repo, pki):
             with VideoGenClient(target, secure=True, root_certificates=ca) as client:
                 assert client.target.startswith(("ipv4:", "ipv6:"))
                 assert _run(client).summary.num_frames == 1
-        with pytest.raises(ValueError, match="one host name"):
-            VideoGenClient([f"localhost:{port}", f"127.0.0.1:{port}"], secure=True, root_certificates=ca)
+        for mixed in ([f"localhost:{port}", f"127.0.0.1:{port}"], [f"127.0.0.1:{port}", f"127.0.0.2:{port}"]):
+            with pytest.raises(ValueError, match="one host name"):  # no certificate names an address list
+                VideoGenClient(mixed, secure=True, root_certificates=ca)
 
 
 def test_mutual_tls(repo, pki):

@@ -365,9 +365,9 @@ class Engine:
             now[""] = 0
         for version in entry.published - now.keys():
             for gauge in self._VERSION_GAUGES:
-                getattr(m, gauge).remove(entry.name, version)
+                _remove_series(getattr(m, gauge), entry.name, version)
             for peak in [p for p in entry.peaks if p[0] == version]:
-                m.last_peak.remove(entry.name, *peak)
+                _remove_series(m.last_peak, entry.name, *peak)
                 entry.peaks.discard(peak)
         for version, ready in now.items():
             m.model_ready.labels(entry.name, version).set(ready)
@@ -459,6 +459,9 @@ class Engine:
                 self._notify()
                 raise
             entry.error = ""
+            # a version that failed before and is no longer wanted (gone from disk, or past the policy) is
+            # forgotten: its ready 0 would page for good
+            entry.failed = {v: r for v, r in entry.failed.items() if v in wanted}
             old = dict(entry.loaded)
             new: dict[int, ModelRuntime] = {}
             for version in wanted:
@@ -479,6 +482,10 @@ class Engine:
                         new[version] = old[version]
                     elif entry.loaded.get(version) is rt:
                         del entry.loaded[version]
+            if old and all(v in entry.failed for v in wanted):
+                # nothing the policy wants loaded (a failed rollout, e.g. `latest: 1` and a broken new
+                # version): keep serving what was there, as Triton does
+                new = {**old, **new}
             if not new and entry.failed:
                 entry.error = "; ".join(f"version {v}: {r}" for v, r in entry.failed.items())
             if any(new.get(v) is not old.get(v) for v in new):  # a failed reload keeps the old settings
@@ -666,7 +673,7 @@ class Engine:
             seconds = time.monotonic() - t_start
             if rt is not None:
                 rt.stats.finished(ok=outcome is None, seconds=seconds, phases=phases)
-            self._account(labels, outcome, record, seconds)
+            self._account(labels, outcome, record, seconds, admitted=admitted)
 
     def _release_slot_after(self, rt: "ModelRuntime", job: Optional[concurrent.futures.Future]) -> None:
         """Gives a request's preprocessing slot back once its job has ended. A caller that went away
@@ -686,15 +693,17 @@ class Engine:
         job.add_done_callback(ended)
 
     def _account(self, labels: tuple[str, str], outcome: Optional[BaseException], record: dict[str, object],
-                 seconds: float) -> None:
+                 seconds: float, *, admitted: bool) -> None:
         if outcome is None:
             code, name = "OK", "success"
         elif isinstance(outcome, (GeneratorExit, asyncio.CancelledError, RequestCancelled)):
             code, name = "CANCELLED", "cancelled"
         else:
             code = status_name(outcome)
+            # rejected: refused at admission, before the caller was told it was accepted (it may go elsewhere);
+            # once admitted, a request that does not finish is an error (one dropped from the queue included)
             name = "rejected" if code in ("INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE") \
-                and "queue_s" not in record else "error"
+                and not admitted else "error"
         self.metrics.requests.labels(*labels, name, code).inc()
         record.update(outcome=name, code=code, seconds=round(seconds, 4))
         if outcome is not None and code not in ("OK", "CANCELLED"):
@@ -818,6 +827,14 @@ class Engine:
                     self._media.submit(encoder.close)
                 except RuntimeError:  # the pool is shut down: nothing runs on it any more
                     encoder.close()
+
+
+def _remove_series(metric, *labels: str) -> None:
+    """Removes one labelled series; one never created is fine (prometheus-client < 0.22 raises KeyError)."""
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass
 
 
 def _decode_and_prepare(data: bytes, limits, params, backend):
