@@ -196,11 +196,18 @@ class ModelRuntime:
 
     async def stop(self) -> None:
         self._close_queue(lambda: NotReady(f"model {self.name!r} was unloaded"))
-        for req in list(self.active):
-            req.error(NotReady(f"model {self.name!r} was unloaded"))  # retryable elsewhere, unlike CANCELLED
-            req.cancel()
+        self.end_active(lambda: NotReady(f"model {self.name!r} was unloaded"))  # retryable elsewhere, unlike CANCELLED
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, inst.join) for inst in self.instances))
+
+    def end_active(self, error: Callable[[], Exception]) -> int:
+        """Ends every request admitted and not finished, queued or running, with its own `error()`
+        (running ones stop at their next step or chunk). Returns how many."""
+        requests = list(self.active)
+        for req in requests:
+            req.error(error())
+            req.cancel()
+        return len(requests)
 
     def _close_queue(self, error: Callable[[], Exception]) -> None:
         """Stops the scheduler handing out work; each request still queued ends with its own `error()`."""
@@ -379,14 +386,7 @@ class Engine:
     def end_requests(self, error: Callable[[], Exception]) -> int:
         """Ends every request still queued or running with its own `error()` (the drain's end: the
         caller hears why, and metrics count an error, not a caller's cancellation). Returns how many."""
-        ended = 0
-        for entry in self.models.values():
-            for rt in entry.loaded.values():
-                for req in list(rt.active):
-                    req.error(error())
-                    req.cancel()
-                    ended += 1
-        return ended
+        return sum(rt.end_active(error) for entry in self.models.values() for rt in entry.loaded.values())
 
     async def shutdown(self, grace: float = 0.0) -> None:
         self.begin_drain()
