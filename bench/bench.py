@@ -55,6 +55,7 @@ import traceback
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -560,7 +561,10 @@ def profile_steps(client, ctx: Ctx, model: str, chunk: int, steps: int = 4) -> d
             "top_kernels_whole_request": [{"name": n, "count": c, "s": round(t, 4)} for n, (c, t) in top]}
 
 
-def run_server(ctx: Ctx, name: str, model_dir: Path) -> dict:
+def run_server(ctx: Ctx, name: str, model_dir: Path, checkpoint: Callable[[dict], None] = lambda res: None) -> dict:
+    """One server variant. `checkpoint(res)` is called with the figures so far (marked incomplete) after
+    start-up and after the timed requests: on the device a call killed at its time limit, or a late
+    failure, keeps what was measured."""
     from videogen_client import VideoGenClient
 
     a = ctx.a
@@ -583,6 +587,7 @@ def run_server(ctx: Ctx, name: str, model_dir: Path) -> dict:
     alloc_before = allocated_gib()
     srv = ServerThread(model_dir.parent, ctx.cpu_threads)
     t0 = time.perf_counter()
+    res: dict = {}
     try:
         srv.start()
         ready_s = time.perf_counter() - t0
@@ -597,10 +602,14 @@ def run_server(ctx: Ctx, name: str, model_dir: Path) -> dict:
         except Exception:  # noqa: BLE001
             pass
         log(f"{name}: ready in {ready_s:.1f}s on port {srv.server.port}")
+        checkpoint({**res, "incomplete": "after start-up"})
         with VideoGenClient(f"127.0.0.1:{srv.server.port}") as client:
             one_request(client, ctx, model_dir.name, 2, chunk)  # client-side warm-up
-            runs = [one_request(client, ctx, model_dir.name, a.steps, chunk, keep_frames=(i == 0))
-                    for i in range(a.server_repeats)]
+            runs = []
+            for i in range(a.server_repeats):
+                runs.append(one_request(client, ctx, model_dir.name, a.steps, chunk, keep_frames=(i == 0)))
+                log(f"{name}: request {i + 1}: " + ", ".join(f"{k} {runs[-1].get(k)}" for k in (
+                    "e2e_s", "first_frame_s", "step_s", "decode_s", "peak_mem_gib") if k in runs[-1]))
             # frames match plain's only with the same decode chunking (the decoder is temporal)
             same_chunks = chunk == a.decode_chunk
             res["max_abs_diff_vs_plain"] = max_diff(ctx.reference_frames, runs[0]["_frames"]) if same_chunks else None
@@ -610,14 +619,18 @@ def run_server(ctx: Ctx, name: str, model_dir: Path) -> dict:
                     del r[k]
             res["runs"] = runs
             res.update({k: median(r[k] for r in runs) for k in runs[0]})
+            checkpoint({**res, "incomplete": "after the timed requests"})
             if "compile" in extra:  # other seeds, conditioning and decode chunking must not recompile
-                before = dict(inst.backend.compile_stats())
-                others = sorted({max(1, chunk // 2), min(3, chunk), min(5, chunk), chunk})
-                for other in others:
-                    one_request(client, ctx, model_dir.name, 3, other, seed=7, fps=12, motion_bucket_id=60)
-                res["compile_stats_after_timed_runs"] = before
-                res["compile_stats_after_other_params"] = dict(inst.backend.compile_stats())
-                res["other_decode_chunk_sizes"] = others
+                try:  # like the profile below: a failure here must not lose the timings
+                    before = dict(inst.backend.compile_stats())
+                    others = sorted({max(1, chunk // 2), min(3, chunk), min(5, chunk), chunk})
+                    for other in others:
+                        one_request(client, ctx, model_dir.name, 3, other, seed=7, fps=12, motion_bucket_id=60)
+                    res["compile_stats_after_timed_runs"] = before
+                    res["compile_stats_after_other_params"] = dict(inst.backend.compile_stats())
+                    res["other_decode_chunk_sizes"] = others
+                except Exception as err:  # noqa: BLE001
+                    res["compile_stats_error"] = f"{type(err).__name__}: {err}"[:300]
             if a.profile and ctx.cuda:
                 try:
                     res["profile"] = profile_steps(client, ctx, model_dir.name, chunk)
@@ -629,7 +642,11 @@ def run_server(ctx: Ctx, name: str, model_dir: Path) -> dict:
                 res["saturation"] = saturate(client, ctx, model_dir.name, chunk, a.load)
         return res
     finally:
-        srv.stop()
+        try:
+            srv.stop()
+        except Exception as err:  # noqa: BLE001 - a slow or failing stop must not discard the figures
+            res["stop_error"] = f"{type(err).__name__}: {err}"[:300]
+            log(f"{name}: stopping the server failed: {res['stop_error']}")
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -730,8 +747,10 @@ def main() -> None:
         "variants": {}, "derived": {}}
     path = out / "bench_results.json"
 
-    def save():
-        path.write_text(json.dumps(results, indent=1))
+    def save():  # atomic: a call killed mid-write keeps the previous complete file
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, path)
 
     log(f"{results['meta']['device']}: {a.width}x{a.height}, {a.frames} frames, {a.steps} steps, "
         f"decode_chunk_size {a.decode_chunk}, {dtype}; variants {variants}")
@@ -754,15 +773,23 @@ def main() -> None:
             elif v.startswith("plain"):
                 r = run_plain(ctx, compiled=v == "plain_compile", lowmem=v == "plain_lowmem")
             else:
-                r = run_server(ctx, v, workdir / "repo" / name)
+                def checkpoint(partial: dict, v: str = v) -> None:
+                    results["variants"][v] = partial
+                    save()
+
+                r = run_server(ctx, v, workdir / "repo" / name, checkpoint)
         except Exception as err:  # noqa: BLE001 - record and go on with the next variant
             traceback.print_exc()
-            r = {"error": f"{type(err).__name__}: {err}"}
-        free_memory(reset_dynamo="compile" in v)  # the variant's models are unreferenced by now
-        results["variants"][v] = r
+            partial = results["variants"].get(v, {})
+            r = {**partial, "error": f"{type(err).__name__}: {err}"}
+        results["variants"][v] = r  # recorded before freeing: a sticky device error there must not lose it
         log(f"{v}: " + ", ".join(f"{k} {r.get(k)}" for k in ("ready_s", "e2e_s", "step_s", "peak_mem_gib", "error")
                                  if k in r))
         save()
+        try:
+            free_memory(reset_dynamo="compile" in v)  # the variant's models are unreferenced by now
+        except Exception as err:  # noqa: BLE001 - a device left broken: later variants will say so
+            log(f"{v}: freeing memory failed: {type(err).__name__}: {err}")
 
     vs, der = results["variants"], results["derived"]
     plain, server = vs.get("plain", {}), vs.get("server", {})

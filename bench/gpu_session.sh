@@ -5,7 +5,8 @@
 # this repository's own wheel (stubs are generated at build time), as /work/.library/device/README.md says:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl diffusers==0.42.1 av==18.1.0 \
 #       grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 importlib_metadata
-#   pip wheel --no-deps --no-build-isolation . -w .whl
+#   rm -rf build .whl/videogen-*; pip wheel --no-deps --no-build-isolation . -w .whl   (right before the call:
+#   the machine runs the wheel, not the tree; gpu-PART.txt says whether they match)
 #
 # part1: the plain pipeline and the compiled server from a cold cache, then (a new process, as a restart
 #        would be) the compiled server from the warm cache. tricks: one eager UNet forward per option.
@@ -26,11 +27,12 @@
 #        with the fourth session's options, and the fifth's for the VAE decoder: its temporal convolutions as
 #        2-d and Inductor's layout optimisation forced through compile_vae_options) end to end and first
 #        frame, profiled, so each option still shows in its bucket against run 4's profile (cross-attention
-#        flash calls gone, layout transposes down) and the decode beside run 3's 1.09 s. Falls back to the
-#        same without the forced VAE layout if that server fails. ~7 min. Run this first when a session can
-#        afford one call; part6 splits the options apart.
+#        flash calls gone, layout transposes down) and the decode beside run 3's 1.09 s (~6.5-8 min). If that
+#        server failed or left no figures and the call has >= ~4 min left (SECONDS < 330), the same without
+#        the forced VAE layout. Run this first when a session can afford one call (name kind nvidia-h200:
+#        the earlier runs compared against are H200 ones); part6 splits the options apart.
 # part9: GEMM autotuning for the compiled UNet (Inductor's max_autotune_gemm: Triton GEMM templates against
-#        cuBLAS per shape, with epilogue fusion benchmarked, e.g. GEGLU into its GEMM), UNet only, profiled,
+#        cuBLAS per shape, with epilogue fusion benchmarked where a pointwise op follows a GEMM), UNet only, profiled,
 #        its own cache (a long cold compile, ~6-8 min; a one-off with compile_cache_dir). Compare its step with
 #        part6's baseline (p9) or run 3's 0.456 s.
 # part8: the low-memory mode with the UNet compiled (compile=default, allowed with cpu_offload since the
@@ -50,16 +52,35 @@ OUT=${OUT:-/tmp/vg-out}
 W=/tmp/vg-bench
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$OUT/gpu-$part.txt" 2>&1
-bench() { python3 bench/bench.py --workdir "$W" --repeats 1 "$@"; }
+# every run ends before the call's limit (590 s): killed at the limit, a run keeps what it checkpointed
+bench() {
+    local left=$((580 - SECONDS))
+    [ "$left" -gt 10 ] || { echo "no time left for bench $*"; return 1; }
+    timeout -s INT -k 10 "$left" python3 bench/bench.py --workdir "$W" --repeats 1 "$@"
+}
+# the code that runs is the wheel's: say so when it is not the working tree's (rebuild it before the call)
+python3 - >>"$OUT/gpu-$part.txt" 2>&1 <<'PY'
+import filecmp, pathlib, videogen_server
+site, tree = pathlib.Path(videogen_server.__file__).parent, pathlib.Path("server/videogen_server")
+stale = [str(p.relative_to(tree)) for p in tree.rglob("*.py")
+         if not (site / p.relative_to(tree)).exists() or not filecmp.cmp(p, site / p.relative_to(tree), shallow=False)]
+print("WARNING: the wheel differs from the working tree in", stale) if stale else print("wheel = working tree")
+PY
 for f in .cc/*.tar.xz; do
     [ -e "$f" ] && tar -C /tmp -xJf "$f" && echo "unpacked compile cache $f" | tee -a "$OUT/gpu-$part.txt"
 done
 keep_cache() {  # DIR NAME: its size by part to $OUT/cache-NAME.txt; DIR as $OUT/NAME.tar.xz if that fits
     [ -d "$1" ] || return 0
-    du -sh "$1"/* "$1" >"$OUT/cache-$2.txt" 2>&1
-    tar -C "$(dirname "$1")" -cf - "$(basename "$1")" | xz -T0 -6 >"/tmp/$2.tar.xz"
-    ls -l "/tmp/$2.tar.xz" >>"$OUT/cache-$2.txt"
-    if [ "$(stat -c %s "/tmp/$2.tar.xz")" -le $((15 * 1024 * 1024)) ]; then cp "/tmp/$2.tar.xz" "$OUT/"; fi
+    { du -sh "$1"/*; du -sh "$1"; } >"$OUT/cache-$2.txt" 2>&1  # two calls: du counts a file once per call
+    command -v xz >/dev/null || { echo "no xz: cache not packed" >>"$OUT/cache-$2.txt"; return 0; }
+    # whole, else without triton/ (Inductor's FX graph entries bundle their Triton kernels: maybe enough)
+    for exclude in "" "--exclude=$(basename "$1")/triton"; do
+        (set -o pipefail; tar -C "$(dirname "$1")" $exclude -cf - "$(basename "$1")" | xz -T0 -6 >"/tmp/$2.tar.xz") \
+            || { echo "packing failed ($exclude)" >>"$OUT/cache-$2.txt"; return 0; }
+        size=$(stat -c %s "/tmp/$2.tar.xz")
+        echo "packed ${exclude:-whole}: $size bytes" >>"$OUT/cache-$2.txt"
+        if [ "$size" -gt 0 ] && [ "$size" -le $((14 * 1024 * 1024)) ]; then cp "/tmp/$2.tar.xz" "$OUT/"; return 0; fi
+    done
 }
 case $part in
 part1)
@@ -117,14 +138,20 @@ part7)
     opts="fold_cross_attention=true,temporal_convs_2d=true,cudnn_benchmark=true,compile_cache_dir=/tmp/vg-cc-full"
     bench --out "$OUT/p12" --variants plain,server_compile --profile --time-budget 120 --server-params \
         "$opts,compile_vae_options=force_layout_optimization=true" 2>&1 | tee "$OUT/p12.log"
-    # if that server failed (the forced VAE layout is the new risk), the same without it: the UNet's options
-    # are the same, so its graphs come from the cache and only the VAE compiles (~3 min)
-    if python3 -c 'import json, sys; sys.exit("error" not in json.load(open(sys.argv[1]))["variants"].get("server_compile", {}))' \
-        "$OUT/p12/bench_results.json" 2>/dev/null && [ "$SECONDS" -lt 380 ]; then
+    # if that server failed or left no figures (the forced VAE layout is the new risk), the same without it:
+    # the UNet's options are the same, so its graphs come from the cache and only the VAE compiles
+    # (~4 min with start-up and requests: only when that fits)
+    if python3 -c 'import json, sys
+try:
+    r = json.load(open(sys.argv[1]))["variants"].get("server_compile")
+except Exception:  # no results at all: the process died
+    r = None
+sys.exit(0 if r is None or "error" in r or "incomplete" in r else 1)' "$OUT/p12/bench_results.json" \
+        && [ "$SECONDS" -lt 330 ]; then
         bench --out "$OUT/p12b" --variants server_compile --profile --time-budget 60 --server-params "$opts" \
             2>&1 | tee "$OUT/p12b.log"
     fi
-    [ "$SECONDS" -lt 540 ] && keep_cache /tmp/vg-cc-full cc-full
+    if [ "$SECONDS" -lt 540 ]; then keep_cache /tmp/vg-cc-full cc-full; fi
     ;;
 part9)
     bench --out "$OUT/p14" --variants server_compile --profile --time-budget 60 --server-params \
