@@ -139,7 +139,7 @@ def deadline_seconds(timeout: float | None, name: str = "timeout") -> float | No
     timeout = float(timeout)  # numpy scalars included
     if math.isnan(timeout) or timeout <= 0:
         raise ValueError(f"{name} must be > 0 seconds (or None for no deadline), not {timeout}")
-    return None if timeout > _LONGEST_DEADLINE else float(timeout)
+    return None if timeout > _LONGEST_DEADLINE else timeout
 
 
 def _duration(seconds: float) -> str:
@@ -200,12 +200,12 @@ def channel_target(target: Target) -> str:
     one.
     """
     if isinstance(target, str):
-        text = target.strip()
-        if "," not in text or text.lower().startswith(_SCHEMES):
+        text = _passed_through(target)
+        if text is not None:
             if not text:
                 raise ValueError("target must be HOST:PORT (or any gRPC target string)")
             return text
-        parts = text.split(",")
+        parts = target.strip().split(",")
     else:
         parts = list(target)
         if not all(isinstance(part, str) for part in parts):
