@@ -96,9 +96,19 @@ _STATUS_NAMES: list[tuple[type[VideoGenError], str]] = [
 ]
 
 
-def status_name(exc: BaseException) -> str:
-    """The gRPC status code name for an error; INTERNAL for anything unexpected."""
-    for cls, name in _STATUS_NAMES:
+# Where Triton answers the same condition with another code, its protocol (KServe v2 / Triton gRPC) gets
+# Triton's: a full queue is UNAVAILABLE ("Exceeds maximum queue size"), which Triton clients retry, and so
+# is repository control outside explicit mode. Metrics and request logs keep VideoGen's names.
+_TRITON_STATUS_NAMES: list[tuple[type[VideoGenError], str]] = [
+    (QueueFull, "UNAVAILABLE"),
+    (PermissionDenied, "UNAVAILABLE"),
+]
+
+
+def status_name(exc: BaseException, *, triton: bool = False) -> str:
+    """The gRPC status code name for an error (Triton's where it differs, with `triton`); INTERNAL for
+    anything unexpected."""
+    for cls, name in (_TRITON_STATUS_NAMES + _STATUS_NAMES if triton else _STATUS_NAMES):
         if isinstance(exc, cls):
             return name
     return "INTERNAL"

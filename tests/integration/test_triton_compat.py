@@ -334,7 +334,7 @@ def test_model_control_needs_explicit_mode_health_and_reflection(tiny_server):
     stub = kpb_grpc.GRPCInferenceServiceStub(tiny_server.channel())
     with pytest.raises(grpc.RpcError) as err:
         stub.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name=MODEL))
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # Triton's code; VideoGen's LoadModel: PERMISSION_DENIED
     # a failed request on a stream: its one response is final and names the request, as Triton's
     responses = list(stub.ModelStreamInfer(iter([kpb.ModelInferRequest(model_name=MODEL, id="q")]), timeout=30))
     assert len(responses) == 1 and responses[0].error_message.startswith("image: required")
@@ -351,3 +351,33 @@ def test_model_control_needs_explicit_mode_health_and_reflection(tiny_server):
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     services = set(ProtoReflectionDescriptorDatabase(tiny_server.channel()).get_services())
     assert "inference.GRPCInferenceService" in services
+
+
+def test_a_full_queue_is_unavailable_over_the_triton_protocol(make_repo):
+    """Triton answers a full queue with UNAVAILABLE ("Exceeds maximum queue size"), which Triton clients
+    retry; VideoGen's own API keeps RESOURCE_EXHAUSTED, and metrics record VideoGen's code for both."""
+    from inference import grpc_service_pb2 as kpb
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+    from videogen_server.transport.kserve import serialize_bytes
+
+    from ..helpers import Stream, tiny_config
+
+    cfg = tiny_config("m", "dynamic_batching { default_queue_policy { max_queue_size: 1 } }")
+    with ServerThread(make_repo({"m": cfg})) as server:
+        stub = server.stub()
+        running = Stream(stub, request(model="m", num_inference_steps=60, num_frames=4))
+        running.progressed.wait(10)
+        queued = Stream(stub, request(model="m", num_inference_steps=1, num_frames=1))
+        queued.accepted.wait(10)
+        infer = kpb.ModelInferRequest(model_name="m")
+        infer.inputs.add(name="image", datatype="BYTES", shape=[1])
+        infer.raw_input_contents.append(serialize_bytes([sample_png()]))
+        with pytest.raises(grpc.RpcError) as err:
+            kpb_grpc.GRPCInferenceServiceStub(server.channel()).ModelInfer(infer, timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "queue is full" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, request(model="m", num_inference_steps=1, num_frames=1))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert server.metric("videogen_requests_total", model="m", outcome="rejected", code="RESOURCE_EXHAUSTED") == 2
+        running.call.cancel()
+        running.join(), queued.join()

@@ -439,7 +439,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 v.version == version and v.state == "READY" for v in status.versions)
             return kpb.ModelReadyResponse(ready=ready)
         except Exception as exc:
-            await abort(context, exc)
+            await abort(context, exc, triton=True)
 
     async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
@@ -468,7 +468,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 name=status.name, versions=[str(v) for v in ready], platform=status.backend,
                 inputs=tensor_metadata(INPUTS), outputs=tensor_metadata(OUTPUTS))
         except Exception as exc:
-            await abort(context, exc)
+            await abort(context, exc, triton=True)
 
     async def ModelConfig(self, request: kpb.ModelConfigRequest,
                           context: grpc.aio.ServicerContext) -> kpb.ModelConfigResponse:
@@ -476,7 +476,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             status, _ = self._loaded(request.name, request.version)
             return kpb.ModelConfigResponse(config=model_config_to_pb(status.settings))
         except Exception as exc:
-            await abort(context, exc)
+            await abort(context, exc, triton=True)
 
     async def ModelStatistics(self, request: kpb.ModelStatisticsRequest,
                               context: grpc.aio.ServicerContext) -> kpb.ModelStatisticsResponse:
@@ -484,7 +484,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             rows = self._engine.statistics(request.name, parse_version(request.version))
             return kpb.ModelStatisticsResponse(model_stats=[statistics_to_pb(n, v, s) for n, v, s in rows])
         except Exception as exc:
-            await abort(context, exc)
+            await abort(context, exc, triton=True)
 
     # -- repository --
 
@@ -515,7 +515,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             await self._engine.load_model(request.model_name)
             return kpb.RepositoryModelLoadResponse()
         except Exception as exc:
-            await abort(context, exc)
+            await abort(context, exc, triton=True)
 
     async def RepositoryModelUnload(self, request: kpb.RepositoryModelUnloadRequest,
                                     context: grpc.aio.ServicerContext) -> kpb.RepositoryModelUnloadResponse:
@@ -524,7 +524,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             await self._engine.unload_model(request.model_name)
             return kpb.RepositoryModelUnloadResponse()
         except Exception as exc:
-            await abort(context, exc)
+            await abort(context, exc, triton=True)
 
     # -- inference --
 
@@ -562,7 +562,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
             return response
         except Exception as exc:  # CancelledError is not an Exception: a gone caller is not answered
-            await abort(context, exc, request_id=request_id,
+            await abort(context, exc, request_id=request_id, triton=True,
                         trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[kpb.ModelInferRequest],
@@ -647,7 +647,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 final.raw_output_contents.append(serialize_bytes([b"".join(video)]))
             yield kpb.ModelStreamInferResponse(infer_response=final)
         except Exception as exc:
-            _, message = to_status(exc, request_id=request_id)
+            _, message = to_status(exc, request_id=request_id, triton=True)
             failed = kpb.ModelInferResponse(model_name=req.model_name, model_version=model_version, id=req.id)
             failed.parameters[FINAL_RESPONSE].bool_param = True  # Triton sends a failed request's response final
             failed.parameters["request_id"].string_param = request_id

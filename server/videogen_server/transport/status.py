@@ -12,9 +12,10 @@ log = logging.getLogger(__name__)
 GENERIC_INTERNAL = "internal error; the server log has the details"
 
 
-def to_status(exc: BaseException, *, request_id: str = "") -> tuple[grpc.StatusCode, str]:
-    """(code, caller-safe message). Unexpected errors are logged with their traceback, never sent."""
-    code = grpc.StatusCode[status_name(exc)]
+def to_status(exc: BaseException, *, request_id: str = "", triton: bool = False) -> tuple[grpc.StatusCode, str]:
+    """(code, caller-safe message); `triton`: the code Triton gives where it differs (errors.py).
+    Unexpected errors are logged with their traceback, never sent."""
+    code = grpc.StatusCode[status_name(exc, triton=triton)]
     if isinstance(exc, VideoGenError):
         return code, exc.message
     log.error("request %s failed unexpectedly", request_id or "-", exc_info=exc)
@@ -22,6 +23,6 @@ def to_status(exc: BaseException, *, request_id: str = "") -> tuple[grpc.StatusC
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, *, request_id: str = "",
-                trailing_metadata: tuple[tuple[str, str], ...] = ()) -> None:
-    code, message = to_status(exc, request_id=request_id)
+                trailing_metadata: tuple[tuple[str, str], ...] = (), triton: bool = False) -> None:
+    code, message = to_status(exc, request_id=request_id, triton=triton)
     await context.abort(code, message, trailing_metadata=trailing_metadata)
