@@ -112,12 +112,15 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_large_photo_matches_the_pipeline(tiny_server, reference_pipeline):
+def test_large_photo_matches_the_pipeline(tiny_server, reference_pipeline, monkeypatch):
     """A 2400x1600 image takes the sampled CLIP resize (preprocess.clip_resize, not diffusers' full blur):
     the frames are diffusers' within one 8-bit level (its CLIP input is within ~1e-6 of the pipeline's)."""
     from videogen_server.backends.svd import backend, preprocess
 
     assert preprocess.blur_cost(1600, 2400) > backend.EXACT_CLIP_RESIZE_MAX_COST  # this test's premise
+    calls = []
+    real = preprocess.clip_resize
+    monkeypatch.setattr(preprocess, "clip_resize", lambda image, *a: calls.append(image.shape) or real(image, *a))
     rng = np.random.default_rng(3)
     ramp = np.linspace(0, 200, 2400)[None, :, None] + np.linspace(0, 50, 1600)[:, None, None]
     pixels = np.clip(ramp + rng.integers(0, 40, (1600, 2400, 3)), 0, 255).astype(np.uint8)
@@ -129,6 +132,7 @@ def test_large_photo_matches_the_pipeline(tiny_server, reference_pipeline):
                              generator=torch.Generator().manual_seed(8), num_frames=3, num_inference_steps=3,
                              decode_chunk_size=2).frames[0]
     expected = (out * 255).round().astype(np.uint8)
+    assert calls == [(1600, 2400, 3)]  # the server's preprocessing took the sampled resize
     assert ours.shape == expected.shape
     assert np.abs(ours.astype(int) - expected).max() <= 1
 
