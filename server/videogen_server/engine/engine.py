@@ -195,8 +195,9 @@ class ModelRuntime:
         self.state = "UNAVAILABLE"
 
     async def stop(self) -> None:
-        self._close_queue(lambda: NotReady(f"model {self.name!r} was unloaded"))
-        self.end_active(lambda: NotReady(f"model {self.name!r} was unloaded"))  # retryable elsewhere, unlike CANCELLED
+        unloaded = lambda: NotReady(f"model {self.name!r} was unloaded")  # noqa: E731 - retryable elsewhere, unlike CANCELLED
+        self._close_queue(unloaded)
+        self.end_active(unloaded)
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, inst.join) for inst in self.instances))
 
