@@ -54,6 +54,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_source: Path, tr
     repo = tmp_path_factory.mktemp("triton-repo")
     shutil.copytree(tiny_model_source, repo / MODEL)
     shutil.copytree(tiny_model_source, repo / SPARE)
+    # KIND_AUTO: ModelConfig reports the kind it resolved to (KIND_CPU here, no GPU), as Triton does
+    config = repo / MODEL / "config.pbtxt"
+    config.write_text(config.read_text().replace("kind: KIND_CPU", "kind: KIND_AUTO"))
     (repo / SPARE / "config.pbtxt").write_text(
         (tiny_model_source / "config.pbtxt").read_text().replace(f'name: "{MODEL}"', f'name: "{SPARE}"'))
     with ServerThread(repo, model_control_mode="explicit", load_models=(MODEL,)) as s:

@@ -185,3 +185,20 @@ def test_get_model_reports_the_decode_chunk_a_request_gets(tmp_path, params, chu
     assert resolve_params(GenerationParams(), s.defaults, s.limits).decode_chunk_size == chunk
     assert defaults_to_pb(s.defaults, s.limits).decode_chunk_size == chunk
     assert limits_to_pb(s.limits).max_decode_chunk_size == limit
+
+
+def test_instance_groups_resolve_as_triton_normalises_them():
+    """KIND_AUTO is a GPU group where a GPU is visible, else a CPU one; a GPU group without `gpus` takes
+    every visible GPU; a GPU that is not there names the group's field."""
+    from videogen_server.engine.model_config import InstanceGroup, resolve_instance_groups
+
+    groups = (InstanceGroup("auto", 2), InstanceGroup("gpu", 1, (1,)), InstanceGroup("cpu", 3))
+    assert resolve_instance_groups(groups, 2) == (
+        InstanceGroup("gpu", 2, (0, 1)), InstanceGroup("gpu", 1, (1,)), InstanceGroup("cpu", 3))
+    assert resolve_instance_groups(groups[:1] + groups[2:], 0) == (InstanceGroup("cpu", 2), InstanceGroup("cpu", 3))
+    for groups, visible, field in (((InstanceGroup("gpu", 1),), 0, "instance_group[0].gpus"),
+                                   ((InstanceGroup("cpu", 1), InstanceGroup("gpu", 1, (0, 2))), 2,
+                                    "instance_group[1].gpus")):
+        with pytest.raises(ConfigError) as err:
+            resolve_instance_groups(groups, visible, "m/config.pbtxt")
+        assert err.value.field == field and err.value.path == "m/config.pbtxt"

@@ -36,7 +36,7 @@ from ..domain import (AcceptedEvent, EngineEvent, FrameEncoding, FrameEvent, Gen
 from . import repository
 from .admission import decode_image, fit_image, resolve_params
 from .instance import Instance, WarmupSender
-from .model_config import ModelSettings
+from .model_config import InstanceGroup, ModelSettings, resolve_instance_groups
 from .request import CLOSED, EngineRequest, RequestPhase, _Failed
 from .scheduler import Scheduler
 from .stats import ModelStats, StatsSnapshot
@@ -69,6 +69,8 @@ class ModelStatus:
     settings: Optional[ModelSettings]
     instances: int
     reason: str = ""  # why it does not serve (a config error, failed loads), for operators
+    # the newest ready version's instance groups as loaded here (KIND_AUTO resolved, GPUs filled in)
+    instance_groups: tuple[InstanceGroup, ...] = ()
 
 
 class ModelRuntime:
@@ -93,6 +95,7 @@ class ModelRuntime:
         # updates a detached child instead of bringing the series back
         self.inflight_gauge = m.inflight.labels(*labels)
         self.instances: list[Instance] = []
+        self.instance_groups: tuple[InstanceGroup, ...] = ()  # as loaded on this host (KIND_AUTO resolved)
         self.stats = ModelStats()  # cumulative, for the Open Inference Protocol's ModelStatistics
         self._engine = engine
 
@@ -101,18 +104,11 @@ class ModelRuntime:
 
         contexts: list[InstanceContext] = []
         path = self.settings.path / str(self.version)
-        for i, group in enumerate(self.settings.instance_groups):
-            kind = group.kind
-            if kind == "auto":
-                kind = "gpu" if gpu_count() > 0 else "cpu"
-            if kind == "gpu":
-                available = gpu_count()
-                gpus = group.gpus or tuple(range(available))
-                bad = [g for g in gpus if g >= available]
-                if not gpus or bad:
-                    raise ConfigError(str(self.settings.config_path), f"instance_group[{i}].gpus",
-                                      f"GPU {bad or 0} not present ({available} visible)")
-                devices = [f"cuda:{g}" for g in gpus for _ in range(group.count)]
+        self.instance_groups = resolve_instance_groups(self.settings.instance_groups, gpu_count(),
+                                                       str(self.settings.config_path))
+        for group in self.instance_groups:
+            if group.kind == "gpu":
+                devices = [f"cuda:{g}" for g in group.gpus for _ in range(group.count)]
             else:
                 devices = ["cpu"] * group.count
             for device in devices:
@@ -559,9 +555,11 @@ class Engine:
         states = [rt.state for _, rt in sorted(entry.loaded.items())]
         state = ("READY" if "READY" in states else states[-1] if states
                  else "FAILED" if entry.error else "UNAVAILABLE")
+        ready = [rt for _, rt in sorted(entry.loaded.items()) if rt.state == "READY"]
         return ModelStatus(name=name, backend=entry.settings.backend if entry.settings else "", state=state,
                            versions=versions, settings=entry.settings,
-                           instances=sum(len(rt.instances) for rt in entry.loaded.values()), reason=entry.error)
+                           instances=sum(len(rt.instances) for rt in entry.loaded.values()), reason=entry.error,
+                           instance_groups=ready[-1].instance_groups if ready else ())
 
     def list_models(self) -> list[ModelStatus]:
         return [self.status(n) for n in sorted(self.models)]

@@ -81,6 +81,26 @@ class InstanceGroup:
     gpus: tuple[int, ...] = ()
 
 
+def resolve_instance_groups(groups: tuple[InstanceGroup, ...], gpus_visible: int,
+                            path: str = "") -> tuple[InstanceGroup, ...]:
+    """The groups as they load on this host, as Triton normalises them: KIND_AUTO becomes KIND_GPU
+    when a GPU is visible (else KIND_CPU), and a GPU group without `gpus` takes every visible GPU.
+    A GPU that is not there is a ConfigError naming the group's field."""
+    out = []
+    for i, group in enumerate(groups):
+        kind = group.kind
+        if kind == "auto":
+            kind = "gpu" if gpus_visible > 0 else "cpu"
+        gpus: tuple[int, ...] = ()
+        if kind == "gpu":
+            gpus = group.gpus or tuple(range(gpus_visible))
+            bad = [g for g in gpus if g >= gpus_visible]
+            if not gpus or bad:
+                raise ConfigError(path, f"instance_group[{i}].gpus", f"GPU {bad or 0} not present ({gpus_visible} visible)")
+        out.append(InstanceGroup(kind=kind, count=group.count, gpus=gpus))
+    return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class VersionPolicy:
     kind: str = "latest"  # "latest" | "all" | "specific"

@@ -349,7 +349,7 @@ def tensor_metadata(specs: Iterable[TensorSpec]) -> list[kpb.ModelMetadataRespon
     return [kpb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in specs]
 
 
-def model_config_to_pb(settings) -> kmc.ModelConfig:
+def model_config_to_pb(settings, instance_groups=()) -> kmc.ModelConfig:
     """A model's config.pbtxt in Triton's ModelConfig shape, with its tensors and effective defaults.
 
     videogen.v1.ModelConfig uses Triton's field numbers and types for every field both have
@@ -375,7 +375,8 @@ def model_config_to_pb(settings) -> kmc.ModelConfig:
     del cfg.instance_group[:]
     kinds = {"auto": kmc.ModelInstanceGroup.KIND_AUTO, "gpu": kmc.ModelInstanceGroup.KIND_GPU,
              "cpu": kmc.ModelInstanceGroup.KIND_CPU}
-    for i, g in enumerate(settings.instance_groups):
+    # as loaded (Triton reports its normalised config: KIND_AUTO resolved, GPUs filled in), else as written
+    for i, g in enumerate(instance_groups or settings.instance_groups):
         cfg.instance_group.add(name=f"{settings.name}_{i}", kind=kinds[g.kind], count=g.count, gpus=g.gpus)
     for s in INPUTS:
         cfg.input.add(name=s.name, data_type=_TYPE_ENUM[s.datatype], dims=s.shape, optional=s.optional)
@@ -474,7 +475,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                           context: grpc.aio.ServicerContext) -> kpb.ModelConfigResponse:
         try:
             status, _ = self._loaded(request.name, request.version)
-            return kpb.ModelConfigResponse(config=model_config_to_pb(status.settings))
+            return kpb.ModelConfigResponse(config=model_config_to_pb(status.settings, status.instance_groups))
         except Exception as exc:
             await abort(context, exc, triton=True)
 
