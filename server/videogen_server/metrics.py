@@ -107,6 +107,9 @@ class InstanceCollector(Collector):
         recompiles = CounterMetricFamily("videogen_recompiles", "Graphs torch.compile built for this instance "
                                          "after its warm-up (requests outside the warmed shape set)",
                                          labels=["model", "version", "instance"])
+        fallbacks = CounterMetricFamily("videogen_eager_fallbacks", "Phases of a batch (denoising, VAE decode) "
+                                        "this instance ran uncompiled after its warm-up, at a shape the warm-up "
+                                        "did not compile", labels=["model", "version", "instance"])
         for model, version, instance, device, backend in self._instances():
             try:
                 mem = backend.memory_stats()
@@ -121,7 +124,8 @@ class InstanceCollector(Collector):
             if comp:
                 compiles.add_metric([model, version, instance], comp.get("compiles", 0))
                 recompiles.add_metric([model, version, instance], comp.get("recompiles", 0))
-        yield from (allocated, reserved, compiles, recompiles)
+                fallbacks.add_metric([model, version, instance], comp.get("eager_fallbacks", 0))
+        yield from (allocated, reserved, compiles, recompiles, fallbacks)
         if self._nvml:
             yield from self._nvml.collect()
 

@@ -146,9 +146,65 @@ def test_compiled_vae_decoder_serves_every_chunk_length_without_recompiling(make
             assert np.abs(_frames(server, "compiled", **case) - _frames(server, "eager", **case)).max() <= 1, case
         assert server.metric("videogen_compiles_total", **labels) == graphs
         assert server.metric("videogen_recompiles_total", **labels) == 0
-        # a size outside the warmed set builds graphs, and the metric says so
-        _frames(server, "compiled", seed=5, num_frames=3, num_inference_steps=1, width=48, height=32)
-        assert server.metric("videogen_recompiles_total", **labels) > 0
+        assert server.metric("videogen_eager_fallbacks_total", **labels) == 0
+        # a size outside the warmed set decodes uncompiled (unwarmed_shapes: eager, the default): no
+        # graph is built while serving, and the metric says so
+        case = dict(seed=5, num_frames=3, num_inference_steps=1, width=48, height=32)
+        assert np.abs(_frames(server, "compiled", **case) - _frames(server, "eager", **case)).max() <= 1
+        assert server.metric("videogen_compiles_total", **labels) == graphs
+        assert server.metric("videogen_eager_fallbacks_total", **labels) == 1
+
+
+@pytest.mark.timeout(600)  # Inductor compiles the tiny UNet twice (once per model): ~1-2 min on 2 busy cores
+def test_compiled_unet_runs_shapes_the_warm_up_did_not_compile_eagerly(make_repo, tmp_path, monkeypatch):
+    """unwarmed_shapes: a compiled UNet serves a shape its warm-up did not compile (here: a request
+    without guidance, which halves the UNet's batch, and another size) uncompiled by default, instead
+    of stalling the instance for a compile; `compile` builds the graph as before, until Dynamo's
+    recompile limit, past which the shape runs uncompiled instead of failing. All counted."""
+    warm = 'model_warmup [ { name: "w" inputs { key: "num_frames" value: "3" } inputs { key: ' \
+           '"num_inference_steps" value: "1" } } ]'
+    compiled = (TINY_PARAMETERS + _param("compile", "default")
+                + _param("compile_cache_dir", str(tmp_path / "compile-cache")))
+    repo = make_repo({
+        "eager": None,
+        "strict": tiny_config("strict", warm, parameters=compiled),
+        "lenient": tiny_config("lenient", warm, parameters=compiled + _param("unwarmed_shapes", "compile")),
+        "typo": tiny_config("typo", warm, parameters=compiled + _param("unwarmed_shapes", "never")),
+    })
+    with ServerThread(repo) as server:
+        assert "unwarmed_shapes: 'never' is not one of ['eager', 'compile']" in server.engine.models["typo"].error
+        strict, lenient = {"model": "strict", "version": "1"}, {"model": "lenient", "version": "1"}
+        graphs = server.metric("videogen_compiles_total", **strict)
+        assert graphs >= 1
+        warmed = dict(seed=5, num_frames=3, num_inference_steps=2, fps=12)
+        no_guidance = dict(warmed, min_guidance_scale=1.0, max_guidance_scale=1.0)
+        other_size = dict(warmed, width=48, height=32)
+        for case, fallbacks in ((warmed, 0), (no_guidance, 1), (other_size, 2)):
+            assert np.abs(_frames(server, "strict", **case) - _frames(server, "eager", **case)).max() <= 1, case
+            assert server.metric("videogen_eager_fallbacks_total", **strict) == fallbacks, case
+        assert server.metric("videogen_compiles_total", **strict) == graphs
+        assert server.metric("videogen_recompiles_total", **strict) == 0
+
+        assert np.abs(_frames(server, "lenient", **no_guidance) - _frames(server, "eager", **no_guidance)).max() <= 1
+        recompiles = server.metric("videogen_recompiles_total", **lenient)
+        assert recompiles >= 1
+        assert server.metric("videogen_eager_fallbacks_total", **lenient) == 0
+        # Dynamo refuses more graphs of one code object than its recompile limit (the server raises it to
+        # 64, counting every shape of every instance in the process): a new shape past it runs uncompiled
+        # instead of failing its requests. To reach it here, the limit is lowered to 1 on the instance's
+        # thread (Dynamo's settings are per thread) right before its UNet calls; the calls run unchanged.
+        from videogen_server.backends.svd.backend import SVDBackend
+
+        unet = SVDBackend._unet
+
+        def _unet_past_the_limit(self, *args, **kwargs):
+            torch._dynamo.config.recompile_limit = 1
+            return unet(self, *args, **kwargs)
+
+        monkeypatch.setattr(SVDBackend, "_unet", _unet_past_the_limit)
+        assert np.abs(_frames(server, "lenient", **other_size) - _frames(server, "eager", **other_size)).max() <= 1
+        assert server.metric("videogen_eager_fallbacks_total", **lenient) == 1
+        assert server.metric("videogen_recompiles_total", **lenient) == recompiles
 
 
 def test_cpu_offload_needs_a_gpu(make_repo):

@@ -183,7 +183,8 @@ class Backend(abc.ABC):
         """Called on the instance thread once the warm-up requests ran, before serving starts."""
 
     def compile_stats(self) -> Mapping[str, int]:
-        """{"compiles": graphs built, "recompiles": graphs built after warm-up} where the backend compiles."""
+        """{"compiles": graphs built, "recompiles": graphs built after warm-up, "eager_fallbacks": phases run
+        uncompiled after warm-up at shapes it did not compile} where the backend compiles."""
         return {}
 
 

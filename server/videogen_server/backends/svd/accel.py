@@ -482,7 +482,7 @@ class CompiledDecoder:
         # make height and width symbolic too: generic kernels)
         self.options = dict(options or {})
         self._fn = compile_module(_Decode(vae), mode, self.options, fullgraph=True, dynamic=False)
-        self._warm: set[tuple[int, int]] = set()
+        self.sizes: set[tuple[int, int]] = set()  # latent sizes (h, w) whose graphs are built
         self.max_chunk = max_chunk
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
@@ -493,11 +493,11 @@ class CompiledDecoder:
     def warm(self, latents: torch.Tensor) -> bool:
         """Builds the graphs for latents [F, C, h, w] of this size; False if that was done before."""
         _, channels, h, w = latents.shape
-        if (h, w) in self._warm:
+        if (h, w) in self.sizes:
             return False
         for n in range(1, self.max_chunk + 1):
             self(torch.zeros(n, channels, h, w, dtype=latents.dtype, device=latents.device))
-        self._warm.add((h, w))
+        self.sizes.add((h, w))
         return True
 
 
@@ -562,6 +562,16 @@ def use_compile_cache(path: str) -> None:
         elif _cache_dir != path:
             log.warning("compile_cache_dir %s ignored: this process already caches compiled code in %s", path,
                         _cache_dir)
+
+
+# Dynamo's refusal to build one more graph of a code object under fullgraph (renamed across releases)
+RECOMPILE_LIMIT_HIT = tuple(getattr(torch._dynamo.exc, n) for n in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+                            if hasattr(torch._dynamo.exc, n))
+
+
+def recompile_limit() -> int:
+    cfg = torch._dynamo.config
+    return next(getattr(cfg, n) for n in ("recompile_limit", "cache_size_limit") if hasattr(cfg, n))
 
 
 def raise_recompile_limit(limit: int = 64) -> None:

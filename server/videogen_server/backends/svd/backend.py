@@ -38,6 +38,8 @@ from . import accel, preprocess
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+UNWARMED_SHAPES = ("eager", "compile")
+FALLBACK_LOG_LIMIT = 100  # distinct shapes whose uncompiled run is logged, per instance
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # from_pretrained is not thread-safe: accelerate's empty-weights init patches torch.nn.Module globally,
@@ -75,6 +77,12 @@ PARAMETERS = {
     "compile_vae": ("none", "torch.compile mode for the VAE decoder, with a dynamic frame dimension: the first "
                     "request at a size builds the graphs of every chunk length up to max_decode_chunk_size: "
                     + " | ".join(COMPILE_MODES)),
+    "unwarmed_shapes": ("eager", "what a compiled model does, once warmed up, with a shape its warm-up did not compile "
+                        "(another size, frame count or batch size, a batch shrunk by a cancellation, or a request "
+                        "without guidance, which halves the UNet's batch): eager runs that phase (denoising or VAE "
+                        "decode) uncompiled, at eager speed, and counts it in videogen_eager_fallbacks_total | "
+                        "compile builds its graph while serving (minutes on a GPU, with the instance's queue "
+                        "waiting) and counts it in videogen_recompiles_total"),
     "fp8": ("false", "UNet linear layers as FP8 e4m3 matrix products (dynamic per-row activation scales, "
             "per-channel weight scales); GPUs of compute capability 8.9+ (Ada, Hopper); changes frames slightly"),
     "fuse_qkv": ("false", "one projection for attention query/key/value instead of three"),
@@ -148,6 +156,8 @@ class SVDBackend(Backend):
                 _parse_fault(value)
             if key in ("compile_options", "compile_vae_options"):
                 accel.parse_compile_options(value, key)
+            if key == "unwarmed_shapes" and value not in UNWARMED_SHAPES:
+                raise ValueError(f"unwarmed_shapes: {value!r} is not one of {list(UNWARMED_SHAPES)}")
         offload = _bool("cpu_offload", parameters.get("cpu_offload", "false"))
         mode = parameters.get("compile", "none")
         if offload and mode in CUDA_GRAPH_MODES:
@@ -234,6 +244,12 @@ class SVDBackend(Backend):
         self.decoder = None
         self.thread = threading.get_ident()  # the instance thread: initialize, warm-up and serving
         self.graphs_after_warmup = None
+        self.unwarmed_shapes = p.get("unwarmed_shapes", "eager")
+        self.unet_shapes: set[tuple[int, ...]] = set()  # the UNet input shapes compiled (by the warm-up)
+        self.eager_fallbacks = 0  # phases of a batch run uncompiled since their shape was not warmed up
+        self._fallback_phases: set[str] = set()  # this batch's
+        self._fallbacks_logged: set[tuple] = set()  # (phase, shape), up to FALLBACK_LOG_LIMIT
+        self._over_limit: set[tuple] = set()  # (phase, shape) Dynamo refused to compile: its recompile limit
         if self.compile_mode != "none" or self.compile_vae_mode != "none":
             accel.GraphCounter.install()
             self.graphs_before = accel.GraphCounter.count(self.thread)  # a reused thread id may have counts
@@ -402,6 +418,7 @@ class SVDBackend(Backend):
         latents = latents * scheduler.init_noise_sigma
         gscale = torch.stack(guidance).to(dev, latents.dtype)[:, :, None, None, None]
         live = list(range(len(requests)))  # batch rows still wanted
+        self._fallback_phases = set()
         t_step = time.perf_counter()
         progress = _RunAhead(len(timesteps), functools.partial(_cuda_mark, dev) if on_gpu else None)
         for i, t in enumerate(timesteps):
@@ -414,8 +431,8 @@ class SVDBackend(Backend):
                 model_in, cond_emb, cond_lat, cond_ids = latents, emb, img_lat, ids
             model_in = scheduler.scale_model_input(model_in, t)
             model_in = torch.cat([model_in, cond_lat], dim=2)
-            noise_pred = pipe.unet(model_in, t, encoder_hidden_states=cond_emb, added_time_ids=cond_ids,
-                                   return_dict=False)[0]
+            noise_pred = self._unet(model_in, t, encoder_hidden_states=cond_emb, added_time_ids=cond_ids,
+                                    return_dict=False)[0]
             if do_cfg:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + gscale * (cond - uncond)
@@ -446,8 +463,14 @@ class SVDBackend(Backend):
         if self.offload:  # the UNet's memory goes to the decode (as diffusers' offload does)
             self.offload.release()
             torch.cuda.empty_cache()
-        if self.decoder is not None:  # builds this size's graphs the first time (warm-up requests)
-            self.decoder.warm(latents[0])
+        decoder = None
+        size = tuple(latents.shape[-2:])
+        if self.decoder is not None and self._compiled("VAE decode", size, self.decoder.sizes):
+            try:
+                self.decoder.warm(latents[0])  # builds this size's graphs the first time (warm-up requests)
+                decoder = self.decoder
+            except accel.RECOMPILE_LIMIT_HIT:
+                self._limit_hit("VAE decode", size)
         for k, row in enumerate(live):
             r = requests[row]
             chunk = r.params.decode_chunk_size
@@ -458,8 +481,8 @@ class SVDBackend(Backend):
                     break
                 t_chunk = time.perf_counter()
                 part = video[start:start + chunk]
-                if self.decoder is not None:
-                    frames = self.decoder(part).float()
+                if decoder is not None:
+                    frames = decoder(part).float()
                 else:
                     frames = pipe.vae.decode(part, num_frames=part.shape[0]).sample.float()
                 frames = _to_uint8(frames, pipe.video_processor.config.do_normalize)
@@ -468,6 +491,54 @@ class SVDBackend(Backend):
                 r.sender.send(PhaseTiming("decode", time.perf_counter() - t_req))
                 peak = torch.cuda.max_memory_allocated(self.device) if on_gpu else _process_rss()
                 r.sender.send(Finished(peak_memory_bytes=int(peak), batch_size=len(requests)))
+
+    def _unet(self, model_in: torch.Tensor, *args, **kwargs):
+        """The UNet's forward, compiled where _compiled says so, else eager (torch.compile's module wraps
+        the one it compiles)."""
+        unet, shape = self.pipe.unet, tuple(model_in.shape)
+        if self.compile_mode == "none":
+            return unet(model_in, *args, **kwargs)
+        if self._compiled("denoising", shape, self.unet_shapes):
+            try:
+                out = unet(model_in, *args, **kwargs)
+                self.unet_shapes.add(shape)
+                return out
+            except accel.RECOMPILE_LIMIT_HIT:  # raised before the graph runs: nothing to undo
+                self._limit_hit("denoising", shape)
+        return unet._orig_mod(model_in, *args, **kwargs)
+
+    def _compiled(self, phase: str, shape: tuple[int, ...], warmed: set) -> bool:
+        """Whether a compiled phase runs compiled at this shape: always while warming up (the warm-up is
+        what compiles) and under `unwarmed_shapes: compile`; once serving, only at shapes the warm-up
+        compiled, so that no request stalls its instance for a compile. Never at a shape Dynamo
+        refused for its recompile limit. Else the phase runs eager: see _fell_back."""
+        if shape in warmed:
+            return True
+        if (phase, shape) not in self._over_limit and (self.graphs_after_warmup is None
+                                                       or self.unwarmed_shapes == "compile"):
+            return True
+        self._fell_back(phase, shape, "the warm-up did not compile it (add a model_warmup request of that size, "
+                        "frame count, batch size and guidance)")
+        return False
+
+    def _limit_hit(self, phase: str, shape: tuple[int, ...]) -> None:
+        """Dynamo refused a new graph of this code object (its recompile limit counts every shape of
+        every instance in the process); the phase runs eager at this shape from now on."""
+        self._over_limit.add((phase, shape))
+        self._fell_back(phase, shape, f"torch.compile's recompile limit is reached "
+                        f"({accel.recompile_limit()} graphs of the same code in this process)", logging.ERROR)
+
+    def _fell_back(self, phase: str, shape: tuple[int, ...], why: str, level: int = logging.WARNING) -> None:
+        """Counted once per phase and batch (videogen_eager_fallbacks_total), logged once per shape (up
+        to FALLBACK_LOG_LIMIT shapes: requests choose them)."""
+        if phase not in self._fallback_phases:
+            self._fallback_phases.add(phase)
+            self.eager_fallbacks += 1
+        if (phase, shape) in self._fallbacks_logged or len(self._fallbacks_logged) > FALLBACK_LOG_LIMIT:
+            return
+        self._fallbacks_logged.add((phase, shape))
+        more = "; further shapes are not logged" if len(self._fallbacks_logged) > FALLBACK_LOG_LIMIT else ""
+        log.log(level, "%s at shape %s runs uncompiled: %s%s", phase, shape, why, more)
 
     def _encode_vae(self, image: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
@@ -498,13 +569,23 @@ class SVDBackend(Backend):
 
     def warmed_up(self) -> None:
         self.graphs_after_warmup = accel.GraphCounter.count(self.thread)
+        if self.unwarmed_shapes == "eager":
+            missing = [phase for phase, mode, warmed in
+                       (("compile", self.compile_mode, self.unet_shapes),
+                        ("compile_vae", self.compile_vae_mode, self.decoder.sizes if self.decoder else ()))
+                       if mode != "none" and not warmed]
+            if missing:
+                log.warning("%s set but no model_warmup request compiled it: with unwarmed_shapes eager, every "
+                            "request runs it uncompiled; add model_warmup requests of the served shapes",
+                            " and ".join(missing))
 
     def compile_stats(self) -> Mapping[str, int]:
         if self.compile_mode == "none" and self.compile_vae_mode == "none":
             return {}
         graphs = accel.GraphCounter.count(self.thread)
         base = graphs if self.graphs_after_warmup is None else self.graphs_after_warmup
-        return {"compiles": graphs - self.graphs_before, "recompiles": graphs - base}
+        return {"compiles": graphs - self.graphs_before, "recompiles": graphs - base,
+                "eager_fallbacks": self.eager_fallbacks}
 
 
 class _Replay:
