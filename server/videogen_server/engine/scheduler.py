@@ -25,6 +25,9 @@ class Scheduler:
         self._cv = threading.Condition()
         self._closed = False
         self._on_depth = on_depth
+        # batches instances are gathering (their first request's batch_key, the batch, its room): a
+        # request that fits one is left for that instance, not taken by an idle one as a batch of its own
+        self._gathering: list[tuple[tuple, list[EngineRequest], int]] = []
 
     @property
     def max_queue_size(self) -> int:
@@ -74,15 +77,21 @@ class Scheduler:
     # -- worker side ------------------------------------------------------------------------------
 
     def _pop_head(self, now: float) -> Optional[EngineRequest]:
+        """The first request in priority order that no instance is gathering a batch for; drops the
+        cancelled and times out the expired on the way."""
         for q in self._levels:
-            while q:
-                req = q.popleft()
+            for req in list(q):
                 if req.is_cancelled():
+                    q.remove(req)
                     continue
                 if req.queue_deadline is not None and now >= req.queue_deadline:
+                    q.remove(req)
                     req.error(QueueTimeout("queue timeout passed before an instance was free"))
                     req.close()
                     continue
+                if any(key == req.params.batch_key and len(batch) < room for key, batch, room in self._gathering):
+                    continue  # the gathering instance takes it when it wakes (notify_all in submit)
+                q.remove(req)
                 return req
         return None
 
@@ -111,19 +120,26 @@ class Scheduler:
                 head = self._pop_head(now)
                 if head is not None:
                     break
-                self._on_depth(0)
+                self._on_depth(sum(len(q) for q in self._levels))  # 0, or requests left to gathering instances
                 self._cv.wait(timeout=self._next_wakeup())
             batch = [head]
             if self._max_batch > 1:
                 self._take_compatible(batch, now)
                 target = max(self._batching.preferred_batch_sizes or (self._max_batch,))
+                room = min(target, self._max_batch)
                 until = head.enqueued_at + self._batching.max_queue_delay_s
-                while len(batch) < min(target, self._max_batch) and not self._closed:
-                    left = until - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cv.wait(timeout=left)
-                    self._take_compatible(batch, time.monotonic())
+                gathering = (head.params.batch_key, batch, room)
+                self._gathering.append(gathering)
+                try:
+                    while len(batch) < room and not self._closed:
+                        left = until - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cv.wait(timeout=left)
+                        self._take_compatible(batch, time.monotonic())
+                finally:
+                    self._gathering.remove(gathering)
+                    self._cv.notify_all()  # requests left for this batch (it filled up) are anyone's again
             started = time.monotonic()
             for req in batch:
                 req.phase = RequestPhase.RUNNING
