@@ -26,6 +26,8 @@ from videogen_server.backends import Backend, Finished, FramesDecoded, StepDone
 
 GATE = threading.Event()  # tests hold preprocessing here
 GATE.set()
+EXECUTE = threading.Event()  # and execution here, after the first step is reported
+EXECUTE.set()
 LOADS = []  # instance starts, in order
 
 
@@ -52,6 +54,7 @@ class SlowBackend(Backend):
         for r in requests:
             p = r.params
             r.sender.send(StepDone(1, 1))
+            EXECUTE.wait(30)
             frames = np.zeros((p.num_frames, p.height, p.width, 3), np.uint8) + r.prepared
             r.sender.send(FramesDecoded(chunk_index=0, start_index=0, frames=frames))
             r.sender.send(Finished())
@@ -70,6 +73,7 @@ def slow_backend(tmp_path, monkeypatch):
     module = install_backend(tmp_path, monkeypatch, "slow_backend_pkg", "slow", SLOW_BACKEND)
     yield module
     module.GATE.set()
+    module.EXECUTE.set()
 
 
 def slow_repo(tmp_path, extra: str = "", init_seconds: float = 0.0):
@@ -143,6 +147,57 @@ def test_reload_and_unload_while_images_are_preprocessed(tmp_path, slow_backend)
         assert "error" not in out, out
         assert unloaded.join().code() == grpc.StatusCode.UNAVAILABLE
         assert server.metric("videogen_requests_total", code="INTERNAL") == 0
+
+
+def test_a_drain_during_a_reload_waits_for_the_retiring_version(tmp_path, slow_backend):
+    """SIGTERM while a reload retires the old version: the drain waits for that version's running
+    request as for any other (it looked only at the versions in service: the request was cut after a
+    second with 19 s of grace left), then the shutdown stops the old version's instances (its thread
+    was left running, its backend never finalized)."""
+    repo = slow_repo(tmp_path)
+    server = ServerThread(repo, model_control_mode="explicit", load_models=("a",), drain_grace_seconds=20.0).start()
+    try:
+        stub = server.stub()
+        slow_backend.EXECUTE.clear()
+        running = Stream(stub, request(model="a", **SHORT))
+        assert running.progressed.wait(10)
+        old = server.engine.models["a"].loaded[1]
+        (repo / "a" / "2").mkdir()
+        in_thread(lambda: stub.LoadModel(pb.LoadModelRequest(name="a")))
+        wait_until(lambda: list(server.engine.models["a"].loaded) == [2] and old.state == "UNLOADING")
+        stopping, out = in_thread(lambda: server.run(server.server.stop(), timeout=60))
+        time.sleep(1.5)
+        assert stopping.is_alive(), "the drain waits for the retiring version's request"
+        slow_backend.EXECUTE.set()
+        assert running.join().summary.num_frames == 1, running.error
+        stopping.join(60)
+        assert "error" not in out, out
+        assert not any(inst._thread.is_alive() for inst in old.instances)
+        assert not hasattr(old.instances[0].backend, "scale"), "the old version's backend was finalized"
+    finally:
+        slow_backend.EXECUTE.set()
+        server.stop()
+
+
+def test_an_in_place_reload_keeps_the_version_ready_in_metrics(tmp_path, slow_backend):
+    """LoadModel of a loaded model (or the poller after a file change) replaces a version by a new
+    runtime of the same number; while the old one finishes its requests, the version serves, and
+    videogen_model_ready, which both runtimes' labels name, stays 1 (the old one's unload set it 0)."""
+    with ServerThread(slow_repo(tmp_path), model_control_mode="explicit", load_models=("a",)) as server:
+        stub = server.stub()
+        slow_backend.EXECUTE.clear()
+        running = Stream(stub, request(model="a", **SHORT))
+        assert running.progressed.wait(10)
+        old = server.engine.models["a"].loaded[1]
+        reload, out = in_thread(lambda: stub.LoadModel(pb.LoadModelRequest(name="a")))
+        wait_until(lambda: server.engine.models["a"].loaded[1] is not old and old.state == "UNLOADING")
+        assert server.engine.model_ready("a")
+        assert server.metric("videogen_model_ready", model="a", version="1") == 1
+        slow_backend.EXECUTE.set()
+        assert running.join().summary.num_frames == 1, running.error
+        reload.join(30)
+        assert "error" not in out, out
+        assert server.metric("videogen_model_ready", model="a", version="1") == 1
 
 
 def test_preprocessing_that_outlasts_the_unload_gets_unavailable(tmp_path, slow_backend):

@@ -98,6 +98,7 @@ class ModelRuntime:
         self.instance_groups: tuple[InstanceGroup, ...] = ()  # as loaded on this host (KIND_AUTO resolved)
         self.stats = ModelStats()  # cumulative, for the Open Inference Protocol's ModelStatistics
         self._engine = engine
+        engine._runtimes.add(self)  # until stopped: the drain and shutdown reach it wherever it is
 
     def _contexts(self) -> list[InstanceContext]:
         from .devices import gpu_count  # torch is imported only when a model is loaded
@@ -180,7 +181,12 @@ class ModelRuntime:
     async def unload(self, timeout: float) -> None:
         """Stop admitting, let in-flight requests finish (up to `timeout`), then free the instances."""
         self.state = "UNLOADING"
-        self._engine.metrics.model_ready.labels(*self.labels).set(0)
+        entry = self._engine.models.get(self.name)
+        if entry is None or entry.loaded.get(self.version, self) is self:
+            # else a reload put a new runtime of this version in its place: the gauges are that one's now
+            self._engine.metrics.model_ready.labels(*self.labels).set(0)
+        else:
+            self.scheduler.on_depth = lambda depth: None
         try:
             if not self.idle.is_set():  # requests running, queued or still in preprocessing
                 await asyncio.wait_for(self.idle.wait(), timeout)
@@ -196,6 +202,7 @@ class ModelRuntime:
         self.end_active(unloaded)
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, inst.join) for inst in self.instances))
+        self._engine._runtimes.discard(self)
 
     def end_active(self, error: Callable[[], Exception]) -> int:
         """Ends every request admitted and not finished, queued or running, with its own `error()`
@@ -294,6 +301,9 @@ class Engine:
         self._decode = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
         self._poller: Optional[asyncio.Task[None]] = None
         self._control_tasks: set[asyncio.Task[None]] = set()  # loads and unloads (strong references)
+        # every runtime not yet stopped: serving, loading, or retiring after a reload (then no longer in
+        # its entry's `loaded`, while its requests finish)
+        self._runtimes: set[ModelRuntime] = set()
         self._loop: asyncio.AbstractEventLoop
         metrics.add_collector(InstanceCollector(self._instance_rows, NvmlReader.try_create()))
 
@@ -337,11 +347,13 @@ class Engine:
 
     def begin_drain(self) -> None:
         self.draining = True
+        if self._poller:  # no reload starts during a drain
+            self._poller.cancel()
         self._notify()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (True) or `timeout` passes (False)."""
-        runtimes = [rt for e in self.models.values() for rt in e.loaded.values() if not rt.idle.is_set()]
+        runtimes = [rt for rt in self._runtimes if not rt.idle.is_set()]
         try:
             await asyncio.wait_for(asyncio.gather(*(rt.idle.wait() for rt in runtimes)), timeout)
             return True
@@ -383,18 +395,16 @@ class Engine:
     def end_requests(self, error: Callable[[], Exception]) -> int:
         """Ends every request still queued or running with its own `error()` (the drain's end: the
         caller hears why, and metrics count an error, not a caller's cancellation). Returns how many."""
-        return sum(rt.end_active(error) for entry in self.models.values() for rt in entry.loaded.values())
+        return sum(rt.end_active(error) for rt in list(self._runtimes))
 
     async def shutdown(self, grace: float = 0.0) -> None:
         self.begin_drain()
-        if self._poller:
-            self._poller.cancel()
-        # loads still in flight stop here (a new runtime is in entry.loaded only once its load is done)
+        # loads and unloads still in flight stop here; their runtimes (loading, or retiring after a
+        # reload) are in _runtimes until stopped, and are unloaded below with the rest
         for task in list(self._control_tasks):
             task.cancel()
         await asyncio.gather(*self._control_tasks, return_exceptions=True)
-        runtimes = [rt for e in self.models.values() for rt in e.loaded.values()]
-        await asyncio.gather(*(rt.unload(grace) for rt in runtimes))
+        await asyncio.gather(*(rt.unload(grace) for rt in list(self._runtimes)))
         self._media.shutdown(wait=False, cancel_futures=True)
         self._decode.shutdown(wait=False, cancel_futures=True)
 
@@ -475,6 +485,8 @@ class Engine:
                     reason = err.message if isinstance(err, VideoGenError) else f"{type(err).__name__}: {err}"
                     log.error("%s version %d failed to load: %s", name, version, reason, exc_info=not isinstance(err, VideoGenError))
                     entry.failed[version] = reason
+                    if not rt.instances:  # failed before starting any (those that started, load() stopped)
+                        self._runtimes.discard(rt)
                     if version in old:  # keep serving what was there
                         new[version] = old[version]
                     elif entry.loaded.get(version) is rt:

@@ -24,7 +24,7 @@ class Scheduler:
         self._levels = [collections.deque() for _ in range(batching.priority_levels)]
         self._cv = threading.Condition()
         self._closed = False
-        self._on_depth = on_depth
+        self.on_depth = on_depth  # called with the queue depth after each change (a retiring runtime drops it)
         # batches instances are gathering (their first request's batch_key, the batch, its room): a
         # request that fits one is left for that instance, not taken by an idle one as a batch of its own
         self._gathering: list[tuple[tuple, list[EngineRequest], int]] = []
@@ -47,7 +47,7 @@ class Scheduler:
                 raise QueueFull(f"model {req.model!r} queue is full ({self.max_queue_size} waiting); retry later")
             ahead = sum(len(q) for q in self._levels[: req.priority])
             self._levels[req.priority - 1].append(req)
-            self._on_depth(depth + 1)
+            self.on_depth(depth + 1)
             # notify_all: a single wake-up could land on an instance that is gathering a batch of
             # another shape and ignores this request, while an idle instance sleeps on.
             self._cv.notify_all()
@@ -60,7 +60,7 @@ class Scheduler:
                 self._levels[req.priority - 1].remove(req)
             except ValueError:
                 return False
-            self._on_depth(sum(len(q) for q in self._levels))
+            self.on_depth(sum(len(q) for q in self._levels))
             return True
 
     def close(self) -> list[EngineRequest]:
@@ -70,7 +70,7 @@ class Scheduler:
             left = [r for q in self._levels for r in q]
             for q in self._levels:
                 q.clear()
-            self._on_depth(0)
+            self.on_depth(0)
             self._cv.notify_all()
             return left
 
@@ -120,7 +120,7 @@ class Scheduler:
                 head = self._pop_head(now)
                 if head is not None:
                     break
-                self._on_depth(sum(len(q) for q in self._levels))  # 0, or requests left to gathering instances
+                self.on_depth(sum(len(q) for q in self._levels))  # 0, or requests left to gathering instances
                 self._cv.wait(timeout=self._next_wakeup())
             batch = [head]
             if self._max_batch > 1:
@@ -145,5 +145,5 @@ class Scheduler:
                 req.phase = RequestPhase.RUNNING
                 req.started_at = started
                 req.batch_size = len(batch)
-            self._on_depth(sum(len(q) for q in self._levels))
+            self.on_depth(sum(len(q) for q in self._levels))
             return batch
