@@ -309,6 +309,7 @@ def test_list_models_and_get_model(client):
     assert [(v.version, v.state) for v in info.versions] == [(1, "ready")]
     d = info.defaults
     assert (d["num_frames"], d["width"], d["height"], d["num_inference_steps"], d["decode_chunk_size"]) == (4, W, H, 4, 2)
+    assert d["jpeg_quality"] == 90  # every default a request can leave unset
     assert info.limits["max_num_frames"] == 16 and info.limits["max_width"] == 256
     assert info.limits["max_decode_chunk_size"] == 16
     assert info.max_batch_size == 2 and info.instances == 1

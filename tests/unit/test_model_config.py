@@ -119,6 +119,17 @@ BAD = [
      "multiple of 8"),
     ('backend: "svd" parameters { key: "default_num_frames" value { string_value: "40" } }',
      "parameters['default_num_frames']", "max_num_frames"),
+    # every default by the rules a request's value meets (else READY, and every request refused)
+    ('backend: "svd" parameters { key: "default_fps" value { string_value: "0" } }', "parameters['default_fps']",
+     "0 is outside 1..240"),
+    ('backend: "svd" parameters { key: "default_motion_bucket_id" value { string_value: "5000" } }',
+     "parameters['default_motion_bucket_id']", "outside 0..1023"),
+    ('backend: "svd" parameters { key: "default_min_guidance_scale" value { string_value: "5" } }',
+     "parameters['default_min_guidance_scale']", "above max_guidance_scale 3.0"),
+    ('backend: "svd" parameters { key: "default_noise_aug_strength" value { string_value: "nan" } }',
+     "parameters['default_noise_aug_strength']", ""),
+    ('backend: "svd" parameters { key: "default_jpeg_quality" value { string_value: "0" } }',
+     "parameters['default_jpeg_quality']", "outside 1..100"),
     ('backend: "svd" model_warmup [ { inputs { key: "frames" value: "2" } } ]', "model_warmup[0].inputs", "unknown keys"),
     ('backend: "svd" parameters [ { key: "max_decode_chunk_size" value { string_value: "4" } }, '
      '{ key: "default_decode_chunk_size" value { string_value: "8" } } ]', "parameters['default_decode_chunk_size']",

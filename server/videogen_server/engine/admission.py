@@ -59,7 +59,7 @@ def resolve_params(p: GenerationParams, d: GenerationDefaults, lim: GenerationLi
     chunk = chunk_default if p.decode_chunk_size is None else _int_in("decode_chunk_size", p.decode_chunk_size, 1,
                                                                        lim.decode_chunk_limit)
     chunk = min(chunk, num_frames)
-    quality = d.jpeg_quality if p.jpeg_quality is None else _int_in("output.jpeg_quality", p.jpeg_quality, 1, 100)
+    quality = _int_in("output.jpeg_quality", d.jpeg_quality if p.jpeg_quality is None else p.jpeg_quality, 1, 100)
     video_fps = fps if p.video_fps is None else _int_in("output.video_fps", p.video_fps, 1, 240)
     stream_video = True if p.stream_video is None else p.stream_video
     if p.frame_encoding is FrameEncoding.NONE and not stream_video:

@@ -317,3 +317,13 @@ def _check_defaults_within_limits(d: GenerationDefaults, lim: GenerationLimits, 
     for field, ok, rule in checks:
         if not ok:
             raise fail(f"parameters[{field!r}]", f"must be {rule}")
+    # the rest by the rules a request's own values meet (admission's, in one place): a bad default would
+    # load READY and then refuse every request that leaves the field unset, naming a field it never sent
+    from ..domain import GenerationParams
+    from ..errors import InvalidRequest
+    from .admission import resolve_params
+
+    try:
+        resolve_params(GenerationParams(seed=0), d, lim)
+    except InvalidRequest as err:
+        raise fail(f"parameters['default_{err.field.removeprefix('output.')}']", err.reason) from None

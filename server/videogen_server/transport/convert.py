@@ -110,7 +110,7 @@ def defaults_to_pb(d: GenerationDefaults, lim: GenerationLimits) -> pb.Generatio
         width=d.width, height=d.height, num_frames=d.num_frames, num_inference_steps=d.num_inference_steps,
         fps=d.fps, motion_bucket_id=d.motion_bucket_id, noise_aug_strength=d.noise_aug_strength,
         min_guidance_scale=d.min_guidance_scale, max_guidance_scale=d.max_guidance_scale,
-        decode_chunk_size=min(d.decode_chunk_size or lim.decode_chunk_limit, d.num_frames))
+        decode_chunk_size=min(d.decode_chunk_size or lim.decode_chunk_limit, d.num_frames), jpeg_quality=d.jpeg_quality)
 
 
 def limits_to_pb(lim: GenerationLimits) -> pb.GenerationLimits:
