@@ -11,6 +11,7 @@ import math
 import secrets
 import warnings
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import InvalidRequest
@@ -103,12 +104,22 @@ def fit_image(image: Image.Image, params: ResolvedParams) -> Image.Image:
     return image if box == (0, 0, w, h) else image.crop(box)
 
 
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Pillow's RGB conversion, except for 16-bit grayscale (PNG), which Pillow opens as integer
+    pixels and converts by clipping at 255: all but the darkest tones white. Its high byte is the
+    8-bit picture (diffusers' `load_image` keeps the clipped one)."""
+    if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I (32-bit integers holding 16-bit samples)
+        pixels = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8
+        img = Image.fromarray(pixels.astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def decode_image(data: bytes, lim: GenerationLimits) -> Image.Image:
     """Decode the conditioning image to RGB, refusing oversized payloads and decompression bombs.
 
     The pixel count is checked from the header before any pixel is decoded. Animated images use
     their first frame; an EXIF orientation is applied (a portrait phone photo stays portrait); RGBA,
-    grayscale, palette and CMYK images are converted to RGB.
+    grayscale (8 or 16 bits), palette and CMYK images are converted to RGB.
     """
     if not data:
         raise InvalidRequest("image", "required: encoded PNG, JPEG or WebP bytes")
@@ -125,7 +136,7 @@ def decode_image(data: bytes, lim: GenerationLimits) -> Image.Image:
                 raise InvalidRequest("image", f"{w}x{h} pixels exceeds the model's limit of {lim.max_image_pixels}")
             img.seek(0)
             img.load()
-            rgb = _upright(img).convert("RGB")
+            rgb = _to_rgb(_upright(img))
     except InvalidRequest:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
