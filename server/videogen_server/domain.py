@@ -70,8 +70,13 @@ class ResolvedParams:
     @property
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one denoising batch (same tensor shapes and steps)."""
-        return (self.width, self.height, self.num_frames, self.num_inference_steps,
-                self.max_guidance_scale > 1.0)
+        return (self.width, self.height, self.num_frames, self.num_inference_steps, self.guided)
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance runs (the UNet's batch doubles): some frame's scale, of
+        linspace(min_guidance_scale, max_guidance_scale, num_frames), is above 1."""
+        return (self.max_guidance_scale if self.num_frames > 1 else self.min_guidance_scale) > 1.0
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -106,6 +106,24 @@ def test_parity_with_diffusers_pipeline(tiny_server, reference_pipeline, params)
     np.testing.assert_array_equal(ours, expected)
 
 
+def test_one_frame_takes_its_guidance_from_min_guidance_scale(tiny_server, reference_pipeline):
+    """A one-frame video's guidance scale is linspace(min, max, 1) = min_guidance_scale (1.0 by
+    default): no classifier-free guidance, so the UNet runs one row, not a doubled batch for nothing.
+    diffusers fails on this request (it decides by max_guidance_scale when encoding the image and by
+    the frames' scales in the loop); the frames are its frames without guidance."""
+    params = dict(seed=9, num_frames=1, num_inference_steps=3, decode_chunk_size=1)
+    unet = next(iter(tiny_server.engine.models["svd-tiny"].loaded.values())).instances[0].backend.pipe.unet
+    rows = []
+    hook = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))  # observes only
+    try:
+        ours = raw_frames(collect(tiny_server.stub(), request(**params, output=RAW)))
+    finally:
+        hook.remove()
+    assert rows == [1, 1, 1]
+    expected = (pipeline_frames(reference_pipeline, {**params, "max_guidance_scale": 1.0}) * 255).round()
+    np.testing.assert_array_equal(ours, expected.astype(np.uint8))
+
+
 def _png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)

@@ -359,7 +359,7 @@ class SVDBackend(Backend):
         pipe, dev = self.pipe, self.device
         p0 = requests[0].params
         height, width, num_frames, steps = p0.height, p0.width, p0.num_frames, p0.num_inference_steps
-        do_cfg = p0.max_guidance_scale > 1.0  # equal across a batch (part of batch_key)
+        do_cfg = p0.guided  # equal across a batch (part of batch_key)
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
