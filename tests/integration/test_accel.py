@@ -553,3 +553,18 @@ def test_compiled_decoder_warm_up_covers_every_chunk_length(tiny_model_source):
             assert frames.shape[0] == n
         assert count() - before == graphs, "a chunk length compiled after the warm-up"
         torch.testing.assert_close(frames, vae.decode(latents[:12], num_frames=12).sample, rtol=1e-4, atol=1e-4)
+
+
+def test_finalize_lets_go_of_every_model(tiny_model_source):
+    """After finalize an instance holds no module or tensor (on a GPU, what it holds stays allocated):
+    float16 instances keep a float32 copy of the VAE encoder besides the pipeline, which stayed."""
+    from videogen_server.backends.base import InstanceContext
+    from videogen_server.backends.svd.backend import SVDBackend
+
+    backend = SVDBackend()
+    backend.initialize(InstanceContext("svd-tiny", 1, tiny_model_source / "1", {"dtype": "float16"}, "cpu", 0, 1,
+                                       cpu_threads=1))
+    assert backend.vae_upcast, "the tiny VAE asks for float32 encoding in float16, as SVD's does"
+    backend.finalize()
+    held = [k for k, v in vars(backend).items() if isinstance(v, (torch.nn.Module, torch.Tensor))]
+    assert not held, held

@@ -556,6 +556,8 @@ class SVDBackend(Backend):
         if self.offload:
             self.offload.release()
         del self.pipe, self.decoder, self.offload
+        for name in ("vae_encoder32", "vae_quant_conv32"):  # float16 instances' float32 encoder (~140 MB on SVD-XT)
+            self.__dict__.pop(name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
