@@ -17,6 +17,7 @@ TRITONCLIENT ?= tritonclient[grpc]==2.73.0
 venv: $(BIN)/.installed
 
 $(BIN)/.installed: $(SOURCES)
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else f"the server needs Python 3.11+ (diffusers 0.42); $(PYTHON) is {v.major}.{v.minor}: make PYTHON=python3.11 ...")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
