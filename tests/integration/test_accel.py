@@ -568,3 +568,47 @@ def test_finalize_lets_go_of_every_model(tiny_model_source):
     backend.finalize()
     held = [k for k, v in vars(backend).items() if isinstance(v, (torch.nn.Module, torch.Tensor))]
     assert not held, held
+
+
+def test_a_request_cancelled_before_its_batch_runs_costs_no_device_work(tiny_model_source):
+    """A request cancelled between the batch's forming and its execution is dropped before its image
+    is encoded; a batch of only such requests runs nothing at all (it ran the encoders and a UNet step)."""
+    from PIL import Image
+
+    from videogen_server.backends.base import BackendRequest, InstanceContext
+    from videogen_server.backends.svd.backend import SVDBackend
+    from videogen_server.domain import GenerationParams
+    from videogen_server.engine.admission import resolve_params
+    from videogen_server.engine.model_config import GenerationDefaults, GenerationLimits
+
+    class Sender:
+        def __init__(self, cancelled: bool) -> None:
+            self.cancelled, self.events = cancelled, []
+
+        def send(self, event) -> None:
+            self.events.append(type(event).__name__)
+
+        def error(self, exc) -> None:
+            self.events.append(exc)
+
+        def is_cancelled(self) -> bool:
+            return self.cancelled
+
+    backend = SVDBackend()
+    backend.initialize(InstanceContext("svd-tiny", 1, tiny_model_source / "1", {}, "cpu", 0, 2, cpu_threads=1))
+    calls = {"image_encoder": 0, "unet": 0}
+    for name in calls:  # observe only: the modules run unchanged
+        getattr(backend.pipe, name).register_forward_pre_hook(lambda *a, n=name: calls.__setitem__(n, calls[n] + 1))
+    params = resolve_params(GenerationParams(seed=1, num_frames=2, num_inference_steps=2, width=64, height=64),
+                            GenerationDefaults(), GenerationLimits())
+    image = Image.new("RGB", (64, 64), (120, 60, 200))
+    try:
+        gone = Sender(cancelled=True)
+        backend.execute([BackendRequest("gone", params, image, gone)])
+        assert calls == {"image_encoder": 0, "unet": 0} and gone.events == []
+        kept = Sender(cancelled=False)
+        backend.execute([BackendRequest("gone", params, image, Sender(cancelled=True)),
+                         BackendRequest("kept", params, image, kept)])
+        assert calls == {"image_encoder": 1, "unet": 2} and kept.events[-1] == "Finished"
+    finally:
+        backend.finalize()

@@ -373,6 +373,8 @@ class SVDBackend(Backend):
             self.offload.use("image_encoder")
         for r in requests:
             p = r.params
+            if r.sender.is_cancelled():  # cancelled after the batch was formed: no work for it
+                continue
             try:
                 prepared = r.prepared if r.prepared is not None else self.prepare(p, r.image)
                 gen = torch.Generator(device="cpu").manual_seed(p.seed)
