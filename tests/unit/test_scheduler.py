@@ -79,3 +79,17 @@ def test_a_full_gathering_batch_leaves_the_rest_to_the_idle_instance():
         t.join(5)
     assert sorted(batches) == [["a", "b"], ["c"]]
     assert elapsed < delay + 0.5, "c waits its own batching delay, no longer"
+
+
+def test_preprocessing_admits_what_the_live_instances_can_take():
+    """Admission lets max_queue_size + capacity requests preprocess at once; a dead instance takes
+    nothing, so it does not count (else requests were preprocessed only to find the queue full)."""
+    from videogen_server.engine.engine import ModelRuntime
+
+    def runtime(*states: str) -> SimpleNamespace:
+        return SimpleNamespace(instances=[SimpleNamespace(state=s) for s in states],
+                               settings=SimpleNamespace(max_batch_size=2))
+
+    assert ModelRuntime.capacity.fget(runtime("ready", "ready")) == 4
+    assert ModelRuntime.capacity.fget(runtime("dead", "ready")) == 2
+    assert ModelRuntime.capacity.fget(runtime("dead")) == 0

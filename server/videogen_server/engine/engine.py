@@ -237,8 +237,8 @@ class ModelRuntime:
 
     @property
     def capacity(self) -> int:
-        """Requests the instances can run at once (batches of max_batch_size)."""
-        return len(self.instances) * max(1, self.settings.max_batch_size)
+        """Requests the live instances can run at once (batches of max_batch_size)."""
+        return sum(i.state != "dead" for i in self.instances) * max(1, self.settings.max_batch_size)
 
     def release_queue_slot(self) -> None:
         self.preparing -= 1
