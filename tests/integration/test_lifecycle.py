@@ -179,6 +179,23 @@ def test_a_drain_during_a_reload_waits_for_the_retiring_version(tmp_path, slow_b
         server.stop()
 
 
+def test_a_stop_during_a_reload_does_not_wait_for_the_new_version_to_load(tmp_path, slow_backend):
+    """A load cut short by the shutdown is left to finish on its own threads (a compile: minutes, past
+    the orchestrator's stop grace); the stop waits for the versions that served, not for it."""
+    init = 4.0
+    server = ServerThread(slow_repo(tmp_path, init_seconds=init), model_control_mode="explicit",
+                          load_models=("a",), drain_grace_seconds=1.0).start()
+    try:
+        stub = server.stub()
+        in_thread(lambda: stub.LoadModel(pb.LoadModelRequest(name="a")))  # in place: version 1 again
+        wait_until(lambda: slow_backend.LOADS == [1] and len(server.engine._runtimes) == 2)
+        t0 = time.monotonic()
+        server.run(server.server.stop(), timeout=60)
+        assert time.monotonic() - t0 < init - 1, "the stop waited for the reload's initialize"
+    finally:
+        server.stop()
+
+
 def test_an_in_place_reload_keeps_the_version_ready_in_metrics(tmp_path, slow_backend):
     """LoadModel of a loaded model (or the poller after a file change) replaces a version by a new
     runtime of the same number; while the old one finishes its requests, the version serves, and

@@ -399,12 +399,14 @@ class Engine:
 
     async def shutdown(self, grace: float = 0.0) -> None:
         self.begin_drain()
-        # loads and unloads still in flight stop here; their runtimes (loading, or retiring after a
-        # reload) are in _runtimes until stopped, and are unloaded below with the rest
+        # loads and unloads still in flight stop here; their runtimes (retiring after a reload, or still
+        # loading) are in _runtimes until stopped, and the retiring ones are unloaded below with the rest
         for task in list(self._control_tasks):
             task.cancel()
         await asyncio.gather(*self._control_tasks, return_exceptions=True)
-        await asyncio.gather(*(rt.unload(grace) for rt in list(self._runtimes)))
+        # A load cut short closed its queue; its instances finish initialising and warming up (a
+        # compile: minutes), find no work and exit. Not waited for: the process is going.
+        await asyncio.gather(*(rt.unload(grace) for rt in list(self._runtimes) if rt.state != "LOADING"))
         self._media.shutdown(wait=False, cancel_futures=True)
         self._decode.shutdown(wait=False, cancel_futures=True)
 
