@@ -108,8 +108,8 @@ class InstanceCollector(Collector):
                                          "after its warm-up (requests outside the warmed shape set)",
                                          labels=["model", "version", "instance"])
         fallbacks = CounterMetricFamily("videogen_eager_fallbacks", "Phases of a batch (denoising, VAE decode) "
-                                        "this instance ran uncompiled after its warm-up, at a shape the warm-up "
-                                        "did not compile", labels=["model", "version", "instance"])
+                                        "this instance ran uncompiled: at a shape its warm-up did not compile, or "
+                                        "past torch.compile's recompile limit", labels=["model", "version", "instance"])
         for model, version, instance, device, backend in self._instances():
             try:
                 mem = backend.memory_stats()

@@ -6,6 +6,8 @@ cpu_offload needs a GPU, so its phase logic is checked on the meta device instea
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -612,3 +614,17 @@ def test_a_request_cancelled_before_its_batch_runs_costs_no_device_work(tiny_mod
         assert calls == {"image_encoder": 1, "unet": 2} and kept.events[-1] == "Finished"
     finally:
         backend.finalize()
+
+
+def test_an_unwritable_compile_cache_dir_fails_the_load_naming_the_parameter(tmp_path, monkeypatch):
+    """Caught when the instance starts, not minutes later in the warm-up's first compile with an
+    error from deep inside Inductor. (Checked where the process has not picked its cache folder yet:
+    the first model to set one wins, see use_compile_cache.)"""
+    from videogen_server.backends.svd import accel
+
+    monkeypatch.setattr(accel, "_cache_dir", None)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=r"compile_cache_dir: .*a-file/cache is not a folder this process can write"):
+        accel.use_compile_cache(str(tmp_path / "a-file" / "cache"))
+    assert accel._cache_dir is None and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "before")

@@ -552,10 +552,17 @@ def use_compile_cache(path: str) -> None:
     """
     global _cache_dir
     import os
+    import tempfile
 
     with _cache_lock:
         if _cache_dir is None:
-            os.makedirs(path, exist_ok=True)
+            # here, naming the parameter: else Inductor fails in the warm-up's first compile, minutes in
+            try:
+                os.makedirs(path, exist_ok=True)
+                tempfile.TemporaryFile(dir=path).close()
+            except OSError as err:
+                raise ValueError(f"compile_cache_dir: {path} is not a folder this process can write "
+                                 f"({err.strerror or err})") from None
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
             os.environ["TRITON_CACHE_DIR"] = os.path.join(path, "triton")
             _cache_dir = path

@@ -82,7 +82,8 @@ PARAMETERS = {
                         "without guidance, which halves the UNet's batch): eager runs that phase (denoising or VAE "
                         "decode) uncompiled, at eager speed, and counts it in videogen_eager_fallbacks_total | "
                         "compile builds its graph while serving (minutes on a GPU, with the instance's queue "
-                        "waiting) and counts it in videogen_recompiles_total"),
+                        "waiting) and counts it in videogen_recompiles_total. Past torch's recompile limit a "
+                        "shape runs eager either way"),
     "fp8": ("false", "UNet linear layers as FP8 e4m3 matrix products (dynamic per-row activation scales, "
             "per-channel weight scales); GPUs of compute capability 8.9+ (Ada, Hopper); changes frames slightly"),
     "fuse_qkv": ("false", "one projection for attention query/key/value instead of three"),
@@ -483,9 +484,14 @@ class SVDBackend(Backend):
                     break
                 t_chunk = time.perf_counter()
                 part = video[start:start + chunk]
+                frames = None
                 if decoder is not None:
-                    frames = decoder(part).float()
-                else:
+                    try:
+                        frames = decoder(part).float()
+                    except accel.RECOMPILE_LIMIT_HIT:  # a guard that failed at a warmed size
+                        self._limit_hit("VAE decode", size)
+                        decoder = None
+                if frames is None:
                     frames = pipe.vae.decode(part, num_frames=part.shape[0]).sample.float()
                 frames = _to_uint8(frames, pipe.video_processor.config.do_normalize)
                 r.sender.send(FramesDecoded(c, start, frames, decode_s=time.perf_counter() - t_chunk))
@@ -514,9 +520,7 @@ class SVDBackend(Backend):
         what compiles) and under `unwarmed_shapes: compile`; once serving, only at shapes the warm-up
         compiled, so that no request stalls its instance for a compile. Never at a shape Dynamo
         refused for its recompile limit. Else the phase runs eager: see _fell_back."""
-        if shape in warmed:
-            return True
-        if (phase, shape) not in self._over_limit and (self.graphs_after_warmup is None
+        if (phase, shape) not in self._over_limit and (shape in warmed or self.graphs_after_warmup is None
                                                        or self.unwarmed_shapes == "compile"):
             return True
         self._fell_back(phase, shape, "the warm-up did not compile it (add a model_warmup request of that size, "
