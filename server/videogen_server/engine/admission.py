@@ -108,9 +108,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """Pillow's RGB conversion, except for 16-bit grayscale (PNG), which Pillow opens as integer
     pixels and converts by clipping at 255: all but the darkest tones white. Its high byte is the
     8-bit picture (diffusers' `load_image` keeps the clipped one)."""
-    if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I (32-bit integers holding 16-bit samples)
-        pixels = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8
-        img = Image.fromarray(pixels.astype(np.uint8), "L")
+    if img.mode.startswith("I;16"):  # I;16, I;16B, I;16L: unsigned 16-bit samples
+        img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8), "L")
+    elif img.mode == "I":  # 32-bit integers holding 16-bit samples (older Pillow's 16-bit PNG)
+        img = Image.fromarray((np.asarray(img).clip(0, 65535) >> 8).astype(np.uint8), "L")
     return img.convert("RGB")
 
 
