@@ -1,8 +1,12 @@
 """Fragmented MP4 (H.264, yuv420p) written incrementally into memory with PyAV.
 
-`empty_moov` puts the header first and `frag_every_frame` + `default_base_moof` make every frame a
-self-contained fragment, so the bytes can be streamed as they are produced and the concatenation of
-all chunks is a playable file (browsers' Media Source Extensions take it too).
+`frag_every_frame` + `default_base_moof` make every frame a self-contained fragment, so the bytes
+can be streamed as they are produced and the concatenation of all chunks is a playable file
+(browsers' Media Source Extensions take it too). `delay_moov` writes the header with the first
+fragment rather than before any packet (`empty_moov`): by then the muxer knows x264's B-frame decode
+delay and says it in an edit list, so the video starts at 0. Written ahead of the packets, the header
+could not, and the muxer shifted the whole timeline by the delay instead (2 frames: 0.29 s at 7 fps).
+The first bytes leave with the first frames either way.
 
 The encoder is set for a short delay, so that each decode chunk's frames leave as MP4 while the next
 chunk decodes: x264 with sliced threads (frame threads hold one frame each: on 16 cores, the whole of
@@ -20,7 +24,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-MOVFLAGS = "frag_every_frame+empty_moov+default_base_moof"
+MOVFLAGS = "frag_every_frame+delay_moov+default_base_moof"
 X264_PARAMS = "sliced-threads=1:rc-lookahead=3:sync-lookahead=0"
 
 
