@@ -49,6 +49,24 @@ def test_backend_error_is_internal_with_a_generic_message(make_repo, caplog):
         assert collect(stub, request(model="m", seed=2, **SHORT))[-1].summary.num_frames == 2
 
 
+def test_unexpected_errors_in_model_listing_are_internal_with_a_generic_message(make_repo, monkeypatch):
+    """ListModels and GetModel, as every call: a bug's exception text never reaches the caller (it was
+    UNKNOWN with the exception's class and message). The fault is injected into the engine's method."""
+    from videogen.v1 import videogen_pb2 as pb
+
+    with ServerThread(make_repo({"m": None})) as server:
+        def broken(*args, **kwargs):
+            raise RuntimeError("secret internals")
+
+        monkeypatch.setattr(server.engine, "list_models", broken)
+        monkeypatch.setattr(server.engine, "status", broken)
+        stub = server.stub()
+        for call in (lambda: stub.ListModels(pb.ListModelsRequest()), lambda: stub.GetModel(pb.GetModelRequest(name="m"))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.INTERNAL and "secret" not in err.value.details()
+
+
 def test_pickle_weights_are_refused_and_other_models_serve(make_repo):
     import torch
     from safetensors.torch import load_file

@@ -10,7 +10,7 @@ import grpc
 from videogen.v1 import videogen_pb2 as pb
 from videogen.v1 import videogen_pb2_grpc as pb_grpc
 
-from ..errors import InvalidRequest, PermissionDenied, VideoGenError
+from ..errors import InvalidRequest, PermissionDenied
 from . import convert
 from .status import abort
 
@@ -65,12 +65,15 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
             await abort(context, exc, request_id=request_id, trailing_metadata=trailer)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[convert.model_status_to_pb(s) for s in self._engine.list_models()])
+        try:
+            return pb.ListModelsResponse(models=[convert.model_status_to_pb(s) for s in self._engine.list_models()])
+        except Exception as exc:  # unexpected ones too: INTERNAL with a generic message, as every call
+            await abort(context, exc)
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
             return convert.model_status_to_pb(self._engine.status(request.name))
-        except VideoGenError as exc:
+        except Exception as exc:
             await abort(context, exc)
 
     def _check_control(self) -> None:
