@@ -84,6 +84,19 @@ def test_queue_timeout_and_deadline_while_queued(make_repo):
         longer.join()
 
 
+def test_a_deadline_that_passes_while_running_counts_as_deadline_exceeded(make_repo):
+    """gRPC cancels the call whose deadline passes; the caller reads DEADLINE_EXCEEDED, and the
+    request metrics and log say the same (they said CANCELLED, a caller's own choice)."""
+    with ServerThread(make_repo({"m": None})) as server:
+        stub = server.stub()
+        late = Stream(stub, request(model="m", num_inference_steps=50, num_frames=4), timeout=1.5)  # ~6 s
+        assert late.progressed.wait(10)
+        assert late.join().code() == grpc.StatusCode.DEADLINE_EXCEEDED, late.error
+        wait_until(lambda: server.metric("videogen_requests_total", model="m", outcome="error",
+                                         code="DEADLINE_EXCEEDED") == 1)
+        assert server.metric("videogen_requests_total", model="m", code="CANCELLED") == 0
+
+
 def test_cancel_queued_and_running_requests_frees_them(make_repo):
     with ServerThread(make_repo({"m": tiny_config("m", one_level_queue(4))})) as server:
         stub = server.stub()

@@ -686,7 +686,9 @@ class Engine:
             seconds = time.monotonic() - t_start
             if rt is not None:
                 rt.stats.finished(ok=outcome is None, seconds=seconds, phases=phases)
-            self._account(labels, outcome, record, seconds, admitted=admitted)
+            # gRPC cancels a call whose deadline passed: the caller reads DEADLINE_EXCEEDED, and so should we
+            expired = call.deadline_s is not None and seconds >= call.deadline_s - 0.05  # (its clock started first)
+            self._account(labels, outcome, record, seconds, admitted=admitted, deadline_passed=expired)
 
     def _release_slot_after(self, rt: "ModelRuntime", job: Optional[concurrent.futures.Future]) -> None:
         """Gives a request's preprocessing slot back once its job has ended. A caller that went away
@@ -706,11 +708,11 @@ class Engine:
         job.add_done_callback(ended)
 
     def _account(self, labels: tuple[str, str], outcome: Optional[BaseException], record: dict[str, object],
-                 seconds: float, *, admitted: bool) -> None:
+                 seconds: float, *, admitted: bool, deadline_passed: bool = False) -> None:
         if outcome is None:
             code, name = "OK", "success"
         elif isinstance(outcome, (GeneratorExit, asyncio.CancelledError, RequestCancelled)):
-            code, name = "CANCELLED", "cancelled"
+            code, name = ("DEADLINE_EXCEEDED", "error") if deadline_passed else ("CANCELLED", "cancelled")
         else:
             code = status_name(outcome)
             # rejected: refused at admission, before the caller was told it was accepted (it may go elsewhere);
