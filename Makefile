@@ -12,7 +12,7 @@ SOURCES := pyproject.toml setup.py $(shell find proto server client -name '*.pro
 TRITON_VENV  ?= .venv-triton
 TRITONCLIENT ?= tritonclient[grpc]==2.73.0
 
-.PHONY: demo test venv triton-venv bench-cpu clean
+.PHONY: demo test venv triton-venv browser bench-cpu clean
 
 venv: $(BIN)/.installed
 
@@ -35,7 +35,14 @@ $(TRITON_VENV)/.installed:
 demo: venv
 	VENV=$(VENV) bash scripts/demo.sh
 
-test: venv triton-venv
+# The browser test plays the streamed MP4 in Debian's Chromium: installed here where apt-get can (as
+# root, as on CI); elsewhere that one test skips, saying so.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	    && { apt-get update -qq && apt-get install -y -qq chromium; } >/dev/null 2>&1; } \
+	    || echo "chromium not installed: tests/integration/test_browser.py will skip"
+
+test: venv triton-venv browser
 	VIDEOGEN_TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(BIN)/python -m pytest -q
 
 bench-cpu: venv

@@ -63,6 +63,12 @@ class FragmentedMP4Encoder:
         stream = self._container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": str(crf), "preset": preset, "x264-params": X264_PARAMS}
+        # Say which YUV the frames are in: libswscale converts RGB with BT.601 (SMPTE 170M) coefficients
+        # in the limited range, and a player that finds no tags guesses (Chromium: BT.709, a colour
+        # shift of ~7 levels on average). AVColorSpace/Primaries/TransferCharacteristic SMPTE170M = 6,
+        # AVColorRange MPEG = 1.
+        ctx = stream.codec_context
+        ctx.colorspace, ctx.color_primaries, ctx.color_trc, ctx.color_range = 6, 6, 6, 1
         self._stream = stream
         self._closed = False
         # add/finish run on media threads; close may come from a cancelled request meanwhile.
