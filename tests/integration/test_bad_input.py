@@ -57,6 +57,8 @@ BAD = [
     ("output.jpeg_quality", dict(output={"frame_encoding": pb.FRAME_ENCODING_JPEG, "jpeg_quality": 101})),
     ("output.frame_encoding", dict(output={"frame_encoding": pb.FRAME_ENCODING_NONE, "stream_video": False})),
     ("model", dict(model="")),
+    ("model", dict(model="svd-tiny\n2026-11-26 12:00:00 ERROR forged log line")),  # names reach the logs
+    ("model", dict(model="m" * 300)),  # and error messages: an 8 MiB name came back as 8 MB of trailers
     ("priority", dict(priority=3)),  # the tiny config has 2 levels
 ]
 
@@ -77,6 +79,9 @@ def test_unknown_model_and_version_are_not_found(tiny_server):
             collect(tiny_server.stub(), request(**fields))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert 'model="no-such-model"' not in tiny_server.scrape()
+    with pytest.raises(grpc.RpcError) as err:
+        tiny_server.stub().GetModel(pb.GetModelRequest(name="x" * 100_000))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err.value.details()) < 100
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK"])

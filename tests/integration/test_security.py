@@ -139,6 +139,21 @@ def test_bearer_tokens(repo):
         assert server.metric("videogen_requests_total", outcome="success") == 2
 
 
+def test_a_refused_call_is_not_parsed():
+    """The handler that refuses a call without a token gets the message's bytes, not a parsed message:
+    an unauthenticated caller made the server build protobuf objects of tens of MB per call."""
+    from videogen.v1 import videogen_pb2 as pb
+
+    from videogen_server.transport.auth import _denied_handler
+
+    handler = grpc.unary_stream_rpc_method_handler(lambda request, context: iter(()),
+                                                   request_deserializer=pb.GenerateRequest.FromString,
+                                                   response_serializer=pb.GenerateResponse.SerializeToString)
+    denied = _denied_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "no")
+    assert denied.request_deserializer is None and denied.unary_stream is not None
+    assert denied.response_serializer is handler.response_serializer
+
+
 def test_cli_reads_tokens_from_file_and_environment(tmp_path):
     from videogen_server.cli import _parser, config_from_args
 

@@ -155,3 +155,26 @@ def test_version_folders_are_ascii_numbers(tmp_path):
     for name in ("1", "3", "²", "x", "0"):
         (tmp_path / name).mkdir()
     assert versions_on_disk(tmp_path) == [1, 3]
+
+
+def test_oversized_tensors_are_refused_before_they_are_unpacked(monkeypatch):
+    """Every input takes one or two values; a tensor declaring or holding millions is refused before its
+    data becomes Python objects (a 60 MB UINT16 tensor was a ~1.5 GB list, built on the event loop)."""
+    import videogen_server.transport.kserve as kserve
+
+    unpacked = []
+    real_unpack = struct.unpack
+    monkeypatch.setattr(kserve.struct, "unpack", lambda fmt, data: unpacked.append(fmt) or real_unpack(fmt, data))
+    big = make()
+    big.inputs.add(name="width", datatype="UINT16", shape=[3_000_000])
+    big.raw_input_contents.append(bytes(6_000_000))
+    typed = make(raw=False)
+    typed.inputs.add(name="width", datatype="INT32", shape=[1]).contents.int_contents.extend(range(100_000))
+    many_bytes = kpb.ModelInferRequest(model_name="m")
+    many_bytes.inputs.add(name="image", datatype="BYTES", shape=[1])
+    many_bytes.raw_input_contents.append(serialize_bytes([b""] * 100_000))
+    for req, count in ((big, "3000000"), (typed, "100000"), (many_bytes, "17")):
+        with pytest.raises(InvalidRequest) as err:
+            parse(req)
+        assert err.value.field in ("width", "image") and err.value.reason.startswith(f"{count} elements"), err.value
+    assert unpacked == []

@@ -24,6 +24,9 @@ ACCEPTED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
 MAX_SEED = 2**63 - 1
 #: The CLIP preprocessing blurs with reflect padding, which needs a few pixels per side.
 MIN_IMAGE_SIDE = 8
+#: Scans a JPEG may have. A progressive JPEG has about 10; each scan costs libjpeg a pass over every
+#: block, so a few bytes of scan repeated thousands of times held a preprocessing thread for minutes.
+MAX_JPEG_SCANS = 100
 
 
 def _int_in(field: str, value: int, low: int, high: int) -> int:
@@ -135,6 +138,10 @@ def decode_image(data: bytes, lim: GenerationLimits) -> Image.Image:
                 raise InvalidRequest("image", f"{w}x{h} is smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels")
             if w * h > lim.max_image_pixels:
                 raise InvalidRequest("image", f"{w}x{h} pixels exceeds the model's limit of {lim.max_image_pixels}")
+            # start-of-scan markers: entropy-coded data stuffs every 0xFF, so FF DA is only ever a marker
+            # (an EXIF thumbnail's own scans count too)
+            if img.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+                raise InvalidRequest("image", f"a JPEG of {scans} scans (at most {MAX_JPEG_SCANS})")
             img.seek(0)
             img.load()
             rgb = _to_rgb(_upright(img))

@@ -44,6 +44,16 @@ from .stats import ModelStats, StatsSnapshot
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("videogen.requests")
 
+#: Longest model name a call may carry: names come from callers and reach logs and error messages.
+MAX_MODEL_NAME = 256
+
+
+def check_model_name(name: str) -> None:
+    """Refuses a name no repository folder could answer to before it reaches a log line (a newline
+    forged one) or an error message (an 8 MiB name came back as 8 MB of trailers)."""
+    if len(name) > MAX_MODEL_NAME or not name.isprintable():
+        raise InvalidRequest("model", f"at most {MAX_MODEL_NAME} printable characters")
+
 
 def sample_image() -> Image.Image:
     """The image that ships with the server (demo and warm-up)."""
@@ -336,7 +346,7 @@ class Engine:
             cb()
 
     def model_ready(self, name: str) -> bool:
-        entry = self.models.get(name)
+        entry = self.models.get(name) if len(name) <= MAX_MODEL_NAME else None
         return bool(entry) and not self.draining and any(rt.state == "READY" for rt in entry.loaded.values())
 
     @property
@@ -420,6 +430,7 @@ class Engine:
         good, with its instances holding the device. A load asked for while one of the same model is in
         flight joins it (a client retrying a LoadModel whose deadline passes would otherwise queue one
         full reload, a recompile, per retry)."""
+        check_model_name(name)
         entry = self.models.get(name)
         task = entry.loading if entry is not None else None
         if task is None or task.done():
@@ -434,6 +445,7 @@ class Engine:
 
     async def unload_model(self, name: str) -> None:
         """Unload every version of a model; like a load, it runs to its end whatever the caller does."""
+        check_model_name(name)
         await asyncio.shield(self._start_control(self._unload_model(name)))
 
     def _start_control(self, coro) -> asyncio.Task[None]:
@@ -561,6 +573,7 @@ class Engine:
                 yield from rt.instance_rows()
 
     def status(self, name: str) -> ModelStatus:
+        check_model_name(name)
         entry = self.models.get(name)
         if entry is None:
             raise ModelNotFound(f"model {name!r} is not in the repository")
@@ -584,6 +597,7 @@ class Engine:
         `name` empty: every model; `version` None: every loaded version. A named model that is not in
         the repository raises ModelNotFound; one with no loaded version (or not that version) NotReady.
         """
+        check_model_name(name)
         if name and name not in self.models:
             raise ModelNotFound(f"model {name!r} is not in the repository")
         out = [(n, v, rt.stats.snapshot()) for n in sorted(self.models) if not name or n == name
@@ -602,12 +616,14 @@ class Engine:
         labels = ("", "")
         t_start = time.monotonic()
         outcome: Optional[BaseException] = None
-        record: dict[str, object] = {"request_id": request_id, "model": call.model}
+        record: dict[str, object] = {"request_id": request_id, "model": ""}
         rt: Optional[ModelRuntime] = None
         req: Optional[EngineRequest] = None
         admitted = False  # queued: from here on the request is counted in flight and must be let go
         phases: dict[str, float] = {}  # exact phase seconds, for the version's statistics
         try:
+            check_model_name(call.model)
+            record["model"] = call.model
             if self.draining:
                 raise Draining("the server is shutting down")
             entry = self.models.get(call.model)

@@ -23,7 +23,9 @@ def _denied_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, messa
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    # no request deserializer: a refused call's message is not parsed (an unauthenticated caller could
+    # otherwise make the server build tens of MB of protobuf objects per call before hearing no)
+    kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(abort_unary, **kw)
     if handler.unary_stream:

@@ -117,10 +117,22 @@ def _f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
+#: Elements an input tensor may declare or hold: every input takes one or two values, so anything far
+#: above is refused before it is unpacked (a 60 MB UINT16 tensor became a ~1.5 GB list of ints, on
+#: the event loop).
+MAX_TENSOR_ELEMENTS = 16
+
+
+def _too_many(name: str, count: int) -> InvalidRequest:
+    return InvalidRequest(name, f"{count} elements; the model's inputs take one or two values")
+
+
 def _deserialize_bytes(name: str, raw: bytes) -> list[bytes]:
     """Triton's BYTES serialization: each element is a 4-byte little-endian length, then the bytes."""
     out, i = [], 0
     while i < len(raw):
+        if len(out) >= MAX_TENSOR_ELEMENTS:
+            raise _too_many(name, len(out) + 1)
         if i + 4 > len(raw):
             raise InvalidRequest(name, "BYTES data is truncated (4-byte length prefix expected)")
         (n,) = struct.unpack_from("<I", raw, i)
@@ -141,6 +153,10 @@ def _tensor_values(t: kpb.ModelInferRequest.InferInputTensor, raw: Optional[byte
     if any(d < 0 for d in t.shape):
         raise InvalidRequest(name, f"shape {list(t.shape)} has a negative dimension")
     count = math.prod(t.shape)
+    if count > MAX_TENSOR_ELEMENTS:
+        raise _too_many(name, count)
+    if raw is None and dt in _CONTENTS and len(getattr(t.contents, _CONTENTS[dt])) > MAX_TENSOR_ELEMENTS:
+        raise _too_many(name, len(getattr(t.contents, _CONTENTS[dt])))
     if dt == "BYTES":
         values: list[Any] = _deserialize_bytes(name, raw) if raw is not None else list(t.contents.bytes_contents)
     elif dt in _STRUCT:
