@@ -384,3 +384,33 @@ def test_a_full_queue_is_unavailable_over_the_triton_protocol(make_repo):
         assert server.metric("videogen_requests_total", model="m", outcome="rejected", code="RESOURCE_EXHAUSTED") == 2
         running.call.cancel()
         running.join(), queued.join()
+
+
+def test_a_stream_whose_client_does_not_read_holds_bounded_work(tiny_server, monkeypatch):
+    """ModelStreamInfer reads at most STREAM_MAX_IN_FLIGHT requests ahead of their answers and queues at
+    most STREAM_MAX_QUEUED responses: a client that sends without reading stops being read (800 000
+    unread answers held 1.1 GB). The requests here fail at once (no image), so only the response bound
+    and gRPC's own write window hold them back; once the client reads, every one is answered."""
+    from inference import grpc_service_pb2 as kpb
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+
+    from videogen_server.transport.kserve import KServeServicer
+
+    started = []
+    stream_one = KServeServicer._stream_one
+
+    def counted(self, req, context):
+        started.append(req.id)
+        return stream_one(self, req, context)
+
+    monkeypatch.setattr(KServeServicer, "_stream_one", counted)  # counts, then runs unchanged
+    sent = 6000
+    # the default 64 KiB receive window (no BDP probing, which would grow it to hold every answer)
+    with grpc.insecure_channel(tiny_server.target, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        call = kpb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+            iter([kpb.ModelInferRequest(model_name=MODEL, id=str(i)) for i in range(sent)]), timeout=60)
+        time.sleep(3)  # not reading
+        read_unanswered = len(started)
+        assert read_unanswered < sent / 2, f"{read_unanswered} of {sent} requests were read while nothing was answered"
+        answered = [r.infer_response.id for r in call]
+    assert len(answered) == sent and len(started) == sent

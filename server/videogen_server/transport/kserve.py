@@ -427,6 +427,11 @@ _STARTED = object()
 _FINISHED = object()
 
 
+#: Requests of one ModelStreamInfer stream running at once, and responses waiting to be read.
+STREAM_MAX_IN_FLIGHT = 64
+STREAM_MAX_QUEUED = 256
+
+
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine, *, model_control_mode: str) -> None:
         self._engine = engine
@@ -590,19 +595,28 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         client cancels it (tritonclient's stop_stream(cancel_requests=True)) or disconnects, every
         running request is cancelled through the engine (its instance stops at the next step).
         """
+        # Bounded both ways, so a client that sends without reading holds a bounded amount of memory
+        # (800 000 unread error responses were 1.1 GB): at most STREAM_MAX_IN_FLIGHT requests of a
+        # stream run at once (the next ones wait unread, and gRPC's flow control slows the sender), and
+        # at most STREAM_MAX_QUEUED responses wait for the client to read them (the markers, two a
+        # request at most, are never held back: a stream's teardown must not wait on a full queue).
         out: asyncio.Queue[Any] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
+        slots, room = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT), asyncio.Semaphore(STREAM_MAX_QUEUED)
 
         async def serve(req: kpb.ModelInferRequest) -> None:
             try:
                 async for message in self._stream_one(req, context):
+                    await room.acquire()
                     out.put_nowait(message)
             finally:
+                slots.release()
                 out.put_nowait(_FINISHED)
 
         async def read() -> None:
             try:
                 async for req in request_iterator:
+                    await slots.acquire()
                     out.put_nowait(_STARTED)  # queued before the task's _FINISHED
                     task = asyncio.create_task(serve(req))
                     running.add(task)
@@ -622,7 +636,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 elif item is _FINISHED:
                     pending -= 1
                 else:
-                    yield item
+                    yield item  # returns once gRPC has taken it (flow control: the client reads)
+                    room.release()
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 log.warning("ModelStreamInfer: reading the request stream failed: %r", reader.exception())
         finally:
