@@ -145,6 +145,17 @@ def test_a_model_folder_linking_outside_the_repository_is_not_served(make_repo, 
     assert repository.scan((repo,)) == {}
 
 
+def test_a_model_folder_whose_name_no_call_could_carry_is_not_served(tmp_path):
+    """Model names are at most 256 printable characters in every call; a folder named otherwise is left
+    out of the repository (it failed the server's start-up, whose loads check the name)."""
+    from videogen_server.engine import repository
+
+    for name in ("ok", "line\nbreak", "tab\there"):  # (folder names are at most 255 bytes anyway)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.pbtxt").write_text(f'name: "{name[:8]}"\nbackend: "svd"\n')
+    assert list(repository.scan((tmp_path,))) == ["ok"]
+
+
 def test_out_of_memory_in_a_batch_fails_only_the_request_that_does_not_fit(make_repo):
     """The batch runs out of memory; its requests run again one by one: the one that does not fit
     alone gets RESOURCE_EXHAUSTED, the other completes, streaming each step once."""

@@ -34,6 +34,7 @@ from ..metrics import InstanceCollector, Metrics, NvmlReader
 from ..domain import (AcceptedEvent, EngineEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams,
                      ProgressEvent, ResolvedParams, SummaryEvent, VideoEvent)
 from . import repository
+from .repository import MAX_MODEL_NAME, check_model_name
 from .admission import decode_image, fit_image, resolve_params
 from .instance import Instance, WarmupSender
 from .model_config import InstanceGroup, ModelSettings, resolve_instance_groups
@@ -43,16 +44,6 @@ from .stats import ModelStats, StatsSnapshot
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("videogen.requests")
-
-#: Longest model name a call may carry: names come from callers and reach logs and error messages.
-MAX_MODEL_NAME = 256
-
-
-def check_model_name(name: str) -> None:
-    """Refuses a name no repository folder could answer to before it reaches a log line (a newline
-    forged one) or an error message (an 8 MiB name came back as 8 MB of trailers)."""
-    if len(name) > MAX_MODEL_NAME or not name.isprintable():
-        raise InvalidRequest("model", f"at most {MAX_MODEL_NAME} printable characters")
 
 
 def sample_image() -> Image.Image:

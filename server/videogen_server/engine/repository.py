@@ -7,10 +7,20 @@ from pathlib import Path
 from typing import Mapping
 
 from ..backends.base import load_backend_class
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidRequest
 from .model_config import DEFAULT_MAX_QUEUE_SIZE, ModelSettings, parse_config_file, settings_from_proto
 
 log = logging.getLogger(__name__)
+
+#: Longest model name: names come from callers too, and reach logs and error messages.
+MAX_MODEL_NAME = 256
+
+
+def check_model_name(name: str) -> None:
+    """Refuses a name no served model has before it reaches a log line (a newline forged one) or an
+    error message (an 8 MiB name came back as 8 MB of trailers)."""
+    if len(name) > MAX_MODEL_NAME or not name.isprintable():
+        raise InvalidRequest("model", f"at most {MAX_MODEL_NAME} printable characters")
 
 
 def scan(repositories: tuple[Path, ...]) -> dict[str, Path]:
@@ -21,6 +31,10 @@ def scan(repositories: tuple[Path, ...]) -> dict[str, Path]:
             raise ConfigError(str(repo), "--model-repository", "is not a directory")
         for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if not (model_dir / "config.pbtxt").is_file():
+                continue
+            if len(model_dir.name) > MAX_MODEL_NAME or not model_dir.name.isprintable():
+                log.error("model folder %r: a name of at most %d printable characters is needed; not served",
+                          model_dir.name[:64], MAX_MODEL_NAME)
                 continue
             if not model_dir.resolve().is_relative_to(repo.resolve()):
                 log.error("model folder %s leads outside its repository (%s); not served", model_dir, repo)
