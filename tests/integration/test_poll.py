@@ -112,3 +112,16 @@ def test_model_ready_follows_rollouts_failures_and_unloads(make_repo):
         wait_for(lambda: not _series(server, "videogen_model_ready", model="broken")
                  and not _series(server, "videogen_model_ready", model="bad"))
         assert server.metric("videogen_model_ready", model="a", version="2") == 1
+
+
+def test_no_reload_starts_once_a_drain_has(make_repo):
+    """A drain ends the polling: a config changed during it would start a reload (a compile, minutes)
+    that the shutdown then cancels. The edit is picked up by the next start instead."""
+    repo = make_repo({"a": tiny_config("a")})
+    with ServerThread(repo, model_control_mode="poll", repository_poll_seconds=0.2) as server:
+        runtime = server.engine.models["a"].loaded[1]
+        server.loop.call_soon_threadsafe(server.engine.begin_drain)
+        wait_for(lambda: server.engine._poller.done())
+        (repo / "a" / "config.pbtxt").write_text(tiny_config("a") + "\n# edited\n")
+        time.sleep(1.0)  # five poll periods
+        assert server.engine.models["a"].loaded[1] is runtime and not server.engine._control_tasks
