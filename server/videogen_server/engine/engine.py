@@ -34,7 +34,7 @@ from ..metrics import InstanceCollector, Metrics, NvmlReader
 from ..domain import (AcceptedEvent, EngineEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams,
                      ProgressEvent, ResolvedParams, SummaryEvent, VideoEvent)
 from . import repository
-from .repository import MAX_MODEL_NAME, check_model_name
+from .repository import check_model_name, is_model_name
 from .admission import decode_image, fit_image, resolve_params
 from .instance import Instance, WarmupSender
 from .model_config import InstanceGroup, ModelSettings, resolve_instance_groups
@@ -337,7 +337,7 @@ class Engine:
             cb()
 
     def model_ready(self, name: str) -> bool:
-        entry = self.models.get(name) if len(name) <= MAX_MODEL_NAME else None
+        entry = self.models.get(name) if is_model_name(name) else None
         return bool(entry) and not self.draining and any(rt.state == "READY" for rt in entry.loaded.values())
 
     @property

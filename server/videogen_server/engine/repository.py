@@ -16,10 +16,14 @@ log = logging.getLogger(__name__)
 MAX_MODEL_NAME = 256
 
 
+def is_model_name(name: str) -> bool:
+    return len(name) <= MAX_MODEL_NAME and name.isprintable()
+
+
 def check_model_name(name: str) -> None:
     """Refuses a name no served model has before it reaches a log line (a newline forged one) or an
     error message (an 8 MiB name came back as 8 MB of trailers)."""
-    if len(name) > MAX_MODEL_NAME or not name.isprintable():
+    if not is_model_name(name):
         raise InvalidRequest("model", f"at most {MAX_MODEL_NAME} printable characters")
 
 
@@ -32,7 +36,7 @@ def scan(repositories: tuple[Path, ...]) -> dict[str, Path]:
         for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if not (model_dir / "config.pbtxt").is_file():
                 continue
-            if len(model_dir.name) > MAX_MODEL_NAME or not model_dir.name.isprintable():
+            if not is_model_name(model_dir.name):
                 log.error("model folder %r: a name of at most %d printable characters is needed; not served",
                           model_dir.name[:64], MAX_MODEL_NAME)
                 continue
