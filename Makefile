@@ -12,7 +12,7 @@ SOURCES := pyproject.toml setup.py $(shell find proto server client -name '*.pro
 TRITON_VENV  ?= .venv-triton
 TRITONCLIENT ?= tritonclient[grpc]==2.73.0
 
-.PHONY: demo test venv triton-venv browser bench-cpu clean
+.PHONY: demo test venv triton-venv test-tools bench-cpu clean
 
 venv: $(BIN)/.installed
 
@@ -35,14 +35,19 @@ $(TRITON_VENV)/.installed:
 demo: venv
 	VENV=$(VENV) bash scripts/demo.sh
 
-# The browser test plays the streamed MP4 in Debian's Chromium: installed here where apt-get can (as
-# root, as on CI); elsewhere that one test skips, saying so.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-	    && { apt-get update -qq && apt-get install -y -qq chromium; } >/dev/null 2>&1; } \
-	    || echo "chromium not installed: tests/integration/test_browser.py will skip"
+# Two tests use Debian programs a user would run against the server: the browser test plays the streamed
+# MP4 in Chromium, the Prometheus test scrapes the server with a real Prometheus and runs the alert rules'
+# unit tests with promtool. Installed here where apt-get can (as root, as on CI); elsewhere those tests
+# skip, saying so.
+TEST_TOOLS := chromium:chromium prometheus:prometheus promtool:prometheus
 
-test: venv triton-venv browser
+test-tools:
+	@missing=$$(for t in $(TEST_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || echo $${t#*:}; done | sort -u); \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	    && { apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; } >/dev/null 2>&1; } \
+	    || echo "not installed: $$missing (tests/integration/test_browser.py, test_prometheus.py skip without them)"
+
+test: venv triton-venv test-tools
 	VIDEOGEN_TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(BIN)/python -m pytest -q
 
 bench-cpu: venv
