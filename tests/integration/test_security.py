@@ -129,14 +129,40 @@ def test_bearer_tokens(repo):
             assert client.list_models()[0].name == "svd-tiny"
         with pytest.raises(ValueError, match="token"):
             VideoGenClient(server.target, token="tok one")
-        # probes carry no token: health stays open
+        # probes carry no token: the server's own health stays open ...
         channel = grpc.insecure_channel(server.target)
-        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
-        assert status == health_pb2.HealthCheckResponse.SERVING
+        health = health_pb2_grpc.HealthStub(channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for service in ("", "videogen.v1.VideoGen", "inference.GRPCInferenceService"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == serving, service
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == serving
+        watch.cancel()
+        # ... a model's needs a token, whether the model exists or not (no guessing names without one)
+        for service in ("videogen.v1.VideoGen/svd-tiny", "videogen.v1.VideoGen/nope", "x"):
+            with pytest.raises(grpc.RpcError) as refused:
+                health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, service
+            with pytest.raises(grpc.RpcError) as refused:
+                next(health.Watch(health_pb2.HealthCheckRequest(service=service)))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, service
+        with pytest.raises(grpc.RpcError) as refused:
+            health.Check(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen/svd-tiny"),
+                         metadata=(("authorization", "Bearer wrong"),))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        auth = (("authorization", "Bearer tok-two"),)
+        assert health.Check(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen/svd-tiny"),
+                            metadata=auth).status == serving
+        with pytest.raises(grpc.RpcError) as unknown:
+            health.Check(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen/nope"), metadata=auth)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         channel.close()
+        # the SDK's client-side health checking (its channel watches videogen.v1.VideoGen, without a token)
+        with VideoGenClient(server.target, token="tok-one", health_check=True) as client:
+            assert _run(client).summary.num_frames == 1
         # nothing reached the engine without a token
         assert server.metric("videogen_requests_total", code="UNAUTHENTICATED") == 0
-        assert server.metric("videogen_requests_total", outcome="success") == 2
+        assert server.metric("videogen_requests_total", outcome="success") == 3
 
 
 def test_a_refused_call_is_not_parsed():

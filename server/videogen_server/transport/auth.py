@@ -1,4 +1,4 @@
-"""Bearer-token authentication for every RPC but health checks (probes carry no token)."""
+"""Bearer-token authentication for every RPC but the server's own health checks (probes carry no token)."""
 from __future__ import annotations
 
 import hmac
@@ -9,8 +9,9 @@ import grpc
 from ..errors import Unauthenticated
 from .status import to_status
 
-#: Methods callable without a token: Kubernetes and load-balancer probes.
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+#: Methods callable without a token: Kubernetes and load-balancer probes, for the services the server
+#: names open (BearerTokenInterceptor's `open_health_services`); other names (a model's) need a token.
+HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
 
 
 def _denied_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
@@ -42,8 +43,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     the time taken says nothing about how much of a token matched or which one.
     """
 
-    def __init__(self, tokens: Iterable[str]) -> None:
+    def __init__(self, tokens: Iterable[str], open_health_services: Iterable[str] = ("",)) -> None:
         self._tokens = [t.encode() for t in tokens]
+        self._open_health = frozenset(open_health_services)
 
     def _authorized(self, metadata) -> bool:
         header = ""
@@ -62,9 +64,31 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_METHOD_PREFIXES):
-            return handler
-        if self._authorized(details.invocation_metadata):
+        if handler is None or self._authorized(details.invocation_metadata):
             return handler
         code, message = to_status(Unauthenticated("a valid bearer token is required (authorization: Bearer <token>)"))
+        if details.method.startswith(HEALTH_METHOD_PREFIX):
+            return self._health_handler(handler, code, message)
         return _denied_handler(handler, code, message)
+
+    def _health_handler(self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
+                        message: str) -> grpc.RpcMethodHandler:
+        """Health without a token: the server's own services answer (probes carry no token); any other
+        name is refused, answered or not, so a caller without a token cannot learn which models exist."""
+        open_services = self._open_health
+
+        def guard(behaviour):
+            async def guarded(request, context):
+                if request.service not in open_services:
+                    await context.abort(code, message)
+                return await behaviour(request, context)
+
+            return guarded
+
+        kw = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+        if handler.unary_unary:  # Check
+            return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary), **kw)
+        if handler.unary_stream:  # Watch (grpc_health's aio servicer writes with context.write)
+            return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream), **kw)
+        return _denied_handler(handler, code, message)  # no such Health method today

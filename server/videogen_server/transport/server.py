@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 VIDEOGEN_SERVICE = videogen_pb2.DESCRIPTOR.services_by_name["VideoGen"].full_name
 
 
+#: The server's own health service names (open without a token); each model has its own, below.
+SERVER_HEALTH_SERVICES = ("", VIDEOGEN_SERVICE, kserve.SERVICE_NAME)
+
+
 def model_health_name(model: str) -> str:
     """Per-model health service name: `videogen.v1.VideoGen/<model>`."""
     return f"{VIDEOGEN_SERVICE}/{model}"
@@ -55,16 +59,16 @@ class HealthReporter:
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         ready = self._engine.ready
-        await self.servicer.set("", serving if ready else not_serving)
-        await self.servicer.set(VIDEOGEN_SERVICE, serving if ready else not_serving)
-        await self.servicer.set(kserve.SERVICE_NAME, serving if ready else not_serving)
+        for name in SERVER_HEALTH_SERVICES:
+            await self.servicer.set(name, serving if ready else not_serving)
         for name in list(self._engine.models):
             await self.servicer.set(model_health_name(name), serving if self._engine.model_ready(name) else not_serving)
 
 
 def build_server(engine, config: ServerConfig) -> tuple[grpc.aio.Server, int, HealthReporter]:
     """A configured, bound, not yet started server; returns it, the bound port and its health reporter."""
-    interceptors = [BearerTokenInterceptor(config.auth_tokens)] if config.auth_tokens else []
+    interceptors = [BearerTokenInterceptor(config.auth_tokens, open_health_services=SERVER_HEALTH_SERVICES)
+                    ] if config.auth_tokens else []
     server = grpc.aio.server(options=channel_options(config), interceptors=interceptors)
     videogen_pb2_grpc.add_VideoGenServicer_to_server(
         VideoGenServicer(engine, model_control_mode=config.model_control_mode), server)
