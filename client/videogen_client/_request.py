@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Union
 
 import grpc
-from PIL import Image
+from PIL import Image, ImageOps
 from videogen.v1 import videogen_pb2
 
 from videogen_client._proto import frame_encoding_value
-from videogen_client.errors import REQUEST_ID_METADATA_KEY, InvalidArgumentError
+from videogen_client.errors import REQUEST_ID_METADATA_KEY, InvalidArgumentError, response_too_large_for_client
 
 #: A conditioning image: encoded bytes (PNG, JPEG or WebP), a path to such a file, or a PIL image.
 ImageInput = Union[bytes, str, os.PathLike[str], Image.Image]
@@ -327,7 +327,7 @@ def refused_before_work(err: grpc.RpcError, settings: ConnectionSettings, *, rec
     retry this one itself (a refusal without headers, a "trailers-only" response, was already
     retried by gRPC under the same policy).
     """
-    if settings.retry is None or received:
+    if settings.retry is None or received or response_too_large_for_client(err):
         return False
     code_fn = getattr(err, "code", None)
     if not callable(code_fn) or not settings.retry.retries(code_fn()):
@@ -362,14 +362,28 @@ def call_metadata(settings: ConnectionSettings, request_id: str | None) -> tuple
 
 
 def image_bytes(image: ImageInput) -> bytes:
-    """The encoded bytes of ``image``: bytes as they are, a file's contents, a PIL image as PNG."""
+    """The encoded bytes of ``image``: bytes as they are, a file's contents, a PIL image as PNG.
+
+    A PIL image is sent as the server would read the file it came from: upright (its EXIF orientation
+    applied, as the server applies it to a file's bytes; PNG keeps no EXIF), and in RGB when PNG cannot
+    hold its mode (CMYK, YCbCr, LAB, HSV, float), converted as the server converts such a file.
+    """
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, (str, os.PathLike)):
         return Path(image).read_bytes()
     if isinstance(image, Image.Image):
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # noqa: BLE001 - unreadable EXIF: the pixels as stored, as the server does
+            pass
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        try:
+            image.save(buffer, format="PNG")
+        except (OSError, ValueError, KeyError):  # "cannot write mode CMYK as PNG"
+            buffer = io.BytesIO()
+            # 32-bit integer samples as 16-bit (clipped), which the server reads as it reads a 16-bit PNG
+            image.convert("I;16" if image.mode == "I" else "RGB").save(buffer, format="PNG")
         return buffer.getvalue()
     raise TypeError(f"image must be bytes, a path or a PIL.Image.Image, not {type(image).__name__}")
 

@@ -152,10 +152,21 @@ class ProtocolError(VideoGenError):
     default_code = grpc.StatusCode.DATA_LOSS
 
 
-# RESOURCE_EXHAUSTED is three things: a full queue (retry later), the server's device memory (the
-# server's message starts so), and gRPC's refusal of a request over the server's size limit.
+# RESOURCE_EXHAUSTED is four things: a full queue (retry later), the server's device memory (the
+# server's message starts so), gRPC's refusal of a request over the server's size limit ("SERVER:
+# Received message larger than max", unprefixed in older gRPC), and this client's gRPC refusing a
+# response over its own grpc.max_receive_message_length ("CLIENT: ...").
 _OUT_OF_MEMORY = "out of device memory"
 _TOO_LARGE = re.compile(r"Received message larger than max")
+_TOO_LARGE_HERE = re.compile(r"CLIENT: Received message larger than max")
+
+
+def response_too_large_for_client(err: grpc.RpcError) -> bool:
+    """Whether ``err`` is this client's own gRPC refusing a response over its receive limit: the server
+    did the work, so the call is neither the caller's input's fault nor one to send again."""
+    details_fn = getattr(err, "details", None)
+    details = details_fn() if callable(details_fn) else None
+    return bool(details) and _TOO_LARGE_HERE.search(details) is not None
 
 _ERROR_CLASSES: dict[grpc.StatusCode, type[VideoGenError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
@@ -206,6 +217,9 @@ def from_rpc_error(err: grpc.RpcError, *, request_id: str | None = None) -> Vide
             break
     error_class = _ERROR_CLASSES.get(code, VideoGenError)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and details:
+        if _TOO_LARGE_HERE.search(details):
+            return VideoGenError(f"a response was larger than this client accepts; raise the channel option "
+                                 f"grpc.max_receive_message_length ({details})", code=code, request_id=request_id)
         if _TOO_LARGE.search(details):
             # gRPC's own refusal of a message over the server's --max-request-bytes: the image is too big
             return InvalidArgumentError(f"image: the request is larger than the server accepts ({details})",

@@ -38,6 +38,8 @@ from videogen_client import (
     save_video,
 )
 
+from videogen_client._request import image_bytes
+
 from ..helpers import collect, raw_frames, request, sample_png
 
 MODEL = "svd-tiny"
@@ -474,6 +476,52 @@ def test_a_request_over_the_servers_size_limit_is_invalid_argument_on_image(tiny
                 small.run(buf.getvalue(), model=MODEL, num_frames=1, num_inference_steps=1)
             assert err.value.field == "image" and "larger than" in err.value.reason
             assert small.run(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1).summary.num_frames == 1
+
+
+def test_a_response_over_the_clients_own_limit_is_not_the_image_and_not_sent_again(tiny_server):
+    """This client's gRPC refusing a response over its grpc.max_receive_message_length read as "image: the
+    request is larger than the server accepts", and as a refusal before any work, so the client sent the
+    generation again: four admitted requests for one call."""
+    from videogen_client import QueueFullError, VideoGenError
+
+    before = tiny_server.metric("videogen_requests_total", model=MODEL)
+    with VideoGenClient(tiny_server.target, timeout=TIMEOUT,
+                        options=[("grpc.max_receive_message_length", 60)]) as tight:
+        with pytest.raises(VideoGenError) as err:
+            tight.run(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1)
+    assert not isinstance(err.value, (InvalidArgumentError, QueueFullError)), repr(err.value)
+    assert "grpc.max_receive_message_length" in str(err.value)
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    deadline = time.monotonic() + 10
+    while tiny_server.metric("videogen_inflight_requests", model=MODEL) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tiny_server.metric("videogen_requests_total", model=MODEL) - before == 1  # one request, not retried
+
+
+def test_a_pil_image_is_sent_as_its_file_would_be_read(client):
+    """A PIL image went as a PNG of its stored pixels: a phone photo's EXIF orientation (which the
+    server applies to a file) was lost, so Image.open(path) made a sideways video where path made an
+    upright one; and a CMYK image failed in the client ("cannot write mode CMYK as PNG")."""
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(pixels).save(rotated, format="JPEG", quality=95, exif=exif)
+    cmyk = io.BytesIO()
+    Image.fromarray(pixels).convert("CMYK").save(cmyk, format="JPEG", quality=95)
+    params = dict(num_frames=1, num_inference_steps=1, width=W, height=H, seed=4, frame_encoding="raw_rgb",
+                  stream_video=False)
+
+    def frames(image) -> np.ndarray:
+        return np.stack([np.asarray(f.to_pil()) for f in client.run(image, model=MODEL, **params).frames])
+
+    for data in (rotated.getvalue(), cmyk.getvalue()):
+        with Image.open(io.BytesIO(data)) as opened:
+            assert np.array_equal(frames(opened), frames(data))
+    with Image.open(io.BytesIO(rotated.getvalue())) as opened:
+        upright = np.asarray(Image.open(io.BytesIO(image_bytes(opened))))
+    assert upright.shape[:2] == (80, 48)  # the 80x48 photo stands 48 wide, 80 high
 
 
 def test_out_of_memory_is_its_own_error_and_models_not_loaded_have_no_defaults(make_repo):
