@@ -137,6 +137,29 @@ def _client(args: argparse.Namespace) -> VideoGenClient:
         retry=not args.no_retry)
 
 
+def _unwritable(path: str | Path | None, flag: str, *, directory: bool) -> str | None:
+    """Why ``path`` cannot be written as the file (or the folder of files) ``flag`` names; None if it can."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.exists():
+        if directory and not path.is_dir():
+            return f"{flag}: {path} exists and is not a directory"
+        if not directory and path.is_dir():
+            return f"{flag}: {path} is a directory"
+        if not os.access(path, os.W_OK):
+            return f"{flag}: {path} is not writable"
+        return None
+    parent = path.parent  # created on save: the nearest folder that exists must let us create in it
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{flag}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{flag}: cannot create {path} ({parent} is not writable)"
+    return None
+
+
 def _generate(args: argparse.Namespace) -> int:
     frame_encoding = cast(FrameEncodingName, args.frame_encoding or ("png" if args.frames_dir else "none"))
     progress = None if args.quiet else _ProgressBar(sys.stderr)
@@ -305,6 +328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("give --out, --frames-dir, or both")
         if args.frames_dir is not None and args.frame_encoding == "none":
             parser.error("--frames-dir needs frames; drop --frame-encoding none")
+        # refuse outputs that cannot be written before the server spends minutes of GPU time on them
+        problem = (_unwritable(args.out, "--out", directory=False)
+                   or _unwritable(args.frames_dir, "--frames-dir", directory=True))
+        if problem:
+            parser.error(problem)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -384,6 +384,19 @@ def test_cli_bad_argument_exits_1(tiny_server, tmp_path):
     usage = cli("generate", "--target", tiny_server.target, "--image", str(image))
     assert usage.returncode == 2 and "--out" in usage.stderr
 
+    # outputs that cannot be written are refused before the server generates (they were found after, and
+    # the video lost)
+    before = tiny_server.metric("videogen_requests_total", model=MODEL)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for flags, says in ((["--out", str(tmp_path)], "is a directory"),
+                        (["--frames-dir", str(a_file)], "not a directory"),
+                        (["--out", str(a_file / "v.mp4")], "not a directory")):
+        proc = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(image), *flags,
+                   "--steps", "1", "--quiet")
+        assert proc.returncode == 2 and says in proc.stderr, (flags, proc.stderr)
+    assert tiny_server.metric("videogen_requests_total", model=MODEL) == before
+
 
 # -- 9. the client imports without the server's stack ----------------------------------------------
 
