@@ -97,8 +97,25 @@ async def _serve(config: ServerConfig, port_file: Optional[Path]) -> None:
         await server.stop()
 
 
+#: Import names of the `server` extra's packages (pyproject.toml): the base install is the client only.
+SERVER_MODULES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "av",
+                  "grpc_health", "grpc_reflection", "prometheus_client")
+
+
+def missing_server_modules() -> list[str]:
+    import importlib.util
+
+    return [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    missing = missing_server_modules()
+    if missing:  # a client-only install has this command too: say what to install, not a traceback
+        print(f"videogen-server: error: the server's packages are not installed ({', '.join(missing)} missing): "
+              f"pip install 'videogen[server]' (with the CUDA build of torch on a GPU host, see README)",
+              file=sys.stderr)
+        return 2
     if args.command == "make-tiny-model":
         from .backends.svd.tiny import write_tiny_repository
 

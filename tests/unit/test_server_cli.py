@@ -14,3 +14,18 @@ def test_log_level_any_case_and_bad_ones_refused(tmp_path, capsys):
         _parser().parse_args(["serve", "--model-repository", str(tmp_path), "--log-level", "loud"])
     assert exit_.value.code == 2
     assert "--log-level" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["serve", "--model-repository", "."], ["make-tiny-model", "repo"]])
+def test_a_client_only_install_says_what_to_install(command, monkeypatch, capsys):
+    """`pip install videogen` (the client) installs the videogen-server command too: without the server
+    extra it ended in a ModuleNotFoundError traceback (numpy, torch)."""
+    import sys
+
+    from videogen_server.cli import main
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # importlib's "not installed" for find_spec
+    monkeypatch.setitem(sys.modules, "av", None)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "diffusers, av missing" in err and "pip install 'videogen[server]'" in err
