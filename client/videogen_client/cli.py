@@ -239,7 +239,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="do not retry requests refused before any work (queue full, draining, "
                             "unreachable) on another server")
     group.add_argument("--token", default=os.environ.get(_TOKEN_ENV),
-                       help=f"bearer token sent as 'authorization: Bearer TOKEN' (default: ${_TOKEN_ENV})")
+                       help=f"bearer token sent as 'authorization: Bearer TOKEN' (default: ${_TOKEN_ENV}); "
+                            "visible to other users in the process list: prefer --token-file")
+    group.add_argument("--token-file", metavar="FILE",
+                       help="read the bearer token from FILE (its first line that is not empty or a # comment; "
+                            "e.g. a mounted Kubernetes Secret)")
     group.add_argument("--tls", action="store_true", help="connect with TLS")
     group.add_argument("--ca-cert", metavar="FILE",
                        help="PEM CA certificates to trust instead of the system's (implies --tls)")
@@ -323,6 +327,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--target: empty entry in the list of servers")
     if bool(args.cert) != bool(args.key):
         parser.error("--cert and --key go together")
+    if args.token_file is not None:
+        try:
+            lines = Path(args.token_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            parser.error(f"--token-file: {err}")
+        tokens = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not tokens:
+            parser.error(f"--token-file: no token in {args.token_file}")
+        args.token = tokens[0]  # the file wins over $VIDEOGEN_TOKEN and --token
     if args.command == "generate":
         if args.out is None and args.frames_dir is None:
             parser.error("give --out, --frames-dir, or both")

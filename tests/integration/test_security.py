@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -157,6 +159,15 @@ def test_bearer_tokens(repo):
             health.Check(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen/nope"), metadata=auth)
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         channel.close()
+        # the CLI reads a token from a file (a token on the command line is visible in the process list)
+        token_file = repo.parent / "token"
+        for text, status in (("# the CLI's token\n\ntok-two\n", 0), ("wrong\n", 1), ("# none\n", 2)):
+            token_file.write_text(text)
+            proc = subprocess.run([sys.executable, "-m", "videogen_client.cli", "models", "--target", server.target,
+                                   "--token-file", str(token_file)], capture_output=True, text=True, timeout=60)
+            assert proc.returncode == status, (text, proc.stderr)
+            assert ("svd-tiny" in proc.stdout) if status == 0 else (
+                "UNAUTHENTICATED" in proc.stderr if status == 1 else "no token" in proc.stderr), proc.stderr
         # the SDK's client-side health checking (its channel watches videogen.v1.VideoGen, without a token)
         with VideoGenClient(server.target, token="tok-one", health_check=True) as client:
             assert _run(client).summary.num_frames == 1
