@@ -232,6 +232,8 @@ class AsyncVideoGenClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 1
         while True:
+            if self._closed:  # a generator made before close() and iterated after: the documented error
+                raise ValueError(f"{self!r} is closed")
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             call = self._stub.Generate(request, timeout=remaining, metadata=metadata)
             decoder = EventDecoder()

@@ -465,12 +465,20 @@ def test_async_client_ids_and_closing(tiny_server):
         assert not task.cancelled()
         with pytest.raises(ValueError, match="closed"):
             await aclient.list_models()
+        # a generator made before close() and iterated after it (was grpc.aio.UsageError)
+        async with AsyncVideoGenClient(tiny_server.target, timeout=TIMEOUT) as short_lived:
+            late = short_lived.generate(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1)
+        with pytest.raises(ValueError, match="closed"):
+            await late.__anext__()
 
     asyncio.run(scenario())
     sync = VideoGenClient(tiny_server.target)
+    late = sync.generate(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1)
     sync.close()
     with pytest.raises(ValueError, match="closed"):
         sync.list_models()
+    with pytest.raises(ValueError, match="is closed"):  # was grpc's "Cannot invoke RPC: Channel closed!"
+        next(late)
 
 
 def test_a_request_over_the_servers_size_limit_is_invalid_argument_on_image(tiny_model_source, tmp_path):
