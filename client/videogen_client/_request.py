@@ -21,7 +21,15 @@ from PIL import Image, ImageOps
 from videogen.v1 import videogen_pb2
 
 from videogen_client._proto import frame_encoding_value
-from videogen_client.errors import REQUEST_ID_METADATA_KEY, InvalidArgumentError, response_too_large_for_client
+from videogen_client.errors import (
+    REQUEST_ID_METADATA_KEY,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    UnavailableError,
+    VideoGenError,
+    response_too_large_for_client,
+)
 
 #: A conditioning image: encoded bytes (PNG, JPEG or WebP), a path to such a file, or a PIL image.
 ImageInput = Union[bytes, str, os.PathLike[str], Image.Image]
@@ -441,3 +449,51 @@ def build_generate_request(
             f"{max_send_message_length} bytes (raise it with options=[('grpc.max_send_message_length', N)])",
             request_id=request_id)
     return request
+
+
+class ReadinessWait:
+    """The bookkeeping of ``wait_until_ready``, shared by both clients: a deadline, the last answer, and
+    which answers mean "not yet" (no server yet, the model loading, the repository not scanned yet)
+    rather than an error to raise now."""
+
+    def __init__(self, model: str, timeout: float | None, poll_interval: float) -> None:
+        if not model:
+            raise ValueError("model is required, e.g. model='svd-xt'")
+        limit = deadline_seconds(timeout)
+        if isinstance(poll_interval, bool) or not isinstance(poll_interval, numbers.Real) \
+                or not 0 < poll_interval < math.inf:
+            raise ValueError(f"poll_interval must be a finite number of seconds > 0, not {poll_interval}")
+        self.model, self.timeout, self.poll_interval = model, timeout, float(poll_interval)
+        self._end = math.inf if limit is None else time.monotonic() + limit
+        self.last = "no answer from the server"
+
+    def remaining(self) -> float | None:
+        """The next call's deadline: what is left of the wait (None: no deadline)."""
+        return None if self._end == math.inf else max(0.001, self._end - time.monotonic())
+
+    def ready(self, info: Any) -> bool:
+        """True once ``info`` (a ModelInfo) has a ready version; raises if its latest version failed."""
+        if any(v.state == "ready" for v in info.versions):
+            return True
+        if info.state == "failed":
+            reason = next((v.reason for v in info.versions if v.state == "failed" and v.reason), "")
+            raise UnavailableError(f"model {self.model!r} failed to load" + (f": {reason}" if reason else ""))
+        self.last = f"model {self.model!r} is {info.state}"
+        return False
+
+    def not_yet(self, error: VideoGenError, models_listed: int | None = None) -> None:
+        """Record a refusal that waiting may cure, or raise ``error``. A NOT_FOUND is waited through only
+        while the server lists no model at all (it binds its port before scanning its repositories)."""
+        if isinstance(error, ModelNotFoundError) and models_listed == 0:
+            self.last = "the server has not read its model repositories yet"
+            return
+        if not isinstance(error, (UnavailableError, DeadlineExceededError)):
+            raise error
+        self.last = error.details
+
+    def pause(self) -> float:
+        """Seconds to sleep before asking again; DeadlineExceededError once the wait is over."""
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceededError(f"model {self.model!r} not ready after {self.timeout} s ({self.last})")
+        return min(self.poll_interval, left)

@@ -214,6 +214,13 @@ def _model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait_ready(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.wait_until_ready(args.name, timeout=args.timeout or 600.0, poll_interval=args.poll_interval)
+    print(f"{info.name} ready (versions {','.join(str(v.version) for v in info.versions if v.state == 'ready')})")
+    return 0
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -307,6 +314,16 @@ def _build_parser() -> argparse.ArgumentParser:
                                             "configuration as JSON.")
     model.add_argument("name", help="model name")
     model.set_defaults(handler=_model, parser=model)
+
+    wait = commands.add_parser("wait-ready", parents=[connection], help="wait until a model serves",
+                               description="Wait until the server answers and the model has a ready version "
+                                           "(through the server starting and the model loading and warming "
+                                           "up); exit 0 then, 1 when --timeout passes or the model failed to "
+                                           "load. --timeout is the whole wait here (default 600 s).")
+    wait.add_argument("name", help="model name")
+    wait.add_argument("--poll-interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                      help="seconds between questions while the model loads (default 1)")
+    wait.set_defaults(handler=_wait_ready, parser=wait)
     return parser
 
 

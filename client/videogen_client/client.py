@@ -12,6 +12,7 @@ from videogen.v1 import videogen_pb2, videogen_pb2_grpc
 from videogen_client._request import (
     ChannelOptions,
     ImageInput,
+    ReadinessWait,
     RetryPolicy,
     Target,
     build_generate_request,
@@ -20,7 +21,7 @@ from videogen_client._request import (
     deadline_seconds,
     retry_wait,
 )
-from videogen_client.errors import from_rpc_error
+from videogen_client.errors import DeadlineExceededError, ModelNotFoundError, UnavailableError, from_rpc_error
 from videogen_client.events import Event, EventDecoder, GenerationResult, collect
 from videogen_client.models import ModelInfo
 
@@ -325,6 +326,37 @@ class VideoGenClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return ModelInfo.from_proto(response)
+
+    def wait_until_ready(self, model: str, *, timeout: float | None = 600.0,
+                         poll_interval: float = 1.0) -> ModelInfo:
+        """Block until the server answers and ``model`` has a ready version; return its ModelInfo.
+
+        Waits through a server not up yet (gRPC's wait-for-ready), one still reading its repositories,
+        and a model loading or warming up (a compile can take minutes); raises DeadlineExceededError
+        after ``timeout`` seconds (None: no limit), UnavailableError if the model failed to load,
+        ModelNotFoundError if the server does not know it. With several servers, the answer is the
+        one server's that the call reached. Example::
+
+            client.wait_until_ready("svd-xt", timeout=900)
+        """
+        wait = ReadinessWait(model, timeout, poll_interval)
+        while True:
+            try:
+                response = self._stub.GetModel(videogen_pb2.GetModelRequest(name=model),
+                                               metadata=self._settings.metadata,
+                                               timeout=self._deadline(wait.remaining()), wait_for_ready=True)
+                if wait.ready(info := ModelInfo.from_proto(response)):
+                    return info
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+                listed = None
+                if isinstance(error, ModelNotFoundError):
+                    try:
+                        listed = len(self.list_models(timeout=wait.remaining()))
+                    except (UnavailableError, DeadlineExceededError):
+                        listed = 0  # no answer: ask again
+                wait.not_yet(error, listed)
+            time.sleep(wait.pause())
 
     def _deadline(self, timeout: float | None) -> float | None:
         if self._closed:  # the same error for every call on a closed client, sync or asyncio

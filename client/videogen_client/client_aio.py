@@ -15,6 +15,7 @@ from videogen.v1 import videogen_pb2, videogen_pb2_grpc
 from videogen_client._request import (
     ChannelOptions,
     ImageInput,
+    ReadinessWait,
     RetryPolicy,
     Target,
     build_generate_request,
@@ -23,7 +24,13 @@ from videogen_client._request import (
     deadline_seconds,
     retry_wait,
 )
-from videogen_client.errors import RequestCancelledError, from_rpc_error
+from videogen_client.errors import (
+    DeadlineExceededError,
+    ModelNotFoundError,
+    RequestCancelledError,
+    UnavailableError,
+    from_rpc_error,
+)
 from videogen_client.events import Event, EventDecoder, GenerationResult, ResultBuilder
 from videogen_client.models import ModelInfo
 
@@ -345,6 +352,36 @@ class AsyncVideoGenClient:
             self._closed_under_call(None)
             raise
         return ModelInfo.from_proto(response)
+
+    async def wait_until_ready(self, model: str, *, timeout: float | None = 600.0,
+                               poll_interval: float = 1.0) -> ModelInfo:
+        """Wait until the server answers and ``model`` has a ready version; return its ModelInfo.
+
+        As :meth:`VideoGenClient.wait_until_ready`. Example::
+
+            await client.wait_until_ready("svd-xt", timeout=900)
+        """
+        wait = ReadinessWait(model, timeout, poll_interval)
+        while True:
+            try:
+                response = await self._stub.GetModel(videogen_pb2.GetModelRequest(name=model),
+                                                     metadata=self._settings.metadata,
+                                                     timeout=self._deadline(wait.remaining()), wait_for_ready=True)
+                if wait.ready(info := ModelInfo.from_proto(response)):
+                    return info
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+                listed = None
+                if isinstance(error, ModelNotFoundError):
+                    try:
+                        listed = len(await self.list_models(timeout=wait.remaining()))
+                    except (UnavailableError, DeadlineExceededError):
+                        listed = 0  # no answer: ask again
+                wait.not_yet(error, listed)
+            except asyncio.CancelledError:
+                self._closed_under_call(None)
+                raise
+            await asyncio.sleep(wait.pause())
 
     def _closed_under_call(self, request_id: str | None) -> None:
         """In an ``except asyncio.CancelledError``: grpc.aio ends the calls of a channel that ``close()``

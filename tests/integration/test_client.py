@@ -600,3 +600,59 @@ def test_async_unary_calls_in_flight_when_the_client_closes(tmp_path):
     finally:
         release.set()
         server.stop(0)
+
+
+def test_wait_until_ready_waits_for_the_server_and_the_model(make_repo):
+    """A caller starting beside the server (compose, a job) had no way to wait for it: each call failed at
+    once, first 'connection refused', then 'model is not ready', until the server had loaded."""
+    import socket
+    import threading
+
+    from videogen_client import DeadlineExceededError, UnavailableError
+
+    from ..helpers import ServerThread, tiny_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = make_repo({MODEL: None, "broken": tiny_config("broken", parameters='parameters { key: "x" }')})
+    answers: dict = {}
+
+    def wait() -> None:
+        with VideoGenClient(f"127.0.0.1:{port}") as early:
+            try:
+                answers["info"] = early.wait_until_ready(MODEL, timeout=120, poll_interval=0.1)
+            except Exception as err:  # noqa: BLE001 - reported below
+                answers["error"] = err
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(1.5)  # nothing listens yet
+    assert waiter.is_alive()
+    with ServerThread(repo, port=port) as server:
+        waiter.join(60)
+        assert not waiter.is_alive() and "error" not in answers, answers
+        assert answers["info"].name == MODEL and answers["info"].state == "ready"
+        with VideoGenClient(server.target, timeout=TIMEOUT) as client:
+            assert client.run(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1).summary.num_frames == 1
+            with pytest.raises(ModelNotFoundError):  # a name the server does not know: at once
+                client.wait_until_ready("no-such-model", timeout=60)
+            with pytest.raises(UnavailableError, match="broken"):  # failed to load: waiting will not help
+                client.wait_until_ready("broken", timeout=60)
+            with pytest.raises(ValueError, match="poll_interval"):
+                client.wait_until_ready(MODEL, poll_interval=0)
+
+        async def asynchronously():
+            async with AsyncVideoGenClient(server.target) as aclient:
+                return await aclient.wait_until_ready(MODEL, timeout=30)
+
+        assert asyncio.run(asynchronously()).state == "ready"
+        proc = cli("wait-ready", MODEL, "--target", server.target, "--timeout", "30")
+        assert proc.returncode == 0 and f"{MODEL} ready (versions 1)" in proc.stdout, proc.stderr
+        proc = cli("wait-ready", "broken", "--target", server.target, "--timeout", "30")
+        assert proc.returncode == 1 and "UNAVAILABLE" in proc.stderr and "failed to load" in proc.stderr
+    started = time.monotonic()
+    with VideoGenClient(f"127.0.0.1:{port}") as nobody:  # the server has gone: the wait ends at its timeout
+        with pytest.raises(DeadlineExceededError, match="not ready after 1"):
+            nobody.wait_until_ready(MODEL, timeout=1)
+    assert time.monotonic() - started < 10
