@@ -35,14 +35,18 @@ class Scheduler:
 
     def depth(self) -> int:
         with self._cv:
-            return sum(len(q) for q in self._levels)
+            return self._queued()
+
+    def _queued(self) -> int:
+        """Requests waiting at every priority level (call with the lock held)."""
+        return sum(len(q) for q in self._levels)
 
     def submit(self, req: EngineRequest) -> int:
         """Queue a request; returns how many queued requests are ahead of it."""
         with self._cv:
             if self._closed:
                 raise NotReady(f"model {req.model!r} is unloading")
-            depth = sum(len(q) for q in self._levels)
+            depth = self._queued()
             if depth >= self.max_queue_size:
                 raise QueueFull(f"model {req.model!r} queue is full ({self.max_queue_size} waiting); retry later")
             ahead = sum(len(q) for q in self._levels[: req.priority])
@@ -60,7 +64,7 @@ class Scheduler:
                 self._levels[req.priority - 1].remove(req)
             except ValueError:
                 return False
-            self.on_depth(sum(len(q) for q in self._levels))
+            self.on_depth(self._queued())
             return True
 
     def close(self) -> list[EngineRequest]:
@@ -120,7 +124,7 @@ class Scheduler:
                 head = self._pop_head(now)
                 if head is not None:
                     break
-                self.on_depth(sum(len(q) for q in self._levels))  # 0, or requests left to gathering instances
+                self.on_depth(self._queued())  # 0, or requests left to gathering instances
                 self._cv.wait(timeout=self._next_wakeup())
             batch = [head]
             if self._max_batch > 1:
@@ -145,5 +149,5 @@ class Scheduler:
                 req.phase = RequestPhase.RUNNING
                 req.started_at = started
                 req.batch_size = len(batch)
-            self.on_depth(sum(len(q) for q in self._levels))
+            self.on_depth(self._queued())
             return batch
