@@ -503,3 +503,30 @@ def test_grafana_provisioning_points_at_the_mounted_dashboards() -> None:
     assert target, "the compose stack does not mount deploy/grafana/dashboards into Grafana"
     paths = [p["options"]["path"] for p in _load(DASHBOARD_PROVIDER)["providers"]]
     assert target in paths, f"the dashboard provider reads {paths}, the dashboards are mounted at {target}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The image
+# ---------------------------------------------------------------------------------------------
+
+def _dockerfile() -> str:
+    return (DEPLOY / "docker" / "Dockerfile").read_text()
+
+
+def test_the_image_runs_the_torch_the_gpu_figures_were_measured_with() -> None:
+    """The image shipped torch 2.7.1 (its base's) while CI tests 2.13 and every device figure is 2.11:
+    a compiled VAE test aborted the process on 2.7.1 (review)."""
+    pinned = re.search(r"^ARG TORCH_VERSION=(\S+)$", _dockerfile(), re.M)
+    assert pinned, "the Dockerfile pins torch with ARG TORCH_VERSION"
+    measured = {json.loads(p.read_text())["meta"].get("torch") for p in sorted((ROOT / "docs" / "perf").glob("*-h*.json"))}
+    assert pinned.group(1) in measured, f"torch {pinned.group(1)} in the image, device runs measured {measured}"
+    assert '"torch==${TORCH_VERSION}"' in _dockerfile() and "--constraint" in _dockerfile()
+
+
+def test_pid_1_is_an_init_in_the_image_and_the_pod(server: dict) -> None:
+    """The server as PID 1 ignored a SIGTERM arriving during its imports and never reaped the compiler
+    processes Inductor spawns (review): tini runs first, in the image and in the pod's command."""
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", _dockerfile(), re.M).group(1))
+    assert entrypoint[:2] == ["/usr/bin/tini", "--"] and entrypoint[2] == "videogen-server", entrypoint
+    assert re.search(r"apt-get install [^\n]*\btini\b", _dockerfile())
+    assert server["command"][:3] == ["/usr/bin/tini", "--", "videogen-server"], server["command"]
