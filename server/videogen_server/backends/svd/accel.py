@@ -543,12 +543,18 @@ _cache_dir: str | None = None
 _cache_lock = threading.Lock()
 
 
-def use_compile_cache(path: str) -> None:
+def use_compile_cache(path: str) -> bool:
     """Points Inductor's and Triton's on-disk caches at `path` (FX graphs, AOTAutograd entries, kernels).
 
     Process-wide: the first call wins and later different paths are logged and ignored. It sets the
     variables outright rather than by default: importing diffusers already lets Inductor fill in its own
     default (/tmp/torchinductor_<user>), so a default-only setting would never take effect.
+
+    A folder this process cannot write (a ReadWriteMany volume that Kubernetes' fsGroup does not reach:
+    NFS, most file-store CSI drivers) is logged as an error and left out: the model compiles into the
+    process's own cache and serves, its restarts compiling from scratch, rather than failing to load (a
+    pod that never becomes ready) or failing in the warm-up's first compile, minutes in, deep inside
+    Inductor. Returns whether `path` is the cache now.
     """
     global _cache_dir
     import os
@@ -556,19 +562,23 @@ def use_compile_cache(path: str) -> None:
 
     with _cache_lock:
         if _cache_dir is None:
-            # here, naming the parameter: else Inductor fails in the warm-up's first compile, minutes in
             try:
                 os.makedirs(path, exist_ok=True)
                 tempfile.TemporaryFile(dir=path).close()
             except OSError as err:
-                raise ValueError(f"compile_cache_dir: {path} is not a folder this process can write "
-                                 f"({err.strerror or err})") from None
+                log.error("compile_cache_dir: %s is not a folder this process (uid %s) can write (%s); compiling "
+                          "into %s instead, which a restart does not keep: make the folder writable for this "
+                          "user", path, os.getuid(), err.strerror or err,
+                          os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "Inductor's default cache")
+                return False
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
             os.environ["TRITON_CACHE_DIR"] = os.path.join(path, "triton")
             _cache_dir = path
-        elif _cache_dir != path:
+            return True
+        if _cache_dir != path:
             log.warning("compile_cache_dir %s ignored: this process already caches compiled code in %s", path,
                         _cache_dir)
+        return _cache_dir == path
 
 
 # Dynamo's refusal to build one more graph of a code object under fullgraph (renamed across releases)
