@@ -18,7 +18,7 @@ from typing import Optional
 
 from . import __version__
 from .config import ServerConfig
-from .errors import Draining
+from .errors import Draining, NotReady
 from .engine.engine import Engine
 from .metrics import Metrics
 from .transport.server import build_server
@@ -54,8 +54,23 @@ class VideoGenServer:
         except BaseException:
             await self.stop(0)
             raise
+        failed = self._failed_at_start()
+        if failed and self.config.exit_on_error:
+            await self.stop(0)
+            raise NotReady(f"exit on error: {failed}")
         await self._health.update()
         log.info("ready: %s", ", ".join(f"{s.name} ({s.state.lower()})" for s in self.engine.list_models()) or "no models")
+
+    def _failed_at_start(self) -> str:
+        """The models and versions that failed to load, with why ("" if none)."""
+        failed = []
+        for status in self.engine.list_models():
+            versions = [f"{status.name} version {v.version} ({v.reason})" if v.reason else f"{status.name} version "
+                        f"{v.version}" for v in status.versions if v.state == "FAILED"]
+            if not versions and status.state == "FAILED":
+                versions = [f"{status.name} ({status.reason})" if status.reason else status.name]
+            failed += versions
+        return "; ".join(failed)
 
     async def stop(self, grace: Optional[float] = None) -> None:
         """Drain: NOT_SERVING, refuse new requests, let in-flight ones finish within `grace`, then stop.

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="queue bound for models whose config sets none (default %(default)s)")
     s.add_argument("--cpu-threads", type=int, default=None, help="torch threads for CPU instances (default: torch's)")
     s.add_argument("--media-threads", type=int, default=d.media_threads, help="frame/MP4 encoding threads")
+    s.add_argument("--exit-on-error", action="store_true",
+                   help="exit 1 when a model or version fails to load at start-up (default: serve the others)")
     s.add_argument("--drain-grace-seconds", type=float, default=d.drain_grace_seconds,
                    help="on SIGTERM, how long in-flight requests may finish (default %(default)s)")
     s.add_argument("--unload-timeout-seconds", type=float, default=d.unload_timeout_seconds)
@@ -78,7 +80,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         max_request_bytes=args.max_request_bytes, max_connection_age_seconds=args.max_connection_age_seconds,
         max_connection_age_grace_seconds=args.max_connection_age_grace_seconds, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_tokens=_auth_tokens(args, environ),
-        log_format=args.log_format, log_level=args.log_level.upper())
+        log_format=args.log_format, log_level=args.log_level.upper(), exit_on_error=args.exit_on_error)
 
 
 async def _serve(config: ServerConfig, port_file: Optional[Path]) -> None:

@@ -48,8 +48,11 @@ class ServerConfig:
     tls_key: Optional[Path] = None
     tls_client_ca: Optional[Path] = None
     #: Bearer tokens accepted in `authorization: Bearer <token>` metadata; empty = no authentication.
-    #: Health checks are always allowed (probes carry no token).
+    #: The server's own health checks are always allowed (probes carry no token); a model's need one.
     auth_tokens: tuple[str, ...] = ()
+    #: Stop (exit 1) when a model or version fails to load at start-up, as Triton's --exit-on-error, so
+    #: an orchestrator shows a crash loop at once instead of a pod that never turns ready.
+    exit_on_error: bool = False
     log_format: str = "text"  # text | json
     log_level: str = "INFO"
 

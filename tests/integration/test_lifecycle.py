@@ -362,3 +362,25 @@ def test_a_model_with_a_malformed_file_fails_alone(make_repo):
         bad = stub.GetModel(pb.GetModelRequest(name="bad"))
         assert bad.state == pb.MODEL_STATE_FAILED and "TypeError" in bad.reason
         assert collect(stub, request(model="good", **SHORT))[-1].summary.num_frames == 1
+
+
+def test_exit_on_error_stops_a_server_whose_model_failed_to_load(make_repo, tmp_path):
+    """Without it a model that cannot load leaves a pod up and NOT_SERVING until its startup probe gives
+    up (30 minutes in deploy/k8s), then the same again (deploy review); with it the server stops at once
+    naming the model and why, and the orchestrator shows a crash loop. The manifests turn it on."""
+    import subprocess
+    import sys
+
+    from videogen_server.errors import NotReady
+
+    repo = make_repo({"good": tiny_config("good"), "bad": tiny_config("bad", parameters='parameters { key: "x" }')})
+    server = ServerThread(repo, exit_on_error=True)
+    with pytest.raises(NotReady, match=r"exit on error: bad version 1 \(.*\)|exit on error: bad \(.*config\.pbtxt"):
+        server.start()
+    server.stop()
+    with ServerThread(repo) as tolerant:  # the default: the others serve
+        assert collect(tolerant.stub(), request(model="good", **SHORT))[-1].summary.num_frames == 1
+    proc = subprocess.run([sys.executable, "-m", "videogen_server.cli", "serve", "--model-repository", str(repo),
+                           "--port", "0", "--metrics-port", "-1", "--exit-on-error"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "exit on error: bad" in proc.stderr, proc.stderr[-2000:]
