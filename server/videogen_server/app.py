@@ -51,6 +51,17 @@ class VideoGenServer:
                  f"http://{self.config.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
         try:
             await self.engine.start()
+        except asyncio.CancelledError:
+            # SIGTERM during start-up (a scale-down or an aborted rollout deletes unready pods first):
+            # the stop cancelled the loads. That is this start's end, not an error; a cancellation of
+            # the caller's own task still propagates.
+            task = asyncio.current_task()
+            if not self._stopping or (task is not None and task.cancelling()):
+                await self.stop(0)
+                raise
+            log.info("stopped during start-up")
+            await self._stopped.wait()
+            return
         except BaseException:
             await self.stop(0)
             raise
@@ -100,6 +111,11 @@ class VideoGenServer:
             await self.engine.shutdown(0)
             self.metrics.close()
             self._stopped.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop (a signal's drain included) has begun."""
+        return self._stopping
 
     async def wait(self) -> None:
         await self._stopped.wait()

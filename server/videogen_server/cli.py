@@ -90,7 +90,7 @@ async def _serve(config: ServerConfig, port_file: Optional[Path]) -> None:
     server.install_signal_handlers()
     try:
         await server.start()
-        if port_file:
+        if port_file and not server.stopping:
             tmp = port_file.with_suffix(".tmp")
             tmp.write_text(f"{server.port} {server.metrics_port or 0}\n")
             tmp.replace(port_file)
@@ -141,9 +141,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if isinstance(err, VideoGenError):
             print(f"videogen-server: {err.message}", file=sys.stderr)
-            return 1
+            return _exit(1)
         raise
-    return 0
+    return _exit(0)
+
+
+def _exit(status: int) -> int:
+    """Leave now if a model's load is still running on its instance thread (a stop during start-up does
+    not wait for a compile): letting the interpreter finalize around a thread inside torch's C++ aborts
+    the process (SIGABRT, 'terminate called without an active exception')."""
+    import threading
+
+    from .engine.instance import INSTANCE_THREAD_PREFIX
+
+    if any(t.is_alive() and t.name.startswith(INSTANCE_THREAD_PREFIX) for t in threading.enumerate()):
+        import logging
+
+        logging.getLogger(__name__).info("exiting with a model load still running (stopped during start-up)")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -384,3 +384,40 @@ def test_exit_on_error_stops_a_server_whose_model_failed_to_load(make_repo, tmp_
                            "--port", "0", "--metrics-port", "-1", "--exit-on-error"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "exit on error: bad" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_during_start_up_stops_cleanly(make_repo, tmp_path):
+    """A pod deleted while its model still compiles (a scale-down deletes unready pods first; an aborted
+    rollout) got a CancelledError traceback, then SIGABRT ('terminate called without an active
+    exception') as the interpreter finalized around the instance thread inside torch: exit 134 (deploy
+    review). Now: exit 0 at once, the load left to die with the process."""
+    import signal
+    import subprocess
+    import sys
+
+    from ..helpers import TINY_PARAMETERS
+
+    compiled = TINY_PARAMETERS + 'parameters { key: "compile" value { string_value: "default" } }\n' \
+        + f'parameters {{ key: "compile_cache_dir" value {{ string_value: "{tmp_path / "cache"}" }} }}\n'
+    repo = make_repo({"m": tiny_config("m", 'model_warmup [ { name: "w" inputs { key: "num_inference_steps" '
+                                            'value: "1" } } ]', parameters=compiled)})
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "videogen_server.cli", "serve", "--model-repository",
+                                 str(repo), "--port", "0", "--metrics-port", "-1"], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while "loaded in" not in log.read_text():  # the instance is up; its warm-up compiles next
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            time.sleep(1.0)
+            assert "ready:" not in log.read_text(), "the warm-up finished before the signal: no start-up to stop"
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "stopped during start-up" in text and "Traceback" not in text, text[-3000:]

@@ -16,6 +16,9 @@ from ..errors import InstanceDead
 from .request import EngineRequest
 from .scheduler import Scheduler
 
+#: Every instance thread's name starts so (the CLI looks for loads still running at exit).
+INSTANCE_THREAD_PREFIX = "instance-"
+
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +56,7 @@ class Instance:
         self._on_dead = on_dead
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"instance-{context.model_name}-{context.model_version}-{self.name}")
+                                        name=f"{INSTANCE_THREAD_PREFIX}{context.model_name}-{context.model_version}-{self.name}")
 
     def start(self) -> concurrent.futures.Future[None]:
         self._thread.start()
