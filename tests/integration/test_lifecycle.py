@@ -349,10 +349,15 @@ def test_a_device_error_during_conditioning_retires_the_instance(make_repo, monk
         assert not server.engine.ready
 
 
-def test_a_model_with_a_malformed_file_fails_alone(make_repo):
+def test_a_model_with_a_malformed_file_fails_alone(make_repo, caplog):
     """An unexpected error reading one model (here its UNet config) fails that model, named in GetModel's
-    reason, while the server starts and serves the others."""
-    repo = make_repo({"good": tiny_config("good"), "bad": tiny_config("bad")})
+    reason, while the server starts and serves the others; the instance's clean-up after the failed load
+    does not fail too (an AttributeError in finalize buried the load's own error in the log)."""
+    from ..helpers import TINY_PARAMETERS
+
+    repo = make_repo({"good": tiny_config("good"), "bad": tiny_config("bad"),  # no such weights variant: fails
+                      "early": tiny_config("early", parameters=TINY_PARAMETERS  # in from_pretrained, first
+                                           + 'parameters { key: "variant" value { string_value: "fp7" } }')})
     unet_config = repo / "bad" / "1" / "unet" / "config.json"
     config = json.loads(unet_config.read_text())
     config["num_frames"] = None
@@ -361,7 +366,9 @@ def test_a_model_with_a_malformed_file_fails_alone(make_repo):
         stub = server.stub()
         bad = stub.GetModel(pb.GetModelRequest(name="bad"))
         assert bad.state == pb.MODEL_STATE_FAILED and "TypeError" in bad.reason
+        assert stub.GetModel(pb.GetModelRequest(name="early")).state == pb.MODEL_STATE_FAILED
         assert collect(stub, request(model="good", **SHORT))[-1].summary.num_frames == 1
+    assert "finalize of instance" not in caplog.text, caplog.text
 
 
 def test_exit_on_error_stops_a_server_whose_model_failed_to_load(make_repo, tmp_path):

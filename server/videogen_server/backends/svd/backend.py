@@ -559,12 +559,15 @@ class SVDBackend(Backend):
         if getattr(self, "cudnn_benchmark", False):
             accel.release_cudnn_benchmark()
             self.cudnn_benchmark = False
-        if self.offload:
+        # every attribute may be missing: finalize also runs after an initialize that failed part way (a
+        # missing attribute here buried the load's own error under an AttributeError)
+        if getattr(self, "offload", None):
             self.offload.release()
-        del self.pipe, self.decoder, self.offload
-        for name in ("vae_encoder32", "vae_quant_conv32"):  # float16 instances' float32 encoder (~140 MB on SVD-XT)
+        # the float32 VAE encoder copy of float16 instances too (~140 MB on SVD-XT)
+        for name in ("pipe", "decoder", "offload", "vae_encoder32", "vae_quant_conv32"):
             self.__dict__.pop(name, None)
-        if self.device.type == "cuda":
+        device = getattr(self, "device", None)
+        if device is not None and device.type == "cuda":
             torch.cuda.empty_cache()
 
     def memory_stats(self) -> Mapping[str, int]:
