@@ -22,6 +22,7 @@ from videogen.v1 import videogen_pb2
 
 from videogen_client._proto import frame_encoding_value
 from videogen_client.errors import (
+    NOT_STARTED_METADATA_KEY,
     REQUEST_ID_METADATA_KEY,
     DeadlineExceededError,
     InvalidArgumentError,
@@ -30,6 +31,7 @@ from videogen_client.errors import (
     VideoGenError,
     response_too_large_for_client,
 )
+from videogen_client.events import Accepted
 
 #: A conditioning image: encoded bytes (PNG, JPEG or WebP), a path to such a file, or a PIL image.
 ImageInput = Union[bytes, str, os.PathLike[str], Image.Image]
@@ -327,6 +329,20 @@ def connection_settings(target: Target, *, secure: bool, root_certificates: byte
         max_send_message_length=max_send, retry=policy)
 
 
+def _retryable(err: grpc.RpcError, settings: ConnectionSettings) -> bool:
+    code_fn = getattr(err, "code", None)
+    return settings.retry is not None and callable(code_fn) and settings.retry.retries(code_fn())
+
+
+def _call_metadata(err: grpc.RpcError, which: str) -> Any:
+    """The failed call's ``initial_metadata`` or ``trailing_metadata`` (None if it has none to give)."""
+    fn = getattr(err, which, None)
+    try:
+        return fn() if callable(fn) else None
+    except Exception:  # pragma: no cover - a call object without metadata to give
+        return None
+
+
 def refused_before_work(err: grpc.RpcError, settings: ConnectionSettings, *, received: bool) -> bool:
     """Whether a failed Generate call may be sent again by the client itself (see the clients' ``_stream``).
 
@@ -335,26 +351,31 @@ def refused_before_work(err: grpc.RpcError, settings: ConnectionSettings, *, rec
     retry this one itself (a refusal without headers, a "trailers-only" response, was already
     retried by gRPC under the same policy).
     """
-    if settings.retry is None or received or response_too_large_for_client(err):
+    if received or response_too_large_for_client(err) or not _retryable(err, settings):
         return False
-    code_fn = getattr(err, "code", None)
-    if not callable(code_fn) or not settings.retry.retries(code_fn()):
+    return bool(_call_metadata(err, "initial_metadata"))
+
+
+def not_started(err: grpc.RpcError, settings: ConnectionSettings) -> bool:
+    """Whether the server ended an accepted Generate before any work on it, marked so (its version went
+    away: the drain's end, an unload, lost instances) and with a status the retry policy retries."""
+    if not _retryable(err, settings):
         return False
-    headers_fn = getattr(err, "initial_metadata", None)
-    try:
-        headers = headers_fn() if callable(headers_fn) else None
-    except Exception:  # pragma: no cover - a call object without headers to give
-        headers = None
-    return bool(headers)
+    return any(key == NOT_STARTED_METADATA_KEY for key, _ in _call_metadata(err, "trailing_metadata") or ())
 
 
 def retry_wait(err: grpc.RpcError, settings: ConnectionSettings, attempt: int, deadline: float | None, *,
-               received: bool) -> float | None:
-    """Seconds to wait before the client sends a refused Generate again; ``None``: do not."""
+               received: bool, started: bool = False) -> float | None:
+    """Seconds to wait before the client sends a refused Generate again; ``None``: do not.
+
+    ``received``: a response arrived; ``started``: one beyond Accepted did (a step, a frame). An
+    accepted request the server ended marked "not started" (see ``not_started``) is sent again too:
+    nothing was done for it, and no event but Accepted reached the caller.
+    """
     policy = settings.retry
     if policy is None or attempt >= policy.max_attempts:
         return None
-    if not refused_before_work(err, settings, received=received):
+    if not (refused_before_work(err, settings, received=received) or (not started and not_started(err, settings))):
         return None
     wait = policy.backoff(attempt)
     if deadline is not None and time.monotonic() + wait >= deadline:
@@ -497,3 +518,27 @@ class ReadinessWait:
         if left <= 0:
             raise DeadlineExceededError(f"model {self.model!r} not ready after {self.timeout} s ({self.last})")
         return min(self.poll_interval, left)
+
+
+class StreamAttempts:
+    """One Generate's attempts, as the caller sees them: one Accepted event however often the request is
+    sent again, and whether the current attempt got beyond it (a step, a frame: work that started)."""
+
+    def __init__(self) -> None:
+        self.accepted = False
+        self.started = False
+
+    def next_attempt(self) -> None:
+        self.started = False
+
+    def passes(self, event: Any) -> bool:
+        """Whether to give ``event`` (a decoded event or None) to the caller."""
+        if event is None:
+            return False
+        if isinstance(event, Accepted):
+            if self.accepted:
+                return False
+            self.accepted = True
+        else:
+            self.started = True
+        return True

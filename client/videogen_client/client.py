@@ -14,6 +14,7 @@ from videogen_client._request import (
     ImageInput,
     ReadinessWait,
     RetryPolicy,
+    StreamAttempts,
     Target,
     build_generate_request,
     call_metadata,
@@ -226,6 +227,7 @@ class VideoGenClient:
         metadata = call_metadata(self._settings, request_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 1
+        attempts = StreamAttempts()
         while True:
             if self._closed:  # a generator made before close() and iterated after: the documented error
                 raise ValueError(f"{self!r} is closed")
@@ -233,18 +235,25 @@ class VideoGenClient:
             call = self._stub.Generate(request, timeout=remaining, metadata=metadata)
             decoder = EventDecoder()
             received = False
+            attempts.next_attempt()
             try:
                 for response in call:
                     received = True
                     event = decoder.decode(response)
-                    if event is not None:
+                    if attempts.passes(event):
                         yield event
                 decoder.finish()
                 return
             except grpc.RpcError as err:
                 # Refused after response headers but before any response: gRPC counts the call as
-                # committed and does not retry it, so we do (see RetryPolicy).
-                wait = retry_wait(err, self._settings, attempt, deadline, received=received)
+                # committed and does not retry it, so we do; and an accepted request the server ended
+                # before starting it (its drain's end, an unload) goes again, under the same id (see
+                # RetryPolicy).
+                wait = retry_wait(err, self._settings, attempt, deadline, received=received,
+                                  started=attempts.started)
+                if decoder.request_id and not request_id:
+                    request_id = decoder.request_id
+                    metadata = call_metadata(self._settings, request_id)
                 if wait is None:
                     raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
             finally:

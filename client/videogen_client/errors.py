@@ -39,6 +39,8 @@ __all__ = [
 
 #: Metadata key carrying the request id, in both directions.
 REQUEST_ID_METADATA_KEY = "x-request-id"
+#: Trailing metadata the server sets on a Generate it ended before any work (the SDK sends it again).
+NOT_STARTED_METADATA_KEY = "x-videogen-not-started"
 
 # "<field>: <reason>", where field is a proto field path such as "width" or "output.jpeg_quality".
 _FIELD_DETAILS = re.compile(r"^\s*([A-Za-z_][\w.\[\]]*)\s*:\s*(.*)$", re.DOTALL)

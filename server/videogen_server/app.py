@@ -18,7 +18,7 @@ from typing import Optional
 
 from . import __version__
 from .config import ServerConfig
-from .errors import Draining, NotReady
+from .errors import NotReady
 from .engine.engine import Engine
 from .metrics import Metrics
 from .transport.server import build_server
@@ -100,8 +100,7 @@ class VideoGenServer:
             if self._health is not None:
                 await self._health.update()
             if not await self.engine.wait_idle(grace):
-                ended = self.engine.end_requests(lambda: Draining(
-                    f"the server shut down; the request was stopped after the drain grace of {grace:.0f}s"))
+                ended = self.engine.end_requests(grace)
                 log.warning("drain grace of %.0fs passed; stopping the %d requests still in flight", grace, ended)
             if self._health is not None:
                 await self._health.servicer.enter_graceful_shutdown()

@@ -40,6 +40,18 @@ class Draining(NotReady):
     """The server is shutting down and admits no new requests."""
 
 
+class NotStarted(NotReady):
+    """An admitted request that no instance started ends because its version went away (the drain's end,
+    an unload): nothing was done for it, so the caller may send it again, to another server. The
+    transport marks the status so (trailing metadata NOT_STARTED_KEY) and the SDK resends it; counted
+    as rejected, not as an error."""
+
+
+#: Trailing metadata on a Generate that ended UNAVAILABLE before any work started (NotStarted): the SDK
+#: sends such a request again even though it was accepted.
+NOT_STARTED_KEY = "x-videogen-not-started"
+
+
 class QueueTimeout(VideoGenError):
     """The request's queue timeout passed before an instance took it."""
 

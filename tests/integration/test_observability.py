@@ -131,7 +131,9 @@ def test_draining_server_refuses_new_requests(make_repo):
 
 def test_requests_still_running_when_the_drain_ends_are_errors_not_cancellations(make_repo):
     """At the drain's end the server stops what still runs: the caller hears UNAVAILABLE saying why, and
-    metrics count an error (the error-rate alert sees it), not a caller's cancellation."""
+    metrics count an error (the error-rate alert sees it), not a caller's cancellation. A request still
+    queued then was accepted but never started: it ends UNAVAILABLE marked not started (the SDK sends it
+    again, to another server; it used to be lost as an error like the running one), counted rejected."""
     import asyncio
 
     with ServerThread(make_repo({"m": tiny_config("m")})) as server:
@@ -140,15 +142,19 @@ def test_requests_still_running_when_the_drain_ends_are_errors_not_cancellations
         queued = Stream(server.stub(), request(model="m", num_inference_steps=1, num_frames=1))
         queued.accepted.wait(10)
         asyncio.run_coroutine_threadsafe(server.server.stop(0.3), server.loop).result(60)
-        for stream in (running, queued):  # admitted, then dropped: errors (rejected is for admission refusals)
+        for stream in (running, queued):
             assert stream.join().code() == grpc.StatusCode.UNAVAILABLE
-            assert "drain grace" in stream.error.details()
+        assert "drain grace of" in running.error.details()
+        assert "before the request started" in queued.error.details() and "send it again" in queued.error.details()
+        marked = {stream: dict(stream.error.trailing_metadata() or ()).get("x-videogen-not-started")
+                  for stream in (running, queued)}
+        assert marked == {running: None, queued: "1"}
         registry = server.server.metrics.registry
         labels = {"model": "m", "version": "1"}
         assert registry.get_sample_value("videogen_requests_total",
-                                         {**labels, "outcome": "error", "code": "UNAVAILABLE"}) == 2
-        assert not registry.get_sample_value("videogen_requests_total",
-                                             {**labels, "outcome": "rejected", "code": "UNAVAILABLE"})
+                                         {**labels, "outcome": "error", "code": "UNAVAILABLE"}) == 1
+        assert registry.get_sample_value("videogen_requests_total",
+                                         {**labels, "outcome": "rejected", "code": "UNAVAILABLE"}) == 1
         assert registry.get_sample_value("videogen_requests_total",
                                          {**labels, "outcome": "cancelled", "code": "CANCELLED"}) is None
 

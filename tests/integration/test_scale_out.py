@@ -250,6 +250,62 @@ def test_a_refused_request_is_retried_on_another_server(tmp_path, tiny_model_sou
         assert refused() == before
 
 
+@pytest.mark.parametrize("client_kind", ["sync", "asyncio"])
+def test_a_request_still_queued_when_a_drain_ends_moves_to_another_server(tmp_path, tiny_model_source, client_kind):
+    """A request a server accepted but never started used to be lost when the drain's grace ended
+    (UNAVAILABLE after Accepted, which no retry resends; a rollout with queues lost them all: deploy
+    review). The server now marks it not started and the SDK sends it again, under the same request
+    id, to another server: the caller gets its video and one Accepted event."""
+    from ..helpers import Stream, request
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_model_source, repo / MODEL)
+    with ServerThread(repo) as one, ServerThread(repo) as two:
+        servers = (one, two)
+        # both busy with a long request each, so the SDK's request waits in the queue of whichever it reaches
+        long = {s: Stream(s.stub(), request(model=MODEL, num_inference_steps=50, num_frames=16)) for s in servers}
+        for stream in long.values():  # (the tiny model's limits: 50 steps, 16 frames; seconds on CPU)
+            assert stream.progressed.wait(30) and stream.error is None, stream.error
+        result: dict = {}
+
+        def call() -> None:
+            try:
+                if client_kind == "sync":
+                    with VideoGenClient([one.target, two.target], timeout=120) as client:
+                        result["events"] = list(client.generate(SAMPLE, **QUICK))
+                else:
+                    async def run() -> list:
+                        async with AsyncVideoGenClient([one.target, two.target], timeout=120) as client:
+                            return [e async for e in client.generate(SAMPLE, **QUICK)]
+
+                    result["events"] = asyncio.run(run())
+            except Exception as err:  # noqa: BLE001 - asserted below
+                result["error"] = err
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        deadline = time.monotonic() + 30
+        while not any(s.metric("videogen_queue_depth", model=MODEL) for s in servers):
+            assert time.monotonic() < deadline and caller.is_alive(), result
+            time.sleep(0.02)
+        holding = next(s for s in servers if s.metric("videogen_queue_depth", model=MODEL))
+        other = two if holding is one else one
+        long[other].call.cancel()  # the other server is free to take it
+        asyncio.run_coroutine_threadsafe(holding.server.stop(0.3), holding.loop).result(60)
+        caller.join(60)
+        assert not caller.is_alive() and "error" not in result, result
+        events = result["events"]
+        kinds = [type(e).__name__ for e in events]
+        assert kinds.count("Accepted") == 1 and kinds[-1] == "Summary", kinds
+        accepted, summary = events[0], events[-1]
+        assert summary.request_id == accepted.request_id  # the same id on both servers
+        stopped = holding.server.metrics.registry  # (its /metrics endpoint stopped with it)
+        assert stopped.get_sample_value("videogen_requests_total", {"model": MODEL, "version": "1", "outcome":
+                                                                    "rejected", "code": "UNAVAILABLE"}) == 1
+        assert other.metric("videogen_requests_total", model=MODEL, outcome="success") == 1
+        assert long[holding].join().code() == grpc.StatusCode.UNAVAILABLE  # was running: stopped, an error
+
+
 def test_retries_respect_max_attempts_and_the_deadline(tmp_path, tiny_model_source):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_model_source, repo / MODEL)

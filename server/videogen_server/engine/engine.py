@@ -26,8 +26,8 @@ from PIL import Image
 
 from ..backends.base import BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone, load_backend_class
 from ..config import ServerConfig
-from ..errors import (BackendError, ConfigError, Draining, InstanceDead, InvalidRequest, ModelNotFound, NotReady,
-                      QueueFull, QueueTimeout, RequestCancelled, VideoGenError, status_name)
+from ..errors import (BackendError, ConfigError, Draining, InvalidRequest, ModelNotFound, NotReady,
+                      NotStarted, QueueFull, QueueTimeout, RequestCancelled, VideoGenError, status_name)
 from ..media.frames import encode_frame
 from ..media.mp4 import FragmentedMP4Encoder
 from ..metrics import InstanceCollector, Metrics, NvmlReader
@@ -174,9 +174,10 @@ class ModelRuntime:
             self.state = "FAILED"
             self.reason = "every instance hit an unrecoverable device error"
             self._engine.metrics.model_ready.labels(*self.labels).set(0)
-            # nothing would ever take them
-            self._close_queue(lambda: InstanceDead(
-                f"model {self.name!r} version {self.version} lost its instances"))
+            # nothing would ever take them; none was started, so their callers may send them elsewhere
+            self._close_queue(lambda: NotStarted(
+                f"model {self.name!r} version {self.version} lost its instances before the request started; "
+                f"nothing was done for it: send it again"))
             self._engine._loop.call_soon_threadsafe(self._engine._notify)
 
     async def unload(self, timeout: float) -> None:
@@ -198,19 +199,20 @@ class ModelRuntime:
         self.state = "UNAVAILABLE"
 
     async def stop(self) -> None:
-        unloaded = lambda: NotReady(f"model {self.name!r} was unloaded")  # noqa: E731 - retryable elsewhere, unlike CANCELLED
-        self._close_queue(unloaded)
-        self.end_active(unloaded)
+        # UNAVAILABLE (retryable elsewhere, unlike CANCELLED); a request still queued was never started
+        self._close_queue(lambda: NotStarted(f"model {self.name!r} was unloaded before the request started; "
+                                             f"nothing was done for it: send it again"))
+        self.end_active(lambda req: NotReady(f"model {self.name!r} was unloaded"))
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, inst.join) for inst in self.instances))
         self._engine._runtimes.discard(self)
 
-    def end_active(self, error: Callable[[], Exception]) -> int:
-        """Ends every request admitted and not finished, queued or running, with its own `error()`
+    def end_active(self, error: Callable[[EngineRequest], Exception]) -> int:
+        """Ends every request admitted and not finished, queued or running, with its own `error(req)`
         (running ones stop at their next step or chunk). Returns how many."""
         requests = list(self.active)
         for req in requests:
-            req.error(error())
+            req.error(error(req))
             req.cancel()
         return len(requests)
 
@@ -393,10 +395,22 @@ class Engine:
                     m.requests.labels(entry.name, version, outcome, code)
         entry.published = set(now)
 
-    def end_requests(self, error: Callable[[], Exception]) -> int:
-        """Ends every request still queued or running with its own `error()` (the drain's end: the
-        caller hears why, and metrics count an error, not a caller's cancellation). Returns how many."""
-        return sum(rt.end_active(error) for rt in list(self._runtimes))
+    def end_requests(self, grace: float) -> int:
+        """The drain's end, `grace` seconds in: ends every request still in flight. One that is running
+        ends UNAVAILABLE as an error (its caller hears why; metrics count an error, not a cancellation);
+        one no instance has taken ends NotStarted (nothing was done for it, and its caller, the SDK,
+        sends it again, to another server). Returns how many."""
+        ended = 0
+        for rt in list(self._runtimes):
+            def error(req: EngineRequest, rt: ModelRuntime = rt) -> Exception:
+                if rt.scheduler.remove(req):  # still queued, and now no instance can take it
+                    return NotStarted(f"the server shut down before the request started (drain grace "
+                                      f"{grace:.0f}s); nothing was done for it: send it again")
+                return Draining(f"the server shut down; the request was stopped after the drain grace of "
+                                f"{grace:.0f}s")
+
+            ended += rt.end_active(error)
+        return ended
 
     async def shutdown(self, grace: float = 0.0) -> None:
         self.begin_drain()
@@ -724,8 +738,9 @@ class Engine:
             code = status_name(outcome)
             # rejected: refused at admission, before the caller was told it was accepted (it may go elsewhere);
             # once admitted, a request that does not finish is an error (one dropped from the queue included)
+            # (a request that ended unstarted, NotStarted, too: its caller sends it elsewhere)
             name = "rejected" if code in ("INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE") \
-                and not admitted else "error"
+                and (not admitted or isinstance(outcome, NotStarted)) else "error"
         self.metrics.requests.labels(*labels, name, code).inc()
         record.update(outcome=name, code=code, seconds=round(seconds, 4))
         if outcome is not None and code not in ("OK", "CANCELLED"):

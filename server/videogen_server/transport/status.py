@@ -5,7 +5,7 @@ import logging
 
 import grpc
 
-from ..errors import VideoGenError, status_name
+from ..errors import NOT_STARTED_KEY, NotStarted, VideoGenError, status_name
 
 log = logging.getLogger(__name__)
 
@@ -25,4 +25,6 @@ def to_status(exc: BaseException, *, request_id: str = "", triton: bool = False)
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, *, request_id: str = "",
                 trailing_metadata: tuple[tuple[str, str], ...] = (), triton: bool = False) -> None:
     code, message = to_status(exc, request_id=request_id, triton=triton)
+    if isinstance(exc, NotStarted):  # accepted, never started: the caller may send it again
+        trailing_metadata = (*trailing_metadata, (NOT_STARTED_KEY, "1"))
     await context.abort(code, message, trailing_metadata=trailing_metadata)
