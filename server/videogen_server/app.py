@@ -21,7 +21,7 @@ from .config import ServerConfig
 from .errors import NotReady
 from .engine.engine import Engine
 from .metrics import Metrics
-from .transport.server import build_server
+from .transport.server import build_health_server, build_server
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,9 @@ class VideoGenServer:
         self.engine = Engine(config, self.metrics)
         self.port: Optional[int] = None
         self.metrics_port: Optional[int] = None
+        self.health_port: Optional[int] = None
         self._server = None
+        self._health_server = None
         self._health = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -43,11 +45,15 @@ class VideoGenServer:
         loop = asyncio.get_running_loop()  # readiness may change on any thread; health updates on the loop
         self.engine.add_listener(lambda: loop.call_soon_threadsafe(asyncio.ensure_future, self._health.update()))
         await self._server.start()
+        if self.config.health_port >= 0:
+            self._health_server, self.health_port = build_health_server(self._health, self.config)
+            await self._health_server.start()
         await self._health.update()
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
         self.metrics.set_build_info(**_versions())
-        log.info("gRPC on port %d, metrics on %s; loading models", self.port,
+        log.info("gRPC on port %d%s, metrics on %s; loading models", self.port,
+                 f" (health also on plaintext port {self.health_port})" if self.health_port else "",
                  f"http://{self.config.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
         try:
             await self.engine.start()
@@ -107,6 +113,8 @@ class VideoGenServer:
             if self._server is not None:
                 await self._server.stop(1.0)  # in-flight streams end with the engine below
         finally:
+            if self._health_server is not None:  # the probes' port answers NOT_SERVING until here
+                await self._health_server.stop(0)
             await self.engine.shutdown(0)
             self.metrics.close()
             self._stopped.set()

@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=d.port, help=f"gRPC port, 0 = any free port (default {d.port})")
     s.add_argument("--metrics-port", type=int, default=d.metrics_port,
                    help=f"Prometheus /metrics port, 0 = any free port, -1 = off (default {d.metrics_port})")
+    s.add_argument("--health-port", type=int, default=d.health_port,
+                   help="a plaintext gRPC port serving only grpc.health.v1, for probes that cannot use TLS; "
+                        "0 = any free port, -1 = none (default)")
     s.add_argument("--metrics-host", default=d.metrics_host, help=f"metrics listen address (default {d.metrics_host})")
     s.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default=d.model_control_mode,
                    help="none: load all at start; explicit: --load-model and Load/UnloadModel RPCs; poll: reload changed models")
@@ -73,7 +76,7 @@ def _auth_tokens(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> ServerConfig:
     return ServerConfig(
         model_repositories=tuple(args.model_repository), host=args.host, port=args.port,
-        metrics_port=args.metrics_port, metrics_host=args.metrics_host, model_control_mode=args.model_control_mode,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host, health_port=args.health_port, model_control_mode=args.model_control_mode,
         load_models=tuple(args.load_model), repository_poll_seconds=args.repository_poll_seconds,
         max_queue_size=args.max_queue_size, cpu_threads=args.cpu_threads, media_threads=args.media_threads,
         drain_grace_seconds=args.drain_grace_seconds, unload_timeout_seconds=args.unload_timeout_seconds,

@@ -18,6 +18,9 @@ class ServerConfig:
     #: Prometheus /metrics HTTP port; 0 picks a free port, -1 disables the endpoint.
     metrics_port: int = 8002
     metrics_host: str = "0.0.0.0"
+    #: A second, plaintext gRPC port serving only grpc.health.v1 (on `host`), for probes that cannot
+    #: speak TLS (Kubernetes' grpc probes) when the main port uses it; 0 picks a free port, -1: none.
+    health_port: int = -1
     #: none: load every model at start; explicit: only --load-model (then LoadModel/UnloadModel RPCs);
     #: poll: load everything and reload models whose files change.
     model_control_mode: str = "none"
@@ -67,5 +70,7 @@ class ServerConfig:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if any(not t or any(c.isspace() for c in t) for t in self.auth_tokens):
             raise ValueError("auth tokens must be non-empty and contain no whitespace")
+        if self.health_port >= 0 and self.health_port == self.port and self.port != 0:
+            raise ValueError(f"--health-port {self.health_port} is the gRPC port: pick another one")
         if self.load_models and self.model_control_mode != "explicit":
             raise ValueError("--load-model needs --model-control-mode explicit")

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from videogen_client import UnauthenticatedError, UnavailableError, VideoGenClient
+from videogen_client import UnauthenticatedError, UnavailableError, VideoGenClient, VideoGenError
 
 from ..helpers import ServerThread, sample_png
 
@@ -104,9 +104,22 @@ def test_tls_to_a_list_of_host_names(repo, pki):
 
 def test_mutual_tls(repo, pki):
     with ServerThread(repo, tls_cert=pki["server.crt"], tls_key=pki["server.key"],
-                      tls_client_ca=pki["ca.crt"]) as server:
+                      tls_client_ca=pki["ca.crt"], health_port=0, auth_tokens=("tok",)) as server:
+        # Kubernetes' grpc probes speak neither TLS nor client certificates: the health-only plaintext
+        # port answers them (the same statuses and token rules), and serves nothing else
+        plain = grpc.insecure_channel(f"127.0.0.1:{server.server.health_port}")
+        health = health_pb2_grpc.HealthStub(plain)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            health.Check(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen/svd-tiny"))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with VideoGenClient(f"127.0.0.1:{server.server.health_port}", token="tok", retry=False) as wrong_port:
+            with pytest.raises(VideoGenError) as other:
+                wrong_port.list_models(timeout=5)
+        assert other.value.code == grpc.StatusCode.UNIMPLEMENTED
+        plain.close()
         ca = pki["ca.crt"].read_bytes()
-        with VideoGenClient(server.target, secure=True, root_certificates=ca,
+        with VideoGenClient(server.target, secure=True, root_certificates=ca, token="tok",
                             private_key=pki["client.key"].read_bytes(),
                             certificate_chain=pki["client.crt"].read_bytes()) as client:
             assert _run(client).summary.num_frames == 1

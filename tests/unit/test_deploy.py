@@ -33,6 +33,7 @@ DASHBOARD_PROVIDER = DEPLOY / "grafana" / "provisioning" / "dashboards" / "video
 K8S_VERSION = "1.30.0"
 GRPC_PORT = 8001
 METRICS_PORT = 8002
+HEALTH_PORT = 8003  # --health-port: plaintext grpc.health.v1 for the probes
 
 METRIC_REF = re.compile(r"(?<![A-Za-z0-9_:])videogen_[a-z0-9_]*[a-z0-9]")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -311,8 +312,9 @@ def test_deployment_requests_one_gpu(server: dict) -> None:
 def test_deployment_ports_match_the_server_args(server: dict) -> None:
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
     assert ports.get("grpc") == GRPC_PORT and ports.get("metrics") == METRICS_PORT
+    assert ports.get("health") == HEALTH_PORT and _flag(server.get("args", []), "--health-port") == str(HEALTH_PORT)
     args = server.get("args", [])
-    for flag, expected in (("--port", GRPC_PORT), ("--metrics-port", METRICS_PORT)):
+    for flag, expected in (("--port", GRPC_PORT), ("--metrics-port", METRICS_PORT), ("--health-port", HEALTH_PORT)):
         value = _flag(args, flag)
         assert value is None or int(value) == expected, f"{flag}={value} disagrees with the container port {expected}"
 
@@ -322,7 +324,8 @@ def test_deployment_probes_grpc_health(server: dict, probe: str) -> None:
     spec = server.get(probe)
     assert spec, f"no {probe}"
     assert "grpc" in spec, f"{probe} must be a native grpc probe (grpc.health.v1)"
-    assert spec["grpc"]["port"] == GRPC_PORT, f"{probe} probes port {spec['grpc']['port']}, not {GRPC_PORT}"
+    # the health-only plaintext port: the kubelet's grpc probe has no TLS, the gRPC port may have it
+    assert spec["grpc"]["port"] == HEALTH_PORT, f"{probe} probes port {spec['grpc']['port']}, not {HEALTH_PORT}"
     # Service "": the overall status, SERVING only when every model is warm.
     assert spec["grpc"].get("service", "") == "", f"{probe} checks service {spec['grpc']['service']!r}, not \"\""
 

@@ -65,11 +65,26 @@ class HealthReporter:
             await self.servicer.set(model_health_name(name), serving if self._engine.model_ready(name) else not_serving)
 
 
+def _interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
+    return [BearerTokenInterceptor(config.auth_tokens, open_health_services=SERVER_HEALTH_SERVICES)
+            ] if config.auth_tokens else []
+
+
+def build_health_server(health: HealthReporter, config: ServerConfig) -> tuple[grpc.aio.Server, int]:
+    """The plaintext health-only server (`config.health_port`): the same statuses as the main port's
+    grpc.health.v1, under the same token rules, nothing else. Bound, not started."""
+    server = grpc.aio.server(interceptors=_interceptors(config),
+                             options=[("grpc.max_receive_message_length", 64 * 1024)])
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    port = server.add_insecure_port(f"{config.host}:{config.health_port}")
+    if port == 0:
+        raise OSError(f"cannot bind the health port {config.host}:{config.health_port}")
+    return server, port
+
+
 def build_server(engine, config: ServerConfig) -> tuple[grpc.aio.Server, int, HealthReporter]:
     """A configured, bound, not yet started server; returns it, the bound port and its health reporter."""
-    interceptors = [BearerTokenInterceptor(config.auth_tokens, open_health_services=SERVER_HEALTH_SERVICES)
-                    ] if config.auth_tokens else []
-    server = grpc.aio.server(options=channel_options(config), interceptors=interceptors)
+    server = grpc.aio.server(options=channel_options(config), interceptors=_interceptors(config))
     videogen_pb2_grpc.add_VideoGenServicer_to_server(
         VideoGenServicer(engine, model_control_mode=config.model_control_mode), server)
     # The Open Inference Protocol (KServe v2 / Triton) on the same port, over the same engine.
