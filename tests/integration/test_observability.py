@@ -195,3 +195,29 @@ def test_request_log_line_and_json_format(tiny_server, caplog):
     assert (req["width"], req["height"], req["frames"], req["steps"], req["decode_chunk_size"]) == (64, 48, 2, 2, 1)
     for key in ("queue_s", "image_encode_s", "denoise_s", "decode_s", "video_encode_s", "peak_memory_bytes"):
         assert key in req
+
+
+def test_the_compose_healthcheck_reads_the_health_port(make_repo):
+    """deploy/compose's healthcheck command, run as Docker would (against this server's health port
+    instead of the image's 8003): exit 0 while SERVING, 1 once the server drains."""
+    import asyncio
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    compose = Path(__file__).resolve().parents[2] / "deploy" / "compose" / "docker-compose.yml"
+    test = yaml.safe_load(compose.read_text())["services"]["videogen"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"] and "127.0.0.1:8003" in test[3]
+    with ServerThread(make_repo({"m": tiny_config("m")}), health_port=0) as server:
+        code = test[3].replace("127.0.0.1:8003", f"127.0.0.1:{server.server.health_port}")
+
+        def check() -> int:
+            return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60).returncode
+
+        assert check() == 0
+        server.engine.begin_drain()
+        asyncio.run_coroutine_threadsafe(server.server._health.update(), server.loop).result(10)
+        assert check() == 1
+
