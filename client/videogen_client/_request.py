@@ -411,8 +411,13 @@ def image_bytes(image: ImageInput) -> bytes:
             image.save(buffer, format="PNG")
         except (OSError, ValueError, KeyError):  # "cannot write mode CMYK as PNG"
             buffer = io.BytesIO()
-            # 32-bit integer samples as 16-bit (clipped), which the server reads as it reads a 16-bit PNG
-            image.convert("I;16" if image.mode == "I" else "RGB").save(buffer, format="PNG")
+            # integer samples (I, I;16L, I;16N) as 16-bit, clipped, which the server reads as a 16-bit PNG;
+            # premultiplied gray as gray + alpha; the rest (CMYK, YCbCr, LAB, HSV, F, PA, RGBa) as RGB
+            if image.mode.startswith("I"):  # through 32-bit: Pillow's direct I;16L -> I;16 clips at 255
+                image = image.convert("I").convert("I;16")
+            else:
+                image = image.convert("LA" if image.mode == "La" else "RGB")
+            image.save(buffer, format="PNG")
         return buffer.getvalue()
     raise TypeError(f"image must be bytes, a path or a PIL.Image.Image, not {type(image).__name__}")
 
@@ -522,10 +527,12 @@ class ReadinessWait:
 
 class StreamAttempts:
     """One Generate's attempts, as the caller sees them: one Accepted event however often the request is
-    sent again, and whether the current attempt got beyond it (a step, a frame: work that started)."""
+    sent again (another only if the server that runs it resolved the request otherwise, e.g. another
+    model version during a rollout), and whether the current attempt got beyond it (a step, a frame:
+    work that started)."""
 
     def __init__(self) -> None:
-        self.accepted = False
+        self.first: Accepted | None = None
         self.started = False
 
     def next_attempt(self) -> None:
@@ -536,9 +543,20 @@ class StreamAttempts:
         if event is None:
             return False
         if isinstance(event, Accepted):
-            if self.accepted:
-                return False
-            self.accepted = True
-        else:
-            self.started = True
+            if self.first is None:
+                self.first = event
+                return True
+            return (event.model_version, event.parameters) != (self.first.model_version, self.first.parameters)
+        self.started = True
         return True
+
+    def again(self, request: videogen_pb2.GenerateRequest) -> videogen_pb2.GenerateRequest:
+        """The request to send again: with the seed the first server drew when the caller set none, so
+        the video is the one its Accepted event described."""
+        seed = self.first.parameters.get("seed") if self.first is not None else None
+        if request.HasField("seed") or seed is None:
+            return request
+        pinned = videogen_pb2.GenerateRequest()
+        pinned.CopyFrom(request)
+        pinned.seed = int(seed)
+        return pinned

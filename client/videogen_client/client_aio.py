@@ -241,8 +241,10 @@ class AsyncVideoGenClient:
         attempt = 1
         attempts = StreamAttempts()
         while True:
-            if self._closed:  # a generator made before close() and iterated after: the documented error
-                raise ValueError(f"{self!r} is closed")
+            if self._closed:
+                if attempt > 1:  # closed while waiting to send it again: a call in flight when it closed
+                    raise RequestCancelledError("the client was closed during the call", request_id=request_id)
+                raise ValueError(f"{self!r} is closed")  # a generator made before close() and iterated after
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             call = self._stub.Generate(request, timeout=remaining, metadata=metadata)
             decoder = EventDecoder()
@@ -266,6 +268,7 @@ class AsyncVideoGenClient:
                 if decoder.request_id and not request_id:
                     request_id = decoder.request_id
                     metadata = call_metadata(self._settings, request_id)
+                request = attempts.again(request)
                 if wait is None:
                     raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
             except asyncio.CancelledError:

@@ -543,6 +543,14 @@ def test_a_pil_image_is_sent_as_its_file_would_be_read(client):
     with Image.open(io.BytesIO(rotated.getvalue())) as opened:
         upright = np.asarray(Image.open(io.BytesIO(image_bytes(opened))))
     assert upright.shape[:2] == (80, 48)  # the 80x48 photo stands 48 wide, 80 high
+    # 16-bit samples in any byte order stay 16-bit (Pillow's direct I;16L -> I;16 clips at 255)
+    for mode in ("I;16L", "I;16N", "I;16B", "I"):
+        deep = Image.new(mode, (2, 1))
+        deep.putpixel((0, 0), 30000)
+        sent = Image.open(io.BytesIO(image_bytes(deep)))
+        assert (sent.mode, sent.getpixel((0, 0))) == ("I;16", 30000), mode
+    for mode in ("La", "PA", "RGBa", "F", "YCbCr"):  # modes PNG cannot hold: converted, not an error
+        assert Image.open(io.BytesIO(image_bytes(Image.new(mode, (4, 4))))).mode in ("LA", "RGB"), mode
 
 
 def test_out_of_memory_is_its_own_error_and_models_not_loaded_have_no_defaults(make_repo):

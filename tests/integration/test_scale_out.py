@@ -98,7 +98,7 @@ def _wait_ready(servers: list[ServerProcess]) -> None:
             assert code is None, f"server exited with {code} while starting:\n{server.log_tail()}"
             assert time.monotonic() < deadline, f"server not ready after {START_TIMEOUT}s:\n{server.log_tail()}"
             time.sleep(0.1)
-        server.port, server.metrics_port = map(int, server.port_file.read_text().split())
+        server.port, server.metrics_port = map(int, server.port_file.read_text().split()[:2])
 
 
 @pytest.fixture
@@ -251,13 +251,15 @@ def test_a_refused_request_is_retried_on_another_server(tmp_path, tiny_model_sou
 
 
 @pytest.mark.parametrize("client_kind", ["sync", "asyncio"])
-def test_a_request_still_queued_when_a_drain_ends_moves_to_another_server(tmp_path, tiny_model_source, client_kind):
+def test_a_request_still_queued_when_a_drain_ends_moves_to_another_server(tmp_path, tiny_model_source, client_kind,
+                                                                          caplog):
     """A request a server accepted but never started used to be lost when the drain's grace ended
     (UNAVAILABLE after Accepted, which no retry resends; a rollout with queues lost them all: deploy
     review). The server now marks it not started and the SDK sends it again, under the same request
     id, to another server: the caller gets its video and one Accepted event."""
     from ..helpers import Stream, request
 
+    caplog.set_level("INFO", logger="videogen.requests")
     repo = tmp_path / "repo"
     shutil.copytree(tiny_model_source, repo / MODEL)
     with ServerThread(repo) as one, ServerThread(repo) as two:
@@ -299,6 +301,10 @@ def test_a_request_still_queued_when_a_drain_ends_moves_to_another_server(tmp_pa
         assert kinds.count("Accepted") == 1 and kinds[-1] == "Summary", kinds
         accepted, summary = events[0], events[-1]
         assert summary.request_id == accepted.request_id  # the same id on both servers
+        # and the same seed: the first server drew it, the second ran with it (the video Accepted described)
+        ran = [r.videogen_request for r in caplog.records if getattr(r, "videogen_request", {}).get("outcome")
+               == "success" and r.videogen_request["request_id"] == accepted.request_id]
+        assert [r["seed"] for r in ran] == [accepted.parameters["seed"]], (ran, accepted)
         stopped = holding.server.metrics.registry  # (its /metrics endpoint stopped with it)
         assert stopped.get_sample_value("videogen_requests_total", {"model": MODEL, "version": "1", "outcome":
                                                                     "rejected", "code": "UNAVAILABLE"}) == 1
