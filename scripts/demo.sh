@@ -17,7 +17,7 @@ for _ in $(seq 1 120); do  # the port file appears once every model is loaded an
     kill -0 $server 2>/dev/null || { cat "$OUT/server.log"; echo "server failed to start" >&2; exit 1; }
     sleep 0.5
 done
-read -r port metrics_port <"$OUT/ports"
+read -r port metrics_port _ <"$OUT/ports"
 echo "server ready: gRPC 127.0.0.1:$port, metrics http://127.0.0.1:$metrics_port/metrics"
 
 "$BIN/videogen" generate --target "127.0.0.1:$port" --model svd-tiny \

@@ -41,14 +41,20 @@ class VideoGenServer:
         self._stopping = False
 
     async def start(self) -> None:
+        # both ports bound before either serves (a taken port fails here, nothing half started), and
+        # health set before either answers: grpc_health starts out reporting "" SERVING
         self._server, self.port, self._health = build_server(self.engine, self.config)
+        if self.config.health_port >= 0:
+            self._health_server, self.health_port = build_health_server(self._health, self.config)
+        await self._health.update()
         loop = asyncio.get_running_loop()  # readiness may change on any thread; health updates on the loop
         self.engine.add_listener(lambda: loop.call_soon_threadsafe(asyncio.ensure_future, self._health.update()))
         await self._server.start()
-        if self.config.health_port >= 0:
-            self._health_server, self.health_port = build_health_server(self._health, self.config)
+        if self._health_server is not None:
             await self._health_server.start()
-        await self._health.update()
+        if self._stopping:  # a signal during the above: stop() has run (or runs) without what follows
+            await self._stopped.wait()
+            return
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
         self.metrics.set_build_info(**_versions())

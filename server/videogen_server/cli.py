@@ -95,7 +95,7 @@ async def _serve(config: ServerConfig, port_file: Optional[Path]) -> None:
         await server.start()
         if port_file and not server.stopping:
             tmp = port_file.with_suffix(".tmp")
-            tmp.write_text(f"{server.port} {server.metrics_port or 0}\n")
+            tmp.write_text(f"{server.port} {server.metrics_port or 0} {server.health_port or 0}\n")
             tmp.replace(port_file)
         await server.wait()
     finally:
@@ -144,8 +144,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if isinstance(err, VideoGenError):
             print(f"videogen-server: {err.message}", file=sys.stderr)
-            return _exit(1)
-        raise
+        else:
+            import traceback
+
+            traceback.print_exc()
+        return _exit(1)
     return _exit(0)
 
 
@@ -160,7 +163,7 @@ def _exit(status: int) -> int:
     if any(t.is_alive() and t.name.startswith(INSTANCE_THREAD_PREFIX) for t in threading.enumerate()):
         import logging
 
-        logging.getLogger(__name__).info("exiting with a model load still running (stopped during start-up)")
+        logging.getLogger(__name__).info("exiting with an instance thread still busy (a load or compile cut short)")
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

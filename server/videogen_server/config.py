@@ -70,7 +70,11 @@ class ServerConfig:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if any(not t or any(c.isspace() for c in t) for t in self.auth_tokens):
             raise ValueError("auth tokens must be non-empty and contain no whitespace")
-        if self.health_port >= 0 and self.health_port == self.port and self.port != 0:
-            raise ValueError(f"--health-port {self.health_port} is the gRPC port: pick another one")
+        ports = [(flag, p) for flag, p in (("--port", self.port), ("--metrics-port", self.metrics_port),
+                                          ("--health-port", self.health_port)) if p > 0]
+        for i, (flag, port) in enumerate(ports):
+            clash = next((other for other, p in ports[i + 1:] if p == port), None)
+            if clash:
+                raise ValueError(f"{clash} {port} is also {flag}: give each listener its own port")
         if self.load_models and self.model_control_mode != "explicit":
             raise ValueError("--load-model needs --model-control-mode explicit")

@@ -110,9 +110,15 @@ def test_mutual_tls(repo, pki):
         plain = grpc.insecure_channel(f"127.0.0.1:{server.server.health_port}")
         health = health_pb2_grpc.HealthStub(plain)
         assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
-        with pytest.raises(grpc.RpcError) as refused:
-            health.Check(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen/svd-tiny"))
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        for token in ((), (("authorization", "Bearer tok"),)):  # a model's: never here, where a token is in clear
+            with pytest.raises(grpc.RpcError) as refused:
+                health.Check(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen/svd-tiny"), metadata=token)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and "gRPC port" in refused.value.details()
+        # the port is the server's alone: a second server cannot bind it too (gRPC's SO_REUSEPORT would let it
+        # share the probes, and the main port's callers, silently)
+        for taken in ({"health_port": server.server.health_port}, {"port": server.port}):
+            with pytest.raises(OSError, match=f"cannot bind the (health|gRPC) port .*:{next(iter(taken.values()))}"):
+                ServerThread(repo, **taken).start()
         with VideoGenClient(f"127.0.0.1:{server.server.health_port}", token="tok", retry=False) as wrong_port:
             with pytest.raises(VideoGenError) as other:
                 wrong_port.list_models(timeout=5)

@@ -29,3 +29,13 @@ def test_a_client_only_install_says_what_to_install(command, monkeypatch, capsys
     assert main(command) == 2
     err = capsys.readouterr().err
     assert "diffusers, av missing" in err and "pip install 'videogen[server]'" in err
+
+
+def test_listeners_need_their_own_ports(tmp_path):
+    from videogen_server.config import ServerConfig
+
+    with pytest.raises(ValueError, match="--health-port 8002 is also --metrics-port"):
+        ServerConfig(model_repositories=(tmp_path,), health_port=8002)
+    with pytest.raises(ValueError, match="--metrics-port 8001 is also --port"):
+        ServerConfig(model_repositories=(tmp_path,), metrics_port=8001)
+    ServerConfig(model_repositories=(tmp_path,), port=0, metrics_port=0, health_port=0)  # each picks a free one

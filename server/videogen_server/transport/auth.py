@@ -43,9 +43,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     the time taken says nothing about how much of a token matched or which one.
     """
 
-    def __init__(self, tokens: Iterable[str], open_health_services: Iterable[str] = ("",)) -> None:
-        self._tokens = [t.encode() for t in tokens]
+    def __init__(self, tokens: Iterable[str], open_health_services: Iterable[str] = ("",),
+                 denial: str = "a valid bearer token is required (authorization: Bearer <token>)") -> None:
+        self._tokens = [t.encode() for t in tokens]  # none: every call but the open health names refused
         self._open_health = frozenset(open_health_services)
+        self._denial = denial
 
     def _authorized(self, metadata) -> bool:
         header = ""
@@ -66,7 +68,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or self._authorized(details.invocation_metadata):
             return handler
-        code, message = to_status(Unauthenticated("a valid bearer token is required (authorization: Bearer <token>)"))
+        code, message = to_status(Unauthenticated(self._denial))
         if details.method.startswith(HEALTH_METHOD_PREFIX):
             return self._health_handler(handler, code, message)
         return _denied_handler(handler, code, message)

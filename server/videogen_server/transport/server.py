@@ -65,26 +65,40 @@ class HealthReporter:
             await self.servicer.set(model_health_name(name), serving if self._engine.model_ready(name) else not_serving)
 
 
-def _interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
-    return [BearerTokenInterceptor(config.auth_tokens, open_health_services=SERVER_HEALTH_SERVICES)
-            ] if config.auth_tokens else []
+#: No SO_REUSEPORT (gRPC's default is on): a second server on a taken port fails to bind instead of
+#: silently sharing it (and its callers, and the probes) with the first.
+EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
+
+
+def _bind(server: grpc.aio.Server, address: str, what: str, credentials=None) -> int:
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as err:  # grpcio raises this (not port 0) when the address cannot be bound
+        raise OSError(f"cannot bind the {what} {address}: {err}") from None
+    if port == 0:
+        raise OSError(f"cannot bind the {what} {address}")
+    return port
 
 
 def build_health_server(health: HealthReporter, config: ServerConfig) -> tuple[grpc.aio.Server, int]:
     """The plaintext health-only server (`config.health_port`): the same statuses as the main port's
-    grpc.health.v1, under the same token rules, nothing else. Bound, not started."""
-    server = grpc.aio.server(interceptors=_interceptors(config),
-                             options=[("grpc.max_receive_message_length", 64 * 1024)])
+    grpc.health.v1, nothing else. With bearer tokens configured it answers the server's own names only
+    and never takes a token (it would travel in clear text): ask the main port for a model's health.
+    Bound, not started."""
+    interceptors = [BearerTokenInterceptor((), open_health_services=SERVER_HEALTH_SERVICES,
+                                           denial="this plaintext port answers the server's own health only; "
+                                                  "ask the gRPC port for a model's")] if config.auth_tokens else []
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=[("grpc.max_receive_message_length", 64 * 1024), EXCLUSIVE_PORT])
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    port = server.add_insecure_port(f"{config.host}:{config.health_port}")
-    if port == 0:
-        raise OSError(f"cannot bind the health port {config.host}:{config.health_port}")
-    return server, port
+    return server, _bind(server, f"{config.host}:{config.health_port}", "health port")
 
 
 def build_server(engine, config: ServerConfig) -> tuple[grpc.aio.Server, int, HealthReporter]:
     """A configured, bound, not yet started server; returns it, the bound port and its health reporter."""
-    server = grpc.aio.server(options=channel_options(config), interceptors=_interceptors(config))
+    interceptors = [BearerTokenInterceptor(config.auth_tokens, open_health_services=SERVER_HEALTH_SERVICES)
+                    ] if config.auth_tokens else []
+    server = grpc.aio.server(options=[*channel_options(config), EXCLUSIVE_PORT], interceptors=interceptors)
     videogen_pb2_grpc.add_VideoGenServicer_to_server(
         VideoGenServicer(engine, model_control_mode=config.model_control_mode), server)
     # The Open Inference Protocol (KServe v2 / Triton) on the same port, over the same engine.
@@ -97,14 +111,11 @@ def build_server(engine, config: ServerConfig) -> tuple[grpc.aio.Server, int, He
          reflection.SERVICE_NAME),
         server)
     address = f"{config.host}:{config.port}"
+    credentials = None
     if config.tls_cert:
         ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
         credentials = grpc.ssl_server_credentials(
             [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
             root_certificates=ca, require_client_auth=ca is not None)
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
+    port = _bind(server, address, "gRPC port", credentials)
     return server, port, HealthReporter(engine, health)
