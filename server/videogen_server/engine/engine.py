@@ -402,8 +402,11 @@ class Engine:
         sends it again, to another server). Returns how many."""
         ended = 0
         for rt in list(self._runtimes):
-            def error(req: EngineRequest, rt: ModelRuntime = rt) -> Exception:
-                if rt.scheduler.remove(req):  # still queued, and now no instance can take it
+            # the whole queue in one step: an instance freed by a stopped request takes nothing more
+            queued = set(rt.scheduler.close())
+
+            def error(req: EngineRequest, queued: set = queued) -> Exception:
+                if req in queued:
                     return NotStarted(f"the server shut down before the request started (drain grace "
                                       f"{grace:.0f}s); nothing was done for it: send it again")
                 return Draining(f"the server shut down; the request was stopped after the drain grace of "
