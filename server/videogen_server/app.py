@@ -45,7 +45,11 @@ class VideoGenServer:
         # health set before either answers: grpc_health starts out reporting "" SERVING
         self._server, self.port, self._health = build_server(self.engine, self.config)
         if self.config.health_port >= 0:
-            self._health_server, self.health_port = build_health_server(self._health, self.config)
+            try:
+                self._health_server, self.health_port = build_health_server(self._health, self.config)
+            except BaseException:
+                await self._server.stop(None)  # bound, never started: let its port go
+                raise
         await self._health.update()
         loop = asyncio.get_running_loop()  # readiness may change on any thread; health updates on the loop
         self.engine.add_listener(lambda: loop.call_soon_threadsafe(asyncio.ensure_future, self._health.update()))
@@ -86,12 +90,15 @@ class VideoGenServer:
 
     def _failed_at_start(self) -> str:
         """The models and versions that failed to load, with why ("" if none)."""
+        def named(what: str, reason: str) -> str:
+            return f"{what} ({reason})" if reason else what
+
         failed = []
         for status in self.engine.list_models():
-            versions = [f"{status.name} version {v.version} ({v.reason})" if v.reason else f"{status.name} version "
-                        f"{v.version}" for v in status.versions if v.state == "FAILED"]
-            if not versions and status.state == "FAILED":
-                versions = [f"{status.name} ({status.reason})" if status.reason else status.name]
+            versions = [named(f"{status.name} version {v.version}", v.reason)
+                        for v in status.versions if v.state == "FAILED"]
+            if not versions and status.state == "FAILED":  # no version to blame: its files cannot be read
+                versions = [named(status.name, status.reason)]
             failed += versions
         return "; ".join(failed)
 
