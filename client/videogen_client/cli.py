@@ -214,6 +214,20 @@ def _model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.load_model(args.name)
+    print(json.dumps(dataclasses.asdict(info), indent=2))
+    return 0
+
+
+def _unload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.unload_model(args.name)
+    print(f"{args.name} unloaded")
+    return 0
+
+
 def _wait_ready(args: argparse.Namespace) -> int:
     with _client(args) as client:
         info = client.wait_until_ready(args.name, timeout=args.timeout or 600.0, poll_interval=args.poll_interval)
@@ -314,6 +328,17 @@ def _build_parser() -> argparse.ArgumentParser:
                                             "configuration as JSON.")
     model.add_argument("name", help="model name")
     model.set_defaults(handler=_model, parser=model)
+
+    load = commands.add_parser("load", parents=[connection], help="load or reload a model (explicit mode)",
+                               description="Load or reload a model on a server run with --model-control-mode "
+                                           "explicit; print its state as JSON once the load has ended.")
+    load.add_argument("name", help="model name")
+    load.set_defaults(handler=_load, parser=load)
+
+    unload = commands.add_parser("unload", parents=[connection], help="unload a model (explicit mode)",
+                                 description="Unload a model on a server run with --model-control-mode explicit.")
+    unload.add_argument("name", help="model name")
+    unload.set_defaults(handler=_unload, parser=unload)
 
     wait = commands.add_parser("wait-ready", parents=[connection], help="wait until a model serves",
                                description="Wait until the server answers and the model has a ready version "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from collections.abc import Generator
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 from videogen.v1 import videogen_pb2, videogen_pb2_grpc
@@ -27,6 +27,7 @@ from videogen_client.errors import (
     ModelNotFoundError,
     RequestCancelledError,
     UnavailableError,
+    VideoGenError,
     from_rpc_error,
 )
 from videogen_client.events import Event, EventDecoder, GenerationResult, collect
@@ -324,12 +325,7 @@ class VideoGenClient:
 
         Example: ``[m.name for m in client.list_models() if m.state == "ready"]``.
         """
-        request = videogen_pb2.ListModelsRequest()
-        try:
-            response = self._stub.ListModels(request, metadata=self._settings.metadata,
-                                             timeout=self._deadline(timeout))
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        response = self._unary(self._stub.ListModels, videogen_pb2.ListModelsRequest(), timeout)
         return [ModelInfo.from_proto(model) for model in response.models]
 
     def get_model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
@@ -337,13 +333,36 @@ class VideoGenClient:
 
         Example: ``client.get_model("svd-xt").defaults["num_frames"]``.
         """
-        request = videogen_pb2.GetModelRequest(name=name)
+        return ModelInfo.from_proto(self._unary(self._stub.GetModel, videogen_pb2.GetModelRequest(name=name), timeout))
+
+    def load_model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
+        """Load (or reload) model ``name`` and return its ModelInfo once the load has ended.
+
+        Needs a server run with ``--model-control-mode explicit`` (else VideoGenError with code
+        PERMISSION_DENIED). A reload keeps serving the old version until the new one is ready; a model
+        that fails to load keeps what served before and the reason is in ``get_model``. The load runs
+        to its end on the server even if ``timeout`` passes first (a compiled model takes minutes): then
+        ``wait_until_ready``. A second call during a load joins it. Example::
+
+            client.load_model("svd-xt", timeout=900)
+        """
+        return ModelInfo.from_proto(self._unary(self._stub.LoadModel, videogen_pb2.LoadModelRequest(name=name),
+                                                timeout))
+
+    def unload_model(self, name: str, *, timeout: float | None = None) -> None:
+        """Unload model ``name``: it admits no more requests, those in flight get the server's
+        ``--unload-timeout-seconds`` to finish (then the running ones end UNAVAILABLE, the queued ones
+        marked not started, which the SDK sends elsewhere). Needs ``--model-control-mode explicit``.
+        Example: ``client.unload_model("svd-xt")``.
+        """
+        self._unary(self._stub.UnloadModel, videogen_pb2.UnloadModelRequest(name=name), timeout)
+
+    def _unary(self, method: Any, request: Any, timeout: float | None, **kw: Any) -> Any:
+        """One unary call with the client's metadata and deadline; errors typed as every call's."""
         try:
-            response = self._stub.GetModel(request, metadata=self._settings.metadata,
-                                           timeout=self._deadline(timeout))
+            return method(request, metadata=self._settings.metadata, timeout=self._deadline(timeout), **kw)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
-        return ModelInfo.from_proto(response)
 
     def wait_until_ready(self, model: str, *, timeout: float | None = 600.0,
                          poll_interval: float = 1.0) -> ModelInfo:
@@ -360,13 +379,9 @@ class VideoGenClient:
         wait = ReadinessWait(model, timeout, poll_interval)
         while True:
             try:
-                response = self._stub.GetModel(videogen_pb2.GetModelRequest(name=model),
-                                               metadata=self._settings.metadata,
-                                               timeout=self._deadline(wait.remaining()), wait_for_ready=True)
-                if wait.ready(info := ModelInfo.from_proto(response)):
-                    return info
-            except grpc.RpcError as err:
-                error = from_rpc_error(err)
+                response = self._unary(self._stub.GetModel, videogen_pb2.GetModelRequest(name=model),
+                                       wait.remaining(), wait_for_ready=True)
+            except VideoGenError as error:
                 listed = None
                 if isinstance(error, ModelNotFoundError):
                     try:
@@ -374,6 +389,9 @@ class VideoGenClient:
                     except (UnavailableError, DeadlineExceededError):
                         listed = 0  # no answer: ask again
                 wait.not_yet(error, listed)
+            else:
+                if wait.ready(info := ModelInfo.from_proto(response)):
+                    return info
             time.sleep(wait.pause())
 
     def _deadline(self, timeout: float | None) -> float | None:

@@ -6,7 +6,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 import grpc.aio
@@ -30,6 +30,7 @@ from videogen_client.errors import (
     ModelNotFoundError,
     RequestCancelledError,
     UnavailableError,
+    VideoGenError,
     from_rpc_error,
 )
 from videogen_client.events import Event, EventDecoder, GenerationResult, ResultBuilder
@@ -338,15 +339,7 @@ class AsyncVideoGenClient:
 
         Example: ``[m.name for m in await client.list_models() if m.state == "ready"]``.
         """
-        request = videogen_pb2.ListModelsRequest()
-        try:
-            response = await self._stub.ListModels(request, metadata=self._settings.metadata,
-                                                   timeout=self._deadline(timeout))
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        except asyncio.CancelledError:
-            self._closed_under_call(None)
-            raise
+        response = await self._unary(self._stub.ListModels, videogen_pb2.ListModelsRequest(), timeout)
         return [ModelInfo.from_proto(model) for model in response.models]
 
     async def get_model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
@@ -354,16 +347,27 @@ class AsyncVideoGenClient:
 
         Example: ``(await client.get_model("svd-xt")).defaults["num_frames"]``.
         """
-        request = videogen_pb2.GetModelRequest(name=name)
+        return ModelInfo.from_proto(await self._unary(self._stub.GetModel, videogen_pb2.GetModelRequest(name=name),
+                                                      timeout))
+
+    async def load_model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
+        """As :meth:`VideoGenClient.load_model`. Example: ``await client.load_model("svd-xt", timeout=900)``."""
+        return ModelInfo.from_proto(await self._unary(self._stub.LoadModel,
+                                                      videogen_pb2.LoadModelRequest(name=name), timeout))
+
+    async def unload_model(self, name: str, *, timeout: float | None = None) -> None:
+        """As :meth:`VideoGenClient.unload_model`. Example: ``await client.unload_model("svd-xt")``."""
+        await self._unary(self._stub.UnloadModel, videogen_pb2.UnloadModelRequest(name=name), timeout)
+
+    async def _unary(self, method: Any, request: Any, timeout: float | None, **kw: Any) -> Any:
+        """One unary call with the client's metadata and deadline; errors typed as every call's."""
         try:
-            response = await self._stub.GetModel(request, metadata=self._settings.metadata,
-                                                 timeout=self._deadline(timeout))
+            return await method(request, metadata=self._settings.metadata, timeout=self._deadline(timeout), **kw)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         except asyncio.CancelledError:
             self._closed_under_call(None)
             raise
-        return ModelInfo.from_proto(response)
 
     async def wait_until_ready(self, model: str, *, timeout: float | None = 600.0,
                                poll_interval: float = 1.0) -> ModelInfo:
@@ -376,13 +380,9 @@ class AsyncVideoGenClient:
         wait = ReadinessWait(model, timeout, poll_interval)
         while True:
             try:
-                response = await self._stub.GetModel(videogen_pb2.GetModelRequest(name=model),
-                                                     metadata=self._settings.metadata,
-                                                     timeout=self._deadline(wait.remaining()), wait_for_ready=True)
-                if wait.ready(info := ModelInfo.from_proto(response)):
-                    return info
-            except grpc.RpcError as err:
-                error = from_rpc_error(err)
+                response = await self._unary(self._stub.GetModel, videogen_pb2.GetModelRequest(name=model),
+                                       wait.remaining(), wait_for_ready=True)
+            except VideoGenError as error:
                 listed = None
                 if isinstance(error, ModelNotFoundError):
                     try:
@@ -390,9 +390,9 @@ class AsyncVideoGenClient:
                     except (UnavailableError, DeadlineExceededError):
                         listed = 0  # no answer: ask again
                 wait.not_yet(error, listed)
-            except asyncio.CancelledError:
-                self._closed_under_call(None)
-                raise
+            else:
+                if wait.ready(info := ModelInfo.from_proto(response)):
+                    return info
             await asyncio.sleep(wait.pause())
 
     def _closed_under_call(self, request_id: str | None) -> None:

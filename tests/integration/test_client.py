@@ -664,3 +664,37 @@ def test_wait_until_ready_waits_for_the_server_and_the_model(make_repo):
         with pytest.raises(DeadlineExceededError, match="not ready after 1"):
             nobody.wait_until_ready(MODEL, timeout=1)
     assert time.monotonic() - started < 10
+
+
+def test_load_and_unload_models_from_the_sdk_and_the_cli(make_repo, tiny_server):
+    """The SDK had no way to call LoadModel/UnloadModel, which README documents (Triton's client has
+    load_model/unload_model): both clients and the CLI now do, on a server with explicit model control."""
+    from videogen_client import UnavailableError, VideoGenError
+
+    from ..helpers import ServerThread
+
+    with VideoGenClient(tiny_server.target, timeout=TIMEOUT) as fixed:  # --model-control-mode none
+        with pytest.raises(VideoGenError) as refused:
+            fixed.load_model(MODEL)
+        assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
+    with ServerThread(make_repo({MODEL: None}), model_control_mode="explicit") as server:
+        with VideoGenClient(server.target, timeout=TIMEOUT) as client:
+            assert client.get_model(MODEL).state == "unavailable"
+            info = client.load_model(MODEL)
+            assert info.name == MODEL and info.state == "ready" and [v.version for v in info.versions] == [1]
+            assert client.run(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1).summary.num_frames == 1
+
+            async def unload() -> str:
+                async with AsyncVideoGenClient(server.target, timeout=TIMEOUT) as aclient:
+                    await aclient.unload_model(MODEL)
+                    return (await aclient.get_model(MODEL)).state
+
+            assert asyncio.run(unload()) == "unavailable"
+            with pytest.raises(UnavailableError):
+                client.run(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1)
+        loaded = cli("load", MODEL, "--target", server.target)
+        assert loaded.returncode == 0 and json.loads(loaded.stdout)["state"] == "ready", loaded.stderr
+        unloaded = cli("unload", MODEL, "--target", server.target)
+        assert unloaded.returncode == 0 and f"{MODEL} unloaded" in unloaded.stdout, unloaded.stderr
+        missing = cli("load", "no-such-model", "--target", server.target)
+        assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
