@@ -455,7 +455,9 @@ def build_generate_request(
         "output.jpeg_quality": jpeg_quality, "output.video_fps": video_fps,
         # Plain fields.
         "output.stream_video": stream_video, "request_id": request_id or "", "priority": priority,
-        "timeout_microseconds": 0 if queue_timeout is None else max(1, round(queue_timeout * 1_000_000)),
+        # a queue timeout only shortens the model's: one beyond the field's range is the model's anyway
+        "timeout_microseconds": 0 if queue_timeout is None else min(max(1, round(queue_timeout * 1_000_000)),
+                                                                    2**64 - 1),
     }
     for path, value in fields.items():
         if value is None:

@@ -427,6 +427,8 @@ def test_ids_and_timeouts_the_client_cannot_send_are_refused_naming_them(client,
             client.list_models(timeout=bad)
     with pytest.raises(ValueError, match="queue_timeout"):
         client.run(SAMPLE, model=MODEL, queue_timeout=float("inf"))
+    # a finite one beyond the field's range (it was "timeout_microseconds: Value out of range"): the model's
+    assert client.run(SAMPLE, model=MODEL, queue_timeout=1e300, num_frames=1, num_inference_steps=1).frames
     with pytest.raises(ValueError, match="resize_mode"):
         client.run(SAMPLE, model=MODEL, resize_mode="fill")
     cropped = client.run(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1, resize_mode="crop", width=32,
