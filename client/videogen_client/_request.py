@@ -26,7 +26,6 @@ from videogen_client.errors import (
     REQUEST_ID_METADATA_KEY,
     DeadlineExceededError,
     InvalidArgumentError,
-    ModelNotFoundError,
     UnavailableError,
     VideoGenError,
     response_too_large_for_client,
@@ -509,12 +508,9 @@ class ReadinessWait:
         self.last = f"model {self.model!r} is {info.state}"
         return False
 
-    def not_yet(self, error: VideoGenError, models_listed: int | None = None) -> None:
-        """Record a refusal that waiting may cure, or raise ``error``. A NOT_FOUND is waited through only
-        while the server lists no model at all (it binds its port before scanning its repositories)."""
-        if isinstance(error, ModelNotFoundError) and models_listed == 0:
-            self.last = "the server has not read its model repositories yet"
-            return
+    def not_yet(self, error: VideoGenError) -> None:
+        """Record a refusal that waiting may cure (no server yet, the model loading), or raise ``error``
+        (NOT_FOUND included: the server reads its repositories before its port answers)."""
         if not isinstance(error, (UnavailableError, DeadlineExceededError)):
             raise error
         self.last = error.details

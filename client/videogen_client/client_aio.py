@@ -26,10 +26,7 @@ from videogen_client._request import (
     retry_wait,
 )
 from videogen_client.errors import (
-    DeadlineExceededError,
-    ModelNotFoundError,
     RequestCancelledError,
-    UnavailableError,
     VideoGenError,
     from_rpc_error,
 )
@@ -383,13 +380,7 @@ class AsyncVideoGenClient:
                 response = await self._unary(self._stub.GetModel, videogen_pb2.GetModelRequest(name=model),
                                        wait.remaining(), wait_for_ready=True)
             except VideoGenError as error:
-                listed = None
-                if isinstance(error, ModelNotFoundError):
-                    try:
-                        listed = len(await self.list_models(timeout=wait.remaining()))
-                    except (UnavailableError, DeadlineExceededError):
-                        listed = 0  # no answer: ask again
-                wait.not_yet(error, listed)
+                wait.not_yet(error)
             else:
                 if wait.ready(info := ModelInfo.from_proto(response)):
                     return info

@@ -41,8 +41,9 @@ class VideoGenServer:
         self._stopping = False
 
     async def start(self) -> None:
-        # both ports bound before either serves (a taken port fails here, nothing half started), and
-        # health set before either answers: grpc_health starts out reporting "" SERVING
+        # the repositories read, both ports bound before either serves (a taken port fails here, nothing
+        # half started), and health set before either answers: grpc_health starts out reporting "" SERVING
+        self.engine.scan()
         self._server, self.port, self._health = build_server(self.engine, self.config)
         if self.config.health_port >= 0:
             try:

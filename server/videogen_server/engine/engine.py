@@ -297,6 +297,7 @@ class Engine:
         self.config = config
         self.metrics = metrics
         self.models: dict[str, ModelEntry] = {}
+        self._scanned = False
         self.draining = False
         self._listeners: list[Callable[[], None]] = []
         self._media = concurrent.futures.ThreadPoolExecutor(max_workers=config.media_threads,
@@ -312,11 +313,19 @@ class Engine:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Scan the repository and load what the model control mode asks for."""
-        self._loop = asyncio.get_running_loop()
+    def scan(self) -> None:
+        """Read the repositories' model folders (once). The server does it before its ports answer, so a
+        NOT_FOUND is final from the first call on, never "not read yet"."""
+        if self._scanned:
+            return
         for name, path in repository.scan(self.config.model_repositories).items():
             self.models[name] = ModelEntry(name, path)
+        self._scanned = True
+
+    async def start(self) -> None:
+        """Scan the repository (unless done) and load what the model control mode asks for."""
+        self._loop = asyncio.get_running_loop()
+        self.scan()
         mode = self.config.model_control_mode
         if mode == "explicit":
             unknown = [n for n in self.config.load_models if n not in self.models and n != "*"]
