@@ -12,7 +12,7 @@ SOURCES := pyproject.toml setup.py $(shell find proto server client -name '*.pro
 TRITON_VENV  ?= .venv-triton
 TRITONCLIENT ?= tritonclient[grpc]==2.73.0
 
-.PHONY: demo test venv triton-venv test-tools bench-cpu clean
+.PHONY: demo test venv triton-venv test-tools api-baseline bench-cpu clean
 
 venv: $(BIN)/.installed
 
@@ -49,6 +49,12 @@ test-tools:
 
 test: venv triton-venv test-tools
 	VIDEOGEN_TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(BIN)/python -m pytest -q
+
+# At a release: the API that buf breaking (tests/unit/test_proto_api.py) holds later changes to. Pretty-printed
+# so that a refresh reads as a diff.
+api-baseline: venv
+	$(BIN)/buf build --exclude-source-info -o proto/api-baseline.json
+	$(BIN)/python -c 'import json, sys; p = sys.argv[1]; d = json.load(open(p)); open(p, "w").write(json.dumps(d, indent=1) + "\n")' proto/api-baseline.json
 
 bench-cpu: venv
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench.py --tiny --out bench-out
