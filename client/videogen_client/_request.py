@@ -382,11 +382,37 @@ def retry_wait(err: grpc.RpcError, settings: ConnectionSettings, attempt: int, d
     return wait
 
 
-def call_metadata(settings: ConnectionSettings, request_id: str | None) -> tuple[tuple[str, str], ...]:
-    """The metadata of one call: the client's (authorization), plus x-request-id when given."""
+def call_metadata(settings: ConnectionSettings, request_id: str | None,
+                  trace: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...]:
+    """The metadata of one call: the client's (authorization), the caller's trace context (see
+    `trace_metadata`), plus x-request-id when given."""
     if request_id:
-        return (*settings.metadata, (REQUEST_ID_METADATA_KEY, request_id))
-    return settings.metadata
+        return (*settings.metadata, *trace, (REQUEST_ID_METADATA_KEY, request_id))
+    return (*settings.metadata, *trace)
+
+
+_NO_OPENTELEMETRY = False
+
+
+def trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The caller's trace context as call metadata: when OpenTelemetry is installed (it is optional)
+    and a span is current, what its configured propagators write (W3C ``traceparent``/``tracestate`` by
+    default), so the server's spans join the caller's trace. Taken when a call is made; a resent
+    Generate keeps the first attempt's."""
+    global _NO_OPENTELEMETRY
+    if _NO_OPENTELEMETRY:
+        return ()
+    try:
+        from opentelemetry import propagate, trace
+    except ImportError:
+        _NO_OPENTELEMETRY = True
+        return ()
+    if not trace.get_current_span().get_span_context().is_valid:
+        return ()
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    # gRPC sends lower-case, printable ASCII metadata only (it refuses the call otherwise)
+    return tuple((k.lower(), v) for k, v in carrier.items() if isinstance(v, str) and v.isascii() and v.isprintable())
 
 
 def image_bytes(image: ImageInput) -> bytes:

@@ -24,6 +24,7 @@ from videogen_client._request import (
     connection_settings,
     deadline_seconds,
     retry_wait,
+    trace_metadata,
 )
 from videogen_client.errors import (
     RequestCancelledError,
@@ -230,11 +231,11 @@ class AsyncVideoGenClient:
             jpeg_quality=jpeg_quality,
             stream_video=stream_video, video_fps=video_fps, request_id=request_id, priority=priority,
             queue_timeout=queue_timeout, max_send_message_length=self._settings.max_send_message_length)
-        return self._stream(request, request_id=request_id, timeout=self._deadline(timeout))
+        return self._stream(request, request_id=request_id, timeout=self._deadline(timeout), trace=trace_metadata())
 
     async def _stream(self, request: videogen_pb2.GenerateRequest, *, request_id: str | None,
-                      timeout: float | None) -> AsyncGenerator[Event, None]:
-        metadata = call_metadata(self._settings, request_id)
+                      timeout: float | None, trace: tuple[tuple[str, str], ...] = ()) -> AsyncGenerator[Event, None]:
+        metadata = call_metadata(self._settings, request_id, trace)
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 1
         attempts = StreamAttempts()
@@ -265,7 +266,7 @@ class AsyncVideoGenClient:
                                   started=attempts.started)
                 if decoder.request_id and not request_id:
                     request_id = decoder.request_id
-                    metadata = call_metadata(self._settings, request_id)
+                    metadata = call_metadata(self._settings, request_id, trace)
                 request = attempts.again(request)
                 if wait is None:
                     raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
@@ -359,7 +360,8 @@ class AsyncVideoGenClient:
     async def _unary(self, method: Any, request: Any, timeout: float | None, **kw: Any) -> Any:
         """One unary call with the client's metadata and deadline; errors typed as every call's."""
         try:
-            return await method(request, metadata=self._settings.metadata, timeout=self._deadline(timeout), **kw)
+            return await method(request, metadata=call_metadata(self._settings, None, trace_metadata()),
+                                timeout=self._deadline(timeout), **kw)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         except asyncio.CancelledError:

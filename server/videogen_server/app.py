@@ -44,6 +44,7 @@ class VideoGenServer:
         # the repositories read, both ports bound before either serves (a taken port fails here, nothing
         # half started), and health set before either answers: grpc_health starts out reporting "" SERVING
         self.engine.scan()
+        self.engine.tracing.start()  # before the server is built: its interceptor opens each call's span
         self._server, self.port, self._health = build_server(self.engine, self.config)
         if self.config.health_port >= 0:
             try:
@@ -130,6 +131,8 @@ class VideoGenServer:
             if self._health_server is not None:  # the probes' port answers NOT_SERVING until here
                 await self._health_server.stop(0)
             await self.engine.shutdown(0)
+            # the last requests' spans leave for the collector (bounded: an unreachable one costs seconds)
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.tracing.shutdown)
             self.metrics.close()
             self._stopped.set()
 

@@ -52,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates it signed (mutual TLS)")
     s.add_argument("--auth-token-file", type=Path,
                    help="file of accepted bearer tokens, one per line; also VIDEOGEN_AUTH_TOKENS (comma-separated)")
+    s.add_argument("--otlp-endpoint", metavar="URL",
+                   help="export OpenTelemetry traces of requests over OTLP/gRPC to this collector, e.g. "
+                        "http://otel-collector:4317 (https:// for TLS); OTEL_EXPORTER_OTLP_HEADERS adds headers. "
+                        "Default: no tracing")
+    s.add_argument("--otlp-service-name", default=d.otlp_service_name,
+                   help="service.name of the traces (default %(default)s); OTEL_RESOURCE_ATTRIBUTES adds attributes")
+    s.add_argument("--trace-sample-ratio", type=float, default=d.trace_sample_ratio,
+                   help="share of the traces starting here to keep, 0..1 (default %(default)s); a caller's "
+                        "traceparent decides for its own")
     s.add_argument("--log-format", choices=("text", "json"), default=d.log_format)
     s.add_argument("--log-level", default=d.log_level, type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
@@ -83,6 +92,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         max_request_bytes=args.max_request_bytes, max_connection_age_seconds=args.max_connection_age_seconds,
         max_connection_age_grace_seconds=args.max_connection_age_grace_seconds, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_tokens=_auth_tokens(args, environ),
+        otlp_endpoint=args.otlp_endpoint, otlp_service_name=args.otlp_service_name,
+        trace_sample_ratio=args.trace_sample_ratio,
         log_format=args.log_format, log_level=args.log_level.upper(), exit_on_error=args.exit_on_error)
 
 
@@ -104,13 +115,20 @@ async def _serve(config: ServerConfig, port_file: Optional[Path]) -> None:
 
 #: Import names of the `server` extra's packages (pyproject.toml): the base install is the client only.
 SERVER_MODULES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "av",
-                  "grpc_health", "grpc_reflection", "prometheus_client")
+                  "grpc_health", "grpc_reflection", "prometheus_client", "opentelemetry.sdk",
+                  "opentelemetry.exporter.otlp.proto.grpc")
 
 
 def missing_server_modules() -> list[str]:
     import importlib.util
 
-    return [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
+    def missing(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except ModuleNotFoundError:  # a dotted name whose parent package is absent
+            return True
+
+    return [name for name in SERVER_MODULES if missing(name)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

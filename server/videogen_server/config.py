@@ -56,6 +56,12 @@ class ServerConfig:
     #: Stop (exit 1) when a model or version fails to load at start-up, as Triton's --exit-on-error, so
     #: an orchestrator shows a crash loop at once instead of a pod that never turns ready.
     exit_on_error: bool = False
+    #: OpenTelemetry: export traces of requests over OTLP/gRPC to this collector (http://host:4317 in
+    #: plaintext, https:// with TLS); None: no tracing (the caller's trace id still reaches the request log).
+    otlp_endpoint: Optional[str] = None
+    otlp_service_name: str = "videogen"
+    #: Share of the traces that start at this server to keep; a caller's sampling decision is followed.
+    trace_sample_ratio: float = 1.0
     log_format: str = "text"  # text | json
     log_level: str = "INFO"
 
@@ -76,5 +82,12 @@ class ServerConfig:
             clash = next((other for other, p in ports[i + 1:] if p == port), None)
             if clash:
                 raise ValueError(f"{clash} {port} is also {flag}: give each listener its own port")
+        if self.otlp_endpoint is not None and not self.otlp_endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"--otlp-endpoint: {self.otlp_endpoint!r} needs a scheme: http://HOST:4317 (plaintext) "
+                             "or https://HOST:4317 (TLS)")
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ValueError(f"--trace-sample-ratio: {self.trace_sample_ratio} is outside 0..1")
+        if not self.otlp_service_name:
+            raise ValueError("--otlp-service-name: empty")
         if self.load_models and self.model_control_mode != "explicit":
             raise ValueError("--load-model needs --model-control-mode explicit")

@@ -100,6 +100,9 @@ class GenerateCall:
     priority_falls_back: bool = False
     timeout_s: Optional[float] = None  # queue timeout asked for by the request
     deadline_s: Optional[float] = None  # seconds left on the caller's gRPC deadline
+    # W3C trace context (traceparent, tracestate) the request's spans hang from: the RPC's span when
+    # tracing is on, else the caller's own (its trace id then still reaches the request log)
+    trace_context: tuple[tuple[str, str], ...] = ()
 
 
 # --- events the engine streams back (transport converts them to GenerateResponse) ---

@@ -31,6 +31,7 @@ from ..errors import (BackendError, ConfigError, Draining, InvalidRequest, Model
 from ..media.frames import encode_frame
 from ..media.mp4 import FragmentedMP4Encoder
 from ..metrics import InstanceCollector, Metrics, NvmlReader
+from ..tracing import RequestTrace, Tracing
 from ..domain import (AcceptedEvent, EngineEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams,
                      ProgressEvent, ResolvedParams, SummaryEvent, VideoEvent)
 from . import repository
@@ -296,6 +297,7 @@ class Engine:
     def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
+        self.tracing = Tracing(config)  # started by the server's start-up (exporter thread), stopped at its end
         self.models: dict[str, ModelEntry] = {}
         self._scanned = False
         self.draining = False
@@ -634,6 +636,9 @@ class Engine:
         t_start = time.monotonic()
         outcome: Optional[BaseException] = None
         record: dict[str, object] = {"request_id": request_id, "model": ""}
+        spans = self.tracing.request(call.trace_context)
+        if spans.trace_id:
+            record["trace_id"] = spans.trace_id
         rt: Optional[ModelRuntime] = None
         req: Optional[EngineRequest] = None
         admitted = False  # queued: from here on the request is counted in flight and must be let go
@@ -668,6 +673,7 @@ class Engine:
                     timeout = call.timeout_s
                 rt.reserve_queue_slot()  # counted in flight from here: an unload waits for its preprocessing
                 job: Optional[concurrent.futures.Future] = None
+                t_prepare = time.monotonic()
                 try:
                     job = self._decode.submit(_decode_and_prepare, call.image, settings.limits, params,
                                               rt.live_backend())
@@ -680,6 +686,7 @@ class Engine:
                     log.info("request %s: preprocessing ended with the version unloading: %r", request_id, err)
                 finally:
                     self._release_slot_after(rt, job)
+                    spans.phase("preprocess", t_prepare, time.monotonic())
                 if self.draining:  # a drain may have begun while the image decoded
                     raise Draining("the server is shutting down")
                 if rt.state == "READY":
@@ -703,7 +710,7 @@ class Engine:
                           steps=params.num_inference_steps, decode_chunk_size=params.decode_chunk_size,
                           seed=params.seed, priority=level)
             yield AcceptedEvent(request_id, rt.name, rt.version, position, params)
-            async for event in self._stream(req, rt, record, phases):
+            async for event in self._stream(req, rt, record, phases, spans):
                 yield event
         except BaseException as exc:  # GeneratorExit / CancelledError included: the caller went away
             outcome = exc
@@ -721,7 +728,11 @@ class Engine:
                 rt.stats.finished(ok=outcome is None, seconds=seconds, phases=phases)
             # gRPC cancels a call whose deadline passed: the caller reads DEADLINE_EXCEEDED, and so should we
             expired = call.deadline_s is not None and seconds >= call.deadline_s - 0.05  # (its clock started first)
-            self._account(labels, outcome, record, seconds, admitted=admitted, deadline_passed=expired)
+            code, message = self._account(labels, outcome, record, seconds, admitted=admitted, deadline_passed=expired)
+            if admitted and req is not None:  # until an instance took it, or until it ended unstarted
+                spans.phase("queue", req.enqueued_at, req.started_at or time.monotonic(),
+                            {"started": req.started_at is not None})
+            spans.end(record, code, message)
 
     def _release_slot_after(self, rt: "ModelRuntime", job: Optional[concurrent.futures.Future]) -> None:
         """Gives a request's preprocessing slot back once its job has ended. A caller that went away
@@ -741,7 +752,8 @@ class Engine:
         job.add_done_callback(ended)
 
     def _account(self, labels: tuple[str, str], outcome: Optional[BaseException], record: dict[str, object],
-                 seconds: float, *, admitted: bool, deadline_passed: bool = False) -> None:
+                 seconds: float, *, admitted: bool, deadline_passed: bool = False) -> tuple[str, str]:
+        """Counts and logs a request's end; returns its status code's name and caller-safe message."""
         if outcome is None:
             code, name = "OK", "success"
         elif isinstance(outcome, (GeneratorExit, asyncio.CancelledError, RequestCancelled)):
@@ -759,9 +771,11 @@ class Engine:
             record["error"] = outcome.message if isinstance(outcome, VideoGenError) else "internal error"
         request_log.info("request %s %s %s", record["request_id"], name, code,
                          extra={"videogen_request": record})
+        return code, str(record.get("error", ""))
 
-    async def _next(self, req: EngineRequest, rt: ModelRuntime):
-        """The next event from the instance; enforces the queue deadline while still queued."""
+    async def _next(self, req: EngineRequest, rt: ModelRuntime) -> tuple[float, object]:
+        """The next event from the instance and when it was sent (time.monotonic()); enforces the queue
+        deadline while still queued."""
         while req.phase is RequestPhase.QUEUED and req.queue_deadline is not None:
             left = req.queue_deadline - time.monotonic()
             try:
@@ -774,7 +788,7 @@ class Engine:
         return await req.events.get()
 
     async def _stream(self, req: EngineRequest, rt: ModelRuntime, record: dict[str, object],
-                      phases: dict[str, float]) -> AsyncIterator[EngineEvent]:
+                      phases: dict[str, float], spans: RequestTrace) -> AsyncIterator[EngineEvent]:
         p = req.params
         m, labels = self.metrics, rt.labels
         timing = {"image_encode": 0.0, "denoise": 0.0, "decode": 0.0}
@@ -784,28 +798,36 @@ class Engine:
         def first_output() -> None:  # the first frame (or, with FRAME_ENCODING_NONE, video) going out
             nonlocal first_frame_s
             if not first_frame_s:
-                first_frame_s = time.monotonic() - req.enqueued_at
+                now = time.monotonic()
+                first_frame_s = now - req.enqueued_at
                 m.first_frame.labels(*labels).observe(first_frame_s)
+                spans.event("first_frame", now)
 
         encoder: Optional[FragmentedMP4Encoder] = None
         offset = 0
         queue_observed = False
         try:
             while True:
-                event = await self._next(req, rt)
+                sent_at, event = await self._next(req, rt)
                 if not queue_observed and req.started_at is not None:
                     queue_observed = True
                     m.queue_wait.labels(*labels).observe(req.queue_wait)
                     record["queue_s"] = round(req.queue_wait, 4)
                 if isinstance(event, StepDone):
                     m.denoise_step.labels(*labels).observe(event.seconds)
+                    spans.event("step", sent_at, {"step": event.step})
                     yield ProgressEvent(event.step, event.num_steps, time.monotonic() - req.enqueued_at)
                 elif isinstance(event, PhaseTiming):
                     timing[event.phase] = timing.get(event.phase, 0.0) + event.seconds
+                    if event.phase in ("image_encode", "denoise"):  # decode: a span per chunk, below
+                        spans.phase(event.phase, sent_at - event.seconds, sent_at)
                     if event.phase == "image_encode":
                         m.image_encode.labels(*labels).observe(event.seconds)
                 elif isinstance(event, FramesDecoded):
                     m.decode_chunk.labels(*labels).observe(event.decode_s)
+                    chunk = {"chunk_index": event.chunk_index, "frames": len(event.frames)}
+                    spans.phase("vae_decode", sent_at - event.decode_s, sent_at, chunk)
+                    encode_from = time.monotonic()
                     if encoder is None and p.stream_video:
                         encoder = FragmentedMP4Encoder(width=p.width, height=p.height, fps=p.video_fps)
                     # Frames encode in parallel (PIL releases the GIL while compressing) beside the
@@ -831,6 +853,7 @@ class Engine:
                             job.cancel()  # a queued one never runs; a running one finishes unread
                             job.add_done_callback(_discard)  # runs at once on a finished one
                     video_encode_s += seconds
+                    spans.phase("encode", encode_from, time.monotonic(), chunk)
                     first_output()  # a no-op once a frame went out
                     if video:
                         yield VideoEvent(video, offset, False)
@@ -838,8 +861,10 @@ class Engine:
                 elif isinstance(event, Finished):
                     if encoder is not None:
                         t0 = time.perf_counter()
+                        finish_from = time.monotonic()
                         tail = await self._loop.run_in_executor(self._media, encoder.finish)
                         video_encode_s += time.perf_counter() - t0
+                        spans.phase("mp4_finish", finish_from, time.monotonic())
                         m.video_encode.labels(*labels).observe(video_encode_s)
                         yield VideoEvent(tail, offset, True)
                         offset += len(tail)

@@ -51,16 +51,18 @@ class EngineRequest:
         self.batch_size = 1
         self.instance = ""
         self._loop = loop
-        self.events: asyncio.Queue[Any] = asyncio.Queue()
+        self.events: asyncio.Queue[tuple[float, Any]] = asyncio.Queue()  # (sent at, event)
         self._cancelled = threading.Event()
 
     # -- ResponseSender (worker thread) --
+    # Each event is queued with the time.monotonic() it was sent at: the end of the phase it reports
+    # (the loop may read it later, e.g. while frames of the chunk before still encode).
     def send(self, event: Any) -> None:
         if not self._cancelled.is_set():
-            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self._loop.call_soon_threadsafe(self.events.put_nowait, (time.monotonic(), event))
 
     def error(self, exc: BaseException) -> None:
-        self._loop.call_soon_threadsafe(self.events.put_nowait, _Failed(exc))
+        self._loop.call_soon_threadsafe(self.events.put_nowait, (time.monotonic(), _Failed(exc)))
 
     def is_cancelled(self) -> bool:
         return self._cancelled.is_set()
@@ -71,7 +73,7 @@ class EngineRequest:
 
     def close(self) -> None:
         self.phase = RequestPhase.DONE
-        self._loop.call_soon_threadsafe(self.events.put_nowait, CLOSED)
+        self._loop.call_soon_threadsafe(self.events.put_nowait, (time.monotonic(), CLOSED))
 
     @property
     def queue_wait(self) -> float:

@@ -36,7 +36,8 @@ def _opt(msg, field: str):
     return getattr(msg, field) if msg.HasField(field) else None
 
 
-def generate_call(req: pb.GenerateRequest, *, request_id: str, deadline_s: Optional[float]) -> GenerateCall:
+def generate_call(req: pb.GenerateRequest, *, request_id: str, deadline_s: Optional[float],
+                  trace_context: tuple[tuple[str, str], ...] = ()) -> GenerateCall:
     if not req.model:
         raise InvalidRequest("model", "required")
     if req.output.frame_encoding not in _ENCODINGS:
@@ -58,7 +59,7 @@ def generate_call(req: pb.GenerateRequest, *, request_id: str, deadline_s: Optio
         model=req.model, image=req.image, params=params, model_version=_opt(req, "model_version") or None,
         request_id=request_id, priority=req.priority,
         timeout_s=req.timeout_microseconds / 1e6 if req.timeout_microseconds else None,
-        deadline_s=deadline_s)
+        deadline_s=deadline_s, trace_context=trace_context)
 
 
 def resolved_to_pb(p: ResolvedParams) -> pb.ResolvedParameters:

@@ -42,6 +42,7 @@ from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, Ge
 from ..errors import InvalidRequest, ModelNotFound, NotReady
 from .servicer import REQUEST_ID_KEY, check_request_id, request_id_of, require_explicit_control
 from .status import abort, to_status
+from .tracing import trace_context_of
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,8 @@ def _values(name: str, raw: list[Any], kind: str) -> list[Any]:
     return [_number(name, v, kind) for v in raw]
 
 
-def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline_s: Optional[float]) -> InferCall:
+def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline_s: Optional[float],
+                        trace_context: tuple[tuple[str, str], ...] = ()) -> InferCall:
     """Check a ModelInferRequest and build the engine call. Raises InvalidRequest naming the tensor."""
     if not req.model_name:
         raise InvalidRequest("model_name", "required")
@@ -299,7 +301,7 @@ def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline
         stream_video="video" in outputs, video_fps=video_fps, resize_mode=resize_mode)
     call = GenerateCall(model=req.model_name, image=images[0], params=params, model_version=version,
                         request_id=request_id, priority=priority, priority_falls_back=True, timeout_s=timeout_s,
-                        deadline_s=deadline_s)
+                        deadline_s=deadline_s, trace_context=trace_context)
     return InferCall(call=call, outputs=outputs)
 
 
@@ -555,7 +557,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         request_id = ""
         try:
             request_id = request_id_of(request.id, context, field="id")
-            parsed = parse_infer_request(request, request_id=request_id, deadline_s=context.time_remaining())
+            parsed = parse_infer_request(request, request_id=request_id, deadline_s=context.time_remaining(),
+                                         trace_context=trace_context_of(context))
             frames: list[bytes] = []
             video: list[bytes] = []
             accepted: Optional[AcceptedEvent] = None
@@ -653,7 +656,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         model_version = req.model_version
         try:
             check_request_id("id", request_id)
-            parsed = parse_infer_request(req, request_id=request_id, deadline_s=context.time_remaining())
+            parsed = parse_infer_request(req, request_id=request_id, deadline_s=context.time_remaining(),
+                                         trace_context=trace_context_of(context))
             accepted: Optional[AcceptedEvent] = None
             video: list[bytes] = []
             async with contextlib.aclosing(self._engine.generate(parsed.call)) as events:

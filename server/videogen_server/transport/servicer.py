@@ -13,6 +13,7 @@ from videogen.v1 import videogen_pb2_grpc as pb_grpc
 from ..errors import InvalidRequest, PermissionDenied
 from . import convert
 from .status import abort
+from .tracing import trace_context_of
 
 REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID_LEN = 128
@@ -49,7 +50,8 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
         headers_sent = False
         try:
             request_id = request_id_of(request.request_id, context)
-            call = convert.generate_call(request, request_id=request_id, deadline_s=context.time_remaining())
+            call = convert.generate_call(request, request_id=request_id, deadline_s=context.time_remaining(),
+                                         trace_context=trace_context_of(context))
             async with contextlib.aclosing(self._engine.generate(call)) as events:
                 async for event in events:
                     if not headers_sent:

@@ -1,0 +1,144 @@
+"""OpenTelemetry traces of requests, exported over OTLP/gRPC (`--otlp-endpoint`).
+
+A traced Generate (or KServe ModelInfer) call gives one trace, joined to the caller's own when its
+metadata carries a W3C `traceparent` (the SDK sends it when the caller has OpenTelemetry):
+
+    videogen.v1.VideoGen/Generate     SERVER, from the transport (transport/tracing.py): rpc.* and the status
+      videogen.generate               the engine's part: request id, model, version, size, seed, outcome...
+        preprocess                    image decode and resize, before the request is queued
+        queue                         queued until an instance took it (batched with others or alone)
+        image_encode, denoise         the instance's phases; denoise has an event per step
+        vae_decode                    one per decode chunk (chunk index, frames)
+        encode                        one per chunk: its frames (PNG/JPEG) and MP4 fragment
+        mp4_finish                    the MP4's last fragment
+
+Phase spans are built from the engine's own timings once a phase has ended (the instance thread
+stamps each event as it sends it), so tracing adds nothing to the instance thread's work. Without an
+endpoint every call here is a no-op (opentelemetry-api's non-recording spans), yet the caller's trace
+id still reaches the request log. Each server owns its tracer provider (never the process-global
+one), started in explicit start-up and flushed at stop.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Mapping, Optional, Sequence
+
+from opentelemetry import trace
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from . import __version__
+from .config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+#: W3C Trace Context: the metadata keys a trace travels in.
+PROPAGATOR = TraceContextTextMapPropagator()
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+#: gRPC codes that mark a server span as failed (OpenTelemetry's semantic conventions for RPC servers:
+#: the others, INVALID_ARGUMENT or NOT_FOUND say, are the caller's to handle, not the server's fault).
+SERVER_ERROR_CODES = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE",
+                                "DATA_LOSS"})
+
+#: How long the server's stop waits for the last spans to reach the collector.
+EXPORT_TIMEOUT_S = 5.0
+
+
+def trace_id_of(span_context: SpanContext) -> str:
+    return trace.format_trace_id(span_context.trace_id) if span_context.is_valid else ""
+
+
+class Tracing:
+    """The server's tracer: OTLP/gRPC export when `config.otlp_endpoint` is set, else a no-op."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        self._provider = None
+        self.tracer: trace.Tracer = trace.NoOpTracer()
+
+    @property
+    def enabled(self) -> bool:
+        return self._provider is not None
+
+    def start(self) -> None:
+        """Imports the SDK and starts the exporter's thread (spans leave in batches, off the event loop)."""
+        endpoint = self._config.otlp_endpoint
+        if not endpoint or self._provider is not None:
+            return
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        # Resource.create also reads OTEL_RESOURCE_ATTRIBUTES (k8s.pod.name and the like, from the Downward API)
+        resource = Resource.create({"service.name": self._config.otlp_service_name, "service.version": __version__})
+        # a caller's sampling decision is kept; a trace that starts here is sampled at the configured ratio
+        provider = TracerProvider(resource=resource,
+                                  sampler=ParentBased(TraceIdRatioBased(self._config.trace_sample_ratio)))
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"),
+                                    timeout=EXPORT_TIMEOUT_S)
+        provider.add_span_processor(BatchSpanProcessor(exporter, export_timeout_millis=int(EXPORT_TIMEOUT_S * 1000)))
+        self._provider = provider
+        self.tracer = provider.get_tracer("videogen", __version__)
+        log.info("tracing: OTLP/gRPC to %s, sampling %g of the traces that start here",
+                 endpoint, self._config.trace_sample_ratio)
+
+    def shutdown(self) -> None:
+        """Flushes the spans not yet exported (bounded) and stops the exporter. Blocking: run it off the loop."""
+        provider, self._provider = self._provider, None
+        self.tracer = trace.NoOpTracer()
+        if provider is not None:
+            provider.force_flush(timeout_millis=int(EXPORT_TIMEOUT_S * 1000))
+            provider.shutdown()
+
+    def request(self, carrier: Sequence[tuple[str, str]]) -> "RequestTrace":
+        return RequestTrace(self.tracer, carrier)
+
+
+class RequestTrace:
+    """The spans of one request in the engine; times are `time.monotonic()` seconds."""
+
+    def __init__(self, tracer: trace.Tracer, carrier: Sequence[tuple[str, str]]) -> None:
+        parent = PROPAGATOR.extract(dict(carrier)) if carrier else None
+        self._parent = trace.get_current_span(parent).get_span_context() if parent is not None else INVALID_SPAN_CONTEXT
+        self._tracer = tracer
+        self._offset_ns = time.time_ns() - time.monotonic_ns()  # one clock per request: its spans line up
+        self.span = tracer.start_span("videogen.generate", context=parent, kind=SpanKind.INTERNAL)
+        self.recording = self.span.is_recording()
+        self._context = trace.set_span_in_context(self.span) if self.recording else None
+
+    @property
+    def trace_id(self) -> str:
+        """The trace this request belongs to (the caller's, even when not exported); "" if none."""
+        return trace_id_of(self.span.get_span_context()) or trace_id_of(self._parent)
+
+    def _ns(self, monotonic_s: float) -> int:
+        return int(monotonic_s * 1e9) + self._offset_ns
+
+    def phase(self, name: str, start: float, end: float, attributes: Optional[Mapping[str, object]] = None) -> None:
+        if not self.recording:
+            return
+        span = self._tracer.start_span(name, context=self._context, start_time=self._ns(start),
+                                       attributes=_attributes(attributes or {}))
+        span.end(end_time=self._ns(end))
+
+    def event(self, name: str, at: float, attributes: Optional[Mapping[str, object]] = None) -> None:
+        if self.recording:
+            self.span.add_event(name, _attributes(attributes or {}), timestamp=self._ns(at))
+
+    def end(self, record: Mapping[str, object], code: str, message: str = "") -> None:
+        """Ends the request's span with its log record's fields as `videogen.*` attributes."""
+        if not self.recording:
+            return
+        self.span.set_attributes(_attributes({f"videogen.{k}": v for k, v in record.items() if k != "trace_id"}))
+        if code in SERVER_ERROR_CODES:
+            self.span.set_status(Status(StatusCode.ERROR, message or code))
+        self.span.end()
+
+
+def _attributes(values: Mapping[str, object]) -> dict[str, object]:
+    """Span attributes take str, bool, int and float only: others as text, None left out."""
+    return {k: v if isinstance(v, (str, bool, int, float)) else str(v) for k, v in values.items() if v is not None}

@@ -1,0 +1,374 @@
+"""OpenTelemetry traces, exported over real OTLP/gRPC to a real collector endpoint.
+
+The collector here is OTLP's own TraceService (opentelemetry-proto's generated stubs) on port 0: the
+server's exporter speaks the same wire protocol to it as to an OpenTelemetry Collector, Jaeger or
+Tempo. The caller is the Python SDK inside a span of the test's own tracer provider, as a service
+that uses OpenTelemetry would call it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+from typing import Callable
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
+from opentelemetry.sdk.trace import TracerProvider
+
+from videogen_client import VideoGenClient
+from videogen_client.errors import InvalidArgumentError, ModelNotFoundError, UnauthenticatedError, UnavailableError
+
+from ..helpers import ServerThread, sample_png, tiny_config
+
+SERVER = trace_pb2.Span.SPAN_KIND_SERVER
+
+
+def _value(any_value):
+    return getattr(any_value, any_value.WhichOneof("value")) if any_value.WhichOneof("value") else None
+
+
+def attrs(item) -> dict:
+    return {kv.key: _value(kv.value) for kv in item.attributes}
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace endpoint that keeps what it receives."""
+
+    def __init__(self) -> None:
+        self.spans: list[trace_pb2.Span] = []
+        self.resources: list[dict] = []
+        self.exports = 0
+        self._changed = threading.Condition()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def Export(self, request, context):
+        with self._changed:
+            self.exports += 1
+            for resource_spans in request.resource_spans:
+                resource = attrs(resource_spans.resource)
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        self.spans.append(span)
+                        self.resources.append(resource)
+            self._changed.notify_all()
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def wait(self, what: str, found: Callable[[list[trace_pb2.Span]], bool], timeout: float = 30) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: found(list(self.spans)), timeout):
+                raise AssertionError(f"the collector never received {what}: {[s.name for s in self.spans]}")
+
+    def trace(self, trace_id: bytes) -> list[trace_pb2.Span]:
+        with self._changed:
+            return [s for s in self.spans if s.trace_id == trace_id]
+
+    def stop(self) -> None:
+        self._server.stop(None)
+
+
+@pytest.fixture
+def collector(monkeypatch) -> Collector:
+    # The batch processor sends every 5 s by default; the standard variable makes the test quick.
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    c = Collector()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def caller() -> trace.Tracer:
+    """The calling service's own tracer (not the process-global one: the server has its own too)."""
+    return TracerProvider().get_tracer("caller")
+
+
+def _in_span(tracer: trace.Tracer, name: str):
+    """Runs the with-block with a span of the caller current, as instrumented code does."""
+    class _Scope:
+        def __enter__(self):
+            self.span = tracer.start_span(name)
+            self._token = otel_context.attach(trace.set_span_in_context(self.span))
+            return self.span
+
+        def __exit__(self, *exc):
+            otel_context.detach(self._token)
+            self.span.end()
+
+    return _Scope()
+
+
+def one(spans: list[trace_pb2.Span], name: str) -> trace_pb2.Span:
+    found = [s for s in spans if s.name == name]
+    assert len(found) == 1, (name, [s.name for s in spans])
+    return found[0]
+
+
+def within(child: trace_pb2.Span, parent: trace_pb2.Span, slack_ns: int = 20_000_000) -> bool:
+    return (parent.start_time_unix_nano - slack_ns <= child.start_time_unix_nano <= child.end_time_unix_nano
+            <= parent.end_time_unix_nano + slack_ns)
+
+
+def test_a_generation_is_one_trace_joined_to_the_callers(make_repo, collector, caller, caplog, monkeypatch):
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "k8s.pod.name=videogen-0")  # as deploy/k8s sets it
+    repo = make_repo({"m": tiny_config("m")})
+    with ServerThread(repo, otlp_endpoint=collector.endpoint, otlp_service_name="videogen-test") as server, \
+            VideoGenClient(server.target) as client, \
+            caplog.at_level(logging.INFO, logger="videogen.requests"):
+        with _in_span(caller, "caller") as parent:
+            result = client.run(sample_png(), model="m", width=64, height=64, num_frames=4,
+                                num_inference_steps=3, decode_chunk_size=2, seed=7, request_id="traced-1")
+        trace_id = parent.get_span_context().trace_id.to_bytes(16, "big")
+        names = {"videogen.v1.VideoGen/Generate", "videogen.generate", "mp4_finish"}
+        collector.wait("the generation's spans", lambda spans: names <= {s.name for s in spans if s.trace_id == trace_id})
+        spans = collector.trace(trace_id)
+
+    rpc = one(spans, "videogen.v1.VideoGen/Generate")
+    assert rpc.kind == SERVER
+    assert rpc.parent_span_id == parent.get_span_context().span_id.to_bytes(8, "big")  # the caller's span
+    assert attrs(rpc) == {"rpc.system": "grpc", "rpc.service": "videogen.v1.VideoGen", "rpc.method": "Generate",
+                          "rpc.grpc.status_code": 0}
+    assert rpc.status.code == trace_pb2.Status.STATUS_CODE_UNSET
+
+    gen = one(spans, "videogen.generate")
+    assert gen.parent_span_id == rpc.span_id and within(gen, rpc)
+    a = attrs(gen)
+    assert a["videogen.request_id"] == "traced-1" == result.request_id
+    assert (a["videogen.model"], a["videogen.version"], a["videogen.seed"]) == ("m", 1, 7)
+    assert (a["videogen.width"], a["videogen.frames"], a["videogen.steps"]) == (64, 4, 3)
+    assert (a["videogen.outcome"], a["videogen.code"], a["videogen.batch_size"]) == ("success", "OK", 1)
+    assert a["videogen.first_frame_s"] > 0 and a["videogen.peak_memory_bytes"] > 0
+    assert [e.name for e in gen.events].count("step") == 3
+    assert [attrs(e)["step"] for e in gen.events if e.name == "step"] == [1, 2, 3]
+    first_frame = [e for e in gen.events if e.name == "first_frame"]
+    assert len(first_frame) == 1
+
+    children = [s for s in spans if s.parent_span_id == gen.span_id]
+    assert sorted(s.name for s in children) == sorted(
+        ["preprocess", "queue", "image_encode", "denoise", "vae_decode", "vae_decode", "encode", "encode",
+         "mp4_finish"])
+    for span in children:
+        assert within(span, gen), span.name
+    by = {s.name: s for s in children}
+    decodes = sorted((s for s in children if s.name == "vae_decode"), key=lambda s: attrs(s)["chunk_index"])
+    assert [attrs(s) for s in decodes] == [{"chunk_index": 0, "frames": 2}, {"chunk_index": 1, "frames": 2}]
+    # the phases in the order they ran (a few ms of slack: the spans come from two clocks' readings)
+    slack = 5_000_000
+    order = [by["preprocess"], by["queue"], by["image_encode"], by["denoise"], *decodes, by["mp4_finish"]]
+    for before, after in zip(order, order[1:]):
+        assert before.end_time_unix_nano <= after.start_time_unix_nano + slack, (before.name, after.name)
+    assert attrs(by["queue"]) == {"started": True}
+    # the first frame went out after the first chunk was decoded, before the last one was
+    assert decodes[0].end_time_unix_nano - slack <= first_frame[0].time_unix_nano <= decodes[1].end_time_unix_nano + slack
+    resource = collector.resources[0]
+    assert (resource["service.name"], resource["k8s.pod.name"]) == ("videogen-test", "videogen-0")
+
+    # the request log names the trace, so a log line leads to its trace and back
+    records = [r.videogen_request for r in caplog.records if getattr(r, "videogen_request", {}).get("request_id") == "traced-1"]
+    assert records and records[0]["trace_id"] == trace.format_trace_id(parent.get_span_context().trace_id)
+
+
+def test_refusals_and_errors_are_spans_with_their_codes(make_repo, collector, caller):
+    repo = make_repo({"m": tiny_config("m")})
+    with ServerThread(repo, otlp_endpoint=collector.endpoint, auth_tokens=("sesame",)) as server:
+        with VideoGenClient(server.target, token="sesame") as client:
+            with _in_span(caller, "bad input") as bad:
+                with pytest.raises(InvalidArgumentError):
+                    client.run(sample_png(), model="m", num_frames=-1)
+            with _in_span(caller, "unknown model") as unknown:
+                with pytest.raises(ModelNotFoundError):
+                    client.run(sample_png(), model="nope")
+            with _in_span(caller, "list") as listed:
+                client.list_models()
+        with VideoGenClient(server.target, token="wrong") as intruder, _in_span(caller, "no token") as refused:
+            with pytest.raises(UnauthenticatedError):
+                intruder.list_models()
+        # probes are not traced: they would bury the requests
+        health_pb2_grpc.HealthStub(server.channel()).Check(health_pb2.HealthCheckRequest())
+
+        expected = {bad: ("videogen.v1.VideoGen/Generate", 3), unknown: ("videogen.v1.VideoGen/Generate", 5),
+                    listed: ("videogen.v1.VideoGen/ListModels", 0), refused: ("videogen.v1.VideoGen/ListModels", 16)}
+        ids = {span.get_span_context().trace_id.to_bytes(16, "big"): want for span, want in expected.items()}
+        collector.wait("a span per call", lambda spans: set(ids) <= {s.trace_id for s in spans if s.kind == SERVER})
+        time.sleep(0.3)  # what else the server would export (a health check's span) has left by now
+        spans = list(collector.spans)
+
+    for trace_id, (name, code) in ids.items():
+        rpc = one([s for s in spans if s.trace_id == trace_id and s.kind == SERVER], name)
+        assert attrs(rpc)["rpc.grpc.status_code"] == code, name
+        # the caller's mistakes are not the server's failures (OpenTelemetry's rule for RPC servers)
+        assert rpc.status.code == trace_pb2.Status.STATUS_CODE_UNSET
+    # a refused generation still has the engine's span, with the field it refused
+    bad_id = bad.get_span_context().trace_id.to_bytes(16, "big")
+    gen = one([s for s in spans if s.trace_id == bad_id], "videogen.generate")
+    assert attrs(gen)["videogen.code"] == "INVALID_ARGUMENT" and "num_frames" in attrs(gen)["videogen.error"]
+    assert not [s for s in spans if "Health" in s.name]
+
+
+def test_a_cancelled_generation_and_a_server_failure(make_repo, collector, caller):
+    repo = make_repo({"m": tiny_config("m")})
+    with ServerThread(repo, otlp_endpoint=collector.endpoint) as server, VideoGenClient(server.target) as client:
+        with _in_span(caller, "cancel") as cancelled:
+            events = client.generate(sample_png(), model="m", width=64, height=64, num_frames=4,
+                                     num_inference_steps=40)
+            for event in events:
+                if type(event).__name__ == "Progress":
+                    break
+            events.close()  # the caller goes away mid-denoising
+        trace_id = cancelled.get_span_context().trace_id.to_bytes(16, "big")
+        collector.wait("the cancelled call's spans",
+                       lambda spans: {"videogen.generate", "videogen.v1.VideoGen/Generate"}
+                       <= {s.name for s in spans if s.trace_id == trace_id})
+        spans = collector.trace(trace_id)
+        rpc = one(spans, "videogen.v1.VideoGen/Generate")
+        assert attrs(rpc)["rpc.grpc.status_code"] == 1  # CANCELLED
+        gen = one(spans, "videogen.generate")
+        assert (attrs(gen)["videogen.outcome"], attrs(gen)["videogen.code"]) == ("cancelled", "CANCELLED")
+        assert attrs(one(spans, "queue"))["started"] is True
+
+        # a server-side failure is an error span: the model unloaded under a running request
+        server.run(server.engine.unload_model("m"))
+        with _in_span(caller, "unavailable") as unavailable:
+            with pytest.raises(UnavailableError):
+                client.run(sample_png(), model="m")
+        uid = unavailable.get_span_context().trace_id.to_bytes(16, "big")
+        attempts = client.retry.max_attempts  # the SDK sends a refused call again: one span per attempt
+        collector.wait("the refused call's spans", lambda spans: sum(
+            s.trace_id == uid and s.kind == SERVER for s in spans) == attempts)
+        for rpc in [s for s in collector.trace(uid) if s.kind == SERVER]:
+            assert attrs(rpc)["rpc.grpc.status_code"] == 14  # UNAVAILABLE
+            assert rpc.status.code == trace_pb2.Status.STATUS_CODE_ERROR and "not ready" in rpc.status.message
+
+
+def test_the_asyncio_client_joins_the_callers_trace_and_a_passed_deadline_is_named(make_repo, collector, caller):
+    import asyncio
+
+    from videogen_client import AsyncVideoGenClient
+    from videogen_client.errors import DeadlineExceededError
+
+    repo = make_repo({"m": tiny_config("m")})
+    with ServerThread(repo, otlp_endpoint=collector.endpoint) as server:
+        async def call() -> tuple[trace.Span, trace.Span]:
+            async with AsyncVideoGenClient(server.target) as client:
+                with _in_span(caller, "aio") as ok:
+                    await client.run(sample_png(), model="m", width=64, height=64, num_frames=2,
+                                     num_inference_steps=1)
+                with _in_span(caller, "late") as late:
+                    with pytest.raises(DeadlineExceededError):
+                        await client.run(sample_png(), model="m", width=64, height=64, num_frames=4,
+                                         num_inference_steps=50, timeout=0.5)
+            return ok, late
+
+        ok, late = asyncio.run(call())
+        want = {span.get_span_context().trace_id.to_bytes(16, "big"): (span, code)
+                for span, code in ((ok, 0), (late, 4))}
+        collector.wait("both calls' spans", lambda spans: set(want) <= {s.trace_id for s in spans if s.kind == SERVER})
+        for trace_id, (parent, code) in want.items():
+            rpc = one([s for s in collector.trace(trace_id) if s.kind == SERVER], "videogen.v1.VideoGen/Generate")
+            assert rpc.parent_span_id == parent.get_span_context().span_id.to_bytes(8, "big")
+            assert attrs(rpc)["rpc.grpc.status_code"] == code
+
+
+def test_a_kserve_inference_is_traced_the_same_way(make_repo, collector, caller):
+    """Triton's protocol (ModelInfer) gives the same trace: its RPC span, then the engine's."""
+    import struct
+
+    from inference import grpc_service_pb2 as kpb
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from videogen_server.transport.kserve import serialize_bytes
+
+    repo = make_repo({"m": tiny_config("m")})
+    with ServerThread(repo, otlp_endpoint=collector.endpoint) as server:
+        req = kpb.ModelInferRequest(model_name="m", id="kserve-1")
+        req.inputs.add(name="image", datatype="BYTES", shape=[1])
+        req.raw_input_contents.append(serialize_bytes([sample_png()]))
+        for name, values in (("size", [64, 64]), ("num_frames", [2]), ("num_inference_steps", [1])):
+            req.inputs.add(name=name, datatype="INT32", shape=[len(values)])
+            req.raw_input_contents.append(struct.pack(f"<{len(values)}i", *values))
+        with _in_span(caller, "triton client") as parent:
+            carrier: dict[str, str] = {}
+            TraceContextTextMapPropagator().inject(carrier)  # what an instrumented gRPC client sends
+            kpb_grpc.GRPCInferenceServiceStub(server.channel()).ModelInfer(req, metadata=tuple(carrier.items()),
+                                                                            timeout=60)
+        trace_id = parent.get_span_context().trace_id.to_bytes(16, "big")
+        collector.wait("the inference's spans", lambda spans: {"inference.GRPCInferenceService/ModelInfer",
+                                                                "videogen.generate"}
+                       <= {s.name for s in spans if s.trace_id == trace_id})
+        spans = collector.trace(trace_id)
+    rpc = one(spans, "inference.GRPCInferenceService/ModelInfer")
+    assert rpc.parent_span_id == parent.get_span_context().span_id.to_bytes(8, "big")
+    assert attrs(rpc)["rpc.grpc.status_code"] == 0
+    gen = one(spans, "videogen.generate")
+    assert gen.parent_span_id == rpc.span_id and attrs(gen)["videogen.request_id"] == "kserve-1"
+    assert {"denoise", "vae_decode"} <= {s.name for s in spans if s.parent_span_id == gen.span_id}
+
+
+def test_sampling_follows_the_caller_and_the_ratio(make_repo, collector, caller):
+    repo = make_repo({"m": tiny_config("m")})
+    with ServerThread(repo, otlp_endpoint=collector.endpoint, trace_sample_ratio=0.0) as server, \
+            VideoGenClient(server.target) as client:
+        client.list_models()  # no caller trace: starts here, sampled at 0
+        with _in_span(caller, "sampled") as sampled:
+            client.list_models()  # the caller sampled it: kept
+        tid = sampled.get_span_context().trace_id.to_bytes(16, "big")
+        collector.wait("the caller-sampled span", lambda spans: any(s.trace_id == tid for s in spans))
+        time.sleep(0.3)
+        assert [s.trace_id for s in collector.spans] == [tid]
+
+
+def test_without_an_endpoint_the_log_still_names_the_callers_trace(tiny_server, caller, caplog):
+    assert not tiny_server.engine.tracing.enabled
+    with VideoGenClient(tiny_server.target) as client, caplog.at_level(logging.INFO, logger="videogen.requests"):
+        with _in_span(caller, "caller") as parent:
+            client.run(sample_png(), model="svd-tiny", width=64, height=64, num_frames=2, num_inference_steps=1,
+                       request_id="untraced")
+    records = [r.videogen_request for r in caplog.records if getattr(r, "videogen_request", {}).get("request_id") == "untraced"]
+    assert records[0]["trace_id"] == trace.format_trace_id(parent.get_span_context().trace_id)
+
+
+def test_stop_flushes_the_last_spans_and_an_unreachable_collector_does_not_hold_it(make_repo, collector, caller,
+                                                                                     monkeypatch):
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")  # nothing leaves on its own within the test
+    repo = make_repo({"m": tiny_config("m")})
+    server = ServerThread(repo, otlp_endpoint=collector.endpoint).start()
+    try:
+        with VideoGenClient(server.target) as client, _in_span(caller, "last") as last:
+            client.list_models()
+        time.sleep(0.2)
+        assert collector.exports == 0
+    finally:
+        server.stop()
+    tid = last.get_span_context().trace_id.to_bytes(16, "big")
+    assert [s.name for s in collector.trace(tid)] == ["videogen.v1.VideoGen/ListModels"]
+
+    # a collector that is gone: the stop still ends, within the export timeout
+    collector.stop()
+    server = ServerThread(repo, otlp_endpoint=collector.endpoint).start()
+    with VideoGenClient(server.target) as client:
+        client.list_models()
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 15
+
+
+def test_bad_tracing_settings_are_refused():
+    from videogen_server.config import ServerConfig
+
+    with pytest.raises(ValueError, match="--otlp-endpoint: 'collector:4317' needs a scheme"):
+        ServerConfig(model_repositories=(), otlp_endpoint="collector:4317")
+    with pytest.raises(ValueError, match="--trace-sample-ratio: 1.5 is outside 0..1"):
+        ServerConfig(model_repositories=(), trace_sample_ratio=1.5)
