@@ -115,6 +115,14 @@ class RequestTrace:
         """The trace this request belongs to (the caller's, even when not exported); "" if none."""
         return trace_id_of(self.span.get_span_context()) or trace_id_of(self._parent)
 
+    @property
+    def exemplar(self) -> Optional[dict[str, str]]:
+        """A Prometheus exemplar for this request's latency observations: its trace, when this server
+        exports it (sampled), so a dashboard's slow bucket leads to a trace that has the server's spans."""
+        if not self.recording:
+            return None
+        return {"trace_id": trace_id_of(self.span.get_span_context())}
+
     def _ns(self, monotonic_s: float) -> int:
         return int(monotonic_s * 1e9) + self._offset_ns
 

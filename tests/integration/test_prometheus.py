@@ -18,18 +18,20 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grpc
 import pytest
 import yaml
 
 from ..helpers import ServerThread, collect, request, tiny_config
+from ..otlp import Collector
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "videogen.json"
 K8S = ROOT / "deploy" / "k8s"
+COMPOSE = ROOT / "deploy" / "compose" / "docker-compose.yml"
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 
@@ -137,7 +139,7 @@ def _start_prometheus(tmp_path: Path, metrics_port: int) -> tuple[Prometheus, Ca
     log = (tmp_path / "prometheus.log").open("w")
     process = subprocess.Popen(
         [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn", *_compose_features()],
         stdout=log, stderr=subprocess.STDOUT)
 
     def stop() -> None:
@@ -163,6 +165,12 @@ def _start_prometheus(tmp_path: Path, metrics_port: int) -> tuple[Prometheus, Ca
         stop()
         raise AssertionError("prometheus did not start:\n" + (tmp_path / "prometheus.log").read_text())
     return prom, stop
+
+
+def _compose_features() -> list[str]:
+    """The --enable-feature flags deploy/compose gives its Prometheus (exemplar storage)."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    return [flag for flag in compose["services"]["prometheus"]["command"] if flag.startswith("--enable-feature=")]
 
 
 def _panels(panels: list[dict]):
@@ -194,9 +202,18 @@ def _epoch(rfc3339: str) -> float:
     return datetime.fromisoformat(re.sub(r"(\.\d{6})\d*", r"\1", rfc3339).replace("Z", "+00:00")).timestamp()
 
 
-def test_a_real_prometheus_evaluates_every_rule_and_dashboard_query(make_repo, tmp_path: Path) -> None:
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    """An OTLP endpoint: the server traces its requests, so the latency histograms carry exemplars."""
+    c = Collector()
+    yield c
+    c.stop()
+
+
+def test_a_real_prometheus_evaluates_every_rule_and_dashboard_query(make_repo, collector: Collector,
+                                                                   tmp_path: Path) -> None:
     model = "svd-tiny"
-    with ServerThread(make_repo({model: tiny_config(model)})) as server:
+    with ServerThread(make_repo({model: tiny_config(model)}), otlp_endpoint=collector.endpoint) as server:
         prom, stop = _start_prometheus(tmp_path, server.server.metrics_port)
         try:
             stub = server.stub()
@@ -269,5 +286,16 @@ def test_a_real_prometheus_evaluates_every_rule_and_dashboard_query(make_repo, t
             assert not bad, bad
             firing = [(r["name"], r.get("alerts")) for r in loaded if r.get("alerts")]
             assert not firing, f"alerts on a healthy server: {firing}"
+
+            # exemplars (compose's --enable-feature=exemplar-storage): the dashboard's latency panels show
+            # the traces of requests, which Grafana links to the tracing backend
+            exemplars = {e["labels"]["trace_id"]
+                         for series in prom.api("query_exemplars", query="videogen_request_duration_seconds_bucket",
+                                                start=str(time.time() - 600), end=str(time.time() + 60))
+                         for e in series["exemplars"]}
+            assert len(exemplars) == 2, exemplars  # the two successful videos (refusals are not observed)
         finally:
             stop()
+    # the server's stop flushed its spans: each exemplar names a trace the tracing backend has
+    exported = {s.trace_id.hex() for s in collector.spans}
+    assert exemplars <= exported, (exemplars, exported)

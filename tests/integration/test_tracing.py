@@ -8,17 +8,13 @@ that uses OpenTelemetry would call it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from concurrent import futures
-from typing import Callable
+import urllib.request
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -26,58 +22,9 @@ from videogen_client import VideoGenClient
 from videogen_client.errors import InvalidArgumentError, ModelNotFoundError, UnauthenticatedError, UnavailableError
 
 from ..helpers import ServerThread, sample_png, tiny_config
+from ..otlp import Collector, attrs
 
 SERVER = trace_pb2.Span.SPAN_KIND_SERVER
-
-
-def _value(any_value):
-    return getattr(any_value, any_value.WhichOneof("value")) if any_value.WhichOneof("value") else None
-
-
-def attrs(item) -> dict:
-    return {kv.key: _value(kv.value) for kv in item.attributes}
-
-
-class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP/gRPC trace endpoint that keeps what it receives."""
-
-    def __init__(self) -> None:
-        self.spans: list[trace_pb2.Span] = []
-        self.resources: list[dict] = []
-        self.exports = 0
-        self._changed = threading.Condition()
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def Export(self, request, context):
-        with self._changed:
-            self.exports += 1
-            for resource_spans in request.resource_spans:
-                resource = attrs(resource_spans.resource)
-                for scope_spans in resource_spans.scope_spans:
-                    for span in scope_spans.spans:
-                        self.spans.append(span)
-                        self.resources.append(resource)
-            self._changed.notify_all()
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def wait(self, what: str, found: Callable[[list[trace_pb2.Span]], bool], timeout: float = 30) -> None:
-        with self._changed:
-            if not self._changed.wait_for(lambda: found(list(self.spans)), timeout):
-                raise AssertionError(f"the collector never received {what}: {[s.name for s in self.spans]}")
-
-    def trace(self, trace_id: bytes) -> list[trace_pb2.Span]:
-        with self._changed:
-            return [s for s in self.spans if s.trace_id == trace_id]
-
-    def stop(self) -> None:
-        self._server.stop(None)
 
 
 @pytest.fixture
@@ -110,6 +57,14 @@ def _in_span(tracer: trace.Tracer, name: str):
     return _Scope()
 
 
+def scrape_openmetrics(server: ServerThread) -> str:
+    """/metrics as Prometheus asks for it with exemplar storage on (exemplars exist in OpenMetrics only)."""
+    scrape = urllib.request.Request(f"http://127.0.0.1:{server.server.metrics_port}/metrics",
+                                    headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    with urllib.request.urlopen(scrape, timeout=10) as response:
+        return response.read().decode()
+
+
 def one(spans: list[trace_pb2.Span], name: str) -> trace_pb2.Span:
     found = [s for s in spans if s.name == name]
     assert len(found) == 1, (name, [s.name for s in spans])
@@ -134,6 +89,7 @@ def test_a_generation_is_one_trace_joined_to_the_callers(make_repo, collector, c
         names = {"videogen.v1.VideoGen/Generate", "videogen.generate", "mp4_finish"}
         collector.wait("the generation's spans", lambda spans: names <= {s.name for s in spans if s.trace_id == trace_id})
         spans = collector.trace(trace_id)
+        openmetrics = scrape_openmetrics(server)
 
     rpc = one(spans, "videogen.v1.VideoGen/Generate")
     assert rpc.kind == SERVER
@@ -174,6 +130,15 @@ def test_a_generation_is_one_trace_joined_to_the_callers(make_repo, collector, c
     assert decodes[0].end_time_unix_nano - slack <= first_frame[0].time_unix_nano <= decodes[1].end_time_unix_nano + slack
     resource = collector.resources[0]
     assert (resource["service.name"], resource["k8s.pod.name"]) == ("videogen-test", "videogen-0")
+
+    # the latency histograms' exemplars name the trace (OpenMetrics, as Prometheus scrapes with exemplar
+    # storage on): a slow bucket on a dashboard leads to this trace
+    hex_id = trace.format_trace_id(parent.get_span_context().trace_id)
+    for histogram in ("videogen_request_duration_seconds", "videogen_time_to_first_frame_seconds",
+                      "videogen_queue_wait_seconds"):
+        lines = [line for line in openmetrics.splitlines()
+                 if line.startswith(histogram + "_bucket{") and 'model="m"' in line and " # {" in line]
+        assert len(lines) == 1 and f'trace_id="{hex_id}"' in lines[0], (histogram, lines)
 
     # the request log names the trace, so a log line leads to its trace and back
     records = [r.videogen_request for r in caplog.records if getattr(r, "videogen_request", {}).get("request_id") == "traced-1"]
@@ -338,6 +303,8 @@ def test_without_an_endpoint_the_log_still_names_the_callers_trace(tiny_server, 
                        request_id="untraced")
     records = [r.videogen_request for r in caplog.records if getattr(r, "videogen_request", {}).get("request_id") == "untraced"]
     assert records[0]["trace_id"] == trace.format_trace_id(parent.get_span_context().trace_id)
+    # no exemplars: they would name traces that hold none of this server's spans
+    assert "trace_id" not in scrape_openmetrics(tiny_server)
 
 
 def test_stop_flushes_the_last_spans_and_an_unreachable_collector_does_not_hold_it(make_repo, collector, caller,

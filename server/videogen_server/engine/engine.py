@@ -800,7 +800,7 @@ class Engine:
             if not first_frame_s:
                 now = time.monotonic()
                 first_frame_s = now - req.enqueued_at
-                m.first_frame.labels(*labels).observe(first_frame_s)
+                m.first_frame.labels(*labels).observe(first_frame_s, exemplar=spans.exemplar)
                 spans.event("first_frame", now)
 
         encoder: Optional[FragmentedMP4Encoder] = None
@@ -811,7 +811,7 @@ class Engine:
                 sent_at, event = await self._next(req, rt)
                 if not queue_observed and req.started_at is not None:
                     queue_observed = True
-                    m.queue_wait.labels(*labels).observe(req.queue_wait)
+                    m.queue_wait.labels(*labels).observe(req.queue_wait, exemplar=spans.exemplar)
                     record["queue_s"] = round(req.queue_wait, 4)
                 if isinstance(event, StepDone):
                     m.denoise_step.labels(*labels).observe(event.seconds)
@@ -869,7 +869,7 @@ class Engine:
                         yield VideoEvent(tail, offset, True)
                         offset += len(tail)
                     total = time.monotonic() - req.enqueued_at
-                    m.request_latency.labels(*labels).observe(total)
+                    m.request_latency.labels(*labels).observe(total, exemplar=spans.exemplar)
                     phases.update(timing, queue=req.queue_wait, video_encode=video_encode_s)
                     record.update({f"{k}_s": round(v, 4) for k, v in timing.items()},
                                   video_encode_s=round(video_encode_s, 4), first_frame_s=round(first_frame_s, 4),
