@@ -299,7 +299,7 @@ def test_kustomization_lists_every_manifest() -> None:
 
 
 def test_k8s_has_every_kind(k8s: dict[str, dict]) -> None:
-    for kind in ("Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim/videogen-models",
+    for kind in ("Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget", "PersistentVolumeClaim/videogen-models",
                  "PersistentVolumeClaim/videogen-compile-cache", "ServiceMonitor", "ScaledObject"):
         assert kind in k8s, f"no {kind} in deploy/k8s"
 
@@ -405,6 +405,23 @@ def test_selectors_match_the_pod_template(k8s: dict[str, dict]) -> None:
     assert target["name"] == deployment["metadata"]["name"], "the ScaledObject scales another workload"
 
 
+def test_network_policy_admits_callers_and_prometheus_only(k8s: dict[str, dict], server: dict) -> None:
+    policy = k8s["NetworkPolicy"]["spec"]
+    pod_labels = k8s["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert _subset(policy["podSelector"]["matchLabels"], pod_labels), "the NetworkPolicy does not select the server pods"
+    assert policy["policyTypes"] == ["Ingress"], "egress stays open (DNS, the OTLP collector)"
+    container_ports = {p["name"] for p in server["ports"]}
+    admitted: dict[str, list] = {}
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in container_ports, f"the NetworkPolicy names port {port['port']!r}, not the container's"
+            admitted[port["port"]] = rule["from"]
+    assert set(admitted) == container_ports, f"ports the NetworkPolicy leaves closed: {container_ports - set(admitted)}"
+    # /metrics (unauthenticated) from Prometheus' namespace only; the API from any namespace
+    assert admitted["metrics"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert admitted["grpc"] == [{"namespaceSelector": {}}]
+
+
 def test_service_is_headless_for_client_side_balancing(k8s: dict[str, dict]) -> None:
     spec = k8s["Service"]["spec"]
     assert spec.get("clusterIP") == "None", "the Service must be headless (clusterIP: None) for dns:/// round_robin"
@@ -442,7 +459,7 @@ def _kubernetes_validate() -> Optional[str]:
 def test_builtin_kinds_validate_strictly() -> None:
     files = sorted({path for path, doc in _k8s_resources() if _builtin(doc["apiVersion"])})
     kinds = {doc["kind"] for path, doc in _k8s_resources() if _builtin(doc["apiVersion"])}
-    assert {"Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim"} <= kinds
+    assert {"Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim", "NetworkPolicy"} <= kinds
     assert not any(not _builtin(doc["apiVersion"]) for path in files for doc in _load_all(path)), \
         "keep CRD objects (ServiceMonitor, ScaledObject, ...) out of the files with built-in kinds"
     tool = _kubernetes_validate()
