@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import logging
 import math
 import numbers
 import os
@@ -31,6 +32,8 @@ from videogen_client.errors import (
     response_too_large_for_client,
 )
 from videogen_client.events import Accepted
+
+log = logging.getLogger(__name__)
 
 #: A conditioning image: encoded bytes (PNG, JPEG or WebP), a path to such a file, or a PIL image.
 ImageInput = Union[bytes, str, os.PathLike[str], Image.Image]
@@ -391,28 +394,44 @@ def call_metadata(settings: ConnectionSettings, request_id: str | None,
     return (*settings.metadata, *trace)
 
 
-_NO_OPENTELEMETRY = False
+_TRACING_OFF = False  # set once OpenTelemetry turned out to be absent or unusable: no more attempts
+_INJECT_FAILED = False  # a propagator failed once (logged once)
+_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 
 
 def trace_metadata() -> tuple[tuple[str, str], ...]:
     """The caller's trace context as call metadata: when OpenTelemetry is installed (it is optional)
     and a span is current, what its configured propagators write (W3C ``traceparent``/``tracestate`` by
     default), so the server's spans join the caller's trace. Taken when a call is made; a resent
-    Generate keeps the first attempt's."""
-    global _NO_OPENTELEMETRY
-    if _NO_OPENTELEMETRY:
+    Generate keeps the first attempt's. Never fails a call: an OpenTelemetry that cannot be used (say
+    ``OTEL_PROPAGATORS`` names a propagator that is not installed) is logged once and left out."""
+    global _TRACING_OFF, _INJECT_FAILED
+    if _TRACING_OFF:
         return ()
     try:
         from opentelemetry import propagate, trace
     except ImportError:
-        _NO_OPENTELEMETRY = True
+        _TRACING_OFF = True
+        return ()
+    except Exception as err:  # e.g. OTEL_PROPAGATORS naming one that is not installed: raised at import
+        _TRACING_OFF = True
+        log.warning("videogen_client: OpenTelemetry cannot be used (%s); calls carry no trace context", err)
         return ()
     if not trace.get_current_span().get_span_context().is_valid:
         return ()
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    # gRPC sends lower-case, printable ASCII metadata only (it refuses the call otherwise)
-    return tuple((k.lower(), v) for k, v in carrier.items() if isinstance(v, str) and v.isascii() and v.isprintable())
+    try:
+        propagate.inject(carrier)
+    except Exception as err:  # a propagator's own failure is not the call's
+        if not _INJECT_FAILED:
+            _INJECT_FAILED = True
+            log.warning("videogen_client: the OpenTelemetry propagator failed (%r); calls it fails for carry no "
+                        "trace context", err)
+        return ()
+    # gRPC sends lower-case ASCII keys and printable ASCII values only (it refuses the call otherwise)
+    return tuple((k.lower(), v) for k, v in carrier.items()
+                 if isinstance(k, str) and _METADATA_KEY.fullmatch(k.lower()) and not k.lower().endswith("-bin")
+                 and isinstance(v, str) and v.isascii() and v.isprintable())
 
 
 def image_bytes(image: ImageInput) -> bytes:
