@@ -45,13 +45,17 @@ class VideoGenServer:
         # half started), and health set before either answers: grpc_health starts out reporting "" SERVING
         self.engine.scan()
         self.engine.tracing.start()  # before the server is built: its interceptor opens each call's span
-        self._server, self.port, self._health = build_server(self.engine, self.config)
-        if self.config.health_port >= 0:
-            try:
-                self._health_server, self.health_port = build_health_server(self._health, self.config)
-            except BaseException:
-                await self._server.stop(None)  # bound, never started: let its port go
-                raise
+        try:
+            self._server, self.port, self._health = build_server(self.engine, self.config)
+            if self.config.health_port >= 0:
+                try:
+                    self._health_server, self.health_port = build_health_server(self._health, self.config)
+                except BaseException:
+                    await self._server.stop(None)  # bound, never started: let its port go
+                    raise
+        except BaseException:
+            self.engine.tracing.shutdown()  # its exporter thread too: nothing was traced yet
+            raise
         await self._health.update()
         loop = asyncio.get_running_loop()  # readiness may change on any thread; health updates on the loop
         self.engine.add_listener(lambda: loop.call_soon_threadsafe(asyncio.ensure_future, self._health.update()))

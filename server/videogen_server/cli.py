@@ -56,8 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="export OpenTelemetry traces of requests over OTLP/gRPC to this collector, e.g. "
                         "http://otel-collector:4317 (https:// for TLS); OTEL_EXPORTER_OTLP_HEADERS adds headers. "
                         "Default: no tracing")
-    s.add_argument("--otlp-service-name", default=d.otlp_service_name,
-                   help="service.name of the traces (default %(default)s); OTEL_RESOURCE_ATTRIBUTES adds attributes")
+    s.add_argument("--otlp-service-name",
+                   help=f"service.name of the traces (default: OTEL_SERVICE_NAME, else {d.otlp_service_name}); "
+                        "OTEL_RESOURCE_ATTRIBUTES adds attributes")
     s.add_argument("--trace-sample-ratio", type=float, default=d.trace_sample_ratio,
                    help="share of the traces starting here to keep, 0..1 (default %(default)s); a caller's "
                         "traceparent decides for its own")
@@ -92,7 +93,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         max_request_bytes=args.max_request_bytes, max_connection_age_seconds=args.max_connection_age_seconds,
         max_connection_age_grace_seconds=args.max_connection_age_grace_seconds, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_tokens=_auth_tokens(args, environ),
-        otlp_endpoint=args.otlp_endpoint, otlp_service_name=args.otlp_service_name,
+        otlp_endpoint=args.otlp_endpoint,
+        otlp_service_name=args.otlp_service_name or environ.get("OTEL_SERVICE_NAME") or ServerConfig.otlp_service_name,
         trace_sample_ratio=args.trace_sample_ratio,
         log_format=args.log_format, log_level=args.log_level.upper(), exit_on_error=args.exit_on_error)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Optional
 
@@ -82,9 +83,14 @@ class ServerConfig:
             clash = next((other for other, p in ports[i + 1:] if p == port), None)
             if clash:
                 raise ValueError(f"{clash} {port} is also {flag}: give each listener its own port")
-        if self.otlp_endpoint is not None and not self.otlp_endpoint.startswith(("http://", "https://")):
-            raise ValueError(f"--otlp-endpoint: {self.otlp_endpoint!r} needs a scheme: http://HOST:4317 (plaintext) "
-                             "or https://HOST:4317 (TLS)")
+        if self.otlp_endpoint is not None:
+            url = urllib.parse.urlsplit(self.otlp_endpoint)
+            if url.scheme not in ("http", "https") or not url.netloc:
+                raise ValueError(f"--otlp-endpoint: {self.otlp_endpoint!r} needs a scheme: http://HOST:4317 "
+                                 "(plaintext) or https://HOST:4317 (TLS)")
+            if url.path not in ("", "/") or url.query:
+                raise ValueError(f"--otlp-endpoint: {self.otlp_endpoint!r} has a path: traces go over OTLP/gRPC "
+                                 "(port 4317), which takes the collector's address only, not an OTLP/HTTP URL")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError(f"--trace-sample-ratio: {self.trace_sample_ratio} is outside 0..1")
         if not self.otlp_service_name:

@@ -21,6 +21,7 @@ one), started in explicit start-up and flushed at stop.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Mapping, Optional, Sequence
 
@@ -42,7 +43,7 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 SERVER_ERROR_CODES = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE",
                                 "DATA_LOSS"})
 
-#: How long the server's stop waits for the last spans to reach the collector.
+#: How long one export may take, and how long the server's stop waits for the last spans to leave.
 EXPORT_TIMEOUT_S = 5.0
 
 
@@ -56,6 +57,7 @@ class Tracing:
     def __init__(self, config: ServerConfig) -> None:
         self._config = config
         self._provider = None
+        self._exporter = None
         self.tracer: trace.Tracer = trace.NoOpTracer()
 
     @property
@@ -80,19 +82,33 @@ class Tracing:
                                   sampler=ParentBased(TraceIdRatioBased(self._config.trace_sample_ratio)))
         exporter = OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"),
                                     timeout=EXPORT_TIMEOUT_S)
-        provider.add_span_processor(BatchSpanProcessor(exporter, export_timeout_millis=int(EXPORT_TIMEOUT_S * 1000)))
-        self._provider = provider
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        self._provider, self._exporter = provider, exporter
         self.tracer = provider.get_tracer("videogen", __version__)
         log.info("tracing: OTLP/gRPC to %s, sampling %g of the traces that start here",
                  endpoint, self._config.trace_sample_ratio)
 
     def shutdown(self) -> None:
-        """Flushes the spans not yet exported (bounded) and stops the exporter. Blocking: run it off the loop."""
-        provider, self._provider = self._provider, None
+        """Sends the spans not yet exported and stops the exporter, waiting at most EXPORT_TIMEOUT_S (+1 s
+        to end it). Blocking: run it off the event loop.
+
+        The SDK's own flush is not bounded by its timeout (it sends every queued batch, each with the
+        exporter's timeout: ~20 s for a full queue and a collector that does not answer), so it runs on a
+        daemon thread the stop waits for only so long; the exporter is then shut down, which cuts its
+        retries short, and what was not sent is dropped with the process."""
+        provider, exporter = self._provider, self._exporter
+        self._provider = self._exporter = None
         self.tracer = trace.NoOpTracer()
-        if provider is not None:
-            provider.force_flush(timeout_millis=int(EXPORT_TIMEOUT_S * 1000))
-            provider.shutdown()
+        if provider is None:
+            return
+        flush = threading.Thread(target=provider.shutdown, name="otel-shutdown", daemon=True)
+        flush.start()
+        flush.join(EXPORT_TIMEOUT_S)
+        if flush.is_alive():
+            log.warning("tracing: the collector took more than %.0f s; spans not yet sent are dropped",
+                        EXPORT_TIMEOUT_S)
+            exporter.shutdown()
+            flush.join(1.0)
 
     def request(self, carrier: Sequence[tuple[str, str]]) -> "RequestTrace":
         return RequestTrace(self.tracer, carrier)
@@ -112,8 +128,9 @@ class RequestTrace:
 
     @property
     def trace_id(self) -> str:
-        """The trace this request belongs to (the caller's, even when not exported); "" if none."""
-        return trace_id_of(self.span.get_span_context()) or trace_id_of(self._parent)
+        """The trace to name in the request's log line: this server's when it exports the request's
+        spans, else the caller's (its own spans are somewhere); "" if neither."""
+        return trace_id_of(self.span.get_span_context()) if self.recording else trace_id_of(self._parent)
 
     @property
     def exemplar(self) -> Optional[dict[str, str]]:

@@ -8,6 +8,8 @@ that uses OpenTelemetry would call it.
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
 import urllib.request
 
@@ -17,6 +19,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from videogen_client import VideoGenClient
 from videogen_client.errors import InvalidArgumentError, ModelNotFoundError, UnauthenticatedError, UnavailableError
@@ -126,8 +129,10 @@ def test_a_generation_is_one_trace_joined_to_the_callers(make_repo, collector, c
     for before, after in zip(order, order[1:]):
         assert before.end_time_unix_nano <= after.start_time_unix_nano + slack, (before.name, after.name)
     assert attrs(by["queue"]) == {"started": True}
-    # the first frame went out after the first chunk was decoded, before the last one was
-    assert decodes[0].end_time_unix_nano - slack <= first_frame[0].time_unix_nano <= decodes[1].end_time_unix_nano + slack
+    # the first frame went out after the first chunk was decoded (and its frames encoded)
+    first_encode = min((s for s in children if s.name == "encode"), key=lambda s: s.start_time_unix_nano)
+    assert decodes[0].end_time_unix_nano - slack <= first_frame[0].time_unix_nano
+    assert first_encode.start_time_unix_nano - slack <= first_frame[0].time_unix_nano
     resource = collector.resources[0]
     assert (resource["service.name"], resource["k8s.pod.name"]) == ("videogen-test", "videogen-0")
 
@@ -145,7 +150,7 @@ def test_a_generation_is_one_trace_joined_to_the_callers(make_repo, collector, c
     assert records and records[0]["trace_id"] == trace.format_trace_id(parent.get_span_context().trace_id)
 
 
-def test_refusals_and_errors_are_spans_with_their_codes(make_repo, collector, caller):
+def test_refusals_and_errors_are_spans_with_their_codes_but_not_a_caller_without_a_token(make_repo, collector, caller):
     repo = make_repo({"m": tiny_config("m")})
     with ServerThread(repo, otlp_endpoint=collector.endpoint, auth_tokens=("sesame",)) as server:
         with VideoGenClient(server.target, token="sesame") as client:
@@ -157,6 +162,8 @@ def test_refusals_and_errors_are_spans_with_their_codes(make_repo, collector, ca
                     client.run(sample_png(), model="nope")
             with _in_span(caller, "list") as listed:
                 client.list_models()
+        # a caller without a valid token cannot make the server record and export spans, even asking
+        # for it (its traceparent says sampled): it could otherwise flood the exporter's queue
         with VideoGenClient(server.target, token="wrong") as intruder, _in_span(caller, "no token") as refused:
             with pytest.raises(UnauthenticatedError):
                 intruder.list_models()
@@ -164,7 +171,7 @@ def test_refusals_and_errors_are_spans_with_their_codes(make_repo, collector, ca
         health_pb2_grpc.HealthStub(server.channel()).Check(health_pb2.HealthCheckRequest())
 
         expected = {bad: ("videogen.v1.VideoGen/Generate", 3), unknown: ("videogen.v1.VideoGen/Generate", 5),
-                    listed: ("videogen.v1.VideoGen/ListModels", 0), refused: ("videogen.v1.VideoGen/ListModels", 16)}
+                    listed: ("videogen.v1.VideoGen/ListModels", 0)}
         ids = {span.get_span_context().trace_id.to_bytes(16, "big"): want for span, want in expected.items()}
         collector.wait("a span per call", lambda spans: set(ids) <= {s.trace_id for s in spans if s.kind == SERVER})
         time.sleep(0.3)  # what else the server would export (a health check's span) has left by now
@@ -180,6 +187,7 @@ def test_refusals_and_errors_are_spans_with_their_codes(make_repo, collector, ca
     gen = one([s for s in spans if s.trace_id == bad_id], "videogen.generate")
     assert attrs(gen)["videogen.code"] == "INVALID_ARGUMENT" and "num_frames" in attrs(gen)["videogen.error"]
     assert not [s for s in spans if "Health" in s.name]
+    assert not [s for s in spans if s.trace_id == refused.get_span_context().trace_id.to_bytes(16, "big")]
 
 
 def test_a_cancelled_generation_and_a_server_failure(make_repo, collector, caller):
@@ -248,22 +256,12 @@ def test_the_asyncio_client_joins_the_callers_trace_and_a_passed_deadline_is_nam
 
 def test_a_kserve_inference_is_traced_the_same_way(make_repo, collector, caller):
     """Triton's protocol (ModelInfer) gives the same trace: its RPC span, then the engine's."""
-    import struct
-
-    from inference import grpc_service_pb2 as kpb
     from inference import grpc_service_pb2_grpc as kpb_grpc
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    from videogen_server.transport.kserve import serialize_bytes
-
     repo = make_repo({"m": tiny_config("m")})
     with ServerThread(repo, otlp_endpoint=collector.endpoint) as server:
-        req = kpb.ModelInferRequest(model_name="m", id="kserve-1")
-        req.inputs.add(name="image", datatype="BYTES", shape=[1])
-        req.raw_input_contents.append(serialize_bytes([sample_png()]))
-        for name, values in (("size", [64, 64]), ("num_frames", [2]), ("num_inference_steps", [1])):
-            req.inputs.add(name=name, datatype="INT32", shape=[len(values)])
-            req.raw_input_contents.append(struct.pack(f"<{len(values)}i", *values))
+        req = _infer_request("kserve-1")
         with _in_span(caller, "triton client") as parent:
             carrier: dict[str, str] = {}
             TraceContextTextMapPropagator().inject(carrier)  # what an instrumented gRPC client sends
@@ -295,6 +293,66 @@ def test_sampling_follows_the_caller_and_the_ratio(make_repo, collector, caller)
         assert [s.trace_id for s in collector.spans] == [tid]
 
 
+def test_a_caller_that_does_not_sample_is_not_traced_here_but_its_log_line_names_its_trace(
+        make_repo, collector, caplog):
+    unsampled = TracerProvider(sampler=ALWAYS_OFF).get_tracer("caller")
+    repo = make_repo({"m": tiny_config("m")})
+    with ServerThread(repo, otlp_endpoint=collector.endpoint) as server, VideoGenClient(server.target) as client, \
+            caplog.at_level(logging.INFO, logger="videogen.requests"):
+        with _in_span(unsampled, "not sampled") as parent:  # traceparent ...-00
+            client.run(sample_png(), model="m", width=64, height=64, num_frames=2, num_inference_steps=1,
+                       request_id="unsampled")
+        client.run(sample_png(), model="m", width=64, height=64, num_frames=2, num_inference_steps=1,
+                   request_id="root")  # starts a trace here: sampled (ratio 1)
+        collector.wait("the root request's spans", lambda spans: any(s.name == "videogen.generate" for s in spans))
+        time.sleep(0.3)
+        spans = list(collector.spans)
+    caller_id = parent.get_span_context().trace_id.to_bytes(16, "big")
+    assert not [s for s in spans if s.trace_id == caller_id]
+    log = {r.videogen_request["request_id"]: r.videogen_request for r in caplog.records
+           if getattr(r, "videogen_request", None)}
+    assert log["unsampled"]["trace_id"] == caller_id.hex()  # the caller's trace, where its own spans are
+    root = one(spans, "videogen.generate")
+    assert log["root"]["trace_id"] == root.trace_id.hex()  # an exported trace only
+
+
+def test_each_request_of_a_kserve_stream_is_traced_on_its_own(make_repo, collector, caller):
+    """A stream may stay open for hours: its requests' spans hang from the caller's span (not from the
+    stream's, which ends with it) and are exported as each request ends."""
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    repo = make_repo({"m": tiny_config("m")})
+    with ServerThread(repo, otlp_endpoint=collector.endpoint) as server:
+        stub = kpb_grpc.GRPCInferenceServiceStub(server.channel())
+        with _in_span(caller, "triton stream") as parent:
+            carrier: dict[str, str] = {}
+            TraceContextTextMapPropagator().inject(carrier)
+        release = threading.Event()
+
+        def requests():
+            yield _infer_request("first")
+            release.wait(60)  # the stream stays open until the first request's spans have been exported
+            yield _infer_request("second")
+
+        responses = stub.ModelStreamInfer(requests(), metadata=tuple(carrier.items()), timeout=120)
+        trace_id = parent.get_span_context().trace_id.to_bytes(16, "big")
+        try:
+            collector.wait("the first request's spans while its stream is open", lambda spans: any(
+                s.name == "videogen.generate" and s.trace_id == trace_id for s in spans))
+        finally:
+            release.set()
+        list(responses)
+        collector.wait("the stream's span", lambda spans: any(
+            s.name == "inference.GRPCInferenceService/ModelStreamInfer" for s in spans))
+        spans = collector.trace(trace_id)
+    parent_id = parent.get_span_context().span_id.to_bytes(8, "big")
+    generations = [s for s in spans if s.name == "videogen.generate"]
+    assert sorted(attrs(s)["videogen.request_id"] for s in generations) == ["first", "second"]
+    assert all(s.parent_span_id == parent_id for s in generations)
+    assert one(spans, "inference.GRPCInferenceService/ModelStreamInfer").parent_span_id == parent_id
+
+
 def test_without_an_endpoint_the_log_still_names_the_callers_trace(tiny_server, caller, caplog):
     assert not tiny_server.engine.tracing.enabled
     with VideoGenClient(tiny_server.target) as client, caplog.at_level(logging.INFO, logger="videogen.requests"):
@@ -322,14 +380,25 @@ def test_stop_flushes_the_last_spans_and_an_unreachable_collector_does_not_hold_
     tid = last.get_span_context().trace_id.to_bytes(16, "big")
     assert [s.name for s in collector.trace(tid)] == ["videogen.v1.VideoGen/ListModels"]
 
-    # a collector that is gone: the stop still ends, within the export timeout
-    collector.stop()
-    server = ServerThread(repo, otlp_endpoint=collector.endpoint).start()
-    with VideoGenClient(server.target) as client:
-        client.list_models()
-    started = time.monotonic()
-    server.stop()
-    assert time.monotonic() - started < 15
+    # a collector that accepts connections and never answers, and more spans queued than one export
+    # takes (the SDK's flush would send every batch, each waiting out the exporter's timeout): the stop
+    # gives up after EXPORT_TIMEOUT_S
+    from videogen_server.tracing import EXPORT_TIMEOUT_S
+
+    hung = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.extend(iter(lambda: hung.accept()[0], None)), daemon=True).start()
+    server = ServerThread(repo, otlp_endpoint=f"http://127.0.0.1:{hung.getsockname()[1]}").start()
+    try:
+        tracer = server.engine.tracing.tracer
+        for i in range(1500):  # three batches of 512
+            tracer.start_span(f"queued {i}").end()
+    finally:
+        started = time.monotonic()
+        server.stop()
+        took = time.monotonic() - started
+        hung.close()
+    assert took < EXPORT_TIMEOUT_S + 2.5, took
 
 
 def test_bad_tracing_settings_are_refused():
@@ -337,5 +406,98 @@ def test_bad_tracing_settings_are_refused():
 
     with pytest.raises(ValueError, match="--otlp-endpoint: 'collector:4317' needs a scheme"):
         ServerConfig(model_repositories=(), otlp_endpoint="collector:4317")
+    with pytest.raises(ValueError, match="has a path: traces go over OTLP/gRPC"):
+        ServerConfig(model_repositories=(), otlp_endpoint="http://collector:4318/v1/traces")
     with pytest.raises(ValueError, match="--trace-sample-ratio: 1.5 is outside 0..1"):
         ServerConfig(model_repositories=(), trace_sample_ratio=1.5)
+
+
+def _infer_request(request_id: str):
+    import struct
+
+    from inference import grpc_service_pb2 as kpb
+
+    from videogen_server.transport.kserve import serialize_bytes
+
+    req = kpb.ModelInferRequest(model_name="m", id=request_id)
+    req.inputs.add(name="image", datatype="BYTES", shape=[1])
+    req.raw_input_contents.append(serialize_bytes([sample_png()]))
+    for name, values in (("size", [64, 64]), ("num_frames", [2]), ("num_inference_steps", [1])):
+        req.inputs.add(name=name, datatype="INT32", shape=[len(values)])
+        req.raw_input_contents.append(struct.pack(f"<{len(values)}i", *values))
+    return req
+
+
+class _RaisingPropagator:
+    fields = {"x-raises"}
+
+    def inject(self, carrier, context=None, setter=None):
+        raise RuntimeError("a propagator bug")
+
+    def extract(self, carrier, context=None, getter=None):
+        return context
+
+
+class _BadKeyPropagator(_RaisingPropagator):
+    def inject(self, carrier, context=None, setter=None):
+        carrier["Bad Key"] = "1"  # gRPC would refuse the call over this key ("Invalid metadata")
+        carrier["x-bin-ok"] = "\x00binary"  # or over this value
+
+
+def test_a_callers_broken_opentelemetry_never_fails_a_call(tiny_server, caller, caplog):
+    from opentelemetry import propagate
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    import videogen_client._request as sdk
+
+    before = propagate.get_global_textmap()
+    try:
+        with VideoGenClient(tiny_server.target) as client, caplog.at_level(logging.INFO, logger="videogen.requests"):
+            propagate.set_global_textmap(_RaisingPropagator())
+            with _in_span(caller, "raising"):
+                assert client.list_models()
+            # keys and values gRPC would refuse are left out; the W3C context beside them still goes
+            propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator(), _BadKeyPropagator()]))
+            with _in_span(caller, "bad key") as parent:
+                client.run(sample_png(), width=64, height=64, num_frames=2, num_inference_steps=1,
+                           model="svd-tiny", request_id="bad-key")
+        record = next(r.videogen_request for r in caplog.records
+                      if getattr(r, "videogen_request", {}).get("request_id") == "bad-key")
+        assert record["trace_id"] == trace.format_trace_id(parent.get_span_context().trace_id)
+    finally:
+        propagate.set_global_textmap(before)
+        sdk._INJECT_FAILED = False
+
+    # OTEL_PROPAGATORS naming a propagator that is not installed makes opentelemetry.propagate's import
+    # raise: calls still work, and say why once
+    code = ("import logging, sys; logging.basicConfig(); from opentelemetry import trace; "
+            "from opentelemetry.sdk.trace import TracerProvider; from videogen_client import VideoGenClient; "
+            "span = TracerProvider().get_tracer('t').start_span('s'); "
+            "c = VideoGenClient(sys.argv[1]);\n"
+            "with trace.use_span(span):\n"
+            "    print(len(c.list_models()), len(c.list_models()))")
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code, tiny_server.target], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OTEL_PROPAGATORS="b3"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1"]
+    assert done.stderr.count("OpenTelemetry cannot be used") == 1, done.stderr
+
+
+def test_a_start_that_fails_leaves_no_exporter_running(make_repo, collector):
+    repo = make_repo({"m": tiny_config("m")})
+    taken = socket.create_server(("127.0.0.1", 0))
+    server = ServerThread(repo, otlp_endpoint=collector.endpoint, port=taken.getsockname()[1])
+    try:
+        with pytest.raises(OSError, match="cannot bind the gRPC port"):
+            server.start()
+        assert not server.server.engine.tracing.enabled
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("OtelBatchSpan")]
+    finally:
+        server.server = None  # never started: nothing to stop but its loop
+        server.stop()
+        taken.close()

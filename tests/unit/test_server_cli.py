@@ -39,3 +39,15 @@ def test_listeners_need_their_own_ports(tmp_path):
     with pytest.raises(ValueError, match="--metrics-port 8001 is also --port"):
         ServerConfig(model_repositories=(tmp_path,), metrics_port=8001)
     ServerConfig(model_repositories=(tmp_path,), port=0, metrics_port=0, health_port=0)  # each picks a free one
+
+
+def test_tracing_flags_and_the_standard_service_name_variable(tmp_path):
+    base = ["serve", "--model-repository", str(tmp_path), "--otlp-endpoint", "http://collector:4317"]
+    config = config_from_args(_parser().parse_args(base), {})
+    assert (config.otlp_endpoint, config.otlp_service_name, config.trace_sample_ratio) == \
+        ("http://collector:4317", "videogen", 1.0)
+    # OTEL_SERVICE_NAME names the service unless the flag does
+    assert config_from_args(_parser().parse_args(base), {"OTEL_SERVICE_NAME": "vg-eu"}).otlp_service_name == "vg-eu"
+    flagged = _parser().parse_args(base + ["--otlp-service-name", "vg-us", "--trace-sample-ratio", "0.1"])
+    config = config_from_args(flagged, {"OTEL_SERVICE_NAME": "vg-eu"})
+    assert (config.otlp_service_name, config.trace_sample_ratio) == ("vg-us", 0.1)

@@ -819,7 +819,9 @@ class Engine:
                     yield ProgressEvent(event.step, event.num_steps, time.monotonic() - req.enqueued_at)
                 elif isinstance(event, PhaseTiming):
                     timing[event.phase] = timing.get(event.phase, 0.0) + event.seconds
-                    if event.phase in ("image_encode", "denoise"):  # decode: a span per chunk, below
+                    if event.phase == "image_encode":  # the batch's encode (event.seconds is this request's share)
+                        spans.phase(event.phase, req.started_at or sent_at - event.seconds, sent_at)
+                    elif event.phase == "denoise":  # decode: a span per chunk, below
                         spans.phase(event.phase, sent_at - event.seconds, sent_at)
                     if event.phase == "image_encode":
                         m.image_encode.labels(*labels).observe(event.seconds)

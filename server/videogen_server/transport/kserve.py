@@ -42,7 +42,7 @@ from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, Ge
 from ..errors import InvalidRequest, ModelNotFound, NotReady
 from .servicer import REQUEST_ID_KEY, check_request_id, request_id_of, require_explicit_control
 from .status import abort, to_status
-from .tracing import trace_context_of
+from .tracing import incoming_trace_context, trace_context_of
 
 log = logging.getLogger(__name__)
 
@@ -657,7 +657,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         try:
             check_request_id("id", request_id)
             parsed = parse_infer_request(req, request_id=request_id, deadline_s=context.time_remaining(),
-                                         trace_context=trace_context_of(context))
+                                         trace_context=incoming_trace_context(context))
             accepted: Optional[AcceptedEvent] = None
             video: list[bytes] = []
             async with contextlib.aclosing(self._engine.generate(parsed.call)) as events:

@@ -98,10 +98,10 @@ def build_health_server(health: HealthReporter, config: ServerConfig) -> tuple[g
 def build_server(engine, config: ServerConfig) -> tuple[grpc.aio.Server, int, HealthReporter]:
     """A configured, bound, not yet started server; returns it, the bound port and its health reporter."""
     interceptors: list[grpc.aio.ServerInterceptor] = []
-    if engine.tracing.enabled:  # first: a call refused by authentication has its span too
-        interceptors.append(TracingInterceptor(engine.tracing.tracer))
     if config.auth_tokens:
         interceptors.append(BearerTokenInterceptor(config.auth_tokens, open_health_services=SERVER_HEALTH_SERVICES))
+    if engine.tracing.enabled:  # after authentication: only a caller with a token makes the server trace
+        interceptors.append(TracingInterceptor(engine.tracing.tracer))
     server = grpc.aio.server(options=[*channel_options(config), EXCLUSIVE_PORT], interceptors=interceptors)
     videogen_pb2_grpc.add_VideoGenServicer_to_server(
         VideoGenServicer(engine, model_control_mode=config.model_control_mode), server)

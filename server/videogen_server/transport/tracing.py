@@ -1,14 +1,17 @@
 """The RPC's span (OpenTelemetry's server span for gRPC) and the trace context handed to the engine.
 
-`TracingInterceptor` (installed when tracing is on, before authentication so that refused calls show
-too) opens a SERVER span per call, parented on the caller's W3C `traceparent` metadata, and ends it
-with the call's status code. Health checks and reflection are left out: probes every few seconds
-would bury the requests. `trace_context_of` gives the engine the context its spans hang from.
+`TracingInterceptor` (installed when tracing is on, after authentication: a caller without a token
+cannot make the server record and export spans, whatever its traceparent asks) opens a SERVER span
+per call, parented on the caller's W3C `traceparent` metadata, and ends it with the call's status
+code. Health checks (grpc.health and KServe's liveness/readiness RPCs) and reflection are left out:
+probes every few seconds would bury the requests. `trace_context_of` gives the engine the context its
+spans hang from.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from typing import Awaitable, Callable, Iterator
 
 import grpc
@@ -18,7 +21,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ..tracing import PROPAGATOR, SERVER_ERROR_CODES, TRACE_HEADERS
 
-UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/inference.GRPCInferenceService/ServerLive",
+                     "/inference.GRPCInferenceService/ServerReady", "/inference.GRPCInferenceService/ModelReady")
 
 
 def _text(value) -> str:
@@ -36,6 +40,14 @@ def trace_context_of(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str]
         carrier: dict[str, str] = {}
         PROPAGATOR.inject(carrier)
         return tuple(carrier.items())
+    return incoming_trace_context(context)
+
+
+def incoming_trace_context(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+    """The caller's traceparent/tracestate as received. For the requests of a stream (KServe's
+    ModelStreamInfer), whose span lasts as long as the stream (hours, for a client that keeps one
+    open): each request's spans hang from the caller's span directly (or start a trace of their own,
+    sampled at the ratio), and are exported when the request ends, not when the stream does."""
     return _incoming(context.invocation_metadata())
 
 
@@ -48,6 +60,11 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(UNTRACED_PREFIXES):
             return handler
+        behaviour = (handler.unary_unary or handler.unary_stream or handler.stream_unary
+                     or handler.stream_stream)
+        streams = bool(handler.unary_stream or handler.stream_stream)
+        if not (inspect.isasyncgenfunction(behaviour) if streams else inspect.iscoroutinefunction(behaviour)):
+            return handler  # a synchronous handler, or a stream written with context.write: not wrapped
         name = details.method.lstrip("/")
         service, _, method = name.rpartition("/")
         carrier = dict(_incoming(details.invocation_metadata))
@@ -104,8 +121,10 @@ def _end(span: trace.Span, context: grpc.aio.ServicerContext, error: BaseExcepti
         remaining = context.time_remaining()
         code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
             else grpc.StatusCode.CANCELLED
-    elif code is None:  # no abort: OK, or an exception gRPC answers with UNKNOWN
-        code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+    elif error is not None and not isinstance(error, grpc.aio.AbortError):
+        code = grpc.StatusCode.UNKNOWN  # what gRPC answers an exception with, whatever code was set before
+    elif code is None:  # no abort, no exception
+        code = grpc.StatusCode.OK
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if code.name in SERVER_ERROR_CODES:
         span.set_status(Status(StatusCode.ERROR, _text(context.details() or "") or code.name))
