@@ -43,6 +43,9 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 SERVER_ERROR_CODES = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE",
                                 "DATA_LOSS"})
 
+#: The label of the latency histograms' exemplars (Grafana's exemplarTraceIdDestinations name it).
+EXEMPLAR_LABEL = "trace_id"
+
 #: How long one export may take, and how long the server's stop waits for the last spans to leave.
 EXPORT_TIMEOUT_S = 5.0
 
@@ -138,7 +141,7 @@ class RequestTrace:
         exports it (sampled), so a dashboard's slow bucket leads to a trace that has the server's spans."""
         if not self.recording:
             return None
-        return {"trace_id": trace_id_of(self.span.get_span_context())}
+        return {EXEMPLAR_LABEL: trace_id_of(self.span.get_span_context())}
 
     def _ns(self, monotonic_s: float) -> int:
         return int(monotonic_s * 1e9) + self._offset_ns

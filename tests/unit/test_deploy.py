@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import types
+import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -505,6 +506,28 @@ def test_compose_wiring() -> None:
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (here / source).exists(), f"compose service {name} mounts missing {source}"
+
+
+def test_compose_traces_go_to_jaeger_and_exemplars_open_them() -> None:
+    from videogen_server.tracing import EXEMPLAR_LABEL
+
+    services = _load(COMPOSE)["services"]
+    endpoint = urllib.parse.urlsplit(_flag(services["videogen"]["command"], "--otlp-endpoint"))
+    assert endpoint.scheme == "http" and endpoint.hostname in services, endpoint
+    collector = services[endpoint.hostname]
+    assert f"receivers.otlp.protocols.grpc.endpoint=0.0.0.0:{endpoint.port}" in collector["command"], \
+        "the collector's OTLP/gRPC receiver must listen on the compose network at the server's port"
+    assert _flag(services["prometheus"]["command"], "--enable-feature") == "exemplar-storage"
+
+    datasources = {d["uid"]: d for d in _load(DEPLOY / "grafana" / "provisioning" / "datasources" /
+                                               "prometheus.yml")["datasources"]}
+    for uid, source in datasources.items():
+        host = urllib.parse.urlsplit(source["url"]).hostname
+        assert host in services, f"datasource {uid} points at {host}, not a compose service"
+    links = datasources["prometheus"]["jsonData"]["exemplarTraceIdDestinations"]
+    assert [(link["name"], datasources[link["datasourceUid"]]["type"]) for link in links] == \
+        [(EXEMPLAR_LABEL, "jaeger")]
+    assert urllib.parse.urlsplit(datasources["jaeger"]["url"]).hostname == endpoint.hostname
 
 
 def test_prometheus_rule_files_exist() -> None:
