@@ -12,7 +12,10 @@ Every failed call raises a :class:`VideoGenError` subclass instead of a bare ``g
         except QueueFullError:
             ...                            # back off and retry later
 
-The original ``grpc.RpcError`` stays reachable as ``err.__cause__``.
+The original ``grpc.RpcError`` stays reachable as ``err.__cause__``. The server also sends gRPC's
+rich error model (``google.rpc.Status`` in the ``grpc-status-details-bin`` trailer): ``err.error_reason``
+is its ErrorInfo reason (``"QUEUE_FULL"``, ``"OUT_OF_MEMORY"``, ``"INVALID_FIELD"``, ...),
+``err.retry_delay`` its RetryInfo (seconds) and ``err.status_details`` every detail message.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import re
 from typing import Any, ClassVar
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
 __all__ = [
     "DeadlineExceededError",
@@ -41,6 +46,12 @@ __all__ = [
 REQUEST_ID_METADATA_KEY = "x-request-id"
 #: Trailing metadata the server sets on a Generate it ended before any work (the SDK sends it again).
 NOT_STARTED_METADATA_KEY = "x-videogen-not-started"
+#: The trailer of gRPC's rich error model: a serialized google.rpc.Status.
+STATUS_DETAILS_METADATA_KEY = "grpc-status-details-bin"
+_DETAIL_TYPES = (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo,
+                 error_details_pb2.PreconditionFailure, error_details_pb2.ResourceInfo,
+                 error_details_pb2.QuotaFailure, error_details_pb2.DebugInfo, error_details_pb2.Help,
+                 error_details_pb2.LocalizedMessage, error_details_pb2.RequestInfo)
 
 # "<field>: <reason>", where field is a proto field path such as "width" or "output.jpeg_quality".
 _FIELD_DETAILS = re.compile(r"^\s*([A-Za-z_][\w.\[\]]*)\s*:\s*(.*)$", re.DOTALL)
@@ -55,16 +66,26 @@ class VideoGenError(Exception):
         details: the server's (or gRPC's) error message.
         request_id: the request's id when known (from ``x-request-id`` metadata, the server's
             Accepted event, or the id the caller sent), else ``None``.
+        error_reason: the server's machine-readable reason (google.rpc.ErrorInfo), e.g. ``"QUEUE_FULL"``;
+            ``None`` when the status carried none (gRPC's own errors).
+        retry_delay: seconds the server asks the caller to wait before retrying (google.rpc.RetryInfo).
+        status_details: the status's detail messages (ErrorInfo, BadRequest, RetryInfo, ...).
     """
 
     default_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
 
     def __init__(self, details: str, *, code: grpc.StatusCode | None = None,
-                 request_id: str | None = None) -> None:
+                 request_id: str | None = None, status: status_pb2.Status | None = None) -> None:
         super().__init__(details)
         self.code: grpc.StatusCode = code or self.default_code
         self.details = details
         self.request_id = request_id
+        self.status_details: list[Any] = _unpack(status)
+        self.error_reason: str | None = next(
+            (d.reason for d in self.status_details if isinstance(d, error_details_pb2.ErrorInfo)), None)
+        self.retry_delay: float | None = next(
+            (d.retry_delay.ToMilliseconds() / 1000 for d in self.status_details
+             if isinstance(d, error_details_pb2.RetryInfo)), None)
 
     def __str__(self) -> str:
         text = f"{self.code.name}: {self.details}"
@@ -78,19 +99,25 @@ class VideoGenError(Exception):
 class InvalidArgumentError(VideoGenError):
     """INVALID_ARGUMENT: the request was refused as malformed.
 
-    The server words these as ``"<field>: <reason>"``; ``field`` and ``reason`` are those two
-    parts (``field`` is ``None`` when the details do not follow that form, and ``reason`` is then
-    the whole message).
+    ``field`` and ``reason`` are the field the server refused and why: from the status's BadRequest
+    detail, else from its message, worded ``"<field>: <reason>"`` (``field`` is ``None`` when neither
+    names one, and ``reason`` is then the whole message).
     """
 
     default_code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, details: str, *, code: grpc.StatusCode | None = None,
-                 request_id: str | None = None) -> None:
-        super().__init__(details, code=code, request_id=request_id)
+                 request_id: str | None = None, status: status_pb2.Status | None = None) -> None:
+        super().__init__(details, code=code, request_id=request_id, status=status)
+        violation = next((v for d in self.status_details if isinstance(d, error_details_pb2.BadRequest)
+                          for v in d.field_violations), None)
         match = _FIELD_DETAILS.match(details)
-        self.field: str | None = match.group(1) if match else None
-        self.reason: str = match.group(2) if match else details
+        if violation is not None:
+            self.field: str | None = violation.field
+            self.reason: str = violation.description
+        else:
+            self.field = match.group(1) if match else None
+            self.reason = match.group(2) if match else details
 
 
 class ModelNotFoundError(VideoGenError):
@@ -184,6 +211,32 @@ _ERROR_CLASSES: dict[grpc.StatusCode, type[VideoGenError]] = {
 }
 
 
+def _unpack(status: status_pb2.Status | None) -> list[Any]:
+    """The detail messages of a google.rpc.Status, unpacked (those of unknown types left out)."""
+    out: list[Any] = []
+    for packed in status.details if status is not None else ():
+        for cls in _DETAIL_TYPES:
+            if packed.Is(cls.DESCRIPTOR):
+                message = cls()
+                packed.Unpack(message)
+                out.append(message)
+                break
+    return out
+
+
+def _rich_status(metadata: Any, code: grpc.StatusCode) -> status_pb2.Status | None:
+    """The google.rpc.Status in ``grpc-status-details-bin``, if there is one that agrees with ``code``."""
+    for key, value in metadata or ():
+        if key == STATUS_DETAILS_METADATA_KEY and isinstance(value, bytes):
+            status = status_pb2.Status()
+            try:
+                status.ParseFromString(value)
+            except DecodeError:
+                return None
+            return status if status.code == code.value[0] else None
+    return None
+
+
 def _metadata_value(metadata: Any, key: str) -> str | None:
     """The first value of ``key`` in sync (tuple of pairs) or aio (``grpc.aio.Metadata``) metadata."""
     for item_key, value in metadata or ():
@@ -211,6 +264,8 @@ def from_rpc_error(err: grpc.RpcError, *, request_id: str | None = None) -> Vide
     details = details_fn() if callable(details_fn) else None
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
+    trailing_fn = getattr(err, "trailing_metadata", None)
+    status = _rich_status(trailing_fn(), code) if callable(trailing_fn) else None
     for accessor in ("trailing_metadata", "initial_metadata"):
         metadata_fn = getattr(err, accessor, None)
         found = _metadata_value(metadata_fn(), REQUEST_ID_METADATA_KEY) if callable(metadata_fn) else None
@@ -226,6 +281,12 @@ def from_rpc_error(err: grpc.RpcError, *, request_id: str | None = None) -> Vide
             # gRPC's own refusal of a message over the server's --max-request-bytes: the image is too big
             return InvalidArgumentError(f"image: the request is larger than the server accepts ({details})",
                                         code=grpc.StatusCode.INVALID_ARGUMENT, request_id=request_id)
-        if details.startswith(_OUT_OF_MEMORY):
-            error_class = OutOfMemoryError
-    return error_class(details or code.name, code=code, request_id=request_id)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and (
+            (status is not None and _unpack_reason(status) == "OUT_OF_MEMORY")
+            or (status is None and details and details.startswith(_OUT_OF_MEMORY))):  # (a server without details)
+        error_class = OutOfMemoryError
+    return error_class(details or code.name, code=code, request_id=request_id, status=status)
+
+
+def _unpack_reason(status: status_pb2.Status) -> str | None:
+    return next((d.reason for d in _unpack(status) if isinstance(d, error_details_pb2.ErrorInfo)), None)

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 
 class VideoGenError(Exception):
-    """Base of every error the server reports to a caller. `message` is safe to show to callers."""
+    """Base of every error the server reports to a caller. `message` is safe to show to callers.
+
+    `REASON` is the error's machine-readable name within the gRPC code (google.rpc.ErrorInfo's
+    `reason`, in the status details the transport attaches): callers branch on it, not on the text."""
+
+    REASON = "INTERNAL"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -17,6 +22,8 @@ class VideoGenError(Exception):
 
 class InvalidRequest(VideoGenError):
     """A request field is missing, malformed or outside the model's limits."""
+
+    REASON = "INVALID_FIELD"
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")
@@ -27,17 +34,25 @@ class InvalidRequest(VideoGenError):
 class ModelNotFound(VideoGenError):
     """No model (or no such version) with that name in the repository."""
 
+    REASON = "MODEL_NOT_FOUND"
+
 
 class QueueFull(VideoGenError):
     """The model's queue is at its bound; the caller should back off and retry."""
+
+    REASON = "QUEUE_FULL"
 
 
 class NotReady(VideoGenError):
     """The model or server cannot take requests now (loading, unloading, failed)."""
 
+    REASON = "MODEL_NOT_READY"
+
 
 class Draining(NotReady):
     """The server is shutting down and admits no new requests."""
+
+    REASON = "SERVER_DRAINING"
 
 
 class NotStarted(NotReady):
@@ -45,6 +60,8 @@ class NotStarted(NotReady):
     an unload): nothing was done for it, so the caller may send it again, to another server. The
     transport marks the status so (trailing metadata NOT_STARTED_KEY) and the SDK resends it; counted
     as rejected, not as an error."""
+
+    REASON = "NOT_STARTED"
 
 
 #: Trailing metadata on a Generate that ended UNAVAILABLE before any work started (NotStarted): the SDK
@@ -55,25 +72,37 @@ NOT_STARTED_KEY = "x-videogen-not-started"
 class QueueTimeout(VideoGenError):
     """The request's queue timeout passed before an instance took it."""
 
+    REASON = "QUEUE_TIMEOUT"
+
 
 class RequestCancelled(VideoGenError):
     """The request was cancelled (by its caller or by an unload) before it finished."""
+
+    REASON = "CANCELLED"
 
 
 class OutOfMemory(VideoGenError):
     """The device ran out of memory for this request; the instance frees it and keeps serving."""
 
+    REASON = "OUT_OF_MEMORY"
+
 
 class BackendError(VideoGenError):
     """A backend failed one request in a way it could describe (shown to the caller)."""
+
+    REASON = "BACKEND_ERROR"
 
 
 class InstanceDead(VideoGenError):
     """An instance hit an unrecoverable device error and takes no more work."""
 
+    REASON = "INSTANCE_FAILED"
+
 
 class ConfigError(VideoGenError):
     """A model configuration (config.pbtxt) is invalid. Names the file and the field."""
+
+    REASON = "INVALID_CONFIG"
 
     def __init__(self, path: str, field: str, reason: str) -> None:
         super().__init__(f"{path}: {field}: {reason}")
@@ -85,9 +114,13 @@ class ConfigError(VideoGenError):
 class Unauthenticated(VideoGenError):
     """No valid bearer token on a call that needs one."""
 
+    REASON = "UNAUTHENTICATED"
+
 
 class PermissionDenied(VideoGenError):
     """The operation is disabled by the server's configuration (e.g. repository control)."""
+
+    REASON = "MODEL_CONTROL_DISABLED"
 
 
 # The one table from error to gRPC status code name. `transport.status` turns the name into a

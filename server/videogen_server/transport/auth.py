@@ -7,21 +7,22 @@ from typing import Awaitable, Callable, Iterable
 import grpc
 
 from ..errors import Unauthenticated
-from .status import to_status
+from .status import status_details, to_status
 
 #: Methods callable without a token: Kubernetes and load-balancer probes, for the services the server
 #: names open (BearerTokenInterceptor's `open_health_services`); other names (a model's) need a token.
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
 
 
-def _denied_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def _denied_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
+                    trailer: tuple[tuple[str, bytes], ...] = ()) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that only aborts."""
 
     async def abort_unary(request, context):
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=trailer)
 
     async def abort_stream(request_or_iterator, context):
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=trailer)
         yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
     # no request deserializer: a refused call's message is not parsed (an unauthenticated caller could
@@ -68,13 +69,15 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or self._authorized(details.invocation_metadata):
             return handler
-        code, message = to_status(Unauthenticated(self._denial))
+        denial = Unauthenticated(self._denial)
+        code, message = to_status(denial)
+        trailer = (status_details(denial, code, message),)
         if details.method.startswith(HEALTH_METHOD_PREFIX):
-            return self._health_handler(handler, code, message)
-        return _denied_handler(handler, code, message)
+            return self._health_handler(handler, code, message, trailer)
+        return _denied_handler(handler, code, message, trailer)
 
-    def _health_handler(self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
-                        message: str) -> grpc.RpcMethodHandler:
+    def _health_handler(self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
+                        trailer: tuple[tuple[str, bytes], ...]) -> grpc.RpcMethodHandler:
         """Health without a token: the server's own services answer (probes carry no token); any other
         name is refused, answered or not, so a caller without a token cannot learn which models exist."""
         open_services = self._open_health
@@ -82,7 +85,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         def guard(behaviour):
             async def guarded(request, context):
                 if request.service not in open_services:
-                    await context.abort(code, message)
+                    await context.abort(code, message, trailing_metadata=trailer)
                 return await behaviour(request, context)
 
             return guarded
@@ -93,4 +96,4 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary), **kw)
         if handler.unary_stream:  # Watch (grpc_health's aio servicer writes with context.write)
             return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream), **kw)
-        return _denied_handler(handler, code, message)  # no such Health method today
+        return _denied_handler(handler, code, message, trailer)  # no such Health method today

@@ -1,0 +1,135 @@
+"""gRPC's rich error model: every refusal carries a google.rpc.Status with machine-readable details.
+
+Read here two ways: with grpc's own reader (grpcio-status's `rpc_status.from_call`, which also checks
+that the details' code and message are the call's, as a client in any language would rely on), and
+through the SDK's typed errors.
+"""
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from videogen.v1 import videogen_pb2 as pb
+from videogen.v1 import videogen_pb2_grpc as pb_grpc
+from videogen_client import VideoGenClient
+from videogen_client.errors import (InvalidArgumentError, ModelNotFoundError, OutOfMemoryError, QueueFullError,
+                                    UnauthenticatedError)
+
+from ..helpers import TINY_PARAMETERS, ServerThread, Stream, collect, request, sample_png, tiny_config
+
+LONG = dict(num_inference_steps=12, num_frames=4)
+SHORT = dict(num_inference_steps=1, num_frames=1, output={"stream_video": False})
+
+
+def details_of(err: grpc.RpcError) -> dict[str, object]:
+    """The call's google.rpc.Status details by type, read with grpc's own reader."""
+    status = rpc_status.from_call(err)  # raises if the details disagree with the call's code or message
+    assert status is not None, f"no rich status on {err.code()}: {err.details()}"
+    out: dict[str, object] = {}
+    for packed in status.details:
+        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo,
+                    error_details_pb2.PreconditionFailure):
+            if packed.Is(cls.DESCRIPTOR):
+                message = cls()
+                packed.Unpack(message)
+                out[cls.__name__] = message
+    return out
+
+
+def refusal(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value
+
+
+def test_an_invalid_field_is_named_in_a_bad_request_detail(tiny_server):
+    err = refusal(lambda: collect(tiny_server.stub(), request(width=65)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = details_of(err)
+    info = found["ErrorInfo"]
+    assert (info.reason, info.domain, dict(info.metadata)) == ("INVALID_FIELD", "videogen.v1", {"field": "width"})
+    [violation] = found["BadRequest"].field_violations
+    assert violation.field == "width" and "multiple of 8" in violation.description
+    assert err.details() == f"width: {violation.description}"
+
+    # the SDK takes field and reason from the detail
+    with VideoGenClient(tiny_server.target) as client, pytest.raises(InvalidArgumentError) as typed:
+        client.run(sample_png(), model="svd-tiny", width=65)
+    assert (typed.value.field, typed.value.reason, typed.value.error_reason) == \
+        ("width", violation.description, "INVALID_FIELD")
+
+
+def test_an_unknown_model(tiny_server):
+    err = refusal(lambda: collect(tiny_server.stub(), request(model="nope")))
+    assert err.code() == grpc.StatusCode.NOT_FOUND and details_of(err)["ErrorInfo"].reason == "MODEL_NOT_FOUND"
+    with VideoGenClient(tiny_server.target) as client, pytest.raises(ModelNotFoundError) as typed:
+        client.get_model("nope")
+    assert typed.value.error_reason == "MODEL_NOT_FOUND"
+
+
+def test_a_full_queue_says_when_to_retry(make_repo):
+    from videogen_server.transport.status import QUEUE_FULL_RETRY_DELAY_S
+
+    cfg = tiny_config("m", "dynamic_batching { default_queue_policy { max_queue_size: 1 } }")
+    with ServerThread(make_repo({"m": cfg})) as server:
+        stub = server.stub()
+        running = Stream(stub, request(model="m", **LONG))
+        running.progressed.wait(10)
+        queued = Stream(stub, request(model="m", **SHORT))
+        queued.accepted.wait(10)
+        err = refusal(lambda: collect(stub, request(model="m", **SHORT)))
+        found = details_of(err)
+        with VideoGenClient(server.target, retry=False) as client, pytest.raises(QueueFullError) as typed:
+            client.run(sample_png(), model="m", **{k: v for k, v in SHORT.items() if k != "output"})
+        running.join(), queued.join()
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert found["ErrorInfo"].reason == "QUEUE_FULL"
+    assert found["RetryInfo"].retry_delay.ToMilliseconds() == QUEUE_FULL_RETRY_DELAY_S * 1000
+    assert (typed.value.error_reason, typed.value.retry_delay) == ("QUEUE_FULL", QUEUE_FULL_RETRY_DELAY_S)
+
+
+def test_out_of_memory_is_told_apart_from_a_full_queue_by_its_reason(make_repo):
+    cfg = tiny_config("m", parameters=TINY_PARAMETERS + 'parameters { key: "fault_injection" '
+                                                        'value { string_value: "oom@2:seed=666" } }')
+    with ServerThread(make_repo({"m": cfg})) as server:
+        err = refusal(lambda: collect(server.stub(), request(model="m", seed=666, num_inference_steps=3,
+                                                              num_frames=2)))
+        with VideoGenClient(server.target) as client, pytest.raises(OutOfMemoryError) as typed:
+            client.run(sample_png(), model="m", seed=666, num_inference_steps=3, num_frames=2)
+    found = details_of(err)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and found["ErrorInfo"].reason == "OUT_OF_MEMORY"
+    assert "RetryInfo" not in found  # the same request would fail the same way
+    assert typed.value.error_reason == "OUT_OF_MEMORY" and typed.value.retry_delay is None
+
+
+def test_a_refused_token_and_a_bad_model_config(make_repo):
+    repo = make_repo({"m": tiny_config("m"), "bad": tiny_config("bad", "max_batch_size: -3")})
+    with ServerThread(repo, auth_tokens=("sesame",), model_control_mode="explicit", load_models=("m",)) as server:
+        channel = server.channel()
+        err = refusal(lambda: pb_grpc.VideoGenStub(channel).ListModels(pb.ListModelsRequest()))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert details_of(err)["ErrorInfo"].reason == "UNAUTHENTICATED"
+        with VideoGenClient(server.target, token="wrong") as intruder, pytest.raises(UnauthenticatedError) as typed:
+            intruder.list_models()
+        assert typed.value.error_reason == "UNAUTHENTICATED"
+
+        token = (("authorization", "Bearer sesame"),)
+        err = refusal(lambda: pb_grpc.VideoGenStub(channel).LoadModel(pb.LoadModelRequest(name="bad"),
+                                                                       metadata=token))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    found = details_of(err)
+    assert found["ErrorInfo"].reason == "INVALID_CONFIG" and found["ErrorInfo"].metadata["field"] == "max_batch_size"
+    [violation] = found["PreconditionFailure"].violations
+    assert violation.type == "CONFIG" and violation.subject.endswith("config.pbtxt: max_batch_size")
+
+
+def test_the_triton_protocol_carries_them_too(tiny_server):
+    from inference import grpc_service_pb2 as kpb
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+
+    stub = kpb_grpc.GRPCInferenceServiceStub(tiny_server.channel())
+    err = refusal(lambda: stub.ModelInfer(kpb.ModelInferRequest(model_name="svd-tiny"), timeout=30))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(err)["ErrorInfo"].reason == "INVALID_FIELD"
