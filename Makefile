@@ -53,6 +53,7 @@ test: venv triton-venv test-tools
 # At a release: the API that buf breaking (tests/unit/test_proto_api.py) holds later changes to. Pretty-printed
 # so that a refresh reads as a diff.
 api-baseline: venv
+	$(BIN)/buf breaking --against proto/api-baseline.json
 	$(BIN)/buf build --exclude-source-info -o proto/api-baseline.json
 	$(BIN)/python -c 'import json, sys; p = sys.argv[1]; d = json.load(open(p)); open(p, "w").write(json.dumps(d, indent=1) + "\n")' proto/api-baseline.json
 

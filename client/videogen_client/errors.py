@@ -84,7 +84,7 @@ class VideoGenError(Exception):
         self.error_reason: str | None = next(
             (d.reason for d in self.status_details if isinstance(d, error_details_pb2.ErrorInfo)), None)
         self.retry_delay: float | None = next(
-            (d.retry_delay.ToMilliseconds() / 1000 for d in self.status_details
+            (d.retry_delay.seconds + d.retry_delay.nanos / 1e9 for d in self.status_details
              if isinstance(d, error_details_pb2.RetryInfo)), None)
 
     def __str__(self) -> str:
@@ -218,7 +218,10 @@ def _unpack(status: status_pb2.Status | None) -> list[Any]:
         for cls in _DETAIL_TYPES:
             if packed.Is(cls.DESCRIPTOR):
                 message = cls()
-                packed.Unpack(message)
+                try:
+                    packed.Unpack(message)
+                except DecodeError:  # a corrupt detail is left out, not raised in the caller's handler
+                    break
                 out.append(message)
                 break
     return out
@@ -281,12 +284,13 @@ def from_rpc_error(err: grpc.RpcError, *, request_id: str | None = None) -> Vide
             # gRPC's own refusal of a message over the server's --max-request-bytes: the image is too big
             return InvalidArgumentError(f"image: the request is larger than the server accepts ({details})",
                                         code=grpc.StatusCode.INVALID_ARGUMENT, request_id=request_id)
+    reason = _unpack_reason(status)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and (
-            (status is not None and _unpack_reason(status) == "OUT_OF_MEMORY")
-            or (status is None and details and details.startswith(_OUT_OF_MEMORY))):  # (a server without details)
+            reason == "OUT_OF_MEMORY"
+            or (reason is None and details and details.startswith(_OUT_OF_MEMORY))):  # (a server without details)
         error_class = OutOfMemoryError
     return error_class(details or code.name, code=code, request_id=request_id, status=status)
 
 
-def _unpack_reason(status: status_pb2.Status) -> str | None:
+def _unpack_reason(status: status_pb2.Status | None) -> str | None:
     return next((d.reason for d in _unpack(status) if isinstance(d, error_details_pb2.ErrorInfo)), None)

@@ -133,3 +133,98 @@ def test_the_triton_protocol_carries_them_too(tiny_server):
     err = refusal(lambda: stub.ModelInfer(kpb.ModelInferRequest(model_name="svd-tiny"), timeout=30))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert details_of(err)["ErrorInfo"].reason == "INVALID_FIELD"
+
+
+def test_a_long_message_is_cut_so_the_status_survives(tiny_server):
+    """Some messages echo a caller's text (an input's name): uncut, the message and its details passed
+    gRPC's 8 KiB trailer limit and the caller read RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT."""
+    from inference import grpc_service_pb2 as kpb
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+
+    from videogen_server.transport.status import MAX_MESSAGE_BYTES
+
+    stub = kpb_grpc.GRPCInferenceServiceStub(tiny_server.channel())
+    for name in ("i" * 5000, "\u00e9" * 3000):  # ASCII, and text that percent-encodes to 3 bytes a byte
+        request_ = kpb.ModelInferRequest(model_name="svd-tiny")
+        request_.inputs.add(name=name, datatype="INT32", shape=[1])
+        for _ in range(5):  # the limit is enforced at random between 8 and 16 KiB
+            err = refusal(lambda: stub.ModelInfer(request_, timeout=30))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()[:200]
+            assert details_of(err)["ErrorInfo"].reason == "INVALID_FIELD"  # code and message agree
+            assert len(err.details().encode()) <= MAX_MESSAGE_BYTES and err.details().endswith("\u2026")
+
+
+def test_a_stream_request_that_fails_names_its_code_and_reason(tiny_server):
+    from inference import grpc_service_pb2 as kpb
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+
+    stub = kpb_grpc.GRPCInferenceServiceStub(tiny_server.channel())
+    [response] = list(stub.ModelStreamInfer(iter([kpb.ModelInferRequest(model_name="svd-tiny", id="q")]),
+                                            timeout=30))  # no image
+    assert response.error_message.startswith("image")
+    parameters = response.infer_response.parameters
+    assert (parameters["error_code"].string_param, parameters["error_reason"].string_param) == \
+        ("INVALID_ARGUMENT", "INVALID_FIELD")
+
+
+class _FailedCall(grpc.RpcError):
+    """What grpc raises for a failed call, with the trailers a server (or a proxy) might send."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailers: tuple = ()) -> None:
+        self._code, self._details, self._trailers = code, details, trailers
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailers
+
+    def initial_metadata(self):
+        return ()
+
+
+def _status_trailer(code: grpc.StatusCode, message: str, *details) -> tuple:
+    from google.protobuf import any_pb2
+    from google.rpc import status_pb2
+
+    packed = []
+    for detail in details:
+        if isinstance(detail, any_pb2.Any):
+            packed.append(detail)
+            continue
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    status = status_pb2.Status(code=code.value[0], message=message, details=packed)
+    return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+def test_the_sdk_reads_what_it_can_and_never_fails_over_details():
+    from google.protobuf import any_pb2
+
+    from videogen_client.errors import from_rpc_error
+
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    oom_text = "out of device memory for this request"
+    # a corrupt detail is left out: the error is still typed, by its message
+    corrupt = any_pb2.Any(type_url="type.googleapis.com/google.rpc.ErrorInfo", value=b"\xff\xff\xff")
+    err = from_rpc_error(_FailedCall(exhausted, oom_text, _status_trailer(exhausted, oom_text, corrupt)))
+    assert isinstance(err, OutOfMemoryError) and err.error_reason is None
+    # details without an ErrorInfo: the message decides, as for a server without details
+    err = from_rpc_error(_FailedCall(exhausted, oom_text, _status_trailer(exhausted, oom_text)))
+    assert isinstance(err, OutOfMemoryError)
+    # details whose code is not the call's (a proxy's rewrite) are not believed
+    info = error_details_pb2.ErrorInfo(reason="OUT_OF_MEMORY")
+    err = from_rpc_error(_FailedCall(exhausted, "queue full", _status_trailer(grpc.StatusCode.INTERNAL, "x", info)))
+    assert isinstance(err, QueueFullError) and err.error_reason is None
+    # garbage in the trailer
+    err = from_rpc_error(_FailedCall(exhausted, "queue full", (("grpc-status-details-bin", b"\xff\x00garbage"),)))
+    assert isinstance(err, QueueFullError) and err.status_details == []
+    # a retry delay keeps its sub-millisecond part
+    retry = error_details_pb2.RetryInfo()
+    retry.retry_delay.FromNanoseconds(1_500_500)
+    err = from_rpc_error(_FailedCall(exhausted, "queue full", _status_trailer(exhausted, "queue full", retry)))
+    assert err.retry_delay == pytest.approx(0.0015005)

@@ -416,11 +416,12 @@ def test_network_policy_admits_callers_and_prometheus_only(k8s: dict[str, dict],
     for rule in policy["ingress"]:
         for port in rule["ports"]:
             assert port["port"] in container_ports, f"the NetworkPolicy names port {port['port']!r}, not the container's"
-            admitted[port["port"]] = rule["from"]
+            admitted[port["port"]] = rule.get("from")  # None: from anywhere
     assert set(admitted) == container_ports, f"ports the NetworkPolicy leaves closed: {container_ports - set(admitted)}"
     # /metrics (unauthenticated) from Prometheus' namespace only; the API from any namespace
     assert admitted["metrics"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     assert admitted["grpc"] == [{"namespaceSelector": {}}]
+    assert admitted["health"] is None  # external load balancers' checks come from outside the cluster
 
 
 def test_service_is_headless_for_client_side_balancing(k8s: dict[str, dict]) -> None:

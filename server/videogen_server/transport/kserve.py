@@ -41,7 +41,7 @@ from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, Ge
                       ResolvedParams, VideoEvent)
 from ..errors import InvalidRequest, ModelNotFound, NotReady
 from .servicer import REQUEST_ID_KEY, check_request_id, request_id_of, require_explicit_control
-from .status import abort, to_status
+from .status import abort, error_reason, to_status
 from .tracing import incoming_trace_context, trace_context_of
 
 log = logging.getLogger(__name__)
@@ -515,13 +515,16 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> kpb.RepositoryIndexResponse:
         # repository_name is not used: the index covers every --model-repository, as Triton's does.
-        models = []
-        for status in self._engine.list_models():
-            entries = [(str(v.version), _INDEX_STATES[v.state], v.reason) for v in status.versions] or \
-                [("", "UNAVAILABLE", status.reason or "unloaded")]
-            models += [kpb.RepositoryIndexResponse.ModelIndex(name=status.name, version=v, state=s, reason=r)
-                       for v, s, r in entries if not request.ready or s == "READY"]
-        return kpb.RepositoryIndexResponse(models=models)
+        try:
+            models = []
+            for status in self._engine.list_models():
+                entries = [(str(v.version), _INDEX_STATES[v.state], v.reason) for v in status.versions] or \
+                    [("", "UNAVAILABLE", status.reason or "unloaded")]
+                models += [kpb.RepositoryIndexResponse.ModelIndex(name=status.name, version=v, state=s, reason=r)
+                           for v, s, r in entries if not request.ready or s == "READY"]
+            return kpb.RepositoryIndexResponse(models=models)
+        except Exception as exc:  # unexpected: INTERNAL with the generic message, as every call
+            await abort(context, exc, triton=True)
 
     def _check_control(self, name: str, parameters) -> None:
         require_explicit_control(self._control)
@@ -683,8 +686,11 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 final.raw_output_contents.append(serialize_bytes([b"".join(video)]))
             yield kpb.ModelStreamInferResponse(infer_response=final)
         except Exception as exc:
-            _, message = to_status(exc, request_id=request_id, triton=True)
+            code, message = to_status(exc, request_id=request_id, triton=True)
             failed = kpb.ModelInferResponse(model_name=req.model_name, model_version=model_version, id=req.id)
             failed.parameters[FINAL_RESPONSE].bool_param = True  # Triton sends a failed request's response final
             failed.parameters["request_id"].string_param = request_id
+            # what a unary call's status and its details say (a stream's errors have no status of their own)
+            failed.parameters["error_code"].string_param = code.name
+            failed.parameters["error_reason"].string_param = error_reason(exc)
             yield kpb.ModelStreamInferResponse(error_message=message, infer_response=failed)

@@ -25,6 +25,24 @@ ERROR_DOMAIN = "videogen.v1"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 #: How long a caller refused for a full queue is told to wait before trying again (RetryInfo).
 QUEUE_FULL_RETRY_DELAY_S = 1.0
+#: Longest message (UTF-8 bytes) and field path a status carries. Messages may echo a caller's text (a
+#: tensor or parameter name); the message travels twice (grpc-message, percent-encoded, and inside the
+#: details) and gRPC turns trailers over its 8 KiB metadata limit into RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 768
+MAX_FIELD_CHARS = 128
+
+
+def clip(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8, marked with an ellipsis where cut."""
+    data = text.encode("utf-8")
+    if len(data) <= max_bytes:
+        return text
+    return data[:max_bytes - 3].decode("utf-8", "ignore") + "\u2026"
+
+
+def error_reason(exc: BaseException) -> str:
+    """The error's ErrorInfo reason (INTERNAL for anything unexpected)."""
+    return exc.REASON if isinstance(exc, VideoGenError) else VideoGenError.REASON
 
 
 def to_status(exc: BaseException, *, request_id: str = "", triton: bool = False) -> tuple[grpc.StatusCode, str]:
@@ -32,24 +50,26 @@ def to_status(exc: BaseException, *, request_id: str = "", triton: bool = False)
     Unexpected errors are logged with their traceback, never sent."""
     code = grpc.StatusCode[status_name(exc, triton=triton)]
     if isinstance(exc, VideoGenError):
-        return code, exc.message
+        return code, clip(exc.message, MAX_MESSAGE_BYTES)
     log.error("request %s failed unexpectedly", request_id or "-", exc_info=exc)
     return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL
 
 
 def status_details(exc: BaseException, code: grpc.StatusCode, message: str) -> tuple[str, bytes]:
     """The `grpc-status-details-bin` trailer for an error answered with (code, message)."""
-    reason = exc.REASON if isinstance(exc, VideoGenError) else VideoGenError.REASON
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
+    info = error_details_pb2.ErrorInfo(reason=error_reason(exc), domain=ERROR_DOMAIN)
     details = [info]
     if isinstance(exc, InvalidRequest):
-        info.metadata["field"] = exc.field
-        violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.reason)
+        field = clip(exc.field, MAX_FIELD_CHARS)
+        info.metadata["field"] = field
+        violation = error_details_pb2.BadRequest.FieldViolation(field=field,
+                                                                description=clip(exc.reason, MAX_MESSAGE_BYTES))
         details.append(error_details_pb2.BadRequest(field_violations=[violation]))
     elif isinstance(exc, ConfigError):  # a model whose config.pbtxt is invalid (LoadModel)
-        info.metadata.update(file=exc.path, field=exc.field)
+        path, field = clip(exc.path, MAX_MESSAGE_BYTES // 2), clip(exc.field, MAX_FIELD_CHARS)
+        info.metadata.update(file=path, field=field)
         violation = error_details_pb2.PreconditionFailure.Violation(
-            type="CONFIG", subject=f"{exc.path}: {exc.field}", description=exc.reason)
+            type="CONFIG", subject=f"{path}: {field}", description=clip(exc.reason, MAX_MESSAGE_BYTES))
         details.append(error_details_pb2.PreconditionFailure(violations=[violation]))
     if isinstance(exc, QueueFull):
         delay = duration_pb2.Duration()
