@@ -3,7 +3,8 @@
 Each status also carries gRPC's rich error model (google.rpc.Status in the `grpc-status-details-bin`
 trailer, as Google's APIs and grpc's own examples do, AIP-193): an ErrorInfo with the error's reason
 (`QUEUE_FULL`, `OUT_OF_MEMORY`, `INVALID_FIELD`, ...), a BadRequest naming the field of an invalid
-request, a PreconditionFailure naming a model config's file and field, a RetryInfo where waiting helps. Any gRPC client reads them without parsing messages.
+request, a PreconditionFailure naming a model config's file and field, a RetryInfo where waiting helps.
+Any gRPC client reads them without parsing messages.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ QUEUE_FULL_RETRY_DELAY_S = 1.0
 #: tensor or parameter name); the message travels twice (grpc-message, percent-encoded, and inside the
 #: details) and gRPC turns trailers over its 8 KiB metadata limit into RESOURCE_EXHAUSTED.
 MAX_MESSAGE_BYTES = 768
-MAX_FIELD_CHARS = 128
+MAX_FIELD_BYTES = 128
 
 
 def clip(text: str, max_bytes: int) -> str:
@@ -60,13 +61,13 @@ def status_details(exc: BaseException, code: grpc.StatusCode, message: str) -> t
     info = error_details_pb2.ErrorInfo(reason=error_reason(exc), domain=ERROR_DOMAIN)
     details = [info]
     if isinstance(exc, InvalidRequest):
-        field = clip(exc.field, MAX_FIELD_CHARS)
+        field = clip(exc.field, MAX_FIELD_BYTES)
         info.metadata["field"] = field
         violation = error_details_pb2.BadRequest.FieldViolation(field=field,
                                                                 description=clip(exc.reason, MAX_MESSAGE_BYTES))
         details.append(error_details_pb2.BadRequest(field_violations=[violation]))
     elif isinstance(exc, ConfigError):  # a model whose config.pbtxt is invalid (LoadModel)
-        path, field = clip(exc.path, MAX_MESSAGE_BYTES // 2), clip(exc.field, MAX_FIELD_CHARS)
+        path, field = clip(exc.path, MAX_MESSAGE_BYTES // 2), clip(exc.field, MAX_FIELD_BYTES)
         info.metadata.update(file=path, field=field)
         violation = error_details_pb2.PreconditionFailure.Violation(
             type="CONFIG", subject=f"{path}: {field}", description=clip(exc.reason, MAX_MESSAGE_BYTES))
