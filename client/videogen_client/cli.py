@@ -392,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except VideoGenError as err:
-        print(f"error: {err.code.name}: {err.details}", file=sys.stderr)
+        reason = f" [{err.error_reason}]" if err.error_reason else ""  # the server's ErrorInfo reason
+        print(f"error: {err.code.name}{reason}: {err.details}", file=sys.stderr)
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
     except ValueError as err:  # a value the client refused before sending (out of a field's range, ...)

@@ -374,11 +374,11 @@ def test_cli_bad_argument_exits_1(tiny_server, tmp_path):
     proc = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(image),
                "--out", str(out), "--width", "63", "--steps", "1", "--quiet")
     assert proc.returncode == 1
-    assert "INVALID_ARGUMENT" in proc.stderr and "width" in proc.stderr
+    assert "error: INVALID_ARGUMENT [INVALID_FIELD]: width: " in proc.stderr
     assert not out.exists()
 
     missing = cli("model", "no-such-model", "--target", tiny_server.target)
-    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+    assert missing.returncode == 1 and "error: NOT_FOUND [MODEL_NOT_FOUND]: " in missing.stderr
 
     # a command line argparse refuses exits 2 without contacting the server
     usage = cli("generate", "--target", tiny_server.target, "--image", str(image))
