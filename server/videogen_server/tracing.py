@@ -20,6 +20,7 @@ one), started in explicit start-up and flushed at stop.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -116,16 +117,37 @@ class Tracing:
     def request(self, carrier: Sequence[tuple[str, str]]) -> "RequestTrace":
         return RequestTrace(self.tracer, carrier)
 
+    def record_load(self, model: str, version: int, backend: str, started: float, instances: Sequence,
+                    error: Optional[BaseException] = None) -> None:
+        """A trace of one model version's load (a root, sampled at the ratio), built once it has ended:
+        `videogen.load_model`, then per instance `initialize` (weights, compile set-up) and one
+        `warmup_batch` per warm-up batch (where torch.compile builds its graphs). `instances` carry their
+        `load_phases` (time.monotonic())."""
+        if not self.enabled:
+            return
+        spans = RequestTrace(self.tracer, (), name="videogen.load_model", start=started)
+        for instance in instances:
+            for phase, start, end, attributes in instance.load_phases:
+                spans.phase(phase, start, end, {"instance": instance.name, "device": instance.device, **attributes})
+        code = "OK"
+        if error is not None:
+            code = "CANCELLED" if isinstance(error, asyncio.CancelledError) else "UNAVAILABLE"
+        spans.end({"model": model, "version": version, "backend": backend, "instances": len(instances),
+                   "outcome": "loaded" if error is None else "failed" if code != "CANCELLED" else "cancelled"},
+                  code, "the load failed: the server log has why" if error is not None else "")
+
 
 class RequestTrace:
-    """The spans of one request in the engine; times are `time.monotonic()` seconds."""
+    """The spans of one request in the engine (or of a model load); times are `time.monotonic()` seconds."""
 
-    def __init__(self, tracer: trace.Tracer, carrier: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, tracer: trace.Tracer, carrier: Sequence[tuple[str, str]], *,
+                 name: str = "videogen.generate", start: Optional[float] = None) -> None:
         parent = PROPAGATOR.extract(dict(carrier)) if carrier else None
         self._parent = trace.get_current_span(parent).get_span_context() if parent is not None else INVALID_SPAN_CONTEXT
         self._tracer = tracer
         self._offset_ns = time.time_ns() - time.monotonic_ns()  # one clock per request: its spans line up
-        self.span = tracer.start_span("videogen.generate", context=parent, kind=SpanKind.INTERNAL)
+        self.span = tracer.start_span(name, context=parent, kind=SpanKind.INTERNAL,
+                                      start_time=None if start is None else self._ns(start))
         self.recording = self.span.is_recording()
         self._context = trace.set_span_in_context(self.span) if self.recording else None
 

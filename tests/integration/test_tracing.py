@@ -501,3 +501,34 @@ def test_a_start_that_fails_leaves_no_exporter_running(make_repo, collector):
         server.server = None  # never started: nothing to stop but its loop
         server.stop()
         taken.close()
+
+
+def test_a_model_load_is_a_trace_of_its_own(make_repo, collector):
+    """Where a (cold) start's minutes go: each instance's initialize and every warm-up batch (where
+    torch.compile builds its graphs), and why a version failed."""
+    from ..helpers import TINY_PARAMETERS
+
+    warm = ('model_warmup [ { name: "w" count: 2 inputs { key: "num_inference_steps" value: "1" } '
+            'inputs { key: "num_frames" value: "2" } } ]')
+    failing = TINY_PARAMETERS + 'parameters { key: "fault_injection" value { string_value: "error@1:seed=5" } }'
+    bad_warm = 'model_warmup [ { name: "b" inputs { key: "seed" value: "5" } inputs { key: "num_frames" value: "2" } } ]'
+    repo = make_repo({"m": tiny_config("m", warm), "bad": tiny_config("bad", bad_warm, parameters=failing)})
+    with ServerThread(repo, otlp_endpoint=collector.endpoint):
+        collector.wait("both loads' traces", lambda spans: sum(s.name == "videogen.load_model" for s in spans) == 2)
+        time.sleep(0.3)
+        spans = list(collector.spans)
+    loads = {attrs(s)["videogen.model"]: s for s in spans if s.name == "videogen.load_model"}
+    ok, bad = loads["m"], loads["bad"]
+    assert not ok.parent_span_id and attrs(ok)["videogen.outcome"] == "loaded"
+    assert (attrs(ok)["videogen.version"], attrs(ok)["videogen.instances"]) == (1, 1)
+    children = sorted((s for s in spans if s.parent_span_id == ok.span_id), key=lambda s: s.start_time_unix_nano)
+    assert [s.name for s in children] == ["initialize", "warmup_batch", "warmup_batch"]
+    assert [attrs(s).get("request_id") for s in children[1:]] == ["warmup-w-0-0", "warmup-w-1-0"]
+    assert all(attrs(s)["instance"] == "0" and attrs(s)["device"] == "cpu" for s in children)
+    for before, after in zip(children, children[1:]):
+        assert before.end_time_unix_nano <= after.start_time_unix_nano
+    assert within(children[0], ok) and within(children[-1], ok)
+    assert ok.status.code == trace_pb2.Status.STATUS_CODE_UNSET
+
+    assert attrs(bad)["videogen.outcome"] == "failed" and bad.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+    assert [s.name for s in spans if s.parent_span_id == bad.span_id] == ["initialize", "warmup_batch"]

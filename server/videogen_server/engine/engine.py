@@ -137,6 +137,16 @@ class ModelRuntime:
         return out
 
     async def load(self) -> None:
+        started = time.monotonic()
+        try:
+            await self._load()
+        except BaseException as exc:
+            self._engine.tracing.record_load(self.name, self.version, self.settings.backend, started,
+                                             self.instances, exc)
+            raise
+        self._engine.tracing.record_load(self.name, self.version, self.settings.backend, started, self.instances)
+
+    async def _load(self) -> None:
         m = self._engine.metrics
         backend_cls = load_backend_class(self.settings.backend)
         t0 = time.perf_counter()

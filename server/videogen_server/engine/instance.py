@@ -49,6 +49,8 @@ class Instance:
         self.state = "loading"
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
+        #: (phase, start, end, attributes) of the load, time.monotonic(): the load's trace is built from them
+        self.load_phases: list[tuple[str, float, float, dict[str, object]]] = []
         self._scheduler = scheduler
         self._warmup = warmup
         self._on_busy = on_busy
@@ -72,12 +74,13 @@ class Instance:
         # running: `ready` can no longer be cancelled, so its result is always delivered
         try:
             t0 = time.perf_counter()
-            self.backend.initialize(self.context)
+            self._timed("initialize", {}, lambda: self.backend.initialize(self.context))
             self.load_seconds = time.perf_counter() - t0
             self.state = "warming"
             t0 = time.perf_counter()
             for batch in self._warmup:
-                self.backend.execute(batch)
+                self._timed("warmup_batch", {"request_id": batch[0].request_id, "batch_size": len(batch)},
+                            lambda: self.backend.execute(batch))
                 failed = [r.sender.failure for r in batch if r.sender.failure is not None]  # type: ignore[attr-defined]
                 if failed:
                     raise RuntimeError(f"warm-up request failed: {failed[0]}")
@@ -93,6 +96,15 @@ class Instance:
         self.ready.set_result(None)
         self._serve()
         self._finalize()
+
+    def _timed(self, phase: str, attributes: dict[str, object], work: Callable[[], object]) -> None:
+        """Runs one phase of the load, noted in `load_phases` whether it ends or raises (a phase that
+        failed is the one to see in the load's trace)."""
+        start = time.monotonic()
+        try:
+            work()
+        finally:
+            self.load_phases.append((phase, start, time.monotonic(), attributes))
 
     def _serve(self) -> None:
         while True:
