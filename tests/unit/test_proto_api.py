@@ -107,3 +107,14 @@ def test_the_gate_lets_the_api_grow(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     lint = _buf(tmp_path, workspace, "lint")
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_lint_exemptions_are_per_element(tmp_path: Path) -> None:
+    """Triton's enum names are exempted where they stand (`// buf:lint:ignore` comments), not file-wide:
+    a new enum in the same file is linted like any other."""
+    workspace = _workspace(tmp_path)
+    with open(workspace / MODEL_CONFIG, "a") as file:
+        file.write("\nenum Placement {\n  ANYWHERE = 0;\n}\n")
+    done = _buf(tmp_path, workspace, "lint")
+    assert done.returncode != 0 and 'Enum zero value name "ANYWHERE" should be suffixed' in done.stdout, \
+        done.stdout + done.stderr
