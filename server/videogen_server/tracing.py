@@ -129,12 +129,13 @@ class Tracing:
         for instance in instances:
             for phase, start, end, attributes in instance.load_phases:
                 spans.phase(phase, start, end, {"instance": instance.name, "device": instance.device, **attributes})
-        code = "OK"
-        if error is not None:
-            code = "CANCELLED" if isinstance(error, asyncio.CancelledError) else "UNAVAILABLE"
+        code, outcome, message = "OK", "loaded", ""
+        if isinstance(error, asyncio.CancelledError):
+            code, outcome = "CANCELLED", "cancelled"
+        elif error is not None:
+            code, outcome, message = "UNAVAILABLE", "failed", "the load failed: the server log has why"
         spans.end({"model": model, "version": version, "backend": backend, "instances": len(instances),
-                   "outcome": "loaded" if error is None else "failed" if code != "CANCELLED" else "cancelled"},
-                  code, "the load failed: the server log has why" if error is not None else "")
+                   "outcome": outcome}, code, message)
 
 
 class RequestTrace:

@@ -137,14 +137,15 @@ class ModelRuntime:
         return out
 
     async def load(self) -> None:
-        started = time.monotonic()
+        started, error = time.monotonic(), None
         try:
             await self._load()
         except BaseException as exc:
-            self._engine.tracing.record_load(self.name, self.version, self.settings.backend, started,
-                                             self.instances, exc)
+            error = exc
             raise
-        self._engine.tracing.record_load(self.name, self.version, self.settings.backend, started, self.instances)
+        finally:
+            self._engine.tracing.record_load(self.name, self.version, self.settings.backend, started,
+                                             self.instances, error)
 
     async def _load(self) -> None:
         m = self._engine.metrics

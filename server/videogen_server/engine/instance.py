@@ -73,9 +73,7 @@ class Instance:
             return
         # running: `ready` can no longer be cancelled, so its result is always delivered
         try:
-            t0 = time.perf_counter()
-            self._timed("initialize", {}, lambda: self.backend.initialize(self.context))
-            self.load_seconds = time.perf_counter() - t0
+            self.load_seconds = self._timed("initialize", {}, lambda: self.backend.initialize(self.context))
             self.state = "warming"
             t0 = time.perf_counter()
             for batch in self._warmup:
@@ -97,14 +95,16 @@ class Instance:
         self._serve()
         self._finalize()
 
-    def _timed(self, phase: str, attributes: dict[str, object], work: Callable[[], object]) -> None:
-        """Runs one phase of the load, noted in `load_phases` whether it ends or raises (a phase that
-        failed is the one to see in the load's trace)."""
+    def _timed(self, phase: str, attributes: dict[str, object], work: Callable[[], object]) -> float:
+        """Runs one phase of the load and returns its seconds; noted in `load_phases` whether it ends or
+        raises (a phase that failed is the one to see in the load's trace)."""
         start = time.monotonic()
         try:
             work()
         finally:
-            self.load_phases.append((phase, start, time.monotonic(), attributes))
+            end = time.monotonic()
+            self.load_phases.append((phase, start, end, attributes))
+        return end - start
 
     def _serve(self) -> None:
         while True:
