@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from typing import Optional
 
 from . import __version__
@@ -121,7 +122,7 @@ class VideoGenServer:
         self._stopping = True
         grace = self.config.drain_grace_seconds if grace is None else grace
         try:
-            self.engine.begin_drain()
+            self.engine.begin_drain(finish_by=time.monotonic() + grace)
             if self._health is not None:
                 await self._health.update()
             if not await self.engine.wait_idle(grace):

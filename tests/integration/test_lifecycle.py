@@ -33,16 +33,18 @@ LOADS = []  # instance starts, in order
 
 class SlowBackend(Backend):
     """Preprocessing waits for GATE and needs state that finalize drops (as the SVD backend's pipeline
-    is); initialize takes `init_seconds`."""
+    is); initialize takes `init_seconds`, each denoising step `step_seconds`."""
 
     name = "slow"
 
     @classmethod
     def validate_parameters(cls, parameters):
         float(parameters.get("init_seconds", "0"))
+        float(parameters.get("step_seconds", "0"))
 
     def initialize(self, context):
         time.sleep(float(context.parameters.get("init_seconds", "0")))
+        self.step_seconds = float(context.parameters.get("step_seconds", "0"))
         self.scale = 1
         LOADS.append(context.model_version)
 
@@ -55,6 +57,7 @@ class SlowBackend(Backend):
             p = r.params
             r.sender.send(StepDone(1, 1))
             EXECUTE.wait(30)
+            time.sleep(p.num_inference_steps * self.step_seconds)
             frames = np.zeros((p.num_frames, p.height, p.width, 3), np.uint8) + r.prepared
             r.sender.send(FramesDecoded(chunk_index=0, start_index=0, frames=frames))
             r.sender.send(Finished())
@@ -176,6 +179,45 @@ def test_a_drain_during_a_reload_waits_for_the_retiring_version(tmp_path, slow_b
         assert not hasattr(old.instances[0].backend, "scale"), "the old version's backend was finalized"
     finally:
         slow_backend.EXECUTE.set()
+        server.stop()
+
+
+def test_a_drain_hands_back_at_once_what_it_could_not_finish(tmp_path, slow_backend):
+    """Requests of 2 s (8 steps of 0.25 s; a first one ran to its end, so the run time is known), one
+    running, three queued, a drain grace of 5 s: the running request and the first queued one finish
+    within it; the two behind would end ~6 s in, so they are handed back at the drain's start, marked
+    not started (the SDK sends them to another server at once), where they used to wait out the 5 s
+    and be handed back then; one started late would have been stopped at the grace's end, its work lost."""
+    step = 'parameters { key: "step_seconds" value { string_value: "0.25" } }\n'
+    server = ServerThread(slow_repo(tmp_path, extra=step), drain_grace_seconds=5.0).start()
+    try:
+        stub = server.stub()
+        work = dict(SHORT, num_inference_steps=8)
+        assert Stream(stub, request(model="a", **work)).join().summary.num_frames == 1  # timed: 2 s
+        running = Stream(stub, request(model="a", **work))
+        assert running.progressed.wait(10) and running.error is None
+        queued = [Stream(stub, request(model="a", **work)) for _ in range(3)]
+        wait_until(lambda: server.metric("videogen_queue_depth", model="a") == 3)
+        t0 = time.monotonic()
+        stopping, out = in_thread(lambda: server.run(server.server.stop(), timeout=60))
+        for stream in queued[1:]:
+            stream.join(10)
+        handed_back = time.monotonic() - t0
+        assert handed_back < 2.0, f"handed back {handed_back:.1f}s into the drain, not at its start"
+        for stream in queued[1:]:
+            assert stream.code() == grpc.StatusCode.UNAVAILABLE, stream.error
+            assert ("x-videogen-not-started", "1") in stream.error.trailing_metadata()
+            assert "the server's drain ends before this request would" in stream.error.details()
+        assert running.join().summary.num_frames == 1, running.error
+        assert queued[0].join().summary.num_frames == 1, queued[0].error
+        stopping.join(30)
+        assert "error" not in out, out
+        count = server.server.metrics.registry.get_sample_value  # (its /metrics endpoint stopped with it)
+        assert count("videogen_requests_total", {"model": "a", "version": "1", "outcome": "rejected",
+                                                 "code": "UNAVAILABLE"}) == 2
+        assert count("videogen_requests_total", {"model": "a", "version": "1", "outcome": "success",
+                                                 "code": "OK"}) == 3
+    finally:
         server.stop()
 
 

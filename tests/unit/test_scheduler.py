@@ -95,3 +95,104 @@ def test_preprocessing_admits_what_the_live_instances_can_take():
     assert ModelRuntime.capacity.fget(runtime("ready", "ready")) == 4
     assert ModelRuntime.capacity.fget(runtime("dead", "ready")) == 2
     assert ModelRuntime.capacity.fget(runtime("dead")) == 0
+
+
+class _Recorded(SimpleNamespace):
+    """A queued request whose error and close the scheduler's drain calls (the engine's request posts
+    them to the loop)."""
+
+    def error(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _sized(name: str, frames: int = 4, steps: int = 2):
+    """A request of a real ResolvedParams' shape fields (the run-time estimate reads them)."""
+    params = SimpleNamespace(width=64, height=48, num_frames=frames, num_inference_steps=steps, guided=True,
+                             batch_key=(64, 48, frames, steps, True))
+    return _Recorded(request_id=name, model="m", priority=1, queue_deadline=None, enqueued_at=time.monotonic(),
+                     params=params, is_cancelled=lambda: False, phase=None, started_at=None, batch_size=1,
+                     errors=[], closed=False)
+
+
+def _timed_once(sched: Scheduler, seconds: float) -> None:
+    """One request of the default shape run to its end in `seconds`: the scheduler's run-time sample."""
+    sched.submit(_sized("sample"))
+    batch = sched.next_batch()
+    sched.batch_done(batch, seconds, ran_to_end=True)
+
+
+def test_a_drain_hands_back_at_once_what_would_not_finish_in_its_grace():
+    """One instance running a request timed at 2 s (0.5 s in), four more of that shape queued, and a
+    one-frame one-step request (a tenth of the work) behind them, with 4 s of grace left: the first
+    queued one ends 3.5 s in and stays; the next three would end after the grace and are handed back
+    now, marked not started; the short one fits where they would have run and stays."""
+    from videogen_server.errors import NotStarted
+
+    sched = Scheduler(batching=Batching(), max_batch_size=1)
+    _timed_once(sched, 2.0)
+    sched.submit(_sized("running"))
+    running = sched.next_batch()
+    queued = [_sized(f"q{i}") for i in range(4)] + [_sized("short", frames=1, steps=1)]
+    for req in queued:
+        sched.submit(req)
+    now = running[0].started_at + 0.5
+    back = sched.finish_by(now + 4.0, instances=1, why="the test's drain", now=now)
+    assert back == 3
+    assert [r.request_id for r in queued if r.closed] == ["q1", "q2", "q3"]
+    for req in queued[1:4]:
+        [err] = req.errors
+        assert isinstance(err, NotStarted) and "the test's drain ends before this request would" in err.message
+    assert not queued[0].errors and not queued[4].errors and sched.depth() == 2
+    sched.close()
+
+
+def test_while_a_drain_lasts_an_instance_starts_nothing_it_would_not_finish():
+    """The drain's hand-back assumed the instances free by the estimates; one that takes longer (here,
+    the grace is shorter than the queued requests' 2 s by the time the instance comes back) hands each
+    such request back as it reaches the queue's head instead of running it and having it stopped at the
+    grace's end, its work lost, and still runs what fits (the short request)."""
+    sched = Scheduler(batching=Batching(), max_batch_size=1)
+    _timed_once(sched, 2.0)
+    queued = [_sized("q0"), _sized("q1"), _sized("short", frames=1, steps=1)]
+    for req in queued:
+        sched.submit(req)
+    # kept at the drain's start: as of 10 s ago, an idle instance had time for all three
+    t = time.monotonic()
+    assert sched.finish_by(t + 1.5, instances=1, why="the test's drain", now=t - 10) == 0
+    batch = sched.next_batch()  # now: 1.5 s left, 2 s needed
+    assert [r.request_id for r in batch] == ["short"]
+    assert [r.request_id for r in queued if r.closed] == ["q0", "q1"] and sched.depth() == 0
+    sched.close()
+
+
+def test_without_a_timed_batch_a_drain_hands_nothing_back():
+    """No batch has run to its end yet (a fresh server; the warm-up is not timed), so nothing is known of
+    the run time: every queued request stays and runs, as before the estimate (those still queued at the
+    grace's end are handed back then). A batch that was cancelled or failed is no sample either."""
+    sched = Scheduler(batching=Batching(), max_batch_size=1)
+    sched.submit(_sized("cut"))
+    sched.batch_done(sched.next_batch(), 100.0, ran_to_end=False)  # (as a sample: nothing fits in 100 s)
+    queued = [_sized("q0"), _sized("q1")]
+    for req in queued:
+        sched.submit(req)
+    assert sched.finish_by(time.monotonic() + 60, instances=1, why="the test's drain") == 0
+    assert [r.request_id for r in sched.next_batch()] == ["q0"] and not any(r.errors for r in queued)
+    sched.close()
+
+
+def test_a_batch_takes_no_row_that_would_carry_it_past_the_drain():
+    """Dynamic batching during a drain: a second row that would make the batch end after the grace stays
+    out (and is handed back at the head of the queue), the first runs alone."""
+    sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=0.0), max_batch_size=2)
+    _timed_once(sched, 1.0)
+    queued = [_sized("q0"), _sized("q1")]
+    for req in queued:
+        sched.submit(req)
+    t = time.monotonic()
+    assert sched.finish_by(t + 1.5, instances=2, why="the test's drain") == 0  # one each: both fit
+    assert [r.request_id for r in sched.next_batch()] == ["q0"]  # q0 + q1 as one batch: 2 s
+    assert sched.depth() == 1 and not queued[1].errors
+    sched.close()

@@ -195,6 +195,7 @@ class ModelRuntime:
     async def unload(self, timeout: float) -> None:
         """Stop admitting, let in-flight requests finish (up to `timeout`), then free the instances."""
         self.state = "UNLOADING"
+        self.finish_by(time.monotonic() + timeout, f"the unload of model {self.name!r} version {self.version}")
         entry = self._engine.models.get(self.name)
         if entry is None or entry.loaded.get(self.version, self) is self:
             # else a reload put a new runtime of this version in its place: the gauges are that one's now
@@ -218,6 +219,14 @@ class ModelRuntime:
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, inst.join) for inst in self.instances))
         self._engine._runtimes.discard(self)
+
+    def finish_by(self, deadline: float, why: str) -> None:
+        """Nothing starts that would not end by `deadline` (`why`: "the server's drain", an unload); the
+        queued requests that would not are handed back now (`Scheduler.finish_by`)."""
+        back = self.scheduler.finish_by(deadline, sum(i.state == "ready" for i in self.instances), why)
+        if back:
+            log.info("%s/%s: %d queued requests would not finish before %s ends (%.0fs); handed back, not "
+                     "started", self.name, self.version, back, why, max(0.0, deadline - time.monotonic()))
 
     def end_active(self, error: Callable[[EngineRequest], Exception]) -> int:
         """Ends every request admitted and not finished, queued or running, with its own `error(req)`
@@ -370,10 +379,15 @@ class Engine:
         wanted = [e for e in self.models.values() if e.loaded or e.error or e.failed]
         return not self.draining and bool(wanted) and all(self.model_ready(e.name) for e in wanted)
 
-    def begin_drain(self) -> None:
+    def begin_drain(self, finish_by: Optional[float] = None) -> None:
+        """Refuse new requests from now on; with `finish_by` (time.monotonic(), the grace's end), start
+        nothing that would not end by then and hand back at once what is queued and would not."""
         self.draining = True
         if self._poller:  # no reload starts during a drain
             self._poller.cancel()
+        if finish_by is not None:
+            for rt in list(self._runtimes):
+                rt.finish_by(finish_by, "the server's drain")
         self._notify()
 
     async def wait_idle(self, timeout: float) -> bool:

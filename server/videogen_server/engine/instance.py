@@ -115,9 +115,11 @@ class Instance:
                 req.instance = self.name
             self._on_busy(+1)
             self._on_batch(batch)
-            fatal = False
+            fatal = ran = False
+            started = time.monotonic()
             try:
                 self.backend.execute([BackendRequest(r.request_id, r.params, r.image, r, r.prepared) for r in batch])
+                ran = not any(r.is_cancelled() or r.failed for r in batch)
             except Exception as exc:
                 fatal = is_fatal_device_error(exc)
                 log.error("instance %s of %s/%s failed a batch of %d%s", self.name, self.context.model_name,
@@ -128,6 +130,7 @@ class Instance:
                 for req in batch:
                     req.error(InstanceDead("the model instance failed") if fatal else exc)
             finally:
+                self._scheduler.batch_done(batch, time.monotonic() - started, ran_to_end=ran)
                 for req in batch:
                     req.close()
                 self._on_busy(-1)

@@ -3,17 +3,34 @@
 Instances' worker threads block in `next_batch`; the asyncio side calls `submit` and `remove`.
 One lock guards everything, so a request is taken by exactly one instance or removed (timed out,
 cancelled) exactly once. Priority level 1 is the highest; within a level, first come first served.
+
+The scheduler also times the batches its instances run, so that a drain or an unload with a deadline
+does not start what it would have to stop (`finish_by`).
 """
 from __future__ import annotations
 
 import collections
+import heapq
+import statistics
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
-from ..errors import NotReady, QueueFull, QueueTimeout
+from ..domain import ResolvedParams
+from ..errors import NotReady, NotStarted, QueueFull, QueueTimeout
 from .model_config import Batching
 from .request import EngineRequest, RequestPhase
+
+#: How many of the latest batches a request's run-time estimate is drawn from (their median).
+DURATION_SAMPLES = 16
+
+
+def work_units(params: ResolvedParams) -> float:
+    """A request's work, the unit run times are estimated in: pixels x frames x (UNet passes + 1), one
+    pass per denoising step and guidance row, the one more standing for image encode and VAE decode.
+    Exact for the shape the model mostly serves (its time per unit is measured), proportional for others."""
+    passes = params.num_inference_steps * (2 if params.guided else 1)
+    return float(params.width * params.height * params.num_frames * (passes + 1))
 
 
 class Scheduler:
@@ -28,6 +45,12 @@ class Scheduler:
         # batches instances are gathering (their first request's batch_key, the batch, its room): a
         # request that fits one is left for that instance, not taken by an idle one as a batch of its own
         self._gathering: list[tuple[tuple, list[EngineRequest], int]] = []
+        # batches the instances are running: id(batch) -> (started, batch); and the seconds per work unit
+        # of the latest batches that ran to their end (the run-time estimate)
+        self._running: dict[int, tuple[float, list[EngineRequest]]] = {}
+        self._seconds_per_unit: collections.deque[float] = collections.deque(maxlen=DURATION_SAMPLES)
+        self._finish_by: Optional[float] = None  # time.monotonic(): nothing starts that would end later
+        self._finish_why = ""
 
     @property
     def max_queue_size(self) -> int:
@@ -78,6 +101,57 @@ class Scheduler:
             self._cv.notify_all()
             return left
 
+    def finish_by(self, deadline: float, instances: int, why: str, now: Optional[float] = None) -> int:
+        """A drain's or an unload's end: from now on no instance starts a request it would not finish by
+        `deadline` (time.monotonic()), and the queued requests that would not are handed back at once,
+        marked not started (the SDK sends them to another server while there is time, where they would
+        have waited out the deadline and then been handed back, or started and been stopped, their work
+        lost). Which ones: the queue in the order instances take it, over `instances` instances each free
+        when its batch's estimated end comes, each request's run time estimated from the latest batches;
+        nothing is handed back before a batch has run to its end (no estimate). `why`: what ends then,
+        for the callers' message ("the server's drain"). Returns how many."""
+        with self._cv:
+            now = time.monotonic() if now is None else now
+            self._finish_by, self._finish_why = deadline, why
+            if not self._seconds_per_unit:
+                return 0
+            free = [max(now, started + self._estimate(r.params for r in batch))
+                    for started, batch in self._running.values()]
+            free += [now] * max(0, instances - len(free))
+            if not free:
+                return 0
+            heapq.heapify(free)
+            back = 0
+            for q in self._levels:
+                for req in list(q):
+                    if req.is_cancelled():
+                        continue
+                    start = heapq.heappop(free)
+                    end = start + self._estimate([req.params])
+                    if end > deadline:
+                        q.remove(req)
+                        self._hand_back(req)
+                        back += 1
+                        end = start  # that instance is still free then for a shorter request behind
+                    heapq.heappush(free, end)
+            if back:
+                self.on_depth(self._queued())
+            return back
+
+    def _estimate(self, rows: Iterable[ResolvedParams]) -> float:
+        """Seconds an instance would take to run these rows as one batch (call with the lock held and a
+        sample taken): their work times the median seconds per unit of the latest batches."""
+        return statistics.median(self._seconds_per_unit) * sum(work_units(p) for p in rows)
+
+    def _cannot_finish(self, rows: Iterable[ResolvedParams], start: float) -> bool:
+        return self._finish_by is not None and bool(self._seconds_per_unit) and (
+            start + self._estimate(rows) > self._finish_by)
+
+    def _hand_back(self, req: EngineRequest) -> None:
+        req.error(NotStarted(f"{self._finish_why} ends before this request would, by the run time of the "
+                             f"latest requests; nothing was done for it: send it again"))
+        req.close()
+
     # -- worker side ------------------------------------------------------------------------------
 
     def _pop_head(self, now: float) -> Optional[EngineRequest]:
@@ -93,6 +167,10 @@ class Scheduler:
                     req.error(QueueTimeout("queue timeout passed before an instance was free"))
                     req.close()
                     continue
+                if self._cannot_finish([req.params], now):
+                    q.remove(req)
+                    self._hand_back(req)
+                    continue
                 if any(key == req.params.batch_key and len(batch) < room for key, batch, room in self._gathering):
                     continue  # the gathering instance takes it when it wakes (notify_all in submit)
                 q.remove(req)
@@ -106,7 +184,8 @@ class Scheduler:
                 if len(batch) >= self._max_batch:
                     return
                 if req.params.batch_key == key and not req.is_cancelled() and (
-                        req.queue_deadline is None or now < req.queue_deadline):
+                        req.queue_deadline is None or now < req.queue_deadline) and not self._cannot_finish(
+                        [r.params for r in batch] + [req.params], now):
                     q.remove(req)
                     batch.append(req)
 
@@ -149,5 +228,14 @@ class Scheduler:
                 req.phase = RequestPhase.RUNNING
                 req.started_at = started
                 req.batch_size = len(batch)
+            self._running[id(batch)] = (started, batch)
             self.on_depth(self._queued())
             return batch
+
+    def batch_done(self, batch: list[EngineRequest], seconds: float, *, ran_to_end: bool) -> None:
+        """An instance is done with `batch` (from `next_batch`) after `seconds`. One that ran every row to
+        its end (no error, none cancelled) is a sample of the model's run time."""
+        with self._cv:
+            self._running.pop(id(batch), None)
+            if ran_to_end:
+                self._seconds_per_unit.append(seconds / sum(work_units(r.params) for r in batch))
