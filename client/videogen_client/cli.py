@@ -72,6 +72,8 @@ class _ProgressBar:
             wants_frames = event.parameters.get("frame_encoding") != "none"
             self._num_frames = int(event.parameters.get("num_frames", 0)) if wants_frames else 0
             queued = f", queue position {event.queue_position}" if event.queue_position else ""
+            if event.estimated_end_seconds is not None:
+                queued += f", done in ~{event.estimated_end_seconds:.1f}s"
             self._print(f"accepted {event.request_id} ({event.model} v{event.model_version}{queued})")
         elif isinstance(event, Progress):
             self._bar("denoising", event.step, event.num_steps, "steps")

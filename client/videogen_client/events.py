@@ -54,6 +54,10 @@ class Accepted:
     motion_bucket_id, noise_aug_strength, min_guidance_scale, max_guidance_scale, seed,
     decode_chunk_size, frame_encoding ("png"/"jpeg"/"raw_rgb"/"none"), jpeg_quality,
     stream_video, video_fps). ``parameters["seed"]`` is the seed to pass to reproduce the video.
+
+    ``estimated_start_seconds`` / ``estimated_end_seconds``: the server's estimate, at admission, of
+    the seconds until an instance starts the request and until its last frame is decoded (from its
+    latest run times and the work queued ahead); None until the model has run a request to its end.
     """
 
     request_id: str
@@ -61,12 +65,19 @@ class Accepted:
     model_version: int
     queue_position: int
     parameters: dict[str, Any]
+    estimated_start_seconds: float | None = None
+    estimated_end_seconds: float | None = None
 
     @classmethod
     def from_proto(cls, message: videogen_pb2.Accepted) -> Accepted:
+        def seconds(field: str) -> float | None:
+            return getattr(message, field) if message.HasField(field) else None
+
         return cls(request_id=message.request_id, model=message.model,
                    model_version=message.model_version, queue_position=message.queue_position,
-                   parameters=scalar_fields(message.parameters))
+                   parameters=scalar_fields(message.parameters),
+                   estimated_start_seconds=seconds("estimated_start_seconds"),
+                   estimated_end_seconds=seconds("estimated_end_seconds"))
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,8 @@ class AcceptedEvent:
     model_version: int
     queue_position: int
     params: ResolvedParams
+    #: estimated seconds from admission until an instance starts it and until it ends (None: no estimate)
+    eta: Optional[tuple[float, float]] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,21 @@ def test_generate_yields_typed_events_in_order(client):
     assert summary.total_seconds >= summary.denoise_seconds > 0
     video = b"".join(c.data for c in chunks)
     assert decode_mp4(video)[0] == 3
+
+
+def test_accepted_carries_the_servers_estimates(client, tiny_server, tmp_path):
+    """Once the model has run a request to its end, Accepted says when the server expects the request
+    to start and end (the CLI prints the end); the figures themselves are checked in test_lifecycle."""
+    client.run(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=1)  # timed: the run time is known
+    accepted = list(client.generate(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=1))[0]
+    assert isinstance(accepted, Accepted)
+    assert 0 <= accepted.estimated_start_seconds < accepted.estimated_end_seconds < 60, accepted
+    image = tmp_path / "sample.png"
+    image.write_bytes(SAMPLE)
+    proc = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(image),
+               "--out", str(tmp_path / "out.mp4"), "--num-frames", "2", "--steps", "1", "--timeout", "60")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"accepted \w+ \(svd-tiny v1, done in ~\d+\.\ds\)", proc.stderr), proc.stderr
 
 
 def test_run_returns_result_with_decodable_video(client):

@@ -187,17 +187,31 @@ def test_a_drain_hands_back_at_once_what_it_could_not_finish(tmp_path, slow_back
     running, three queued, a drain grace of 5 s: the running request and the first queued one finish
     within it; the two behind would end ~6 s in, so they are handed back at the drain's start, marked
     not started (the SDK sends them to another server at once), where they used to wait out the 5 s
-    and be handed back then; one started late would have been stopped at the grace's end, its work lost."""
+    and be handed back then; one started late would have been stopped at the grace's end, its work lost.
+    The same estimates reach the callers in Accepted: when each request starts and ends."""
     step = 'parameters { key: "step_seconds" value { string_value: "0.25" } }\n'
     server = ServerThread(slow_repo(tmp_path, extra=step), drain_grace_seconds=5.0).start()
     try:
         stub = server.stub()
         work = dict(SHORT, num_inference_steps=8)
-        assert Stream(stub, request(model="a", **work)).join().summary.num_frames == 1  # timed: 2 s
+        first = Stream(stub, request(model="a", **work)).join()
+        assert first.summary.num_frames == 1  # timed: 2 s
+        assert not first.responses[0].accepted.HasField("estimated_end_seconds"), "nothing timed before it"
         running = Stream(stub, request(model="a", **work))
         assert running.progressed.wait(10) and running.error is None
-        queued = [Stream(stub, request(model="a", **work)) for _ in range(3)]
+        queued = []
+        for _ in range(3):  # one at a time: each estimate counts the ones before
+            queued.append(Stream(stub, request(model="a", **work)))
+            assert queued[-1].accepted.wait(10) and queued[-1].error is None
         wait_until(lambda: server.metric("videogen_queue_depth", model="a") == 3)
+        started = running.responses[0].accepted
+        assert started.estimated_start_seconds == 0 and 1.9 <= started.estimated_end_seconds <= 2.6, started
+        estimates = [(a.estimated_start_seconds, a.estimated_end_seconds)
+                     for a in (stream.responses[0].accepted for stream in queued)]
+        assert 0.5 <= estimates[0][0] <= 2.0, estimates  # what the running request had left
+        for (start, end), (next_start, _) in zip(estimates, estimates[1:] + [(None, None)]):
+            assert 1.9 <= end - start <= 2.6, estimates
+            assert next_start is None or abs(next_start - end) < 0.3, estimates  # one after the other
         t0 = time.monotonic()
         stopping, out = in_thread(lambda: server.run(server.server.stop(), timeout=60))
         for stream in queued[1:]:

@@ -108,11 +108,11 @@ class _Recorded(SimpleNamespace):
         self.closed = True
 
 
-def _sized(name: str, frames: int = 4, steps: int = 2):
+def _sized(name: str, frames: int = 4, steps: int = 2, priority: int = 1):
     """A request of a real ResolvedParams' shape fields (the run-time estimate reads them)."""
     params = SimpleNamespace(width=64, height=48, num_frames=frames, num_inference_steps=steps, guided=True,
                              batch_key=(64, 48, frames, steps, True))
-    return _Recorded(request_id=name, model="m", priority=1, queue_deadline=None, enqueued_at=time.monotonic(),
+    return _Recorded(request_id=name, model="m", priority=priority, queue_deadline=None, enqueued_at=time.monotonic(),
                      params=params, is_cancelled=lambda: False, phase=None, started_at=None, batch_size=1,
                      errors=[], closed=False)
 
@@ -139,7 +139,7 @@ def test_a_drain_hands_back_at_once_what_would_not_finish_in_its_grace():
     for req in queued:
         sched.submit(req)
     now = running[0].started_at + 0.5
-    back = sched.finish_by(now + 4.0, instances=1, why="the test's drain", now=now)
+    back = sched.finish_by(now + 4.0, why="the test's drain", now=now)
     assert back == 3
     assert [r.request_id for r in queued if r.closed] == ["q1", "q2", "q3"]
     for req in queued[1:4]:
@@ -161,7 +161,7 @@ def test_while_a_drain_lasts_an_instance_starts_nothing_it_would_not_finish():
         sched.submit(req)
     # kept at the drain's start: as of 10 s ago, an idle instance had time for all three
     t = time.monotonic()
-    assert sched.finish_by(t + 1.5, instances=1, why="the test's drain", now=t - 10) == 0
+    assert sched.finish_by(t + 1.5, why="the test's drain", now=t - 10) == 0
     batch = sched.next_batch()  # now: 1.5 s left, 2 s needed
     assert [r.request_id for r in batch] == ["short"]
     assert [r.request_id for r in queued if r.closed] == ["q0", "q1"] and sched.depth() == 0
@@ -178,7 +178,7 @@ def test_without_a_timed_batch_a_drain_hands_nothing_back():
     queued = [_sized("q0"), _sized("q1")]
     for req in queued:
         sched.submit(req)
-    assert sched.finish_by(time.monotonic() + 60, instances=1, why="the test's drain") == 0
+    assert sched.finish_by(time.monotonic() + 60, why="the test's drain") == 0
     assert [r.request_id for r in sched.next_batch()] == ["q0"] and not any(r.errors for r in queued)
     sched.close()
 
@@ -186,13 +186,39 @@ def test_without_a_timed_batch_a_drain_hands_nothing_back():
 def test_a_batch_takes_no_row_that_would_carry_it_past_the_drain():
     """Dynamic batching during a drain: a second row that would make the batch end after the grace stays
     out (and is handed back at the head of the queue), the first runs alone."""
-    sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=0.0), max_batch_size=2)
+    sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=0.0), max_batch_size=2,
+                      live_instances=lambda: 2)
     _timed_once(sched, 1.0)
     queued = [_sized("q0"), _sized("q1")]
     for req in queued:
         sched.submit(req)
     t = time.monotonic()
-    assert sched.finish_by(t + 1.5, instances=2, why="the test's drain") == 0  # one each: both fit
+    assert sched.finish_by(t + 1.5, why="the test's drain") == 0  # one each: both fit
     assert [r.request_id for r in sched.next_batch()] == ["q0"]  # q0 + q1 as one batch: 2 s
     assert sched.depth() == 1 and not queued[1].errors
+    sched.close()
+
+
+def test_the_estimates_follow_the_order_instances_take_the_queue():
+    """Two instances, both running requests timed at 2 s (the second just taken by the idle instance,
+    whose estimate said so), one queued at priority 2: it starts when the first instance frees up. A
+    priority-1 request admitted after it goes first (the order an instance takes the queue). Nothing is
+    estimated before a batch was timed."""
+    sched = Scheduler(batching=Batching(priority_levels=2, default_priority_level=2), max_batch_size=1,
+                      live_instances=lambda: 2)
+    assert sched.submit(_sized("first")) == (0, None)  # nothing timed yet
+    sched.batch_done(sched.next_batch(), 2.0, ran_to_end=True)
+    sched.submit(_sized("running", priority=2))
+    sched.next_batch()
+    _, second = sched.submit(_sized("second", priority=2))
+    assert second[0] == 0 and abs(second[1] - 2.0) < 0.1, second  # the idle instance
+    sched.next_batch()
+    ahead, low = sched.submit(_sized("low", priority=2))
+    assert ahead == 0 and abs(low[0] - 2.0) < 0.1 and abs(low[1] - 4.0) < 0.1, low
+    ahead, high = sched.submit(_sized("high", priority=1))
+    assert ahead == 0 and abs(high[0] - 2.0) < 0.1 and abs(high[1] - 4.0) < 0.1, high
+    ahead, later = sched.submit(_sized("later", priority=1))  # behind high; low is still behind both
+    assert ahead == 1 and abs(later[0] - 2.0) < 0.1, later  # the other instance frees up then too
+    ahead, last = sched.submit(_sized("last", priority=2))
+    assert ahead == 3 and abs(last[0] - 4.0) < 0.1 and abs(last[1] - 6.0) < 0.1, last
     sched.close()

@@ -92,7 +92,8 @@ class ModelRuntime:
         m = engine.metrics
         self.labels = labels
         self.scheduler = Scheduler(batching=settings.batching, max_batch_size=settings.max_batch_size,
-                                   on_depth=m.queue_depth.labels(*labels).set)
+                                   on_depth=m.queue_depth.labels(*labels).set,
+                                   live_instances=lambda: sum(i.state == "ready" for i in self.instances))
         # bound now: a request of this runtime ending after its series were removed (see Engine._publish)
         # updates a detached child instead of bringing the series back
         self.inflight_gauge = m.inflight.labels(*labels)
@@ -223,7 +224,7 @@ class ModelRuntime:
     def finish_by(self, deadline: float, why: str) -> None:
         """Nothing starts that would not end by `deadline` (`why`: "the server's drain", an unload); the
         queued requests that would not are handed back now (`Scheduler.finish_by`)."""
-        back = self.scheduler.finish_by(deadline, sum(i.state == "ready" for i in self.instances), why)
+        back = self.scheduler.finish_by(deadline, why)
         if back:
             log.info("%s/%s: %d queued requests would not finish before %s ends (%.0fs); handed back, not "
                      "started", self.name, self.version, back, why, max(0.0, deadline - time.monotonic()))
@@ -726,7 +727,7 @@ class Engine:
             req = EngineRequest(request_id=request_id, model=rt.name, version=rt.version, params=params,
                                 image=image, prepared=prepared, priority=level, loop=self._loop,
                                 queue_deadline=min(limits) if limits else None)
-            position = rt.scheduler.submit(req)
+            position, eta = rt.scheduler.submit(req)
             admitted = True
             rt.active.add(req)
             rt.update_idle()
@@ -734,7 +735,7 @@ class Engine:
             record.update(version=rt.version, width=params.width, height=params.height, frames=params.num_frames,
                           steps=params.num_inference_steps, decode_chunk_size=params.decode_chunk_size,
                           seed=params.seed, priority=level)
-            yield AcceptedEvent(request_id, rt.name, rt.version, position, params)
+            yield AcceptedEvent(request_id, rt.name, rt.version, position, params, eta)
             async for event in self._stream(req, rt, record, phases, spans):
                 yield event
         except BaseException as exc:  # GeneratorExit / CancelledError included: the caller went away

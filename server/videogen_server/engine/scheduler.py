@@ -35,8 +35,10 @@ def work_units(params: ResolvedParams) -> float:
 
 class Scheduler:
     def __init__(self, *, batching: Batching, max_batch_size: int,
-                 on_depth: Callable[[int], None] = lambda n: None) -> None:
+                 on_depth: Callable[[int], None] = lambda n: None,
+                 live_instances: Callable[[], int] = lambda: 1) -> None:
         self._batching = batching
+        self._live_instances = live_instances  # instances taking work now (the estimates' servers)
         self._max_batch = max_batch_size if batching.enabled else 1
         self._levels = [collections.deque() for _ in range(batching.priority_levels)]
         self._cv = threading.Condition()
@@ -64,8 +66,9 @@ class Scheduler:
         """Requests waiting at every priority level (call with the lock held)."""
         return sum(len(q) for q in self._levels)
 
-    def submit(self, req: EngineRequest) -> int:
-        """Queue a request; returns how many queued requests are ahead of it."""
+    def submit(self, req: EngineRequest) -> tuple[int, Optional[tuple[float, float]]]:
+        """Queue a request; returns how many queued requests are ahead of it, and the estimated seconds
+        from now until an instance starts it and until it ends (None before any batch was timed)."""
         with self._cv:
             if self._closed:
                 raise NotReady(f"model {req.model!r} is unloading")
@@ -78,7 +81,7 @@ class Scheduler:
             # notify_all: a single wake-up could land on an instance that is gathering a batch of
             # another shape and ignores this request, while an idle instance sleeps on.
             self._cv.notify_all()
-            return ahead
+            return ahead, self._eta(req, time.monotonic())
 
     def remove(self, req: EngineRequest) -> bool:
         """Take a still-queued request out (cancelled or timed out); False if an instance has it."""
@@ -101,26 +104,21 @@ class Scheduler:
             self._cv.notify_all()
             return left
 
-    def finish_by(self, deadline: float, instances: int, why: str, now: Optional[float] = None) -> int:
+    def finish_by(self, deadline: float, why: str, now: Optional[float] = None) -> int:
         """A drain's or an unload's end: from now on no instance starts a request it would not finish by
         `deadline` (time.monotonic()), and the queued requests that would not are handed back at once,
         marked not started (the SDK sends them to another server while there is time, where they would
         have waited out the deadline and then been handed back, or started and been stopped, their work
-        lost). Which ones: the queue in the order instances take it, over `instances` instances each free
+        lost). Which ones: the queue in the order instances take it, over the live instances, each free
         when its batch's estimated end comes, each request's run time estimated from the latest batches;
         nothing is handed back before a batch has run to its end (no estimate). `why`: what ends then,
         for the callers' message ("the server's drain"). Returns how many."""
         with self._cv:
             now = time.monotonic() if now is None else now
             self._finish_by, self._finish_why = deadline, why
-            if not self._seconds_per_unit:
-                return 0
-            free = [max(now, started + self._estimate(r.params for r in batch))
-                    for started, batch in self._running.values()]
-            free += [now] * max(0, instances - len(free))
+            free = self._instances_free(now)
             if not free:
                 return 0
-            heapq.heapify(free)
             back = 0
             for q in self._levels:
                 for req in list(q):
@@ -137,6 +135,32 @@ class Scheduler:
             if back:
                 self.on_depth(self._queued())
             return back
+
+    def _instances_free(self, now: float) -> list[float]:
+        """When each live instance is free, by the estimates: a heap, empty when nothing is timed yet."""
+        if not self._seconds_per_unit:
+            return []
+        free = [max(now, started + self._estimate(r.params for r in batch)) for started, batch in self._running.values()]
+        free += [now] * max(0, self._live_instances() - len(free))
+        heapq.heapify(free)
+        return free
+
+    def _eta(self, req: EngineRequest, now: float) -> Optional[tuple[float, float]]:
+        """Seconds from `now` until an instance would start `req` (queued) and until it would end, the
+        requests ahead of it run first on the instance free first (call with the lock held)."""
+        free = self._instances_free(now)
+        if not free:
+            return None
+        for q in self._levels[: req.priority]:
+            for other in q:
+                if other.is_cancelled():
+                    continue
+                start = heapq.heappop(free)
+                end = start + self._estimate([other.params])
+                if other is req:
+                    return start - now, end - now
+                heapq.heappush(free, end)
+        return None
 
     def _estimate(self, rows: Iterable[ResolvedParams]) -> float:
         """Seconds an instance would take to run these rows as one batch (call with the lock held and a
