@@ -75,6 +75,14 @@ class QueueTimeout(VideoGenError):
     REASON = "QUEUE_TIMEOUT"
 
 
+class DeadlineUnreachable(QueueTimeout):
+    """An instance was free for the request, but the request's deadline would pass before even the
+    fastest of the model's latest runs could end: not started (its deadline would stop it, the device's
+    time spent for nothing)."""
+
+    REASON = "DEADLINE_UNREACHABLE"
+
+
 class RequestCancelled(VideoGenError):
     """The request was cancelled (by its caller or by an unload) before it finished."""
 

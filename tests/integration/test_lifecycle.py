@@ -182,6 +182,33 @@ def test_a_drain_during_a_reload_waits_for_the_retiring_version(tmp_path, slow_b
         server.stop()
 
 
+PACED = 'parameters { key: "step_seconds" value { string_value: "0.25" } }\n'  # 8 steps: 2 s a request
+PACED_WORK = dict(SHORT, num_inference_steps=8)
+
+
+def test_a_request_whose_deadline_would_cut_it_is_not_started(tmp_path, slow_backend):
+    """Requests of 2 s, one running with ~1.8 s left, and behind it one whose gRPC deadline is 3 s away,
+    then one without a deadline: when the instance is free the first has ~1 s left, less than the
+    fastest run; it ends then, DEADLINE_EXCEEDED and not started, rather than run until its deadline
+    stops it, and the request behind it starts at once instead of a second later."""
+    with ServerThread(slow_repo(tmp_path, extra=PACED)) as server:
+        stub = server.stub()
+        assert Stream(stub, request(model="a", **PACED_WORK)).join().summary.num_frames == 1  # timed: 2 s
+        running = Stream(stub, request(model="a", **PACED_WORK))
+        assert running.progressed.wait(10) and running.error is None
+        t0 = time.monotonic()
+        doomed = Stream(stub, request(model="a", **PACED_WORK), timeout=3.0)
+        after = Stream(stub, request(model="a", **PACED_WORK))
+        doomed.join(10)
+        ended = time.monotonic() - t0
+        assert doomed.code() == grpc.StatusCode.DEADLINE_EXCEEDED, doomed.error
+        assert "not started" in doomed.error.details() and ended < 2.8, (doomed.error.details(), ended)
+        assert after.join().summary.num_frames == 1 and running.join().summary.num_frames == 1
+        assert after.done_at - t0 < 4.6, "the request behind started when the instance was free"
+        assert server.metric("videogen_batch_size_count", model="a") == 3  # the doomed one never ran
+        assert server.metric("videogen_requests_total", model="a", outcome="error", code="DEADLINE_EXCEEDED") == 1
+
+
 def test_a_drain_hands_back_at_once_what_it_could_not_finish(tmp_path, slow_backend):
     """Requests of 2 s (8 steps of 0.25 s; a first one ran to its end, so the run time is known), one
     running, three queued, a drain grace of 5 s: the running request and the first queued one finish
@@ -189,11 +216,10 @@ def test_a_drain_hands_back_at_once_what_it_could_not_finish(tmp_path, slow_back
     not started (the SDK sends them to another server at once), where they used to wait out the 5 s
     and be handed back then; one started late would have been stopped at the grace's end, its work lost.
     The same estimates reach the callers in Accepted: when each request starts and ends."""
-    step = 'parameters { key: "step_seconds" value { string_value: "0.25" } }\n'
-    server = ServerThread(slow_repo(tmp_path, extra=step), drain_grace_seconds=5.0).start()
+    server = ServerThread(slow_repo(tmp_path, extra=PACED), drain_grace_seconds=5.0).start()
     try:
         stub = server.stub()
-        work = dict(SHORT, num_inference_steps=8)
+        work = PACED_WORK
         first = Stream(stub, request(model="a", **work)).join()
         assert first.summary.num_frames == 1  # timed: 2 s
         assert not first.responses[0].accepted.HasField("estimated_end_seconds"), "nothing timed before it"

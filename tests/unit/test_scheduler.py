@@ -2,6 +2,7 @@
 engine's instance threads do the same: block in next_batch, run, come back)."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 from types import SimpleNamespace
@@ -12,7 +13,8 @@ from videogen_server.engine.scheduler import Scheduler
 
 def _request(name: str, key=(64, 48, 4, 2, True)):
     cancelled = threading.Event()
-    return SimpleNamespace(request_id=name, model="m", priority=1, queue_deadline=None, enqueued_at=time.monotonic(),
+    return SimpleNamespace(request_id=name, model="m", priority=1, queue_deadline=None, deadline=None,
+                           enqueued_at=time.monotonic(),
                            params=SimpleNamespace(batch_key=key), is_cancelled=cancelled.is_set, phase=None,
                            started_at=None, batch_size=1)
 
@@ -108,11 +110,11 @@ class _Recorded(SimpleNamespace):
         self.closed = True
 
 
-def _sized(name: str, frames: int = 4, steps: int = 2, priority: int = 1):
+def _sized(name: str, frames: int = 4, steps: int = 2, priority: int = 1, deadline: float | None = None):
     """A request of a real ResolvedParams' shape fields (the run-time estimate reads them)."""
     params = SimpleNamespace(width=64, height=48, num_frames=frames, num_inference_steps=steps, guided=True,
                              batch_key=(64, 48, frames, steps, True))
-    return _Recorded(request_id=name, model="m", priority=priority, queue_deadline=None, enqueued_at=time.monotonic(),
+    return _Recorded(request_id=name, model="m", priority=priority, queue_deadline=None, deadline=deadline, enqueued_at=time.monotonic(),
                      params=params, is_cancelled=lambda: False, phase=None, started_at=None, batch_size=1,
                      errors=[], closed=False)
 
@@ -221,4 +223,27 @@ def test_the_estimates_follow_the_order_instances_take_the_queue():
     assert ahead == 1 and abs(later[0] - 2.0) < 0.1, later  # the other instance frees up then too
     ahead, last = sched.submit(_sized("last", priority=2))
     assert ahead == 3 and abs(last[0] - 4.0) < 0.1 and abs(last[1] - 6.0) < 0.1, last
+    sched.close()
+
+
+def test_an_instance_starts_no_request_its_deadline_would_cut():
+    """Runs timed at 2 s and 3 s: a request whose deadline is 1 s away when an instance is free for it
+    would be stopped by its deadline before even the fastest run ends; it ends at once (DEADLINE_EXCEEDED,
+    reason DEADLINE_UNREACHABLE) and the instance takes the next one, whose deadline leaves time enough
+    for the fastest run (2.5 s: the median would say no, the fastest says yes, so it runs)."""
+    from videogen_server.errors import DeadlineUnreachable, status_name
+
+    sched = Scheduler(batching=Batching(), max_batch_size=1)
+    _timed_once(sched, 2.0)
+    _timed_once(sched, 3.0)
+    _timed_once(sched, 3.0)
+    now = time.monotonic()
+    cut, ok = _sized("cut", deadline=now + 1.0), _sized("ok", deadline=now + 2.5)
+    for req in (cut, ok):
+        sched.submit(req)
+    assert [r.request_id for r in sched.next_batch()] == ["ok"]
+    [err] = cut.errors
+    assert isinstance(err, DeadlineUnreachable) and cut.closed and status_name(err) == "DEADLINE_EXCEEDED"
+    assert re.search(r"deadline is 0\.\d+s away and the fastest of the latest runs would take 2\.0s", err.message) or \
+        re.search(r"deadline is 1\.0s away and the fastest of the latest runs would take 2\.0s", err.message), err.message
     sched.close()

@@ -722,11 +722,11 @@ class Engine:
                     raise NotReady(f"model {call.model!r} is {rt.state.lower()}")
             # the gRPC deadline counts from the call's start; the queue timeout from entering the queue
             now = time.monotonic()
-            limits = [t for t in (now + timeout if timeout is not None else None,
-                                  t_start + call.deadline_s if call.deadline_s is not None else None) if t is not None]
+            deadline = t_start + call.deadline_s if call.deadline_s is not None else None
+            limits = [t for t in (now + timeout if timeout is not None else None, deadline) if t is not None]
             req = EngineRequest(request_id=request_id, model=rt.name, version=rt.version, params=params,
                                 image=image, prepared=prepared, priority=level, loop=self._loop,
-                                queue_deadline=min(limits) if limits else None)
+                                queue_deadline=min(limits) if limits else None, deadline=deadline)
             position, eta = rt.scheduler.submit(req)
             admitted = True
             rt.active.add(req)

@@ -36,7 +36,7 @@ class EngineRequest:
 
     def __init__(self, *, request_id: str, model: str, version: int, params: ResolvedParams, image: Image.Image,
                  priority: int, queue_deadline: Optional[float], loop: asyncio.AbstractEventLoop,
-                 prepared: Any = None) -> None:
+                 prepared: Any = None, deadline: Optional[float] = None) -> None:
         self.request_id = request_id
         self.model = model
         self.version = version
@@ -45,6 +45,7 @@ class EngineRequest:
         self.prepared = prepared  # the backend's CPU preprocessing, done at admission
         self.priority = priority  # 1 = highest
         self.queue_deadline = queue_deadline  # time.monotonic() by which an instance must take it
+        self.deadline = deadline  # time.monotonic() by which the caller wants it done (its gRPC deadline)
         self.enqueued_at = time.monotonic()
         self.started_at: Optional[float] = None
         self.phase = RequestPhase.QUEUED

@@ -5,7 +5,9 @@ One lock guards everything, so a request is taken by exactly one instance or rem
 cancelled) exactly once. Priority level 1 is the highest; within a level, first come first served.
 
 The scheduler also times the batches its instances run, so that a drain or an unload with a deadline
-does not start what it would have to stop (`finish_by`).
+does not start what it would have to stop (`finish_by`), nor an instance a request whose own deadline
+would pass before even the fastest of the latest runs could end (its caller's time and the device's
+would both be spent for nothing), and so that Accepted can say when a request should start and end.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import time
 from typing import Callable, Iterable, Optional
 
 from ..domain import ResolvedParams
-from ..errors import NotReady, NotStarted, QueueFull, QueueTimeout
+from ..errors import DeadlineUnreachable, NotReady, NotStarted, QueueFull, QueueTimeout
 from .model_config import Batching
 from .request import EngineRequest, RequestPhase
 
@@ -167,6 +169,10 @@ class Scheduler:
         sample taken): their work times the median seconds per unit of the latest batches."""
         return statistics.median(self._seconds_per_unit) * sum(work_units(p) for p in rows)
 
+    def _fastest(self, params: ResolvedParams) -> Optional[float]:
+        """Seconds the request would take at the fastest of the latest batches' rates (None: none timed)."""
+        return min(self._seconds_per_unit) * work_units(params) if self._seconds_per_unit else None
+
     def _cannot_finish(self, rows: Iterable[ResolvedParams], start: float) -> bool:
         return self._finish_by is not None and bool(self._seconds_per_unit) and (
             start + self._estimate(rows) > self._finish_by)
@@ -194,6 +200,14 @@ class Scheduler:
                 if self._cannot_finish([req.params], now):
                     q.remove(req)
                     self._hand_back(req)
+                    continue
+                fastest = self._fastest(req.params)
+                if req.deadline is not None and fastest is not None and now + fastest > req.deadline:
+                    q.remove(req)
+                    req.error(DeadlineUnreachable(
+                        f"the request's deadline is {max(0.0, req.deadline - now):.1f}s away and the fastest of "
+                        f"the latest runs would take {fastest:.1f}s; not started"))
+                    req.close()
                     continue
                 if any(key == req.params.batch_key and len(batch) < room for key, batch, room in self._gathering):
                     continue  # the gathering instance takes it when it wakes (notify_all in submit)
