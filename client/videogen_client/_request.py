@@ -360,7 +360,8 @@ def refused_before_work(err: grpc.RpcError, settings: ConnectionSettings, *, rec
 
 def not_started(err: grpc.RpcError, settings: ConnectionSettings) -> bool:
     """Whether the server ended an accepted Generate before any work on it, marked so (its version went
-    away: the drain's end, an unload, lost instances) and with a status the retry policy retries."""
+    away: the drain's end, an unload, lost instances; or it would have, before the request could end)
+    and with a status the retry policy retries."""
     if not _retryable(err, settings):
         return False
     return any(key == NOT_STARTED_METADATA_KEY for key, _ in _call_metadata(err, "trailing_metadata") or ())

@@ -57,7 +57,8 @@ class Draining(NotReady):
 
 class NotStarted(NotReady):
     """An admitted request that no instance started ends because its version went away (the drain's end,
-    an unload): nothing was done for it, so the caller may send it again, to another server. The
+    an unload), or because one of them would end before the request could (handed back at once rather
+    than started and stopped): nothing was done for it, so the caller may send it again, to another server. The
     transport marks the status so (trailing metadata NOT_STARTED_KEY) and the SDK resends it; counted
     as rejected, not as an error."""
 

@@ -182,47 +182,49 @@ def test_a_drain_during_a_reload_waits_for_the_retiring_version(tmp_path, slow_b
         server.stop()
 
 
-PACED = 'parameters { key: "step_seconds" value { string_value: "0.25" } }\n'  # 8 steps: 2 s a request
-PACED_WORK = dict(SHORT, num_inference_steps=8)
+PACED = 'parameters { key: "step_seconds" value { string_value: "0.15" } }\n'
+PACED_WORK = dict(SHORT, num_inference_steps=8)  # 1.2 s a request
+
+
+def timed_runs(stub) -> list[Stream]:
+    """Three requests run to their end: the model's run time for their shape is known from then on."""
+    return [Stream(stub, request(model="a", **PACED_WORK)).join() for _ in range(3)]
 
 
 def test_a_request_whose_deadline_would_cut_it_is_not_started(tmp_path, slow_backend):
-    """Requests of 2 s, one running with ~1.8 s left, and behind it one whose gRPC deadline is 3 s away,
-    then one without a deadline: when the instance is free the first has ~1 s left, less than the
-    fastest run; it ends then, DEADLINE_EXCEEDED and not started, rather than run until its deadline
-    stops it, and the request behind it starts at once instead of a second later."""
+    """Requests of 1.2 s, one running, and behind it one whose gRPC deadline is 1.8 s away, then one
+    without a deadline: when the instance is free the first has ~0.6 s left, less than the fastest run;
+    it ends then, DEADLINE_EXCEEDED and not started, rather than run until its deadline stops it, and
+    the instance goes on to the request behind it."""
     with ServerThread(slow_repo(tmp_path, extra=PACED)) as server:
         stub = server.stub()
-        assert Stream(stub, request(model="a", **PACED_WORK)).join().summary.num_frames == 1  # timed: 2 s
+        timed_runs(stub)
         running = Stream(stub, request(model="a", **PACED_WORK))
         assert running.progressed.wait(10) and running.error is None
-        t0 = time.monotonic()
-        doomed = Stream(stub, request(model="a", **PACED_WORK), timeout=3.0)
+        doomed = Stream(stub, request(model="a", **PACED_WORK), timeout=1.8)
         after = Stream(stub, request(model="a", **PACED_WORK))
         doomed.join(10)
-        ended = time.monotonic() - t0
         assert doomed.code() == grpc.StatusCode.DEADLINE_EXCEEDED, doomed.error
-        assert "not started" in doomed.error.details() and ended < 2.8, (doomed.error.details(), ended)
+        assert "not started" in doomed.error.details(), doomed.error.details()  # the server's words, not gRPC's
         assert after.join().summary.num_frames == 1 and running.join().summary.num_frames == 1
-        assert after.done_at - t0 < 4.6, "the request behind started when the instance was free"
-        assert server.metric("videogen_batch_size_count", model="a") == 3  # the doomed one never ran
+        assert server.metric("videogen_batch_size_count", model="a") == 5  # the doomed one never ran
         assert server.metric("videogen_requests_total", model="a", outcome="error", code="DEADLINE_EXCEEDED") == 1
 
 
 def test_a_drain_hands_back_at_once_what_it_could_not_finish(tmp_path, slow_backend):
-    """Requests of 2 s (8 steps of 0.25 s; a first one ran to its end, so the run time is known), one
-    running, three queued, a drain grace of 5 s: the running request and the first queued one finish
-    within it; the two behind would end ~6 s in, so they are handed back at the drain's start, marked
-    not started (the SDK sends them to another server at once), where they used to wait out the 5 s
+    """Requests of 1.2 s (8 steps of 0.15 s; three ran to their end, so the run time is known), one
+    running, three queued, a drain grace of 3 s: the running request and the first queued one finish
+    within it; the two behind would end ~3.6 s in, so they are handed back at the drain's start, marked
+    not started (the SDK sends them to another server at once), where they used to wait out the 3 s
     and be handed back then; one started late would have been stopped at the grace's end, its work lost.
     The same estimates reach the callers in Accepted: when each request starts and ends."""
-    server = ServerThread(slow_repo(tmp_path, extra=PACED), drain_grace_seconds=5.0).start()
+    server = ServerThread(slow_repo(tmp_path, extra=PACED), drain_grace_seconds=3.0).start()
     try:
         stub = server.stub()
         work = PACED_WORK
-        first = Stream(stub, request(model="a", **work)).join()
-        assert first.summary.num_frames == 1  # timed: 2 s
-        assert not first.responses[0].accepted.HasField("estimated_end_seconds"), "nothing timed before it"
+        for first in timed_runs(stub):
+            assert first.summary.num_frames == 1
+            assert not first.responses[0].accepted.HasField("estimated_end_seconds"), "fewer than 3 runs before"
         running = Stream(stub, request(model="a", **work))
         assert running.progressed.wait(10) and running.error is None
         queued = []
@@ -231,19 +233,19 @@ def test_a_drain_hands_back_at_once_what_it_could_not_finish(tmp_path, slow_back
             assert queued[-1].accepted.wait(10) and queued[-1].error is None
         wait_until(lambda: server.metric("videogen_queue_depth", model="a") == 3)
         started = running.responses[0].accepted
-        assert started.estimated_start_seconds == 0 and 1.9 <= started.estimated_end_seconds <= 2.6, started
+        assert started.estimated_start_seconds == 0 and 1.1 <= started.estimated_end_seconds <= 1.6, started
         estimates = [(a.estimated_start_seconds, a.estimated_end_seconds)
                      for a in (stream.responses[0].accepted for stream in queued)]
-        assert 0.5 <= estimates[0][0] <= 2.0, estimates  # what the running request had left
+        assert 0.6 <= estimates[0][0] <= 1.2, estimates  # what the running request had left
         for (start, end), (next_start, _) in zip(estimates, estimates[1:] + [(None, None)]):
-            assert 1.9 <= end - start <= 2.6, estimates
+            assert 1.1 <= end - start <= 1.6, estimates
             assert next_start is None or abs(next_start - end) < 0.3, estimates  # one after the other
         t0 = time.monotonic()
         stopping, out = in_thread(lambda: server.run(server.server.stop(), timeout=60))
         for stream in queued[1:]:
             stream.join(10)
         handed_back = time.monotonic() - t0
-        assert handed_back < 2.0, f"handed back {handed_back:.1f}s into the drain, not at its start"
+        assert handed_back < 1.5, f"handed back {handed_back:.1f}s into the drain, not at its start"
         for stream in queued[1:]:
             assert stream.code() == grpc.StatusCode.UNAVAILABLE, stream.error
             assert ("x-videogen-not-started", "1") in stream.error.trailing_metadata()
@@ -256,7 +258,7 @@ def test_a_drain_hands_back_at_once_what_it_could_not_finish(tmp_path, slow_back
         assert count("videogen_requests_total", {"model": "a", "version": "1", "outcome": "rejected",
                                                  "code": "UNAVAILABLE"}) == 2
         assert count("videogen_requests_total", {"model": "a", "version": "1", "outcome": "success",
-                                                 "code": "OK"}) == 3
+                                                 "code": "OK"}) == 5
     finally:
         server.stop()
 

@@ -166,6 +166,23 @@ def test_dynamic_batching_parity(make_repo):
         assert server.metric("videogen_batch_size_sum", model="m") == 2
 
 
+def test_batches_of_the_pipeline_are_timed(make_repo):
+    """Batches of two on the real pipeline become run-time samples (the scheduler's estimates): the
+    first request of a batch ends for its caller while the backend still decodes the second, and that
+    order must not make the batch look cancelled (it did: no batch of two was ever a sample)."""
+    cfg = tiny_config("m", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 2000000 "
+                           "preferred_batch_size: [2] }")
+    with ServerThread(make_repo({"m": cfg})) as server:
+        stub = server.stub()
+        for _ in range(3):
+            streams = [Stream(stub, request(model="m", seed=seed, **SHORT)) for seed in (1, 2)]
+            assert [s.join().summary.batch_size for s in streams] == [2, 2]
+        scheduler = server.engine.models["m"].loaded[1].scheduler
+        key = streams[0].responses[0].accepted.parameters
+        estimate = scheduler.run_times.batch((key.width, key.height, 1, 1, False), 2)
+        assert estimate is not None and 0 < estimate.busy_s <= estimate.end_s < 30, estimate
+
+
 def test_different_shapes_are_not_batched(make_repo):
     cfg = tiny_config("m", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 300000 }")
     with ServerThread(make_repo({"m": cfg})) as server:

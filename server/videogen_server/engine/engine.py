@@ -196,13 +196,13 @@ class ModelRuntime:
     async def unload(self, timeout: float) -> None:
         """Stop admitting, let in-flight requests finish (up to `timeout`), then free the instances."""
         self.state = "UNLOADING"
-        self.finish_by(time.monotonic() + timeout, f"the unload of model {self.name!r} version {self.version}")
         entry = self._engine.models.get(self.name)
         if entry is None or entry.loaded.get(self.version, self) is self:
             # else a reload put a new runtime of this version in its place: the gauges are that one's now
             self._engine.metrics.model_ready.labels(*self.labels).set(0)
         else:
             self.scheduler.on_depth = lambda depth: None
+        self.finish_by(time.monotonic() + timeout, f"the unload of model {self.name!r} version {self.version}")
         try:
             if not self.idle.is_set():  # requests running, queued or still in preprocessing
                 await asyncio.wait_for(self.idle.wait(), timeout)
@@ -749,6 +749,7 @@ class Engine:
                 rt.active.discard(req)
                 rt.update_idle()
                 rt.inflight_gauge.dec()
+                rt.scheduler.request_ended(req, whole=outcome is None and req.ran_whole)
             seconds = time.monotonic() - t_start
             if rt is not None:
                 rt.stats.finished(ok=outcome is None, seconds=seconds, phases=phases)
@@ -887,6 +888,8 @@ class Engine:
                         yield VideoEvent(video, offset, False)
                         offset += len(video)
                 elif isinstance(event, Finished):
+                    # not re-run alone (out of memory in its batch): its times are its batch's
+                    req.ran_whole = event.batch_size == req.batch_size
                     if encoder is not None:
                         t0 = time.perf_counter()
                         finish_from = time.monotonic()

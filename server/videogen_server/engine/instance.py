@@ -115,11 +115,9 @@ class Instance:
                 req.instance = self.name
             self._on_busy(+1)
             self._on_batch(batch)
-            fatal = ran = False
-            started = time.monotonic()
+            fatal = False
             try:
                 self.backend.execute([BackendRequest(r.request_id, r.params, r.image, r, r.prepared) for r in batch])
-                ran = not any(r.is_cancelled() or r.failed for r in batch)
             except Exception as exc:
                 fatal = is_fatal_device_error(exc)
                 log.error("instance %s of %s/%s failed a batch of %d%s", self.name, self.context.model_name,
@@ -130,7 +128,7 @@ class Instance:
                 for req in batch:
                     req.error(InstanceDead("the model instance failed") if fatal else exc)
             finally:
-                self._scheduler.batch_done(batch, time.monotonic() - started, ran_to_end=ran)
+                self._scheduler.batch_done(batch)
                 for req in batch:
                     req.close()
                 self._on_busy(-1)

@@ -51,7 +51,7 @@ class EngineRequest:
         self.phase = RequestPhase.QUEUED
         self.batch_size = 1
         self.instance = ""
-        self.failed = False  # an error was sent: the request ends with it
+        self.ran_whole = False  # the backend finished it in the batch it was handed out in
         self._loop = loop
         self.events: asyncio.Queue[tuple[float, Any]] = asyncio.Queue()  # (sent at, event)
         self._cancelled = threading.Event()
@@ -64,7 +64,6 @@ class EngineRequest:
             self._loop.call_soon_threadsafe(self.events.put_nowait, (time.monotonic(), event))
 
     def error(self, exc: BaseException) -> None:
-        self.failed = True
         self._loop.call_soon_threadsafe(self.events.put_nowait, (time.monotonic(), _Failed(exc)))
 
     def is_cancelled(self) -> bool:

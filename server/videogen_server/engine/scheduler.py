@@ -4,35 +4,30 @@ Instances' worker threads block in `next_batch`; the asyncio side calls `submit`
 One lock guards everything, so a request is taken by exactly one instance or removed (timed out,
 cancelled) exactly once. Priority level 1 is the highest; within a level, first come first served.
 
-The scheduler also times the batches its instances run, so that a drain or an unload with a deadline
-does not start what it would have to stop (`finish_by`), nor an instance a request whose own deadline
-would pass before even the fastest of the latest runs could end (its caller's time and the device's
-would both be spent for nothing), and so that Accepted can say when a request should start and end.
+The scheduler also times the batches its instances run (`run_times`), so that a drain or an unload
+with a deadline does not start what it would have to stop (`finish_by`), nor an instance a request
+whose own deadline would pass before even the fastest of its shape's latest runs could end (its
+caller's time and the device's would both be spent for nothing), and so that Accepted can say when a
+request should start and end (`_plan`: the queue as the instances would take it).
 """
 from __future__ import annotations
 
 import collections
 import heapq
-import statistics
+import logging
 import threading
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
-from ..domain import ResolvedParams
 from ..errors import DeadlineUnreachable, NotReady, NotStarted, QueueFull, QueueTimeout
 from .model_config import Batching
 from .request import EngineRequest, RequestPhase
+from .run_times import BatchRun, RunTimes
 
-#: How many of the latest batches a request's run-time estimate is drawn from (their median).
-DURATION_SAMPLES = 16
+log = logging.getLogger(__name__)
 
-
-def work_units(params: ResolvedParams) -> float:
-    """A request's work, the unit run times are estimated in: pixels x frames x (UNet passes + 1), one
-    pass per denoising step and guidance row, the one more standing for image encode and VAE decode.
-    Exact for the shape the model mostly serves (its time per unit is measured), proportional for others."""
-    passes = params.num_inference_steps * (2 if params.guided else 1)
-    return float(params.width * params.height * params.num_frames * (passes + 1))
+#: (start, end) seconds from now, each None where not known
+Eta = tuple[Optional[float], Optional[float]]
 
 
 class Scheduler:
@@ -49,10 +44,11 @@ class Scheduler:
         # batches instances are gathering (their first request's batch_key, the batch, its room): a
         # request that fits one is left for that instance, not taken by an idle one as a batch of its own
         self._gathering: list[tuple[tuple, list[EngineRequest], int]] = []
-        # batches the instances are running: id(batch) -> (started, batch); and the seconds per work unit
-        # of the latest batches that ran to their end (the run-time estimate)
-        self._running: dict[int, tuple[float, list[EngineRequest]]] = {}
-        self._seconds_per_unit: collections.deque[float] = collections.deque(maxlen=DURATION_SAMPLES)
+        # batches handed out and not yet over (their instance done and each request ended): id(batch) ->
+        # run, and request -> its batch's run; the run times of those that ran whole, per shape and size
+        self._runs: dict[int, BatchRun] = {}
+        self._run_of: dict[EngineRequest, BatchRun] = {}
+        self.run_times = RunTimes()
         self._finish_by: Optional[float] = None  # time.monotonic(): nothing starts that would end later
         self._finish_why = ""
 
@@ -68,9 +64,9 @@ class Scheduler:
         """Requests waiting at every priority level (call with the lock held)."""
         return sum(len(q) for q in self._levels)
 
-    def submit(self, req: EngineRequest) -> tuple[int, Optional[tuple[float, float]]]:
+    def submit(self, req: EngineRequest) -> tuple[int, Eta]:
         """Queue a request; returns how many queued requests are ahead of it, and the estimated seconds
-        from now until an instance starts it and until it ends (None before any batch was timed)."""
+        from now until an instance starts it and until it ends (each None where not known)."""
         with self._cv:
             if self._closed:
                 raise NotReady(f"model {req.model!r} is unloading")
@@ -83,7 +79,9 @@ class Scheduler:
             # notify_all: a single wake-up could land on an instance that is gathering a batch of
             # another shape and ignores this request, while an idle instance sleeps on.
             self._cv.notify_all()
-            return ahead, self._eta(req, time.monotonic())
+            now = time.monotonic()
+            start, end = self._plan(now)[0].get(req, (None, None))
+            return ahead, (None if start is None else start - now, None if end is None else end - now)
 
     def remove(self, req: EngineRequest) -> bool:
         """Take a still-queued request out (cancelled or timed out); False if an instance has it."""
@@ -111,75 +109,75 @@ class Scheduler:
         `deadline` (time.monotonic()), and the queued requests that would not are handed back at once,
         marked not started (the SDK sends them to another server while there is time, where they would
         have waited out the deadline and then been handed back, or started and been stopped, their work
-        lost). Which ones: the queue in the order instances take it, over the live instances, each free
-        when its batch's estimated end comes, each request's run time estimated from the latest batches;
-        nothing is handed back before a batch has run to its end (no estimate). `why`: what ends then,
-        for the callers' message ("the server's drain"). Returns how many."""
+        lost). Which ones: `_plan`'s, on the estimates of `run_times` (a request of a shape not measured
+        is never handed back early). The earliest deadline set holds (a drain during an unload). `why`:
+        what ends then, for the callers' message ("the server's drain"). Returns how many."""
         with self._cv:
             now = time.monotonic() if now is None else now
-            self._finish_by, self._finish_why = deadline, why
-            free = self._instances_free(now)
-            if not free:
-                return 0
-            back = 0
-            for q in self._levels:
-                for req in list(q):
-                    if req.is_cancelled():
-                        continue
-                    start = heapq.heappop(free)
-                    end = start + self._estimate([req.params])
-                    if end > deadline:
-                        q.remove(req)
-                        self._hand_back(req)
-                        back += 1
-                        end = start  # that instance is still free then for a shorter request behind
-                    heapq.heappush(free, end)
-            if back:
+            if self._finish_by is None or deadline < self._finish_by:
+                self._finish_by, self._finish_why = deadline, why
+            late = self._plan(now, self._finish_by)[1]
+            for req in late:
+                self._levels[req.priority - 1].remove(req)
+                self._hand_back(req)
+            if late:
                 self.on_depth(self._queued())
-            return back
+            return len(late)
 
-    def _instances_free(self, now: float) -> list[float]:
-        """When each live instance is free, by the estimates: a heap, empty when nothing is timed yet."""
-        if not self._seconds_per_unit:
-            return []
-        free = [max(now, started + self._estimate(r.params for r in batch)) for started, batch in self._running.values()]
-        free += [now] * max(0, self._live_instances() - len(free))
+    def _plan(self, now: float, deadline: Optional[float] = None) -> tuple[dict[EngineRequest, Eta], list[EngineRequest]]:
+        """The queue as the instances would take it from `now`, as `next_batch` does: the first request
+        in priority order with the queued ones of its shape up to max_batch_size, on the instance free
+        first (the running batches' ends estimated), for its estimated time. Returns when each queued
+        request would start and end (time.monotonic(); None where not known: from the point an instance
+        whose batch is of a shape not measured could take it), and, with `deadline`, the requests that
+        would not end by then: a batch is cut to the rows that would (the rest stay queued for the next
+        instance), and a request that would not even alone is late, its instance left free. Unknown
+        times count as none (every time is a lower bound), so nothing is late on a guess. Call with the
+        lock held."""
+        # (when an instance is free, whether that is not known): of two free at once, the known goes first
+        free: list[tuple[float, bool]] = []
+        for run in self._runs.values():
+            if run.busy_s is None:  # running
+                est = self.run_times.batch(run.key, len(run.rows))
+                free.append((max(now, run.started + est.busy_s), False) if est else (now, True))
+        free += [(now, False)] * max(0, self._live_instances() - len(free))
         heapq.heapify(free)
-        return free
+        pending = [r for q in self._levels for r in q if not r.is_cancelled()]
+        plan: dict[EngineRequest, Eta] = {}
+        late: list[EngineRequest] = []
+        uncertain = False  # an instance free at a time not known came up: which request goes where is not
+        while pending and free:
+            start, unknown = heapq.heappop(free)
+            uncertain = uncertain or unknown
+            head = pending.pop(0)
+            key = head.params.batch_key
+            batch = [head] + [r for r in pending if r.params.batch_key == key][: self._max_batch - 1]
+            est = self.run_times.batch(key, len(batch))
+            while deadline is not None and est is not None and start + est.end_s > deadline and batch:
+                batch.pop()
+                est = self.run_times.batch(key, len(batch)) if batch else None
+            if not batch:
+                late.append(head)
+                heapq.heappush(free, (start, unknown))
+                continue
+            for req in batch[1:]:
+                pending.remove(req)
+            end = start + est.end_s if est is not None and not uncertain else None
+            plan.update((req, (None if uncertain else start, end)) for req in batch)
+            heapq.heappush(free, (start + est.busy_s, unknown) if est is not None else (start, True))
+        return plan, late
 
-    def _eta(self, req: EngineRequest, now: float) -> Optional[tuple[float, float]]:
-        """Seconds from `now` until an instance would start `req` (queued) and until it would end, the
-        requests ahead of it run first on the instance free first (call with the lock held)."""
-        free = self._instances_free(now)
-        if not free:
-            return None
-        for q in self._levels[: req.priority]:
-            for other in q:
-                if other.is_cancelled():
-                    continue
-                start = heapq.heappop(free)
-                end = start + self._estimate([other.params])
-                if other is req:
-                    return start - now, end - now
-                heapq.heappush(free, end)
-        return None
-
-    def _estimate(self, rows: Iterable[ResolvedParams]) -> float:
-        """Seconds an instance would take to run these rows as one batch (call with the lock held and a
-        sample taken): their work times the median seconds per unit of the latest batches."""
-        return statistics.median(self._seconds_per_unit) * sum(work_units(p) for p in rows)
-
-    def _fastest(self, params: ResolvedParams) -> Optional[float]:
-        """Seconds the request would take at the fastest of the latest batches' rates (None: none timed)."""
-        return min(self._seconds_per_unit) * work_units(params) if self._seconds_per_unit else None
-
-    def _cannot_finish(self, rows: Iterable[ResolvedParams], start: float) -> bool:
-        return self._finish_by is not None and bool(self._seconds_per_unit) and (
-            start + self._estimate(rows) > self._finish_by)
+    def _would_end_late(self, rows: list[EngineRequest], now: float) -> bool:
+        """Whether these rows, started now as one batch, would end after the drain's or unload's end."""
+        if self._finish_by is None:
+            return False
+        est = self.run_times.batch(rows[0].params.batch_key, len(rows))
+        return est is not None and now + est.end_s > self._finish_by
 
     def _hand_back(self, req: EngineRequest) -> None:
-        req.error(NotStarted(f"{self._finish_why} ends before this request would, by the run time of the "
-                             f"latest requests; nothing was done for it: send it again"))
+        log.info("request %s handed back, not started: %s would end first", req.request_id, self._finish_why)
+        req.error(NotStarted(f"{self._finish_why} ends before this request would, by the run times of the "
+                             f"latest requests of its shape; nothing was done for it: send it again"))
         req.close()
 
     # -- worker side ------------------------------------------------------------------------------
@@ -197,16 +195,16 @@ class Scheduler:
                     req.error(QueueTimeout("queue timeout passed before an instance was free"))
                     req.close()
                     continue
-                if self._cannot_finish([req.params], now):
+                if self._would_end_late([req], now):
                     q.remove(req)
                     self._hand_back(req)
                     continue
-                fastest = self._fastest(req.params)
-                if req.deadline is not None and fastest is not None and now + fastest > req.deadline:
+                fastest = self.run_times.fastest(req.params.batch_key) if req.deadline is not None else None
+                if fastest is not None and now + fastest > req.deadline:
                     q.remove(req)
                     req.error(DeadlineUnreachable(
                         f"the request's deadline is {max(0.0, req.deadline - now):.1f}s away and the fastest of "
-                        f"the latest runs would take {fastest:.1f}s; not started"))
+                        f"its shape's latest runs took {fastest:.1f}s; not started"))
                     req.close()
                     continue
                 if any(key == req.params.batch_key and len(batch) < room for key, batch, room in self._gathering):
@@ -222,8 +220,8 @@ class Scheduler:
                 if len(batch) >= self._max_batch:
                     return
                 if req.params.batch_key == key and not req.is_cancelled() and (
-                        req.queue_deadline is None or now < req.queue_deadline) and not self._cannot_finish(
-                        [r.params for r in batch] + [req.params], now):
+                        req.queue_deadline is None or now < req.queue_deadline) and not self._would_end_late(
+                        batch + [req], now):
                     q.remove(req)
                     batch.append(req)
 
@@ -266,14 +264,31 @@ class Scheduler:
                 req.phase = RequestPhase.RUNNING
                 req.started_at = started
                 req.batch_size = len(batch)
-            self._running[id(batch)] = (started, batch)
+            run = self._runs[id(batch)] = BatchRun(started, batch)
+            self._run_of.update((req, run) for req in batch)
             self.on_depth(self._queued())
             return batch
 
-    def batch_done(self, batch: list[EngineRequest], seconds: float, *, ran_to_end: bool) -> None:
-        """An instance is done with `batch` (from `next_batch`) after `seconds`. One that ran every row to
-        its end (no error, none cancelled) is a sample of the model's run time."""
+    def batch_done(self, batch: list[EngineRequest]) -> None:
+        """The instance is done with `batch` (from `next_batch`): it is free from now."""
         with self._cv:
-            self._running.pop(id(batch), None)
-            if ran_to_end:
-                self._seconds_per_unit.append(seconds / sum(work_units(r.params) for r in batch))
+            run = self._runs.get(id(batch))
+            if run is not None:
+                run.busy_s = time.monotonic() - run.started
+                self._settle(run)
+
+    def request_ended(self, req: EngineRequest, *, whole: bool) -> None:
+        """A request an instance took has ended for its caller; `whole`: it succeeded, run in the batch
+        it was handed out in."""
+        with self._cv:
+            run = self._run_of.pop(req, None)
+            if run is not None:
+                run.open_rows -= 1
+                run.whole = run.whole and whole
+                run.ended = time.monotonic()
+                self._settle(run)
+
+    def _settle(self, run: BatchRun) -> None:
+        if run.open_rows == 0 and run.busy_s is not None:  # the instance done, every request ended
+            del self._runs[id(run.rows)]
+            self.run_times.add(run)

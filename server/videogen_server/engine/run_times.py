@@ -1,0 +1,80 @@
+"""How long the model's requests take, measured per request shape and batch size.
+
+The scheduler records each batch it hands out (`BatchRun`): when it started, when its instance was
+free again (`execute` returned) and when its last request ended for its caller (frames and video
+sent). A batch whose every request succeeded, run as handed out (not re-run alone after running out
+of memory), is a sample for its shape (`ResolvedParams.batch_key`) and size. Estimates come only from
+the same shape, and only from several samples (one slow run, such as the first of a shape that tuned
+cuDNN for it, is not an estimate): what the scheduler decides on them (handing a request back at a
+drain, refusing one its deadline would cut) is never decided on a guess. Not thread-safe: the
+scheduler's lock guards it.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import statistics
+from typing import Any, Optional
+
+#: Runs kept per shape and batch size (their median is the estimate), how many an estimate needs, and
+#: how many shapes are kept (the least recently run forgotten first).
+RUN_SAMPLES = 16
+MIN_RUN_SAMPLES = 3
+RUN_SHAPES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Seconds from a batch's start until its instance is free and until its last request has ended."""
+
+    busy_s: float
+    end_s: float
+
+
+@dataclasses.dataclass
+class BatchRun:
+    """One batch from `next_batch` until its instance is done and every request of it has ended."""
+
+    started: float
+    rows: list
+    busy_s: Optional[float] = None  # set when the instance is done with it
+    open_rows: int = 0
+    whole: bool = True  # every request succeeded, run in this batch
+    ended: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.open_rows = len(self.rows)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return self.rows[0].params.batch_key
+
+
+class RunTimes:
+    def __init__(self) -> None:
+        self._runs: collections.OrderedDict[tuple, collections.deque[Estimate]] = collections.OrderedDict()
+
+    def add(self, run: BatchRun) -> None:
+        """A batch whose instance is done and whose requests have all ended: a sample if it ran whole."""
+        if not run.whole or run.busy_s is None:
+            return
+        shape = (run.key, len(run.rows))
+        runs = self._runs.pop(shape, None) or collections.deque(maxlen=RUN_SAMPLES)
+        runs.append(Estimate(run.busy_s, max(run.busy_s, run.ended - run.started)))
+        self._runs[shape] = runs  # the most recently run last
+        while len(self._runs) > RUN_SHAPES:
+            self._runs.popitem(last=False)
+
+    def batch(self, key: tuple[Any, ...], size: int) -> Optional[Estimate]:
+        """A batch of `size` requests of shape `key`: the medians of that shape and size's latest runs.
+        For a size not measured, one request's (a lower bound: requests run together take at least as
+        long as one of them alone). None when the shape is not measured."""
+        runs = self._runs.get((key, size))
+        if runs is not None and len(runs) >= MIN_RUN_SAMPLES:
+            return Estimate(statistics.median(r.busy_s for r in runs), statistics.median(r.end_s for r in runs))
+        return self.batch(key, 1) if size > 1 else None
+
+    def fastest(self, key: tuple[Any, ...]) -> Optional[float]:
+        """The shortest time to the end of one request of shape `key` run alone, of its latest runs."""
+        runs = self._runs.get((key, 1))
+        return min(r.end_s for r in runs) if runs is not None and len(runs) >= MIN_RUN_SAMPLES else None
