@@ -16,7 +16,9 @@ and a stream that outlives it by 10 s is abandoned and counted as ``HANG``. Retr
 Reported: queue wait (the Summary's ``queue_seconds``), time to first frame (client side: call
 start to the first Frame, or first VideoChunk without frames), end-to-end latency (client side:
 call start to the end of the stream) as p50/p90/p99/max, throughput (completed videos per second
-of wall time), errors by gRPC status code name, and server memory before and after the run: the
+of wall time), errors by gRPC status code name, how far each completed request's end (client side:
+Accepted to Summary) was from Accepted's ``estimated_end_seconds`` (where the server gave one; signed,
+later is positive, and absolute), and server memory before and after the run: the
 sum of ``videogen_device_memory_allocated_bytes`` over ``--metrics`` endpoints (instances that
 share a device report that device's per-process figure, so each device counts once; on CPU it is
 the process RSS), else the RSS of ``--pid`` processes. After the run it waits up to 5 s for the
@@ -48,7 +50,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from videogen_client import AsyncVideoGenClient, Frame, Summary, VideoChunk, VideoGenError
+from videogen_client import Accepted, AsyncVideoGenClient, Frame, Summary, VideoChunk, VideoGenError
 
 HANG_GRACE_S = 10.0  # a stream still open this long after its gRPC deadline counts as hung
 IDLE_WAIT_S = 5.0
@@ -211,18 +213,23 @@ def default_image(width: int = 64, height: int = 48) -> bytes:
 async def _one(client: AsyncVideoGenClient, image: bytes, model: str, kwargs: dict[str, Any],
                timeout: float) -> dict[str, Any]:
     record: dict[str, Any] = {"status": "OK", "e2e_s": None, "ttff_s": None, "queue_s": None,
-                              "server_first_frame_s": None, "server_total_s": None}
+                              "server_first_frame_s": None, "server_total_s": None, "eta_error_s": None}
     start = time.perf_counter()
 
     async def consume() -> None:
+        estimate = accepted_at = None
         events = client.generate(image, model=model, timeout=timeout, **kwargs)
         async with contextlib.aclosing(events):
             async for event in events:
-                if record["ttff_s"] is None and isinstance(event, (Frame, VideoChunk)):
+                if isinstance(event, Accepted):
+                    estimate, accepted_at = event.estimated_end_seconds, time.perf_counter()
+                elif record["ttff_s"] is None and isinstance(event, (Frame, VideoChunk)):
                     record["ttff_s"] = time.perf_counter() - start
                 elif isinstance(event, Summary):
                     record.update(queue_s=event.queue_seconds, server_first_frame_s=event.first_frame_seconds,
                                   server_total_s=event.total_seconds)
+                    if estimate is not None and accepted_at is not None:  # the server's estimate, checked
+                        record["eta_error_s"] = time.perf_counter() - accepted_at - estimate
 
     try:
         await asyncio.wait_for(consume(), timeout + HANG_GRACE_S)
@@ -297,7 +304,9 @@ def run_load(targets: str | Sequence[str], *, model: str, clients: int, requests
 
     Returns a JSON-serialisable dict: ``sent``, ``completed``, ``errors`` ({status name: count}),
     ``not_sent``, ``wall_seconds``, ``throughput_videos_per_s``, ``latency`` (``e2e_s``,
-    ``ttff_s``, ``queue_wait_s``, ``server_first_frame_s``: count/p50/p90/p99/max/mean),
+    ``ttff_s``, ``queue_wait_s``, ``server_first_frame_s``: count/p50/p90/p99/max/mean; and
+    ``eta_error_s``, ``eta_abs_error_s``: the end as received less Accepted's ``estimated_end_seconds``,
+    over the completed requests that had one),
     ``memory`` (``source``, ``before_bytes``, ``after_bytes``, ``delta_bytes``), ``server_after``
     (gauges after the run and ``idle_wait_s``), ``deadline_reached`` and the settings.
     """
@@ -329,6 +338,7 @@ def run_load(targets: str | Sequence[str], *, model: str, clients: int, requests
     _, after = server_memory(metrics, pids)
 
     ok = [r for r in records if r["status"] == "OK"]
+    eta_errors = [r["eta_error_s"] for r in ok if r["eta_error_s"] is not None]
     errors = Counter(r["status"] for r in records if r["status"] != "OK")
     details = {}
     for r in records:
@@ -348,6 +358,8 @@ def run_load(targets: str | Sequence[str], *, model: str, clients: int, requests
             "server_first_frame_s": distribution([r["server_first_frame_s"] for r in ok
                                                   if r["server_first_frame_s"] is not None]),
             "rejected_e2e_s": distribution([r["e2e_s"] for r in records if r["status"] != "OK"]),
+            "eta_error_s": distribution(eta_errors),
+            "eta_abs_error_s": distribution([abs(e) for e in eta_errors]),
         },
         "memory": {"source": source, "before_bytes": before, "after_bytes": after,
                    "delta_bytes": None if before is None or after is None else after - before},
@@ -379,7 +391,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'seconds (completed)':<22}{'n':>5}{'p50':>10}{'p90':>10}{'p99':>10}{'max':>10}",
     ]
     names = {"queue_wait_s": "queue wait", "ttff_s": "time to first frame", "e2e_s": "end to end",
-             "server_first_frame_s": "first frame (server)"}
+             "server_first_frame_s": "first frame (server)", "eta_abs_error_s": "|end - estimated end|",
+             "eta_error_s": "end - estimated end"}
     for key, label in names.items():
         d = result["latency"][key]
         lines.append(f"{label:<22}{d['count']:>5}{_seconds(d['p50']):>10}{_seconds(d['p90']):>10}"

@@ -98,6 +98,10 @@ def test_load_beyond_the_queue_is_accounted_for_and_memory_is_stable(small_queue
         first["memory"], second["memory"])
     table = loadgen.format_table(second)
     assert "time to first frame" in table and "RESOURCE_EXHAUSTED" in table
+    # one shape throughout: after its first runs, Accepted carries the server's estimate, which the
+    # report checks against when each request really ended (figures only: no bound on a shared machine)
+    eta = second["latency"]["eta_abs_error_s"]
+    assert eta["count"] >= 1 and eta["p50"] is not None and "|end - estimated end|" in table, second["latency"]
 
 
 def test_inflight_gauge_returns_to_zero_after_queue_full_rejections(small_queue_server):

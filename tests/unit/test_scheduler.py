@@ -319,3 +319,17 @@ def test_an_instance_starts_no_request_its_deadline_would_cut():
     assert re.search(r"deadline is (0\.\d|1\.0)s away and the fastest of its shape's latest runs took 2\.0s",
                      err.message), err.message
     sched.close()
+
+
+def test_a_caller_is_told_the_nearest_measured_batch_size_a_decision_is_not():
+    """Only batches of two of a shape were measured (4 s: a busy server batches everything). A request
+    queued alone is told the time of a batch of two (the nearest measured size; an upper bound here),
+    but a drain that would end before that does not hand it back on it: a batch of one's time is not
+    known, and only a lower bound may decide."""
+    sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=0.0), max_batch_size=2)
+    _measured(sched, 4.0, 4.0, 4.0, size=2)
+    alone = _sized("alone")
+    assert sched.submit(alone) == (0, (0.0, 4.0))
+    assert sched.finish_by(time.monotonic() + 3.0, why="the test's drain") == 0
+    assert sched.next_batch() == [alone] and not alone.errors
+    sched.close()

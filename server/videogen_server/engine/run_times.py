@@ -65,14 +65,22 @@ class RunTimes:
         while len(self._runs) > RUN_SHAPES:
             self._runs.popitem(last=False)
 
-    def batch(self, key: tuple[Any, ...], size: int) -> Optional[Estimate]:
+    def batch(self, key: tuple[Any, ...], size: int, *, nearest: bool = False) -> Optional[Estimate]:
         """A batch of `size` requests of shape `key`: the medians of that shape and size's latest runs.
         For a size not measured, one request's (a lower bound: requests run together take at least as
-        long as one of them alone). None when the shape is not measured."""
-        runs = self._runs.get((key, size))
-        if runs is not None and len(runs) >= MIN_RUN_SAMPLES:
-            return Estimate(statistics.median(r.busy_s for r in runs), statistics.median(r.end_s for r in runs))
-        return self.batch(key, 1) if size > 1 else None
+        long as one of them alone), what a decision may rest on; with `nearest` (an estimate to tell a
+        caller), the measured size nearest to it. None when the shape is not measured."""
+        exact = self._median((key, size))
+        if exact is not None or not nearest:
+            return exact if exact is not None or size == 1 else self.batch(key, 1)
+        sizes = sorted((abs(n - size), n) for k, n in self._runs if k == key and self._median((k, n)))
+        return self._median((key, sizes[0][1])) if sizes else None
+
+    def _median(self, shape: tuple) -> Optional[Estimate]:
+        runs = self._runs.get(shape)
+        if runs is None or len(runs) < MIN_RUN_SAMPLES:
+            return None
+        return Estimate(statistics.median(r.busy_s for r in runs), statistics.median(r.end_s for r in runs))
 
     def fastest(self, key: tuple[Any, ...]) -> Optional[float]:
         """The shortest time to the end of one request of shape `key` run alone, of its latest runs."""

@@ -132,13 +132,15 @@ class Scheduler:
         whose batch is of a shape not measured could take it), and, with `deadline`, the requests that
         would not end by then: a batch is cut to the rows that would (the rest stay queued for the next
         instance), and a request that would not even alone is late, its instance left free. Unknown
-        times count as none (every time is a lower bound), so nothing is late on a guess. Call with the
-        lock held."""
+        times count as none (every time is a lower bound), so nothing is late on a guess. Without a
+        deadline (an estimate to tell a caller), a batch size not measured takes the nearest measured
+        size's time. Call with the lock held."""
+        nearest = deadline is None
         # (when an instance is free, whether that is not known): of two free at once, the known goes first
         free: list[tuple[float, bool]] = []
         for run in self._runs.values():
             if run.busy_s is None:  # running
-                est = self.run_times.batch(run.key, len(run.rows))
+                est = self.run_times.batch(run.key, len(run.rows), nearest=nearest)
                 free.append((max(now, run.started + est.busy_s), False) if est else (now, True))
         free += [(now, False)] * max(0, self._live_instances() - len(free))
         heapq.heapify(free)
@@ -152,7 +154,7 @@ class Scheduler:
             head = pending.pop(0)
             key = head.params.batch_key
             batch = [head] + [r for r in pending if r.params.batch_key == key][: self._max_batch - 1]
-            est = self.run_times.batch(key, len(batch))
+            est = self.run_times.batch(key, len(batch), nearest=nearest)
             while deadline is not None and est is not None and start + est.end_s > deadline and batch:
                 batch.pop()
                 est = self.run_times.batch(key, len(batch)) if batch else None
