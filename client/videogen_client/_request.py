@@ -572,11 +572,12 @@ class ReadinessWait:
 class StreamAttempts:
     """One Generate's attempts, as the caller sees them: one Accepted event however often the request is
     sent again (another only if the server that runs it resolved the request otherwise, e.g. another
-    model version during a rollout), and whether the current attempt got beyond it (a step, a frame:
-    work that started)."""
+    model version during a rollout, or estimated when it starts and ends: the first server's estimate no
+    longer holds), and whether the current attempt got beyond it (a step, a frame: work that started)."""
 
     def __init__(self) -> None:
         self.first: Accepted | None = None
+        self.last: Accepted | None = None  # the last given to the caller
         self.started = False
 
     def next_attempt(self) -> None:
@@ -588,9 +589,15 @@ class StreamAttempts:
             return False
         if isinstance(event, Accepted):
             if self.first is None:
-                self.first = event
+                self.first = self.last = event
                 return True
-            return (event.model_version, event.parameters) != (self.first.model_version, self.first.parameters)
+            last = self.last
+            assert last is not None
+            news = (event.model_version, event.parameters) != (last.model_version, last.parameters) or (
+                event.estimated_end_seconds is not None)
+            if news:
+                self.last = event
+            return news
         self.started = True
         return True
 

@@ -56,8 +56,11 @@ class Accepted:
     stream_video, video_fps). ``parameters["seed"]`` is the seed to pass to reproduce the video.
 
     ``estimated_start_seconds`` / ``estimated_end_seconds``: the server's estimate, at admission, of
-    the seconds until an instance starts the request and until its last frame is decoded (from its
-    latest run times and the work queued ahead); None until the model has run a request to its end.
+    the seconds until an instance starts the request and until its last frame and video are sent (from
+    the latest runs of requests of its shape and the work queued ahead); each None where the server does
+    not know (fewer than 3 runs of the shape yet, or an instance busy with a shape it has not measured).
+    A request the SDK sends again to another server (see ``VideoGenClient``) gets a second Accepted
+    when that server resolved it otherwise or gives its own estimate.
     """
 
     request_id: str

@@ -114,8 +114,9 @@ class AcceptedEvent:
     model_version: int
     queue_position: int
     params: ResolvedParams
-    #: estimated seconds from admission until an instance starts it and until it ends (None: no estimate)
-    eta: Optional[tuple[float, float]] = None
+    #: estimated seconds from admission until an instance starts it and until it ends, each None where
+    #: not known (scheduler.Eta)
+    eta: tuple[Optional[float], Optional[float]] = (None, None)
 
 
 @dataclasses.dataclass(frozen=True)

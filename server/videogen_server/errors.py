@@ -77,8 +77,8 @@ class QueueTimeout(VideoGenError):
 
 
 class DeadlineUnreachable(QueueTimeout):
-    """An instance was free for the request, but the request's deadline would pass before even the
-    fastest of the model's latest runs could end: not started (its deadline would stop it, the device's
+    """An instance was about to start the request, but its deadline would pass before even the fastest
+    of its shape's latest runs alone could end: not started (its deadline would stop it, the device's
     time spent for nothing)."""
 
     REASON = "DEADLINE_UNREACHABLE"

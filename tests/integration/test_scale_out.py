@@ -37,7 +37,7 @@ from videogen_client import (
     VideoGenClient,
     VideoGenError,
 )
-from videogen_client._request import channel_target, connection_settings, service_config
+from videogen_client._request import StreamAttempts, channel_target, connection_settings, service_config
 
 from ..helpers import ServerThread, metric_value, sample_png
 
@@ -335,6 +335,24 @@ def test_retries_respect_max_attempts_and_the_deadline(tmp_path, tiny_model_sour
 
 
 # -- without a server -------------------------------------------------------------------------------
+
+
+def test_a_resent_request_gets_the_new_servers_estimate():
+    """After a hand-back the SDK sends the request again; the second server's Accepted reaches the caller
+    when it carries an estimate (the first server's, which gave the request up, no longer holds), and
+    not when it says nothing new (one Accepted per request, as before)."""
+    from videogen_client import Accepted
+
+    def accepted(end=None, version=1):
+        return Accepted(request_id="r", model="m", model_version=version, queue_position=0,
+                        parameters={"seed": 1}, estimated_start_seconds=None if end is None else 0.0,
+                        estimated_end_seconds=end)
+
+    attempts = StreamAttempts()
+    assert attempts.passes(accepted(end=5.0))
+    assert not attempts.passes(accepted())  # nothing new: a server without an estimate
+    assert attempts.passes(accepted(end=2.0))  # the server that runs it, its own estimate
+    assert attempts.passes(accepted(version=2)) and attempts.first.estimated_end_seconds == 5.0
 
 
 def test_targets_become_one_grpc_target():

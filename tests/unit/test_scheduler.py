@@ -22,7 +22,7 @@ class _Request(SimpleNamespace):
 
 def _request(name: str, key=(64, 48, 4, 2, True)):
     cancelled = threading.Event()
-    return _Request(request_id=name, model="m", priority=1, queue_deadline=None, deadline=None,
+    return _Request(request_id=name, model="m", priority=1, queue_deadline=None, deadline=None, run=None,
                            enqueued_at=time.monotonic(),
                            params=SimpleNamespace(batch_key=key), is_cancelled=cancelled.is_set, phase=None,
                            started_at=None, batch_size=1)
@@ -122,7 +122,7 @@ class _Recorded(_Request):
 def _sized(name: str, frames: int = 4, steps: int = 2, priority: int = 1, deadline: float | None = None):
     """A request of a shape (`batch_key`) the run times are kept by."""
     params = SimpleNamespace(batch_key=(64, 48, frames, steps, True))
-    return _Recorded(request_id=name, model="m", priority=priority, queue_deadline=None, deadline=deadline,
+    return _Recorded(request_id=name, model="m", priority=priority, queue_deadline=None, deadline=deadline, run=None,
                      enqueued_at=time.monotonic(), params=params, is_cancelled=lambda: False, phase=None,
                      started_at=None, batch_size=1, errors=[], closed=False)
 
@@ -155,7 +155,7 @@ def test_a_batch_is_a_sample_once_its_instance_is_done_and_each_request_ended_wh
         expected = None if run < 2 else 3
         assert (sched.run_times.batch(key, 2) is not None) == (expected is not None), run
     assert sched.run_times.batch(key, 1) is None and sched.run_times.fastest(key) is None
-    assert not sched._runs and not sched._run_of  # nothing kept once over
+    assert not sched._running and not any(r.run for r in rows)  # nothing kept once over
     sched.close()
 
 
@@ -290,7 +290,7 @@ def test_the_estimates_follow_the_order_instances_take_the_queue():
     sched.request_ended(first, whole=True)
     sched.batch_done([first])  # not the batch object next_batch returned: nothing happens
     assert sched.submit(_sized("third", priority=2))[1] == (None, None)  # (its instance: up to "first")
-    [run] = [r for r in sched._runs.values() if r.rows == [first]]
+    [run] = [r for r in sched._running.values() if r.rows == [first]]
     sched.batch_done(run.rows)  # now its instance is free
     ahead, high = sched.submit(_sized("high", priority=1))
     assert ahead == 0 and high == (0.0, 2.0), high
@@ -333,3 +333,97 @@ def test_a_caller_is_told_the_nearest_measured_batch_size_a_decision_is_not():
     assert sched.finish_by(time.monotonic() + 3.0, why="the test's drain") == 0
     assert sched.next_batch() == [alone] and not alone.errors
     sched.close()
+
+
+def _cancellable(name: str, **kw):
+    req = _sized(name, **kw)
+    cancelled = threading.Event()
+    req.is_cancelled, req.cancel = cancelled.is_set, cancelled.set
+    return req
+
+
+def _in_thread(fn):
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(value=fn()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_request_whose_caller_goes_while_its_batch_gathers_leaves_nothing_behind():
+    """The caller goes away (the engine cancels the request, then ends it) while its instance gathers a
+    batch; the batch is registered after that. Nothing may wait for that request to end again: the run
+    is no sample, the instance's done frees everything, and the request holds no run (which kept its
+    batch's images alive for good)."""
+    sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=0.5), max_batch_size=2)
+    gone = _cancellable("gone")
+    sched.submit(gone)
+    thread, out = _in_thread(sched.next_batch)
+    time.sleep(0.1)  # gathering: waits for a second request of its shape
+    gone.cancel()
+    sched.request_ended(gone, whole=False)  # the engine's cleanup, before the batch is registered
+    thread.join(5)
+    assert out["value"] == [gone] and gone.run is None
+    sched.batch_done(out["value"])
+    assert not sched._running and sched.run_times.batch(gone.params.batch_key, 1) is None
+    sched.close()
+
+
+def test_the_plan_skips_requests_no_instance_would_start():
+    """A queued request whose queue timeout has passed, ahead of one of 2 s with 2.5 s of the drain left:
+    the instance drops the first and runs the second, so the drain must not count the first's 2 s and
+    hand the second back (it would have finished)."""
+    sched = Scheduler(batching=Batching(), max_batch_size=1)
+    _measured(sched, 2.0, 2.0, 2.0)
+    expired, fits = _sized("expired"), _sized("fits")
+    expired.queue_deadline = time.monotonic() - 1
+    for req in (expired, fits):
+        sched.submit(req)
+    assert sched.finish_by(time.monotonic() + 2.5, why="the test's drain") == 0
+    assert sched.next_batch() == [fits] and expired.closed and not fits.errors
+    sched.close()
+
+
+def test_a_row_joining_a_batch_is_checked_against_its_deadline():
+    """A request whose deadline even the fastest run alone would miss does not ride along in another's
+    batch (it stays queued, to be refused when an instance reaches it)."""
+    sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=0.0), max_batch_size=2)
+    _measured(sched, 2.0, 2.0, 2.0)
+    head, doomed = _sized("head"), _sized("doomed", deadline=time.monotonic() + 1.0)
+    for req in (head, doomed):
+        sched.submit(req)
+    assert sched.next_batch() == [head] and sched.depth() == 1 and not doomed.errors
+    sched.close()
+
+
+def test_a_batch_that_gathered_while_a_drain_began_is_checked_when_it_starts():
+    """The drain begins while an instance gathers (up to 1 s): when the gathering ends, a request of 2 s
+    would end after the drain's 2.5 s; it is handed back then instead of started."""
+    from videogen_server.errors import NotStarted
+
+    sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=1.0), max_batch_size=2)
+    _measured(sched, 2.0, 2.0, 2.0)
+    head = _sized("head")
+    sched.submit(head)
+    thread, out = _in_thread(sched.next_batch)
+    time.sleep(0.1)
+    assert sched.finish_by(time.monotonic() + 2.4, why="the test's drain") == 0  # nothing queued
+    thread.join(0.5 + 1.0)
+    assert head.closed and isinstance(head.errors[0], NotStarted)
+    sched.close()
+    thread.join(5)
+    assert out["value"] is None
+
+
+def test_an_instance_gathering_a_batch_is_busy_in_the_estimates():
+    """One instance gathering a batch for up to 1 s, its shape measured at 2 s: a request of another
+    shape (also 2 s) is told it starts when that batch ends, ~3 s from now, not at once."""
+    sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=1.0), max_batch_size=2)
+    _measured(sched, 2.0, 2.0, 2.0)
+    _measured(sched, 2.0, 2.0, 2.0, frames=8)
+    sched.submit(_sized("gathered"))
+    thread, _ = _in_thread(sched.next_batch)
+    time.sleep(0.1)
+    _, (start, end) = sched.submit(_sized("other", frames=8))
+    assert 2.7 <= start <= 3.0 and abs(end - start - 2.0) < 0.01, (start, end)
+    sched.close()
+    thread.join(5)

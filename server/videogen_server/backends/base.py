@@ -97,10 +97,13 @@ class FramesDecoded:
 
 @dataclasses.dataclass(frozen=True)
 class Finished:
-    """Sent by the backend last for a request that completed (peak memory of its run)."""
+    """Sent by the backend last for a request that completed: the peak device memory of its run, and
+    the size of the batch it ran in (None: the one handed to `execute`; a backend that re-runs a
+    request alone, say after running out of memory in its batch, says 1, and the scheduler then does
+    not count that batch's time as a run of its size)."""
 
     peak_memory_bytes: int = 0
-    batch_size: int = 1
+    batch_size: Optional[int] = None
 
 
 class ResponseSender(Protocol):

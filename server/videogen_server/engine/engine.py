@@ -889,7 +889,8 @@ class Engine:
                         offset += len(video)
                 elif isinstance(event, Finished):
                     # not re-run alone (out of memory in its batch): its times are its batch's
-                    req.ran_whole = event.batch_size == req.batch_size
+                    batch_size = event.batch_size or req.batch_size
+                    req.ran_whole = batch_size == req.batch_size
                     if encoder is not None:
                         t0 = time.perf_counter()
                         finish_from = time.monotonic()
@@ -904,7 +905,7 @@ class Engine:
                     phases.update(timing, queue=req.queue_wait, video_encode=video_encode_s)
                     record.update({f"{k}_s": round(v, 4) for k, v in timing.items()},
                                   video_encode_s=round(video_encode_s, 4), first_frame_s=round(first_frame_s, 4),
-                                  peak_memory_bytes=event.peak_memory_bytes, batch_size=event.batch_size,
+                                  peak_memory_bytes=event.peak_memory_bytes, batch_size=batch_size,
                                   instance=req.instance)
                     device = _device_of(rt, req.instance)
                     entry = self.models.get(rt.name)
@@ -915,7 +916,7 @@ class Engine:
                         request_id=req.request_id, num_frames=p.num_frames, queue_s=req.queue_wait,
                         image_encode_s=timing["image_encode"], denoise_s=timing["denoise"], decode_s=timing["decode"],
                         video_encode_s=video_encode_s, total_s=total, first_frame_s=first_frame_s,
-                        peak_memory_bytes=event.peak_memory_bytes, video_bytes=offset, batch_size=event.batch_size,
+                        peak_memory_bytes=event.peak_memory_bytes, video_bytes=offset, batch_size=batch_size,
                         device=device)
                     return
                 elif isinstance(event, _Failed):

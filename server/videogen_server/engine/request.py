@@ -52,6 +52,7 @@ class EngineRequest:
         self.batch_size = 1
         self.instance = ""
         self.ran_whole = False  # the backend finished it in the batch it was handed out in
+        self.run: Any = None  # its batch's run (scheduler.BatchRun) from the instance taking it to its end
         self._loop = loop
         self.events: asyncio.Queue[tuple[float, Any]] = asyncio.Queue()  # (sent at, event)
         self._cancelled = threading.Event()

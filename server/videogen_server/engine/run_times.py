@@ -53,6 +53,10 @@ class BatchRun:
 class RunTimes:
     def __init__(self) -> None:
         self._runs: collections.OrderedDict[tuple, collections.deque[Estimate]] = collections.OrderedDict()
+        # computed as runs come (not at every look-up, under the scheduler's lock): (key, size) -> its
+        # medians, and key -> the shortest time to the end of one request alone, once enough runs
+        self._estimates: dict[tuple, Estimate] = {}
+        self._fastest: dict[tuple, float] = {}
 
     def add(self, run: BatchRun) -> None:
         """A batch whose instance is done and whose requests have all ended: a sample if it ran whole."""
@@ -62,27 +66,30 @@ class RunTimes:
         runs = self._runs.pop(shape, None) or collections.deque(maxlen=RUN_SAMPLES)
         runs.append(Estimate(run.busy_s, max(run.busy_s, run.ended - run.started)))
         self._runs[shape] = runs  # the most recently run last
+        if len(runs) >= MIN_RUN_SAMPLES:
+            self._estimates[shape] = Estimate(statistics.median(r.busy_s for r in runs),
+                                              statistics.median(r.end_s for r in runs))
+            if shape[1] == 1:
+                self._fastest[shape[0]] = min(r.end_s for r in runs)
         while len(self._runs) > RUN_SHAPES:
-            self._runs.popitem(last=False)
+            old, _ = self._runs.popitem(last=False)
+            self._estimates.pop(old, None)
+            if old[1] == 1:
+                self._fastest.pop(old[0], None)
 
     def batch(self, key: tuple[Any, ...], size: int, *, nearest: bool = False) -> Optional[Estimate]:
         """A batch of `size` requests of shape `key`: the medians of that shape and size's latest runs.
         For a size not measured, one request's (a lower bound: requests run together take at least as
         long as one of them alone), what a decision may rest on; with `nearest` (an estimate to tell a
         caller), the measured size nearest to it. None when the shape is not measured."""
-        exact = self._median((key, size))
-        if exact is not None or not nearest:
-            return exact if exact is not None or size == 1 else self.batch(key, 1)
-        sizes = sorted((abs(n - size), n) for k, n in self._runs if k == key and self._median((k, n)))
-        return self._median((key, sizes[0][1])) if sizes else None
-
-    def _median(self, shape: tuple) -> Optional[Estimate]:
-        runs = self._runs.get(shape)
-        if runs is None or len(runs) < MIN_RUN_SAMPLES:
-            return None
-        return Estimate(statistics.median(r.busy_s for r in runs), statistics.median(r.end_s for r in runs))
+        exact = self._estimates.get((key, size))
+        if exact is not None or size == 1 and not nearest:
+            return exact
+        if not nearest:
+            return self._estimates.get((key, 1))
+        sizes = sorted((abs(n - size), n) for k, n in self._estimates if k == key)
+        return self._estimates[(key, sizes[0][1])] if sizes else None
 
     def fastest(self, key: tuple[Any, ...]) -> Optional[float]:
         """The shortest time to the end of one request of shape `key` run alone, of its latest runs."""
-        runs = self._runs.get((key, 1))
-        return min(r.end_s for r in runs) if runs is not None and len(runs) >= MIN_RUN_SAMPLES else None
+        return self._fastest.get(key)

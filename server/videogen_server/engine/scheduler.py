@@ -6,9 +6,9 @@ cancelled) exactly once. Priority level 1 is the highest; within a level, first 
 
 The scheduler also times the batches its instances run (`run_times`), so that a drain or an unload
 with a deadline does not start what it would have to stop (`finish_by`), nor an instance a request
-whose own deadline would pass before even the fastest of its shape's latest runs could end (its
-caller's time and the device's would both be spent for nothing), and so that Accepted can say when a
-request should start and end (`_plan`: the queue as the instances would take it).
+whose own deadline would pass before even the fastest of its shape's latest runs alone could end
+(its caller's time and the device's would both be spent for nothing), and so that Accepted can say
+when a request should start and end (`_plan`: the queue as the instances would take it).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from ..errors import DeadlineUnreachable, NotReady, NotStarted, QueueFull, QueueTimeout
+from ..errors import DeadlineUnreachable, NotReady, NotStarted, QueueFull, QueueTimeout, VideoGenError
 from .model_config import Batching
 from .request import EngineRequest, RequestPhase
 from .run_times import BatchRun, RunTimes
@@ -41,13 +41,13 @@ class Scheduler:
         self._cv = threading.Condition()
         self._closed = False
         self.on_depth = on_depth  # called with the queue depth after each change (a retiring runtime drops it)
-        # batches instances are gathering (their first request's batch_key, the batch, its room): a
-        # request that fits one is left for that instance, not taken by an idle one as a batch of its own
-        self._gathering: list[tuple[tuple, list[EngineRequest], int]] = []
-        # batches handed out and not yet over (their instance done and each request ended): id(batch) ->
-        # run, and request -> its batch's run; the run times of those that ran whole, per shape and size
-        self._runs: dict[int, BatchRun] = {}
-        self._run_of: dict[EngineRequest, BatchRun] = {}
+        # batches instances are gathering (their first request's batch_key, the batch, its room, when
+        # the gathering ends at the latest): a request that fits one is left for that instance, not
+        # taken by an idle one as a batch of its own
+        self._gathering: list[tuple[tuple, list[EngineRequest], int, float]] = []
+        # batches whose instance runs them: id(batch) -> run (each request of it also holds its run until
+        # it ends); the run times of those that ran whole, per shape and size
+        self._running: dict[int, BatchRun] = {}
         self.run_times = RunTimes()
         self._finish_by: Optional[float] = None  # time.monotonic(): nothing starts that would end later
         self._finish_why = ""
@@ -80,7 +80,7 @@ class Scheduler:
             # another shape and ignores this request, while an idle instance sleeps on.
             self._cv.notify_all()
             now = time.monotonic()
-            start, end = self._plan(now)[0].get(req, (None, None))
+            start, end = self._plan(now, until=req)[0].get(req, (None, None))
             return ahead, (None if start is None else start - now, None if end is None else end - now)
 
     def remove(self, req: EngineRequest) -> bool:
@@ -124,50 +124,84 @@ class Scheduler:
                 self.on_depth(self._queued())
             return len(late)
 
-    def _plan(self, now: float, deadline: Optional[float] = None) -> tuple[dict[EngineRequest, Eta], list[EngineRequest]]:
+    def _plan(self, now: float, deadline: Optional[float] = None,
+              until: Optional[EngineRequest] = None) -> tuple[dict[EngineRequest, Eta], list[EngineRequest]]:
         """The queue as the instances would take it from `now`, as `next_batch` does: the first request
         in priority order with the queued ones of its shape up to max_batch_size, on the instance free
-        first (the running batches' ends estimated), for its estimated time. Returns when each queued
-        request would start and end (time.monotonic(); None where not known: from the point an instance
-        whose batch is of a shape not measured could take it), and, with `deadline`, the requests that
-        would not end by then: a batch is cut to the rows that would (the rest stay queued for the next
+        first (the running and gathering batches' ends estimated), for its estimated time; a request the
+        instance reaching it would not start (`_refusal`) takes none. Returns when each queued request
+        would start and end (time.monotonic(); None where not known: from the point an instance whose
+        batch is of a shape not measured could take it), and, with `deadline`, the requests that would
+        not end by then: a batch is cut to the rows that would (the rest stay queued for the next
         instance), and a request that would not even alone is late, its instance left free. Unknown
         times count as none (every time is a lower bound), so nothing is late on a guess. Without a
         deadline (an estimate to tell a caller), a batch size not measured takes the nearest measured
-        size's time. Call with the lock held."""
+        size's time. With `until`, stops once that request is placed. Call with the lock held."""
         nearest = deadline is None
         # (when an instance is free, whether that is not known): of two free at once, the known goes first
         free: list[tuple[float, bool]] = []
-        for run in self._runs.values():
-            if run.busy_s is None:  # running
-                est = self.run_times.batch(run.key, len(run.rows), nearest=nearest)
-                free.append((max(now, run.started + est.busy_s), False) if est else (now, True))
+        busy = [(run.key, run.rows, run.started) for run in self._running.values()]
+        busy += [(key, rows, max(now, ends) if len(rows) < room else now) for key, rows, room, ends in self._gathering]
+        for key, rows, started in busy:
+            est = self.run_times.batch(key, len(rows), nearest=nearest)
+            free.append((max(now, started + est.busy_s), False) if est else (max(now, started), True))
         free += [(now, False)] * max(0, self._live_instances() - len(free))
         heapq.heapify(free)
         pending = [r for q in self._levels for r in q if not r.is_cancelled()]
+        same: dict[tuple, collections.deque[EngineRequest]] = collections.defaultdict(collections.deque)
+        for r in pending:  # each shape's requests in the order instances take them
+            same[r.params.batch_key].append(r)
+        gone: set[EngineRequest] = set()  # placed, late, or not started by the instance reaching it
         plan: dict[EngineRequest, Eta] = {}
         late: list[EngineRequest] = []
         uncertain = False  # an instance free at a time not known came up: which request goes where is not
-        while pending and free:
+        for head in pending:
+            if not free or (until is not None and until in gone):
+                break
+            if head in gone:
+                continue
             start, unknown = heapq.heappop(free)
             uncertain = uncertain or unknown
-            head = pending.pop(0)
-            key = head.params.batch_key
-            batch = [head] + [r for r in pending if r.params.batch_key == key][: self._max_batch - 1]
-            est = self.run_times.batch(key, len(batch), nearest=nearest)
+            rows = same[head.params.batch_key]
+            if self._refusal(head, start) is not None:
+                rows.remove(head)
+                gone.add(head)
+                heapq.heappush(free, (start, unknown))
+                continue
+            batch: list[EngineRequest] = []
+            while rows and len(batch) < self._max_batch:  # the head first: its shape's earliest left
+                r = rows.popleft()
+                if r is head or self._refusal(r, start) is None:
+                    batch.append(r)
+                else:  # not started by whichever instance reaches it, from here on
+                    gone.add(r)
+            est = self.run_times.batch(head.params.batch_key, len(batch), nearest=nearest)
             while deadline is not None and est is not None and start + est.end_s > deadline and batch:
-                batch.pop()
-                est = self.run_times.batch(key, len(batch)) if batch else None
+                rows.appendleft(batch.pop())  # stays queued for the next instance
+                est = self.run_times.batch(head.params.batch_key, len(batch)) if batch else None
             if not batch:
+                rows.popleft()
+                gone.add(head)
                 late.append(head)
                 heapq.heappush(free, (start, unknown))
                 continue
-            for req in batch[1:]:
-                pending.remove(req)
+            gone.update(batch)
             end = start + est.end_s if est is not None and not uncertain else None
-            plan.update((req, (None if uncertain else start, end)) for req in batch)
+            plan.update((r, (None if uncertain else start, end)) for r in batch)
             heapq.heappush(free, (start + est.busy_s, unknown) if est is not None else (start, True))
         return plan, late
+
+    def _refusal(self, req: EngineRequest, at: float) -> Optional[VideoGenError]:
+        """Why an instance reaching `req` at `at` would not start it, or None: its queue timeout has passed,
+        or its deadline would before even the fastest of its shape's latest runs alone could end (which
+        is no bound: a run slowed by another instance on the same device, or by its caller, counts too)."""
+        if req.queue_deadline is not None and at >= req.queue_deadline:
+            return QueueTimeout("queue timeout passed before an instance was free")
+        fastest = self.run_times.fastest(req.params.batch_key) if req.deadline is not None else None
+        if fastest is not None and at + fastest > req.deadline:
+            return DeadlineUnreachable(f"the request's deadline is {max(0.0, req.deadline - at):.1f}s away and the "
+                                       f"fastest of its shape's latest runs took {fastest:.1f}s; not started")
+        return None
 
     def _would_end_late(self, rows: list[EngineRequest], now: float) -> bool:
         """Whether these rows, started now as one batch, would end after the drain's or unload's end."""
@@ -186,30 +220,24 @@ class Scheduler:
 
     def _pop_head(self, now: float) -> Optional[EngineRequest]:
         """The first request in priority order that no instance is gathering a batch for; drops the
-        cancelled and times out the expired on the way."""
+        cancelled, and ends the refused (`_refusal`) and those the drain's or unload's end would cut, on
+        the way."""
         for q in self._levels:
             for req in list(q):
                 if req.is_cancelled():
                     q.remove(req)
                     continue
-                if req.queue_deadline is not None and now >= req.queue_deadline:
+                refusal = self._refusal(req, now)
+                if refusal is not None:
                     q.remove(req)
-                    req.error(QueueTimeout("queue timeout passed before an instance was free"))
+                    req.error(refusal)
                     req.close()
                     continue
                 if self._would_end_late([req], now):
                     q.remove(req)
                     self._hand_back(req)
                     continue
-                fastest = self.run_times.fastest(req.params.batch_key) if req.deadline is not None else None
-                if fastest is not None and now + fastest > req.deadline:
-                    q.remove(req)
-                    req.error(DeadlineUnreachable(
-                        f"the request's deadline is {max(0.0, req.deadline - now):.1f}s away and the fastest of "
-                        f"its shape's latest runs took {fastest:.1f}s; not started"))
-                    req.close()
-                    continue
-                if any(key == req.params.batch_key and len(batch) < room for key, batch, room in self._gathering):
+                if any(key == req.params.batch_key and len(batch) < room for key, batch, room, _ in self._gathering):
                     continue  # the gathering instance takes it when it wakes (notify_all in submit)
                 q.remove(req)
                 return req
@@ -221,9 +249,8 @@ class Scheduler:
             for req in list(q):
                 if len(batch) >= self._max_batch:
                     return
-                if req.params.batch_key == key and not req.is_cancelled() and (
-                        req.queue_deadline is None or now < req.queue_deadline) and not self._would_end_late(
-                        batch + [req], now):
+                if req.params.batch_key == key and not req.is_cancelled() and self._refusal(
+                        req, now) is None and not self._would_end_late(batch + [req], now):
                     q.remove(req)
                     batch.append(req)
 
@@ -235,55 +262,73 @@ class Scheduler:
         """Block until there is work; None once closed. Batches requests of equal shape."""
         with self._cv:
             while True:
-                if self._closed:
+                batch = self._gather()
+                if batch is None:
                     return None
-                now = time.monotonic()
-                head = self._pop_head(now)
-                if head is not None:
+                started = time.monotonic()
+                # a drain or unload may have begun while the batch gathered: rows that would carry it past
+                # its end go back, from the last taken
+                while batch and self._would_end_late(batch, started):
+                    self._hand_back(batch.pop())
+                if batch:
                     break
-                self.on_depth(self._queued())  # 0, or requests left to gathering instances
-                self._cv.wait(timeout=self._next_wakeup())
-            batch = [head]
-            if self._max_batch > 1:
-                self._take_compatible(batch, now)
-                target = max(self._batching.preferred_batch_sizes or (self._max_batch,))
-                room = min(target, self._max_batch)
-                until = head.enqueued_at + self._batching.max_queue_delay_s
-                gathering = (head.params.batch_key, batch, room)
-                self._gathering.append(gathering)
-                try:
-                    while len(batch) < room and not self._closed:
-                        left = until - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cv.wait(timeout=left)
-                        self._take_compatible(batch, time.monotonic())
-                finally:
-                    self._gathering.remove(gathering)
-                    self._cv.notify_all()  # requests left for this batch (it filled up) are anyone's again
-            started = time.monotonic()
+            run = self._running[id(batch)] = BatchRun(started, batch)
             for req in batch:
                 req.phase = RequestPhase.RUNNING
                 req.started_at = started
                 req.batch_size = len(batch)
-            run = self._runs[id(batch)] = BatchRun(started, batch)
-            self._run_of.update((req, run) for req in batch)
+                if req.is_cancelled():  # its caller went away while the batch gathered: ended already, or
+                    run.open_rows -= 1  # ends finding no run (its engine side cancels before it ends it)
+                    run.whole = False
+                else:
+                    req.run = run
             self.on_depth(self._queued())
             return batch
+
+    def _gather(self) -> Optional[list[EngineRequest]]:
+        """The next batch: wait for a request, then for more of its shape (call with the lock held)."""
+        while True:
+            if self._closed:
+                return None
+            now = time.monotonic()
+            head = self._pop_head(now)
+            if head is not None:
+                break
+            self.on_depth(self._queued())  # 0, or requests left to gathering instances
+            self._cv.wait(timeout=self._next_wakeup())
+        batch = [head]
+        if self._max_batch > 1:
+            self._take_compatible(batch, now)
+            target = max(self._batching.preferred_batch_sizes or (self._max_batch,))
+            room = min(target, self._max_batch)
+            until = head.enqueued_at + self._batching.max_queue_delay_s
+            gathering = (head.params.batch_key, batch, room, until)
+            self._gathering.append(gathering)
+            try:
+                while len(batch) < room and not self._closed:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(timeout=left)
+                    self._take_compatible(batch, time.monotonic())
+            finally:
+                self._gathering.remove(gathering)
+                self._cv.notify_all()  # requests left for this batch (it filled up) are anyone's again
+        return batch
 
     def batch_done(self, batch: list[EngineRequest]) -> None:
         """The instance is done with `batch` (from `next_batch`): it is free from now."""
         with self._cv:
-            run = self._runs.get(id(batch))
+            run = self._running.pop(id(batch), None)
             if run is not None:
                 run.busy_s = time.monotonic() - run.started
                 self._settle(run)
 
     def request_ended(self, req: EngineRequest, *, whole: bool) -> None:
-        """A request an instance took has ended for its caller; `whole`: it succeeded, run in the batch
-        it was handed out in."""
+        """A request has ended for its caller; `whole`: it succeeded, run in the batch it was handed out
+        in. (One no instance took has no run: nothing to do.)"""
         with self._cv:
-            run = self._run_of.pop(req, None)
+            run, req.run = req.run, None
             if run is not None:
                 run.open_rows -= 1
                 run.whole = run.whole and whole
@@ -292,5 +337,4 @@ class Scheduler:
 
     def _settle(self, run: BatchRun) -> None:
         if run.open_rows == 0 and run.busy_s is not None:  # the instance done, every request ended
-            del self._runs[id(run.rows)]
             self.run_times.add(run)

@@ -90,7 +90,7 @@ def event_to_responses(event: EngineEvent) -> Iterator[pb.GenerateResponse]:
                 data=chunk, offset=event.offset + i * MAX_PAYLOAD_BYTES, mime_type="video/mp4",
                 last=event.last and i == len(chunks) - 1))
     elif isinstance(event, AcceptedEvent):
-        start, end = event.eta or (None, None)
+        start, end = event.eta
         yield pb.GenerateResponse(accepted=pb.Accepted(
             request_id=event.request_id, model=event.model, model_version=event.model_version,
             queue_position=event.queue_position, parameters=resolved_to_pb(event.params),
