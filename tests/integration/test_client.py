@@ -121,15 +121,19 @@ def test_generate_yields_typed_events_in_order(client):
     assert decode_mp4(video)[0] == 3
 
 
-def test_accepted_carries_the_servers_estimates(client, tiny_server, tmp_path):
+def test_accepted_carries_the_servers_estimates(client, tiny_server, tmp_path, caplog):
     """Once the model has run requests of a shape to their end, Accepted says when the server expects a
-    request of that shape to start and end (the CLI prints the end); the figures themselves are checked
-    in test_lifecycle."""
+    request of that shape to start and end (the CLI prints the end, the request log keeps it beside what
+    happened); the figures themselves are checked in test_lifecycle."""
+    caplog.set_level("INFO", logger="videogen.requests")
     for _ in range(3):  # three runs of a shape: its run time is known
         client.run(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=1)
     accepted = list(client.generate(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=1))[0]
     assert isinstance(accepted, Accepted)
     assert 0 <= accepted.estimated_start_seconds < accepted.estimated_end_seconds < 60, accepted
+    [logged] = [r.videogen_request for r in caplog.records
+                if getattr(r, "videogen_request", {}).get("request_id") == accepted.request_id]
+    assert logged["estimated_end_s"] == round(accepted.estimated_end_seconds, 4), logged
     image = tmp_path / "sample.png"
     image.write_bytes(SAMPLE)
     proc = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(image),

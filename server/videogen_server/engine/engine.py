@@ -735,6 +735,8 @@ class Engine:
             record.update(version=rt.version, width=params.width, height=params.height, frames=params.num_frames,
                           steps=params.num_inference_steps, decode_chunk_size=params.decode_chunk_size,
                           seed=params.seed, priority=level)
+            if eta[1] is not None:  # what the caller was told, beside what happened
+                record["estimated_end_s"] = round(eta[1], 4)
             yield AcceptedEvent(request_id, rt.name, rt.version, position, params, eta)
             async for event in self._stream(req, rt, record, phases, spans):
                 yield event
