@@ -427,3 +427,18 @@ def test_an_instance_gathering_a_batch_is_busy_in_the_estimates():
     assert 2.7 <= start <= 3.0 and abs(end - start - 2.0) < 0.01, (start, end)
     sched.close()
     thread.join(5)
+
+
+def test_a_caller_is_told_the_time_of_a_batch_as_large_as_its_shapes_usually_are():
+    """Under load, requests of a shape arriving while one waits join its batch before it starts: a lone
+    request is told the time of a batch as large as that shape's latest few (3 s for two), and once
+    the load is gone (five batches of one) that of a batch of one (2 s)."""
+    sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=0.0), max_batch_size=2)
+    _measured(sched, 2.0, 2.0, 2.0)
+    _measured(sched, 3.0, 3.0, 3.0, size=2)
+    alone = _sized("alone")
+    assert sched.submit(alone)[1] == (0.0, 3.0)
+    sched.remove(alone)
+    _measured(sched, 2.0, 2.0, 2.0, 2.0, 2.0)
+    assert sched.submit(_sized("later"))[1] == (0.0, 2.0)
+    sched.close()

@@ -21,6 +21,8 @@ from typing import Any, Optional
 RUN_SAMPLES = 16
 MIN_RUN_SAMPLES = 3
 RUN_SHAPES = 64
+#: Latest batches whose sizes say how large a shape's batches usually are (few: load changes)
+SIZE_SAMPLES = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +59,14 @@ class RunTimes:
         # medians, and key -> the shortest time to the end of one request alone, once enough runs
         self._estimates: dict[tuple, Estimate] = {}
         self._fastest: dict[tuple, float] = {}
+        self._sizes: dict[tuple, collections.deque[int]] = {}  # key -> sizes of its latest whole batches
 
     def add(self, run: BatchRun) -> None:
         """A batch whose instance is done and whose requests have all ended: a sample if it ran whole."""
         if not run.whole or run.busy_s is None:
             return
         shape = (run.key, len(run.rows))
+        self._sizes.setdefault(run.key, collections.deque(maxlen=SIZE_SAMPLES)).append(len(run.rows))
         runs = self._runs.pop(shape, None) or collections.deque(maxlen=RUN_SAMPLES)
         runs.append(Estimate(run.busy_s, max(run.busy_s, run.ended - run.started)))
         self._runs[shape] = runs  # the most recently run last
@@ -76,6 +80,8 @@ class RunTimes:
             self._estimates.pop(old, None)
             if old[1] == 1:
                 self._fastest.pop(old[0], None)
+            if not any(k == old[0] for k, _ in self._runs):
+                self._sizes.pop(old[0], None)
 
     def batch(self, key: tuple[Any, ...], size: int, *, nearest: bool = False) -> Optional[Estimate]:
         """A batch of `size` requests of shape `key`: the medians of that shape and size's latest runs.
@@ -89,6 +95,12 @@ class RunTimes:
             return self._estimates.get((key, 1))
         sizes = sorted((abs(n - size), n) for k, n in self._estimates if k == key)
         return self._estimates[(key, sizes[0][1])] if sizes else None
+
+    def usual_size(self, key: tuple[Any, ...]) -> int:
+        """The median size of the latest batches of shape `key` (1 when none): under load, requests of a
+        shape arriving while one waits join its batch before it starts."""
+        sizes = self._sizes.get(key)
+        return int(statistics.median_low(sizes)) if sizes else 1
 
     def fastest(self, key: tuple[Any, ...]) -> Optional[float]:
         """The shortest time to the end of one request of shape `key` run alone, of its latest runs."""

@@ -135,8 +135,9 @@ class Scheduler:
         not end by then: a batch is cut to the rows that would (the rest stay queued for the next
         instance), and a request that would not even alone is late, its instance left free. Unknown
         times count as none (every time is a lower bound), so nothing is late on a guess. Without a
-        deadline (an estimate to tell a caller), a batch size not measured takes the nearest measured
-        size's time. With `until`, stops once that request is placed. Call with the lock held."""
+        deadline (an estimate to tell a caller), a batch is taken to be as large as its shape's usually
+        are, and a size not measured takes the nearest measured size's time. With `until`, stops once
+        that request is placed. Call with the lock held."""
         nearest = deadline is None
         # (when an instance is free, whether that is not known): of two free at once, the known goes first
         free: list[tuple[float, bool]] = []
@@ -175,7 +176,11 @@ class Scheduler:
                     batch.append(r)
                 else:  # not started by whichever instance reaches it, from here on
                     gone.add(r)
-            est = self.run_times.batch(head.params.batch_key, len(batch), nearest=nearest)
+            # told to a caller: as large a batch as this shape's usually are (later arrivals join it before
+            # it starts); a decision: only what is queued now
+            size = min(self._max_batch, max(len(batch), self.run_times.usual_size(head.params.batch_key))) \
+                if nearest else len(batch)
+            est = self.run_times.batch(head.params.batch_key, size, nearest=nearest)
             while deadline is not None and est is not None and start + est.end_s > deadline and batch:
                 rows.appendleft(batch.pop())  # stays queued for the next instance
                 est = self.run_times.batch(head.params.batch_key, len(batch)) if batch else None
