@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
+# A signed error: how much later (+) or earlier (-) a request ended than it was told
+ESTIMATE_ERROR_BUCKETS = (-60, -30, -10, -5, -2, -1, -0.5, -0.2, -0.1, -0.05, 0, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 
 ML = ("model", "version")
 
@@ -48,6 +50,9 @@ class Metrics:
                                       buckets=STEP_BUCKETS, registry=r)
         self.video_encode = Histogram("videogen_video_encode_seconds", "H.264/MP4 encoding of one video", ML,
                                       buckets=STEP_BUCKETS, registry=r)
+        self.estimate_error = Histogram("videogen_estimated_end_error_seconds",
+                                        "Seconds a successful request ended after (+) or before (-) the end its "
+                                        "Accepted estimated", ML, buckets=ESTIMATE_ERROR_BUCKETS, registry=r)
         self.batch_size = Histogram("videogen_batch_size", "Requests per executed batch", ML,
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("videogen_queue_depth", "Requests waiting in the model's queue", ML, registry=r)

@@ -124,11 +124,15 @@ def test_generate_yields_typed_events_in_order(client):
 def test_accepted_carries_the_servers_estimates(client, tiny_server, tmp_path, caplog):
     """Once the model has run requests of a shape to their end, Accepted says when the server expects a
     request of that shape to start and end (the CLI prints the end, the request log keeps it beside what
-    happened); the figures themselves are checked in test_lifecycle."""
+    happened, /metrics counts how far off it was); the figures themselves are checked in test_lifecycle."""
     caplog.set_level("INFO", logger="videogen.requests")
     for _ in range(3):  # three runs of a shape: its run time is known
         client.run(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=1)
+    checked = tiny_server.metric("videogen_estimated_end_error_seconds_count", model=MODEL)
     accepted = list(client.generate(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=1))[0]
+    # and /metrics, how far from it the request ended (here within the histogram's +-60 s)
+    assert tiny_server.metric("videogen_estimated_end_error_seconds_count", model=MODEL) == checked + 1
+    assert tiny_server.metric("videogen_estimated_end_error_seconds_bucket", model=MODEL, le="-60.0") == 0
     assert isinstance(accepted, Accepted)
     assert 0 <= accepted.estimated_start_seconds < accepted.estimated_end_seconds < 60, accepted
     [logged] = [r.videogen_request for r in caplog.records

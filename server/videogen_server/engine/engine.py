@@ -669,6 +669,8 @@ class Engine:
         req: Optional[EngineRequest] = None
         admitted = False  # queued: from here on the request is counted in flight and must be let go
         phases: dict[str, float] = {}  # exact phase seconds, for the version's statistics
+        eta: tuple[Optional[float], Optional[float]] = (None, None)  # told in Accepted, from `admitted_at`
+        admitted_at = 0.0
         try:
             check_model_name(call.model)
             record["model"] = call.model
@@ -728,6 +730,7 @@ class Engine:
                                 image=image, prepared=prepared, priority=level, loop=self._loop,
                                 queue_deadline=min(limits) if limits else None, deadline=deadline)
             position, eta = rt.scheduler.submit(req)
+            admitted_at = time.monotonic()
             admitted = True
             rt.active.add(req)
             rt.update_idle()
@@ -755,6 +758,8 @@ class Engine:
             seconds = time.monotonic() - t_start
             if rt is not None:
                 rt.stats.finished(ok=outcome is None, seconds=seconds, phases=phases)
+                if outcome is None and eta[1] is not None:
+                    self.metrics.estimate_error.labels(*rt.labels).observe(time.monotonic() - admitted_at - eta[1])
             # gRPC cancels a call whose deadline passed: the caller reads DEADLINE_EXCEEDED, and so should we
             expired = call.deadline_s is not None and seconds >= call.deadline_s - 0.05  # (its clock started first)
             code, message = self._account(labels, outcome, record, seconds, admitted=admitted, deadline_passed=expired)
