@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
 import urllib.request
@@ -243,3 +244,22 @@ def install_backend(tmp_path: Path, monkeypatch, package: str, name: str, source
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
     return importlib.import_module(package)
+
+
+#: A request that runs ~1.5 s on one CPU thread, and one that runs in a fraction of that
+LONG_REQUEST = dict(num_inference_steps=12, num_frames=4)
+SHORT_REQUEST = dict(num_inference_steps=1, num_frames=1, output={"stream_video": False})
+
+
+@contextlib.contextmanager
+def full_queue(repo: Path, model: str = "m"):
+    """A server whose `model` (max_queue_size 1) has one request running and one queued: the next is
+    refused RESOURCE_EXHAUSTED. Yields the server; both requests must have succeeded by the end."""
+    with ServerThread(repo) as server:
+        stub = server.stub()
+        running = Stream(stub, request(model=model, **LONG_REQUEST))
+        running.progressed.wait(10)
+        queued = Stream(stub, request(model=model, **SHORT_REQUEST))
+        queued.accepted.wait(10)
+        yield server
+        assert running.join().summary and queued.join().summary

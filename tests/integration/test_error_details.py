@@ -17,10 +17,8 @@ from videogen_client import VideoGenClient
 from videogen_client.errors import (InvalidArgumentError, ModelNotFoundError, OutOfMemoryError, QueueFullError,
                                     UnauthenticatedError)
 
-from ..helpers import TINY_PARAMETERS, ServerThread, Stream, collect, request, sample_png, tiny_config
-
-LONG = dict(num_inference_steps=12, num_frames=4)
-SHORT = dict(num_inference_steps=1, num_frames=1, output={"stream_video": False})
+from ..helpers import SHORT_REQUEST as SHORT
+from ..helpers import TINY_PARAMETERS, ServerThread, collect, full_queue, request, sample_png, tiny_config
 
 
 def details_of(err: grpc.RpcError) -> dict[str, object]:
@@ -73,17 +71,11 @@ def test_a_full_queue_says_when_to_retry(make_repo):
     from videogen_server.transport.status import QUEUE_FULL_RETRY_DELAY_S
 
     cfg = tiny_config("m", "dynamic_batching { default_queue_policy { max_queue_size: 1 } }")
-    with ServerThread(make_repo({"m": cfg})) as server:
-        stub = server.stub()
-        running = Stream(stub, request(model="m", **LONG))
-        running.progressed.wait(10)
-        queued = Stream(stub, request(model="m", **SHORT))
-        queued.accepted.wait(10)
-        err = refusal(lambda: collect(stub, request(model="m", **SHORT)))
+    with full_queue(make_repo({"m": cfg})) as server:
+        err = refusal(lambda: collect(server.stub(), request(model="m", **SHORT)))
         found = details_of(err)
         with VideoGenClient(server.target, retry=False) as client, pytest.raises(QueueFullError) as typed:
             client.run(sample_png(), model="m", **{k: v for k, v in SHORT.items() if k != "output"})
-        running.join(), queued.join()
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert found["ErrorInfo"].reason == "QUEUE_FULL"
     assert found["RetryInfo"].retry_delay.ToMilliseconds() == QUEUE_FULL_RETRY_DELAY_S * 1000

@@ -10,10 +10,8 @@ import pytest
 
 from videogen.v1 import videogen_pb2 as pb
 
-from ..helpers import ServerThread, Stream, collect, install_backend, raw_frames, request, tiny_config
-
-LONG = dict(num_inference_steps=12, num_frames=4)  # ~1.5 s on one CPU thread
-SHORT = dict(num_inference_steps=1, num_frames=1, output={"stream_video": False})
+from ..helpers import (LONG_REQUEST as LONG, SHORT_REQUEST as SHORT, ServerThread, Stream, collect, full_queue,
+                       install_backend, raw_frames, request, tiny_config)
 
 
 def one_level_queue(size: int, extra: str = "") -> str:
@@ -28,17 +26,10 @@ def wait_until(predicate, timeout: float = 10.0) -> None:
 
 
 def test_queue_full_is_resource_exhausted(make_repo):
-    repo = make_repo({"m": tiny_config("m", one_level_queue(1))})
-    with ServerThread(repo) as server:
-        stub = server.stub()
-        running = Stream(stub, request(model="m", **LONG))
-        running.progressed.wait(10)
-        queued = Stream(stub, request(model="m", **SHORT))
-        queued.accepted.wait(10)
+    with full_queue(make_repo({"m": tiny_config("m", one_level_queue(1))})) as server:
         with pytest.raises(grpc.RpcError) as err:
-            collect(stub, request(model="m", **SHORT))
+            collect(server.stub(), request(model="m", **SHORT))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert running.join().summary and queued.join().summary
         assert server.metric("videogen_requests_total", model="m", code="RESOURCE_EXHAUSTED", outcome="rejected") == 1
 
 
