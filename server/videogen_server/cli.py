@@ -1,4 +1,4 @@
-"""`videogen-server serve | make-tiny-model`: the one place where settings come from the command line."""
+"""`videogen-server serve | compile-artifacts | make-tiny-model`: the one place where settings come from the command line."""
 from __future__ import annotations
 
 import argparse
@@ -68,12 +68,69 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port-file", type=Path, help="write the bound gRPC and metrics ports here once start-up has "
                    "loaded every model (each ready or failed)")
 
+    c = sub.add_parser("compile-artifacts", help="load and warm up a model as `serve` would, then write what it "
+                       "compiled into <model>/<version>/compile_artifacts/ for servers on machines like this one")
+    c.add_argument("--model-repository", action="append", required=True, type=Path, metavar="DIR",
+                   help="the model repository, as given to serve (repeatable)")
+    c.add_argument("--model", action="append", required=True, metavar="NAME",
+                   help="a model whose versions to compile (repeatable)")
+    c.add_argument("--output", type=Path, metavar="DIR",
+                   help="write to DIR/<model>/<version>/compile_artifacts/ (the repository's layout, to copy into "
+                        "it) instead of into the repository")
+    c.add_argument("--cpu-threads", type=int, default=None, help="torch threads for CPU instances (default: torch's)")
+    c.add_argument("--log-format", choices=("text", "json"), default=d.log_format)
+    c.add_argument("--log-level", default=d.log_level, type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+
     t = sub.add_parser("make-tiny-model", help="write a model repository holding a tiny random SVD (tests, demo)")
     t.add_argument("repository", type=Path)
     t.add_argument("--name", default="svd-tiny")
     t.add_argument("--version", type=int, default=1)
     t.add_argument("--seed", type=int, default=0)
     return p
+
+
+def compile_artifacts_config(args: argparse.Namespace) -> ServerConfig:
+    """The named models only, loaded as `serve` loads them; no port is opened."""
+    return ServerConfig(model_repositories=tuple(args.model_repository), model_control_mode="explicit",
+                        load_models=tuple(args.model), cpu_threads=args.cpu_threads, metrics_port=-1,
+                        log_format=args.log_format, log_level=args.log_level.upper(), write_compile_artifacts=True,
+                        compile_artifacts_output=args.output)
+
+
+async def _compile_artifacts(config: ServerConfig) -> int:
+    """Loads and warms up the models (each compiling instance writes its artifacts after its warm-up, and
+    fails its load if it cannot); prints the files written. 0 if every version of every model loaded, else 1."""
+    import time
+
+    from .engine.engine import Engine
+    from .metrics import Metrics
+
+    engine = Engine(config, Metrics())
+    started = time.time() - 2  # file times may be coarser than the clock
+    try:
+        await engine.start()
+        status = 0
+        for name in config.load_models:
+            model = engine.status(name)
+            if model.state == "FAILED" or not model.versions:
+                print(f"{name}: failed: {model.reason or 'no version to load'}", file=sys.stderr)
+                status = 1
+            for v in model.versions:
+                if v.state != "READY":
+                    print(f"{name} version {v.version}: {v.state.lower()}: {v.reason}", file=sys.stderr)
+                    status = 1
+                    continue
+                folder = engine.compile_artifacts_out(name, v.version)
+                written = sorted(p for p in folder.glob("*.bin") if p.stat().st_mtime >= started)
+                for path in written:
+                    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+                if not written:
+                    print(f"{name} version {v.version}: no compile artifacts written", file=sys.stderr)
+                    status = 1
+        return status
+    finally:
+        await engine.shutdown(0)
 
 
 def _auth_tokens(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, ...]:
@@ -147,6 +204,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         path = write_tiny_repository(args.repository, name=args.name, version=args.version, seed=args.seed)
         print(f"wrote {path}")
         return 0
+    if args.command == "compile-artifacts":
+        from . import logs
+
+        config = compile_artifacts_config(args)
+        logs.setup(config.log_format, config.log_level)
+        try:
+            return _exit(asyncio.run(_compile_artifacts(config)))
+        except Exception as err:
+            from .errors import VideoGenError
+
+            if not isinstance(err, VideoGenError):
+                raise
+            print(f"videogen-server: {err.message}", file=sys.stderr)
+            return _exit(2)
     try:
         config = config_from_args(args)
     except (ValueError, OSError) as err:

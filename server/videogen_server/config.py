@@ -57,6 +57,11 @@ class ServerConfig:
     #: Stop (exit 1) when a model or version fails to load at start-up, as Triton's --exit-on-error, so
     #: an orchestrator shows a crash loop at once instead of a pod that never turns ready.
     exit_on_error: bool = False
+    #: `videogen-server compile-artifacts` only: each compiling model writes what its warm-up compiled into
+    #: its version folder's compile_artifacts/ (servers elsewhere load it and start warm), or with an output
+    #: folder into <output>/<model>/<version>/compile_artifacts/ (the repository's layout, to copy into it).
+    write_compile_artifacts: bool = False
+    compile_artifacts_output: Optional[Path] = None
     #: OpenTelemetry: export traces of requests over OTLP/gRPC to this collector (http://host:4317 in
     #: plaintext, https:// with TLS); None: no tracing (the caller's trace id still reaches the request log).
     otlp_endpoint: Optional[str] = None

@@ -166,6 +166,19 @@ def test_fingerprint_changes_with_files(tmp_path):
     assert repository.fingerprint(model) != before
 
 
+def test_fingerprint_ignores_compile_artifacts(tmp_path):
+    """A `videogen-server compile-artifacts` job writes them beside the weights while servers in poll mode
+    watch the repository: a reload for each (a recompile of a full-size model) would be the cost."""
+    model = write(tmp_path, 'backend: "svd"')
+    (model / "1" / "unet").mkdir()
+    before = repository.fingerprint(model)
+    (model / "1" / "compile_artifacts").mkdir()
+    (model / "1" / "compile_artifacts" / "torch-2.11.0-py312-NVIDIA-H200-sm90.bin").write_bytes(b"x")
+    assert repository.fingerprint(model) == before
+    (model / "1" / "unet" / "compile_artifacts").write_bytes(b"x")  # the name elsewhere is model content
+    assert repository.fingerprint(model) != before
+
+
 def test_warmup_seed_is_fixed_and_taken_when_given(tmp_path):
     from types import SimpleNamespace
 

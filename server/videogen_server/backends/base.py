@@ -125,6 +125,11 @@ class BackendRequest:
     prepared: Any = None  # what `Backend.prepare` returned for this request (None if it was not run)
 
 
+#: A version folder's subfolder of derived files a backend reads at load (compile artifacts: see the svd
+#: backend), written by `videogen-server compile-artifacts`, not model content: a change there reloads nothing.
+COMPILE_ARTIFACTS_FOLDER = "compile_artifacts"
+
+
 @dataclasses.dataclass(frozen=True)
 class InstanceContext:
     """What `initialize` gets: which model, which weights, where to run."""
@@ -138,6 +143,10 @@ class InstanceContext:
     max_batch_size: int
     cpu_threads: Optional[int] = None  # torch intra-op threads for CPU instances (None: torch's default)
     max_decode_chunk_size: int = 25  # the model's limit: no request decodes more frames in one VAE call
+    #: `videogen-server compile-artifacts`: after its warm-up, a backend that compiles writes what it compiled
+    #: into this folder (the version folder's compile_artifacts/, or another) for servers on other machines to
+    #: start from; None: nothing is written (serving)
+    compile_artifacts_out: Optional[Path] = None
 
 
 class Backend(abc.ABC):

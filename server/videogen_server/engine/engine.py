@@ -24,7 +24,7 @@ from typing import AsyncIterator, Callable, Optional
 
 from PIL import Image
 
-from ..backends.base import BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone, load_backend_class
+from ..backends.base import COMPILE_ARTIFACTS_FOLDER, BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone, load_backend_class
 from ..config import ServerConfig
 from ..errors import (BackendError, ConfigError, Draining, InvalidRequest, ModelNotFound, NotReady,
                       NotStarted, QueueFull, QueueTimeout, RequestCancelled, VideoGenError, status_name)
@@ -120,7 +120,8 @@ class ModelRuntime:
                     model_name=self.name, model_version=self.version, version_path=path,
                     parameters=self.settings.parameters, device=device, instance_index=len(contexts),
                     max_batch_size=self.settings.max_batch_size, cpu_threads=self._engine.config.cpu_threads,
-                    max_decode_chunk_size=self.settings.limits.decode_chunk_limit))
+                    max_decode_chunk_size=self.settings.limits.decode_chunk_limit,
+                    compile_artifacts_out=self._engine.compile_artifacts_out(self.name, self.version)))
         return contexts
 
     def _warmup_inputs(self) -> list[tuple[str, ResolvedParams, int]]:
@@ -616,6 +617,15 @@ class Engine:
         for entry in list(self.models.values()):
             for rt in list(entry.loaded.values()):
                 yield from rt.instance_rows()
+
+    def compile_artifacts_out(self, name: str, version: int) -> Optional[Path]:
+        """Where `videogen-server compile-artifacts` has a version's compile artifacts written (None: serving)."""
+        cfg = self.config
+        if not cfg.write_compile_artifacts:
+            return None
+        base = cfg.compile_artifacts_output / name / str(version) if cfg.compile_artifacts_output else \
+            self.models[name].path / str(version)
+        return base / COMPILE_ARTIFACTS_FOLDER
 
     def status(self, name: str) -> ModelStatus:
         check_model_name(name)

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
-from ..backends.base import load_backend_class
+from ..backends.base import COMPILE_ARTIFACTS_FOLDER, load_backend_class
 from ..errors import ConfigError, InvalidRequest
 from .model_config import DEFAULT_MAX_QUEUE_SIZE, ModelSettings, parse_config_file, settings_from_proto
 
@@ -73,9 +73,13 @@ def read_settings(model_dir: Path, *, default_max_queue_size: int = DEFAULT_MAX_
 
 
 def fingerprint(model_dir: Path) -> str:
-    """Changes when config.pbtxt or any file under a version folder changes (for poll mode)."""
+    """Changes when config.pbtxt or any file under a version folder changes (for poll mode), except the
+    compile artifacts a `videogen-server compile-artifacts` job writes beside the weights while servers run."""
     h = hashlib.sha256()
     for path in sorted(model_dir.rglob("*")):
+        parts = path.relative_to(model_dir).parts
+        if len(parts) > 2 and parts[1] == COMPILE_ARTIFACTS_FOLDER:
+            continue
         if path.is_file():
             st = path.stat()
             h.update(f"{path.relative_to(model_dir)}:{st.st_size}:{st.st_mtime_ns}\n".encode())

@@ -16,7 +16,8 @@
 - `compile_module` / `CompiledDecoder`: torch.compile with optional Inductor options; the VAE decoder with
   a dynamic frame dimension, so chunk lengths share graphs (the decoder is temporal: padding a chunk
   would change its frames). `GraphCounter` counts the graphs each instance built; `use_compile_cache`
-  points the on-disk caches at a persistent folder.
+  points the on-disk caches at a persistent folder; `load_compile_artifacts` / `save_compile_artifacts`
+  move what was compiled between machines as one file per torch build and device (torch's Mega-Cache).
 - `PhaseOffload`: the low-memory mode; whole models move to the device for their phase only, copied
   from pinned host memory (the host copy stays the master, so moving a model off costs nothing).
 """
@@ -25,9 +26,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..base import COMPILE_ARTIFACTS_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -579,6 +584,118 @@ def use_compile_cache(path: str) -> bool:
             log.warning("compile_cache_dir %s ignored: this process already caches compiled code in %s", path,
                         _cache_dir)
         return _cache_dir == path
+
+
+# -- the portable compile cache (torch's "Mega-Cache") ----------------------------------------------
+
+#: A version folder's subfolder of compile artifacts: one file per torch build, Python and device model.
+ARTIFACTS_FOLDER = COMPILE_ARTIFACTS_FOLDER
+_artifacts_lock = threading.Lock()
+_artifacts_loaded: dict[str, tuple[str, bool]] = {}  # file -> what loading it gave (once per process)
+
+
+def artifacts_name(device: torch.device) -> str:
+    """The file in a compile_artifacts folder for what this process compiles on `device`.
+
+    Compiled code is specific to the torch build, the Python version and the device model (Triton's
+    kernels to the GPU architecture, Inductor's C++ to the CPU's instruction set), and Inductor keys its
+    cache entries by them: a file from another combination would only miss. Each gets its own file, so
+    one model repository can serve a mixed fleet.
+    """
+    import platform
+    import re
+    import sys
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        where = f"{props.name}-sm{props.major}{props.minor}"
+    else:
+        where = f"{device.type}-{platform.machine()}"
+    name = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{where}.bin"
+    return re.sub(r"[^A-Za-z0-9.+_-]+", "-", name)
+
+
+def cache_lookups() -> tuple[int, int]:
+    """(hits, misses) of this process's Inductor graph cache: a miss is a graph Inductor compiled from
+    scratch (its kernels generated and built). Process-wide, like torch's counters."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+def load_compile_artifacts(folder: Path, device: torch.device) -> tuple[str, bool] | None:
+    """Loads `folder`'s artifacts for this torch, Python and device into the process's compile caches, so
+    that compiling finds Inductor's graphs, AOTAutograd's entries and (bundled in them) Triton's kernels
+    instead of building them: a warm start on a machine whose own cache is empty. Once per file per
+    process, before anything compiles. Returns a line for the load log and whether the file was loaded;
+    None if the folder is absent.
+
+    A folder without this combination's file, or a file torch cannot read (written by another torch
+    release), is logged and left out: the model compiles from scratch, as without the folder.
+    """
+    if not folder.is_dir():
+        return None
+    path = folder / artifacts_name(device)
+    with _artifacts_lock:
+        if str(path) in _artifacts_loaded:
+            return _artifacts_loaded[str(path)]
+        if not path.is_file():
+            others = sorted(p.name for p in folder.glob("*.bin"))
+            log.warning("%s has no compile artifacts for this torch, Python and device (%s; it has %s): compiling "
+                        "from scratch. `videogen-server compile-artifacts` on this kind of machine writes them",
+                        folder, path.name, ", ".join(others) or "none")
+            outcome = (f"compile artifacts: none for {path.name}", False)
+        else:
+            t0 = time.perf_counter()
+            try:
+                data = path.read_bytes()
+            except OSError as err:
+                log.error("compile artifacts %s cannot be read (%s): compiling from scratch", path,
+                          err.strerror or err)
+                data = b""
+            info = torch.compiler.load_cache_artifacts(data) if data else None
+            if info is None:
+                if data:
+                    log.error("compile artifacts %s could not be loaded (torch's warning above says why): "
+                              "compiling from scratch", path)
+                outcome = (f"compile artifacts: {path.name} not loaded", False)
+            else:
+                entries = sum(len(v) for v in getattr(info, "artifacts", {}).values())
+                outcome = (f"compile artifacts {path.name} ({entries} entries, {len(data) / 2**20:.1f} MiB, "
+                           f"{time.perf_counter() - t0:.2f}s)", True)
+        _artifacts_loaded[str(path)] = outcome
+        return outcome
+
+
+def save_compile_artifacts(folder: Path, device: torch.device) -> tuple[Path, int]:
+    """Writes every compile artifact this process built or found so far (its graphs, kernels, autotuning
+    results) to `folder`'s file for this torch, Python and device, atomically (a reader never sees half a
+    file). Returns the file and its size; raises OSError if `folder` cannot be written, RuntimeError if
+    nothing was compiled (the graphs are built by the warm-up requests)."""
+    import os
+    import tempfile
+    from torch._dynamo.convert_frame import compile_lock
+
+    with _artifacts_lock:
+        with compile_lock:  # torch records artifacts under it: no instance adds one while they are read
+            saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            raise RuntimeError("compile artifacts: nothing was compiled, so there is nothing to write; the graphs are "
+                               "built by the model's warm-up: add model_warmup requests of the shapes it serves")
+        data = saved[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / artifacts_name(device)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the servers (another uid, often) out
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return path, len(data)
 
 
 # Dynamo's refusal to build one more graph of a code object under fullgraph (renamed across releases)

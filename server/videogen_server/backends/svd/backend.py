@@ -245,6 +245,9 @@ class SVDBackend(Backend):
         self.decoder = None
         self.thread = threading.get_ident()  # the instance thread: initialize, warm-up and serving
         self.graphs_after_warmup = None
+        self.artifacts_folder = context.version_path / accel.ARTIFACTS_FOLDER
+        self.artifacts_out = context.compile_artifacts_out
+        self.artifacts_loaded = False
         self.unwarmed_shapes = p.get("unwarmed_shapes", "eager")
         self.unet_shapes: set[tuple[int, ...]] = set()  # the UNet input shapes compiled (by the warm-up)
         self.eager_fallbacks = 0  # phases of a batch run uncompiled since their shape was not warmed up
@@ -257,6 +260,15 @@ class SVDBackend(Backend):
             accel.raise_recompile_limit()
             if p.get("compile_cache_dir"):
                 accel.use_compile_cache(p["compile_cache_dir"])
+            # before anything compiles: the graphs and kernels of another machine like this one
+            loaded = accel.load_compile_artifacts(self.artifacts_folder, self.device)
+            if loaded:
+                applied.append(loaded[0])
+                self.artifacts_loaded = loaded[1]
+            self.lookups_before = accel.cache_lookups()
+        elif context.compile_artifacts_out is not None:
+            raise ValueError("compile: this model compiles nothing (compile and compile_vae are none), so it has no "
+                             "compile artifacts to write")
         options = accel.parse_compile_options(p.get("compile_options", ""))
         vae_only = accel.parse_compile_options(p.get("compile_vae_options", ""), "compile_vae_options")
         accel.check_compile_options(options, "compile_options")  # both before any compile: typos name their key
@@ -580,6 +592,8 @@ class SVDBackend(Backend):
 
     def warmed_up(self) -> None:
         self.graphs_after_warmup = accel.GraphCounter.count(self.thread)
+        if self.compile_mode != "none" or self.compile_vae_mode != "none":
+            self._report_compile_cache()
         if self.unwarmed_shapes == "eager":
             missing = [phase for phase, mode, warmed in
                        (("compile", self.compile_mode, self.unet_shapes),
@@ -589,6 +603,23 @@ class SVDBackend(Backend):
                 log.warning("%s set but no model_warmup request compiled it: with unwarmed_shapes eager, every "
                             "request runs it uncompiled; add model_warmup requests of the served shapes",
                             " and ".join(missing))
+
+    def _report_compile_cache(self) -> None:
+        """After the warm-up: how much of it compiled from scratch; the artifacts written if asked to."""
+        hits, misses = (now - before for now, before in zip(accel.cache_lookups(), self.lookups_before))
+        graphs = self.graphs_after_warmup - self.graphs_before
+        log.info("warm-up built %d graphs: Inductor found %d in its cache and compiled %d from scratch (counted "
+                 "process-wide since this instance loaded)", graphs, hits, misses)
+        if self.artifacts_out is not None:
+            if not graphs:  # what torch recorded would be other models' (artifacts are process-wide)
+                raise RuntimeError("compile artifacts: this model's warm-up compiled nothing, so there is nothing to "
+                                   "write; add model_warmup requests of the shapes it serves")
+            path, size = accel.save_compile_artifacts(self.artifacts_out, self.device)
+            log.info("wrote compile artifacts %s (%.1f MiB)", path, size / 2**20)
+        elif misses and self.artifacts_loaded:
+            log.warning("%s did not cover this warm-up (%d graphs compiled from scratch: the model's compile "
+                        "parameters, warm-up shapes or versions changed since they were written?); rerun "
+                        "`videogen-server compile-artifacts` for this model", self.artifacts_folder, misses)
 
     def compile_stats(self) -> Mapping[str, int]:
         if self.compile_mode == "none" and self.compile_vae_mode == "none":

@@ -1,0 +1,161 @@
+"""Compile artifacts (torch's portable "Mega-Cache"): `videogen-server compile-artifacts` compiles a model
+once and writes what it compiled beside its weights; a server on another machine, its own compile cache
+empty, loads that file and compiles nothing from scratch.
+
+Real processes, as in production: the artifacts are written by the CLI in one process with one Inductor
+cache, and served by `videogen-server serve` in another with an empty one. On a GPU the file also carries
+Triton's compiled kernels (bundled into Inductor's entries), which is where a cold start spends its
+minutes; on this CPU the C++ kernels are rebuilt from the loaded code, so what the test can check here is
+that every graph is found (no compile from scratch) and the frames, not the time saved.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from videogen.v1 import videogen_pb2 as pb
+
+from ..helpers import TINY_PARAMETERS, ServerThread, collect, raw_frames, request, tiny_config
+
+RAW = {"frame_encoding": pb.FRAME_ENCODING_RAW_RGB}
+WARM = 'model_warmup [ { name: "w" inputs { key: "num_inference_steps" value: "1" } } ]'
+COMPILED = TINY_PARAMETERS + 'parameters { key: "compile" value { string_value: "default" } }\n'
+CASE = dict(seed=11, num_frames=3, num_inference_steps=2, decode_chunk_size=2)
+
+
+def _cli(*args: str, cache: Path, timeout: float, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "videogen_server.cli", *args], env=env, timeout=timeout, **kw)
+
+
+def _frames(target: str, model: str) -> np.ndarray:
+    import grpc
+
+    from videogen.v1 import videogen_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        responses = collect(pb_grpc.VideoGenStub(channel), request(model=model, output=RAW, **CASE))
+    assert responses[-1].WhichOneof("event") == "summary", responses[-1]
+    return np.stack(raw_frames(responses)).astype(np.int16)
+
+
+@pytest.mark.timeout(900)  # the tiny UNet compiled in two fresh processes: ~1.5-2.5 min on 2 busy cores
+def test_compile_artifacts_let_a_server_with_an_empty_cache_compile_nothing(make_repo, tmp_path):
+    """Built where the repository is prepared (`--output`, the repository's layout), then copied into it."""
+    repo = make_repo({"m": tiny_config("m", WARM, parameters=COMPILED), "eager": tiny_config("eager")})
+    out = tmp_path / "out"
+    folder = out / "m" / "1" / "compile_artifacts"
+
+    built = _cli("compile-artifacts", "--model-repository", str(repo), "--model", "m", "--cpu-threads", "1",
+                 "--output", str(out), cache=tmp_path / "builder-cache", timeout=600, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert not (repo / "m" / "1" / "compile_artifacts").exists()  # --output: the repository is left as it was
+    files = sorted(folder.glob("*.bin"))
+    assert len(files) == 1, (files, built.stdout, built.stderr[-2000:])
+    path = files[0]
+    assert path.name.startswith(f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-cpu-")
+    assert f"wrote {path}" in built.stdout, built.stdout
+    assert path.stat().st_mode & 0o777 == 0o644  # servers often run as another user than the job that wrote it
+    assert "compiled 1 from scratch" in built.stderr, built.stderr[-3000:]  # the builder's own cache was empty
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
+    shutil.copytree(out, repo, dirs_exist_ok=True)  # `rsync -a out/ repo/`
+    path = repo / "m" / "1" / "compile_artifacts" / path.name
+
+    # a server on "another machine": its Inductor cache is a new, empty folder
+    log, port_file = tmp_path / "serve.log", tmp_path / "ports"
+    with log.open("w") as out:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "server-cache"), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "videogen_server.cli", "serve", "--model-repository", str(repo),
+                                 "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--cpu-threads", "1",
+                                 "--model-control-mode", "explicit", "--load-model", "m", "--port-file", str(port_file)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while not port_file.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            text = log.read_text()
+            assert f"compile artifacts {path.name} (" in text, text[-3000:]
+            assert "found 1 in its cache and compiled 0 from scratch" in text, text[-3000:]
+            compiled = _frames(f"127.0.0.1:{port_file.read_text().split()[0]}", "m")
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    with ServerThread(repo, model_control_mode="explicit", load_models=("eager",)) as server:
+        eager = _frames(server.target, "eager")
+    assert np.abs(compiled - eager).max() <= 1
+
+
+def test_compile_artifacts_go_beside_the_weights_unless_an_output_folder_is_given(make_repo, tmp_path):
+    from videogen_server.config import ServerConfig
+    from videogen_server.engine.engine import Engine
+    from videogen_server.metrics import Metrics
+
+    repo = make_repo({"m": None})
+    for config, expected in (
+            (ServerConfig(model_repositories=(repo,), write_compile_artifacts=True),
+             repo / "m" / "2" / "compile_artifacts"),
+            (ServerConfig(model_repositories=(repo,), write_compile_artifacts=True, compile_artifacts_output=tmp_path),
+             tmp_path / "m" / "2" / "compile_artifacts"),
+            (ServerConfig(model_repositories=(repo,)), None)):  # serve: nothing is written
+        engine = Engine(config, Metrics())
+        engine.scan()
+        assert engine.compile_artifacts_out("m", 2) == expected
+
+
+def test_compile_artifacts_needs_a_model_that_compiles_and_names_what_failed(make_repo, tmp_path, capsys):
+    from videogen_server.cli import _compile_artifacts
+    from videogen_server.config import ServerConfig
+
+    repo = make_repo({"eager": tiny_config("eager"), "cold": tiny_config("cold", parameters=COMPILED)})
+    config = ServerConfig(model_repositories=(repo,), model_control_mode="explicit", load_models=("eager", "cold"),
+                          metrics_port=-1, cpu_threads=1, write_compile_artifacts=True)
+    assert asyncio.run(_compile_artifacts(config)) == 1
+    err = capsys.readouterr().err
+    assert "eager version 1: failed" in err and "compile: this model compiles nothing" in err, err
+    # compiled, but no warm-up compiles it: what torch holds would be other models' graphs
+    assert "cold version 1: failed" in err and "warm-up compiled nothing" in err, err
+    assert not list(repo.glob("*/1/compile_artifacts"))
+
+    unknown = _cli("compile-artifacts", "--model-repository", str(repo), "--model", "nope", cache=tmp_path / "c",
+                   timeout=120, capture_output=True, text=True)
+    assert unknown.returncode == 2 and "not in the repository: ['nope']" in unknown.stderr, unknown.stderr[-2000:]
+
+
+def test_artifacts_for_another_machine_or_unreadable_ones_are_logged_and_left_out(tmp_path, caplog):
+    """The model then compiles from scratch, as without the folder; nothing fails."""
+    from videogen_server.backends.svd import accel
+
+    cpu = torch.device("cpu")
+    assert accel.load_compile_artifacts(tmp_path / "absent", cpu) is None
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "torch-2.11.0+cu130-py312-NVIDIA-H200-sm90.bin").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING):
+        line, loaded = accel.load_compile_artifacts(other, cpu)
+    assert not loaded and line == f"compile artifacts: none for {accel.artifacts_name(cpu)}"
+    assert "has no compile artifacts for this torch, Python and device" in caplog.text
+    assert "torch-2.11.0+cu130-py312-NVIDIA-H200-sm90.bin" in caplog.text  # what it has, to see the mismatch
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / accel.artifacts_name(cpu)).write_bytes(b"not torch's format")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        line, loaded = accel.load_compile_artifacts(broken, cpu)
+    assert not loaded and "could not be loaded" in caplog.text and "compiling from scratch" in caplog.text
+    # once per file and process: a second instance of the model neither reloads nor logs it again
+    caplog.clear()
+    assert accel.load_compile_artifacts(broken, cpu) == (line, False) and not caplog.text
