@@ -381,6 +381,56 @@ def test_compile_cache_outlives_the_pod_where_readme_puts_it(k8s: dict[str, dict
     assert f"chown 10001:10001 {mount['mountPath']}" in dockerfile, "a new named volume copies the owner"
 
 
+JOBS = K8S / "jobs"
+
+
+def test_compile_artifacts_job_compiles_on_the_servers_image_gpu_and_repository(k8s: dict[str, dict],
+                                                                                server: dict) -> None:
+    """The one-off Job writes compile artifacts the servers can use: the same image (kustomize `images`,
+    namespace), a GPU like theirs, the same repository path, mounted writable (the servers' read-only),
+    and the same user, so the files are theirs to read; then the CLI that writes them takes its args."""
+    jobs = _load(JOBS / "kustomization.yaml")
+    base = _kustomization()
+    assert jobs["images"] == base["images"] and jobs["namespace"] == base["namespace"]
+    assert jobs["resources"] == ["compile-artifacts.yaml"]
+    job = _load(JOBS / "compile-artifacts.yaml")
+    assert job["kind"] == "Job"
+    pod = job["spec"]["template"]["spec"]
+    server_pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    assert container["image"] == server["image"] and container["command"][:2] == server["command"][:2]
+    assert container["command"][2:] == ["videogen-server", "compile-artifacts"]
+    args = container["args"]
+    assert _flag(args, "--model-repository") == _flag(server["args"], "--model-repository")
+    assert _flag(args, "--model")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == server["resources"]["limits"]["nvidia.com/gpu"]
+    assert pod["tolerations"] == server_pod["tolerations"]
+    assert pod["securityContext"] == server_pod["securityContext"]
+    assert container["securityContext"] == server["securityContext"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    models = mounts[_flag(args, "--model-repository")]
+    assert not models.get("readOnly")
+    volume = next(v for v in pod["volumes"] if v["name"] == models["name"])
+    assert volume["persistentVolumeClaim"]["claimName"] == "videogen-models-writer"
+    assert not volume["persistentVolumeClaim"].get("readOnly")
+    # with a read-only root, every path the server writes is a volume: /tmp and where README's
+    # compile_cache_dir points
+    server_paths = {m["mountPath"] for m in server["volumeMounts"]} - {_flag(server["args"], "--model-repository")}
+    assert server_paths <= set(mounts), f"not mounted in the Job: {server_paths - set(mounts)}"
+
+    from videogen_server.cli import _parser
+
+    parsed = _parser().parse_args(container["command"][3:] + args)
+    assert parsed.command == "compile-artifacts" and parsed.model and parsed.output is None
+    tool = _kubernetes_validate()
+    if tool is None:
+        pytest.skip("kubernetes-validate is not installed (pip install kubernetes-validate)")
+    result = subprocess.run([tool, "--strict", "-k", K8S_VERSION, str(JOBS / "compile-artifacts.yaml")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "passed" in result.stdout + result.stderr, result.stdout + result.stderr
+
+
 def test_selectors_match_the_pod_template(k8s: dict[str, dict]) -> None:
     deployment = k8s["Deployment"]
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
