@@ -23,6 +23,10 @@ Variants (--variants, comma list):
                   (ready_s includes compilation) and a persistent compile cache under <workdir>/compile-cache
   server_compile_warm  the same again: a restart that finds its kernels in the cache (run it in a second
                   process, as a restarted server would be: in one process torch's in-memory caches are warm too)
+  server_compile_artifacts  `videogen-server compile-artifacts` on server_compile's configuration, in its own
+                  process with the configuration's compile cache (warm if an earlier run filled it), then the
+                  server with an empty compile cache of its own, as on a new machine: ready_s is the start from
+                  the artifacts (run it alone in its process, as server_compile_warm)
   server_compile_fp8   server_compile with fp8=true; PSNR of its frames against the plain pipeline's
   unet_tricks     one UNet forward (guidance batch, eager) per option, each on its own: float16, bfloat16,
                   channels_last, fuse_qkv, fp8, fold_cross_attention, temporal_convs_2d (alone and with
@@ -61,7 +65,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-ALL_VARIANTS = ("plain", "server", "server_lowmem", "server_offload", "server_compile", "server_compile_warm", "server_compile_fp8",
+ALL_VARIANTS = ("plain", "server", "server_lowmem", "server_offload", "server_compile", "server_compile_warm",
+                "server_compile_artifacts", "server_compile_fp8",
                 "plain_compile", "plain_lowmem", "unet_tricks")
 T0 = time.perf_counter()
 GIB = 2**30
@@ -561,6 +566,29 @@ def profile_steps(client, ctx: Ctx, model: str, chunk: int, steps: int = 4) -> d
             "top_kernels_whole_request": [{"name": n, "count": c, "s": round(t, 4)} for n, (c, t) in top]}
 
 
+def build_artifacts(ctx: Ctx, model_dir: Path) -> dict:
+    """`videogen-server compile-artifacts` on the model's config.pbtxt, in a process of its own as a Job runs it
+    (its compile cache is the config's compile_cache_dir); the file it writes and how long it took."""
+    import shutil
+    import subprocess
+
+    folder = model_dir / ctx.version_dir.name / "compile_artifacts"
+    shutil.rmtree(folder, ignore_errors=True)
+    cmd = [sys.executable, "-m", "videogen_server.cli", "compile-artifacts", "--model-repository",
+           str(model_dir.parent), "--model", model_dir.name]
+    if ctx.cpu_threads:
+        cmd += ["--cpu-threads", str(ctx.cpu_threads)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    files = sorted(folder.glob("*.bin"))
+    if proc.returncode != 0 or not files:
+        raise RuntimeError(f"compile-artifacts exited {proc.returncode}: {proc.stderr[-1500:]}")
+    built = {"artifacts_build_s": round(time.perf_counter() - t0, 2), "artifacts_file": files[0].name,
+             "artifacts_mib": round(files[0].stat().st_size / 2**20, 1)}
+    log(f"compile artifacts: {built}")
+    return built
+
+
 def run_server(ctx: Ctx, name: str, model_dir: Path, checkpoint: Callable[[dict], None] = lambda res: None) -> dict:
     """One server variant. `checkpoint(res)` is called with the figures so far (marked incomplete) after
     start-up and after the timed requests: on the device a call killed at its time limit, or a late
@@ -582,8 +610,14 @@ def run_server(ctx: Ctx, name: str, model_dir: Path, checkpoint: Callable[[dict]
         if name == "server_compile_fp8":
             extra["fp8"] = "true"
     extra.update(a.server_params)
-    params = write_config(model_dir, a, "KIND_GPU" if ctx.cuda else "KIND_CPU",
-                          "float16" if ctx.dtype == torch.float16 else "float32", chunk, extra)
+    kind, dtype = "KIND_GPU" if ctx.cuda else "KIND_CPU", "float16" if ctx.dtype == torch.float16 else "float32"
+    built = {}
+    if name == "server_compile_artifacts":
+        write_config(model_dir, a, kind, dtype, chunk, extra)
+        built = build_artifacts(ctx, model_dir)
+        # the server: a compile cache nothing has filled, as on a machine that never compiled this model
+        extra["compile_cache_dir"] = str(model_dir.parent.parent / f"compile-cache-empty-{os.getpid()}")
+    params = write_config(model_dir, a, kind, dtype, chunk, extra)
     alloc_before = allocated_gib()
     srv = ServerThread(model_dir.parent, ctx.cpu_threads)
     t0 = time.perf_counter()
@@ -595,7 +629,11 @@ def run_server(ctx: Ctx, name: str, model_dir: Path, checkpoint: Callable[[dict]
         if not engine.model_ready(model_dir.name):
             raise RuntimeError(f"model not ready: {engine.models[model_dir.name].error}")
         res = {"ready_s": round(ready_s, 2), "alloc_before_gib": alloc_before, "parameters": params,
-               "decode_chunk_size": chunk}
+               "decode_chunk_size": chunk, **built}
+        if "compile" in extra:  # graphs Inductor found in its cache / compiled from scratch, process-wide
+            from videogen_server.backends.svd import accel
+
+            res["inductor_cache_hits"], res["inductor_cache_misses"] = accel.cache_lookups()
         try:  # load / warm-up split, from the engine's instance (internal; best effort)
             inst = next(iter(engine.models[model_dir.name].loaded.values())).instances[0]
             res.update(load_s=round(inst.load_seconds, 2), warmup_s=round(inst.warmup_seconds, 2))
@@ -647,6 +685,10 @@ def run_server(ctx: Ctx, name: str, model_dir: Path, checkpoint: Callable[[dict]
         except Exception as err:  # noqa: BLE001 - a slow or failing stop must not discard the figures
             res["stop_error"] = f"{type(err).__name__}: {err}"[:300]
             log(f"{name}: stopping the server failed: {res['stop_error']}")
+        if built:  # later variants on these weights start from their own caches, as before
+            import shutil
+
+            shutil.rmtree(model_dir / ctx.version_dir.name / "compile_artifacts", ignore_errors=True)
 
 
 # -- main ------------------------------------------------------------------------------------------

@@ -41,6 +41,10 @@
 #        part6's baseline (p9) or run 3's 0.456 s.
 # part8: the low-memory mode with the UNet compiled (compile=default, allowed with cpu_offload since the
 #        fourth session), ~4 min.
+# part10: compile artifacts (eleventh session): `videogen-server compile-artifacts` writes part7's configuration's
+#        compiled code (from part7's cache when this machine just ran part7, ~1-2 min; else a cold compile,
+#        ~5 min), then a server whose compile cache is empty loads the file: its ready_s against run 3's 36.6 s
+#        (warm cache) and 272.9 s (cold); predicted ~40 s. Reports the file's size (Triton's kernels bundled).
 #
 # Compile caches: part7 packs its cache (/tmp/vg-cc-full) as $OUT/cc-full.tar.xz when that fits in what a call
 # returns (15 MiB here) and reports its size either way. A later session on the same kind of card, code and
@@ -48,7 +52,7 @@
 # .whl: 64 MiB in all, the wheels take 48): every .cc/*.tar.xz is unpacked into /tmp first, so the same
 # server params start warm (~37 s to ready instead of ~270 s), leaving the call's time for more variants.
 set -u
-part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|part6|part7|part8|part9|tricks}
+part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|part6|part7|part8|part9|part10|tricks}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -161,6 +165,12 @@ part9)
     bench --out "$OUT/p14" --variants server_compile --profile --time-budget 60 --server-params \
         "compile_vae=none,fold_cross_attention=true,temporal_convs_2d=true,compile_cache_dir=/tmp/vg-cc-gemm,compile_options=max_autotune_gemm=true" \
         2>&1 | tee "$OUT/p14.log"
+    ;;
+part10)
+    # the same server parameters as part7, so that its cache (if this machine ran part7) has every graph
+    opts="fold_cross_attention=true,temporal_convs_2d=true,cudnn_benchmark=true,compile_cache_dir=/tmp/vg-cc-full"
+    bench --out "$OUT/p15" --variants server_compile_artifacts --time-budget 60 --server-params \
+        "$opts,compile_vae_options=force_layout_optimization=true" 2>&1 | tee "$OUT/p15.log"
     ;;
 part8)
     # the low-memory mode compiled (compile=default: no CUDA graphs, the UNet's weights move every request),
