@@ -72,8 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                        "compiled into <model>/<version>/compile_artifacts/ for servers on machines like this one")
     c.add_argument("--model-repository", action="append", required=True, type=Path, metavar="DIR",
                    help="the model repository, as given to serve (repeatable)")
-    c.add_argument("--model", action="append", required=True, metavar="NAME",
-                   help="a model whose versions to compile (repeatable)")
+    c.add_argument("--model", required=True, metavar="NAME",
+                   help="the model whose versions to compile (one a run: torch records what a process compiled "
+                        "as a whole, so each file would hold every model's graphs)")
     c.add_argument("--output", type=Path, metavar="DIR",
                    help="write to DIR/<model>/<version>/compile_artifacts/ (the repository's layout, to copy into "
                         "it) instead of into the repository")
@@ -93,44 +94,59 @@ def _parser() -> argparse.ArgumentParser:
 def compile_artifacts_config(args: argparse.Namespace) -> ServerConfig:
     """The named models only, loaded as `serve` loads them; no port is opened."""
     return ServerConfig(model_repositories=tuple(args.model_repository), model_control_mode="explicit",
-                        load_models=tuple(args.model), cpu_threads=args.cpu_threads, metrics_port=-1,
+                        load_models=(args.model,), cpu_threads=args.cpu_threads, metrics_port=-1,
                         log_format=args.log_format, log_level=args.log_level.upper(), write_compile_artifacts=True,
                         compile_artifacts_output=args.output)
 
 
 async def _compile_artifacts(config: ServerConfig) -> int:
-    """Loads and warms up the models (each compiling instance writes its artifacts after its warm-up, and
-    fails its load if it cannot); prints the files written. 0 if every version of every model loaded, else 1."""
-    import time
-
+    """Loads and warms up the model's versions (each compiling instance writes its artifacts after its
+    warm-up, and fails its load if it cannot); prints the files written. 0 if every version loaded, else 1."""
+    from .backends.base import COMPILE_ARTIFACTS_FOLDER
     from .engine.engine import Engine
+    from .engine.repository import check_model_name
     from .metrics import Metrics
 
+    from .errors import InvalidRequest
+
+    (name,) = config.load_models
+    check_model_name(name)
+    if name == "*":
+        raise InvalidRequest("--model", "one model a run, by name ('*' would put every model's graphs in each file)")
     engine = Engine(config, Metrics())
-    started = time.time() - 2  # file times may be coarser than the clock
+    engine.scan()
+    before: dict[Path, tuple[int, int, int]] = {}
+    if name in engine.models:  # a file is written when its identity changes (atomic replace: a new inode)
+        before = {p: _identity(p) for p in engine.models[name].path.glob(f"*/{COMPILE_ARTIFACTS_FOLDER}/*.bin")}
+        if config.compile_artifacts_output:
+            before.update({p: _identity(p) for p in (config.compile_artifacts_output / name).glob("*/*/*.bin")})
     try:
         await engine.start()
         status = 0
-        for name in config.load_models:
-            model = engine.status(name)
-            if model.state == "FAILED" or not model.versions:
-                print(f"{name}: failed: {model.reason or 'no version to load'}", file=sys.stderr)
+        model = engine.status(name)
+        if model.state == "FAILED" or not model.versions:
+            print(f"{name}: failed: {model.reason or 'no version to load'}", file=sys.stderr)
+            status = 1
+        for v in model.versions:
+            if v.state != "READY":
+                print(f"{name} version {v.version}: {v.state.lower()}: {v.reason}", file=sys.stderr)
                 status = 1
-            for v in model.versions:
-                if v.state != "READY":
-                    print(f"{name} version {v.version}: {v.state.lower()}: {v.reason}", file=sys.stderr)
-                    status = 1
-                    continue
-                folder = engine.compile_artifacts_out(name, v.version)
-                written = sorted(p for p in folder.glob("*.bin") if p.stat().st_mtime >= started)
-                for path in written:
-                    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-                if not written:
-                    print(f"{name} version {v.version}: no compile artifacts written", file=sys.stderr)
-                    status = 1
+                continue
+            folder = engine.compile_artifacts_out(name, v.version)
+            written = sorted(p for p in folder.glob("*.bin") if _identity(p) != before.get(p))
+            for path in written:
+                print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+            if not written:
+                print(f"{name} version {v.version}: no compile artifacts written", file=sys.stderr)
+                status = 1
         return status
     finally:
         await engine.shutdown(0)
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _auth_tokens(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, ...]:

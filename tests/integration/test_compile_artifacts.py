@@ -30,7 +30,7 @@ from ..helpers import TINY_PARAMETERS, ServerThread, collect, raw_frames, reques
 RAW = {"frame_encoding": pb.FRAME_ENCODING_RAW_RGB}
 WARM = 'model_warmup [ { name: "w" inputs { key: "num_inference_steps" value: "1" } } ]'
 COMPILED = TINY_PARAMETERS + 'parameters { key: "compile" value { string_value: "default" } }\n'
-CASE = dict(seed=11, num_frames=3, num_inference_steps=2, decode_chunk_size=2)
+CASE = dict(seed=11, num_inference_steps=2, decode_chunk_size=2)  # the warm-up's shape: the compiled graph runs
 
 
 def _cli(*args: str, cache: Path, timeout: float, **kw) -> subprocess.CompletedProcess:
@@ -52,7 +52,12 @@ def _frames(target: str, model: str) -> np.ndarray:
 @pytest.mark.timeout(900)  # the tiny UNet compiled in two fresh processes: ~1.5-2.5 min on 2 busy cores
 def test_compile_artifacts_let_a_server_with_an_empty_cache_compile_nothing(make_repo, tmp_path):
     """Built where the repository is prepared (`--output`, the repository's layout), then copied into it."""
-    repo = make_repo({"m": tiny_config("m", WARM, parameters=COMPILED), "eager": tiny_config("eager")})
+    late_cache = tmp_path / "late-cache"
+    repo = make_repo({"m": tiny_config("m", WARM, parameters=COMPILED), "eager": tiny_config("eager"),
+                      # a model loading beside it with a compile cache of its own: m's entries, unpacked into the
+                      # process's cache, must stay where m's warm-up looks for them
+                      "late": tiny_config("late", parameters=COMPILED + 'parameters { key: "compile_cache_dir" '
+                                          f'value {{ string_value: "{late_cache}" }} }}\n')})
     out = tmp_path / "out"
     folder = out / "m" / "1" / "compile_artifacts"
 
@@ -77,7 +82,8 @@ def test_compile_artifacts_let_a_server_with_an_empty_cache_compile_nothing(make
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "server-cache"), "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen([sys.executable, "-m", "videogen_server.cli", "serve", "--model-repository", str(repo),
                                  "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--cpu-threads", "1",
-                                 "--model-control-mode", "explicit", "--load-model", "m", "--port-file", str(port_file)],
+                                 "--model-control-mode", "explicit", "--load-model", "m", "--load-model", "late",
+                                 "--port-file", str(port_file)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 600
@@ -86,8 +92,10 @@ def test_compile_artifacts_let_a_server_with_an_empty_cache_compile_nothing(make
                 time.sleep(0.2)
             text = log.read_text()
             assert f"compile artifacts {path.name} (" in text, text[-3000:]
-            assert "found 1 in its cache and compiled 0 from scratch" in text, text[-3000:]
+            assert "m/1#0 warm-up built 1 graphs: Inductor found 1 in its cache and compiled 0 from scratch" in text, \
+                text[-3000:]
             compiled = _frames(f"127.0.0.1:{port_file.read_text().split()[0]}", "m")
+            assert "runs uncompiled" not in log.read_text()
         finally:
             proc.terminate()
             proc.wait(60)
@@ -118,15 +126,29 @@ def test_compile_artifacts_needs_a_model_that_compiles_and_names_what_failed(mak
     from videogen_server.cli import _compile_artifacts
     from videogen_server.config import ServerConfig
 
+    from videogen_server.errors import InvalidRequest
+
     repo = make_repo({"eager": tiny_config("eager"), "cold": tiny_config("cold", parameters=COMPILED)})
-    config = ServerConfig(model_repositories=(repo,), model_control_mode="explicit", load_models=("eager", "cold"),
-                          metrics_port=-1, cpu_threads=1, write_compile_artifacts=True)
-    assert asyncio.run(_compile_artifacts(config)) == 1
-    err = capsys.readouterr().err
+
+    def run(model: str, **kw) -> str:
+        config = ServerConfig(model_repositories=(repo,), model_control_mode="explicit", load_models=(model,),
+                              metrics_port=-1, cpu_threads=1, write_compile_artifacts=True, **kw)
+        assert asyncio.run(_compile_artifacts(config)) == 1
+        return capsys.readouterr().err
+
+    err = run("eager")
     assert "eager version 1: failed" in err and "compile: this model compiles nothing" in err, err
     # compiled, but no warm-up compiles it: what torch holds would be other models' graphs
+    err = run("cold")
     assert "cold version 1: failed" in err and "warm-up compiled nothing" in err, err
-    assert not list(repo.glob("*/1/compile_artifacts"))
+    assert not list(repo.glob("*/1/compile_artifacts/*"))
+    # a folder it cannot write: found before the weights load and minutes of compiling, not after
+    (tmp_path / "a-file").write_text("")
+    err = run("cold", compile_artifacts_output=tmp_path / "a-file")
+    assert f"cannot write compile artifacts to {tmp_path / 'a-file' / 'cold' / '1' / 'compile_artifacts'}" in err, err
+    with pytest.raises(InvalidRequest, match=r"--model: one model a run"):
+        asyncio.run(_compile_artifacts(ServerConfig(model_repositories=(repo,), model_control_mode="explicit",
+                                                    load_models=("*",), write_compile_artifacts=True)))
 
     unknown = _cli("compile-artifacts", "--model-repository", str(repo), "--model", "nope", cache=tmp_path / "c",
                    timeout=120, capture_output=True, text=True)
@@ -159,3 +181,37 @@ def test_artifacts_for_another_machine_or_unreadable_ones_are_logged_and_left_ou
     # once per file and process: a second instance of the model neither reloads nor logs it again
     caplog.clear()
     assert accel.load_compile_artifacts(broken, cpu) == (line, False) and not caplog.text
+    # but a file that changed (a new build, then a reload) is read again
+    (broken / accel.artifacts_name(cpu)).write_bytes(b"a newer build, still not torch's format")
+    with caplog.at_level(logging.WARNING):
+        accel.load_compile_artifacts(broken, cpu)
+    assert "could not be loaded" in caplog.text
+
+
+@pytest.mark.timeout(300)
+def test_cache_lookups_are_counted_for_the_thread_that_compiled(tmp_path):
+    """Instances and models warm up at once, each on its thread, and torch's counters are process-wide:
+    each instance's warm-up line (and the warning that artifacts did not cover it) must count only its
+    own graphs."""
+    import threading
+
+    from videogen_server.backends.svd import accel
+
+    accel.GraphCounter.install()
+    barrier = threading.Barrier(2)
+    idents = {}
+
+    def compile_one(k: int) -> None:
+        idents[k] = threading.get_ident()
+        fn = torch.compile(lambda x: torch.sin(x) * (k + 2) + k, fullgraph=True)
+        barrier.wait()
+        fn(torch.randn(8 + k))
+
+    threads = [threading.Thread(target=compile_one, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    for k in range(2):
+        hits, misses, bypassed = accel.GraphCounter.lookups(idents[k])
+        assert (hits + misses, bypassed) == (1, 0), (k, hits, misses, bypassed)

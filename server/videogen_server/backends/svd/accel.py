@@ -516,10 +516,16 @@ class GraphCounter:
     attributes every graph to the instance that built it. torch's own counters are process-wide, its
     `recompiles` counter is not kept by recent releases, and its compile callbacks are cleared by
     torch._dynamo.reset() and fire once for overlapping compiles of several threads.
+
+    The same hook attributes Inductor's graph-cache lookups (found, compiled from scratch, not cacheable):
+    Dynamo compiles one frame at a time (its compile lock) and the hook runs at the end of each, on its
+    thread, so the change in torch's process-wide counters since the previous hook is that frame's.
     """
 
     _lock = threading.Lock()
     _counts: dict[int, int] = {}
+    _lookups: dict[int, tuple[int, int, int]] = {}  # thread -> (hits, misses, bypasses)
+    _last = (0, 0, 0)
     _installed = False
 
     @classmethod
@@ -531,10 +537,16 @@ class GraphCounter:
 
             def on_compiled(code, new_code):
                 ident = threading.get_ident()
+                now = _fx_cache_counters()
                 with cls._lock:
                     cls._counts[ident] = cls._counts.get(ident, 0) + 1
+                    # counters cleared since (torch._dynamo.reset in tests): what they hold now is new
+                    delta = [n - last if n >= last else n for n, last in zip(now, cls._last)]
+                    cls._last = now
+                    cls._lookups[ident] = tuple(a + d for a, d in zip(cls._lookups.get(ident, (0, 0, 0)), delta))
                 return None  # keep Dynamo's bytecode
 
+            cls._last = _fx_cache_counters()
             register_bytecode_hook(on_compiled)
             cls._installed = True
 
@@ -542,6 +554,19 @@ class GraphCounter:
     def count(cls, thread_ident: int) -> int:
         with cls._lock:
             return cls._counts.get(thread_ident, 0)
+
+    @classmethod
+    def lookups(cls, thread_ident: int) -> tuple[int, int, int]:
+        """(found, compiled from scratch, not cacheable) Inductor graphs of this thread's compiles."""
+        with cls._lock:
+            return cls._lookups.get(thread_ident, (0, 0, 0))
+
+
+def _fx_cache_counters() -> tuple[int, int, int]:
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    return inductor["fxgraph_cache_hit"], inductor["fxgraph_cache_miss"], inductor["fxgraph_cache_bypass"]
 
 
 _cache_dir: str | None = None
@@ -591,7 +616,7 @@ def use_compile_cache(path: str) -> bool:
 #: A version folder's subfolder of compile artifacts: one file per torch build, Python and device model.
 ARTIFACTS_FOLDER = COMPILE_ARTIFACTS_FOLDER
 _artifacts_lock = threading.Lock()
-_artifacts_loaded: dict[str, tuple[str, bool]] = {}  # file -> what loading it gave (once per process)
+_artifacts_loaded: dict[tuple, tuple[str, bool]] = {}  # (file, its identity) -> what loading it gave
 
 
 def artifacts_name(device: torch.device) -> str:
@@ -617,31 +642,42 @@ def artifacts_name(device: torch.device) -> str:
 
 def cache_lookups() -> tuple[int, int]:
     """(hits, misses) of this process's Inductor graph cache: a miss is a graph Inductor compiled from
-    scratch (its kernels generated and built). Process-wide, like torch's counters."""
-    from torch._dynamo.utils import counters
+    scratch (its kernels generated and built). Process-wide, like torch's counters (per thread:
+    GraphCounter.lookups)."""
+    return _fx_cache_counters()[:2]
 
-    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
-
-def load_compile_artifacts(folder: Path, device: torch.device) -> tuple[str, bool] | None:
+def load_compile_artifacts(folder: Path, device: torch.device, *, warn_missing: bool = True) -> tuple[str, bool] | None:
     """Loads `folder`'s artifacts for this torch, Python and device into the process's compile caches, so
     that compiling finds Inductor's graphs, AOTAutograd's entries and (bundled in them) Triton's kernels
     instead of building them: a warm start on a machine whose own cache is empty. Once per file per
     process, before anything compiles. Returns a line for the load log and whether the file was loaded;
     None if the folder is absent.
 
-    A folder without this combination's file, or a file torch cannot read (written by another torch
-    release), is logged and left out: the model compiles from scratch, as without the folder.
+    A folder without this combination's file, or a file torch cannot read or unpack (written by another
+    torch release, a full disk), is logged and left out: the model compiles from scratch, as without the
+    folder. A file that changed since (a reload after a new build) is loaded again.
+
+    Loading pins the process's compile cache folder: the entries are unpacked into the one in force, and
+    a model that set another `compile_cache_dir` afterwards would look for them where they are not.
     """
+    import os
+
+    global _cache_dir
     if not folder.is_dir():
         return None
     path = folder / artifacts_name(device)
+    try:
+        st = path.stat()
+        key: tuple = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = (str(path),)
     with _artifacts_lock:
-        if str(path) in _artifacts_loaded:
-            return _artifacts_loaded[str(path)]
+        if key in _artifacts_loaded:
+            return _artifacts_loaded[key]
         if not path.is_file():
             others = sorted(p.name for p in folder.glob("*.bin"))
-            log.warning("%s has no compile artifacts for this torch, Python and device (%s; it has %s): compiling "
+            (log.warning if warn_missing else log.debug)("%s has no compile artifacts for this torch, Python and device (%s; it has %s): compiling "
                         "from scratch. `videogen-server compile-artifacts` on this kind of machine writes them",
                         folder, path.name, ", ".join(others) or "none")
             outcome = (f"compile artifacts: none for {path.name}", False)
@@ -653,18 +689,51 @@ def load_compile_artifacts(folder: Path, device: torch.device) -> tuple[str, boo
                 log.error("compile artifacts %s cannot be read (%s): compiling from scratch", path,
                           err.strerror or err)
                 data = b""
-            info = torch.compiler.load_cache_artifacts(data) if data else None
+            info = None
+            if data:
+                with _cache_lock:
+                    if _cache_dir is None:  # where the entries go: a later compile_cache_dir must not move it
+                        _cache_dir = _inductor_cache_dir()
+                        os.environ["TORCHINDUCTOR_CACHE_DIR"] = _cache_dir
+                try:
+                    info = torch.compiler.load_cache_artifacts(data)
+                    if info is None:
+                        log.error("compile artifacts %s could not be loaded (torch's warning above says why): "
+                                  "compiling from scratch", path)
+                except Exception as err:  # noqa: BLE001 - unpacking into the cache (a full disk...): compile instead
+                    log.error("compile artifacts %s could not be unpacked into the compile cache (%s: %s): "
+                              "compiling from scratch", path, type(err).__name__, err)
             if info is None:
-                if data:
-                    log.error("compile artifacts %s could not be loaded (torch's warning above says why): "
-                              "compiling from scratch", path)
                 outcome = (f"compile artifacts: {path.name} not loaded", False)
             else:
                 entries = sum(len(v) for v in getattr(info, "artifacts", {}).values())
                 outcome = (f"compile artifacts {path.name} ({entries} entries, {len(data) / 2**20:.1f} MiB, "
                            f"{time.perf_counter() - t0:.2f}s)", True)
-        _artifacts_loaded[str(path)] = outcome
+        _artifacts_loaded[key] = outcome
         return outcome
+
+
+def _inductor_cache_dir() -> str:
+    """The folder Inductor caches in now (TORCHINDUCTOR_CACHE_DIR, else its default)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # pragma: no cover - older torch
+        from torch._inductor.utils import cache_dir
+    return cache_dir()
+
+
+def check_writable(folder: Path) -> None:
+    """Raises OSError, naming `folder` and this process's user, unless a compile artifact can be written there
+    (before minutes of loading and compiling, rather than after)."""
+    import os
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write compile artifacts to {folder} as uid {os.getuid()}: "
+                                 f"{err.strerror or err}") from err
 
 
 def save_compile_artifacts(folder: Path, device: torch.device) -> tuple[Path, int]:
@@ -674,10 +743,11 @@ def save_compile_artifacts(folder: Path, device: torch.device) -> tuple[Path, in
     nothing was compiled (the graphs are built by the warm-up requests)."""
     import os
     import tempfile
-    from torch._dynamo.convert_frame import compile_lock
+    from torch._dynamo import convert_frame
 
     with _artifacts_lock:
-        with compile_lock:  # torch records artifacts under it: no instance adds one while they are read
+        # torch records artifacts under Dynamo's compile lock: no instance adds one while they are read
+        with getattr(convert_frame, "compile_lock", None) or contextlib.nullcontext():
             saved = torch.compiler.save_cache_artifacts()
         if saved is None:
             raise RuntimeError("compile artifacts: nothing was compiled, so there is nothing to write; the graphs are "

@@ -181,6 +181,11 @@ class SVDBackend(Backend):
 
     def initialize(self, context: InstanceContext) -> None:
         p = context.parameters
+        if context.compile_artifacts_out is not None:  # `compile-artifacts`: fail in seconds, not after the compile
+            if p.get("compile", "none") == "none" and p.get("compile_vae", "none") == "none":
+                raise ValueError("compile: this model compiles nothing (compile and compile_vae are none), so it has "
+                                 "no compile artifacts to write")
+            accel.check_writable(context.compile_artifacts_out)
         self.device = torch.device(context.device)
         on_gpu = self.device.type == "cuda"
         with _LOAD_LOCK:  # the default is read before any instance thread changes what new threads start with
@@ -245,6 +250,7 @@ class SVDBackend(Backend):
         self.decoder = None
         self.thread = threading.get_ident()  # the instance thread: initialize, warm-up and serving
         self.graphs_after_warmup = None
+        self.instance_name = f"{context.model_name}/{context.model_version}#{context.instance_index}"
         self.artifacts_folder = context.version_path / accel.ARTIFACTS_FOLDER
         self.artifacts_out = context.compile_artifacts_out
         self.artifacts_loaded = False
@@ -261,14 +267,12 @@ class SVDBackend(Backend):
             if p.get("compile_cache_dir"):
                 accel.use_compile_cache(p["compile_cache_dir"])
             # before anything compiles: the graphs and kernels of another machine like this one
-            loaded = accel.load_compile_artifacts(self.artifacts_folder, self.device)
+            loaded = accel.load_compile_artifacts(self.artifacts_folder, self.device,
+                                                  warn_missing=self.artifacts_out is None)  # not when building them
             if loaded:
                 applied.append(loaded[0])
                 self.artifacts_loaded = loaded[1]
-            self.lookups_before = accel.cache_lookups()
-        elif context.compile_artifacts_out is not None:
-            raise ValueError("compile: this model compiles nothing (compile and compile_vae are none), so it has no "
-                             "compile artifacts to write")
+            self.lookups_before = accel.GraphCounter.lookups(self.thread)
         options = accel.parse_compile_options(p.get("compile_options", ""))
         vae_only = accel.parse_compile_options(p.get("compile_vae_options", ""), "compile_vae_options")
         accel.check_compile_options(options, "compile_options")  # both before any compile: typos name their key
@@ -606,14 +610,19 @@ class SVDBackend(Backend):
 
     def _report_compile_cache(self) -> None:
         """After the warm-up: how much of it compiled from scratch; the artifacts written if asked to."""
-        hits, misses = (now - before for now, before in zip(accel.cache_lookups(), self.lookups_before))
+        hits, misses, bypassed = (now - before for now, before in
+                                  zip(accel.GraphCounter.lookups(self.thread), self.lookups_before))
         graphs = self.graphs_after_warmup - self.graphs_before
-        log.info("warm-up built %d graphs: Inductor found %d in its cache and compiled %d from scratch (counted "
-                 "process-wide since this instance loaded)", graphs, hits, misses)
+        log.info("svd instance %s warm-up built %d graphs: Inductor found %d in its cache and compiled %d from "
+                 "scratch%s", self.instance_name, graphs, hits, misses,
+                 f" ({bypassed} not cacheable: compiled at every start)" if bypassed else "")
         if self.artifacts_out is not None:
             if not graphs:  # what torch recorded would be other models' (artifacts are process-wide)
                 raise RuntimeError("compile artifacts: this model's warm-up compiled nothing, so there is nothing to "
                                    "write; add model_warmup requests of the shapes it serves")
+            if not hits + misses:
+                raise RuntimeError("compile artifacts: Inductor's graph cache was not used (disabled, e.g. "
+                                   "TORCHINDUCTOR_FX_GRAPH_CACHE=0, or every graph bypassed it): nothing to write")
             path, size = accel.save_compile_artifacts(self.artifacts_out, self.device)
             log.info("wrote compile artifacts %s (%.1f MiB)", path, size / 2**20)
         elif misses and self.artifacts_loaded:
