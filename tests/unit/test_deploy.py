@@ -384,6 +384,11 @@ def test_compile_cache_outlives_the_pod_where_readme_puts_it(k8s: dict[str, dict
 JOBS = K8S / "jobs"
 
 
+def mounts_of(container: dict) -> dict[str, str]:
+    """mountPath -> volume name."""
+    return {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+
+
 def test_compile_artifacts_job_compiles_on_the_servers_image_gpu_and_repository(k8s: dict[str, dict],
                                                                                 server: dict) -> None:
     """The one-off Job writes compile artifacts the servers can use: the same image (kustomize `images`,
@@ -412,7 +417,10 @@ def test_compile_artifacts_job_compiles_on_the_servers_image_gpu_and_repository(
     models = mounts[_flag(args, "--model-repository")]
     assert not models.get("readOnly")
     volume = next(v for v in pod["volumes"] if v["name"] == models["name"])
-    assert volume["persistentVolumeClaim"]["claimName"] == "videogen-models-writer"
+    server_volume = next(v for v in server_pod["volumes"] if v["name"] == mounts_of(server)[models["mountPath"]])
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    assert claim == server_volume["persistentVolumeClaim"]["claimName"]  # the repository the servers read
+    assert f"PersistentVolumeClaim/{claim}" in k8s, f"the Job's claim {claim} is defined nowhere"
     assert not volume["persistentVolumeClaim"].get("readOnly")
     # with a read-only root, every path the server writes is a volume: /tmp and where README's
     # compile_cache_dir points
