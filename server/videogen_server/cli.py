@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                        "compiled into <model>/<version>/compile_artifacts/ for servers on machines like this one")
     c.add_argument("--model-repository", action="append", required=True, type=Path, metavar="DIR",
                    help="the model repository, as given to serve (repeatable)")
-    c.add_argument("--model", required=True, metavar="NAME",
+    c.add_argument("--model", action="append", required=True, metavar="NAME",
                    help="the model whose versions to compile (one a run: torch records what a process compiled "
                         "as a whole, so each file would hold every model's graphs)")
     c.add_argument("--output", type=Path, metavar="DIR",
@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 def compile_artifacts_config(args: argparse.Namespace) -> ServerConfig:
     """The named models only, loaded as `serve` loads them; no port is opened."""
     return ServerConfig(model_repositories=tuple(args.model_repository), model_control_mode="explicit",
-                        load_models=(args.model,), cpu_threads=args.cpu_threads, metrics_port=-1,
+                        load_models=tuple(args.model), cpu_threads=args.cpu_threads, metrics_port=-1,
                         log_format=args.log_format, log_level=args.log_level.upper(), write_compile_artifacts=True,
                         compile_artifacts_output=args.output)
 
@@ -207,7 +207,11 @@ def missing_server_modules() -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "compile-artifacts" and len(args.model) > 1:
+        parser.error("compile-artifacts: one --model a run (torch records what a process compiled as a whole, so "
+                     "each file would hold every model's graphs)")
     missing = missing_server_modules()
     if missing:  # a client-only install has this command too: say what to install, not a traceback
         print(f"videogen-server: error: the server's packages are not installed ({', '.join(missing)} missing): "

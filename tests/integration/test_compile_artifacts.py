@@ -146,6 +146,11 @@ def test_compile_artifacts_needs_a_model_that_compiles_and_names_what_failed(mak
     (tmp_path / "a-file").write_text("")
     err = run("cold", compile_artifacts_output=tmp_path / "a-file")
     assert f"cannot write compile artifacts to {tmp_path / 'a-file' / 'cold' / '1' / 'compile_artifacts'}" in err, err
+    with pytest.raises(SystemExit) as exit_, capsys.disabled():
+        from videogen_server.cli import main
+
+        main(["compile-artifacts", "--model-repository", str(repo), "--model", "cold", "--model", "eager"])
+    assert exit_.value.code == 2  # not the last one silently, the others compiling from scratch at every start
     with pytest.raises(InvalidRequest, match=r"--model: one model a run"):
         asyncio.run(_compile_artifacts(ServerConfig(model_repositories=(repo,), model_control_mode="explicit",
                                                     load_models=("*",), write_compile_artifacts=True)))
@@ -161,6 +166,10 @@ def test_artifacts_for_another_machine_or_unreadable_ones_are_logged_and_left_ou
 
     cpu = torch.device("cpu")
     assert accel.load_compile_artifacts(tmp_path / "absent", cpu) is None
+    (tmp_path / "empty").mkdir()  # left by a build that failed: no file at all is no folder, not a warning
+    with caplog.at_level(logging.WARNING):
+        assert accel.load_compile_artifacts(tmp_path / "empty", cpu) is None
+    assert not caplog.text
 
     other = tmp_path / "other"
     other.mkdir()

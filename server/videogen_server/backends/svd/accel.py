@@ -604,6 +604,9 @@ def use_compile_cache(path: str) -> bool:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
             os.environ["TRITON_CACHE_DIR"] = os.path.join(path, "triton")
             _cache_dir = path
+            # compile artifacts another model unpacked into the previous folder: where lookups go now too
+            for loaded in _unpacked:
+                _unpack(loaded, f"again, into compile_cache_dir {path}")
             return True
         if _cache_dir != path:
             log.warning("compile_cache_dir %s ignored: this process already caches compiled code in %s", path,
@@ -617,6 +620,7 @@ def use_compile_cache(path: str) -> bool:
 ARTIFACTS_FOLDER = COMPILE_ARTIFACTS_FOLDER
 _artifacts_lock = threading.Lock()
 _artifacts_loaded: dict[tuple, tuple[str, bool]] = {}  # (file, its identity) -> what loading it gave
+_unpacked: list[Path] = []  # files unpacked into the compile cache in force (again if compile_cache_dir moves it)
 
 
 def artifacts_name(device: torch.device) -> str:
@@ -658,13 +662,11 @@ def load_compile_artifacts(folder: Path, device: torch.device, *, warn_missing: 
     torch release, a full disk), is logged and left out: the model compiles from scratch, as without the
     folder. A file that changed since (a reload after a new build) is loaded again.
 
-    Loading pins the process's compile cache folder: the entries are unpacked into the one in force, and
-    a model that set another `compile_cache_dir` afterwards would look for them where they are not.
+    The entries are unpacked into the compile cache folder in force; if a model's `compile_cache_dir`
+    moves it afterwards, they are unpacked there again (`use_compile_cache`). A folder holding no file at
+    all (a build that failed after creating it) counts as absent.
     """
-    import os
-
-    global _cache_dir
-    if not folder.is_dir():
+    if not folder.is_dir() or not any(folder.glob("*.bin")):
         return None
     path = folder / artifacts_name(device)
     try:
@@ -691,18 +693,10 @@ def load_compile_artifacts(folder: Path, device: torch.device, *, warn_missing: 
                 data = b""
             info = None
             if data:
-                with _cache_lock:
-                    if _cache_dir is None:  # where the entries go: a later compile_cache_dir must not move it
-                        _cache_dir = _inductor_cache_dir()
-                        os.environ["TORCHINDUCTOR_CACHE_DIR"] = _cache_dir
-                try:
-                    info = torch.compiler.load_cache_artifacts(data)
-                    if info is None:
-                        log.error("compile artifacts %s could not be loaded (torch's warning above says why): "
-                                  "compiling from scratch", path)
-                except Exception as err:  # noqa: BLE001 - unpacking into the cache (a full disk...): compile instead
-                    log.error("compile artifacts %s could not be unpacked into the compile cache (%s: %s): "
-                              "compiling from scratch", path, type(err).__name__, err)
+                with _cache_lock:  # not while compile_cache_dir moves the cache
+                    info = _unpack(path, "", data)
+                    if info is not None:
+                        _unpacked.append(path)
             if info is None:
                 outcome = (f"compile artifacts: {path.name} not loaded", False)
             else:
@@ -713,13 +707,21 @@ def load_compile_artifacts(folder: Path, device: torch.device, *, warn_missing: 
         return outcome
 
 
-def _inductor_cache_dir() -> str:
-    """The folder Inductor caches in now (TORCHINDUCTOR_CACHE_DIR, else its default)."""
+def _unpack(path: Path, why: str, data: bytes | None = None):
+    """torch.compiler.load_cache_artifacts of one file into the compile cache in force; its CacheInfo, or None
+    (logged) if it cannot be read or unpacked."""
     try:
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
-    except ImportError:  # pragma: no cover - older torch
-        from torch._inductor.utils import cache_dir
-    return cache_dir()
+        info = torch.compiler.load_cache_artifacts(path.read_bytes() if data is None else data)
+        if info is None:
+            log.error("compile artifacts %s could not be loaded (torch's warning above says why): compiling from "
+                      "scratch", path)
+        elif why:
+            log.info("compile artifacts %s unpacked %s", path, why)
+        return info
+    except Exception as err:  # noqa: BLE001 - unpacking into the cache (a full disk...): compile instead
+        log.error("compile artifacts %s could not be unpacked into the compile cache (%s: %s): compiling from "
+                  "scratch", path, type(err).__name__, err)
+        return None
 
 
 def check_writable(folder: Path) -> None:
@@ -728,9 +730,12 @@ def check_writable(folder: Path) -> None:
     import os
     import tempfile
 
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
+        if created:  # made again by the save; a build that fails in between leaves no empty folder behind
+            folder.rmdir()
     except OSError as err:
         raise OSError(err.errno, f"cannot write compile artifacts to {folder} as uid {os.getuid()}: "
                                  f"{err.strerror or err}") from err
