@@ -1,4 +1,5 @@
-"""`videogen-server serve | compile-artifacts | make-tiny-model`: the one place where settings come from the command line."""
+"""`videogen-server serve | compile-artifacts | make-tiny-model`: the one place where settings come from the
+command line."""
 from __future__ import annotations
 
 import argparse
@@ -105,9 +106,8 @@ async def _compile_artifacts(config: ServerConfig) -> int:
     from .backends.base import COMPILE_ARTIFACTS_FOLDER
     from .engine.engine import Engine
     from .engine.repository import check_model_name
-    from .metrics import Metrics
-
     from .errors import InvalidRequest
+    from .metrics import Metrics
 
     (name,) = config.load_models
     check_model_name(name)

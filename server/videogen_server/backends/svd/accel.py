@@ -32,8 +32,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..base import COMPILE_ARTIFACTS_FOLDER
-
 log = logging.getLogger(__name__)
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
@@ -616,8 +614,6 @@ def use_compile_cache(path: str) -> bool:
 
 # -- the portable compile cache (torch's "Mega-Cache") ----------------------------------------------
 
-#: A version folder's subfolder of compile artifacts: one file per torch build, Python and device model.
-ARTIFACTS_FOLDER = COMPILE_ARTIFACTS_FOLDER
 _artifacts_lock = threading.Lock()
 _artifacts_loaded: dict[tuple, tuple[str, bool]] = {}  # (file, its identity) -> what loading it gave
 _unpacked: list[Path] = []  # files unpacked into the compile cache in force (again if compile_cache_dir moves it)
@@ -679,9 +675,10 @@ def load_compile_artifacts(folder: Path, device: torch.device, *, warn_missing: 
             return _artifacts_loaded[key]
         if not path.is_file():
             others = sorted(p.name for p in folder.glob("*.bin"))
-            (log.warning if warn_missing else log.debug)("%s has no compile artifacts for this torch, Python and device (%s; it has %s): compiling "
-                        "from scratch. `videogen-server compile-artifacts` on this kind of machine writes them",
-                        folder, path.name, ", ".join(others) or "none")
+            (log.warning if warn_missing else log.debug)(
+                "%s has no compile artifacts for this torch, Python and device (%s; it has %s): compiling from "
+                "scratch. `videogen-server compile-artifacts` on this kind of machine writes them",
+                folder, path.name, ", ".join(others) or "none")
             outcome = (f"compile artifacts: none for {path.name}", False)
         else:
             t0 = time.perf_counter()

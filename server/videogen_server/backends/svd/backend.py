@@ -31,8 +31,8 @@ from transformers.utils import logging as transformers_logging
 
 from ...errors import OutOfMemory
 from ...domain import ResolvedParams
-from ..base import (Backend, BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone,
-                    is_fatal_device_error, is_out_of_memory)
+from ..base import (COMPILE_ARTIFACTS_FOLDER, Backend, BackendRequest, Finished, FramesDecoded, InstanceContext,
+                    PhaseTiming, StepDone, is_fatal_device_error, is_out_of_memory)
 from . import accel, preprocess
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class SVDBackend(Backend):
         self.thread = threading.get_ident()  # the instance thread: initialize, warm-up and serving
         self.graphs_after_warmup = None
         self.instance_name = f"{context.model_name}/{context.model_version}#{context.instance_index}"
-        self.artifacts_folder = context.version_path / accel.ARTIFACTS_FOLDER
+        self.artifacts_folder = context.version_path / COMPILE_ARTIFACTS_FOLDER
         self.artifacts_out = context.compile_artifacts_out
         self.artifacts_loaded = False
         self.unwarmed_shapes = p.get("unwarmed_shapes", "eager")
