@@ -566,13 +566,12 @@ def profile_steps(client, ctx: Ctx, model: str, chunk: int, steps: int = 4) -> d
             "top_kernels_whole_request": [{"name": n, "count": c, "s": round(t, 4)} for n, (c, t) in top]}
 
 
-def build_artifacts(ctx: Ctx, model_dir: Path) -> dict:
+def build_artifacts(ctx: Ctx, model_dir: Path, folder: Path) -> dict:
     """`videogen-server compile-artifacts` on the model's config.pbtxt, in a process of its own as a Job runs it
-    (its compile cache is the config's compile_cache_dir); the file it writes and how long it took."""
+    (its compile cache is the config's compile_cache_dir); the file it writes into `folder` and how long it took."""
     import shutil
     import subprocess
 
-    folder = model_dir / ctx.version_dir.name / "compile_artifacts"
     shutil.rmtree(folder, ignore_errors=True)
     cmd = [sys.executable, "-m", "videogen_server.cli", "compile-artifacts", "--model-repository",
            str(model_dir.parent), "--model", model_dir.name]
@@ -594,6 +593,7 @@ def run_server(ctx: Ctx, name: str, model_dir: Path, checkpoint: Callable[[dict]
     start-up and after the timed requests: on the device a call killed at its time limit, or a late
     failure, keeps what was measured."""
     from videogen_client import VideoGenClient
+    from videogen_server.backends.base import COMPILE_ARTIFACTS_FOLDER
 
     a = ctx.a
     extra, chunk = {}, a.decode_chunk
@@ -612,9 +612,10 @@ def run_server(ctx: Ctx, name: str, model_dir: Path, checkpoint: Callable[[dict]
     extra.update(a.server_params)
     kind, dtype = "KIND_GPU" if ctx.cuda else "KIND_CPU", "float16" if ctx.dtype == torch.float16 else "float32"
     built = {}
+    artifacts = model_dir / ctx.version_dir.name / COMPILE_ARTIFACTS_FOLDER
     if name == "server_compile_artifacts":
         write_config(model_dir, a, kind, dtype, chunk, extra)
-        built = build_artifacts(ctx, model_dir)
+        built = build_artifacts(ctx, model_dir, artifacts)
         # the server: a compile cache nothing has filled, as on a machine that never compiled this model
         extra["compile_cache_dir"] = str(model_dir.parent.parent / f"compile-cache-empty-{os.getpid()}")
     params = write_config(model_dir, a, kind, dtype, chunk, extra)
@@ -688,7 +689,7 @@ def run_server(ctx: Ctx, name: str, model_dir: Path, checkpoint: Callable[[dict]
         if built:  # later variants on these weights start from their own caches, as before
             import shutil
 
-            shutil.rmtree(model_dir / ctx.version_dir.name / "compile_artifacts", ignore_errors=True)
+            shutil.rmtree(artifacts, ignore_errors=True)
 
 
 # -- main ------------------------------------------------------------------------------------------

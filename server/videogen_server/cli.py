@@ -103,9 +103,8 @@ def compile_artifacts_config(args: argparse.Namespace) -> ServerConfig:
 async def _compile_artifacts(config: ServerConfig) -> int:
     """Loads and warms up the model's versions (each compiling instance writes its artifacts after its
     warm-up, and fails its load if it cannot); prints the files written. 0 if every version loaded, else 1."""
-    from .backends.base import COMPILE_ARTIFACTS_FOLDER
     from .engine.engine import Engine
-    from .engine.repository import check_model_name
+    from .engine.repository import check_model_name, versions_on_disk
     from .errors import InvalidRequest
     from .metrics import Metrics
 
@@ -117,9 +116,8 @@ async def _compile_artifacts(config: ServerConfig) -> int:
     engine.scan()
     before: dict[Path, tuple[int, int, int]] = {}
     if name in engine.models:  # a file is written when its identity changes (atomic replace: a new inode)
-        before = {p: _identity(p) for p in engine.models[name].path.glob(f"*/{COMPILE_ARTIFACTS_FOLDER}/*.bin")}
-        if config.compile_artifacts_output:
-            before.update({p: _identity(p) for p in (config.compile_artifacts_output / name).glob("*/*/*.bin")})
+        before = {p: _identity(p) for v in versions_on_disk(engine.models[name].path)
+                  for p in engine.compile_artifacts_out(name, v).glob("*.bin")}
     try:
         await engine.start()
         status = 0

@@ -24,7 +24,8 @@ from typing import AsyncIterator, Callable, Optional
 
 from PIL import Image
 
-from ..backends.base import COMPILE_ARTIFACTS_FOLDER, BackendRequest, Finished, FramesDecoded, InstanceContext, PhaseTiming, StepDone, load_backend_class
+from ..backends.base import (COMPILE_ARTIFACTS_FOLDER, BackendRequest, Finished, FramesDecoded, InstanceContext,
+                             PhaseTiming, StepDone, load_backend_class)
 from ..config import ServerConfig
 from ..errors import (BackendError, ConfigError, Draining, InvalidRequest, ModelNotFound, NotReady,
                       NotStarted, QueueFull, QueueTimeout, RequestCancelled, VideoGenError, status_name)

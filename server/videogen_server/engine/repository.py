@@ -77,10 +77,10 @@ def fingerprint(model_dir: Path) -> str:
     compile artifacts a `videogen-server compile-artifacts` job writes beside the weights while servers run."""
     h = hashlib.sha256()
     for path in sorted(model_dir.rglob("*")):
-        parts = path.relative_to(model_dir).parts
-        if len(parts) > 2 and parts[1] == COMPILE_ARTIFACTS_FOLDER:
+        relative = path.relative_to(model_dir)
+        if len(relative.parts) > 2 and relative.parts[1] == COMPILE_ARTIFACTS_FOLDER:
             continue
         if path.is_file():
             st = path.stat()
-            h.update(f"{path.relative_to(model_dir)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            h.update(f"{relative}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
