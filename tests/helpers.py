@@ -252,12 +252,13 @@ SHORT_REQUEST = dict(num_inference_steps=1, num_frames=1, output={"stream_video"
 
 
 @contextlib.contextmanager
-def full_queue(repo: Path, model: str = "m"):
-    """A server whose `model` (max_queue_size 1) has one request running and one queued: the next is
-    refused RESOURCE_EXHAUSTED. Yields the server; both requests must have succeeded by the end."""
+def full_queue(repo: Path, model: str = "m", running_request: Optional[dict] = None):
+    """A server whose `model` (max_queue_size 1) has one request running (`running_request`, else
+    LONG_REQUEST) and one queued: the next is refused RESOURCE_EXHAUSTED. Yields the server; both
+    requests must have succeeded by the end."""
     with ServerThread(repo) as server:
         stub = server.stub()
-        running = Stream(stub, request(model=model, **LONG_REQUEST))
+        running = Stream(stub, request(model=model, **(running_request or LONG_REQUEST)))
         running.progressed.wait(10)
         queued = Stream(stub, request(model=model, **SHORT_REQUEST))
         queued.accepted.wait(10)

@@ -25,6 +25,7 @@ from videogen_client._proto import frame_encoding_value
 from videogen_client.errors import (
     NOT_STARTED_METADATA_KEY,
     REQUEST_ID_METADATA_KEY,
+    RETRY_PUSHBACK_METADATA_KEY,
     DeadlineExceededError,
     InvalidArgumentError,
     UnavailableError,
@@ -82,6 +83,10 @@ class RetryPolicy:
     servers and ``round_robin`` a retry goes to the next server, so a request refused at admission
     (queue full: RESOURCE_EXHAUSTED; server draining or model not ready: UNAVAILABLE) or whose
     connection failed runs on another server instead. The call's deadline covers every attempt.
+    A server that says how long to wait (gRPC's ``grpc-retry-pushback-ms`` trailer, which a
+    videogen server sends with a full queue: its estimate of when an instance takes queued work
+    again) is waited for instead of the backoff, and one whose wait would outlast the call's
+    deadline is not retried: the caller hears the refusal at once.
 
     gRPC retries a call only until it is *committed*: for ``Generate``, a server-streaming call,
     that is when the first response arrives, so a generation that has started streaming is never
@@ -367,20 +372,37 @@ def not_started(err: grpc.RpcError, settings: ConnectionSettings) -> bool:
     return any(key == NOT_STARTED_METADATA_KEY for key, _ in _call_metadata(err, "trailing_metadata") or ())
 
 
+def server_pushback(err: grpc.RpcError) -> float | None:
+    """The wait the server asked for before another attempt, as gRPC's retries read it (the
+    ``grpc-retry-pushback-ms`` trailer, gRFC A6): seconds, negative for "do not retry", None when the
+    server gave none. An unreadable value counts as "do not retry"."""
+    for key, value in _call_metadata(err, "trailing_metadata") or ():
+        if key == RETRY_PUSHBACK_METADATA_KEY:
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+            return int(text) / 1000 if text.isdigit() else -1.0
+    return None
+
+
 def retry_wait(err: grpc.RpcError, settings: ConnectionSettings, attempt: int, deadline: float | None, *,
                received: bool, started: bool = False) -> float | None:
     """Seconds to wait before the client sends a refused Generate again; ``None``: do not.
 
     ``received``: a response arrived; ``started``: one beyond Accepted did (a step, a frame). An
     accepted request the server ended marked "not started" (see ``not_started``) is sent again too:
-    nothing was done for it, and no event but Accepted reached the caller.
+    nothing was done for it, and no event but Accepted reached the caller. The wait is the server's
+    pushback where it sent one (see ``server_pushback``), else the policy's backoff; None when it would
+    end past ``deadline``.
     """
     policy = settings.retry
     if policy is None or attempt >= policy.max_attempts:
         return None
     if not (refused_before_work(err, settings, received=received) or (not started and not_started(err, settings))):
         return None
-    wait = policy.backoff(attempt)
+    wait = server_pushback(err)
+    if wait is None:
+        wait = policy.backoff(attempt)
+    elif wait < 0:  # the server said not to
+        return None
     if deadline is not None and time.monotonic() + wait >= deadline:
         return None
     return wait

@@ -46,6 +46,8 @@ __all__ = [
 REQUEST_ID_METADATA_KEY = "x-request-id"
 #: Trailing metadata the server sets on a Generate it ended before any work (the SDK sends it again).
 NOT_STARTED_METADATA_KEY = "x-videogen-not-started"
+#: gRPC's server pushback trailer: milliseconds to wait before retrying, negative for "do not" (gRFC A6).
+RETRY_PUSHBACK_METADATA_KEY = "grpc-retry-pushback-ms"
 #: The trailer of gRPC's rich error model: a serialized google.rpc.Status.
 STATUS_DETAILS_METADATA_KEY = "grpc-status-details-bin"
 _DETAIL_TYPES = (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo,

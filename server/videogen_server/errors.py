@@ -38,9 +38,14 @@ class ModelNotFound(VideoGenError):
 
 
 class QueueFull(VideoGenError):
-    """The model's queue is at its bound; the caller should back off and retry."""
+    """The model's queue is at its bound; the caller should back off and retry. `retry_after`: seconds
+    until the queue is estimated to have room (an instance takes work from it), None when not known."""
 
     REASON = "QUEUE_FULL"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class NotReady(VideoGenError):

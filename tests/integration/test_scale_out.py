@@ -37,7 +37,8 @@ from videogen_client import (
     VideoGenClient,
     VideoGenError,
 )
-from videogen_client._request import StreamAttempts, channel_target, connection_settings, service_config
+from videogen_client._request import (StreamAttempts, channel_target, connection_settings, retry_wait,
+                                      service_config)
 
 from ..helpers import ServerThread, metric_value, sample_png
 
@@ -353,6 +354,43 @@ def test_a_resent_request_gets_the_new_servers_estimate():
     assert not attempts.passes(accepted())  # nothing new: a server without an estimate
     assert attempts.passes(accepted(end=2.0))  # the server that runs it, its own estimate
     assert attempts.passes(accepted(version=2)) and attempts.first.estimated_end_seconds == 5.0
+
+
+class _Refused(grpc.RpcError):
+    """A Generate refused after the server sent headers (gRPC committed it: the SDK's own resend)."""
+
+    def __init__(self, trailers=(), code=grpc.StatusCode.RESOURCE_EXHAUSTED) -> None:
+        self._trailers, self._code = tuple(trailers), code
+
+    def code(self):
+        return self._code
+
+    def initial_metadata(self):
+        return (("x-request-id", "r"),)
+
+    def trailing_metadata(self):
+        return self._trailers
+
+
+def test_the_clients_own_resend_waits_the_servers_pushback():
+    """The resend gRPC leaves to the SDK waits what the server's pushback says, as gRPC's own retries
+    do: its milliseconds instead of the backoff, no resend for a negative or unreadable value, and
+    none that the call's deadline would cut."""
+    settings = connection_settings("localhost:1", secure=False, root_certificates=None, private_key=None,
+                                   certificate_chain=None, token=None, options=None,
+                                   retry=RetryPolicy(initial_backoff=0.01, max_backoff=0.01))
+    later = time.monotonic() + 60
+
+    def wait(trailers, deadline=later):
+        return retry_wait(_Refused(trailers), settings, 1, deadline, received=False)
+
+    assert wait([]) <= 0.01  # no pushback: the backoff
+    assert wait([("grpc-retry-pushback-ms", "2500")]) == 2.5
+    assert wait([("grpc-retry-pushback-ms", "0")]) == 0.0
+    assert wait([("grpc-retry-pushback-ms", "-1")]) is None
+    assert wait([("grpc-retry-pushback-ms", "soon")]) is None
+    assert wait([("grpc-retry-pushback-ms", "2500")], deadline=time.monotonic() + 2) is None
+    assert retry_wait(_Refused([("grpc-retry-pushback-ms", "2500")]), settings, 4, later, received=False) is None
 
 
 def test_targets_become_one_grpc_target():

@@ -258,7 +258,8 @@ class ModelRuntime:
         instances could take (they would be refused after it); else count this one in flight."""
         limit = self.scheduler.max_queue_size
         if self.scheduler.depth() >= limit or self.preparing >= limit + self.capacity:
-            raise QueueFull(f"model {self.name!r} queue is full ({limit} waiting); retry later")
+            raise QueueFull(f"model {self.name!r} queue is full ({limit} waiting); retry later",
+                            retry_after=self.scheduler.retry_after())
         self.preparing += 1
         self.update_idle()
 

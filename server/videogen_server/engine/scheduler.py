@@ -72,7 +72,8 @@ class Scheduler:
                 raise NotReady(f"model {req.model!r} is unloading")
             depth = self._queued()
             if depth >= self.max_queue_size:
-                raise QueueFull(f"model {req.model!r} queue is full ({self.max_queue_size} waiting); retry later")
+                raise QueueFull(f"model {req.model!r} queue is full ({self.max_queue_size} waiting); retry later",
+                                retry_after=self._retry_after())
             ahead = sum(len(q) for q in self._levels[: req.priority])
             self._levels[req.priority - 1].append(req)
             self.on_depth(depth + 1)
@@ -139,14 +140,7 @@ class Scheduler:
         are, and a size not measured takes the nearest measured size's time. With `until`, stops once
         that request is placed. Call with the lock held."""
         nearest = deadline is None
-        # (when an instance is free, whether that is not known): of two free at once, the known goes first
-        free: list[tuple[float, bool]] = []
-        busy = [(run.key, run.rows, run.started) for run in self._running.values()]
-        busy += [(key, rows, max(now, ends) if len(rows) < room else now) for key, rows, room, ends in self._gathering]
-        for key, rows, started in busy:
-            est = self.run_times.batch(key, len(rows), nearest=nearest)
-            free.append((max(now, started + est.busy_s), False) if est else (max(now, started), True))
-        free += [(now, False)] * max(0, self._live_instances() - len(free))
+        free = self._instances_free(now, nearest=nearest)
         heapq.heapify(free)
         pending = [r for q in self._levels for r in q if not r.is_cancelled()]
         same: dict[tuple, collections.deque[EngineRequest]] = collections.defaultdict(collections.deque)
@@ -195,6 +189,34 @@ class Scheduler:
             plan.update((r, (None if uncertain else start, end)) for r in batch)
             heapq.heappush(free, (start + est.busy_s, unknown) if est is not None else (start, True))
         return plan, late
+
+    def _instances_free(self, now: float, *, nearest: bool) -> list[tuple[float, bool]]:
+        """When each live instance is free to take queued work, from the running and gathering batches'
+        estimated ends: (time.monotonic(), whether that time is not known: a batch of a shape not measured,
+        the time then being a lower bound). Of two free at once, the known sorts first. Call with the lock
+        held."""
+        free: list[tuple[float, bool]] = []
+        busy = [(run.key, run.rows, run.started) for run in self._running.values()]
+        busy += [(key, rows, max(now, ends) if len(rows) < room else now) for key, rows, room, ends in self._gathering]
+        for key, rows, started in busy:
+            est = self.run_times.batch(key, len(rows), nearest=nearest)
+            free.append((max(now, started + est.busy_s), False) if est else (max(now, started), True))
+        free += [(now, False)] * max(0, self._live_instances() - len(free))
+        return free
+
+    def retry_after(self) -> Optional[float]:
+        """Seconds from now until an instance is estimated to take work from the queue again (a full
+        queue has room then), or None when not known: some instance runs a batch whose shape is not
+        measured (it could be free sooner than any estimate says), or none is live."""
+        with self._cv:
+            return self._retry_after()
+
+    def _retry_after(self) -> Optional[float]:
+        now = time.monotonic()
+        free = self._instances_free(now, nearest=True)
+        if not free or any(unknown for _, unknown in free):
+            return None
+        return min(at for at, _ in free) - now
 
     def _refusal(self, req: EngineRequest, at: float) -> Optional[VideoGenError]:
         """Why an instance reaching `req` at `at` would not start it, or None: its queue timeout has passed,

@@ -24,8 +24,16 @@ GENERIC_INTERNAL = "internal error; the server log has the details"
 ERROR_DOMAIN = "videogen.v1"
 #: The trailer gRPC's rich error model travels in (grpc-status's STATUS_DETAILS_KEY).
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
-#: How long a caller refused for a full queue is told to wait before trying again (RetryInfo).
+#: How long a caller refused for a full queue is told to wait before trying again (RetryInfo) when the
+#: scheduler has no estimate of when the queue has room; with one, that estimate, at least the minimum.
 QUEUE_FULL_RETRY_DELAY_S = 1.0
+QUEUE_FULL_MIN_RETRY_DELAY_S = 0.1
+#: gRPC's server pushback trailer: a client's built-in retry policy waits that many milliseconds before
+#: its next attempt instead of its own backoff, or makes none when the value is negative (gRFC A6). It is
+#: the RetryInfo delay up to a bound: a client balancing over several servers retries on the next one,
+#: which may have room, and should not wait out this server's estimate first.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+MAX_RETRY_PUSHBACK_S = 5.0
 #: Longest message (UTF-8 bytes) and field path a status carries. Messages may echo a caller's text (a
 #: tensor or parameter name); the message travels twice (grpc-message, percent-encoded, and inside the
 #: details) and gRPC turns trailers over its 8 KiB metadata limit into RESOURCE_EXHAUSTED.
@@ -56,6 +64,27 @@ def to_status(exc: BaseException, *, request_id: str = "", triton: bool = False)
     return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL
 
 
+def retry_delay(exc: BaseException) -> float | None:
+    """Seconds a caller refused with `exc` is told to wait before trying again; None: waiting does not
+    help (the same request would fail the same way)."""
+    if not isinstance(exc, QueueFull):
+        return None
+    if exc.retry_after is None:
+        return QUEUE_FULL_RETRY_DELAY_S
+    return max(QUEUE_FULL_MIN_RETRY_DELAY_S, exc.retry_after)
+
+
+def retry_pushback(delay: float, time_remaining: float | None) -> tuple[str, str]:
+    """The pushback trailer for a refusal whose caller should wait `delay` seconds: that wait (at most
+    MAX_RETRY_PUSHBACK_S), for gRPC's own retries to honour, or -1 (no retry) when the caller's deadline
+    (`time_remaining` seconds away) ends first, so that it hears the refusal now instead of a deadline
+    after a wasted wait."""
+    wait = min(delay, MAX_RETRY_PUSHBACK_S)
+    if time_remaining is not None and time_remaining <= wait:
+        return RETRY_PUSHBACK_KEY, "-1"
+    return RETRY_PUSHBACK_KEY, str(max(0, round(wait * 1000)))
+
+
 def status_details(exc: BaseException, code: grpc.StatusCode, message: str) -> tuple[str, bytes]:
     """The `grpc-status-details-bin` trailer for an error answered with (code, message)."""
     info = error_details_pb2.ErrorInfo(reason=error_reason(exc), domain=ERROR_DOMAIN)
@@ -72,9 +101,10 @@ def status_details(exc: BaseException, code: grpc.StatusCode, message: str) -> t
         violation = error_details_pb2.PreconditionFailure.Violation(
             type="CONFIG", subject=f"{path}: {field}", description=clip(exc.reason, MAX_MESSAGE_BYTES))
         details.append(error_details_pb2.PreconditionFailure(violations=[violation]))
-    if isinstance(exc, QueueFull):
+    wait = retry_delay(exc)
+    if wait is not None:
         delay = duration_pb2.Duration()
-        delay.FromMilliseconds(int(QUEUE_FULL_RETRY_DELAY_S * 1000))
+        delay.FromMilliseconds(round(wait * 1000))
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     packed = []
     for detail in details:
@@ -90,4 +120,7 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, *, reques
     code, message = to_status(exc, request_id=request_id, triton=triton)
     if isinstance(exc, NotStarted):  # accepted, never started: the caller may send it again
         trailing_metadata = (*trailing_metadata, (NOT_STARTED_KEY, "1"))
+    wait = retry_delay(exc)
+    if wait is not None:
+        trailing_metadata = (*trailing_metadata, retry_pushback(wait, context.time_remaining()))
     await context.abort(code, message, trailing_metadata=(*trailing_metadata, status_details(exc, code, message)))
