@@ -115,6 +115,10 @@ class InstanceCollector(Collector):
         fallbacks = CounterMetricFamily("videogen_eager_fallbacks", "Phases of a batch (denoising, VAE decode) "
                                         "this instance ran uncompiled: at a shape its warm-up did not compile, or "
                                         "past torch.compile's recompile limit", labels=["model", "version", "instance"])
+        lookups = CounterMetricFamily("videogen_compile_cache_lookups", "Graph-cache lookups of this instance's "
+                                      "compiles: hit (found in the compile cache or compile artifacts), miss "
+                                      "(compiled from scratch), bypass (not cacheable)",
+                                      labels=["model", "version", "instance", "result"])
         for model, version, instance, device, backend in self._instances():
             try:
                 mem = backend.memory_stats()
@@ -130,7 +134,10 @@ class InstanceCollector(Collector):
                 compiles.add_metric([model, version, instance], comp.get("compiles", 0))
                 recompiles.add_metric([model, version, instance], comp.get("recompiles", 0))
                 fallbacks.add_metric([model, version, instance], comp.get("eager_fallbacks", 0))
-        yield from (allocated, reserved, compiles, recompiles, fallbacks)
+                for result, key in (("hit", "cache_hits"), ("miss", "cache_misses"), ("bypass", "cache_bypasses")):
+                    if key in comp:
+                        lookups.add_metric([model, version, instance, result], comp[key])
+        yield from (allocated, reserved, compiles, recompiles, fallbacks, lookups)
         if self._nvml:
             yield from self._nvml.collect()
 

@@ -142,6 +142,9 @@ def test_compiled_vae_decoder_serves_every_chunk_length_without_recompiling(make
         assert graphs >= 2, "the warm-up builds the one-frame graph and the dynamic one"
         assert server.metric("videogen_recompiles_total", **labels) == 0
         assert server.metric("videogen_compiles_total", model="eager", version="1") == 0
+        lookups = {r: server.metric("videogen_compile_cache_lookups_total", result=r, **labels)
+                   for r in ("hit", "miss", "bypass")}
+        assert lookups == {"hit": 0, "miss": graphs, "bypass": 0}, lookups  # a new cache: each compiled from scratch
         cached = [p for p in (tmp_path / "compile-cache").rglob("*") if p.is_file()]
         assert cached, "Inductor's cache should be in compile_cache_dir"
         for frames, chunk in [(5, 1), (5, 2), (5, 3), (5, 5), (8, 8), (7, 4), (2, 2)]:

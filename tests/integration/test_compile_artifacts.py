@@ -17,11 +17,13 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from videogen.v1 import videogen_pb2 as pb
 
@@ -81,7 +83,8 @@ def test_compile_artifacts_let_a_server_with_an_empty_cache_compile_nothing(make
     with log.open("w") as out:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "server-cache"), "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen([sys.executable, "-m", "videogen_server.cli", "serve", "--model-repository", str(repo),
-                                 "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--cpu-threads", "1",
+                                 "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+                                 "--cpu-threads", "1",
                                  "--model-control-mode", "explicit", "--load-model", "m", "--load-model", "late",
                                  "--port-file", str(port_file)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -94,8 +97,16 @@ def test_compile_artifacts_let_a_server_with_an_empty_cache_compile_nothing(make
             assert f"compile artifacts {path.name} (" in text, text[-3000:]
             assert "m/1#0 warm-up built 1 graphs: Inductor found 1 in its cache and compiled 0 from scratch" in text, \
                 text[-3000:]
-            compiled = _frames(f"127.0.0.1:{port_file.read_text().split()[0]}", "m")
+            grpc_port, metrics_port = port_file.read_text().split()[:2]
+            compiled = _frames(f"127.0.0.1:{grpc_port}", "m")
             assert "runs uncompiled" not in log.read_text()
+            # and the metrics say what the log said: an operator's alert need not read logs
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as scrape:
+                lookups = {sample.labels["result"]: sample.value
+                           for family in text_string_to_metric_families(scrape.read().decode())
+                           for sample in family.samples
+                           if sample.name == "videogen_compile_cache_lookups_total" and sample.labels["model"] == "m"}
+            assert lookups == {"hit": 1, "miss": 0, "bypass": 0}, lookups
         finally:
             proc.terminate()
             proc.wait(60)

@@ -47,6 +47,7 @@ MAY_BE_EMPTY = {
     "videogen_compiles_total": "no compiled model here (tests/integration/test_accel.py checks the counters)",
     "videogen_recompiles_total": "no compiled model here",
     "videogen_eager_fallbacks_total": "no compiled model here",
+    "videogen_compile_cache_lookups_total": "no compiled model here",
     # one request of a shape per round here, and an estimate needs 3 runs of it (test_client checks it)
     "videogen_estimated_end_error_seconds": "no Accepted estimate here",
 }

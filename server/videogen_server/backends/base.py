@@ -196,7 +196,10 @@ class Backend(abc.ABC):
 
     def compile_stats(self) -> Mapping[str, int]:
         """{"compiles": graphs built, "recompiles": graphs built after warm-up, "eager_fallbacks": phases run
-        uncompiled after warm-up at shapes it did not compile} where the backend compiles."""
+        uncompiled after warm-up at shapes it did not compile; and of the compiles' graph-cache lookups,
+        "cache_hits" (found in the compile cache or loaded compile artifacts), "cache_misses" (compiled
+        from scratch), "cache_bypasses" (not cacheable)} where the backend compiles (keys it does not
+        know are left out)."""
         return {}
 
 

@@ -635,8 +635,11 @@ class SVDBackend(Backend):
             return {}
         graphs = accel.GraphCounter.count(self.thread)
         base = graphs if self.graphs_after_warmup is None else self.graphs_after_warmup
+        hits, misses, bypasses = (now - before for now, before in
+                                  zip(accel.GraphCounter.lookups(self.thread), self.lookups_before))
         return {"compiles": graphs - self.graphs_before, "recompiles": graphs - base,
-                "eager_fallbacks": self.eager_fallbacks}
+                "eager_fallbacks": self.eager_fallbacks,
+                "cache_hits": hits, "cache_misses": misses, "cache_bypasses": bypasses}
 
 
 class _Replay:
