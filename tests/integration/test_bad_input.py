@@ -60,17 +60,25 @@ BAD = [
     ("model", dict(model="svd-tiny\n2026-11-26 12:00:00 ERROR forged log line")),  # names reach the logs
     ("model", dict(model="m" * 300)),  # and error messages: an 8 MiB name came back as 8 MB of trailers
     ("priority", dict(priority=3)),  # the tiny config has 2 levels
+    # refused by the transport before the engine (which counts and logs the rest)
+    ("request_id", dict(request_id="a\nb")),
+    ("model_version", dict(model_version=-1)),
+    ("output.frame_encoding", dict(output={"frame_encoding": 99})),
+    ("resize_mode", dict(resize_mode=99)),
 ]
 
 
 @pytest.mark.parametrize("field,fields", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
 def test_bad_input_is_invalid_argument_naming_the_field(tiny_server, field, fields):
     batches = tiny_server.metric("videogen_batch_size_count")
+    refused = tiny_server.metric("videogen_requests_total", outcome="rejected", code="INVALID_ARGUMENT")
     with pytest.raises(grpc.RpcError) as err:
         collect(tiny_server.stub(), request(**fields))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(f"{field}: "), err.value.details()
     assert tiny_server.metric("videogen_batch_size_count") == batches  # no model work was done
+    # every refusal is counted, wherever it was found (README: the metric counts every Generate)
+    assert tiny_server.metric("videogen_requests_total", outcome="rejected", code="INVALID_ARGUMENT") == refused + 1
 
 
 def test_unknown_model_and_version_are_not_found(tiny_server):

@@ -187,6 +187,7 @@ def test_infer_frames_and_video_equal_videogen(server, triton_python, tmp_path):
         {"id": "bad-range", "inputs": {"num_frames": 999}},
         {"id": "bad-model", "model": "no-such-model", "inputs": {}},
     ]
+    refused = server.metric("videogen_requests_total", model="", outcome="rejected", code="INVALID_ARGUMENT")
     out = run_client(triton_python, "infer", target=server.target, model=MODEL, image=_sample_file(tmp_path),
                      out_dir=str(tmp_path), requests=reqs)["results"]
 
@@ -213,6 +214,8 @@ def test_infer_frames_and_video_equal_videogen(server, triton_python, tmp_path):
     assert out["bad-range"]["status"] == "StatusCode.INVALID_ARGUMENT"
     assert out["bad-range"]["error"].startswith("num_frames:")
     assert out["bad-model"]["status"] == "StatusCode.NOT_FOUND"
+    # counted, though refused before the engine (an unknown tensor: its model not looked up)
+    assert server.metric("videogen_requests_total", model="", outcome="rejected", code="INVALID_ARGUMENT") == refused + 1
 
 
 def _sample_file(tmp_path: Path) -> str:

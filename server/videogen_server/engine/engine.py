@@ -797,6 +797,12 @@ class Engine:
 
         job.add_done_callback(ended)
 
+    def refused(self, exc: VideoGenError, request_id: str = "") -> None:
+        """A request the transport refused before it reached `generate` (malformed: an id it cannot echo,
+        an empty model name, an unknown enum value): counted and logged as `generate`'s refusals are,
+        with model and version empty. `request_id`: the caller's, when it was a valid one."""
+        self._account(("", ""), exc, {"request_id": request_id or "-", "model": ""}, 0.0, admitted=False)
+
     def _account(self, labels: tuple[str, str], outcome: Optional[BaseException], record: dict[str, object],
                  seconds: float, *, admitted: bool, deadline_passed: bool = False) -> tuple[str, str]:
         """Counts and logs a request's end; returns its status code's name and caller-safe message."""

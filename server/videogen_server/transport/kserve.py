@@ -40,7 +40,7 @@ from .. import __version__
 from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams, ResizeMode,
                       ResolvedParams, VideoEvent)
 from ..errors import InvalidRequest, ModelNotFound, NotReady
-from .servicer import REQUEST_ID_KEY, check_request_id, request_id_of, require_explicit_control
+from .servicer import REQUEST_ID_KEY, check_request_id, refused_before_engine, request_id_of, require_explicit_control
 from .status import abort, error_reason, to_status
 from .tracing import incoming_trace_context, trace_context_of
 
@@ -558,6 +558,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: kpb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
         request_id = ""
+        parsed: Optional[InferCall] = None
         try:
             request_id = request_id_of(request.id, context, field="id")
             parsed = parse_infer_request(request, request_id=request_id, deadline_s=context.time_remaining(),
@@ -590,6 +591,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
             return response
         except Exception as exc:  # CancelledError is not an Exception: a gone caller is not answered
+            if parsed is None:
+                refused_before_engine(self._engine, exc, request_id)
             await abort(context, exc, request_id=request_id, triton=True,
                         trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
 
@@ -657,6 +660,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         """One request of a stream: a response per frame, then the final one; or one error response."""
         request_id = req.id or uuid.uuid4().hex
         model_version = req.model_version
+        parsed: Optional[InferCall] = None
         try:
             check_request_id("id", request_id)
             parsed = parse_infer_request(req, request_id=request_id, deadline_s=context.time_remaining(),
@@ -686,6 +690,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 final.raw_output_contents.append(serialize_bytes([b"".join(video)]))
             yield kpb.ModelStreamInferResponse(infer_response=final)
         except Exception as exc:
+            if parsed is None:
+                refused_before_engine(self._engine, exc, request_id)
             code, message = to_status(exc, request_id=request_id, triton=True)
             failed = kpb.ModelInferResponse(model_name=req.model_name, model_version=model_version, id=req.id)
             failed.parameters[FINAL_RESPONSE].bool_param = True  # Triton sends a failed request's response final

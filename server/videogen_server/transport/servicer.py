@@ -10,7 +10,7 @@ import grpc
 from videogen.v1 import videogen_pb2 as pb
 from videogen.v1 import videogen_pb2_grpc as pb_grpc
 
-from ..errors import InvalidRequest, PermissionDenied
+from ..errors import InvalidRequest, PermissionDenied, VideoGenError
 from . import convert
 from .status import abort
 from .tracing import trace_context_of
@@ -27,15 +27,27 @@ def request_id_of(request_id: str, context: grpc.aio.ServicerContext, field: str
     return request_id or uuid.uuid4().hex
 
 
+def refused_before_engine(engine, exc: Exception, request_id: str) -> None:
+    """Counts and logs a request the transport refused before handing it to the engine (which counts
+    and logs all others): a malformed one. `request_id` is logged only when it is one we could echo."""
+    if isinstance(exc, VideoGenError):
+        engine.refused(exc, request_id if valid_request_id(request_id) else "")
+
+
 def require_explicit_control(mode: str) -> None:
     """Repository load/unload over RPC is allowed with --model-control-mode explicit only."""
     if mode != "explicit":
         raise PermissionDenied(f"model load/unload needs --model-control-mode explicit (server runs {mode!r})")
 
 
+def valid_request_id(request_id: str) -> bool:
+    """gRPC metadata values are printable ASCII: an id we can echo back (and log)."""
+    return len(request_id) <= MAX_REQUEST_ID_LEN and request_id.isascii() and request_id.isprintable()
+
+
 def check_request_id(field: str, request_id: str) -> None:
-    """gRPC metadata values are printable ASCII; an id we could not echo back is refused."""
-    if len(request_id) > MAX_REQUEST_ID_LEN or not (request_id.isascii() and request_id.isprintable()):
+    """An id we could not echo back is refused."""
+    if not valid_request_id(request_id):
         raise InvalidRequest(field, f"at most {MAX_REQUEST_ID_LEN} printable ASCII characters")
 
 
@@ -48,6 +60,7 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         request_id = ""
         headers_sent = False
+        call = None
         try:
             request_id = request_id_of(request.request_id, context)
             call = convert.generate_call(request, request_id=request_id, deadline_s=context.time_remaining(),
@@ -63,6 +76,8 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
                     for message in convert.event_to_responses(event):
                         yield message
         except Exception as exc:  # CancelledError is not an Exception: a gone caller is not answered
+            if call is None:
+                refused_before_engine(self._engine, exc, request_id)
             trailer = ((REQUEST_ID_KEY, request_id),) if request_id and not headers_sent else ()
             await abort(context, exc, request_id=request_id, trailing_metadata=trailer)
 
