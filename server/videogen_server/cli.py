@@ -66,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=("text", "json"), default=d.log_format)
     s.add_argument("--log-level", default=d.log_level, type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
-    s.add_argument("--port-file", type=Path, help="write the bound gRPC and metrics ports here once start-up has "
-                   "loaded every model (each ready or failed)")
+    s.add_argument("--port-file", type=Path, help="write the bound ports here, \"GRPC METRICS HEALTH\" (0: none), once "
+                   "start-up has loaded every model (each ready or failed)")
 
     c = sub.add_parser("compile-artifacts", help="load and warm up a model as `serve` would, then write what it "
                        "compiled into <model>/<version>/compile_artifacts/ for servers on machines like this one")
