@@ -447,8 +447,8 @@ def test_a_caller_is_told_the_time_of_a_batch_as_large_as_its_shapes_usually_are
 def test_a_full_queue_says_when_an_instance_takes_work_again():
     """max_queue_size 1, two instances each running a request of a shape measured at 2 s (one started
     0.5 s before the other) and one queued: the next request is refused with the time until the first
-    instance is free, ~1.5 s. An instance running a shape not measured could be free sooner than any
-    estimate says: no time is told then."""
+    instance is free, ~1.5 s. An instance running a shape not measured, or past its estimate, could be
+    free any moment: no time is told then (callers would all retry at once, and again)."""
     from videogen_server.errors import QueueFull
     from videogen_server.engine.model_config import QueuePolicy
 
@@ -463,21 +463,25 @@ def test_a_full_queue_says_when_an_instance_takes_work_again():
     sched = Scheduler(batching=batching, max_batch_size=1, live_instances=lambda: 2)
     assert sched.retry_after() == 0.0  # two idle instances take work at once
     _measured(sched, 2.0, 2.0, 2.0)
+    batches = []  # held, as the instances hold theirs (the scheduler knows a batch by its id)
     for name in ("first", "second"):
         sched.submit(_sized(name))
-        [running] = sched.next_batch()
+        batches.append(sched.next_batch())
         time.sleep(0.5 if name == "first" else 0)
     sched.submit(_sized("queued"))
     err = refused(sched)
     assert 1.3 <= err.retry_after <= 1.5, err.retry_after
     assert abs(sched.retry_after() - err.retry_after) < 0.1
+    first = min(sched._running.values(), key=lambda run: run.started)
+    first.started -= 1.6  # now past its 2 s
+    assert sched.retry_after() is None
     sched.close()
 
     sched = Scheduler(batching=batching, max_batch_size=1, live_instances=lambda: 2)
     _measured(sched, 2.0, 2.0, 2.0)
     for req in (_sized("measured"), _sized("new shape", frames=8)):
         sched.submit(req)
-        sched.next_batch()
+        batches.append(sched.next_batch())
     sched.submit(_sized("queued"))
     assert refused(sched).retry_after is None
     sched.close()

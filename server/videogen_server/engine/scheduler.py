@@ -196,27 +196,40 @@ class Scheduler:
         the time then being a lower bound). Of two free at once, the known sorts first. Call with the lock
         held."""
         free: list[tuple[float, bool]] = []
-        busy = [(run.key, run.rows, run.started) for run in self._running.values()]
-        busy += [(key, rows, max(now, ends) if len(rows) < room else now) for key, rows, room, ends in self._gathering]
-        for key, rows, started in busy:
+        for key, rows, started in self._busy(now):
             est = self.run_times.batch(key, len(rows), nearest=nearest)
             free.append((max(now, started + est.busy_s), False) if est else (max(now, started), True))
         free += [(now, False)] * max(0, self._live_instances() - len(free))
         return free
 
+    def _busy(self, now: float) -> list[tuple[tuple, list[EngineRequest], float]]:
+        """The instances' batches, running or gathering: (shape, rows, when it started or will at the
+        latest). Call with the lock held."""
+        busy = [(run.key, run.rows, run.started) for run in self._running.values()]
+        busy += [(key, rows, max(now, ends) if len(rows) < room else now) for key, rows, room, ends in self._gathering]
+        return busy
+
     def retry_after(self) -> Optional[float]:
         """Seconds from now until an instance is estimated to take work from the queue again (a full
-        queue has room then), or None when not known: some instance runs a batch whose shape is not
-        measured (it could be free sooner than any estimate says), or none is live."""
+        queue has room then): a lower bound, as a caller refused on it may give up (see
+        `transport.status.retry_pushback`). None when not known: some instance runs a batch whose shape
+        is not measured, or has run past its estimate (either could be free any moment; telling callers
+        "now" would have every refused one retry at once, again and again), or none is live."""
         with self._cv:
             return self._retry_after()
 
     def _retry_after(self) -> Optional[float]:
         now = time.monotonic()
-        free = self._instances_free(now, nearest=True)
-        if not free or any(unknown for _, unknown in free):
-            return None
-        return min(at for at, _ in free) - now
+        busy = self._busy(now)
+        if len(busy) < self._live_instances():
+            return 0.0  # an idle instance takes queued work at once
+        ends = []
+        for key, rows, started in busy:
+            est = self.run_times.batch(key, len(rows))  # a lower bound (no nearest size's guess)
+            if est is None or started + est.busy_s <= now:
+                return None
+            ends.append(started + est.busy_s)
+        return min(ends) - now if ends else None
 
     def _refusal(self, req: EngineRequest, at: float) -> Optional[VideoGenError]:
         """Why an instance reaching `req` at `at` would not start it, or None: its queue timeout has passed,
