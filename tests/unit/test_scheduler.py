@@ -96,16 +96,18 @@ def test_a_full_gathering_batch_leaves_the_rest_to_the_idle_instance():
 
 def test_preprocessing_admits_what_the_live_instances_can_take():
     """Admission lets max_queue_size + capacity requests preprocess at once; a dead instance takes
-    nothing, so it does not count (else requests were preprocessed only to find the queue full)."""
+    nothing, so it does not count (else requests were preprocessed only to find the queue full); and
+    without dynamic batching an instance takes one request at a time, whatever max_batch_size says."""
     from videogen_server.engine.engine import ModelRuntime
 
-    def runtime(*states: str) -> SimpleNamespace:
+    def runtime(*states: str, batching: bool = True) -> SimpleNamespace:
         return SimpleNamespace(instances=[SimpleNamespace(state=s) for s in states],
-                               settings=SimpleNamespace(max_batch_size=2))
+                               scheduler=Scheduler(batching=Batching(enabled=batching), max_batch_size=2))
 
     assert ModelRuntime.capacity.fget(runtime("ready", "ready")) == 4
     assert ModelRuntime.capacity.fget(runtime("dead", "ready")) == 2
     assert ModelRuntime.capacity.fget(runtime("dead")) == 0
+    assert ModelRuntime.capacity.fget(runtime("ready", "ready", batching=False)) == 2
 
 
 class _Recorded(_Request):
@@ -485,3 +487,57 @@ def test_a_full_queue_says_when_an_instance_takes_work_again():
     sched.submit(_sized("queued"))
     assert refused(sched).retry_after is None
     sched.close()
+
+
+def test_a_gathering_batch_starts_before_a_rows_queue_timeout():
+    """max_queue_delay 1 s, but a row's queue timeout is 0.2 s: the batch starts before that timeout
+    (the engine's queue timer cannot take a row out of a gathering batch), not 0.8 s after it. A row
+    whose deadline is out of reach when the batch starts is refused then, not started."""
+    sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=1.0), max_batch_size=4)
+    _measured(sched, 0.5, 0.5, 0.5)
+    t0 = time.monotonic()
+    a = _sized("a")
+    a.queue_deadline = t0 + 0.2
+    late = _sized("late", deadline=t0 + 0.6)  # reachable when it joins, not at +0.2 s (fastest run 0.5 s)
+    sched.submit(a)
+    sched.submit(late)
+    batch = sched.next_batch()
+    assert [r.request_id for r in batch] == ["a"] and a.started_at < a.queue_deadline, a.started_at - t0
+    [err] = late.errors
+    assert type(err).__name__ == "DeadlineUnreachable" and late.closed
+    sched.close()
+
+
+def test_a_row_a_drain_cuts_from_a_gathering_batch_goes_back_to_the_queue():
+    """Two instances, one alone 1 s, a batch of two 2 s; a drain with 1.7 s left begins while one
+    instance gathers [a, b]: b would carry the batch past the drain's end but fits alone on the idle
+    instance, so it goes back to the queue (not handed back to its caller as not started)."""
+    sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=0.5), max_batch_size=4,
+                      live_instances=lambda: 2)
+    _measured(sched, 1.0, 1.0, 1.0)
+    _measured(sched, 2.0, 2.0, 2.0, size=2)
+    a, b = _sized("a"), _sized("b")
+    sched.submit(a)
+    sched.submit(b)
+    thread, out = _in_thread(sched.next_batch)
+    time.sleep(0.1)  # one instance holds [a, b] until +0.5 s
+    sched.finish_by(time.monotonic() + 1.7, "the test's drain")
+    thread.join(5)
+    assert out["value"] == [a] and not b.errors and sched.depth() == 1
+    assert sched.next_batch() == [b]  # the other instance
+    sched.close()
+
+
+def test_closing_while_an_instance_gathers_returns_its_rows_unstarted():
+    """A close (a drain's end, an unload) while an instance gathers [a, b]: both come back with the
+    queue (the engine ends them not started: the SDK sends them elsewhere) and the instance gets none."""
+    sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=2.0), max_batch_size=4)
+    a, b = _sized("a"), _sized("b")
+    sched.submit(a)
+    thread, out = _in_thread(sched.next_batch)
+    time.sleep(0.2)
+    sched.submit(b)  # joins the gathering batch
+    time.sleep(0.2)
+    assert sorted(r.request_id for r in sched.close()) == ["a", "b"]
+    thread.join(5)
+    assert out == {"value": None}

@@ -26,6 +26,10 @@ from .run_times import BatchRun, RunTimes
 
 log = logging.getLogger(__name__)
 
+#: A batch gathering rows starts this long before the earliest queue timeout among them, so that none
+#: passes while it waits in the batch (where the engine's queue timer no longer reaches it).
+QUEUE_TIMEOUT_MARGIN_S = 0.01
+
 #: (start, end) seconds from now, each None where not known
 Eta = tuple[Optional[float], Optional[float]]
 
@@ -51,6 +55,11 @@ class Scheduler:
         self.run_times = RunTimes()
         self._finish_by: Optional[float] = None  # time.monotonic(): nothing starts that would end later
         self._finish_why = ""
+
+    @property
+    def max_batch(self) -> int:
+        """The most requests a batch takes (1 without dynamic batching)."""
+        return self._max_batch
 
     @property
     def max_queue_size(self) -> int:
@@ -95,12 +104,16 @@ class Scheduler:
             return True
 
     def close(self) -> list[EngineRequest]:
-        """Stop handing out work; wakes every waiting instance. Returns what was still queued."""
+        """Stop handing out work; wakes every waiting instance. Returns what was still queued, the rows of
+        batches instances were gathering included (none of them started)."""
         with self._cv:
             self._closed = True
             left = [r for q in self._levels for r in q]
             for q in self._levels:
                 q.clear()
+            for _, rows, _, _ in self._gathering:
+                left += rows
+                rows.clear()
             self.on_depth(0)
             self._cv.notify_all()
             return left
@@ -306,10 +319,24 @@ class Scheduler:
                 if batch is None:
                     return None
                 started = time.monotonic()
+                # rows checked when they joined, the batch starting later: a row's deadline may now be out
+                # of reach (its queue timeout was not: the gathering ended before it)
+                for req in list(batch):
+                    refusal = self._refusal(req, started)
+                    if refusal is not None:
+                        batch.remove(req)
+                        req.error(refusal)
+                        req.close()
                 # a drain or unload may have begun while the batch gathered: rows that would carry it past
-                # its end go back, from the last taken
+                # its end go back to the queue, from the last taken, for another instance (or to be handed
+                # back there if they would be late even alone)
+                requeued = False
                 while batch and self._would_end_late(batch, started):
-                    self._hand_back(batch.pop())
+                    req = batch.pop()
+                    self._levels[req.priority - 1].appendleft(req)
+                    requeued = True
+                if requeued:
+                    self._cv.notify_all()
                 if batch:
                     break
             run = self._running[id(batch)] = BatchRun(started, batch)
@@ -341,7 +368,9 @@ class Scheduler:
             self._take_compatible(batch, now)
             target = max(self._batching.preferred_batch_sizes or (self._max_batch,))
             room = min(target, self._max_batch)
-            until = head.enqueued_at + self._batching.max_queue_delay_s
+            # ends early enough that no row's queue timeout passes while it waits in the batch
+            until = min([head.enqueued_at + self._batching.max_queue_delay_s]
+                        + [r.queue_deadline - QUEUE_TIMEOUT_MARGIN_S for r in batch if r.queue_deadline is not None])
             gathering = (head.params.batch_key, batch, room, until)
             self._gathering.append(gathering)
             try:
@@ -350,7 +379,11 @@ class Scheduler:
                     if left <= 0:
                         break
                     self._cv.wait(timeout=left)
+                    if self._closed:  # close() took the rows (none started): they end with the queue's
+                        break
                     self._take_compatible(batch, time.monotonic())
+                    until = min([until] + [r.queue_deadline - QUEUE_TIMEOUT_MARGIN_S for r in batch
+                                           if r.queue_deadline is not None])
             finally:
                 self._gathering.remove(gathering)
                 self._cv.notify_all()  # requests left for this batch (it filled up) are anyone's again
