@@ -57,6 +57,8 @@ class SlowBackend(Backend):
             p = r.params
             r.sender.send(StepDone(1, 1))
             EXECUTE.wait(30)
+            if p.seed == 99:
+                raise SystemExit("a backend bug")
             time.sleep(p.num_inference_steps * self.step_seconds)
             frames = np.zeros((p.num_frames, p.height, p.width, 3), np.uint8) + r.prepared
             r.sender.send(FramesDecoded(chunk_index=0, start_index=0, frames=frames))
@@ -283,22 +285,30 @@ def test_a_stop_during_a_reload_does_not_wait_for_the_new_version_to_load(tmp_pa
 def test_an_in_place_reload_keeps_the_version_ready_in_metrics(tmp_path, slow_backend):
     """LoadModel of a loaded model (or the poller after a file change) replaces a version by a new
     runtime of the same number; while the old one finishes its requests, the version serves, and
-    videogen_model_ready, which both runtimes' labels name, stays 1 (the old one's unload set it 0)."""
+    videogen_model_ready, which both runtimes' labels name, stays 1 (the old one's unload set it 0).
+    videogen_queue_depth, also shared, counts both runtimes' queues (it read 0 while the old one still
+    had two requests queued)."""
     with ServerThread(slow_repo(tmp_path), model_control_mode="explicit", load_models=("a",)) as server:
         stub = server.stub()
         slow_backend.EXECUTE.clear()
         running = Stream(stub, request(model="a", **SHORT))
         assert running.progressed.wait(10)
+        queued = [Stream(stub, request(model="a", **SHORT)) for _ in range(2)]
+        for stream in queued:
+            assert stream.accepted.wait(10)
         old = server.engine.models["a"].loaded[1]
         reload, out = in_thread(lambda: stub.LoadModel(pb.LoadModelRequest(name="a")))
         wait_until(lambda: server.engine.models["a"].loaded[1] is not old and old.state == "UNLOADING")
         assert server.engine.model_ready("a")
         assert server.metric("videogen_model_ready", model="a", version="1") == 1
+        assert server.metric("videogen_queue_depth", model="a", version="1") == 2
         slow_backend.EXECUTE.set()
         assert running.join().summary.num_frames == 1, running.error
+        assert all(stream.join().summary.num_frames == 1 for stream in queued)
         reload.join(30)
         assert "error" not in out, out
         assert server.metric("videogen_model_ready", model="a", version="1") == 1
+        assert server.metric("videogen_queue_depth", model="a", version="1") == 0
 
 
 def test_preprocessing_that_outlasts_the_unload_gets_unavailable(tmp_path, slow_backend):
@@ -431,6 +441,27 @@ def test_a_device_error_during_conditioning_retires_the_instance(make_repo, monk
         # the version is down before the caller hears of it (a retry at once must not find it READY)
         assert stub.GetModel(pb.GetModelRequest(name="m")).state == pb.MODEL_STATE_FAILED
         assert not server.engine.ready
+
+
+def test_an_instance_thread_that_dies_takes_its_requests_and_the_version_down(tmp_path, slow_backend):
+    """Something outside a batch's work failing on the instance thread (a bug; here a backend raising
+    SystemExit, which no `except Exception` sees) ended the thread silently: its batch's callers waited
+    forever, and the instance still counted as ready, so the version took requests no thread would run.
+    Now the batch's caller hears UNAVAILABLE, the one queued behind it is ended not started (the SDK
+    sends it elsewhere), and the version is down."""
+    with ServerThread(slow_repo(tmp_path), model_control_mode="explicit", load_models=("a",)) as server:
+        stub = server.stub()
+        slow_backend.EXECUTE.clear()
+        doomed = Stream(stub, request(model="a", seed=99, **SHORT))  # the backend raises SystemExit for it
+        assert doomed.progressed.wait(10)
+        queued = Stream(stub, request(model="a", **SHORT))
+        assert queued.accepted.wait(10)
+        slow_backend.EXECUTE.set()
+        assert doomed.join().code() == grpc.StatusCode.UNAVAILABLE
+        assert queued.join().code() == grpc.StatusCode.UNAVAILABLE
+        assert ("x-videogen-not-started", "1") in (queued.error.trailing_metadata() or ())
+        assert stub.GetModel(pb.GetModelRequest(name="a")).state == pb.MODEL_STATE_FAILED
+        assert server.metric("videogen_instances_busy", model="a", version="1") == 0
 
 
 def test_a_model_with_a_malformed_file_fails_alone(make_repo, caplog):

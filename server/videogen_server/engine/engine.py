@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import threading
 import time
 import uuid
 from importlib import resources
@@ -93,7 +94,7 @@ class ModelRuntime:
         m = engine.metrics
         self.labels = labels
         self.scheduler = Scheduler(batching=settings.batching, max_batch_size=settings.max_batch_size,
-                                   on_depth=m.queue_depth.labels(*labels).set,
+                                   on_depth=lambda depth: engine._queue_depth(self, depth),
                                    live_instances=lambda: sum(i.state == "ready" for i in self.instances))
         # bound now: a request of this runtime ending after its series were removed (see Engine._publish)
         # updates a detached child instead of bringing the series back
@@ -188,7 +189,9 @@ class ModelRuntime:
         if all(i.state == "dead" for i in self.instances):
             self.state = "FAILED"
             self.reason = "every instance hit an unrecoverable device error"
-            self._engine.metrics.model_ready.labels(*self.labels).set(0)
+            entry = self._engine.models.get(self.name)
+            if entry is None or entry.loaded.get(self.version, self) is self:  # not a reload's retiring one
+                self._engine.metrics.model_ready.labels(*self.labels).set(0)
             # nothing would ever take them; none was started, so their callers may send them elsewhere
             self._close_queue(lambda: NotStarted(
                 f"model {self.name!r} version {self.version} lost its instances before the request started; "
@@ -202,8 +205,6 @@ class ModelRuntime:
         if entry is None or entry.loaded.get(self.version, self) is self:
             # else a reload put a new runtime of this version in its place: the gauges are that one's now
             self._engine.metrics.model_ready.labels(*self.labels).set(0)
-        else:
-            self.scheduler.on_depth = lambda depth: None
         self.finish_by(time.monotonic() + timeout, f"the unload of model {self.name!r} version {self.version}")
         try:
             if not self.idle.is_set():  # requests running, queued or still in preprocessing
@@ -221,7 +222,7 @@ class ModelRuntime:
         self.end_active(lambda req: NotReady(f"model {self.name!r} was unloaded"))
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, inst.join) for inst in self.instances))
-        self._engine._runtimes.discard(self)
+        self._engine._forget(self)
 
     def finish_by(self, deadline: float, why: str) -> None:
         """Nothing starts that would not end by `deadline` (`why`: "the server's drain", an unload); the
@@ -265,8 +266,9 @@ class ModelRuntime:
 
     @property
     def capacity(self) -> int:
-        """Requests the live instances can run at once (batches of max_batch_size)."""
-        return sum(i.state != "dead" for i in self.instances) * max(1, self.settings.max_batch_size)
+        """Requests the live instances can run at once (batches of max_batch_size with dynamic batching,
+        else of one)."""
+        return sum(i.state != "dead" for i in self.instances) * max(1, self.scheduler.max_batch)
 
     def release_queue_slot(self) -> None:
         self.preparing -= 1
@@ -334,6 +336,10 @@ class Engine:
         # every runtime not yet stopped: serving, loading, or retiring after a reload (then no longer in
         # its entry's `loaded`, while its requests finish)
         self._runtimes: set[ModelRuntime] = set()
+        # queue depth per runtime, by version labels: an in-place reload's retiring runtime runs its queue
+        # beside the new one, under the same labels, and the gauge is their sum (instance threads write it)
+        self._depths: dict[tuple[str, str], dict[ModelRuntime, int]] = {}
+        self._depth_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop
         metrics.add_collector(InstanceCollector(self._instance_rows, NvmlReader.try_create()))
 
@@ -410,6 +416,26 @@ class Engine:
     # that appears at its first event reads 0 for that event
     _ALERTED_OUTCOMES = (("error", "RESOURCE_EXHAUSTED"), ("rejected", "RESOURCE_EXHAUSTED"), ("error", "INTERNAL"),
                          ("error", "UNAVAILABLE"))
+
+    def _queue_depth(self, rt: ModelRuntime, depth: Optional[int]) -> None:
+        """`rt`'s queue now holds `depth` requests (None: `rt` is gone); sets its version's gauge to the
+        sum over that version's runtimes. A version whose last runtime went keeps its series as it was,
+        for `_publish` to remove."""
+        with self._depth_lock:
+            depths = self._depths.setdefault(rt.labels, {})
+            if depth is None:
+                depths.pop(rt, None)
+            else:
+                depths[rt] = depth
+            if not depths:
+                del self._depths[rt.labels]
+            else:
+                self.metrics.queue_depth.labels(*rt.labels).set(sum(depths.values()))
+
+    def _forget(self, rt: ModelRuntime) -> None:
+        """`rt` is stopped (or never started an instance): no drain or shutdown needs to reach it."""
+        self._runtimes.discard(rt)
+        self._queue_depth(rt, None)
 
     def _publish(self, entry: ModelEntry) -> None:
         """Brings a model's per-version series in line with its state: `videogen_model_ready` for every
@@ -548,7 +574,7 @@ class Engine:
                     log.error("%s version %d failed to load: %s", name, version, reason, exc_info=not isinstance(err, VideoGenError))
                     entry.failed[version] = reason
                     if not rt.instances:  # failed before starting any (those that started, load() stopped)
-                        self._runtimes.discard(rt)
+                        self._forget(rt)
                     if version in old:  # keep serving what was there
                         new[version] = old[version]
                     elif entry.loaded.get(version) is rt:
@@ -567,7 +593,7 @@ class Engine:
             await asyncio.gather(*(rt.unload(self.config.unload_timeout_seconds) for rt in retired))
             self._publish(entry)  # after the unloads: a retired runtime of the same version shared the labels
             for rt in new.values():
-                self.metrics.queue_depth.labels(*rt.labels).set(rt.scheduler.depth())
+                self._queue_depth(rt, rt.scheduler.depth())
             failed = {v: entry.failed[v] for v in wanted if v in entry.failed}
             if failed:
                 raise NotReady(f"model {name!r} failed to load: "

@@ -107,33 +107,51 @@ class Instance:
         return end - start
 
     def _serve(self) -> None:
-        while True:
-            batch = self._scheduler.next_batch()
-            if batch is None:
-                return
+        try:
+            while self._serve_batch():
+                pass
+        except BaseException:  # noqa: BLE001 - a bug outside a batch's work, or the backend raising SystemExit:
+            # the thread ends, so the instance must count as gone, not ready with no thread taking its queue
+            log.critical("instance %s of %s/%s stopped on an unexpected error", self.name, self.context.model_name,
+                         self.context.model_version, exc_info=True)
+            if self.state != "dead":
+                self.state = "dead"
+                self._on_dead(self)
+
+    def _serve_batch(self) -> bool:
+        """Runs the next batch; False once there is none (closed) or the instance is dead."""
+        batch = self._scheduler.next_batch()
+        if batch is None:
+            return False
+        fatal = False
+        busy = False
+        try:
             for req in batch:
                 req.instance = self.name
             self._on_busy(+1)
+            busy = True
             self._on_batch(batch)
-            fatal = False
-            try:
-                self.backend.execute([BackendRequest(r.request_id, r.params, r.image, r, r.prepared) for r in batch])
-            except Exception as exc:
-                fatal = is_fatal_device_error(exc)
-                log.error("instance %s of %s/%s failed a batch of %d%s", self.name, self.context.model_name,
-                          self.context.model_version, len(batch), " (device lost)" if fatal else "", exc_info=True)
-                if fatal:  # before anyone hears of it: a caller retrying at once must find the version down
-                    self.state = "dead"
-                    self._on_dead(self)
-                for req in batch:
-                    req.error(InstanceDead("the model instance failed") if fatal else exc)
-            finally:
-                self._scheduler.batch_done(batch)
-                for req in batch:
-                    req.close()
+            self.backend.execute([BackendRequest(r.request_id, r.params, r.image, r, r.prepared) for r in batch])
+        except Exception as exc:
+            fatal = is_fatal_device_error(exc)
+            log.error("instance %s of %s/%s failed a batch of %d%s", self.name, self.context.model_name,
+                      self.context.model_version, len(batch), " (device lost)" if fatal else "", exc_info=True)
+            if fatal:  # before anyone hears of it: a caller retrying at once must find the version down
+                self.state = "dead"
+                self._on_dead(self)
+            for req in batch:
+                req.error(InstanceDead("the model instance failed") if fatal else exc)
+        except BaseException:
+            for req in batch:  # its callers hear of it before the instance goes (see _serve)
+                req.error(InstanceDead("the model instance stopped"))
+            raise
+        finally:
+            self._scheduler.batch_done(batch)
+            for req in batch:
+                req.close()
+            if busy:
                 self._on_busy(-1)
-            if fatal:
-                return
+        return not fatal
 
     def _finalize(self) -> None:
         try:
