@@ -323,6 +323,21 @@ def test_an_instance_starts_no_request_its_deadline_would_cut():
     sched.close()
 
 
+def test_a_deadline_is_judged_on_the_devices_time_not_the_outputs():
+    """Runs of a shape whose instance was done in 0.5 s but whose PNG frames and MP4 reached a slow
+    caller 2 s in: a request of that shape with 1 s left (say raw frames, no video, a fast reader) could
+    end in time, so it is started; the end a caller is told stays the whole 2 s."""
+    sched = Scheduler(batching=Batching(), max_batch_size=1)
+    for _ in range(3):
+        run = BatchRun(0.0, [_sized("done")], busy_s=0.5, ended=2.0)
+        run.open_rows = 0
+        sched.run_times.add(run)
+    quick = _sized("quick", deadline=time.monotonic() + 1.0)
+    assert sched.submit(quick)[1] == (0.0, 2.0)
+    assert sched.next_batch() == [quick] and not quick.errors
+    sched.close()
+
+
 def test_a_caller_is_told_the_nearest_measured_batch_size_a_decision_is_not():
     """Only batches of two of a shape were measured (4 s: a busy server batches everything). A request
     queued alone is told the time of a batch of two (the nearest measured size; an upper bound here),

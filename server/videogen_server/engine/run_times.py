@@ -56,7 +56,7 @@ class RunTimes:
     def __init__(self) -> None:
         self._runs: collections.OrderedDict[tuple, collections.deque[Estimate]] = collections.OrderedDict()
         # computed as runs come (not at every look-up, under the scheduler's lock): (key, size) -> its
-        # medians, and key -> the shortest time to the end of one request alone, once enough runs
+        # medians, and key -> the shortest instance time of one request alone, once enough runs
         self._estimates: dict[tuple, Estimate] = {}
         self._fastest: dict[tuple, float] = {}
         self._sizes: dict[tuple, collections.deque[int]] = {}  # key -> sizes of its latest whole batches
@@ -74,7 +74,7 @@ class RunTimes:
             self._estimates[shape] = Estimate(statistics.median(r.busy_s for r in runs),
                                               statistics.median(r.end_s for r in runs))
             if shape[1] == 1:
-                self._fastest[shape[0]] = min(r.end_s for r in runs)
+                self._fastest[shape[0]] = min(r.busy_s for r in runs)
         while len(self._runs) > RUN_SHAPES:
             old, _ = self._runs.popitem(last=False)
             self._estimates.pop(old, None)
@@ -103,5 +103,8 @@ class RunTimes:
         return int(statistics.median_low(sizes)) if sizes else 1
 
     def fastest(self, key: tuple[Any, ...]) -> Optional[float]:
-        """The shortest time to the end of one request of shape `key` run alone, of its latest runs."""
+        """The shortest time an instance spent on one request of shape `key` run alone, of its latest
+        runs: a lower bound on the time to its end whatever its output (the frames' encoding and the
+        video, done after or beside the device's work, are not in the shape) and however fast its caller
+        reads."""
         return self._fastest.get(key)

@@ -246,14 +246,14 @@ class Scheduler:
 
     def _refusal(self, req: EngineRequest, at: float) -> Optional[VideoGenError]:
         """Why an instance reaching `req` at `at` would not start it, or None: its queue timeout has passed,
-        or its deadline would before even the fastest of its shape's latest runs alone could end (which
-        is no bound: a run slowed by another instance on the same device, or by its caller, counts too)."""
+        or its deadline would before even the fastest of its shape's latest runs alone could be done on
+        the instance (which is no bound: a run slowed by another instance on the same device counts too)."""
         if req.queue_deadline is not None and at >= req.queue_deadline:
             return QueueTimeout("queue timeout passed before an instance was free")
         fastest = self.run_times.fastest(req.params.batch_key) if req.deadline is not None else None
         if fastest is not None and at + fastest > req.deadline:
             return DeadlineUnreachable(f"the request's deadline is {max(0.0, req.deadline - at):.1f}s away and the "
-                                       f"fastest of its shape's latest runs took {fastest:.1f}s; not started")
+                                       f"fastest of its shape's latest runs took {fastest:.1f}s on an instance; not started")
         return None
 
     def _would_end_late(self, rows: list[EngineRequest], now: float) -> bool:
