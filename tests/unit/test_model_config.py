@@ -75,6 +75,22 @@ def test_num_frames_default_comes_from_the_unet(tmp_path):
     assert repository.read_settings(model).defaults.num_frames == 14
 
 
+def test_num_frames_default_comes_from_the_version_served(tmp_path):
+    """Version 1 holds SVD (14 frames), version 2 SVD-XT (25): a policy serving version 1 defaults to
+    14 frames (it took the highest folder on disk's 25, running SVD past its trained length)."""
+    model = write(tmp_path, 'backend: "svd" version_policy { specific { versions: [1] } }', versions=(1, 2))
+    for version, frames in ((1, 14), (2, 25)):
+        (model / str(version) / "unet").mkdir()
+        (model / str(version) / "unet" / "config.json").write_text(f'{{"num_frames": {frames}}}')
+    s = repository.read_settings(model)
+    assert s.defaults.num_frames == 14
+    latest = write(tmp_path / "latest", 'backend: "svd"', versions=(1, 2))
+    for version, frames in ((1, 14), (2, 25)):
+        (latest / str(version) / "unet").mkdir()
+        (latest / str(version) / "unet" / "config.json").write_text(f'{{"num_frames": {frames}}}')
+    assert repository.read_settings(latest).defaults.num_frames == 25
+
+
 BAD = [
     ('backend: "svd" max_batch_size: ', "config.pbtxt", "not valid ModelConfig text format"),
     ('backend: "svd" no_such_field: 1', "config.pbtxt", "no_such_field"),
