@@ -166,6 +166,20 @@ def parse_config_file(path: Path) -> model_config_pb2.ModelConfig:
         raise ConfigError(str(path), "config.pbtxt", f"not valid ModelConfig text format: {err}") from None
 
 
+def version_policy_from_proto(config: model_config_pb2.ModelConfig, path: str) -> VersionPolicy:
+    """The config's version_policy (latest 1 when unset); ConfigError naming `path` and the field."""
+    which = config.version_policy.WhichOneof("policy_choice")
+    if which == "all":
+        return VersionPolicy(kind="all")
+    if which == "specific":
+        versions = tuple(config.version_policy.specific.versions)
+        if not versions or any(v <= 0 for v in versions):
+            raise ConfigError(path, "version_policy.specific.versions", "list one or more versions > 0")
+        return VersionPolicy(kind="specific", versions=versions)
+    num = config.version_policy.latest.num_versions if which == "latest" else 1
+    return VersionPolicy(kind="latest", num_versions=max(1, num))
+
+
 def settings_from_proto(
     config: model_config_pb2.ModelConfig,
     *,
@@ -194,18 +208,7 @@ def settings_from_proto(
         raise fail("max_batch_size", "must be >= 0")
     max_batch_size = max(1, config.max_batch_size)
 
-    # version_policy
-    which = config.version_policy.WhichOneof("policy_choice")
-    if which == "all":
-        policy = VersionPolicy(kind="all")
-    elif which == "specific":
-        versions = tuple(config.version_policy.specific.versions)
-        if not versions or any(v <= 0 for v in versions):
-            raise fail("version_policy.specific.versions", "list one or more versions > 0")
-        policy = VersionPolicy(kind="specific", versions=versions)
-    else:
-        num = config.version_policy.latest.num_versions if which == "latest" else 1
-        policy = VersionPolicy(kind="latest", num_versions=max(1, num))
+    policy = version_policy_from_proto(config, path)
 
     # instance_group
     groups = []

@@ -8,7 +8,8 @@ from typing import Mapping
 
 from ..backends.base import COMPILE_ARTIFACTS_FOLDER, load_backend_class
 from ..errors import ConfigError, InvalidRequest
-from .model_config import DEFAULT_MAX_QUEUE_SIZE, ModelSettings, parse_config_file, settings_from_proto
+from .model_config import (DEFAULT_MAX_QUEUE_SIZE, ModelSettings, parse_config_file, settings_from_proto,
+                           version_policy_from_proto)
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +64,17 @@ def read_settings(model_dir: Path, *, default_max_queue_size: int = DEFAULT_MAX_
         backend_cls = load_backend_class(config.backend) if config.backend else None
     except ConfigError as err:
         raise ConfigError(str(model_dir / "config.pbtxt"), err.field, err.reason) from None
-    validate = backend_cls.validate_parameters if backend_cls else (lambda p: None)
-    settings = settings_from_proto(config, model_dir=model_dir, validate_backend_parameters=validate,
-                                   backend_defaults={}, default_max_queue_size=default_max_queue_size)
     versions = versions_on_disk(model_dir)
-    if not (backend_cls and versions):
-        return settings
-    # the checkpoint's own defaults (e.g. SVD's 14 frames, SVD-XT's 25) from the highest version served,
-    # not the highest on disk: a policy may serve an older version whose model differs
-    served = settings.version_policy.select(versions) or versions[::-1]
-    defaults: Mapping[str, object] = backend_cls.model_defaults(model_dir / str(served[0]))
-    if not defaults:
-        return settings
-    return settings_from_proto(config, model_dir=model_dir, validate_backend_parameters=validate,
-                               backend_defaults=defaults, default_max_queue_size=default_max_queue_size)
+    defaults: Mapping[str, object] = {}
+    if backend_cls and versions:
+        # the checkpoint's own defaults (e.g. SVD's 14 frames, SVD-XT's 25) from the highest version served,
+        # not the highest on disk: a policy may serve an older version whose model differs
+        served = version_policy_from_proto(config, str(model_dir / "config.pbtxt")).select(versions) or versions[::-1]
+        defaults = backend_cls.model_defaults(model_dir / str(served[0]))
+    return settings_from_proto(
+        config, model_dir=model_dir,
+        validate_backend_parameters=backend_cls.validate_parameters if backend_cls else (lambda p: None),
+        backend_defaults=defaults, default_max_queue_size=default_max_queue_size)
 
 
 def fingerprint(model_dir: Path) -> str:
