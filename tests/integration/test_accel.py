@@ -6,6 +6,7 @@ cpu_offload needs a GPU, so its phase logic is checked on the meta device instea
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -44,6 +45,7 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
         "plain": tiny_config("plain"),
         "fused": tiny_config("fused", parameters=TINY_PARAMETERS + _param("fuse_qkv", "true")),
         "fp8": tiny_config("fp8", parameters=TINY_PARAMETERS + _param("fp8", "true")),
+        "fp8s": tiny_config("fp8s", parameters=TINY_PARAMETERS + _param("fp8", "static")),
         "nhwc": tiny_config("nhwc", parameters=TINY_PARAMETERS + _param("channels_last", "true")),
         "blocks": tiny_config("blocks", parameters=TINY_PARAMETERS + _param("forward_chunking", "1024")),
         "folded": tiny_config("folded", parameters=TINY_PARAMETERS + _param("fold_cross_attention", "true")
@@ -65,6 +67,9 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
             fp8 = _frames(server, "fp8", **case)
             assert np.abs(fp8 - plain[i]).max() > 0, "fp8 must actually run in 8 bit"
             assert _psnr(fp8, plain[i]) > 30
+            # static scales (calibrated on the first request) lose little more than per-row dynamic ones
+            fp8s = _frames(server, "fp8s", **case)
+            assert np.abs(fp8s - plain[i]).max() > 0 and _psnr(fp8s, plain[i]) > 30, _psnr(fp8s, plain[i])
         # the options were applied, not only harmless
         from videogen_server.backends.svd import accel
         pipe = next(iter(server.engine.models["folded"].loaded.values())).instances[0].backend.pipe
@@ -78,7 +83,7 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
 
     from torch.nn.attention import SDPBackend
 
-    for name in ("plain", "fused", "fp8", "nhwc", "blocks", "folded"):
+    for name in ("plain", "fused", "fp8", "fp8s", "nhwc", "blocks", "folded"):
         shutil.rmtree(repo / name)  # make_repo adds to the same folder
     repo2 = make_repo({
         "math": tiny_config("math", parameters=TINY_PARAMETERS + _param("attention_backend", "math")),
@@ -213,6 +218,47 @@ def test_compiled_unet_runs_shapes_the_warm_up_did_not_compile_eagerly(make_repo
         assert server.metric("videogen_recompiles_total", **lenient) == recompiles
 
 
+def test_compiled_static_fp8_calibrates_once_before_compiling(make_repo, tmp_path, caplog):
+    """`fp8: static` with `compile`: the warm-up's first batch calibrates the activation scales eagerly,
+    then the UNet compiles with them as they are (the calibration's bookkeeping never enters a graph).
+    Later requests run that graph without recompiling and give nearly the frames of the same model
+    uncompiled, whose scales the same warm-up request calibrated to the same values."""
+    caplog.set_level(logging.INFO, logger="videogen_server.backends.svd.backend")
+    warm = 'model_warmup [ { name: "w" inputs { key: "num_frames" value: "3" } inputs { key: ' \
+           '"num_inference_steps" value: "2" } } ]'
+    static = TINY_PARAMETERS + _param("fp8", "static")
+    repo = make_repo({
+        "plain": None,
+        "eager": tiny_config("eager", warm, parameters=static),
+        "compiled": tiny_config("compiled", warm, parameters=static + _param("compile", "default")
+                                + _param("compile_cache_dir", str(tmp_path / "compile-cache"))),
+    })
+    with ServerThread(repo) as server:
+        assert caplog.text.count("fp8 static scales of") == 2, caplog.text[-2000:]  # once per model
+        from videogen_server.backends.svd.accel import Fp8Linear
+
+        def scales(model: str) -> list[float]:
+            unet = next(iter(server.engine.models[model].loaded.values())).instances[0].backend.pipe.unet
+            layers = [m for m in getattr(unet, "_orig_mod", unet).modules() if isinstance(m, Fp8Linear)]
+            assert layers and all(m.static and m.calibrated for m in layers)
+            return [m.input_scale.item() for m in layers]
+
+        assert scales("compiled") == scales("eager")
+        labels = {"model": "compiled", "version": "1"}
+        graphs = server.metric("videogen_compiles_total", **labels)
+        assert graphs >= 1
+        for seed in (5, 6):
+            case = dict(seed=seed, num_frames=3, num_inference_steps=2)
+            compiled, eager = _frames(server, "compiled", **case), _frames(server, "eager", **case)
+            # not bit-equal: compiled and eager arithmetic differ by float rounding, which FP8's coarse steps
+            # turn into a few levels here and there (42-45 dB here); far closer than either to 16 bit
+            assert _psnr(compiled, eager) > 38 and _psnr(compiled, _frames(server, "plain", **case)) > 30, case
+        assert server.metric("videogen_compiles_total", **labels) == graphs
+        assert server.metric("videogen_recompiles_total", **labels) == 0
+        assert server.metric("videogen_eager_fallbacks_total", **labels) == 0
+        assert caplog.text.count("fp8 static scales of") == 2  # calibrated once, not per request
+
+
 def test_cpu_offload_needs_a_gpu(make_repo):
     repo = make_repo({"m": tiny_config("m", parameters=TINY_PARAMETERS + _param("cpu_offload", "true"))})
     with ServerThread(repo) as server:
@@ -309,6 +355,40 @@ def test_fp8_linear_matches_a_16bit_linear_closely():
     assert 0 < rel < 0.05  # e4m3 keeps ~3 significant bits per element; errors average out over K
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 10))  # 10: not a multiple of 16
     assert to_fp8(model) == 1 and isinstance(model[0], Fp8Linear) and isinstance(model[1], torch.nn.Linear)
+
+
+def test_static_fp8_scales_are_calibrated_then_fixed():
+    """A static FP8 layer scales dynamically until calibrated; calibration sets its one activation scale to
+    twice the largest input magnitude it met over e4m3's 448 (headroom: a larger input later is not
+    clipped at once); after it, the scale stays whatever the input. A layer no calibrating pass reached
+    fails the calibration, rather than run unscaled."""
+    from videogen_server.backends.svd.accel import FP8_MAX, Fp8Linear, fp8_calibration, to_fp8
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
+    ref_model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
+    ref_model.load_state_dict(model.state_dict())
+    assert to_fp8(model, static=True) == 2
+    x = torch.randn(4, 7, 64)
+    before = model(x)  # uncalibrated: row-wise dynamic scales
+    assert not model[0].calibrated
+    with fp8_calibration(model) as layers:
+        assert len(layers) == 2
+        model(x)
+    first = model[0]
+    assert first.calibrated and first.input_scale.item() == pytest.approx(2 * x.abs().max().item() / FP8_MAX)
+    ref = ref_model(x)
+    after = model(x)
+    for y in (before, after):  # two 8-bit layers in a row: about twice one layer's error (< 0.05, above)
+        assert 0 < ((y - ref).norm() / ref.norm()).item() < 0.08
+    scale = first.input_scale.clone()
+    model(100 * x)  # far beyond the calibration: clipped at 2x its largest, the scale unchanged
+    assert torch.equal(first.input_scale, scale)
+    lonely = Fp8Linear(torch.nn.Linear(16, 16), static=True)
+    with pytest.raises(RuntimeError, match="1 of 1 static FP8 layers saw no input"):
+        with fp8_calibration(lonely):
+            pass
+    assert not lonely.calibrated
 
 
 def test_feed_forward_blocks_split_rows_evenly_and_match_the_whole(tiny_model_source):

@@ -2,7 +2,9 @@
 
 - `Fp8Linear` / `to_fp8`: the UNet's linear layers as FP8 (e4m3) matrix products with per-row dynamic
   activation scales and per-output-channel weight scales (the torchao "float8 dynamic, row-wise" recipe,
-  written on `torch._scaled_mm` so it needs no extra package). Convolutions stay in 16 bit.
+  written on `torch._scaled_mm` so it needs no extra package), or with static per-layer activation
+  scales calibrated once (`fp8_calibration`), so that quantising an activation is a scale and a cast the
+  compiler fuses into the kernel producing it. Convolutions stay in 16 bit.
 - `fuse_qkv`: one projection for query/key/value (self-attention) and key/value (cross-attention).
 - `channels_last`: 2-d convolution weights in NHWC.
 - `temporal_convs_2d`: the temporal (k x 1 x 1) 3-d convolutions as the same (k x 1) 2-d convolutions
@@ -38,6 +40,10 @@ FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 #: Linear layers left in 16 bit: time/conditioning embeddings see a handful of rows, where FP8 gains nothing
 #: and the scale round-trip costs precision.
 FP8_SKIP = ("time_embedding", "add_embedding", "time_emb_proj", "time_pos_embed")
+#: Static FP8: an activation's scale covers this many times the largest magnitude calibration met, so a
+#: request whose activations run larger than the calibrating one's is not clipped at once. e4m3 is a float
+#: format: the headroom costs precision only for values ~2^-14 of the largest, which fall to subnormals.
+FP8_STATIC_HEADROOM = 2.0
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -142,14 +148,19 @@ def fp8_supported(device: torch.device) -> str | None:
 
 
 class Fp8Linear(nn.Module):
-    """y = x W^T + b with x and W in float8 e4m3: x scaled per row at run time, W per output channel once.
+    """y = x W^T + b with x and W in float8 e4m3: W scaled per output channel once; x per row at run time
+    (dynamic), or by one scale per layer fixed by calibration (`static`).
 
     The product runs on FP8 tensor cores (`torch._scaled_mm`, bfloat16 out, the output type every
     backend supports for row-wise scales) and is cast back to the activation dtype; under torch.compile
-    the scaling and casts fuse into the neighbouring kernels.
+    the scaling and casts fuse into the neighbouring kernels. Dynamic scaling needs the largest magnitude
+    of each row before the cast: a reduction over the activation before the product (on an H200 it cost
+    more than FP8 saved, docs/performance.md run 4). A static scale is known before the activation is:
+    its cast fuses into the kernel that produces it. Until calibrated (`fp8_calibration`), a static layer
+    scales dynamically.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, static: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach().float()
@@ -157,6 +168,13 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_fp8", (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
         self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # [1, N] float32
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.static = static
+        # Python flags (read when the module is traced, not at each call): recording input_amax; and
+        # input_scale set by a calibration
+        self.calibrating = False
+        self.calibrated = False
+        self.register_buffer("input_amax", torch.zeros((), device=w.device))  # float32, largest |x| seen
+        self.register_buffer("input_scale", torch.zeros((), device=w.device))  # float32
 
     @staticmethod
     def eligible(linear: nn.Linear) -> bool:
@@ -167,8 +185,16 @@ class Fp8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()  # _scaled_mm on CUDA wants a row-major left side
         xf = x2.float()
-        x_scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX  # [M, 1]
-        xq = (xf / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        if self.calibrated and not self.calibrating:
+            # one scale for the layer, known in advance: x / scale and the cast are elementwise (row-wise
+            # _scaled_mm wants an [M, 1] scale, so the scalar is expanded: M floats)
+            x_scale = self.input_scale.expand(x2.shape[0], 1).contiguous()
+            xq = (xf / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        else:
+            if self.calibrating:
+                self.input_amax.copy_(torch.maximum(self.input_amax, xf.abs().amax()))
+            x_scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX  # [M, 1]
+            xq = (xf / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
                              out_dtype=torch.bfloat16).to(x.dtype)
         if self.bias is not None:
@@ -176,13 +202,38 @@ class Fp8Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                + (", static" if self.static else ""))
 
 
-def to_fp8(model: nn.Module, skip: tuple[str, ...] = FP8_SKIP) -> int:
-    """Replaces the eligible nn.Linear layers of `model` in place; returns how many."""
+def to_fp8(model: nn.Module, skip: tuple[str, ...] = FP8_SKIP, *, static: bool = False) -> int:
+    """Replaces the eligible nn.Linear layers of `model` in place; returns how many. `static`: with
+    activation scales to calibrate (`fp8_calibration`) before the model is compiled."""
     return _replace_modules(model, lambda name, m: isinstance(m, nn.Linear) and Fp8Linear.eligible(m)
-                            and not any(s in name for s in skip), Fp8Linear)
+                            and not any(s in name for s in skip), lambda m: Fp8Linear(m, static=static))
+
+
+@contextlib.contextmanager
+def fp8_calibration(model: nn.Module, headroom: float = FP8_STATIC_HEADROOM):
+    """Calibrates the static FP8 layers of `model` on the forward passes run inside (eager: the amax
+    bookkeeping is not meant to be compiled): each layer's scale becomes `headroom` times the largest
+    magnitude its input reached, over FP8's largest value. Layers calibrated before start over. Raises if
+    a static layer saw no input (its scale would be unknown), leaving the model uncalibrated."""
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear) and m.static]
+    for m in layers:
+        m.input_amax.zero_()
+        m.calibrating, m.calibrated = True, False
+    try:
+        yield layers
+    finally:
+        for m in layers:
+            m.calibrating = False
+    missed = [m for m in layers if not bool(m.input_amax > 0)]
+    if missed:
+        raise RuntimeError(f"fp8 calibration: {len(missed)} of {len(layers)} static FP8 layers saw no input")
+    for m in layers:
+        m.input_scale.copy_(m.input_amax * headroom / FP8_MAX)
+        m.calibrated = True
 
 
 def _replace_modules(model: nn.Module, wanted, make) -> int:

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UNWARMED_SHAPES = ("eager", "compile")
 FALLBACK_LOG_LIMIT = 100  # distinct shapes whose uncompiled run is logged, per instance
+#: `fp8: static`: eager denoising steps of the first batch that calibrate the activation scales (a schedule
+#: of its own over the same sigma range: from noise to nearly clean, where activations differ most)
+FP8_CALIBRATION_STEPS = 4
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # from_pretrained is not thread-safe: accelerate's empty-weights init patches torch.nn.Module globally,
@@ -84,8 +87,10 @@ PARAMETERS = {
                         "compile builds its graph while serving (minutes on a GPU, with the instance's queue "
                         "waiting) and counts it in videogen_recompiles_total. Past torch's recompile limit a "
                         "shape runs eager either way"),
-    "fp8": ("false", "UNet linear layers as FP8 e4m3 matrix products (dynamic per-row activation scales, "
-            "per-channel weight scales); GPUs of compute capability 8.9+ (Ada, Hopper); changes frames slightly"),
+    "fp8": ("false", "UNet linear layers as FP8 e4m3 matrix products with per-channel weight scales: true | "
+            "dynamic (activations scaled per row at run time) | static (one scale per layer, calibrated on "
+            f"{FP8_CALIBRATION_STEPS} eager denoising steps of the first request, a warm-up's, before any "
+            "compile) | false; GPUs of compute capability 8.9+ (Ada, Hopper); changes frames slightly"),
     "fuse_qkv": ("false", "one projection for attention query/key/value instead of three"),
     "attention_backend": ("auto", "scaled-dot-product attention kernel to prefer (the others remain for calls it "
                           "cannot take), process-wide: " + " | ".join(accel.SDPA_BACKENDS)),
@@ -126,6 +131,17 @@ class Prepared:
     vae: torch.Tensor
 
 
+def _fp8_mode(value: str) -> str:
+    """The `fp8` parameter: "" (off), "dynamic" or "static"; true means dynamic."""
+    mode = value.lower()
+    if mode in ("dynamic", "static"):
+        return mode
+    try:
+        return "dynamic" if BOOL[mode] else ""
+    except KeyError:
+        raise ValueError(f"fp8: {value!r} is not true, false, dynamic or static") from None
+
+
 def _bool(key: str, value: str) -> bool:
     try:
         return BOOL[value.lower()]
@@ -148,7 +164,9 @@ class SVDBackend(Backend):
                 raise ValueError(f"{key}: {value!r} is not one of {list(COMPILE_MODES)}")
             if key == "attention_backend" and value not in accel.SDPA_BACKENDS:
                 raise ValueError(f"attention_backend: {value!r} is not one of {list(accel.SDPA_BACKENDS)}")
-            if key in ("cpu_offload", "channels_last", "fp8", "fuse_qkv", "fold_cross_attention", "temporal_convs_2d",
+            if key == "fp8":
+                _fp8_mode(value)
+            if key in ("cpu_offload", "channels_last", "fuse_qkv", "fold_cross_attention", "temporal_convs_2d",
                        "cudnn_benchmark"):
                 _bool(key, value)
             if key == "forward_chunking":
@@ -198,7 +216,8 @@ class SVDBackend(Backend):
         diffusers_logging.disable_progress_bar()  # a server logs lines, not progress bars
         transformers_logging.disable_progress_bar()
         applied = []
-        if _bool("fp8", p.get("fp8", "false")):
+        self.fp8 = _fp8_mode(p.get("fp8", "false"))
+        if self.fp8:
             why_not = accel.fp8_supported(self.device)
             if why_not:
                 raise ValueError(f"fp8: {why_not}")
@@ -208,8 +227,10 @@ class SVDBackend(Backend):
                 variant=p.get("variant") or None)
             if _bool("fuse_qkv", p.get("fuse_qkv", "false")):
                 applied.append(f"fuse_qkv ({accel.fuse_qkv(pipe.unet)} attention layers)")
-            if _bool("fp8", p.get("fp8", "false")):
-                applied.append(f"fp8 ({accel.to_fp8(pipe.unet)} linear layers)")
+            if self.fp8:
+                applied.append(f"fp8 {self.fp8} ({accel.to_fp8(pipe.unet, static=self.fp8 == 'static')} linear "
+                               "layers)")
+            self.fp8_uncalibrated = self.fp8 == "static"  # calibrated at the first batch (a warm-up's)
             if _bool("fold_cross_attention", p.get("fold_cross_attention", "false")):  # after fuse_qkv and fp8
                 applied.append(f"fold_cross_attention ({accel.fold_cross_attention(pipe.unet)} layers)")
             if _bool("temporal_convs_2d", p.get("temporal_convs_2d", "false")):  # before channels_last
@@ -440,22 +461,10 @@ class SVDBackend(Backend):
         self._fallback_phases = set()
         t_step = time.perf_counter()
         progress = _RunAhead(len(timesteps), functools.partial(_cuda_mark, dev) if on_gpu else None)
+        if self.fp8_uncalibrated:
+            self._calibrate_fp8(latents, emb, img_lat, ids, gscale, do_cfg, requests[0].request_id)
         for i, t in enumerate(timesteps):
-            if do_cfg:
-                model_in = torch.cat([latents] * 2)
-                cond_emb = torch.cat([torch.zeros_like(emb), emb])
-                cond_lat = torch.cat([torch.zeros_like(img_lat), img_lat])
-                cond_ids = torch.cat([ids, ids])
-            else:
-                model_in, cond_emb, cond_lat, cond_ids = latents, emb, img_lat, ids
-            model_in = scheduler.scale_model_input(model_in, t)
-            model_in = torch.cat([model_in, cond_lat], dim=2)
-            noise_pred = self._unet(model_in, t, encoder_hidden_states=cond_emb, added_time_ids=cond_ids,
-                                    return_dict=False)[0]
-            if do_cfg:
-                uncond, cond = noise_pred.chunk(2)
-                noise_pred = uncond + gscale * (cond - uncond)
-            latents = scheduler.step(noise_pred, t, latents).prev_sample
+            latents = self._denoise_step(self._unet, scheduler, t, latents, emb, img_lat, ids, gscale, do_cfg)
             # (on a GPU, step K-1 is not reported yet when the fault at step K is raised: run-ahead)
             if self.fault and self.fault[1] == i + 1 and any(requests[r].params.seed == self.fault[2] for r in live):
                 raise (torch.OutOfMemoryError if self.fault[0] == "oom" else RuntimeError)(
@@ -515,6 +524,42 @@ class SVDBackend(Backend):
                 r.sender.send(PhaseTiming("decode", time.perf_counter() - t_req))
                 peak = torch.cuda.max_memory_allocated(self.device) if on_gpu else _process_rss()
                 r.sender.send(Finished(peak_memory_bytes=int(peak), batch_size=len(requests)))
+
+    @staticmethod
+    def _denoise_step(unet, scheduler, t, latents, emb, img_lat, ids, gscale, do_cfg: bool) -> torch.Tensor:
+        """One denoising step of a batch (the pipeline's arithmetic); returns the next latents."""
+        if do_cfg:
+            model_in = torch.cat([latents] * 2)
+            cond_emb = torch.cat([torch.zeros_like(emb), emb])
+            cond_lat = torch.cat([torch.zeros_like(img_lat), img_lat])
+            cond_ids = torch.cat([ids, ids])
+        else:
+            model_in, cond_emb, cond_lat, cond_ids = latents, emb, img_lat, ids
+        model_in = scheduler.scale_model_input(model_in, t)
+        model_in = torch.cat([model_in, cond_lat], dim=2)
+        noise_pred = unet(model_in, t, encoder_hidden_states=cond_emb, added_time_ids=cond_ids, return_dict=False)[0]
+        if do_cfg:
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + gscale * (cond - uncond)
+        return scheduler.step(noise_pred, t, latents).prev_sample
+
+    def _calibrate_fp8(self, latents, emb, img_lat, ids, gscale, do_cfg: bool, request_id: str) -> None:
+        """`fp8: static`: each FP8 layer's activation scale from FP8_CALIBRATION_STEPS eager denoising steps
+        of this batch's own inputs, before anything is compiled (the warm-up's first batch). The batch then
+        runs as it would have: the calibration works on a copy of its latents."""
+        unet = getattr(self.pipe.unet, "_orig_mod", self.pipe.unet)  # eager: its bookkeeping is not compiled
+        scheduler = EulerDiscreteScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(FP8_CALIBRATION_STEPS, device=latents.device)
+        x = latents.clone()  # scaled by init_noise_sigma, the largest sigma: the same for any step count
+        t0 = time.perf_counter()
+        with accel.fp8_calibration(unet) as layers:
+            for t in scheduler.timesteps:
+                x = self._denoise_step(unet, scheduler, t, x, emb, img_lat, ids, gscale, do_cfg)
+        self.fp8_uncalibrated = False
+        amax = torch.stack([m.input_amax for m in layers])
+        log.info("svd instance %s: fp8 static scales of %d layers calibrated on %d steps of request %s in %.2fs "
+                 "(largest input magnitude per layer %.3g..%.3g)", self.instance_name, len(layers),
+                 FP8_CALIBRATION_STEPS, request_id, time.perf_counter() - t0, amax.min().item(), amax.max().item())
 
     def _unet(self, model_in: torch.Tensor, *args, **kwargs):
         """The UNet's forward, compiled where _compiled says so, else eager (torch.compile's module wraps
