@@ -28,6 +28,7 @@ Variants (--variants, comma list):
                   server with an empty compile cache of its own, as on a new machine: ready_s is the start from
                   the artifacts (run it alone in its process, as server_compile_warm)
   server_compile_fp8   server_compile with fp8=true; PSNR of its frames against the plain pipeline's
+  server_compile_fp8_static  server_compile with fp8=static (activation scales calibrated on the warm-up)
   unet_tricks     one UNet forward (guidance batch, eager) per option, each on its own: float16, bfloat16,
                   channels_last, fuse_qkv, fp8, fold_cross_attention, temporal_convs_2d (alone and with
                   channels_last), each SDPA backend, cudnn_benchmark; seconds and error against float16
@@ -66,7 +67,7 @@ import torch
 from PIL import Image
 
 ALL_VARIANTS = ("plain", "server", "server_lowmem", "server_offload", "server_compile", "server_compile_warm",
-                "server_compile_artifacts", "server_compile_fp8",
+                "server_compile_artifacts", "server_compile_fp8", "server_compile_fp8_static",
                 "plain_compile", "plain_lowmem", "unet_tricks")
 T0 = time.perf_counter()
 GIB = 2**30
@@ -609,6 +610,8 @@ def run_server(ctx: Ctx, name: str, model_dir: Path, checkpoint: Callable[[dict]
                  "compile_cache_dir": str(model_dir.parent.parent / "compile-cache")}
         if name == "server_compile_fp8":
             extra["fp8"] = "true"
+        elif name == "server_compile_fp8_static":
+            extra["fp8"] = "static"
     extra.update(a.server_params)
     kind, dtype = "KIND_GPU" if ctx.cuda else "KIND_CPU", "float16" if ctx.dtype == torch.float16 else "float32"
     built = {}

@@ -45,6 +45,12 @@
 #        compiled code (from part7's cache when this machine just ran part7, ~1-2 min; else a cold compile,
 #        ~5 min), then a server whose compile cache is empty loads the file: its ready_s against run 3's 36.6 s
 #        (warm cache) and 272.9 s (cold); predicted ~40 s. Reports the file's size (Triton's kernels bundled).
+# part11: static FP8 (twelfth session) on part7's configuration: the UNet's linear layers in FP8 with one
+#        activation scale per layer calibrated on the warm-up, so the quantisation fuses into the kernels
+#        producing the activations (run 4's dynamic row-wise scales cost ~0.095 s a step and made FP8 slower
+#        than fp16). The UNet compiles cold (~2.5 min; the VAE's graphs come from part7's cache when this
+#        machine ran it, with the plain pipeline's saved frames for the PSNR). Predicted: ~0.035-0.05 s a
+#        step below the fp16 server of part7, PSNR against the plain pipeline near run 4's 46 dB.
 #
 # Compile caches: part7 packs its cache (/tmp/vg-cc-full) as $OUT/cc-full.tar.xz when that fits in what a call
 # returns (15 MiB here) and reports its size either way. A later session on the same kind of card, code and
@@ -52,7 +58,7 @@
 # .whl: 64 MiB in all, the wheels take 48): every .cc/*.tar.xz is unpacked into /tmp first, so the same
 # server params start warm (~37 s to ready instead of ~270 s), leaving the call's time for more variants.
 set -u
-part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|part6|part7|part8|part9|part10|tricks}
+part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|part6|part7|part8|part9|part10|part11|tricks}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -171,6 +177,11 @@ part10)
     opts="fold_cross_attention=true,temporal_convs_2d=true,cudnn_benchmark=true,compile_cache_dir=/tmp/vg-cc-full"
     bench --out "$OUT/p15" --variants server_compile_artifacts --time-budget 60 --server-params \
         "$opts,compile_vae_options=force_layout_optimization=true" 2>&1 | tee "$OUT/p15.log"
+    ;;
+part11)
+    opts="fold_cross_attention=true,temporal_convs_2d=true,cudnn_benchmark=true,compile_cache_dir=/tmp/vg-cc-full"
+    bench --out "$OUT/p16" --variants server_compile_fp8_static --profile --time-budget 60 --server-params \
+        "$opts,compile_vae_options=force_layout_optimization=true" 2>&1 | tee "$OUT/p16.log"
     ;;
 part8)
     # the low-memory mode compiled (compile=default: no CUDA graphs, the UNet's weights move every request),
