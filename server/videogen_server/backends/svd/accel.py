@@ -217,8 +217,10 @@ def to_fp8(model: nn.Module, skip: tuple[str, ...] = FP8_SKIP, *, static: bool =
 def fp8_calibration(model: nn.Module, headroom: float = FP8_STATIC_HEADROOM):
     """Calibrates the static FP8 layers of `model` on the forward passes run inside (eager: the amax
     bookkeeping is not meant to be compiled): each layer's scale becomes `headroom` times the largest
-    magnitude its input reached, over FP8's largest value. Layers calibrated before start over. Raises if
-    a static layer saw no input (its scale would be unknown), leaving the model uncalibrated."""
+    magnitude its input reached, over FP8's largest value. Layers calibrated before start over. A layer
+    that saw no input keeps scaling dynamically (one the model no longer calls, such as the projections
+    `fold_cross_attention` bypasses); raises if none saw any (nothing ran), leaving the model uncalibrated.
+    Yields the static layers."""
     layers = [m for m in model.modules() if isinstance(m, Fp8Linear) and m.static]
     for m in layers:
         m.input_amax.zero_()
@@ -228,10 +230,10 @@ def fp8_calibration(model: nn.Module, headroom: float = FP8_STATIC_HEADROOM):
     finally:
         for m in layers:
             m.calibrating = False
-    missed = [m for m in layers if not bool(m.input_amax > 0)]
-    if missed:
-        raise RuntimeError(f"fp8 calibration: {len(missed)} of {len(layers)} static FP8 layers saw no input")
-    for m in layers:
+    reached = [m for m in layers if bool(m.input_amax > 0)]
+    if layers and not reached:
+        raise RuntimeError(f"fp8 calibration: none of the {len(layers)} static FP8 layers saw an input")
+    for m in reached:
         m.input_scale.copy_(m.input_amax * headroom / FP8_MAX)
         m.calibrated = True
 
@@ -892,6 +894,14 @@ class PhaseOffload:
         for t, host in self._tensors[name]:
             t.data = host.to(self.device, non_blocking=True, copy=True)
         self.current = name
+
+    def write_back(self, name: str, tensors) -> None:
+        """Copies `tensors` of model `name` into their host masters: values set while the model was on the
+        device (the host copies are not written back by `release`), for its next trip there."""
+        wanted = {id(t) for t in tensors}
+        for t, host in self._tensors[name]:
+            if id(t) in wanted and t.data.data_ptr() != host.data_ptr():
+                host.copy_(t.data)
 
     def release(self) -> None:
         """Takes the model on the device off it (its tensors point at their host copies again)."""

@@ -463,6 +463,7 @@ class SVDBackend(Backend):
         progress = _RunAhead(len(timesteps), functools.partial(_cuda_mark, dev) if on_gpu else None)
         if self.fp8_uncalibrated:
             self._calibrate_fp8(latents, emb, img_lat, ids, gscale, do_cfg, requests[0].request_id)
+            t_step = time.perf_counter()  # the first step's time is the step's
         for i, t in enumerate(timesteps):
             latents = self._denoise_step(self._unet, scheduler, t, latents, emb, img_lat, ids, gscale, do_cfg)
             # (on a GPU, step K-1 is not reported yet when the fault at step K is raised: run-ahead)
@@ -555,11 +556,16 @@ class SVDBackend(Backend):
         with accel.fp8_calibration(unet) as layers:
             for t in scheduler.timesteps:
                 x = self._denoise_step(unet, scheduler, t, x, emb, img_lat, ids, gscale, do_cfg)
+        if self.offload:  # the host copy is the master: the next request's UNet comes from it
+            self.offload.write_back("unet", [b for m in layers for b in (m.input_scale, m.input_amax)])
         self.fp8_uncalibrated = False
-        amax = torch.stack([m.input_amax for m in layers])
+        done = [m for m in layers if m.calibrated]
+        amax = [m.input_amax.item() for m in done]
         log.info("svd instance %s: fp8 static scales of %d layers calibrated on %d steps of request %s in %.2fs "
-                 "(largest input magnitude per layer %.3g..%.3g)", self.instance_name, len(layers),
-                 FP8_CALIBRATION_STEPS, request_id, time.perf_counter() - t0, amax.min().item(), amax.max().item())
+                 "(largest input magnitude per layer %.3g..%.3g)%s", self.instance_name, len(done),
+                 FP8_CALIBRATION_STEPS, request_id, time.perf_counter() - t0, min(amax, default=0),
+                 max(amax, default=0), f"; {len(layers) - len(done)} layers the model does not call stay dynamic"
+                 if len(done) < len(layers) else "")
 
     def _unet(self, model_in: torch.Tensor, *args, **kwargs):
         """The UNet's forward, compiled where _compiled says so, else eager (torch.compile's module wraps
