@@ -512,12 +512,17 @@ def test_a_gathering_batch_starts_before_a_rows_queue_timeout():
     _measured(sched, 0.5, 0.5, 0.5)
     t0 = time.monotonic()
     a = _sized("a")
-    a.queue_deadline = t0 + 0.2
-    late = _sized("late", deadline=t0 + 0.6)  # reachable when it joins, not at +0.2 s (fastest run 0.5 s)
+    a.queue_deadline = t0 + 0.4
+    late = _sized("late", deadline=t0 + 0.8)  # reachable when it joins, not at +0.35 s (fastest run 0.5 s)
     sched.submit(a)
     sched.submit(late)
-    batch = sched.next_batch()
-    assert [r.request_id for r in batch] == ["a"] and a.started_at < a.queue_deadline, a.started_at - t0
+    thread, out = _in_thread(sched.next_batch)
+    time.sleep(0.1)
+    with sched._cv:  # what estimates see: the batch starting by a's timeout, not at the end of the delay
+        [(_, _, start)] = sched._busy(time.monotonic())
+    assert start < a.queue_deadline, start - t0
+    thread.join(5)
+    assert [r.request_id for r in out["value"]] == ["a"] and a.started_at < a.queue_deadline, a.started_at - t0
     [err] = late.errors
     assert type(err).__name__ == "DeadlineUnreachable" and late.closed
     sched.close()

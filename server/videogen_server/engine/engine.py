@@ -593,7 +593,7 @@ class Engine:
             await asyncio.gather(*(rt.unload(self.config.unload_timeout_seconds) for rt in retired))
             self._publish(entry)  # after the unloads: a retired runtime of the same version shared the labels
             for rt in new.values():
-                self._queue_depth(rt, rt.scheduler.depth())
+                rt.scheduler.report_depth()
             failed = {v: entry.failed[v] for v in wanted if v in entry.failed}
             if failed:
                 raise NotReady(f"model {name!r} failed to load: "

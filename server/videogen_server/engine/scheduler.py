@@ -13,6 +13,7 @@ when a request should start and end (`_plan`: the queue as the instances would t
 from __future__ import annotations
 
 import collections
+import dataclasses
 import heapq
 import logging
 import threading
@@ -28,10 +29,27 @@ log = logging.getLogger(__name__)
 
 #: A batch gathering rows starts this long before the earliest queue timeout among them, so that none
 #: passes while it waits in the batch (where the engine's queue timer no longer reaches it).
-QUEUE_TIMEOUT_MARGIN_S = 0.01
+QUEUE_TIMEOUT_MARGIN_S = 0.05
 
 #: (start, end) seconds from now, each None where not known
 Eta = tuple[Optional[float], Optional[float]]
+
+
+@dataclasses.dataclass(eq=False)
+class _Gathering:
+    """A batch an instance is gathering: its first request's batch_key, its rows, its room, and when the
+    gathering ends at the latest (time.monotonic())."""
+
+    key: tuple
+    rows: list
+    room: int
+    until: float
+
+    def end_before_queue_timeouts(self) -> None:
+        """Moves `until` early enough that no row's queue timeout passes while it waits in the batch
+        (where the engine's queue timer cannot take it out)."""
+        self.until = min([self.until] + [r.queue_deadline - QUEUE_TIMEOUT_MARGIN_S for r in self.rows
+                                         if r.queue_deadline is not None])
 
 
 class Scheduler:
@@ -44,11 +62,10 @@ class Scheduler:
         self._levels = [collections.deque() for _ in range(batching.priority_levels)]
         self._cv = threading.Condition()
         self._closed = False
-        self.on_depth = on_depth  # called with the queue depth after each change (a retiring runtime drops it)
-        # batches instances are gathering (their first request's batch_key, the batch, its room, when
-        # the gathering ends at the latest): a request that fits one is left for that instance, not
-        # taken by an idle one as a batch of its own
-        self._gathering: list[tuple[tuple, list[EngineRequest], int, float]] = []
+        self.on_depth = on_depth  # called with the queue depth after each change, with the lock held
+        # batches instances are gathering: a request that fits one is left for that instance, not taken
+        # by an idle one as a batch of its own
+        self._gathering: list[_Gathering] = []
         # batches whose instance runs them: id(batch) -> run (each request of it also holds its run until
         # it ends); the run times of those that ran whole, per shape and size
         self._running: dict[int, BatchRun] = {}
@@ -68,6 +85,12 @@ class Scheduler:
     def depth(self) -> int:
         with self._cv:
             return self._queued()
+
+    def report_depth(self) -> None:
+        """Calls on_depth with the depth now (under the lock, as every change does: no older value can
+        land after a newer one)."""
+        with self._cv:
+            self.on_depth(self._queued())
 
     def _queued(self) -> int:
         """Requests waiting at every priority level (call with the lock held)."""
@@ -111,9 +134,9 @@ class Scheduler:
             left = [r for q in self._levels for r in q]
             for q in self._levels:
                 q.clear()
-            for _, rows, _, _ in self._gathering:
-                left += rows
-                rows.clear()
+            for gathering in self._gathering:
+                left += gathering.rows
+                gathering.rows.clear()
             self.on_depth(0)
             self._cv.notify_all()
             return left
@@ -219,7 +242,7 @@ class Scheduler:
         """The instances' batches, running or gathering: (shape, rows, when it started or will at the
         latest). Call with the lock held."""
         busy = [(run.key, run.rows, run.started) for run in self._running.values()]
-        busy += [(key, rows, max(now, ends) if len(rows) < room else now) for key, rows, room, ends in self._gathering]
+        busy += [(g.key, g.rows, max(now, g.until) if len(g.rows) < g.room else now) for g in self._gathering]
         return busy
 
     def retry_after(self) -> Optional[float]:
@@ -253,7 +276,8 @@ class Scheduler:
         fastest = self.run_times.fastest(req.params.batch_key) if req.deadline is not None else None
         if fastest is not None and at + fastest > req.deadline:
             return DeadlineUnreachable(f"the request's deadline is {max(0.0, req.deadline - at):.1f}s away and the "
-                                       f"fastest of its shape's latest runs took {fastest:.1f}s on an instance; not started")
+                                       f"fastest of its shape's latest runs took {fastest:.1f}s on an instance; "
+                                       f"not started")
         return None
 
     def _would_end_late(self, rows: list[EngineRequest], now: float) -> bool:
@@ -290,7 +314,7 @@ class Scheduler:
                     q.remove(req)
                     self._hand_back(req)
                     continue
-                if any(key == req.params.batch_key and len(batch) < room for key, batch, room, _ in self._gathering):
+                if any(g.key == req.params.batch_key and len(g.rows) < g.room for g in self._gathering):
                     continue  # the gathering instance takes it when it wakes (notify_all in submit)
                 q.remove(req)
                 return req
@@ -368,22 +392,19 @@ class Scheduler:
             self._take_compatible(batch, now)
             target = max(self._batching.preferred_batch_sizes or (self._max_batch,))
             room = min(target, self._max_batch)
-            # ends early enough that no row's queue timeout passes while it waits in the batch
-            until = min([head.enqueued_at + self._batching.max_queue_delay_s]
-                        + [r.queue_deadline - QUEUE_TIMEOUT_MARGIN_S for r in batch if r.queue_deadline is not None])
-            gathering = (head.params.batch_key, batch, room, until)
+            gathering = _Gathering(head.params.batch_key, batch, room,
+                                   until=head.enqueued_at + self._batching.max_queue_delay_s)
             self._gathering.append(gathering)
             try:
                 while len(batch) < room and not self._closed:
-                    left = until - time.monotonic()
+                    gathering.end_before_queue_timeouts()
+                    left = gathering.until - time.monotonic()
                     if left <= 0:
                         break
                     self._cv.wait(timeout=left)
                     if self._closed:  # close() took the rows (none started): they end with the queue's
                         break
                     self._take_compatible(batch, time.monotonic())
-                    until = min([until] + [r.queue_deadline - QUEUE_TIMEOUT_MARGIN_S for r in batch
-                                           if r.queue_deadline is not None])
             finally:
                 self._gathering.remove(gathering)
                 self._cv.notify_all()  # requests left for this batch (it filled up) are anyone's again
