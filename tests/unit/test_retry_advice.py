@@ -26,8 +26,9 @@ def test_the_estimate_is_told_and_bounded():
 
 
 def test_the_pushback_is_bounded_and_respects_the_deadline():
-    assert retry_pushback(12.34, None) == ("grpc-retry-pushback-ms", "5000")  # the next server may have room
+    assert retry_pushback(12.34, None) == ("grpc-retry-pushback-ms", "1000")  # the next server may have room
     assert retry_pushback(0.25, None) == ("grpc-retry-pushback-ms", "250")
     assert retry_pushback(0.25, 10.0) == ("grpc-retry-pushback-ms", "250")
-    assert retry_pushback(12.34, 4.0) == ("grpc-retry-pushback-ms", "-1")  # even the bounded wait cuts it
+    assert retry_pushback(12.34, 4.0) == ("grpc-retry-pushback-ms", "1000")  # bounded: fits the deadline
+    assert retry_pushback(12.34, 0.8) == ("grpc-retry-pushback-ms", "-1")  # even the bounded wait cuts it
     assert retry_pushback(1.0, 1.0) == ("grpc-retry-pushback-ms", "-1")

@@ -30,10 +30,10 @@ QUEUE_FULL_RETRY_DELAY_S = 1.0
 QUEUE_FULL_MIN_RETRY_DELAY_S = 0.1
 #: gRPC's server pushback trailer: a client's built-in retry policy waits that many milliseconds before
 #: its next attempt instead of its own backoff, or makes none when the value is negative (gRFC A6). It is
-#: the RetryInfo delay up to a bound: a client balancing over several servers retries on the next one,
-#: which may have room, and should not wait out this server's estimate first.
+#: the RetryInfo delay up to a bound: the pushback holds the whole call, so a client balancing over several
+#: servers waits it out before its retry goes to the next one, which may have room.
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
-MAX_RETRY_PUSHBACK_S = 5.0
+MAX_RETRY_PUSHBACK_S = 1.0
 #: Longest message (UTF-8 bytes) and field path a status carries. Messages may echo a caller's text (a
 #: tensor or parameter name); the message travels twice (grpc-message, percent-encoded, and inside the
 #: details) and gRPC turns trailers over its 8 KiB metadata limit into RESOURCE_EXHAUSTED.
