@@ -352,8 +352,8 @@ class Scheduler:
                         req.error(refusal)
                         req.close()
                 # a drain or unload may have begun while the batch gathered: rows that would carry it past
-                # its end go back to the queue, from the last taken, for another instance (or to be handed
-                # back there if they would be late even alone)
+                # its end go back to the queue, from the last taken, for another instance (handed back below
+                # if none would finish them in time)
                 requeued = False
                 while batch and self._would_end_late(batch, started):
                     req = batch.pop()
@@ -364,6 +364,10 @@ class Scheduler:
                 if batch:
                     break
             run = self._running[id(batch)] = BatchRun(started, batch)
+            if requeued:  # with this batch running: the requeued rows no instance would finish go back now
+                for req in self._plan(started, self._finish_by)[1]:
+                    self._levels[req.priority - 1].remove(req)
+                    self._hand_back(req)
             for req in batch:
                 req.phase = RequestPhase.RUNNING
                 req.started_at = started
