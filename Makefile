@@ -35,17 +35,10 @@ $(TRITON_VENV)/.installed:
 demo: venv
 	VENV=$(VENV) bash scripts/demo.sh
 
-# Two tests use Debian programs a user would run against the server: the browser test plays the streamed
-# MP4 in Chromium, the Prometheus test scrapes the server with a real Prometheus and runs the alert rules'
-# unit tests with promtool. Installed here where apt-get can (as root, as on CI); elsewhere those tests
-# skip, saying so.
-TEST_TOOLS := chromium:chromium prometheus:prometheus promtool:prometheus
-
+# Debian programs some tests use (Chromium, Firefox and libavcodec, Prometheus and promtool): installed where
+# apt-get can (as root, as on CI); elsewhere those tests skip, saying so. See scripts/test-tools.sh.
 test-tools:
-	@missing=$$(for t in $(TEST_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || echo $${t#*:}; done | sort -u); \
-	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-	    && { apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; } >/dev/null 2>&1; } \
-	    || echo "not installed: $$missing (tests/integration/test_browser.py, test_prometheus.py skip without them)"
+	@bash scripts/test-tools.sh
 
 test: venv triton-venv test-tools
 	VIDEOGEN_TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(BIN)/python -m pytest -q

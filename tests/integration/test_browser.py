@@ -1,14 +1,20 @@
-"""The streamed MP4 in a real browser: headless Chromium plays the `video` chunks of a Generate stream
-through Media Source Extensions, appended one by one as a web client would append them on arrival.
+"""The streamed MP4 in real browsers: headless Chromium and Firefox play the `video` chunks of a Generate
+stream through Media Source Extensions, appended one by one as a web client would append them on arrival.
+The two engines parse fragmented MP4 apart (edit lists, composition offsets, colour tags), so each is
+checked.
 
-Needs Debian's chromium (`make test` installs it where apt-get can; skipped elsewhere, saying so).
+Needs Debian's chromium, and firefox-esr with libavcodec (Firefox decodes H.264 with the system's
+FFmpeg). `make test` installs them where apt-get can; each browser's test skips elsewhere, saying so.
 """
 from __future__ import annotations
 
+import ctypes.util
 import functools
 import http.server
 import io
 import json
+import os
+import queue
 import re
 import shutil
 import subprocess
@@ -24,6 +30,25 @@ from videogen.v1 import videogen_pb2 as pb
 from ..helpers import collect, raw_frames, request
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Firefox plays H.264 only through the system's FFmpeg (without it, MediaSource says the type is unsupported)
+FIREFOX = (shutil.which("firefox-esr") or shutil.which("firefox")) if ctypes.util.find_library("avcodec") else None
+
+# A fresh Firefox profile off the network this machine does not have: no first-run pages, updates,
+# telemetry or remote settings.
+FIREFOX_PREFS = {
+    "browser.shell.checkDefaultBrowser": False,
+    "browser.startup.homepage_override.mstone": "ignore",
+    "browser.aboutwelcome.enabled": False,
+    "app.update.enabled": False,
+    "app.update.auto": False,
+    "datareporting.policy.dataSubmissionEnabled": False,
+    "toolkit.telemetry.enabled": False,
+    "network.captive-portal-service.enabled": False,
+    "network.connectivity-service.enabled": False,
+    "extensions.update.enabled": False,
+    "services.settings.server": "http://127.0.0.1:9/",
+    "media.autoplay.default": 0,
+}
 
 PAGE = """<!doctype html><html><body>
 <video id="v" muted></video><canvas id="c"></canvas><pre id="out">pending</pre>
@@ -53,47 +78,92 @@ ms.addEventListener('sourceopen', async () => {
     res.first = Array.from(ctx.getImageData(0, 0, c.width, c.height).data);
   } catch (e) { res.error = String(e); }
   document.getElementById('out').textContent = JSON.stringify(res);
+  fetch('result', {method: 'POST', body: JSON.stringify(res)});  // for a browser that cannot dump its DOM
 });
 </script></body></html>
 """
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+class _Page(http.server.SimpleHTTPRequestHandler):
+    """Serves the page and its chunks; takes the result the page posts back."""
+
+    result: "queue.Queue[dict]"
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(204)
+        self.end_headers()
+        self.result.put(json.loads(body))
+
     def log_message(self, *args) -> None:
         pass
 
 
-def _play(folder: Path, chunks: list[bytes]) -> dict:
-    for i, chunk in enumerate(chunks):
-        (folder / f"chunk-{i}.bin").write_bytes(chunk)
-    (folder / "page.html").write_text(PAGE % {"chunks": len(chunks)})
-    handler = functools.partial(_QuietHandler, directory=str(folder))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        # the flags keep a headless Chromium off the network this machine does not have
-        out = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={folder / 'profile'}", "--virtual-time-budget=20000", "--dump-dom",
-             f"http://127.0.0.1:{httpd.server_address[1]}/page.html"],
-            capture_output=True, text=True, timeout=120)
-    finally:
-        httpd.shutdown()
+def _run_chromium(url: str, folder: Path, results: "queue.Queue[dict]") -> dict:
+    # the flags keep a headless Chromium off the network this machine does not have
+    out = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={folder / 'profile'}", "--virtual-time-budget=20000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120)
     found = re.search(r'<pre id="out">([^<]*)</pre>', out.stdout)
     assert found and found.group(1) != "pending", f"the page did not finish:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
     return json.loads(found.group(1))
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium: apt-get install chromium (make test does, as root)")
-def test_the_streamed_mp4_plays_in_a_browser_from_time_zero(tiny_server, tmp_path):
+def _run_firefox(url: str, folder: Path, results: "queue.Queue[dict]") -> dict:
+    # headless Firefox has no DOM dump: the page posts its result, and the browser is stopped then
+    profile = folder / "profile"
+    profile.mkdir()
+    (profile / "user.js").write_text("".join(f'user_pref("{k}", {json.dumps(v)});\n' for k, v in FIREFOX_PREFS.items()))
+    log = (folder / "firefox.log").open("w")
+    proc = subprocess.Popen([FIREFOX, "--headless", "--no-remote", "--profile", str(profile), url],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MOZ_CRASHREPORTER_DISABLE": "1"})
+    try:
+        return results.get(timeout=120)
+    except queue.Empty:
+        raise AssertionError(f"the page did not finish:\n{(folder / 'firefox.log').read_text()[-2000:]}") from None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+BROWSERS = {
+    "chromium": (CHROMIUM, _run_chromium, "apt-get install chromium"),
+    "firefox": (FIREFOX, _run_firefox, "apt-get install firefox-esr libavcodec59 (or the release's libavcodecN)"),
+}
+
+
+def _play(browser: str, folder: Path, chunks: list[bytes]) -> dict:
+    for i, chunk in enumerate(chunks):
+        (folder / f"chunk-{i}.bin").write_bytes(chunk)
+    (folder / "page.html").write_text(PAGE % {"chunks": len(chunks)})
+    results: queue.Queue[dict] = queue.Queue()
+    handler = functools.partial(type("Page", (_Page,), {"result": results}), directory=str(folder))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        return BROWSERS[browser][1](f"http://127.0.0.1:{httpd.server_address[1]}/page.html", folder, results)
+    finally:
+        httpd.shutdown()
+
+
+@pytest.mark.parametrize("browser", [
+    pytest.param(name, marks=pytest.mark.skipif(path is None, reason=f"no {name}: {install}; make test does, as root"))
+    for name, (path, _, install) in BROWSERS.items()])
+def test_the_streamed_mp4_plays_in_a_browser_from_time_zero(browser, tiny_server, tmp_path):
     frames, fps = 8, 7
     responses = collect(tiny_server.stub(), request(num_frames=frames, num_inference_steps=2, fps=fps,
                                                     decode_chunk_size=4,
                                                     output={"frame_encoding": pb.FRAME_ENCODING_RAW_RGB}))
     chunks = [r.video.data for r in responses if r.WhichOneof("event") == "video"]
     raw = raw_frames(responses).astype(np.int16)
-    got = _play(tmp_path, chunks)
+    got = _play(browser, tmp_path, chunks)
     assert got["supported"] and "error" not in got, got
     # the timeline a player shows: from 0, one frame each 1/fps (it started 2 frames late)
     assert len(got["buffered"]) == 1, got["buffered"]
