@@ -448,6 +448,27 @@ def test_an_instance_gathering_a_batch_is_busy_in_the_estimates():
     thread.join(5)
 
 
+def test_a_request_joining_a_gathering_batch_is_told_that_batchs_start():
+    """Two instances, batches of up to 4 gathered for up to 1 s, the shape measured at 2 s alone and
+    2.5 s in pairs: a request arriving 0.1 s after another of its shape joins that one's gathering batch
+    (not the idle instance), so it is told the batch's start, ~0.9 s from now, and its end as a pair,
+    ~3.4 s; a request of another shape still goes to the idle instance at once."""
+    sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=1.0), max_batch_size=4,
+                      live_instances=lambda: 2)
+    _measured(sched, 2.0, 2.0, 2.0)
+    _measured(sched, 2.5, 2.5, 2.5, size=2)
+    _measured(sched, 2.0, 2.0, 2.0, frames=8)
+    sched.submit(_sized("a"))
+    thread, _ = _in_thread(sched.next_batch)
+    time.sleep(0.1)
+    _, (start, end) = sched.submit(_sized("b"))
+    assert 0.8 <= start <= 0.9 and abs(end - start - 2.5) < 0.01, (start, end)
+    _, (start, end) = sched.submit(_sized("other", frames=8))
+    assert start == 0.0 and end == 2.0, (start, end)
+    sched.close()
+    thread.join(5)
+
+
 def test_a_caller_is_told_the_time_of_a_batch_as_large_as_its_shapes_usually_are():
     """Under load, requests of a shape arriving while one waits join its batch before it starts: a lone
     request is told the time of a batch as large as that shape's latest few (3 s for two), and once

@@ -173,17 +173,24 @@ class Scheduler:
         instance), and a request that would not even alone is late, its instance left free. Unknown
         times count as none (every time is a lower bound), so nothing is late on a guess. Without a
         deadline (an estimate to tell a caller), a batch is taken to be as large as its shape's usually
-        are, and a size not measured takes the nearest measured size's time. With `until`, stops once
+        are, a size not measured takes the nearest measured size's time, and a request that a batch an
+        instance is gathering would take (`_joins`) starts with that batch. With `until`, stops once
         that request is placed. Call with the lock held."""
         nearest = deadline is None
-        free = self._instances_free(now, nearest=nearest)
-        heapq.heapify(free)
         pending = [r for q in self._levels for r in q if not r.is_cancelled()]
+        plan: dict[EngineRequest, Eta] = {}
+        # told to a caller: a request that a gathering batch takes when its instance wakes (as one just
+        # submitted is) starts with that batch; a decision counts it as queued (a drain's end is checked
+        # again when the batch starts)
+        joins = self._joins(now, pending) if nearest else {}
+        free = self._instances_free(now, nearest=nearest, joins=joins, plan=plan)
+        heapq.heapify(free)
+        joined = {r for rows in joins.values() for r in rows}
+        pending = [r for r in pending if r not in joined]
         same: dict[tuple, collections.deque[EngineRequest]] = collections.defaultdict(collections.deque)
         for r in pending:  # each shape's requests in the order instances take them
             same[r.params.batch_key].append(r)
-        gone: set[EngineRequest] = set()  # placed, late, or not started by the instance reaching it
-        plan: dict[EngineRequest, Eta] = {}
+        gone: set[EngineRequest] = set(joined)  # placed, late, or not started by the instance reaching it
         late: list[EngineRequest] = []
         uncertain = False  # an instance free at a time not known came up: which request goes where is not
         for head in pending:
@@ -226,15 +233,46 @@ class Scheduler:
             heapq.heappush(free, (start + est.busy_s, unknown) if est is not None else (start, True))
         return plan, late
 
-    def _instances_free(self, now: float, *, nearest: bool) -> list[tuple[float, bool]]:
+    def _joins(self, now: float, pending: list[EngineRequest]) -> dict[int, list[EngineRequest]]:
+        """The queued requests that the batches instances are gathering would take when their instances
+        wake (`_take_compatible`: each batch's shape, up to its room, in queue order), by id() of the
+        gathering. Call with the lock held."""
+        joins: dict[int, list[EngineRequest]] = {}
+        taken: set[EngineRequest] = set()
+        for g in self._gathering:
+            rows = joins[id(g)] = []
+            for r in pending:
+                if len(g.rows) + len(rows) >= g.room:
+                    break
+                if r.params.batch_key == g.key and r not in taken and self._refusal(r, now) is None:
+                    rows.append(r)
+                    taken.add(r)
+        return joins
+
+    def _instances_free(self, now: float, *, nearest: bool, joins: Optional[dict[int, list[EngineRequest]]] = None,
+                        plan: Optional[dict[EngineRequest, Eta]] = None) -> list[tuple[float, bool]]:
         """When each live instance is free to take queued work, from the running and gathering batches'
         estimated ends: (time.monotonic(), whether that time is not known: a batch of a shape not measured,
-        the time then being a lower bound). Of two free at once, the known sorts first. Call with the lock
-        held."""
+        the time then being a lower bound). Of two free at once, the known sorts first. With `joins`
+        (`_joins`), a gathering batch holds its queued joiners too (its start moved before their queue
+        timeouts, as `_Gathering.end_before_queue_timeouts` will), and their start and end go in `plan`.
+        Call with the lock held."""
         free: list[tuple[float, bool]] = []
-        for key, rows, started in self._busy(now):
-            est = self.run_times.batch(key, len(rows), nearest=nearest)
-            free.append((max(now, started + est.busy_s), False) if est else (max(now, started), True))
+        for run in self._running.values():
+            est = self.run_times.batch(run.key, len(run.rows), nearest=nearest)
+            free.append((max(now, run.started + est.busy_s), False) if est else (max(now, run.started), True))
+        for g in self._gathering:
+            joiners = (joins or {}).get(id(g), [])
+            rows = g.rows + joiners
+            until = min([g.until] + [r.queue_deadline - QUEUE_TIMEOUT_MARGIN_S for r in joiners
+                                     if r.queue_deadline is not None])
+            start = max(now, until) if len(rows) < g.room else now
+            # told to a caller: as large as its shape's batches usually are (see _plan)
+            size = min(g.room, max(len(rows), self.run_times.usual_size(g.key))) if nearest else len(rows)
+            est = self.run_times.batch(g.key, size, nearest=nearest)
+            free.append((start + est.busy_s, False) if est else (start, True))
+            if plan is not None:
+                plan.update((r, (start, start + est.end_s if est else None)) for r in joiners)
         free += [(now, False)] * max(0, self._live_instances() - len(free))
         return free
 
