@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
-import logging
 import threading
 import time
 from typing import Callable, Optional
@@ -25,7 +24,6 @@ from .model_config import Batching
 from .request import EngineRequest, RequestPhase
 from .run_times import BatchRun, RunTimes
 
-log = logging.getLogger(__name__)
 
 #: A batch gathering rows starts this long before the earliest queue timeout among them, so that none
 #: passes while it waits in the batch (where the engine's queue timer no longer reaches it).
@@ -326,7 +324,8 @@ class Scheduler:
         return est is not None and now + est.end_s > self._finish_by
 
     def _hand_back(self, req: EngineRequest) -> None:
-        log.info("request %s handed back, not started: %s would end first", req.request_id, self._finish_why)
+        # not logged here, under the lock (a blocked log stream would stop every instance): the request's
+        # end is logged by the engine with this message, and finish_by's count by ModelRuntime.finish_by
         req.error(NotStarted(f"{self._finish_why} ends before this request would, by the run times of the "
                              f"latest requests of its shape; nothing was done for it: send it again"))
         req.close()
