@@ -82,14 +82,14 @@ class VideoGenClient:
         health_check: with ``round_robin``, send calls only to servers whose gRPC health
             (``grpc.health.v1``, service ``videogen.v1.VideoGen``) is SERVING (gRPC client-side
             health checking; a server without the health service counts as healthy), so that
-            servers still loading their models or draining get no new calls instead of refusing
-            them. ``None`` (default): on when ``target`` names several servers (several
-            addresses, or a ``dns:`` name), off for one ``HOST:PORT``: a server reports
-            NOT_SERVING until every model it was asked to load is ready (and while one has
-            failed to load), and a client with health checks could not reach such a lone server
-            at all, not even for ``list_models``. Without health checks, calls a draining server
-            refuses are retried (see ``retry``), but with concurrent calls a retry can land on
-            the same server again.
+            servers still starting (loading their models) or draining get no new calls instead of
+            refusing them. A server whose start-up is done reports SERVING there whatever its
+            models' states (one that failed to load, or none loaded yet in explicit mode), so
+            its ready models and the model control calls stay reachable. ``None`` (default): on
+            when ``target`` names several servers (several addresses, or a ``dns:`` name), off
+            for one ``HOST:PORT`` (a lone server still starting would be unreachable rather than
+            answer). Without health checks, calls a draining server refuses are retried (see
+            ``retry``), but with concurrent calls a retry can land on the same server again.
 
     An ``options`` entry ``("grpc.service_config", json)`` replaces the service config that
     ``retry``, ``load_balancing`` and ``health_check`` build.

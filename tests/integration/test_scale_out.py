@@ -313,6 +313,34 @@ def test_a_request_still_queued_when_a_drain_ends_moves_to_another_server(tmp_pa
         assert long[holding].join().code() == grpc.StatusCode.UNAVAILABLE  # was running: stopped, an error
 
 
+def test_a_model_that_failed_to_load_does_not_cut_load_balancing_clients_off(make_repo):
+    """Client-side health checks (on for several servers) ask for the API's service name. It used to read
+    NOT_SERVING whenever any model had failed to load, or none was loaded yet in explicit mode, so
+    such a client refused every call to those servers: generating with their ready models, and the
+    model control calls that could mend them (client review). The service name now says whether the
+    server takes calls (start-up done, no drain); "" stays the orchestrator's "every model ready", and
+    each model's own name its readiness."""
+    from ..helpers import tiny_config
+
+    repo = make_repo({"good": tiny_config("good"), "bad": tiny_config("bad", parameters='parameters { key: "x" }')})
+    with ServerThread(repo) as one, ServerThread(repo, model_control_mode="explicit") as two:
+        def status(server: ServerThread, service: str) -> int:
+            return health_pb2_grpc.HealthStub(server.channel()).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        assert [status(one, s) for s in ("", "videogen.v1.VideoGen", "inference.GRPCInferenceService",
+                                         "videogen.v1.VideoGen/good", "videogen.v1.VideoGen/bad")] == \
+            [not_serving, serving, serving, serving, not_serving]
+        assert [status(two, s) for s in ("", "videogen.v1.VideoGen")] == [not_serving, serving]  # nothing loaded
+        for target in (f"ipv4:127.0.0.1:{one.port},127.0.0.1:{one.port}", f"dns:///127.0.0.1:{one.port}"):
+            with VideoGenClient(target, timeout=30, retry=False) as client:
+                assert client.run(SAMPLE, **{**QUICK, "model": "good"}).summary.num_frames == 1
+        with VideoGenClient(f"ipv4:127.0.0.1:{two.port},127.0.0.1:{two.port}", timeout=60, retry=False) as client:
+            assert client.load_model("good").state == "ready"
+            assert client.run(SAMPLE, **{**QUICK, "model": "good"}).summary.num_frames == 1
+
+
 def test_retries_respect_max_attempts_and_the_deadline(tmp_path, tiny_model_source):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_model_source, repo / MODEL)

@@ -327,6 +327,7 @@ class Engine:
         self.models: dict[str, ModelEntry] = {}
         self._scanned = False
         self.draining = False
+        self.started = False  # start-up's loads done
         self._listeners: list[Callable[[], None]] = []
         self._media = concurrent.futures.ThreadPoolExecutor(max_workers=config.media_threads,
                                                             thread_name_prefix="media")
@@ -369,6 +370,7 @@ class Engine:
         await asyncio.gather(*(self.load_model(n, raise_errors=False) for n in names))
         if mode == "poll":
             self._poller = asyncio.create_task(self._poll())
+        self.started = True
         self._notify()
 
     def add_listener(self, callback: Callable[[], None]) -> None:
@@ -388,6 +390,12 @@ class Engine:
         """Every model the control mode asked for is loaded and warmed up, and we are not draining."""
         wanted = [e for e in self.models.values() if e.loaded or e.error or e.failed]
         return not self.draining and bool(wanted) and all(self.model_ready(e.name) for e in wanted)
+
+    @property
+    def serving(self) -> bool:
+        """The server takes calls: start-up's loads are done (each model ready or failed) and no drain has
+        begun. Whether a model takes requests is `model_ready`'s to say."""
+        return self.started and not self.draining
 
     def begin_drain(self, finish_by: Optional[float] = None) -> None:
         """Refuse new requests from now on; with `finish_by` (time.monotonic(), the grace's end), start

@@ -50,7 +50,14 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 class HealthReporter:
-    """Keeps grpc.health.v1 in step with the engine: overall, both services, each model."""
+    """Keeps grpc.health.v1 in step with the engine.
+
+    "" (the orchestrator's probes): SERVING once every model the control mode asked for is loaded and
+    warm, until a drain. Each API's service name (what gRPC client-side health checking asks): SERVING
+    from the end of start-up until a drain, whatever its models' states, so that a model that failed to
+    load (or none loaded yet, in explicit mode) does not make load-balancing clients refuse every call
+    to the server, those for its ready models and the model control calls included. Each model's name:
+    SERVING while that model takes requests."""
 
     def __init__(self, engine, servicer: HealthServicer) -> None:
         self._engine = engine
@@ -59,9 +66,9 @@ class HealthReporter:
     async def update(self) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        ready = self._engine.ready
-        for name in SERVER_HEALTH_SERVICES:
-            await self.servicer.set(name, serving if ready else not_serving)
+        await self.servicer.set("", serving if self._engine.ready else not_serving)
+        for name in SERVER_HEALTH_SERVICES[1:]:
+            await self.servicer.set(name, serving if self._engine.serving else not_serving)
         for name in list(self._engine.models):
             await self.servicer.set(model_health_name(name), serving if self._engine.model_ready(name) else not_serving)
 
