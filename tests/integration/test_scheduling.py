@@ -75,9 +75,11 @@ def test_queue_timeout_and_deadline_while_queued(make_repo):
         longer.join()
 
 
-def test_a_deadline_that_passes_while_running_counts_as_deadline_exceeded(make_repo):
+def test_a_deadline_that_passes_while_running_counts_as_deadline_exceeded(make_repo, caplog):
     """gRPC cancels the call whose deadline passes; the caller reads DEADLINE_EXCEEDED, and the
-    request metrics and log say the same (they said CANCELLED, a caller's own choice)."""
+    request metrics and log say the same (they said CANCELLED, a caller's own choice), the log with
+    why (it said "internal error": client review)."""
+    caplog.set_level("INFO", logger="videogen.requests")
     with ServerThread(make_repo({"m": None})) as server:
         stub = server.stub()
         late = Stream(stub, request(model="m", num_inference_steps=50, num_frames=4), timeout=1.5)  # ~6 s
@@ -86,6 +88,9 @@ def test_a_deadline_that_passes_while_running_counts_as_deadline_exceeded(make_r
         wait_until(lambda: server.metric("videogen_requests_total", model="m", outcome="error",
                                          code="DEADLINE_EXCEEDED") == 1)
         assert server.metric("videogen_requests_total", model="m", code="CANCELLED") == 0
+    [record] = [r.videogen_request for r in caplog.records if hasattr(r, "videogen_request")
+                and r.videogen_request["code"] == "DEADLINE_EXCEEDED"]
+    assert record["error"] == "the caller's deadline passed", record
 
 
 def test_cancel_queued_and_running_requests_frees_them(make_repo):

@@ -840,9 +840,10 @@ class Engine:
     def _account(self, labels: tuple[str, str], outcome: Optional[BaseException], record: dict[str, object],
                  seconds: float, *, admitted: bool, deadline_passed: bool = False) -> tuple[str, str]:
         """Counts and logs a request's end; returns its status code's name and caller-safe message."""
+        cancelled = False
         if outcome is None:
             code, name = "OK", "success"
-        elif isinstance(outcome, (GeneratorExit, asyncio.CancelledError, RequestCancelled)):
+        elif cancelled := isinstance(outcome, (GeneratorExit, asyncio.CancelledError, RequestCancelled)):
             code, name = ("DEADLINE_EXCEEDED", "error") if deadline_passed else ("CANCELLED", "cancelled")
         else:
             code = status_name(outcome)
@@ -854,7 +855,8 @@ class Engine:
         self.metrics.requests.labels(*labels, name, code).inc()
         record.update(outcome=name, code=code, seconds=round(seconds, 4))
         if outcome is not None and code not in ("OK", "CANCELLED"):
-            record["error"] = outcome.message if isinstance(outcome, VideoGenError) else "internal error"
+            record["error"] = "the caller's deadline passed" if cancelled else \
+                outcome.message if isinstance(outcome, VideoGenError) else "internal error"
         request_log.info("request %s %s %s", record["request_id"], name, code,
                          extra={"videogen_request": record})
         return code, str(record.get("error", ""))
