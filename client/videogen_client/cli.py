@@ -25,6 +25,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO, cast
@@ -140,7 +141,10 @@ def _client(args: argparse.Namespace) -> VideoGenClient:
 
 
 def _unwritable(path: str | Path | None, flag: str, *, directory: bool) -> str | None:
-    """Why ``path`` cannot be written as the file (or the folder of files) ``flag`` names; None if it can."""
+    """Why ``path`` cannot be written as the file (or the folder of files) ``flag`` names; None if it can.
+    Checked before the request is sent, so that a generation is not lost to an output it cannot write:
+    where the folder exists, by creating a file in it (permission bits say nothing for root, nor for a
+    read-only or special file system); files are written there under a temporary name and renamed."""
     if path is None:
         return None
     path = Path(path)
@@ -149,10 +153,15 @@ def _unwritable(path: str | Path | None, flag: str, *, directory: bool) -> str |
             return f"{flag}: {path} exists and is not a directory"
         if not directory and path.is_dir():
             return f"{flag}: {path} is a directory"
-        if not os.access(path, os.W_OK):
-            return f"{flag}: {path} is not writable"
+    folder = path if directory else path.parent
+    if folder.is_dir():
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            return f"{flag}: cannot write in {folder} ({err.strerror or err})"
         return None
-    parent = path.parent  # created on save: the nearest folder that exists must let us create in it
+    parent = folder  # created on save: the nearest folder that exists must let us create in it
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():

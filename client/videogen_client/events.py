@@ -17,7 +17,10 @@ together first), the :class:`VideoChunk` s of the MP4, and one :class:`Summary`:
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeAlias, Union
@@ -342,8 +345,21 @@ def collect(events: Iterable[Event]) -> GenerationResult:
     return builder.build()
 
 
+def _replace(path: Path, write: Callable[[Path], None]) -> None:
+    """Writes ``path`` through ``write`` into a temporary file beside it, renamed over it once complete:
+    a write that fails (a full disk, an interrupt) leaves what was there before, never a truncated file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_video(result: GenerationResult, path: str | Path) -> Path:
-    """Write the result's MP4 to ``path`` (parent folders are created) and return the path.
+    """Write the result's MP4 to ``path`` (parent folders are created) and return the path. The file is
+    replaced whole or not at all: written beside it under a temporary name, then renamed.
 
     Example: ``save_video(client.run("cat.png", model="svd-xt"), "cat.mp4")``.
     """
@@ -351,14 +367,20 @@ def save_video(result: GenerationResult, path: str | Path) -> Path:
         raise ValueError("the result has no video (was it generated with stream_video=False?)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(result.video)
+    _replace(path, lambda tmp: tmp.write_bytes(result.video))
     return path
+
+
+_FRAME_FILE = re.compile(r"frame_(\d{5,})\.png")
 
 
 def save_frames(result: GenerationResult, directory: str | Path) -> list[Path]:
     """Write every frame as ``directory/frame_00000.png`` ... and return the paths in index order.
 
-    PNG frames are written as received; JPEG and raw RGB frames are converted to PNG.
+    PNG frames are written as received; JPEG and raw RGB frames are converted to PNG. Each file is
+    replaced whole or not at all (see ``save_video``), and ``frame_NNNNN.png`` files of an earlier
+    result that this one does not have (a longer video saved there before) are removed once every
+    frame is written, so the folder holds one video's frames.
     Example: ``save_frames(client.run("cat.png", model="svd-xt"), "frames/")``.
     """
     directory = Path(directory)
@@ -367,8 +389,12 @@ def save_frames(result: GenerationResult, directory: str | Path) -> list[Path]:
     for frame in sorted(result.frames, key=lambda f: f.index):
         path = directory / f"frame_{frame.index:05d}.png"
         if frame.encoding == "png":
-            path.write_bytes(frame.data)
+            _replace(path, lambda tmp: tmp.write_bytes(frame.data))
         else:
-            frame.to_pil().save(path, format="PNG")
+            _replace(path, lambda tmp: frame.to_pil().save(tmp, format="PNG"))
         paths.append(path)
+    written = {p.name for p in paths}
+    for old in directory.iterdir():
+        if _FRAME_FILE.fullmatch(old.name) and old.name not in written and old.is_file():
+            old.unlink(missing_ok=True)
     return paths

@@ -11,6 +11,7 @@ import io
 import json
 import re
 import shutil
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -216,6 +217,13 @@ def test_save_video_and_save_frames(client, tmp_path):
         with Image.open(path) as png:
             assert png.size == (W, H)
 
+    # a shorter video saved in the same folder leaves no frame of the longer one (a frame_%05d.png
+    # reader would have joined the two videos: client review)
+    shorter = client.run(str(image_path), model=MODEL, num_frames=2, num_inference_steps=1, seed=3)
+    (frames_dir / "notes.txt").write_text("not a frame")
+    assert [p.name for p in save_frames(shorter, frames_dir)] == names[:2]
+    assert sorted(p.name for p in frames_dir.iterdir()) == names[:2] + ["notes.txt"]
+
 
 def test_save_video_without_video_raises(client, tmp_path):
     result = client.run(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=1, stream_video=False)
@@ -417,11 +425,37 @@ def test_cli_bad_argument_exits_1(tiny_server, tmp_path):
     a_file.write_text("x")
     for flags, says in ((["--out", str(tmp_path)], "is a directory"),
                         (["--frames-dir", str(a_file)], "not a directory"),
-                        (["--out", str(a_file / "v.mp4")], "not a directory")):
+                        (["--out", str(a_file / "v.mp4")], "not a directory"),
+                        # permission bits pass (root, here), yet nothing can be created there
+                        (["--out", "/proc/videogen-out.mp4"], "cannot write in /proc")):
         proc = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(image), *flags,
                    "--steps", "1", "--quiet")
         assert proc.returncode == 2 and says in proc.stderr, (flags, proc.stderr)
     assert tiny_server.metric("videogen_requests_total", model=MODEL) == before
+
+
+def test_cli_output_that_fails_to_write_leaves_the_previous_file_whole(tiny_server, tmp_path):
+    """The MP4 and frames are written under a temporary name and renamed: a write that fails (here the
+    file size limit, as a full disk would) leaves the previous output as it was, not a truncated file
+    that a pipeline checking "does it exist" would pick up (client review)."""
+    image = tmp_path / "sample.png"
+    image.write_bytes(SAMPLE)
+    out, frames = tmp_path / "out.mp4", tmp_path / "frames"
+    frames.mkdir()
+    out.write_bytes(b"the previous video")
+    (frames / "frame_00000.png").write_bytes(b"the previous frame")
+    command = " ".join(shlex.quote(a) for a in [*_installed_cli(), "generate", "--target", tiny_server.target,
+                                                "--model", MODEL, "--image", str(image), "--num-frames", "4",
+                                                "--steps", "1", "--quiet"])
+    for flags in (f"--out {shlex.quote(str(out))}", f"--frames-dir {shlex.quote(str(frames))}"):
+        # 1 KiB: above neither output's previous content, below any new video or frame
+        proc = subprocess.run(["bash", "-c", f"ulimit -f 1; exec {command} {flags}"], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 1 and "File too large" in proc.stderr, proc.stderr
+    assert out.read_bytes() == b"the previous video"
+    assert (frames / "frame_00000.png").read_bytes() == b"the previous frame"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "out.mp4", "sample.png"]  # no temporary left
+    assert [p.name for p in frames.iterdir()] == ["frame_00000.png"]
 
 
 # -- 9. the client imports without the server's stack ----------------------------------------------
