@@ -549,7 +549,11 @@ def build_generate_request(
 class ReadinessWait:
     """The bookkeeping of ``wait_until_ready``, shared by both clients: a deadline, the last answer, and
     which answers mean "not yet" (no server yet, the model loading, the repository not scanned yet)
-    rather than an error to raise now."""
+    rather than an error to raise now. The calls wait for a connection (gRPC's wait-for-ready), which
+    says nothing of why none came; so when the wait ends with no answer at all, one last call that does
+    not wait (``call``) asks gRPC why (connection refused, a TLS handshake, a name not resolved)."""
+
+    FINAL_CALL_S = 2.0
 
     def __init__(self, model: str, timeout: float | None, poll_interval: float) -> None:
         if not model:
@@ -561,17 +565,24 @@ class ReadinessWait:
         self.model, self.timeout, self.poll_interval = model, timeout, float(poll_interval)
         self._end = math.inf if limit is None else time.monotonic() + limit
         self.last = "no answer from the server"
+        self.answered = False  # some answer came (the model's state, or a refusal)
+        self.final = False  # the wait is over with no answer: the last call, without wait-for-ready
+
+    def call(self) -> tuple[float | None, bool]:
+        """The next GetModel call's deadline (None: none) and whether it waits for a connection."""
+        return (self.FINAL_CALL_S, False) if self.final else (self.remaining(), True)
 
     def remaining(self) -> float | None:
-        """The next call's deadline: what is left of the wait (None: no deadline)."""
+        """What is left of the wait (None: no deadline)."""
         return None if self._end == math.inf else max(0.001, self._end - time.monotonic())
 
     def ready(self, info: Any) -> bool:
         """True once ``info`` (a ModelInfo) has a ready version; raises if its latest version failed."""
+        self.answered = True
         if any(v.state == "ready" for v in info.versions):
             return True
         if info.state == "failed":
-            reason = next((v.reason for v in info.versions if v.state == "failed" and v.reason), "")
+            reason = next((v.reason for v in info.versions if v.state == "failed" and v.reason), "") or info.reason
             raise UnavailableError(f"model {self.model!r} failed to load" + (f": {reason}" if reason else ""))
         self.last = f"model {self.model!r} is {info.state}"
         return False
@@ -581,12 +592,22 @@ class ReadinessWait:
         (NOT_FOUND included: the server reads its repositories before its port answers)."""
         if not isinstance(error, (UnavailableError, DeadlineExceededError)):
             raise error
-        self.last = error.details
+        if self.final:
+            self.last = f"no answer from the server: {error.details}"
+        elif isinstance(error, DeadlineExceededError):  # gRPC's own: the call waited for a connection
+            self.last = "no answer from the server"
+        else:  # the server's refusal, or its health (client-side health checking) saying it takes no calls
+            self.answered = True
+            self.last = error.details
 
     def pause(self) -> float:
-        """Seconds to sleep before asking again; DeadlineExceededError once the wait is over."""
+        """Seconds to sleep before asking again; DeadlineExceededError once the wait is over (after one
+        last call, at once, when nothing ever answered)."""
         left = self._end - time.monotonic()
         if left <= 0:
+            if not self.answered and not self.final:
+                self.final = True
+                return 0.0
             raise DeadlineExceededError(f"model {self.model!r} not ready after {self.timeout} s ({self.last})")
         return min(self.poll_interval, left)
 

@@ -377,15 +377,18 @@ class VideoGenClient:
         """
         wait = ReadinessWait(model, timeout, poll_interval)
         while True:
+            deadline, wait_for_ready = wait.call()
             try:
                 response = self._unary(self._stub.GetModel, videogen_pb2.GetModelRequest(name=model),
-                                       wait.remaining(), wait_for_ready=True)
+                                       deadline, wait_for_ready=wait_for_ready)
             except VideoGenError as error:
                 wait.not_yet(error)
             else:
                 if wait.ready(info := ModelInfo.from_proto(response)):
                     return info
             time.sleep(wait.pause())
+            if self._closed:  # closed while it slept: as for a call in flight then
+                raise RequestCancelledError("the client was closed during the call")
 
     def _deadline(self, timeout: float | None) -> float | None:
         if self._closed:  # the same error for every call on a closed client, sync or asyncio

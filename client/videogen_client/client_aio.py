@@ -378,15 +378,18 @@ class AsyncVideoGenClient:
         """
         wait = ReadinessWait(model, timeout, poll_interval)
         while True:
+            deadline, wait_for_ready = wait.call()
             try:
                 response = await self._unary(self._stub.GetModel, videogen_pb2.GetModelRequest(name=model),
-                                       wait.remaining(), wait_for_ready=True)
+                                       deadline, wait_for_ready=wait_for_ready)
             except VideoGenError as error:
                 wait.not_yet(error)
             else:
                 if wait.ready(info := ModelInfo.from_proto(response)):
                     return info
             await asyncio.sleep(wait.pause())
+            if self._closed:  # closed while it slept: as for a call in flight then
+                raise RequestCancelledError("the client was closed during the call")
 
     def _closed_under_call(self, request_id: str | None) -> None:
         """In an ``except asyncio.CancelledError``: grpc.aio ends the calls of a channel that ``close()``

@@ -707,7 +707,8 @@ def test_wait_until_ready_waits_for_the_server_and_the_model(make_repo):
             assert client.run(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1).summary.num_frames == 1
             with pytest.raises(ModelNotFoundError):  # a name the server does not know: at once
                 client.wait_until_ready("no-such-model", timeout=60)
-            with pytest.raises(UnavailableError, match="broken"):  # failed to load: waiting will not help
+            # failed to load: waiting will not help; the message says why (the config's error)
+            with pytest.raises(UnavailableError, match="broken.*failed to load: .*unknown parameter"):
                 client.wait_until_ready("broken", timeout=60)
             with pytest.raises(ValueError, match="poll_interval"):
                 client.wait_until_ready(MODEL, poll_interval=0)
@@ -722,10 +723,36 @@ def test_wait_until_ready_waits_for_the_server_and_the_model(make_repo):
         proc = cli("wait-ready", "broken", "--target", server.target, "--timeout", "30")
         assert proc.returncode == 1 and "UNAVAILABLE" in proc.stderr and "failed to load" in proc.stderr
     started = time.monotonic()
-    with VideoGenClient(f"127.0.0.1:{port}") as nobody:  # the server has gone: the wait ends at its timeout
-        with pytest.raises(DeadlineExceededError, match="not ready after 1"):
+    with VideoGenClient(f"127.0.0.1:{port}") as nobody:  # the server has gone: the wait ends at its timeout,
+        # saying that nothing answered and why (it said "model not ready (Deadline Exceeded)": client review)
+        with pytest.raises(DeadlineExceededError, match="not ready after 1 s \\(no answer from the server: .*onnect"):
             nobody.wait_until_ready(MODEL, timeout=1)
     assert time.monotonic() - started < 10
+
+
+def test_closing_the_client_during_wait_until_ready_ends_it_as_cancelled(make_repo):
+    """Closing the client while wait_until_ready slept between polls raised ValueError("... is closed")
+    from the next poll; a call in flight when the client closes ends with RequestCancelledError, as
+    README says (client review)."""
+    import threading
+
+    from videogen_client import RequestCancelledError
+
+    from ..helpers import ServerThread
+
+    with ServerThread(make_repo({MODEL: None}), model_control_mode="explicit") as server:  # nothing loaded
+        client = VideoGenClient(server.target)
+        threading.Timer(0.5, client.close).start()
+        with pytest.raises(RequestCancelledError):
+            client.wait_until_ready(MODEL, timeout=30, poll_interval=0.2)
+
+        async def asynchronously() -> None:
+            aclient = AsyncVideoGenClient(server.target)
+            asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(aclient.close()))
+            await aclient.wait_until_ready(MODEL, timeout=30, poll_interval=0.2)
+
+        with pytest.raises(RequestCancelledError):
+            asyncio.run(asynchronously())
 
 
 def test_load_and_unload_models_from_the_sdk_and_the_cli(make_repo, tiny_server):
