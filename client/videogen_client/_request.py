@@ -70,7 +70,8 @@ _RETRIED_METHODS = ("Generate", "ListModels", "GetModel")  # never Load/UnloadMo
 # Name-resolver schemes grpc understands; a target starting with one is passed to grpc untouched.
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:", "google-c2p:")
 _STATUS_NAMES = frozenset(code.name for code in grpc.StatusCode)
-_LB_POLICY = re.compile(r"^[a-z][a-z0-9_]*$")
+# The policies that need no configuration of their own (another one goes in the service config option)
+_LB_POLICIES = ("round_robin", "pick_first")
 
 
 @dataclass(frozen=True)
@@ -110,12 +111,17 @@ class RetryPolicy:
     retryable_status_codes: tuple[str, ...] = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
 
     def __post_init__(self) -> None:
-        if not 2 <= self.max_attempts <= 5:
-            raise ValueError(f"max_attempts must be 2..5 (gRPC's cap), not {self.max_attempts}")
+        # checked here, not left to gRPC: a service config it refuses fails the first call, and as an
+        # INVALID_ARGUMENT that reads like the request's fault
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) \
+                or not 2 <= self.max_attempts <= 5:
+            raise ValueError(f"max_attempts must be an integer 2..5 (gRPC's cap), not {self.max_attempts!r}")
         for name in ("initial_backoff", "max_backoff", "backoff_multiplier"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
-                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number, not {value!r}")
+            if name != "backoff_multiplier" and value < 1e-9:  # a duration gRPC holds in nanoseconds
+                raise ValueError(f"{name} must be at least 1 ns (1e-9 s), not {value!r}")
         if isinstance(self.retryable_status_codes, (str, grpc.StatusCode)):
             raise TypeError("retryable_status_codes must be a sequence of status code names")
         codes = tuple(c.name if isinstance(c, grpc.StatusCode) else str(c).upper()
@@ -189,6 +195,11 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class UnresolvedHost(ValueError):
+    """A target's host name did not resolve (a ValueError, as the constructor's other refusals of a
+    target; the CLI tells it apart: the resolver may answer later, unlike a malformed target)."""
+
+
 def _addresses(host: str, port: int) -> tuple[list[str], list[str]]:
     """(IPv4, IPv6) addresses of ``host``: the literal itself, else its name resolved now."""
     try:
@@ -200,7 +211,7 @@ def _addresses(host: str, port: int) -> tuple[list[str], list[str]]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
-        raise ValueError(f"cannot resolve target host {host!r}: {err}") from None
+        raise UnresolvedHost(f"cannot resolve target host {host!r}: {err}") from None
     v4 = list(dict.fromkeys(str(info[4][0]) for info in infos if info[0] == socket.AF_INET))
     v6 = list(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos if info[0] == socket.AF_INET6))
     return v4, v6
@@ -293,9 +304,9 @@ def connection_settings(target: Target, *, secure: bool, root_certificates: byte
         raise ValueError("private_key and certificate_chain must be given together (mTLS)")
     if not secure and (root_certificates or private_key or certificate_chain):
         raise ValueError("root_certificates, private_key and certificate_chain need secure=True")
-    if not isinstance(load_balancing, str) or not _LB_POLICY.match(load_balancing):
-        raise ValueError(f"load_balancing must be a gRPC load-balancing policy name such as "
-                         f"'round_robin' or 'pick_first', not {load_balancing!r}")
+    if load_balancing not in _LB_POLICIES:
+        raise ValueError(f"load_balancing must be one of {list(_LB_POLICIES)}, not {load_balancing!r} (for another "
+                         f"policy, give options=[('grpc.service_config', ...)])")
     if isinstance(retry, RetryPolicy):
         policy: RetryPolicy | None = retry
     elif isinstance(retry, bool):

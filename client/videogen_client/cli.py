@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TextIO, cast
 
 from videogen_client._proto import FrameEncodingName
-from videogen_client._request import _SCHEMES
+from videogen_client._request import _SCHEMES, UnresolvedHost
 from videogen_client.client import VideoGenClient
 from videogen_client.errors import VideoGenError
 from videogen_client.events import (
@@ -114,8 +114,18 @@ class _ProgressBar:
         self._stream.flush()
 
 
-def _read_pem(path: str | None) -> bytes | None:
-    return Path(path).read_bytes() if path else None
+def _read_pem(parser: argparse.ArgumentParser, path: str | None, flag: str) -> bytes | None:
+    """The PEM file a TLS flag names, refused as a bad argument when unreadable or not PEM (gRPC would
+    fail each connection's handshake with it instead, which reads as the server being unreachable)."""
+    if not path:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        parser.error(f"{flag}: {err}")
+    if b"-----BEGIN " not in data:
+        parser.error(f"{flag}: {path} is not PEM (no -----BEGIN block)")
+    return data
 
 
 def _targets(values: Sequence[str]) -> list[str]:
@@ -135,8 +145,8 @@ def _client(args: argparse.Namespace) -> VideoGenClient:
     target: str | list[str] = args.target[0] if len(args.target) == 1 else args.target
     return VideoGenClient(
         target, secure=args.tls or bool(args.ca_cert or args.cert),
-        root_certificates=_read_pem(args.ca_cert), private_key=_read_pem(args.key),
-        certificate_chain=_read_pem(args.cert), token=args.token, timeout=args.timeout,
+        root_certificates=args.ca_cert_pem, private_key=args.key_pem,
+        certificate_chain=args.cert_pem, token=args.token, timeout=args.timeout,
         retry=not args.no_retry)
 
 
@@ -380,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--target: empty entry in the list of servers")
     if bool(args.cert) != bool(args.key):
         parser.error("--cert and --key go together")
+    args.ca_cert_pem = _read_pem(parser, args.ca_cert, "--ca-cert")
+    args.cert_pem = _read_pem(parser, args.cert, "--cert")
+    args.key_pem = _read_pem(parser, args.key, "--key")
     if args.token_file is not None:
         try:
             lines = Path(args.token_file).read_text().splitlines()
@@ -405,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VideoGenError as err:
         reason = f" [{err.error_reason}]" if err.error_reason else ""  # the server's ErrorInfo reason
         print(f"error: {err.code.name}{reason}: {err.details}", file=sys.stderr)
-    except OSError as err:
+    except (OSError, UnresolvedHost) as err:  # (a name the resolver may answer later: not a bad argument)
         print(f"error: {err}", file=sys.stderr)
     except ValueError as err:  # a value the client refused before sending (out of a field's range, ...)
         print(f"error: {err}", file=sys.stderr)

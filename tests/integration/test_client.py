@@ -417,6 +417,12 @@ def test_cli_bad_argument_exits_1(tiny_server, tmp_path):
     # a command line argparse refuses exits 2 without contacting the server
     usage = cli("generate", "--target", tiny_server.target, "--image", str(image))
     assert usage.returncode == 2 and "--out" in usage.stderr
+    # a TLS file that is not PEM is a bad argument (gRPC failed each handshake with it: an outage, retried)
+    not_pem = cli("models", "--target", tiny_server.target, "--ca-cert", str(image))
+    assert not_pem.returncode == 2 and "--ca-cert: " in not_pem.stderr and "is not PEM" in not_pem.stderr
+    # a host name that does not resolve is no bad argument: the resolver may answer later
+    unresolved = cli("models", "--target", f"{tiny_server.target},no-such-host.invalid:1")
+    assert unresolved.returncode == 1 and "cannot resolve target host 'no-such-host.invalid'" in unresolved.stderr
 
     # outputs that cannot be written are refused before the server generates (they were found after, and
     # the video lost)

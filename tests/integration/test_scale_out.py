@@ -473,13 +473,18 @@ def test_service_config_has_round_robin_health_checks_and_the_retry_policy():
 
 def test_retry_policy_is_validated():
     assert RetryPolicy(retryable_status_codes=[grpc.StatusCode.UNAVAILABLE]).retryable_status_codes == ("UNAVAILABLE",)
-    for bad in (dict(max_attempts=1), dict(max_attempts=6), dict(initial_backoff=0), dict(max_backoff=-1),
+    # each refused when built: gRPC refuses the service config only at the first call, as an
+    # INVALID_ARGUMENT that reads like a bad request (client review)
+    for bad in (dict(max_attempts=1), dict(max_attempts=6), dict(max_attempts=2.5), dict(max_attempts=True),
+                dict(initial_backoff=0), dict(initial_backoff=1e-10), dict(max_backoff=-1),
                 dict(backoff_multiplier=float("nan")), dict(retryable_status_codes=()),
                 dict(retryable_status_codes=("NOPE",)), dict(retryable_status_codes=("OK",))):
         with pytest.raises(ValueError):
             RetryPolicy(**bad)
-    with pytest.raises(ValueError):
-        VideoGenClient("localhost:1", load_balancing="round robin")
+    assert RetryPolicy(initial_backoff=1e-9).service_config_policy()["initialBackoff"] == "0.000000001s"
+    for policy in ("round robin", "round_robbin"):
+        with pytest.raises(ValueError, match="load_balancing must be one of"):
+            VideoGenClient("localhost:1", load_balancing=policy)
     with pytest.raises(TypeError):
         VideoGenClient("localhost:1", retry="yes")  # type: ignore[arg-type]
 
