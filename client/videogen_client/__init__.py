@@ -24,7 +24,7 @@ subclasses (``InvalidArgumentError``, ``QueueFullError``, ...). The ``videogen``
 (``videogen_client.cli``) wraps the client. Importing this package needs neither torch nor numpy.
 """
 from videogen_client._request import RetryPolicy
-from videogen_client.client import VideoGenClient
+from videogen_client.client import GenerateCall, VideoGenClient
 from videogen_client.client_aio import AsyncVideoGenClient
 from videogen_client.errors import (
     DeadlineExceededError,
@@ -64,6 +64,7 @@ __all__ = [
     "Event",
     "EventDecoder",
     "Frame",
+    "GenerateCall",
     "GenerationResult",
     "InternalServerError",
     "InvalidArgumentError",

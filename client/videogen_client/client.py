@@ -1,8 +1,9 @@
 """The synchronous videogen client."""
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from types import TracebackType
 from typing import Any, Literal
 
@@ -31,7 +32,42 @@ from videogen_client.errors import (
 from videogen_client.events import Event, EventDecoder, GenerationResult, collect
 from videogen_client.models import ModelInfo
 
-__all__ = ["VideoGenClient"]
+__all__ = ["GenerateCall", "VideoGenClient"]
+
+
+class GenerateCall(Iterator[Event]):
+    """The events of one :meth:`VideoGenClient.generate` call: iterate it as a generator (``close()``
+    from the thread iterating it, or leaving a ``for`` loop, cancels the call), or :meth:`cancel` it
+    from any thread: a job system's "cancel" while another thread reads the events, or a request still
+    waiting in the server's queue, where no event comes to stop at."""
+
+    def __init__(self, events: Generator[Event, None, None], cancelled: threading.Event,
+                 lock: threading.Lock, calls: list[grpc.Call]) -> None:
+        self._events, self._cancelled, self._lock, self._calls = events, cancelled, lock, calls
+
+    def __iter__(self) -> GenerateCall:
+        return self
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def close(self) -> None:
+        """End the call from the thread iterating it (as a generator's ``close``)."""
+        self._events.close()
+
+    def cancel(self) -> None:
+        """Cancel the call, from any thread: the RPC ends at once (the server stops working on the
+        request, queued or running), no retry is sent, and the thread iterating the events gets
+        RequestCancelledError."""
+        with self._lock:
+            self._cancelled.set()
+            for call in self._calls:
+                call.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether :meth:`cancel` was called."""
+        return self._cancelled.is_set()
 
 
 class VideoGenClient:
@@ -149,7 +185,7 @@ class VideoGenClient:
         priority: int = 0,
         queue_timeout: float | None = None,
         timeout: float | None = None,
-    ) -> Generator[Event, None, None]:
+    ) -> GenerateCall:
         """Generate a video from ``image`` and stream the events back as they happen.
 
         Example::
@@ -167,7 +203,8 @@ class VideoGenClient:
         the :class:`VideoChunk` s of a fragmented MP4, and one :class:`Summary`. The request is
         built (and the image read) when ``generate`` is called; the RPC starts on the first
         ``next()``. Closing the iterator early (``break`` out of the loop, or ``.close()``)
-        cancels the RPC, and the server stops working on it. With retries on (the client's
+        cancels the RPC, and the server stops working on it; so does ``.cancel()``, from any
+        thread (see :class:`GenerateCall`). With retries on (the client's
         ``retry``), a request refused before its first event (queue full, server draining) is
         sent again, to the next server with ``round_robin``, within ``timeout``; once events
         flow it is not retried.
@@ -225,10 +262,16 @@ class VideoGenClient:
             jpeg_quality=jpeg_quality,
             stream_video=stream_video, video_fps=video_fps, request_id=request_id, priority=priority,
             queue_timeout=queue_timeout, max_send_message_length=self._settings.max_send_message_length)
-        return self._stream(request, request_id=request_id, timeout=self._deadline(timeout), trace=trace_metadata())
+        cancelled, lock, calls = threading.Event(), threading.Lock(), []
+        events = self._stream(request, request_id=request_id, timeout=self._deadline(timeout), trace=trace_metadata(),
+                              cancelled=cancelled, lock=lock, calls=calls)
+        return GenerateCall(events, cancelled, lock, calls)
 
     def _stream(self, request: videogen_pb2.GenerateRequest, *, request_id: str | None,
-                timeout: float | None, trace: tuple[tuple[str, str], ...] = ()) -> Generator[Event, None, None]:
+                timeout: float | None, trace: tuple[tuple[str, str], ...], cancelled: threading.Event,
+                lock: threading.Lock, calls: list[grpc.Call]) -> Generator[Event, None, None]:
+        """The events of one request, its attempts included. Each attempt's call is kept in ``calls``
+        (under ``lock``) for GenerateCall.cancel; once ``cancelled``, no attempt is sent again."""
         metadata = call_metadata(self._settings, request_id, trace)
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 1
@@ -239,7 +282,11 @@ class VideoGenClient:
                     raise RequestCancelledError("the client was closed during the call", request_id=request_id)
                 raise ValueError(f"{self!r} is closed")  # a generator made before close() and iterated after
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            call = self._stub.Generate(request, timeout=remaining, metadata=metadata)
+            with lock:
+                if cancelled.is_set():
+                    raise RequestCancelledError("the call was cancelled", request_id=request_id)
+                call = self._stub.Generate(request, timeout=remaining, metadata=metadata)
+                calls[:] = [call]
             decoder = EventDecoder()
             received = False
             attempts.next_attempt()
@@ -252,6 +299,9 @@ class VideoGenClient:
                 decoder.finish()
                 return
             except grpc.RpcError as err:
+                if cancelled.is_set():
+                    raise RequestCancelledError("the call was cancelled",
+                                                request_id=decoder.request_id or request_id) from err
                 # Refused after response headers but before any response: gRPC counts the call as
                 # committed and does not retry it, so we do; and an accepted request the server ended
                 # before starting it (its drain's end, an unload) goes again, under the same id (see
@@ -266,7 +316,8 @@ class VideoGenClient:
                     raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
             finally:
                 call.cancel()  # a no-op once the call has ended; stops the server when we stop early
-            time.sleep(wait)
+            if cancelled.wait(wait):  # cancelled while waiting to send it again
+                raise RequestCancelledError("the call was cancelled", request_id=request_id)
             attempt += 1
 
     def run(

@@ -332,6 +332,62 @@ def test_break_after_first_progress_cancels(client, tiny_server):
     assert tiny_server.metric("videogen_requests_total", outcome="cancelled", **labels) == cancelled_before + 1
 
 
+def test_cancel_from_another_thread_ends_one_call_queued_or_running(make_repo):
+    """A threaded caller (a job system's "cancel", a web handler whose caller left) could stop one sync
+    call only by closing the client, which ends every call: the generator's close() from another thread
+    raises "generator already executing", and a flag checked between events cannot act while the
+    request waits in the queue, where no event comes (client review). GenerateCall.cancel() can."""
+    import threading
+
+    from videogen_client import GenerateCall, RequestCancelledError
+
+    from ..helpers import ServerThread, tiny_config
+
+    cfg = tiny_config(MODEL, "dynamic_batching { default_queue_policy { max_queue_size: 4 } }")
+    with ServerThread(make_repo({MODEL: cfg})) as server, VideoGenClient(server.target, timeout=TIMEOUT) as client:
+        running = client.generate(SAMPLE, model=MODEL, num_frames=4, num_inference_steps=40, seed=1)
+        queued = client.generate(SAMPLE, model=MODEL, num_frames=4, num_inference_steps=40, seed=2)
+        assert isinstance(running, GenerateCall)
+        outcomes: dict = {}
+
+        def consume(name: str, call: GenerateCall, started: threading.Event) -> None:
+            try:
+                for event in call:
+                    if isinstance(event, (Accepted, Progress)):
+                        started.set()
+                outcomes[name] = "finished"
+            except RequestCancelledError as err:
+                outcomes[name] = err
+
+        events = {name: threading.Event() for name in ("running", "queued")}
+        threads = [threading.Thread(target=consume, args=(name, call, events[name]))
+                   for name, call in (("running", running), ("queued", queued))]
+        threads[0].start()
+        assert events["running"].wait(30)
+        threads[1].start()
+        assert events["queued"].wait(30)  # Accepted: it waits in the queue behind the running one
+        wait_for_metric(server, "videogen_queue_depth", 1, model=MODEL)
+        cancelled_at = time.monotonic()
+        queued.cancel()  # nothing arrives for it while it waits: only cancel() can end it now
+        threads[1].join(10)
+        assert isinstance(outcomes.get("queued"), RequestCancelledError), outcomes
+        assert time.monotonic() - cancelled_at < 5 and queued.cancelled
+        left = time.monotonic() + 5  # it leaves the queue at once
+        while server.metric("videogen_queue_depth", model=MODEL) and time.monotonic() < left:
+            time.sleep(0.05)
+        assert server.metric("videogen_queue_depth", model=MODEL) == 0
+        running.cancel()
+        threads[0].join(10)
+        assert isinstance(outcomes.get("running"), RequestCancelledError), outcomes
+        assert wait_for_metric(server, "videogen_requests_total", 2, model=MODEL, outcome="cancelled") == 2
+        assert server.metric("videogen_requests_total", model=MODEL, outcome="success") == 0
+        later = client.generate(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1)
+        later.cancel()  # before its first event: never sent
+        with pytest.raises(RequestCancelledError):
+            next(later)
+        assert client.run(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1).summary.num_frames == 1
+
+
 # -- 7. models ------------------------------------------------------------------------------------
 
 
