@@ -633,6 +633,8 @@ class StreamAttempts:
         self.first: Accepted | None = None
         self.last: Accepted | None = None  # the last given to the caller
         self.started = False
+        self.accepted_at: float | None = None  # time.monotonic() of the first Accepted
+        self._queue_timeout_us: int | None = None  # the request's own queue timeout (0: the model's)
 
     def next_attempt(self) -> None:
         self.started = False
@@ -644,6 +646,7 @@ class StreamAttempts:
         if isinstance(event, Accepted):
             if self.first is None:
                 self.first = self.last = event
+                self.accepted_at = time.monotonic()
                 return True
             last = self.last
             assert last is not None
@@ -655,13 +658,26 @@ class StreamAttempts:
         self.started = True
         return True
 
-    def again(self, request: videogen_pb2.GenerateRequest) -> videogen_pb2.GenerateRequest:
+    def again(self, request: videogen_pb2.GenerateRequest) -> videogen_pb2.GenerateRequest | None:
         """The request to send again: with the seed the first server drew when the caller set none, so
-        the video is the one its Accepted event described."""
+        the video is the one its Accepted event described, and with what is left of the caller's queue
+        timeout since it was first accepted (a request handed back unstarted waited in a queue
+        meanwhile: each server counting the whole timeout afresh would let it wait several times as
+        long). None when none is left: not to be sent again."""
+        if self._queue_timeout_us is None:
+            self._queue_timeout_us = request.timeout_microseconds
         seed = self.first.parameters.get("seed") if self.first is not None else None
-        if request.HasField("seed") or seed is None:
+        pin = not request.HasField("seed") and seed is not None
+        left_us = self._queue_timeout_us
+        if left_us and self.accepted_at is not None:
+            left_us -= round((time.monotonic() - self.accepted_at) * 1_000_000)
+            if left_us <= 0:
+                return None
+        if not pin and left_us == request.timeout_microseconds:
             return request
-        pinned = videogen_pb2.GenerateRequest()
-        pinned.CopyFrom(request)
-        pinned.seed = int(seed)
-        return pinned
+        again = videogen_pb2.GenerateRequest()
+        again.CopyFrom(request)
+        if pin:
+            again.seed = int(seed)
+        again.timeout_microseconds = left_us
+        return again

@@ -311,9 +311,10 @@ class VideoGenClient:
                 if decoder.request_id and not request_id:
                     request_id = decoder.request_id
                     metadata = call_metadata(self._settings, request_id, trace)
-                request = attempts.again(request)
-                if wait is None:
+                again = attempts.again(request)
+                if wait is None or again is None:  # (None: its queue timeout would have passed)
                     raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
+                request = again
             finally:
                 call.cancel()  # a no-op once the call has ended; stops the server when we stop early
             if cancelled.wait(wait):  # cancelled while waiting to send it again

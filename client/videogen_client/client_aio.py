@@ -267,9 +267,10 @@ class AsyncVideoGenClient:
                 if decoder.request_id and not request_id:
                     request_id = decoder.request_id
                     metadata = call_metadata(self._settings, request_id, trace)
-                request = attempts.again(request)
-                if wait is None:
+                again = attempts.again(request)
+                if wait is None or again is None:  # (None: its queue timeout would have passed)
                     raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
+                request = again
             except asyncio.CancelledError:
                 self._closed_under_call(decoder.request_id or request_id)
                 raise

@@ -384,6 +384,33 @@ def test_a_resent_request_gets_the_new_servers_estimate():
     assert attempts.passes(accepted(version=2)) and attempts.first.estimated_end_seconds == 5.0
 
 
+def test_a_resent_request_carries_what_is_left_of_its_queue_timeout():
+    """A request handed back unstarted waited in the first server's queue; sent again with its whole
+    queue timeout, each server would count it afresh, and the caller's limit could be exceeded several
+    times over (client review). The resend carries what is left since the first Accepted, and once none
+    is left it is not sent again (the server's refusal reaches the caller). The seed the first server
+    drew goes along; a request without a queue timeout of its own keeps the model's."""
+    from videogen.v1 import videogen_pb2
+
+    from videogen_client import Accepted
+
+    first = Accepted(request_id="r", model="m", model_version=1, queue_position=0, parameters={"seed": 7},
+                     estimated_start_seconds=None, estimated_end_seconds=None)
+    request = videogen_pb2.GenerateRequest(model="m", timeout_microseconds=2_000_000)
+    attempts = StreamAttempts()
+    assert attempts.passes(first)
+    attempts.accepted_at -= 0.5  # it waited half a second on the first server
+    again = attempts.again(request)
+    assert again.seed == 7 and 1_400_000 <= again.timeout_microseconds <= 1_500_000
+    attempts.accepted_at -= 1.5  # two seconds in all: nothing left
+    assert attempts.again(again) is None
+    refused_first = StreamAttempts()  # refused before any Accepted (queue full): no queue time spent
+    assert refused_first.again(request).timeout_microseconds == 2_000_000
+    model_default = StreamAttempts()
+    assert model_default.passes(first)
+    assert model_default.again(videogen_pb2.GenerateRequest(model="m")).timeout_microseconds == 0
+
+
 class _Refused(grpc.RpcError):
     """A Generate refused after the server sent headers (gRPC committed it: the SDK's own resend)."""
 
