@@ -339,6 +339,14 @@ def test_startup_probe_covers_a_slow_model_load(server: dict) -> None:
     assert liveness.get("periodSeconds", 10) * liveness.get("failureThreshold", 3) < budget
 
 
+def test_a_rollout_is_not_reported_failed_while_its_pods_may_still_start(k8s: dict[str, dict], server: dict) -> None:
+    """Kubernetes reports a rollout failed (ProgressDeadlineExceeded) when no new pod is ready within
+    progressDeadlineSeconds, 600 s by default: a cold start takes longer (deploy review)."""
+    startup = server["startupProbe"]
+    budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+    assert k8s["Deployment"]["spec"].get("progressDeadlineSeconds", 600) > budget
+
+
 def test_termination_grace_exceeds_the_drain(k8s: dict[str, dict], server: dict) -> None:
     drain = _flag(server.get("args", []), "--drain-grace-seconds")
     assert drain is not None, "pass --drain-grace-seconds explicitly in the container args"
@@ -560,6 +568,12 @@ def test_compose_wiring() -> None:
     drain = _flag(server.get("command", []), "--drain-grace-seconds") or "30"
     assert _seconds(server.get("stop_grace_period", "10s")) > float(drain), \
         "compose stop_grace_period must exceed --drain-grace-seconds"
+    # nothing asks who calls (no tokens, /metrics, anonymous Grafana): published on loopback unless the
+    # server's port is opened on purpose (VIDEOGEN_BIND, with tokens and TLS)
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith(("127.0.0.1:", "${VIDEOGEN_BIND:-127.0.0.1}:")), (name, port)
+        assert "--web.enable-lifecycle" not in service.get("command", []), name
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
