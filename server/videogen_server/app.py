@@ -71,7 +71,7 @@ class VideoGenServer:
         self.metrics.set_build_info(**_versions())
         log.info("gRPC on port %d%s, metrics on %s; loading models", self.port,
                  f" (health also on plaintext port {self.health_port})" if self.health_port else "",
-                 f"http://{self.config.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
+                 f"http://{_url_host(self.config.metrics_host)}:{self.metrics_port}/metrics" if self.metrics_port else "off")
         try:
             await self.engine.start()
         except asyncio.CancelledError:
@@ -170,3 +170,7 @@ def _versions() -> dict[str, str]:
             out[dist] = ""
     return out
 
+
+def _url_host(host: str) -> str:
+    """A listen address as a URL's host: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

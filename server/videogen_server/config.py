@@ -18,7 +18,8 @@ class ServerConfig:
     port: int = 8001
     #: Prometheus /metrics HTTP port; 0 picks a free port, -1 disables the endpoint.
     metrics_port: int = 8002
-    metrics_host: str = "0.0.0.0"
+    #: "::" takes IPv6 and IPv4 (0.0.0.0 on a host without IPv6), as gRPC's "[::]" does
+    metrics_host: str = "::"
     #: A second, plaintext gRPC port serving only grpc.health.v1 (on `host`), for probes that cannot
     #: speak TLS (Kubernetes' grpc probes) when the main port uses it; 0 picks a free port, -1: none.
     health_port: int = -1

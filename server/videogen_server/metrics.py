@@ -6,6 +6,7 @@ README.md ("Metrics"). Each server owns its registry, so several servers can run
 """
 from __future__ import annotations
 
+import errno
 import logging
 import platform
 from typing import Callable, Iterable, Optional
@@ -75,9 +76,18 @@ class Metrics:
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve /metrics over HTTP; returns the bound port (port 0 picks a free one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "::") -> int:
+        """Serve /metrics over HTTP; returns the bound port (port 0 picks a free one). `::` (or `[::]`)
+        listens on every IPv6 and IPv4 address (a dual-stack socket, as gRPC's `[::]`), falling back to
+        every IPv4 address (0.0.0.0) on a host without IPv6."""
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:
+            if host != "::" or err.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+            log.info("no IPv6 on this host (%s): /metrics listens on 0.0.0.0", err.strerror)
+            server, _thread = start_http_server(port, addr="0.0.0.0", registry=self.registry)
         self._http = (server, _thread)
         return server.server_address[1]
 

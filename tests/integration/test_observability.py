@@ -159,6 +159,34 @@ def test_requests_still_running_when_the_drain_ends_are_errors_not_cancellations
                                          {**labels, "outcome": "cancelled", "code": "CANCELLED"}) is None
 
 
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_metrics_listen_on_ipv6_and_ipv4_by_default(make_repo):
+    """/metrics listened on 0.0.0.0 while gRPC and health took "[::]": on an IPv6-only cluster Prometheus
+    could not scrape, so every alert on the metrics saw an instance down and KEDA read no load (deploy
+    review). The default, "::", takes both (where this machine has no IPv6, IPv4 alone)."""
+    import dataclasses
+    import urllib.request
+
+    from videogen_server.config import ServerConfig
+
+    default = {f.name: f.default for f in dataclasses.fields(ServerConfig)}["metrics_host"]
+    with ServerThread(make_repo({"m": tiny_config("m")}), metrics_host=default) as server:  # (tests pass 127.0.0.1)
+        hosts = ["127.0.0.1"] + (["[::1]"] if _ipv6_loopback() else [])
+        for host in hosts:
+            with urllib.request.urlopen(f"http://{host}:{server.server.metrics_port}/metrics", timeout=10) as r:
+                assert "videogen_requests_total" in r.read().decode(), host
+
+
 def test_reflection_lists_services_and_calls_generate_without_stubs(tiny_server):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
