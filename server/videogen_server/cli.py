@@ -249,14 +249,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         pass
     except Exception as err:
+        import logging
+
         from .errors import VideoGenError
 
+        # logged, not printed: a JSON log's last line, the one that says why, stays JSON
+        log = logging.getLogger("videogen_server")
         if isinstance(err, VideoGenError):
-            print(f"videogen-server: {err.message}", file=sys.stderr)
+            log.critical("videogen-server: %s", err.message)
         else:
-            import traceback
-
-            traceback.print_exc()
+            log.critical("videogen-server stopped: %r", err, exc_info=err)
         return _exit(1)
     return _exit(0)
 

@@ -1,6 +1,8 @@
 """Logging set-up: text or one JSON object per line (`--log-format json`)."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import logging
 import sys
@@ -31,9 +33,34 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+#: Libraries that log through a plain-text handler of their own and do not propagate to the root logger
+LIBRARIES = ("transformers", "diffusers")
+_configured = False
+
+
 def setup(fmt: str = "text", level: str = "INFO") -> None:
+    """The process's logging: every record, on stderr, in one format (a JSON log stays JSON: Python's
+    warnings and the libraries' own loggers included, see `adopt_library_loggers`)."""
+    global _configured
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # warnings.warn as records of logger "py.warnings"
+    _configured = True
+
+
+def adopt_library_loggers() -> None:
+    """Once `setup` has run, the installed LIBRARIES log through the root logger's handler instead of
+    their own (transformers writes "[transformers] ..." lines when the svd backend is imported, which
+    broke a JSON log's one object per line). Imports their logging modules (not torch): call it before
+    importing a backend, as `load_backend_class` does, not at the server's import."""
+    if not _configured:
+        return
+    for name in LIBRARIES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        library_logging = importlib.import_module(f"{name}.utils.logging")
+        library_logging.disable_default_handler()
+        library_logging.enable_propagation()

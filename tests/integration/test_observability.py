@@ -225,6 +225,50 @@ def test_request_log_line_and_json_format(tiny_server, caplog):
         assert key in req
 
 
+def test_a_json_log_is_json_on_every_line(make_repo, tmp_path):
+    """`--log-format json` promises one JSON object per line, which log pipelines parse. transformers logs
+    through a plain-text handler of its own ("[transformers] ... requires torchvision" at every load of
+    the model, in the image too), Python's warnings were printed as they come, and a fatal error's
+    traceback too (deploy review). A real server process: start (a model that loads and one that
+    fails), a request, a drain; then one that cannot start at all."""
+    import signal
+    import subprocess
+    import sys
+
+    repo = make_repo({"m": tiny_config("m"), "bad": tiny_config("bad", parameters='parameters { key: "x" }')})
+    port_file = tmp_path / "ports"
+    serve = [sys.executable, "-m", "videogen_server.cli", "serve", "--model-repository", str(repo), "--port", "0",
+             "--metrics-port", "-1", "--cpu-threads", "1", "--log-format", "json"]
+    proc = subprocess.Popen([*serve, "--port-file", str(port_file)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        port = int(port_file.read_text().split()[0])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            from videogen.v1 import videogen_pb2_grpc
+
+            assert collect(videogen_pb2_grpc.VideoGenStub(channel), request(model="m", num_frames=1,
+                                                                            num_inference_steps=1))
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    failed = subprocess.run([*serve, "--exit-on-error"], capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1
+    lines = [line for line in (stderr + failed.stderr).splitlines() if line.strip()]
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not JSON: {line!r}") from None
+    loggers = {entry["logger"] for entry in parsed}
+    assert "videogen.requests" in loggers and "transformers.utils.import_utils" in loggers, loggers
+    assert any("exit on error: bad" in entry["message"] and entry["level"] == "CRITICAL" for entry in parsed)
+
+
 def test_the_compose_healthcheck_reads_the_health_port(make_repo):
     """deploy/compose's healthcheck command, run as Docker would (against this server's health port
     instead of the image's 8003): exit 0 while SERVING, 1 once the server drains."""

@@ -42,6 +42,7 @@ from typing import Any, ClassVar, Mapping, Optional, Protocol
 
 from PIL import Image
 
+from .. import logs
 from ..errors import ConfigError
 from ..domain import ResolvedParams
 
@@ -215,6 +216,7 @@ def load_backend_class(name: str) -> type[Backend]:
         known = sorted(set(BUILTIN_BACKENDS) | {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)})
         raise ConfigError("config.pbtxt", "backend", f"unknown backend {name!r}; installed: {known}")
     module_name, _, attr = target.partition(":")
+    logs.adopt_library_loggers()  # the libraries it imports log as the server does, from their import on
     cls = getattr(importlib.import_module(module_name), attr)
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise ConfigError("config.pbtxt", "backend", f"{target} is not a videogen_server Backend subclass")
