@@ -83,10 +83,10 @@ class Metrics:
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         try:
             server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as err:
-            if host != "::" or err.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+        except OSError as err:  # (no IPv6 shows as EAFNOSUPPORT, EADDRNOTAVAIL or a resolver error)
+            if host != "::" or err.errno == errno.EADDRINUSE:
                 raise
-            log.info("no IPv6 on this host (%s): /metrics listens on 0.0.0.0", err.strerror)
+            log.info("cannot listen on IPv6 here (%s): /metrics listens on 0.0.0.0", err)
             server, _thread = start_http_server(port, addr="0.0.0.0", registry=self.registry)
         self._http = (server, _thread)
         return server.server_address[1]
