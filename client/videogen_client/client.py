@@ -42,8 +42,8 @@ class GenerateCall(Iterator[Event]):
     waiting in the server's queue, where no event comes to stop at."""
 
     def __init__(self, events: Generator[Event, None, None], cancelled: threading.Event,
-                 lock: threading.Lock, calls: list[grpc.Call]) -> None:
-        self._events, self._cancelled, self._lock, self._calls = events, cancelled, lock, calls
+                 calls: list[grpc.Call]) -> None:
+        self._events, self._cancelled, self._calls = events, cancelled, calls
 
     def __iter__(self) -> GenerateCall:
         return self
@@ -59,10 +59,11 @@ class GenerateCall(Iterator[Event]):
         """Cancel the call, from any thread: the RPC ends at once (the server stops working on the
         request, queued or running), no retry is sent, and the thread iterating the events gets
         RequestCancelledError."""
-        with self._lock:
-            self._cancelled.set()
-            for call in self._calls:
-                call.cancel()
+        # no lock (a signal handler may call this on the thread that is creating an attempt): the flag
+        # first, then the calls made so far; an attempt made meanwhile reads the flag once listed
+        self._cancelled.set()
+        for call in list(self._calls):
+            call.cancel()
 
     @property
     def cancelled(self) -> bool:
@@ -262,16 +263,17 @@ class VideoGenClient:
             jpeg_quality=jpeg_quality,
             stream_video=stream_video, video_fps=video_fps, request_id=request_id, priority=priority,
             queue_timeout=queue_timeout, max_send_message_length=self._settings.max_send_message_length)
-        cancelled, lock, calls = threading.Event(), threading.Lock(), []
+        cancelled, calls = threading.Event(), []
         events = self._stream(request, request_id=request_id, timeout=self._deadline(timeout), trace=trace_metadata(),
-                              cancelled=cancelled, lock=lock, calls=calls)
-        return GenerateCall(events, cancelled, lock, calls)
+                              cancelled=cancelled, calls=calls)
+        return GenerateCall(events, cancelled, calls)
 
     def _stream(self, request: videogen_pb2.GenerateRequest, *, request_id: str | None,
                 timeout: float | None, trace: tuple[tuple[str, str], ...], cancelled: threading.Event,
-                lock: threading.Lock, calls: list[grpc.Call]) -> Generator[Event, None, None]:
-        """The events of one request, its attempts included. Each attempt's call is kept in ``calls``
-        (under ``lock``) for GenerateCall.cancel; once ``cancelled``, no attempt is sent again."""
+                calls: list[grpc.Call]) -> Generator[Event, None, None]:
+        """The events of one request, its attempts included. Each attempt's call is listed in ``calls``
+        for GenerateCall.cancel, then ``cancelled`` read (a cancel sets it before cancelling the calls
+        listed: either it sees this call or this reads its flag); once cancelled, nothing is sent again."""
         metadata = call_metadata(self._settings, request_id, trace)
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 1
@@ -282,11 +284,12 @@ class VideoGenClient:
                     raise RequestCancelledError("the client was closed during the call", request_id=request_id)
                 raise ValueError(f"{self!r} is closed")  # a generator made before close() and iterated after
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            with lock:
-                if cancelled.is_set():
-                    raise RequestCancelledError("the call was cancelled", request_id=request_id)
-                call = self._stub.Generate(request, timeout=remaining, metadata=metadata)
-                calls[:] = [call]
+            if cancelled.is_set():
+                raise RequestCancelledError("the call was cancelled", request_id=request_id)
+            call = self._stub.Generate(request, timeout=remaining, metadata=metadata)
+            calls[:] = [call]
+            if cancelled.is_set():  # cancelled while the call was made
+                call.cancel()
             decoder = EventDecoder()
             received = False
             attempts.next_attempt()

@@ -388,6 +388,66 @@ def test_cancel_from_another_thread_ends_one_call_queued_or_running(make_repo):
         assert client.run(SAMPLE, model=MODEL, num_frames=1, num_inference_steps=1).summary.num_frames == 1
 
 
+def test_cancel_on_the_thread_making_the_call_does_not_hang():
+    """cancel() took a lock that the iterating thread held while making an attempt's call: a signal
+    handler cancelling on that thread (SIGTERM while a call starts, or resends) hung forever (review of
+    this change). The moment is forced with a stub whose Generate runs the handler's cancel(); no
+    server is needed (the stub stands in for the one thing under test: the call's creation)."""
+    import threading
+
+    from videogen_client import RequestCancelledError
+
+    class Cancelled(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.CANCELLED
+
+        def details(self):
+            return "cancelled"
+
+        def trailing_metadata(self):
+            return ()
+
+        def initial_metadata(self):
+            return ()
+
+    class Call:
+        def __init__(self) -> None:
+            self.cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+        def __iter__(self):
+            if self.cancelled:
+                raise Cancelled()
+            return iter(())
+
+    client = VideoGenClient("127.0.0.1:1")
+    holder: dict = {}
+
+    class Stub:
+        def Generate(self, request, timeout=None, metadata=None):
+            holder["call"].cancel()  # as a signal handler would, on this thread, mid-creation
+            return Call()
+
+    client._stub = Stub()
+    holder["call"] = call = client.generate(SAMPLE, model=MODEL)
+    outcome: dict = {}
+
+    def iterate() -> None:
+        try:
+            next(call)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=iterate, daemon=True)
+    thread.start()
+    thread.join(10)
+    client.close()
+    assert not thread.is_alive(), "cancel() hung on the thread making the call"
+    assert isinstance(outcome.get("error"), RequestCancelledError), outcome
+
+
 # -- 7. models ------------------------------------------------------------------------------------
 
 
