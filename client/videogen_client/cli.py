@@ -152,9 +152,11 @@ def _client(args: argparse.Namespace) -> VideoGenClient:
 
 def _unwritable(path: str | Path | None, flag: str, *, directory: bool) -> str | None:
     """Why ``path`` cannot be written as the file (or the folder of files) ``flag`` names; None if it can.
-    Checked before the request is sent, so that a generation is not lost to an output it cannot write:
-    where the folder exists, by creating a file in it (permission bits say nothing for root, nor for a
-    read-only or special file system); files are written there under a temporary name and renamed."""
+    Checked before the request is sent, so that a generation is not lost to an output it cannot write,
+    the way `save_video` and `save_frames` will write it: a file that exists and is not a regular file
+    (``/dev/stdout``) in place, so it must be writable; else in its folder (created if missing) under a
+    temporary name, so the folder, or the nearest one that exists, must take a new file: tried by
+    creating one (permission bits say nothing for root, nor for a read-only or special file system)."""
     if path is None:
         return None
     path = Path(path)
@@ -163,21 +165,20 @@ def _unwritable(path: str | Path | None, flag: str, *, directory: bool) -> str |
             return f"{flag}: {path} exists and is not a directory"
         if not directory and path.is_dir():
             return f"{flag}: {path} is a directory"
+        if not directory and not os.access(path, os.W_OK):
+            return f"{flag}: {path} is not writable"
+        if not directory and not path.is_file():
+            return None  # a device or a pipe: written in place
     folder = path if directory else path.parent
-    if folder.is_dir():
-        try:
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as err:
-            return f"{flag}: cannot write in {folder} ({err.strerror or err})"
-        return None
-    parent = folder  # created on save: the nearest folder that exists must let us create in it
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{flag}: {parent} is not a directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{flag}: cannot create {path} ({parent} is not writable)"
+    while not folder.exists() and folder != folder.parent:  # created on save
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{flag}: {folder} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        return f"{flag}: cannot write in {folder} ({err.strerror or err})"
     return None
 
 
@@ -212,8 +213,20 @@ def _generate(args: argparse.Namespace) -> int:
         save_frames(result, args.frames_dir)
         written.append(f"frames_dir={args.frames_dir}")
     print(f"request_id={result.request_id} frames={len(result.frames)} "
-          f"seconds={result.summary.total_seconds:.2f} {' '.join(written)}")
+          f"seconds={result.summary.total_seconds:.2f} {' '.join(written)}",
+          file=sys.stderr if _is_stdout(args.out) else sys.stdout)  # (after the MP4 it would spoil it)
     return 0
+
+
+def _is_stdout(path: str | None) -> bool:
+    """Whether ``path`` is this process's standard output (``--out /dev/stdout | ffplay -``)."""
+    if path is None:
+        return False
+    try:
+        a, b = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _models(args: argparse.Namespace) -> int:

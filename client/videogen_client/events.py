@@ -16,10 +16,12 @@ together first), the :class:`VideoChunk` s of the MP4, and one :class:`Summary`:
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -346,20 +348,43 @@ def collect(events: Iterable[Event]) -> GenerationResult:
 
 
 def _replace(path: Path, write: Callable[[Path], None]) -> None:
-    """Writes ``path`` through ``write`` into a temporary file beside it, renamed over it once complete:
-    a write that fails (a full disk, an interrupt) leaves what was there before, never a truncated file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    """Writes ``path`` through ``write``. A regular file (or a new one) is written under a temporary name
+    beside it and renamed over it once complete, so a write that fails (a full disk, an interrupt) leaves
+    what was there before, never a truncated file; through a symbolic link, the file it names is
+    replaced and the link stays; the file keeps its permission bits, and one the caller may not write is
+    refused as before. Anything else is written in place, as a plain write would: a device or a pipe
+    (``/dev/stdout``, ``/dev/null``), a file with other hard links, and a file the rename cannot replace
+    (one mounted on its own, as a container's bind-mounted output)."""
+    try:
+        st: os.stat_result | None = path.stat()  # through symbolic links
+    except FileNotFoundError:
+        st = None
+    if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_nlink > 1):
+        write(path)
+        return
+    if st is not None and not os.access(path, os.W_OK):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    target = Path(os.path.realpath(path)) if st is not None else path
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
-        os.replace(tmp, path)
+        if st is not None:
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if st is None or err.errno not in (errno.EBUSY, errno.EXDEV):
+            raise
+        write(target)  # the rename cannot replace it (a mount point): in place
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
 def save_video(result: GenerationResult, path: str | Path) -> Path:
-    """Write the result's MP4 to ``path`` (parent folders are created) and return the path. The file is
-    replaced whole or not at all: written beside it under a temporary name, then renamed.
+    """Write the result's MP4 to ``path`` (parent folders are created) and return the path. A file is
+    replaced whole or not at all: written beside it under a temporary name, then renamed (a device or a
+    pipe such as ``/dev/stdout`` is written as it stands).
 
     Example: ``save_video(client.run("cat.png", model="svd-xt"), "cat.mp4")``.
     """
@@ -380,9 +405,11 @@ def save_frames(result: GenerationResult, directory: str | Path) -> list[Path]:
     PNG frames are written as received; JPEG and raw RGB frames are converted to PNG. Each file is
     replaced whole or not at all (see ``save_video``), and ``frame_NNNNN.png`` files of an earlier
     result that this one does not have (a longer video saved there before) are removed once every
-    frame is written, so the folder holds one video's frames.
+    frame is written, so the folder holds one video's frames. ValueError if the result has none.
     Example: ``save_frames(client.run("cat.png", model="svd-xt"), "frames/")``.
     """
+    if not result.frames:
+        raise ValueError("the result has no frames (was it generated with frame_encoding='none'?)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []

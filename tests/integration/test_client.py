@@ -580,6 +580,55 @@ def test_cli_output_that_fails_to_write_leaves_the_previous_file_whole(tiny_serv
     assert [p.name for p in frames.iterdir()] == ["frame_00000.png"]
 
 
+def test_outputs_are_written_through_links_devices_and_pipes(client, tiny_server, tmp_path):
+    """Writing under a temporary name and renaming must not replace what is not a plain file: a rename
+    turned a root's /dev/null into a regular file, replaced the symlink /dev/stdout (a pipe got
+    nothing), a FIFO, a link's target or a hard link's shared file (review of the change). Those are
+    written through; a replaced file keeps its mode; a result without frames saves none (it removed the
+    folder's frames)."""
+    import os
+    import stat
+    import threading
+
+    result = client.run(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=1)
+    (tmp_path / "real.mp4").write_bytes(b"old")
+    os.symlink(tmp_path / "real.mp4", tmp_path / "link.mp4")
+    save_video(result, tmp_path / "link.mp4")
+    assert (tmp_path / "link.mp4").is_symlink() and (tmp_path / "real.mp4").read_bytes() == result.video
+    (tmp_path / "mode.mp4").write_bytes(b"old")
+    os.chmod(tmp_path / "mode.mp4", 0o640)
+    save_video(result, tmp_path / "mode.mp4")
+    assert stat.S_IMODE(os.stat(tmp_path / "mode.mp4").st_mode) == 0o640
+    (tmp_path / "one.mp4").write_bytes(b"old")
+    os.link(tmp_path / "one.mp4", tmp_path / "two.mp4")
+    save_video(result, tmp_path / "one.mp4")
+    assert (tmp_path / "two.mp4").read_bytes() == result.video
+    os.mkfifo(tmp_path / "fifo")
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append((tmp_path / "fifo").read_bytes()))
+    reader.start()
+    save_video(result, tmp_path / "fifo")
+    reader.join(10)
+    assert got == [result.video] and stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    frames = tmp_path / "frames"
+    save_frames(result, frames)
+    with pytest.raises(ValueError, match="no frames"):
+        save_frames(client.run(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=1, frame_encoding="none"),
+                    frames)
+    assert len(list(frames.iterdir())) == 2
+
+    # the CLI into a pipe: the MP4 alone on stdout (the summary line goes to stderr)
+    image = tmp_path / "in.png"
+    image.write_bytes(SAMPLE)
+    piped = subprocess.run([*_installed_cli(), "generate", "--target", tiny_server.target, "--model", MODEL,
+                            "--image", str(image), "--num-frames", "2", "--steps", "1", "--quiet",
+                            "--out", "/dev/stdout"], capture_output=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert decode_mp4(piped.stdout)[0] == 2 and b"request_id=" in piped.stderr
+
+
 # -- 9. the client imports without the server's stack ----------------------------------------------
 
 
