@@ -658,19 +658,20 @@ class StreamAttempts:
         self.started = True
         return True
 
-    def again(self, request: videogen_pb2.GenerateRequest) -> videogen_pb2.GenerateRequest | None:
-        """The request to send again: with the seed the first server drew when the caller set none, so
-        the video is the one its Accepted event described, and with what is left of the caller's queue
-        timeout since it was first accepted (a request handed back unstarted waited in a queue
-        meanwhile: each server counting the whole timeout afresh would let it wait several times as
-        long). None when none is left: not to be sent again."""
+    def again(self, request: videogen_pb2.GenerateRequest, after: float = 0.0) -> videogen_pb2.GenerateRequest | None:
+        """The request to send again ``after`` seconds from now (the retry's wait): with the seed the
+        first server drew when the caller set none, so the video is the one its Accepted event
+        described, and with what will be left then of the caller's queue timeout since the request was
+        first accepted (a request handed back unstarted waited in a queue meanwhile: each server
+        counting the whole timeout afresh would let it wait several times as long). None when nothing
+        will be left: not to be sent again (see ``queue_timeout_passed``)."""
         if self._queue_timeout_us is None:
             self._queue_timeout_us = request.timeout_microseconds
         seed = self.first.parameters.get("seed") if self.first is not None else None
         pin = not request.HasField("seed") and seed is not None
         left_us = self._queue_timeout_us
         if left_us and self.accepted_at is not None:
-            left_us -= round((time.monotonic() - self.accepted_at) * 1_000_000)
+            left_us -= round((time.monotonic() + after - self.accepted_at) * 1_000_000)
             if left_us <= 0:
                 return None
         if not pin and left_us == request.timeout_microseconds:
@@ -681,3 +682,12 @@ class StreamAttempts:
             again.seed = int(seed)
         again.timeout_microseconds = left_us
         return again
+
+    def queue_timeout_passed(self, request_id: str | None) -> DeadlineExceededError:
+        """The error for a request whose queue timeout ran out between servers (``again`` gave None): what
+        one server would have said had the request waited there as long."""
+        error = DeadlineExceededError(f"the request's queue timeout ({self._queue_timeout_us / 1e6:g} s) passed while "
+                                      f"it was sent to another server (it was handed back unstarted)",
+                                      request_id=request_id)
+        error.error_reason = "QUEUE_TIMEOUT"
+        return error

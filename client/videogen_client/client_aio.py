@@ -267,9 +267,11 @@ class AsyncVideoGenClient:
                 if decoder.request_id and not request_id:
                     request_id = decoder.request_id
                     metadata = call_metadata(self._settings, request_id, trace)
-                again = attempts.again(request)
-                if wait is None or again is None:  # (None: its queue timeout would have passed)
+                if wait is None:
                     raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
+                again = attempts.again(request, after=wait)
+                if again is None:  # its queue timeout will have passed by the time it is sent
+                    raise attempts.queue_timeout_passed(decoder.request_id or request_id) from err
                 request = again
             except asyncio.CancelledError:
                 self._closed_under_call(decoder.request_id or request_id)

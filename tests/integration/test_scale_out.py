@@ -402,6 +402,11 @@ def test_a_resent_request_carries_what_is_left_of_its_queue_timeout():
     attempts.accepted_at -= 0.5  # it waited half a second on the first server
     again = attempts.again(request)
     assert again.seed == 7 and 1_400_000 <= again.timeout_microseconds <= 1_500_000
+    # the retry's wait (a backoff, the server's pushback) counts too: sent 1 s from now, 0.5 s are left
+    assert 400_000 <= attempts.again(request, after=1.0).timeout_microseconds <= 500_000
+    assert attempts.again(request, after=1.6) is None  # nothing left once sent: not sent
+    error = attempts.queue_timeout_passed("r")
+    assert isinstance(error, DeadlineExceededError) and error.error_reason == "QUEUE_TIMEOUT" and error.request_id == "r"
     attempts.accepted_at -= 1.5  # two seconds in all: nothing left
     assert attempts.again(again) is None
     refused_first = StreamAttempts()  # refused before any Accepted (queue full): no queue time spent
