@@ -566,7 +566,7 @@ class ReadinessWait:
 
     FINAL_CALL_S = 2.0
 
-    def __init__(self, model: str, timeout: float | None, poll_interval: float) -> None:
+    def __init__(self, model: str, timeout: float | None, poll_interval: float, several: bool = False) -> None:
         if not model:
             raise ValueError("model is required, e.g. model='svd-xt'")
         limit = deadline_seconds(timeout)
@@ -578,6 +578,9 @@ class ReadinessWait:
         self.last = "no answer from the server"
         self.answered = False  # some answer came (the model's state, or a refusal)
         self.final = False  # the wait is over with no answer: the last call, without wait-for-ready
+        # several servers: each poll reaches one of them, and a model that failed on that one may serve
+        # on the next, so a failure is no final answer
+        self.several = several
 
     def call(self) -> tuple[float | None, bool]:
         """The next GetModel call's deadline (None: none) and whether it waits for a connection."""
@@ -594,7 +597,11 @@ class ReadinessWait:
             return True
         if info.state == "failed":
             reason = next((v.reason for v in info.versions if v.state == "failed" and v.reason), "") or info.reason
-            raise UnavailableError(f"model {self.model!r} failed to load" + (f": {reason}" if reason else ""))
+            failed = f"model {self.model!r} failed to load" + (f": {reason}" if reason else "")
+            if not self.several:
+                raise UnavailableError(failed)
+            self.last = failed + " (on the server the last poll reached)"
+            return False
         self.last = f"model {self.model!r} is {info.state}"
         return False
 

@@ -22,6 +22,7 @@ from videogen_client._request import (
     connection_settings,
     deadline_seconds,
     retry_wait,
+    several_servers,
     trace_metadata,
 )
 from videogen_client.errors import (
@@ -426,13 +427,15 @@ class VideoGenClient:
 
         Waits through a server not up yet (gRPC's wait-for-ready), one still reading its repositories,
         and a model loading or warming up (a compile can take minutes); raises DeadlineExceededError
-        after ``timeout`` seconds (None: no limit), UnavailableError if the model failed to load,
-        ModelNotFoundError if the server does not know it. With several servers, the answer is the
-        one server's that the call reached. Example::
+        after ``timeout`` seconds (None: no limit; when no server ever answered, one last call of up
+        to 2 s asks gRPC why), UnavailableError if the model failed to load, ModelNotFoundError if
+        the server does not know it. With several servers, each poll's answer is the one server's that
+        it reached: a ready model there ends the wait, and a failed load does not (another server may
+        serve the model): the wait goes on, its timeout's error naming the last failure. Example::
 
             client.wait_until_ready("svd-xt", timeout=900)
         """
-        wait = ReadinessWait(model, timeout, poll_interval)
+        wait = ReadinessWait(model, timeout, poll_interval, several=several_servers(self._settings.target))
         while True:
             deadline, wait_for_ready = wait.call()
             try:

@@ -24,6 +24,7 @@ from videogen_client._request import (
     connection_settings,
     deadline_seconds,
     retry_wait,
+    several_servers,
     trace_metadata,
 )
 from videogen_client.errors import (
@@ -379,7 +380,7 @@ class AsyncVideoGenClient:
 
             await client.wait_until_ready("svd-xt", timeout=900)
         """
-        wait = ReadinessWait(model, timeout, poll_interval)
+        wait = ReadinessWait(model, timeout, poll_interval, several=several_servers(self._settings.target))
         while True:
             deadline, wait_for_ready = wait.call()
             try:

@@ -341,6 +341,32 @@ def test_a_model_that_failed_to_load_does_not_cut_load_balancing_clients_off(mak
             assert client.run(SAMPLE, **{**QUICK, "model": "good"}).summary.num_frames == 1
 
 
+def test_wait_until_ready_over_several_servers_is_not_ended_by_one_that_failed(tmp_path, tiny_model_source):
+    """With several servers each poll reaches one of them; once a server whose copy of the model failed
+    to load was reachable (its service health is SERVING now), the wait raised "failed to load" from it
+    while the other served the model (review of the change: 4 of 10 waits failed). Over several servers
+    a failure is not final: the wait goes on, and at its timeout says the last failure. One server's
+    failure still ends the wait at once."""
+    from videogen_client import UnavailableError
+
+    from ..helpers import tiny_config, write_config
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for repo, config in ((good, None), (bad, tiny_config(MODEL, parameters='parameters { key: "x" }'))):
+        shutil.copytree(tiny_model_source / "1", repo / MODEL / "1")
+        write_config(repo / MODEL, MODEL, config)
+    with ServerThread(good) as one, ServerThread(bad) as two:
+        fleet = f"ipv4:127.0.0.1:{one.port},127.0.0.1:{two.port}"
+        with VideoGenClient(fleet, timeout=30) as client:
+            for _ in range(6):
+                assert client.wait_until_ready(MODEL, timeout=30, poll_interval=0.05).state == "ready"
+        with VideoGenClient(f"ipv4:127.0.0.1:{two.port},127.0.0.1:{two.port}", timeout=30) as client:
+            with pytest.raises(DeadlineExceededError, match="failed to load.*unknown parameter"):
+                client.wait_until_ready(MODEL, timeout=1, poll_interval=0.1)
+        with VideoGenClient(two.target, timeout=30) as client, pytest.raises(UnavailableError, match="failed to load"):
+            client.wait_until_ready(MODEL, timeout=30)
+
+
 def test_retries_respect_max_attempts_and_the_deadline(tmp_path, tiny_model_source):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_model_source, repo / MODEL)
