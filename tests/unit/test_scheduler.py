@@ -469,6 +469,32 @@ def test_a_request_joining_a_gathering_batch_is_told_that_batchs_start():
     thread.join(5)
 
 
+def test_requests_joining_a_gathering_batch_past_its_preferred_size_are_told_that_batch():
+    """A gathering batch waits until it has its preferred size, but takes every queued request of its
+    shape up to max_batch_size when its instance wakes: two arriving at once both join a batch of one
+    that prefers two, and it starts at once. The estimate gave the second to the idle instance (start
+    now, a batch of one's time) though that instance never takes it (review of the change)."""
+    sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=1.0, preferred_batch_sizes=(2,)),
+                      max_batch_size=4, live_instances=lambda: 2)
+    _measured(sched, 2.0, 2.0, 2.0)
+    _measured(sched, 3.0, 3.0, 3.0, size=3)
+    sched.submit(_sized("a"))
+    thread, out = _in_thread(sched.next_batch)
+    time.sleep(0.1)
+    with sched._cv:  # b and c arrive together, before the gathering instance wakes
+        for name in ("b", "c"):
+            sched._levels[0].append(_sized(name))
+        told = sched._plan(time.monotonic())[0]
+    assert sorted(r.request_id for r in told) == ["b", "c"]
+    for r, (start, end) in told.items():
+        assert abs(start - time.monotonic()) < 0.05 and abs(end - start - 3.0) < 0.05, (r.request_id, start, end)
+    with sched._cv:
+        sched._cv.notify_all()
+    thread.join(5)
+    assert [r.request_id for r in out["value"]] == ["a", "b", "c"]
+    sched.close()
+
+
 def test_a_caller_is_told_the_time_of_a_batch_as_large_as_its_shapes_usually_are():
     """Under load, requests of a shape arriving while one waits join its batch before it starts: a lone
     request is told the time of a batch as large as that shape's latest few (3 s for two), and once

@@ -233,14 +233,17 @@ class Scheduler:
 
     def _joins(self, now: float, pending: list[EngineRequest]) -> dict[int, list[EngineRequest]]:
         """The queued requests that the batches instances are gathering would take when their instances
-        wake (`_take_compatible`: each batch's shape, up to its room, in queue order), by id() of the
-        gathering. Call with the lock held."""
+        wake (`_take_compatible`: each batch's shape, up to max_batch_size, in queue order; a batch that
+        has reached its room takes none: it starts, and `_pop_head` leaves its shape to the others), by
+        id() of the gathering. Call with the lock held."""
         joins: dict[int, list[EngineRequest]] = {}
         taken: set[EngineRequest] = set()
         for g in self._gathering:
             rows = joins[id(g)] = []
+            if len(g.rows) >= g.room:
+                continue
             for r in pending:
-                if len(g.rows) + len(rows) >= g.room:
+                if len(g.rows) + len(rows) >= self._max_batch:
                     break
                 if r.params.batch_key == g.key and r not in taken and self._refusal(r, now) is None:
                     rows.append(r)
@@ -266,7 +269,7 @@ class Scheduler:
                                      if r.queue_deadline is not None])
             start = max(now, until) if len(rows) < g.room else now
             # told to a caller: as large as its shape's batches usually are (see _plan)
-            size = min(g.room, max(len(rows), self.run_times.usual_size(g.key))) if nearest else len(rows)
+            size = min(self._max_batch, max(len(rows), self.run_times.usual_size(g.key))) if nearest else len(rows)
             est = self.run_times.batch(g.key, size, nearest=nearest)
             free.append((start + est.busy_s, False) if est else (start, True))
             if plan is not None:
