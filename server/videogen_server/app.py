@@ -5,7 +5,8 @@
     await server.wait()           # until stop() (e.g. from a SIGTERM handler)
 
 Start-up order: bind the gRPC port and the metrics port first, so that probes and scrapes see a
-NOT_SERVING server while models load; health turns SERVING once every model is warm. Stop order:
+NOT_SERVING server while models load; health "" turns SERVING once every model is warm, the API's
+service names once start-up is done (see transport.server.HealthReporter). Stop order:
 health NOT_SERVING and new requests UNAVAILABLE, in-flight requests finish within the grace
 period, then the engine frees the instances.
 """

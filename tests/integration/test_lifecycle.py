@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from videogen.v1 import videogen_pb2 as pb
 
@@ -441,6 +442,14 @@ def test_a_device_error_during_conditioning_retires_the_instance(make_repo, monk
         # the version is down before the caller hears of it (a retry at once must not find it READY)
         assert stub.GetModel(pb.GetModelRequest(name="m")).state == pb.MODEL_STATE_FAILED
         assert not server.engine.ready
+        # nothing here would run a request: load-balancing clients' health (the API's service name) says
+        # so too, not only the orchestrator's (""), so that they stop sending calls here
+        health = health_pb2_grpc.HealthStub(server.channel())
+        deadline = time.monotonic() + 5
+        while health.Check(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen")).status \
+                != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "the service name still reads SERVING"
+            time.sleep(0.05)
 
 
 def test_an_instance_thread_that_dies_takes_its_requests_and_the_version_down(tmp_path, slow_backend):

@@ -393,9 +393,14 @@ class Engine:
 
     @property
     def serving(self) -> bool:
-        """The server takes calls: start-up's loads are done (each model ready or failed) and no drain has
-        begun. Whether a model takes requests is `model_ready`'s to say."""
-        return self.started and not self.draining
+        """The server takes calls: start-up's loads are done (each model ready or failed), no drain has
+        begun, and not every loaded version has lost its instances (device errors: nothing here would
+        run a request, and the orchestrator restarts the pod). A model that failed to load, or none
+        loaded yet, leaves it serving the others and the model control calls; whether a model takes
+        requests is `model_ready`'s to say."""
+        loaded = [rt for e in self.models.values() for rt in e.loaded.values()]
+        lost = bool(loaded) and all(rt.state == "FAILED" for rt in loaded)
+        return self.started and not self.draining and not lost
 
     def begin_drain(self, finish_by: Optional[float] = None) -> None:
         """Refuse new requests from now on; with `finish_by` (time.monotonic(), the grace's end), start

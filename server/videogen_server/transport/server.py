@@ -54,10 +54,10 @@ class HealthReporter:
 
     "" (the orchestrator's probes): SERVING once every model the control mode asked for is loaded and
     warm, until a drain. Each API's service name (what gRPC client-side health checking asks): SERVING
-    from the end of start-up until a drain, whatever its models' states, so that a model that failed to
-    load (or none loaded yet, in explicit mode) does not make load-balancing clients refuse every call
-    to the server, those for its ready models and the model control calls included. Each model's name:
-    SERVING while that model takes requests."""
+    from the end of start-up until a drain (`Engine.serving`: unless every loaded version lost its
+    instances), so that a model that failed to load (or none loaded yet, in explicit mode) does not make
+    load-balancing clients refuse every call to the server, those for its ready models and the model
+    control calls included. Each model's name: SERVING while that model takes requests."""
 
     def __init__(self, engine, servicer: HealthServicer) -> None:
         self._engine = engine
