@@ -9,9 +9,14 @@ from __future__ import annotations
 import errno
 import logging
 import platform
+import socket
+import socketserver
+import threading
+import wsgiref.simple_server
 from typing import Callable, Iterable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app,
+                               start_http_server)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -78,26 +83,53 @@ class Metrics:
 
     def serve(self, port: int, host: str = "::") -> int:
         """Serve /metrics over HTTP; returns the bound port (port 0 picks a free one). `::` (or `[::]`)
-        listens on every IPv6 and IPv4 address (a dual-stack socket, as gRPC's `[::]`), falling back to
-        every IPv4 address (0.0.0.0) on a host without IPv6."""
+        listens on every IPv6 and IPv4 address (a dual-stack socket, as gRPC's `[::]`, whatever the
+        host's net.ipv6.bindv6only says), falling back to every IPv4 address (0.0.0.0) on a host
+        without IPv6."""
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        try:
+        if host == "::":
+            try:
+                server = _serve_dual_stack(port, make_wsgi_app(self.registry))
+            except OSError as err:  # (no IPv6 shows as EAFNOSUPPORT, EADDRNOTAVAIL or a resolver error)
+                if err.errno == errno.EADDRINUSE:
+                    raise
+                log.info("cannot listen on IPv6 here (%s): /metrics listens on 0.0.0.0", err)
+                host = "0.0.0.0"
+        if host != "::":
             server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as err:  # (no IPv6 shows as EAFNOSUPPORT, EADDRNOTAVAIL or a resolver error)
-            if host != "::" or err.errno == errno.EADDRINUSE:
-                raise
-            log.info("cannot listen on IPv6 here (%s): /metrics listens on 0.0.0.0", err)
-            server, _thread = start_http_server(port, addr="0.0.0.0", registry=self.registry)
-        self._http = (server, _thread)
+        self._http = server
         return server.server_address[1]
 
     def close(self) -> None:
         if self._http:
-            server, thread = self._http
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
+            self._http.shutdown()  # returns once serve_forever has
+            self._http.server_close()
             self._http = None
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+    daemon_threads = True  # a scrape's thread does not hold the process up
+
+
+class _DualStackWSGIServer(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        # IPv4 too, as gRPC's "[::]" does, also where net.ipv6.bindv6only is 1 (its default is IPv6 only)
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+        pass  # a scrape every few seconds is no news
+
+
+def _serve_dual_stack(port: int, app) -> wsgiref.simple_server.WSGIServer:
+    """/metrics on every IPv6 and IPv4 address, served from a daemon thread."""
+    server = wsgiref.simple_server.make_server("::", port, app, _DualStackWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics-http").start()
+    return server
 
 
 class InstanceCollector(Collector):

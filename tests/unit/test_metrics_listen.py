@@ -1,7 +1,7 @@
-"""Where /metrics listens: "::" (the default) is every IPv6 and IPv4 address; a host without IPv6
-(a kernel without it, or a resolver that does not know "::") falls back to every IPv4 address instead
-of failing the server's start. The missing IPv6 is simulated (this machine has it): the listener that
-results is real and scraped."""
+"""Where /metrics listens: "::" (the default) is every IPv6 and IPv4 address, a dual-stack socket also
+where net.ipv6.bindv6only is 1; a host without IPv6 (a kernel without it, or a resolver that does not
+know "::") falls back to every IPv4 address instead of failing the server's start. The missing IPv6 is
+simulated (this machine has it): the listener that results is real and scraped."""
 from __future__ import annotations
 
 import socket
@@ -13,37 +13,63 @@ from videogen_server import metrics as metrics_module
 from videogen_server.metrics import Metrics
 
 
-@pytest.mark.parametrize("failure", [OSError(97, "Address family not supported by protocol"),
-                                     socket.gaierror(-9, "Address family for hostname not supported")])
-def test_without_ipv6_metrics_listen_on_ipv4(monkeypatch, failure):
-    real = metrics_module.start_http_server
-    tried = []
+def _ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
-    def no_ipv6(port, addr, registry):
-        tried.append(addr)
-        if ":" in addr:
-            raise failure
-        return real(port, addr=addr, registry=registry)
 
-    monkeypatch.setattr(metrics_module, "start_http_server", no_ipv6)
+def _scrape(host: str, port: int) -> int:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+        return r.status
+
+
+@pytest.mark.skipif(not _ipv6(), reason="no IPv6 on this machine")
+def test_the_default_listens_on_ipv6_and_ipv4_whatever_bindv6only_says():
     m = Metrics()
     try:
-        port = m.serve(0, "[::]")
-        assert tried == ["::", "0.0.0.0"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            assert r.status == 200
+        port = m.serve(0)
+        # IPv4 on the IPv6 socket: set on the socket, not left to the host's net.ipv6.bindv6only
+        assert m._http.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        assert _scrape("127.0.0.1", port) == _scrape("[::1]", port) == 200
     finally:
         m.close()
 
 
+@pytest.mark.parametrize("failure", [OSError(97, "Address family not supported by protocol"),
+                                     socket.gaierror(-9, "Address family for hostname not supported")])
+def test_without_ipv6_metrics_listen_on_ipv4(monkeypatch, failure):
+    def no_ipv6(port, app):
+        raise failure
+
+    monkeypatch.setattr(metrics_module, "_serve_dual_stack", no_ipv6)
+    m = Metrics()
+    try:
+        port = m.serve(0, "[::]")
+        assert m._http.server_address[0] == "0.0.0.0"
+        assert _scrape("127.0.0.1", port) == 200
+    finally:
+        m.close()
+
+
+@pytest.mark.skipif(not _ipv6(), reason="no IPv6 on this machine")
 def test_a_taken_port_is_not_hidden_by_the_fallback():
     with socket.socket(socket.AF_INET6) as taken:
-        try:
-            taken.bind(("::", 0))
-        except OSError:
-            pytest.skip("no IPv6 on this machine")
+        taken.bind(("::", 0))
         taken.listen()
         m = Metrics()
         with pytest.raises(OSError):
             m.serve(taken.getsockname()[1], "::")
+        m.close()
+
+
+def test_another_address_is_served_as_given():
+    m = Metrics()
+    try:
+        port = m.serve(0, "127.0.0.1")
+        assert m._http.server_address[0] == "127.0.0.1" and _scrape("127.0.0.1", port) == 200
+    finally:
         m.close()
