@@ -230,11 +230,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             return _exit(asyncio.run(_compile_artifacts(config)))
         except Exception as err:
+            import logging
+
             from .errors import VideoGenError
 
+            log = logging.getLogger("videogen_server")  # logged, not printed: a JSON log stays JSON
             if not isinstance(err, VideoGenError):
-                raise
-            print(f"videogen-server: {err.message}", file=sys.stderr)
+                log.critical("videogen-server compile-artifacts stopped: %r", err, exc_info=err)
+                return _exit(1)
+            log.critical("videogen-server: %s", err.message)
             return _exit(2)
     try:
         config = config_from_args(args)

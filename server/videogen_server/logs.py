@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import sys
+import threading
 import time
 
 
@@ -48,19 +49,32 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.captureWarnings(True)  # warnings.warn as records of logger "py.warnings"
+    threading.excepthook = _log_thread_exception  # an exception no thread caught, as a record too
     _configured = True
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    logging.getLogger("videogen_server").error(
+        "uncaught exception in thread %s", args.thread.name if args.thread else "?",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def adopt_library_loggers() -> None:
     """Once `setup` has run, the installed LIBRARIES log through the root logger's handler instead of
     their own (transformers writes "[transformers] ..." lines when the svd backend is imported, which
-    broke a JSON log's one object per line). Imports their logging modules (not torch): call it before
-    importing a backend, as `load_backend_class` does, not at the server's import."""
+    broke a JSON log's one object per line). Imports them (diffusers imports torch): call it at start-up
+    before importing a backend, as `load_backend_class` does, never at the server's import. A library
+    that fails to import is left alone (a backend that needs it says so when it imports it)."""
     if not _configured:
         return
     for name in LIBRARIES:
-        if importlib.util.find_spec(name) is None:
-            continue
-        library_logging = importlib.import_module(f"{name}.utils.logging")
-        library_logging.disable_default_handler()
-        library_logging.enable_propagation()
+        try:
+            if importlib.util.find_spec(name) is None:
+                continue
+            library_logging = importlib.import_module(f"{name}.utils.logging")
+            library_logging.disable_default_handler()
+            library_logging.enable_propagation()
+        except Exception as err:  # noqa: BLE001 - a broken install is the backend's to report
+            logging.getLogger(__name__).debug("%s logs on its own: %r", name, err)

@@ -269,6 +269,28 @@ def test_a_json_log_is_json_on_every_line(make_repo, tmp_path):
     assert any("exit on error: bad" in entry["message"] and entry["level"] == "CRITICAL" for entry in parsed)
 
 
+def test_a_json_log_takes_what_no_thread_caught_and_library_failures():
+    """The same promise for an exception no thread caught (printed raw by Python) and for a library whose
+    import fails: its loggers are left alone, nothing raised (review of the change)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, threading, types
+from videogen_server import logs
+logs.setup("json")
+sys.modules["transformers"] = types.ModuleType("transformers")  # installed but broken: find_spec raises
+logs.adopt_library_loggers()
+t = threading.Thread(target=lambda: 1 / 0, name="worker")
+t.start(); t.join()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
+    [entry] = [e for e in lines if "uncaught exception in thread worker" in e["message"]]
+    assert entry["level"] == "ERROR" and "ZeroDivisionError" in entry["exc"]
+
+
 def test_the_compose_healthcheck_reads_the_health_port(make_repo):
     """deploy/compose's healthcheck command, run as Docker would (against this server's health port
     instead of the image's 8003): exit 0 while SERVING, 1 once the server drains."""
