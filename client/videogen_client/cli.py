@@ -153,23 +153,21 @@ def _client(args: argparse.Namespace) -> VideoGenClient:
 def _unwritable(path: str | Path | None, flag: str, *, directory: bool) -> str | None:
     """Why ``path`` cannot be written as the file (or the folder of files) ``flag`` names; None if it can.
     Checked before the request is sent, so that a generation is not lost to an output it cannot write,
-    the way `save_video` and `save_frames` will write it: a file that exists and is not a regular file
-    (``/dev/stdout``) in place, so it must be writable; else in its folder (created if missing) under a
-    temporary name, so the folder, or the nearest one that exists, must take a new file: tried by
-    creating one (permission bits say nothing for root, nor for a read-only or special file system)."""
+    by what `save_video` and `save_frames` need: a file that exists must be writable (they write it in
+    place where its folder takes no new file); a new file, or the frames, need their folder (the nearest
+    that exists, when it is to be created) to take a new file: tried by creating one (permission bits
+    say nothing for root, nor for a read-only or special file system)."""
     if path is None:
         return None
     path = Path(path)
-    if path.exists():
+    if path.exists():  # through symbolic links
         if directory and not path.is_dir():
             return f"{flag}: {path} exists and is not a directory"
         if not directory and path.is_dir():
             return f"{flag}: {path} is a directory"
-        if not directory and not os.access(path, os.W_OK):
-            return f"{flag}: {path} is not writable"
-        if not directory and not path.is_file():
-            return None  # a device or a pipe: written in place
-    folder = path if directory else path.parent
+        if not directory:
+            return None if os.access(path, os.W_OK) else f"{flag}: {path} is not writable"
+    folder = path if directory else Path(os.path.realpath(path)).parent  # (a dangling link: its file's)
     while not folder.exists() and folder != folder.parent:  # created on save
         folder = folder.parent
     if not folder.is_dir():

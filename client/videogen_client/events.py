@@ -350,11 +350,11 @@ def collect(events: Iterable[Event]) -> GenerationResult:
 def _replace(path: Path, write: Callable[[Path], None]) -> None:
     """Writes ``path`` through ``write``. A regular file (or a new one) is written under a temporary name
     beside it and renamed over it once complete, so a write that fails (a full disk, an interrupt) leaves
-    what was there before, never a truncated file; through a symbolic link, the file it names is
-    replaced and the link stays; the file keeps its permission bits, and one the caller may not write is
-    refused as before. Anything else is written in place, as a plain write would: a device or a pipe
-    (``/dev/stdout``, ``/dev/null``), a file with other hard links, and a file the rename cannot replace
-    (one mounted on its own, as a container's bind-mounted output)."""
+    what was there before, never a truncated file; through a symbolic link (a dangling one too), the file
+    it names is written and the link stays; a replaced file keeps its permission bits, and one the
+    caller may not write is refused as before. Anything else is written in place, as a plain write
+    would: a device or a pipe (``/dev/stdout``, ``/dev/null``), a file with other hard links, and a file
+    whose folder takes no new file or whose rename is refused (a bind-mounted output, a sticky folder)."""
     try:
         st: os.stat_result | None = path.stat()  # through symbolic links
     except FileNotFoundError:
@@ -364,21 +364,25 @@ def _replace(path: Path, write: Callable[[Path], None]) -> None:
         return
     if st is not None and not os.access(path, os.W_OK):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
-    target = Path(os.path.realpath(path)) if st is not None else path
+    target = Path(os.path.realpath(path))  # the file a symbolic link names, whether it exists or not
     tmp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        write(tmp)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # (less the umask, as a new file)
+    except OSError:
+        write(target)  # the folder takes no new file: in place
+        return
+    try:
+        write(tmp)  # a failure here (a full disk) leaves the old file as it was
         if st is not None:
             os.chmod(tmp, stat.S_IMODE(st.st_mode))
-        os.replace(tmp, target)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if st is None or err.errno not in (errno.EBUSY, errno.EXDEV):
-            raise
-        write(target)  # the rename cannot replace it (a mount point): in place
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        write(target)  # the rename is refused (a mount point, a sticky folder): in place
 
 
 def save_video(result: GenerationResult, path: str | Path) -> Path:

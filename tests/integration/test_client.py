@@ -9,13 +9,15 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import re
-import shutil
 import shlex
+import shutil
 import subprocess
 import sys
 import sysconfig
 import time
+from pathlib import Path
 
 import av
 import grpc
@@ -603,6 +605,9 @@ def test_outputs_are_written_through_links_devices_and_pipes(client, tiny_server
     os.link(tmp_path / "one.mp4", tmp_path / "two.mp4")
     save_video(result, tmp_path / "one.mp4")
     assert (tmp_path / "two.mp4").read_bytes() == result.video
+    os.symlink(tmp_path / "made.mp4", tmp_path / "dangling.mp4")  # the file it names is made, the link kept
+    save_video(result, tmp_path / "dangling.mp4")
+    assert (tmp_path / "dangling.mp4").is_symlink() and (tmp_path / "made.mp4").read_bytes() == result.video
     os.mkfifo(tmp_path / "fifo")
     got: list = []
     reader = threading.Thread(target=lambda: got.append((tmp_path / "fifo").read_bytes()))
@@ -627,6 +632,51 @@ def test_outputs_are_written_through_links_devices_and_pipes(client, tiny_server
                             "--out", "/dev/stdout"], capture_output=True, timeout=120)
     assert piped.returncode == 0, piped.stderr
     assert decode_mp4(piped.stdout)[0] == 2 and b"request_id=" in piped.stderr
+
+
+NOBODY_WRITES = """
+import pathlib, sys
+from videogen_client.cli import _unwritable
+from videogen_client.events import _replace
+for name in sys.argv[1:]:
+    assert _unwritable(name, "--out", directory=False) is None, name
+    _replace(pathlib.Path(name), lambda t: t.write_bytes(b"new"))
+print("ok")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to run as nobody (setpriv)")
+def test_an_output_whose_folder_takes_no_new_file_is_written_in_place(tmp_path):
+    """Write-then-rename needs the folder to take a temporary file and the rename to be allowed; a plain
+    write does not. A writable file in a folder the caller cannot write, or another user's file in a
+    sticky folder (/tmp), could no longer be written, and the CLI found out after the generation (review
+    of the change). They are written in place, and the CLI's check agrees. Run as nobody: as root,
+    permissions do not refuse."""
+    import stat
+    import tempfile
+
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                            "import videogen_client"], capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"nobody cannot import the client here: {probe.stderr[-300:]!r}")
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        (locked := base / "locked").mkdir(mode=0o755)
+        (sticky := base / "sticky").mkdir()
+        os.chmod(sticky, 0o1777)
+        files = [locked / "open.mp4", sticky / "others.mp4"]
+        for f in files:
+            f.write_bytes(b"old")
+            os.chmod(f, 0o666)
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                               NOBODY_WRITES, *map(str, files)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+        assert [f.read_bytes() for f in files] == [b"new", b"new"]
+        assert sorted(p.name for p in locked.iterdir()) == ["open.mp4"] and len(list(sticky.iterdir())) == 1
+        assert stat.S_IMODE(os.stat(files[1]).st_mode) == 0o666
+    finally:
+        shutil.rmtree(base)
 
 
 # -- 9. the client imports without the server's stack ----------------------------------------------
