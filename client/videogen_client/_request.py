@@ -28,6 +28,7 @@ from videogen_client.errors import (
     RETRY_PUSHBACK_METADATA_KEY,
     DeadlineExceededError,
     InvalidArgumentError,
+    ModelNotFoundError,
     UnavailableError,
     VideoGenError,
     response_too_large_for_client,
@@ -565,6 +566,9 @@ class ReadinessWait:
     not wait (``call``) asks gRPC why (connection refused, a TLS handshake, a name not resolved)."""
 
     FINAL_CALL_S = 2.0
+    #: Over several servers, answers in a row that a failed load (or a model the server does not know)
+    #: ends the wait on: a single one may come from the one server of several that lacks the model.
+    FINAL_AFTER = 16
 
     def __init__(self, model: str, timeout: float | None, poll_interval: float, several: bool = False) -> None:
         if not model:
@@ -578,9 +582,11 @@ class ReadinessWait:
         self.last = "no answer from the server"
         self.answered = False  # some answer came (the model's state, or a refusal)
         self.final = False  # the wait is over with no answer: the last call, without wait-for-ready
-        # several servers: each poll reaches one of them, and a model that failed on that one may serve
-        # on the next, so a failure is no final answer
+        # several servers: each poll reaches one of them, and a model that failed on that one (or that it
+        # does not know, during a rollout) may serve on the next: only FINAL_AFTER such answers in a row
+        # end the wait
         self.several = several
+        self._refusals_in_row = 0
 
     def call(self) -> tuple[float | None, bool]:
         """The next GetModel call's deadline (None: none) and whether it waits for a connection."""
@@ -598,16 +604,27 @@ class ReadinessWait:
         if info.state == "failed":
             reason = next((v.reason for v in info.versions if v.state == "failed" and v.reason), "") or info.reason
             failed = f"model {self.model!r} failed to load" + (f": {reason}" if reason else "")
-            if not self.several:
+            if self._final_refusal():
                 raise UnavailableError(failed)
             self.last = failed + " (on the server the last poll reached)"
             return False
+        self._refusals_in_row = 0
         self.last = f"model {self.model!r} is {info.state}"
         return False
 
+    def _final_refusal(self) -> bool:
+        """Whether a refusal that waiting will not cure on that server ends the wait now."""
+        self._refusals_in_row += 1
+        return not self.several or self._refusals_in_row >= self.FINAL_AFTER
+
     def not_yet(self, error: VideoGenError) -> None:
         """Record a refusal that waiting may cure (no server yet, the model loading), or raise ``error``
-        (NOT_FOUND included: the server reads its repositories before its port answers)."""
+        (NOT_FOUND included: the server reads its repositories before its port answers; over several
+        servers, once FINAL_AFTER answers in a row were NOT_FOUND or a failed load)."""
+        if isinstance(error, ModelNotFoundError) and not self._final_refusal():
+            self.answered = True
+            self.last = error.details + " (on the server the last poll reached)"
+            return
         if not isinstance(error, (UnavailableError, DeadlineExceededError)):
             raise error
         if self.final:

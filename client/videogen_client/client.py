@@ -430,8 +430,9 @@ class VideoGenClient:
         after ``timeout`` seconds (None: no limit; when no server ever answered, one last call of up
         to 2 s asks gRPC why), UnavailableError if the model failed to load, ModelNotFoundError if
         the server does not know it. With several servers, each poll's answer is the one server's that
-        it reached: a ready model there ends the wait, and a failed load does not (another server may
-        serve the model): the wait goes on, its timeout's error naming the last failure. Example::
+        it reached: a ready model there ends the wait, and a failed load (or a model that server does
+        not know) does not, as another server may serve the model, unless 16 polls in a row answered
+        so. Example::
 
             client.wait_until_ready("svd-xt", timeout=900)
         """
