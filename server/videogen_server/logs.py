@@ -49,16 +49,38 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.captureWarnings(True)  # warnings.warn as records of logger "py.warnings"
-    threading.excepthook = _log_thread_exception  # an exception no thread caught, as a record too
+    if fmt == "json":  # what Python prints itself, as records too (text is text already)
+        global _python_excepthook, _python_unraisablehook
+        _python_excepthook, _python_unraisablehook = threading.excepthook, sys.unraisablehook
+        threading.excepthook, sys.unraisablehook = _log_thread_exception, _log_unraisable
     _configured = True
 
 
+_python_excepthook = threading.excepthook
+_python_unraisablehook = sys.unraisablehook
+
+
 def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """An exception no thread caught, as an ERROR record (Python prints it otherwise; so does this where
+    the level leaves errors out)."""
+    log = logging.getLogger("videogen_server")
     if args.exc_type is SystemExit:
         return
-    logging.getLogger("videogen_server").error(
-        "uncaught exception in thread %s", args.thread.name if args.thread else "?",
-        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    if not log.isEnabledFor(logging.ERROR):
+        _python_excepthook(args)
+        return
+    log.error("uncaught exception in thread %s", args.thread.name if args.thread else "?",
+              exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _log_unraisable(args) -> None:
+    """An exception Python could not raise ("Exception ignored in ..."), as a WARNING record."""
+    log = logging.getLogger("videogen_server")
+    if not log.isEnabledFor(logging.WARNING):
+        _python_unraisablehook(args)
+        return
+    log.warning("exception ignored in %r: %s", args.object, args.err_msg or "",
+                exc_info=(args.exc_type, args.exc_value, args.exc_traceback) if args.exc_type else None)
 
 
 def adopt_library_loggers() -> None:

@@ -15,8 +15,7 @@ import threading
 import wsgiref.simple_server
 from typing import Callable, Iterable, Optional
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app,
-                               start_http_server)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -82,7 +81,8 @@ class Metrics:
         self.registry.register(collector)
 
     def serve(self, port: int, host: str = "::") -> int:
-        """Serve /metrics over HTTP; returns the bound port (port 0 picks a free one). `::` (or `[::]`)
+        """Serve /metrics over HTTP (prometheus_client's app, which answers in the OpenMetrics format
+        when asked, exemplars included); returns the bound port (port 0 picks a free one). `::` (or `[::]`)
         listens on every IPv6 and IPv4 address (a dual-stack socket, as gRPC's `[::]`, whatever the
         host's net.ipv6.bindv6only says), falling back to every IPv4 address (0.0.0.0) on a host
         without IPv6."""
@@ -96,7 +96,7 @@ class Metrics:
                 log.info("cannot listen on IPv6 here (%s): /metrics listens on 0.0.0.0", err)
                 host = "0.0.0.0"
         if host != "::":
-            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+            server = _serve_at(host, port, make_wsgi_app(self.registry))
         self._http = server
         return server.server_address[1]
 
@@ -109,6 +109,10 @@ class Metrics:
 
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
     daemon_threads = True  # a scrape's thread does not hold the process up
+
+    def handle_error(self, request, client_address) -> None:
+        # a client that sent garbage or went away mid-scrape: no traceback on stderr (a JSON log stays JSON)
+        log.debug("/metrics: a request from %s failed", client_address, exc_info=True)
 
 
 class _DualStackWSGIServer(_ThreadingWSGIServer):
@@ -127,7 +131,19 @@ class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
 
 def _serve_dual_stack(port: int, app) -> wsgiref.simple_server.WSGIServer:
     """/metrics on every IPv6 and IPv4 address, served from a daemon thread."""
-    server = wsgiref.simple_server.make_server("::", port, app, _DualStackWSGIServer, handler_class=_QuietHandler)
+    return _started(wsgiref.simple_server.make_server("::", port, app, _DualStackWSGIServer,
+                                                      handler_class=_QuietHandler))
+
+
+def _serve_at(host: str, port: int, app) -> wsgiref.simple_server.WSGIServer:
+    """/metrics on `host` (an address or a name, IPv4 or IPv6), served from a daemon thread."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    server_class = type("_WSGIServer", (_ThreadingWSGIServer,), {"address_family": family})
+    return _started(wsgiref.simple_server.make_server(sockaddr[0], port, app, server_class,
+                                                      handler_class=_QuietHandler))
+
+
+def _started(server: wsgiref.simple_server.WSGIServer) -> wsgiref.simple_server.WSGIServer:
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics-http").start()
     return server
 

@@ -270,8 +270,9 @@ def test_a_json_log_is_json_on_every_line(make_repo, tmp_path):
 
 
 def test_a_json_log_takes_what_no_thread_caught_and_library_failures():
-    """The same promise for an exception no thread caught (printed raw by Python) and for a library whose
-    import fails: its loggers are left alone, nothing raised (review of the change)."""
+    """The same promise for an exception no thread caught, or that Python could not raise (both printed
+    raw by Python), and for a library whose import fails: its loggers are left alone, nothing raised
+    (reviews of the change)."""
     import subprocess
     import sys
 
@@ -283,12 +284,18 @@ sys.modules["transformers"] = types.ModuleType("transformers")  # installed but 
 logs.adopt_library_loggers()
 t = threading.Thread(target=lambda: 1 / 0, name="worker")
 t.start(); t.join()
+class Leaky:
+    def __del__(self):
+        raise RuntimeError("in __del__")
+Leaky()
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
     [entry] = [e for e in lines if "uncaught exception in thread worker" in e["message"]]
     assert entry["level"] == "ERROR" and "ZeroDivisionError" in entry["exc"]
+    [entry] = [e for e in lines if e["message"].startswith("exception ignored in")]
+    assert entry["level"] == "WARNING" and "in __del__" in entry["exc"]
 
 
 def test_the_compose_healthcheck_reads_the_health_port(make_repo):
