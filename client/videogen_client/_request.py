@@ -710,8 +710,8 @@ class StreamAttempts:
     def queue_timeout_passed(self, request_id: str | None) -> DeadlineExceededError:
         """The error for a request whose queue timeout ran out between servers (``again`` gave None): what
         one server would have said had the request waited there as long."""
-        error = DeadlineExceededError(f"the request's queue timeout ({self._queue_timeout_us / 1e6:g} s) passed while "
-                                      f"it was sent to another server (it was handed back unstarted)",
+        error = DeadlineExceededError(f"the request's queue timeout ({self._queue_timeout_us / 1e6:g} s) would pass "
+                                      f"before it reached another server (it was handed back unstarted)",
                                       request_id=request_id)
         error.error_reason = "QUEUE_TIMEOUT"
         return error
