@@ -46,8 +46,18 @@ class _Gathering:
     def end_before_queue_timeouts(self) -> None:
         """Moves `until` early enough that no row's queue timeout passes while it waits in the batch
         (where the engine's queue timer cannot take it out)."""
-        self.until = min([self.until] + [r.queue_deadline - QUEUE_TIMEOUT_MARGIN_S for r in self.rows
-                                         if r.queue_deadline is not None])
+        self.until = self._until(self.rows)
+
+    def _until(self, rows: list) -> float:
+        return min([self.until] + [r.queue_deadline - QUEUE_TIMEOUT_MARGIN_S for r in rows
+                                   if r.queue_deadline is not None])
+
+    def start(self, now: float, joiners: list = ()) -> float:
+        """When the batch starts at the latest (time.monotonic()), with `joiners` taken in too: at once
+        once it has its room, else when its gathering ends (before the joiners' queue timeouts too)."""
+        if len(self.rows) + len(joiners) >= self.room:
+            return now
+        return max(now, self._until(joiners))
 
 
 class Scheduler:
@@ -265,9 +275,7 @@ class Scheduler:
         for g in self._gathering:
             joiners = (joins or {}).get(id(g), [])
             rows = g.rows + joiners
-            until = min([g.until] + [r.queue_deadline - QUEUE_TIMEOUT_MARGIN_S for r in joiners
-                                     if r.queue_deadline is not None])
-            start = max(now, until) if len(rows) < g.room else now
+            start = g.start(now, joiners)
             # told to a caller: as large as its shape's batches usually are (see _plan)
             size = min(self._max_batch, max(len(rows), self.run_times.usual_size(g.key))) if nearest else len(rows)
             est = self.run_times.batch(g.key, size, nearest=nearest)
@@ -281,7 +289,7 @@ class Scheduler:
         """The instances' batches, running or gathering: (shape, rows, when it started or will at the
         latest). Call with the lock held."""
         busy = [(run.key, run.rows, run.started) for run in self._running.values()]
-        busy += [(g.key, g.rows, max(now, g.until) if len(g.rows) < g.room else now) for g in self._gathering]
+        busy += [(g.key, g.rows, g.start(now)) for g in self._gathering]
         return busy
 
     def retry_after(self) -> Optional[float]:
