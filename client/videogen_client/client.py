@@ -121,9 +121,10 @@ class VideoGenClient:
             (``grpc.health.v1``, service ``videogen.v1.VideoGen``) is SERVING (gRPC client-side
             health checking; a server without the health service counts as healthy), so that
             servers still starting (loading their models) or draining get no new calls instead of
-            refusing them. A server whose start-up is done reports SERVING there whatever its
-            models' states (one that failed to load, or none loaded yet in explicit mode), so
-            its ready models and the model control calls stay reachable. ``None`` (default): on
+            refusing them. A server whose start-up is done reports SERVING there though a model
+            failed to load or none is loaded yet (explicit mode), so its ready models and the
+            model control calls stay reachable; not once every loaded model lost its instances
+            (device errors). ``None`` (default): on
             when ``target`` names several servers (several addresses, or a ``dns:`` name), off
             for one ``HOST:PORT`` (a lone server still starting would be unreachable rather than
             answer). Without health checks, calls a draining server refuses are retried (see
