@@ -51,7 +51,8 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     logging.captureWarnings(True)  # warnings.warn as records of logger "py.warnings"
     if fmt == "json":  # what Python prints itself, as records too (text is text already)
         global _python_excepthook, _python_unraisablehook
-        _python_excepthook, _python_unraisablehook = threading.excepthook, sys.unraisablehook
+        if threading.excepthook is not _log_thread_exception:  # (a second setup keeps the first's)
+            _python_excepthook, _python_unraisablehook = threading.excepthook, sys.unraisablehook
         threading.excepthook, sys.unraisablehook = _log_thread_exception, _log_unraisable
     _configured = True
 

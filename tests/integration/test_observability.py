@@ -279,7 +279,9 @@ def test_a_json_log_takes_what_no_thread_caught_and_library_failures():
     code = """
 import sys, threading, types
 from videogen_server import logs
-logs.setup("json")
+logs.setup("json", "CRITICAL")
+logs.setup("json")  # a second set-up (a level change) keeps Python's own hook to hand over to
+assert logs._python_excepthook is threading.__excepthook__
 sys.modules["transformers"] = types.ModuleType("transformers")  # installed but broken: find_spec raises
 logs.adopt_library_loggers()
 t = threading.Thread(target=lambda: 1 / 0, name="worker")
