@@ -110,6 +110,18 @@ _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
+def ipv6_loopback() -> bool:
+    """Whether this machine can listen on IPv6's loopback (CI machines may have no IPv6)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 def metric_value(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for line in text.splitlines():

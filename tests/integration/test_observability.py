@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ..helpers import ServerThread, Stream, collect, metric_value, request, tiny_config
+from ..helpers import ServerThread, Stream, collect, ipv6_loopback, metric_value, request, tiny_config
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -159,17 +159,6 @@ def test_requests_still_running_when_the_drain_ends_are_errors_not_cancellations
                                          {**labels, "outcome": "cancelled", "code": "CANCELLED"}) is None
 
 
-def _ipv6_loopback() -> bool:
-    import socket
-
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 def test_metrics_listen_on_ipv6_and_ipv4_by_default(make_repo):
     """/metrics listened on 0.0.0.0 while gRPC and health took "[::]": on an IPv6-only cluster Prometheus
     could not scrape, so every alert on the metrics saw an instance down and KEDA read no load (deploy
@@ -181,7 +170,7 @@ def test_metrics_listen_on_ipv6_and_ipv4_by_default(make_repo):
 
     default = {f.name: f.default for f in dataclasses.fields(ServerConfig)}["metrics_host"]
     with ServerThread(make_repo({"m": tiny_config("m")}), metrics_host=default) as server:  # (tests pass 127.0.0.1)
-        hosts = ["127.0.0.1"] + (["[::1]"] if _ipv6_loopback() else [])
+        hosts = ["127.0.0.1"] + (["[::1]"] if ipv6_loopback() else [])
         for host in hosts:
             with urllib.request.urlopen(f"http://{host}:{server.server.metrics_port}/metrics", timeout=10) as r:
                 assert "videogen_requests_total" in r.read().decode(), host

@@ -12,14 +12,7 @@ import pytest
 from videogen_server import metrics as metrics_module
 from videogen_server.metrics import Metrics
 
-
-def _ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
+from ..helpers import ipv6_loopback
 
 
 def _scrape(host: str, port: int) -> int:
@@ -27,7 +20,7 @@ def _scrape(host: str, port: int) -> int:
         return r.status
 
 
-@pytest.mark.skipif(not _ipv6(), reason="no IPv6 on this machine")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 on this machine")
 def test_the_default_listens_on_ipv6_and_ipv4_whatever_bindv6only_says():
     m = Metrics()
     try:
@@ -55,7 +48,7 @@ def test_without_ipv6_metrics_listen_on_ipv4(monkeypatch, failure):
         m.close()
 
 
-@pytest.mark.skipif(not _ipv6(), reason="no IPv6 on this machine")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 on this machine")
 def test_a_taken_port_is_not_hidden_by_the_fallback():
     with socket.socket(socket.AF_INET6) as taken:
         taken.bind(("::", 0))
@@ -84,7 +77,7 @@ def test_a_client_that_resets_mid_scrape_leaves_no_traceback(host, payload, capf
     import struct
     import time
 
-    if host == "::" and not _ipv6():
+    if host == "::" and not ipv6_loopback():
         pytest.skip("no IPv6 on this machine")
     m = Metrics()
     try:
