@@ -18,6 +18,20 @@ from videogen.v1 import videogen_pb2_grpc as pb_grpc
 DEFAULT_CONFIG = None  # keep the tiny model's own config.pbtxt
 
 
+def load_bench_script(name: str):
+    """Imports bench/<name>.py (a script, not a package) as module videogen_bench_<name>."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"videogen_bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def sample_png() -> bytes:
     return resources.files("videogen_server.assets").joinpath("sample.png").read_bytes()
 
@@ -276,3 +290,4 @@ def full_queue(repo: Path, model: str = "m", running_request: Optional[dict] = N
         queued.accepted.wait(10)
         yield server
         assert running.join().summary and queued.join().summary
+

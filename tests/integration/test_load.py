@@ -6,13 +6,9 @@ from one identical round to the next, and the queue and in-flight gauges return 
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-from ..helpers import ServerThread, tiny_config
+from ..helpers import ServerThread, load_bench_script, tiny_config
 
 MODEL = "m"
 MIB = 2**20
@@ -21,17 +17,7 @@ ROUND = dict(clients=6, requests=18, timeout=30.0, duration=60.0,
              request_kwargs=dict(num_inference_steps=2, num_frames=2, frame_encoding="png"))
 
 
-def _load_loadgen():
-    path = Path(__file__).resolve().parents[2] / "bench" / "loadgen.py"
-    spec = importlib.util.spec_from_file_location("videogen_bench_loadgen", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-loadgen = _load_loadgen()
+loadgen = load_bench_script("loadgen")
 
 
 @pytest.fixture(scope="module")

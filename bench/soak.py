@@ -1,0 +1,322 @@
+"""Soak: a long mixed workload against a videogen server, sampling what the server process holds.
+
+Usage:
+    python bench/soak.py --requests 8000 [--json soak.json]       # the tiny model on its own server
+    python bench/soak.py --target 127.0.0.1:8001 --pid PID --model svd-xt --width 1024 --height 576 \\
+        --num-frames 25 --steps 25 --timeout 300 --requests 400
+
+Every way a request can end, drawn at random and ``--concurrency`` at a time (KINDS): completed (at two
+priorities), cancelled by its caller after Accepted, after a denoising step or after a frame, a deadline that
+passes while queued or while running, refused at admission (a bad field, an undecodable image, a full queue),
+a caller whose channel closes mid-stream, the Open Inference Protocol's ModelInfer and a ModelStreamInfer
+cancelled after its first answer; with ``--reload-every N`` (explicit model control) the model is reloaded
+in place every N requests while others run. Every ``--sample-every`` requests the server process's resident
+memory, threads and open file descriptors are read from /proc/PID and printed; at the end a table: each
+figure at the first sample (after a warm-up of that many requests) and the last, RSS growth per 1000
+requests (least squares over the samples), and the outcomes by kind.
+
+Without ``--target`` it writes the tiny model to a temporary repository and starts ``videogen-server serve``
+on it (explicit model control, port 0, one CPU thread), which it stops at the end; ``--target`` takes a
+loopback server (the figures need its ``--pid`` on this machine).
+
+Exit status 0 when every request ended as its kind should (UNEXPECTED lists the others: an INTERNAL, a
+stream that outlived its deadline by 10 s, a completion where only an error is possible), 1 otherwise, 2 for
+bad arguments. Importable: ``run_mix(...)`` runs the requests and returns the outcomes; the tests use it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import check_target, default_image  # noqa: E402 - a sibling script
+
+import grpc  # noqa: E402
+
+HANG_GRACE_S = 10.0
+MIB = 2**20
+#: kinds of request, drawn uniformly (completions weigh three): what each sends and how it may end
+KINDS = ("ok", "ok", "ok", "priority", "cancel_accepted", "cancel_progress", "cancel_frame", "deadline_queued",
+         "deadline_running", "invalid", "bad_image", "channel_closed", "kserve", "kserve_stream")
+_FULL = {"QueueFullError", "grpc:UNAVAILABLE"}  # a full queue: VideoGen's RESOURCE_EXHAUSTED, KServe's UNAVAILABLE
+EXPECTED: dict[str, set[str]] = {
+    "ok": {"ok", "QueueFullError"}, "priority": {"ok", "QueueFullError"},
+    "cancel_accepted": {"ok", "QueueFullError"}, "cancel_progress": {"ok", "QueueFullError"},
+    "cancel_frame": {"ok", "QueueFullError"}, "channel_closed": {"ok", "QueueFullError"},
+    "deadline_queued": {"DeadlineExceededError", "QueueFullError"},
+    "deadline_running": {"DeadlineExceededError", "QueueFullError", "ok"},
+    "invalid": {"InvalidArgumentError"}, "bad_image": {"InvalidArgumentError"},
+    "kserve": {"ok"} | _FULL, "kserve_stream": {"ok"} | _FULL,
+}
+
+
+async def _one(client: Any, channel: grpc.aio.Channel, target: str, kind: str, *, model: str,
+               image: bytes, sizes: dict[str, int], timeout: float) -> str:
+    """Sends one request of ``kind``; returns how it ended: ``ok``, an SDK error's class name, or
+    ``grpc:CODE`` for the Open Inference Protocol's calls."""
+    from inference import grpc_service_pb2 as kpb
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+    from videogen_client import Accepted, AsyncVideoGenClient, Frame, Progress, VideoGenError
+
+    try:
+        if kind in ("ok", "priority"):
+            await client.run(image, model=model, **sizes, priority=1 if kind == "priority" else 0, timeout=timeout)
+        elif kind.startswith("cancel_"):
+            until = {"cancel_accepted": Accepted, "cancel_progress": Progress, "cancel_frame": Frame}[kind]
+            async with contextlib.aclosing(client.generate(image, model=model, **sizes, timeout=timeout)) as events:
+                async for event in events:
+                    if isinstance(event, until):
+                        break
+        elif kind == "deadline_queued":  # shorter than any run: ends queued, or at its first step
+            await client.run(image, model=model, **sizes, timeout=0.02)
+        elif kind == "deadline_running":  # ten times the steps, and a deadline a little past admission
+            await client.run(image, model=model, **dict(sizes, num_inference_steps=10 * sizes["num_inference_steps"]),
+                             timeout=0.3)
+        elif kind == "invalid":
+            await client.run(image, model=model, **sizes, fps=-1, timeout=timeout)
+        elif kind == "bad_image":
+            await client.run(b"\x89PNG\r\n\x1a\n not an image", model=model, **sizes, timeout=timeout)
+        elif kind == "channel_closed":  # a caller that goes away without cancelling: its connection closes
+            async with AsyncVideoGenClient(target, retry=False) as gone:
+                async for event in gone.generate(image, model=model, **sizes, timeout=timeout):
+                    if isinstance(event, Progress):
+                        break
+        elif kind.startswith("kserve"):
+            from videogen_server.transport.kserve import serialize_bytes
+
+            infer = kpb.ModelInferRequest(model_name=model, id=kind)
+            infer.inputs.add(name="image", datatype="BYTES", shape=[1])
+            infer.raw_input_contents.append(serialize_bytes([image]))
+            for key, value in sizes.items():
+                infer.parameters[key].int64_param = value
+            stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            if kind == "kserve":
+                await stub.ModelInfer(infer, timeout=timeout)
+            else:
+                call = stub.ModelStreamInfer(iter([infer]), timeout=timeout)
+                async for answer in call:
+                    if answer.error_message:
+                        code = dict(answer.infer_response.parameters).get("error_code")
+                        return f"grpc:{code.string_param if code else 'UNKNOWN'}"
+                    call.cancel()
+                    break
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+        return "ok"
+    except VideoGenError as err:
+        return type(err).__name__
+    except grpc.RpcError as err:
+        return f"grpc:{err.code().name}"
+
+
+async def run_mix(target: str, *, model: str, requests: int, concurrency: int = 6, seed: int = 0,
+                  sizes: Optional[dict[str, int]] = None, image: Optional[bytes] = None, timeout: float = 60.0,
+                  reload_every: int = 0, on_done: Optional[Callable[[int], Awaitable[None]]] = None,
+                  kinds: Sequence[str] = KINDS) -> dict[str, Counter]:
+    """Sends ``requests`` requests of kinds drawn from ``kinds`` (seeded), ``concurrency`` at a time; with
+    ``reload_every`` the model is reloaded (LoadModel, explicit model control) in place after every that
+    many requests, while the others run; ``on_done(n)`` is awaited after each request (n done so far).
+    Returns {kind: Counter(outcome)}; a request that outlives its deadline by HANG_GRACE_S is ``HANG``."""
+    from videogen_client import AsyncVideoGenClient
+
+    sizes = dict(sizes or {})
+    sizes.setdefault("num_inference_steps", 2)
+    image = image or default_image()
+    rng = random.Random(seed)
+    drawn = [rng.choice(kinds) for _ in range(requests)]
+    outcomes: dict[str, Counter] = {}
+    limit = asyncio.Semaphore(concurrency)
+    done = 0
+    async with AsyncVideoGenClient(target, retry=False) as client:
+        channel = grpc.aio.insecure_channel(target)
+
+        async def send(i: int) -> None:
+            nonlocal done
+            async with limit:
+                if reload_every and i and i % reload_every == 0:
+                    outcome = "ok"
+                    try:
+                        await client.load_model(model, timeout=max(timeout, 600.0))
+                    except Exception as err:  # noqa: BLE001 - reported as an outcome
+                        outcome = type(err).__name__
+                    outcomes.setdefault("reload", Counter())[outcome] += 1
+                try:
+                    outcome = await asyncio.wait_for(
+                        _one(client, channel, target, drawn[i], model=model, image=image, sizes=sizes,
+                             timeout=timeout), timeout + HANG_GRACE_S)
+                except asyncio.TimeoutError:
+                    outcome = "HANG"
+                outcomes.setdefault(drawn[i], Counter())[outcome] += 1
+                done += 1
+                if on_done is not None:
+                    await on_done(done)
+
+        try:
+            await asyncio.gather(*(send(i) for i in range(requests)))
+        finally:
+            await channel.close()
+    return outcomes
+
+
+def unexpected(outcomes: dict[str, Counter]) -> dict[str, dict[str, int]]:
+    """The outcomes no request of that kind should have had."""
+    allowed = dict(EXPECTED, reload={"ok"})
+    bad = {kind: {o: n for o, n in counter.items() if o not in allowed.get(kind, set())}
+           for kind, counter in outcomes.items()}
+    return {kind: found for kind, found in bad.items() if found}
+
+
+def process_sample(pid: int) -> dict[str, int]:
+    """The process's resident memory (bytes), threads and open file descriptors, from /proc."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {"rss_bytes": int(status["VmRSS"].split()[0]) * 1024, "threads": int(status["Threads"]),
+            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
+def slope_per_1000(samples: list[dict[str, Any]], key: str) -> Optional[float]:
+    """Least-squares growth of ``key`` per 1000 requests over the samples (None for fewer than 2)."""
+    if len(samples) < 2:
+        return None
+    xs, ys = [s["requests"] for s in samples], [s[key] for s in samples]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return 1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else None
+
+
+def format_table(result: dict[str, Any]) -> str:
+    samples = result["samples"]
+    lines = [f"videogen soak: model {result['model']} at {result['target']}, {result['requests']} requests, "
+             f"{result['concurrency']} at a time, {result['wall_seconds']:.0f} s"]
+    if samples:
+        first, last = samples[0], samples[-1]
+        lines.append(f"{'server process':<16}{'first':>12}{'last':>12}{'min':>12}{'max':>12}"
+                     f"   (first: after {first['requests']} requests; last: after {last['requests']})")
+        for key, label, unit in (("rss_bytes", "RSS", MIB), ("threads", "threads", 1), ("fds", "open fds", 1)):
+            values = [s[key] for s in samples]
+            cells = [f"{v / unit:,.1f}" if unit != 1 else str(v) for v in (first[key], last[key], min(values), max(values))]
+            lines.append(f"{label + (' MiB' if unit != 1 else ''):<16}" + "".join(f"{c:>12}" for c in cells))
+        growth = result["rss_growth_mib_per_1000_requests"]
+        lines.append(f"RSS growth: {'-' if growth is None else f'{growth:+.2f}'} MiB per 1000 requests")
+    lines.append("outcomes: " + "; ".join(f"{kind} " + ", ".join(f"{o}={n}" for o, n in sorted(c.items()))
+                                          for kind, c in sorted(result["outcomes"].items())))
+    bad = result["unexpected"]
+    lines.append("UNEXPECTED: " + json.dumps(bad) if bad else "every request ended as its kind should")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def tiny_server(workdir: Path):
+    """Starts ``videogen-server serve`` on the tiny model (explicit model control); yields (target, pid)."""
+    cli = [sys.executable, "-c", "import sys; from videogen_server.cli import main; sys.exit(main())"]
+    subprocess.run(cli + ["make-tiny-model", str(workdir / "repo")], check=True, stdout=subprocess.DEVNULL)
+    ports = workdir / "ports"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(workdir / "server.log", "wb") as log:
+        proc = subprocess.Popen(cli + ["serve", "--model-repository", str(workdir / "repo"), "--host", "127.0.0.1",
+                                       "--port", "0", "--metrics-port", "-1", "--cpu-threads", "1",
+                                       "--model-control-mode", "explicit", "--load-model", "*",
+                                       "--port-file", str(ports)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (ports.exists() and ports.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start: see {workdir / 'server.log'}")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{ports.read_text().split()[0]}", proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def soak(target: str, pid: Optional[int], *, model: str, requests: int, concurrency: int, sample_every: int,
+         seed: int, sizes: dict[str, int], image: bytes, timeout: float, reload_every: int) -> dict[str, Any]:
+    samples: list[dict[str, Any]] = []
+
+    async def on_done(n: int) -> None:
+        if pid is not None and (n % sample_every == 0 or n == requests):
+            sample = {"requests": n, "seconds": round(time.monotonic() - t0, 1), **process_sample(pid)}
+            samples.append(sample)
+            print(f"{n:>8} requests {sample['seconds']:>8.1f} s  RSS {sample['rss_bytes'] / MIB:,.1f} MiB  "
+                  f"threads {sample['threads']}  fds {sample['fds']}", flush=True)
+
+    t0 = time.monotonic()
+    outcomes = asyncio.run(run_mix(target, model=model, requests=requests, concurrency=concurrency, seed=seed,
+                                   sizes=sizes, image=image, timeout=timeout, reload_every=reload_every,
+                                   on_done=on_done))
+    return {"target": target, "model": model, "requests": requests, "concurrency": concurrency, "seed": seed,
+            "sizes": sizes, "reload_every": reload_every, "wall_seconds": time.monotonic() - t0,
+            "samples": samples, "rss_growth_mib_per_1000_requests":
+                None if (g := slope_per_1000(samples, "rss_bytes")) is None else g / MIB,
+            "outcomes": {k: dict(v) for k, v in outcomes.items()}, "unexpected": unexpected(outcomes)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="soak.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", metavar="HOST:PORT", help="a loopback server (default: start one on the tiny model)")
+    p.add_argument("--pid", type=int, help="the --target server's process id, for its figures")
+    p.add_argument("--model", help="model name (default: svd-tiny on the server this starts; required with --target)")
+    p.add_argument("--requests", type=int, default=2000, help="requests in all (default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=6, help="requests at a time (default %(default)s)")
+    p.add_argument("--sample-every", type=int, default=200, help="requests between samples (default %(default)s)")
+    p.add_argument("--reload-every", type=int, help="reload the model in place every N requests (explicit model "
+                   "control; default: 500 on the server this starts, never with --target)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw of kinds (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=60.0, help="gRPC deadline per request, s (default %(default)s)")
+    p.add_argument("--image", type=Path, help="conditioning image (default: a 64x48 gradient PNG)")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--height", type=int, default=32)
+    p.add_argument("--num-frames", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, dest="num_inference_steps")
+    p.add_argument("--decode-chunk-size", type=int, default=1)
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.target and not args.model:
+        p.error("--model is required with --target")
+    if args.target and (reason := check_target(args.target)):
+        print(f"soak: refusing to run: {reason}", file=sys.stderr)
+        return 2
+    if min(args.requests, args.concurrency, args.sample_every) < 1 or not args.timeout > 0:
+        p.error("--requests, --concurrency and --sample-every must be >= 1 and --timeout > 0")
+    sizes = {k: getattr(args, k) for k in ("width", "height", "num_frames", "num_inference_steps", "decode_chunk_size")}
+    image = args.image.read_bytes() if args.image else default_image()
+    with contextlib.ExitStack() as stack:
+        if args.target:
+            target, pid, model, reload_every = args.target, args.pid, args.model, args.reload_every or 0
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="videogen-soak-")))
+            target, pid = stack.enter_context(tiny_server(workdir))
+            model = args.model or "svd-tiny"
+            reload_every = 500 if args.reload_every is None else args.reload_every
+        result = soak(target, pid, model=model, requests=args.requests, concurrency=args.concurrency,
+                      sample_every=args.sample_every, seed=args.seed, sizes=sizes, image=image,
+                      timeout=args.timeout, reload_every=reload_every)
+    print(format_table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 1 if result["unexpected"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
