@@ -291,3 +291,72 @@ def full_queue(repo: Path, model: str = "m", running_request: Optional[dict] = N
         yield server
         assert running.join().summary and queued.join().summary
 
+
+class SilentPeerProxy:
+    """A TCP relay on loopback to `port` that `go_silent()` turns into a black hole: it stops
+    forwarding both ways and keeps every connection open, as when a peer's host vanishes or the
+    network between is cut (no FIN, no RST: only keepalive pings can tell). Connections made after
+    that are accepted and go nowhere. A context manager; `port` is the relay's own."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self._target = ("127.0.0.1", port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._silent = threading.Event()
+        self._closed = threading.Event()
+        self._sockets: list = []
+        threading.Thread(target=self._accept, daemon=True, name="silent-proxy").start()
+
+    def go_silent(self) -> None:
+        self._silent.set()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                downstream, _ = self._listener.accept()
+                upstream = socket.create_connection(self._target)
+            except OSError:  # closed, or the server is gone
+                return
+            self._sockets += [downstream, upstream]
+            for src, dst in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True, name="silent-proxy").start()
+
+    def _pump(self, src, dst) -> None:
+        import socket
+
+        with contextlib.suppress(OSError):  # closed before this thread started: recv below returns
+            src.settimeout(0.05)
+        while not self._closed.is_set():
+            if self._silent.is_set():  # read nothing more: the sender's window fills, its pings go unanswered
+                self._closed.wait(0.1)
+                continue
+            try:
+                data = src.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            if not self._silent.is_set():
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        for s in self._sockets:
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def __enter__(self) -> "SilentPeerProxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

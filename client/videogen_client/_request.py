@@ -56,6 +56,14 @@ MAX_RECEIVE_MESSAGE_LENGTH = 8 * 1024 * 1024
 # the request against this limit itself, so that the mistake is reported as INVALID_ARGUMENT on
 # "image" rather than as grpc's RESOURCE_EXHAUSTED (which would read as a full queue).
 MAX_SEND_MESSAGE_LENGTH = 64 * 1024 * 1024
+# A dead server (its host gone, or the network cut: no FIN, no RST) leaves a call waiting for its
+# deadline, forever without one, while the request sits queued or the stream is silent. With calls open,
+# the client pings after this long without a frame from the server and ends the calls UNAVAILABLE when
+# no answer comes in KEEPALIVE_TIMEOUT_S. The server accepts pings every 10 s or slower (more often,
+# it would close the connection: GOAWAY too_many_pings), so 30 s leaves margin.
+KEEPALIVE_S = 30.0
+KEEPALIVE_TIMEOUT_S = 20.0
+MIN_KEEPALIVE_S = 10.0
 # The server's rule for request ids (they travel as x-request-id metadata, which is printable ASCII):
 # checked here too, since gRPC refuses other metadata before sending, as an INTERNAL "Invalid metadata".
 MAX_REQUEST_ID_LEN = 128
@@ -293,7 +301,8 @@ def connection_settings(target: Target, *, secure: bool, root_certificates: byte
                         private_key: bytes | None, certificate_chain: bytes | None,
                         token: str | None, options: ChannelOptions | None,
                         retry: bool | RetryPolicy = True, load_balancing: str = "round_robin",
-                        health_check: bool | None = None) -> ConnectionSettings:
+                        health_check: bool | None = None,
+                        keepalive: float | None = KEEPALIVE_S) -> ConnectionSettings:
     """Validate the client constructor's arguments and turn them into :class:`ConnectionSettings`."""
     grpc_target = channel_target(target)
     if token is not None:
@@ -308,6 +317,14 @@ def connection_settings(target: Target, *, secure: bool, root_certificates: byte
     if load_balancing not in _LB_POLICIES:
         raise ValueError(f"load_balancing must be one of {list(_LB_POLICIES)}, not {load_balancing!r} (for another "
                          f"policy, give options=[('grpc.service_config', ...)])")
+    if keepalive is not None and (isinstance(keepalive, bool) or not isinstance(keepalive, (int, float))
+                                  or not keepalive >= 0):
+        raise ValueError(f"keepalive must be None, 0 (off) or a number of seconds >= {MIN_KEEPALIVE_S:g}, "
+                         f"not {keepalive!r}")
+    if keepalive and keepalive < MIN_KEEPALIVE_S:
+        raise ValueError(f"keepalive {keepalive} s: the server closes connections that ping more often than "
+                         f"every {MIN_KEEPALIVE_S:g} s (GOAWAY too_many_pings); give {MIN_KEEPALIVE_S:g} or more, "
+                         f"or 0 (off)")
     if isinstance(retry, RetryPolicy):
         policy: RetryPolicy | None = retry
     elif isinstance(retry, bool):
@@ -323,6 +340,13 @@ def connection_settings(target: Target, *, secure: bool, root_certificates: byte
         "grpc.service_config_disable_resolution": 1,
         "grpc.enable_retries": 1 if policy is not None else 0,
     }
+    if keepalive:
+        # pings only while calls are open (keepalive_permit_without_calls stays 0), and on through a
+        # silent stream (max_pings_without_data 0: the default 2 would stop them while a request is
+        # queued); grpcio waits for the answer up to the ping timeout, not keepalive_timeout_ms alone
+        timeout_ms = int(KEEPALIVE_TIMEOUT_S * 1000)
+        merged.update({"grpc.keepalive_time_ms": int(keepalive * 1000), "grpc.keepalive_timeout_ms": timeout_ms,
+                       "grpc.http2.ping_timeout_ms": timeout_ms, "grpc.http2.max_pings_without_data": 0})
     if (secure and _passed_through(target) is None and len(_parts(target)) > 1
             and "grpc.ssl_target_name_override" not in dict(options or ())):
         # several HOST:PORT resolved to an address list: TLS would check the certificate against an

@@ -13,6 +13,7 @@ import grpc.aio
 from videogen.v1 import videogen_pb2, videogen_pb2_grpc
 
 from videogen_client._request import (
+    KEEPALIVE_S,
     ChannelOptions,
     ImageInput,
     ReadinessWait,
@@ -96,19 +97,29 @@ class AsyncVideoGenClient:
             answer). Without health checks, calls a draining server refuses are retried (see
             ``retry``), but with concurrent calls a retry can land on the same server again.
 
+        keepalive: with calls open, ping the server after this many seconds without a frame from
+            it, and end the calls ``UNAVAILABLE`` (:class:`UnavailableError`) when no answer comes
+            in 20 s: a server whose host vanished or whose network was cut (no FIN, no RST) is
+            found in under a minute instead of at the call's deadline (never, without one).
+            Default 30; at least 10 (the server refuses pings more often than every 10 s); ``0``
+            or ``None``: off (gRPC's default). The server pings its callers in the same way
+            (``--keepalive-seconds``) and cancels the requests of one that does not answer.
+
     An ``options`` entry ``("grpc.service_config", json)`` replaces the service config that
-    ``retry``, ``load_balancing`` and ``health_check`` build.
+    ``retry``, ``load_balancing`` and ``health_check`` build; ``options`` entries for the
+    ``grpc.keepalive_*`` and ``grpc.http2.*ping*`` arguments replace those ``keepalive`` sets.
     """
 
     def __init__(self, target: Target, *, secure: bool = False, root_certificates: bytes | None = None,
                  private_key: bytes | None = None, certificate_chain: bytes | None = None,
                  token: str | None = None, options: ChannelOptions | None = None,
                  timeout: float | None = None, retry: bool | RetryPolicy = True,
-                 load_balancing: str = "round_robin", health_check: bool | None = None) -> None:
+                 load_balancing: str = "round_robin", health_check: bool | None = None,
+                 keepalive: float | None = KEEPALIVE_S) -> None:
         self._settings = connection_settings(
             target, secure=secure, root_certificates=root_certificates, private_key=private_key,
             certificate_chain=certificate_chain, token=token, options=options, retry=retry,
-            load_balancing=load_balancing, health_check=health_check)
+            load_balancing=load_balancing, health_check=health_check, keepalive=keepalive)
         self._timeout = deadline_seconds(timeout)
         self._closed = False
         if self._settings.credentials is None:

@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="close connections after this long so clients rebalance over new replicas; 0 = never")
     s.add_argument("--max-connection-age-grace-seconds", type=float, default=d.max_connection_age_grace_seconds,
                    help="how long streams on an aged connection may still run")
+    s.add_argument("--keepalive-seconds", type=float, default=d.keepalive_seconds,
+                   help="ping a connection after this long without a frame from the client; 0 = off")
+    s.add_argument("--keepalive-timeout-seconds", type=float, default=d.keepalive_timeout_seconds,
+                   help="close a connection whose ping is not answered in this long, cancelling its requests")
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (with --tls-key)")
     s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     s.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates it signed (mutual TLS)")
@@ -162,7 +166,9 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         max_queue_size=args.max_queue_size, cpu_threads=args.cpu_threads, media_threads=args.media_threads,
         drain_grace_seconds=args.drain_grace_seconds, unload_timeout_seconds=args.unload_timeout_seconds,
         max_request_bytes=args.max_request_bytes, max_connection_age_seconds=args.max_connection_age_seconds,
-        max_connection_age_grace_seconds=args.max_connection_age_grace_seconds, tls_cert=args.tls_cert,
+        max_connection_age_grace_seconds=args.max_connection_age_grace_seconds,
+        keepalive_seconds=args.keepalive_seconds, keepalive_timeout_seconds=args.keepalive_timeout_seconds,
+        tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_tokens=_auth_tokens(args, environ),
         otlp_endpoint=args.otlp_endpoint,
         otlp_service_name=args.otlp_service_name or environ.get("OTEL_SERVICE_NAME") or ServerConfig.otlp_service_name,

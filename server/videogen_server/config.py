@@ -47,6 +47,12 @@ class ServerConfig:
     max_connection_age_seconds: float = 300.0
     #: In-flight streams on an aged connection get this long to finish (longer than one video).
     max_connection_age_grace_seconds: float = 600.0
+    #: Dead callers: the server pings each connection after this long without a frame from the client,
+    #: and closes it when the ping is not answered within keepalive_timeout_seconds, cancelling its
+    #: requests. A caller whose host vanished or whose network was cut (no FIN, no RST) otherwise keeps
+    #: its queued requests, which then run on the GPU for nobody (gRPC's own default: 2 hours). 0 = off.
+    keepalive_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 20.0
     #: TLS: PEM server certificate chain and private key (both or neither). With a client CA, mutual
     #: TLS: every client must present a certificate signed by it.
     tls_cert: Optional[Path] = None
@@ -97,6 +103,10 @@ class ServerConfig:
             if url.path not in ("", "/") or url.query:
                 raise ValueError(f"--otlp-endpoint: {self.otlp_endpoint!r} has a path: traces go over OTLP/gRPC "
                                  "(port 4317), which takes the collector's address only, not an OTLP/HTTP URL")
+        if not self.keepalive_seconds >= 0:
+            raise ValueError(f"--keepalive-seconds: {self.keepalive_seconds} is negative (0 turns keepalive off)")
+        if not self.keepalive_timeout_seconds > 0:
+            raise ValueError(f"--keepalive-timeout-seconds: {self.keepalive_timeout_seconds} is not above 0")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError(f"--trace-sample-ratio: {self.trace_sample_ratio} is outside 0..1")
         if not self.otlp_service_name:

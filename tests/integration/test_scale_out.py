@@ -534,6 +534,28 @@ def test_service_config_has_round_robin_health_checks_and_the_retry_policy():
     assert dict(custom.options)["grpc.service_config"] == "{}"
 
 
+def test_keepalive_becomes_the_channels_ping_options():
+    def options(**kw) -> dict:
+        return dict(connection_settings("h:1", secure=False, root_certificates=None, private_key=None,
+                                        certificate_chain=None, token=None, **kw).options)
+
+    # by default the client pings a silent server after 30 s and gives up 20 s later; pings go on while
+    # the server sends nothing (a queued request); only while calls are open
+    default = options(options=None)
+    assert (default["grpc.keepalive_time_ms"], default["grpc.keepalive_timeout_ms"],
+            default["grpc.http2.ping_timeout_ms"], default["grpc.http2.max_pings_without_data"]) == (30000, 20000, 20000, 0)
+    assert "grpc.keepalive_permit_without_calls" not in default
+    assert options(options=None, keepalive=45)["grpc.keepalive_time_ms"] == 45000
+    for off in (0, None):
+        assert not any("ping" in k or "keepalive" in k for k in options(options=None, keepalive=off))
+    # the caller's own channel options win
+    assert options(options=[("grpc.keepalive_time_ms", 120000)])["grpc.keepalive_time_ms"] == 120000
+    # more often than the server allows (it would close the connection: too_many_pings), or not a number
+    for bad in (5, 9.9, -1, True, "30", float("nan")):
+        with pytest.raises(ValueError, match="keepalive"):
+            options(options=None, keepalive=bad)
+
+
 def test_retry_policy_is_validated():
     assert RetryPolicy(retryable_status_codes=[grpc.StatusCode.UNAVAILABLE]).retryable_status_codes == ("UNAVAILABLE",)
     # each refused when built: gRPC refuses the service config only at the first call, as an

@@ -41,6 +41,17 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+    if config.keepalive_seconds > 0:
+        # Dead callers (a host gone, a cut network: no FIN or RST): ping after keepalive_seconds without
+        # a frame from the client and close the connection if no answer comes in keepalive_timeout_seconds,
+        # cancelling its requests, queued ones included, before they run for nobody. The answer's wait is
+        # the ping timeout (grpc.http2.ping_timeout_ms, 60 s by default, which grpcio 1.85 applies to
+        # keepalive pings: keepalive_timeout_ms alone left an unanswered ping waiting a minute). Pings go on
+        # while the server sends nothing (a queued request), which max_pings_without_data (2) would stop.
+        timeout_ms = int(config.keepalive_timeout_seconds * 1000)
+        options += [("grpc.keepalive_time_ms", int(config.keepalive_seconds * 1000)),
+                    ("grpc.keepalive_timeout_ms", timeout_ms), ("grpc.http2.ping_timeout_ms", timeout_ms),
+                    ("grpc.http2.max_pings_without_data", 0)]
     if config.max_connection_age_seconds > 0:
         # Scale-out: clients re-resolve and rebalance when their connection ages out (GOAWAY);
         # streams still running on it get the grace period.
