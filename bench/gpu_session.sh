@@ -2,15 +2,9 @@
 # One device session's measurements, written under $OUT (run from the repository root on the GPU machine).
 #
 # The machine's image lacks diffusers, PyAV and our grpc pins: carry them as wheels in .whl/ together with
-# this repository's own wheel (stubs are generated at build time), as /work/.library/device/README.md says:
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl diffusers==0.42.1 av==18.1.0 \
-#       grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 importlib_metadata \
-#       opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2 \
-#       opentelemetry-exporter-otlp-proto-grpc==1.45.2 opentelemetry-exporter-otlp-proto-common==1.45.2 \
-#       opentelemetry-exporter-otlp-common==0.66b2 opentelemetry-proto==1.45.2 googleapis-common-protos==1.76.0
-#   (the server imports opentelemetry's API at start, tracing or not: ~1 MB of wheels, 49 MB in all)
-#   rm -rf build .whl/videogen-*; pip wheel --no-deps --no-build-isolation . -w .whl   (right before the call:
-#   the machine runs the wheel, not the tree; gpu-PART.txt says whether they match)
+# this repository's own wheel (stubs are generated at build time), as /work/.library/device/README.md says.
+# `bash bench/gpu_wheels.sh /path/to/venv/python` fills .whl/ (49 MiB); run it right before the call: the
+# machine runs the wheel, not the tree (gpu-PART.txt says whether they match).
 #
 # part1: the plain pipeline and the compiled server from a cold cache, then (a new process, as a restart
 #        would be) the compiled server from the warm cache. tricks: one eager UNet forward per option.
