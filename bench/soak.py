@@ -10,18 +10,24 @@ priorities), cancelled by its caller after Accepted, after a denoising step or a
 passes while queued or while running, refused at admission (a bad field, an undecodable image, a full queue),
 a caller whose channel closes mid-stream, the Open Inference Protocol's ModelInfer and a ModelStreamInfer
 cancelled after its first answer; with ``--reload-every N`` (explicit model control) the model is reloaded
-in place every N requests while others run. Every ``--sample-every`` requests the server process's resident
+in place every N requests while others run; every ``--burst-every`` requests a burst of ``--burst-size``
+completions goes at once beside the mix, more than the server queues, so that some are refused as a full
+queue (the mix alone reaches a full queue only while ``--concurrency`` exceeds what the server queues and
+runs, and then for most of its requests, as refusals are quick). Every ``--sample-every`` requests the server process's resident
 memory, threads and open file descriptors are read from /proc/PID and printed; at the end a table: each
 figure at the first sample (after a warm-up of that many requests) and the last, RSS growth per 1000
 requests (least squares over the samples), and the outcomes by kind.
 
 Without ``--target`` it writes the tiny model to a temporary repository and starts ``videogen-server serve``
-on it (explicit model control, port 0, one CPU thread), which it stops at the end; ``--target`` takes a
-loopback server (the figures need its ``--pid`` on this machine).
+on it (explicit model control, port 0, one CPU thread), which it stops at the end; ``--target`` takes a loopback server (the figures need its ``--pid`` on this
+machine).
 
 Exit status 0 when every request ended as its kind should (UNEXPECTED lists the others: an INTERNAL, a
-stream that outlived its deadline by 10 s, a completion where only an error is possible), 1 otherwise, 2 for
-bad arguments. Importable: ``run_mix(...)`` runs the requests and returns the outcomes; the tests use it.
+stream that outlived its own deadline by 10 s, a completion where only an error is possible), 1
+otherwise, 2 for bad arguments. With reloads, UNAVAILABLE is an expected end (a reload hands back the
+queued requests that would not end within the server's ``--unload-timeout-seconds`` and stops those still
+running at its end; retries are off). A completion's DeadlineExceededError is not: give ``--timeout`` room
+for the queue's wait (``--concurrency`` requests ahead). Importable: ``run_mix(...)`` runs the requests and returns the outcomes; the tests use it.
 """
 from __future__ import annotations
 
@@ -46,18 +52,21 @@ from loadgen import check_target, default_image  # noqa: E402 - a sibling script
 import grpc  # noqa: E402
 
 HANG_GRACE_S = 10.0
+#: the kinds whose deadline is their own, not --timeout
+SHORT_DEADLINES = {"deadline_queued": 0.02, "deadline_running": 0.3}
 MIB = 2**20
 #: kinds of request, drawn uniformly (completions weigh three): what each sends and how it may end
 KINDS = ("ok", "ok", "ok", "priority", "cancel_accepted", "cancel_progress", "cancel_frame", "deadline_queued",
          "deadline_running", "invalid", "bad_image", "channel_closed", "kserve", "kserve_stream")
 _FULL = {"QueueFullError", "grpc:UNAVAILABLE"}  # a full queue: VideoGen's RESOURCE_EXHAUSTED, KServe's UNAVAILABLE
 EXPECTED: dict[str, set[str]] = {
-    "ok": {"ok", "QueueFullError"}, "priority": {"ok", "QueueFullError"},
+    "ok": {"ok", "QueueFullError"}, "priority": {"ok", "QueueFullError"}, "burst": {"ok", "QueueFullError"},
     "cancel_accepted": {"ok", "QueueFullError"}, "cancel_progress": {"ok", "QueueFullError"},
     "cancel_frame": {"ok", "QueueFullError"}, "channel_closed": {"ok", "QueueFullError"},
     "deadline_queued": {"DeadlineExceededError", "QueueFullError"},
     "deadline_running": {"DeadlineExceededError", "QueueFullError", "ok"},
-    "invalid": {"InvalidArgumentError"}, "bad_image": {"InvalidArgumentError"},
+    # fields are checked before a queue slot is taken, the image after
+    "invalid": {"InvalidArgumentError"}, "bad_image": {"InvalidArgumentError", "QueueFullError"},
     "kserve": {"ok"} | _FULL, "kserve_stream": {"ok"} | _FULL,
 }
 
@@ -71,7 +80,7 @@ async def _one(client: Any, channel: grpc.aio.Channel, target: str, kind: str, *
     from videogen_client import Accepted, AsyncVideoGenClient, Frame, Progress, VideoGenError
 
     try:
-        if kind in ("ok", "priority"):
+        if kind in ("ok", "priority", "burst"):
             await client.run(image, model=model, **sizes, priority=1 if kind == "priority" else 0, timeout=timeout)
         elif kind.startswith("cancel_"):
             until = {"cancel_accepted": Accepted, "cancel_progress": Progress, "cancel_frame": Frame}[kind]
@@ -80,10 +89,10 @@ async def _one(client: Any, channel: grpc.aio.Channel, target: str, kind: str, *
                     if isinstance(event, until):
                         break
         elif kind == "deadline_queued":  # shorter than any run: ends queued, or at its first step
-            await client.run(image, model=model, **sizes, timeout=0.02)
+            await client.run(image, model=model, **sizes, timeout=SHORT_DEADLINES[kind])
         elif kind == "deadline_running":  # ten times the steps, and a deadline a little past admission
             await client.run(image, model=model, **dict(sizes, num_inference_steps=10 * sizes["num_inference_steps"]),
-                             timeout=0.3)
+                             timeout=SHORT_DEADLINES[kind])
         elif kind == "invalid":
             await client.run(image, model=model, **sizes, fps=-1, timeout=timeout)
         elif kind == "bad_image":
@@ -123,12 +132,17 @@ async def _one(client: Any, channel: grpc.aio.Channel, target: str, kind: str, *
 
 async def run_mix(target: str, *, model: str, requests: int, concurrency: int = 6, seed: int = 0,
                   sizes: Optional[dict[str, int]] = None, image: Optional[bytes] = None, timeout: float = 60.0,
-                  reload_every: int = 0, on_done: Optional[Callable[[int], Awaitable[None]]] = None,
+                  reload_every: int = 0, burst_every: int = 0, burst_size: int = 0,
+                  on_done: Optional[Callable[[int], Awaitable[None]]] = None,
                   kinds: Sequence[str] = KINDS) -> dict[str, Counter]:
     """Sends ``requests`` requests of kinds drawn from ``kinds`` (seeded), ``concurrency`` at a time; with
     ``reload_every`` the model is reloaded (LoadModel, explicit model control) in place after every that
-    many requests, while the others run; ``on_done(n)`` is awaited after each request (n done so far).
-    Returns {kind: Counter(outcome)}; a request that outlives its deadline by HANG_GRACE_S is ``HANG``."""
+    many requests, while the others run; with ``burst_every``, ``burst_size`` completions (kind ``burst``)
+    are sent at once beside them after every that many, to fill the queue (more than it and the running
+    batches hold: the full-queue ending, which the mix alone reaches only while ``concurrency`` exceeds
+    them, and then for most requests, as refusals are quick); ``on_done(n)`` is awaited after each drawn
+    request (n done so far). Returns {kind: Counter(outcome)}; a request that outlives its own deadline by
+    HANG_GRACE_S is ``HANG``."""
     from videogen_client import AsyncVideoGenClient
 
     sizes = dict(sizes or {})
@@ -142,6 +156,15 @@ async def run_mix(target: str, *, model: str, requests: int, concurrency: int = 
     async with AsyncVideoGenClient(target, retry=False) as client:
         channel = grpc.aio.insecure_channel(target)
 
+        async def one(kind: str) -> None:
+            try:
+                outcome = await asyncio.wait_for(
+                    _one(client, channel, target, kind, model=model, image=image, sizes=sizes, timeout=timeout),
+                    SHORT_DEADLINES.get(kind, timeout) + HANG_GRACE_S)
+            except asyncio.TimeoutError:
+                outcome = "HANG"
+            outcomes.setdefault(kind, Counter())[outcome] += 1
+
         async def send(i: int) -> None:
             nonlocal done
             async with limit:
@@ -152,13 +175,11 @@ async def run_mix(target: str, *, model: str, requests: int, concurrency: int = 
                     except Exception as err:  # noqa: BLE001 - reported as an outcome
                         outcome = type(err).__name__
                     outcomes.setdefault("reload", Counter())[outcome] += 1
-                try:
-                    outcome = await asyncio.wait_for(
-                        _one(client, channel, target, drawn[i], model=model, image=image, sizes=sizes,
-                             timeout=timeout), timeout + HANG_GRACE_S)
-                except asyncio.TimeoutError:
-                    outcome = "HANG"
-                outcomes.setdefault(drawn[i], Counter())[outcome] += 1
+                burst = (asyncio.gather(*(one("burst") for _ in range(burst_size)))
+                         if burst_every and burst_size and i and i % burst_every == 0 else None)
+                await one(drawn[i])
+                if burst is not None:
+                    await burst
                 done += 1
                 if on_done is not None:
                     await on_done(done)
@@ -170,9 +191,17 @@ async def run_mix(target: str, *, model: str, requests: int, concurrency: int = 
     return outcomes
 
 
+#: ends a reload gives a request: queued ones that would not end within the server's unload wait are handed
+#: back not started, and running ones still running at its end stopped (retries are off here)
+RELOAD_ENDS = {"UnavailableError", "grpc:UNAVAILABLE"}
+
+
 def unexpected(outcomes: dict[str, Counter]) -> dict[str, dict[str, int]]:
-    """The outcomes no request of that kind should have had."""
-    allowed = dict(EXPECTED, reload={"ok"})
+    """The outcomes no request of that kind should have had (with reloads, UNAVAILABLE is one to expect)."""
+    reloads = bool(outcomes.get("reload"))
+    allowed = {kind: ends | RELOAD_ENDS if reloads and kind not in ("invalid",) else ends
+               for kind, ends in EXPECTED.items()}
+    allowed["reload"] = {"ok"}
     bad = {kind: {o: n for o, n in counter.items() if o not in allowed.get(kind, set())}
            for kind, counter in outcomes.items()}
     return {kind: found for kind, found in bad.items() if found}
@@ -221,9 +250,9 @@ def tiny_server(workdir: Path):
     """Starts ``videogen-server serve`` on the tiny model (explicit model control); yields (target, pid)."""
     cli = [sys.executable, "-c", "import sys; from videogen_server.cli import main; sys.exit(main())"]
     subprocess.run(cli + ["make-tiny-model", str(workdir / "repo")], check=True, stdout=subprocess.DEVNULL)
-    ports = workdir / "ports"
+    ports, log_path = workdir / "ports", workdir / "server.log"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(workdir / "server.log", "wb") as log:
+    with open(log_path, "wb") as log:
         proc = subprocess.Popen(cli + ["serve", "--model-repository", str(workdir / "repo"), "--host", "127.0.0.1",
                                        "--port", "0", "--metrics-port", "-1", "--cpu-threads", "1",
                                        "--model-control-mode", "explicit", "--load-model", "*",
@@ -232,7 +261,8 @@ def tiny_server(workdir: Path):
         deadline = time.monotonic() + 300
         while not (ports.exists() and ports.read_text().strip()):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start: see {workdir / 'server.log'}")
+                tail = log_path.read_text(errors="replace")[-3000:]  # the folder goes with this exception
+                raise RuntimeError(f"the server did not start; its log ends:\n{tail}")
             time.sleep(0.2)
         yield f"127.0.0.1:{ports.read_text().split()[0]}", proc.pid
     finally:
@@ -245,7 +275,8 @@ def tiny_server(workdir: Path):
 
 
 def soak(target: str, pid: Optional[int], *, model: str, requests: int, concurrency: int, sample_every: int,
-         seed: int, sizes: dict[str, int], image: bytes, timeout: float, reload_every: int) -> dict[str, Any]:
+         seed: int, sizes: dict[str, int], image: bytes, timeout: float, reload_every: int, burst_every: int,
+         burst_size: int) -> dict[str, Any]:
     samples: list[dict[str, Any]] = []
 
     async def on_done(n: int) -> None:
@@ -258,9 +289,11 @@ def soak(target: str, pid: Optional[int], *, model: str, requests: int, concurre
     t0 = time.monotonic()
     outcomes = asyncio.run(run_mix(target, model=model, requests=requests, concurrency=concurrency, seed=seed,
                                    sizes=sizes, image=image, timeout=timeout, reload_every=reload_every,
+                                   burst_every=burst_every, burst_size=burst_size,
                                    on_done=on_done))
     return {"target": target, "model": model, "requests": requests, "concurrency": concurrency, "seed": seed,
-            "sizes": sizes, "reload_every": reload_every, "wall_seconds": time.monotonic() - t0,
+            "sizes": sizes, "reload_every": reload_every, "burst_every": burst_every, "burst_size": burst_size,
+            "wall_seconds": time.monotonic() - t0,
             "samples": samples, "rss_growth_mib_per_1000_requests":
                 None if (g := slope_per_1000(samples, "rss_bytes")) is None else g / MIB,
             "outcomes": {k: dict(v) for k, v in outcomes.items()}, "unexpected": unexpected(outcomes)}
@@ -277,6 +310,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-every", type=int, default=200, help="requests between samples (default %(default)s)")
     p.add_argument("--reload-every", type=int, help="reload the model in place every N requests (explicit model "
                    "control; default: 500 on the server this starts, never with --target)")
+    p.add_argument("--burst-every", type=int, default=250, help="every N requests, send --burst-size completions "
+                   "at once beside the mix, to fill the queue (default %(default)s; 0: never)")
+    p.add_argument("--burst-size", type=int, default=24, help="requests of a burst: more than the server queues and "
+                   "runs at once (default %(default)s, above the tiny model's queue of 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw of kinds (default %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0, help="gRPC deadline per request, s (default %(default)s)")
     p.add_argument("--image", type=Path, help="conditioning image (default: a 64x48 gradient PNG)")
@@ -299,6 +336,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if min(args.requests, args.concurrency, args.sample_every) < 1 or not args.timeout > 0:
         p.error("--requests, --concurrency and --sample-every must be >= 1 and --timeout > 0")
+    if (args.reload_every is not None and args.reload_every < 0) or args.burst_every < 0 or args.burst_size < 0:
+        p.error("--reload-every, --burst-every and --burst-size must be >= 0 (0: never)")
+    if args.pid is not None:
+        try:
+            process_sample(args.pid)
+        except OSError as err:
+            p.error(f"--pid {args.pid}: {err}")
     sizes = {k: getattr(args, k) for k in ("width", "height", "num_frames", "num_inference_steps", "decode_chunk_size")}
     image = args.image.read_bytes() if args.image else default_image()
     with contextlib.ExitStack() as stack:
@@ -311,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             reload_every = 500 if args.reload_every is None else args.reload_every
         result = soak(target, pid, model=model, requests=args.requests, concurrency=args.concurrency,
                       sample_every=args.sample_every, seed=args.seed, sizes=sizes, image=image,
-                      timeout=args.timeout, reload_every=reload_every)
+                      timeout=args.timeout, reload_every=reload_every, burst_every=args.burst_every,
+                      burst_size=args.burst_size)
     print(format_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

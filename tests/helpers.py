@@ -318,27 +318,31 @@ class SilentPeerProxy:
         while True:
             try:
                 downstream, _ = self._listener.accept()
-                upstream = socket.create_connection(self._target)
-            except OSError:  # closed, or the server is gone
+            except OSError:  # closed
                 return
+            try:
+                upstream = socket.create_connection(self._target)
+            except OSError:  # the server is gone
+                downstream.close()
+                continue
             self._sockets += [downstream, upstream]
             for src, dst in ((downstream, upstream), (upstream, downstream)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True, name="silent-proxy").start()
 
     def _pump(self, src, dst) -> None:
-        import socket
+        import select
 
-        with contextlib.suppress(OSError):  # closed before this thread started: recv below returns
-            src.settimeout(0.05)
+        # blocking sockets (each is also the other pump's destination: sendall must not time out), read
+        # only once select says there is something, so that going silent is seen within 50 ms
         while not self._closed.is_set():
             if self._silent.is_set():  # read nothing more: the sender's window fills, its pings go unanswered
                 self._closed.wait(0.1)
                 continue
             try:
+                if not select.select([src], [], [], 0.05)[0]:
+                    continue
                 data = src.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
+            except (OSError, ValueError):  # closed (select raises ValueError for a closed socket's fd -1)
                 return
             if not data:
                 return

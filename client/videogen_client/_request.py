@@ -57,13 +57,17 @@ MAX_RECEIVE_MESSAGE_LENGTH = 8 * 1024 * 1024
 # "image" rather than as grpc's RESOURCE_EXHAUSTED (which would read as a full queue).
 MAX_SEND_MESSAGE_LENGTH = 64 * 1024 * 1024
 # A dead server (its host gone, or the network cut: no FIN, no RST) leaves a call waiting for its
-# deadline, forever without one, while the request sits queued or the stream is silent. With calls open,
-# the client pings after this long without a frame from the server and ends the calls UNAVAILABLE when
-# no answer comes in KEEPALIVE_TIMEOUT_S. The server accepts pings every 10 s or slower (more often,
-# it would close the connection: GOAWAY too_many_pings), so 30 s leaves margin.
+# deadline, forever without one, while the request sits queued or the stream is silent. The client
+# pings after KEEPALIVE_S without a frame from the server and ends the calls UNAVAILABLE when no answer
+# comes in KEEPALIVE_TIMEOUT_S. grpcio bounds every ping's answer by that timeout, flow control's (BDP)
+# included, whose answer waits behind the frames and video still queued toward the client: gRPC's own
+# 60 s, as below it a slow link's download was cut. The server refuses pings more often than every 10 s
+# (GOAWAY too_many_pings, after strikes); the client's pings arrive a few ms later than that at 10 s,
+# so the least allowed here is 15 s.
 KEEPALIVE_S = 30.0
-KEEPALIVE_TIMEOUT_S = 20.0
-MIN_KEEPALIVE_S = 10.0
+KEEPALIVE_TIMEOUT_S = 60.0
+MIN_KEEPALIVE_S = 15.0
+MAX_KEEPALIVE_S = (2**31 - 1) / 1000  # gRPC takes int milliseconds
 # The server's rule for request ids (they travel as x-request-id metadata, which is printable ASCII):
 # checked here too, since gRPC refuses other metadata before sending, as an INTERNAL "Invalid metadata".
 MAX_REQUEST_ID_LEN = 128
@@ -318,13 +322,9 @@ def connection_settings(target: Target, *, secure: bool, root_certificates: byte
         raise ValueError(f"load_balancing must be one of {list(_LB_POLICIES)}, not {load_balancing!r} (for another "
                          f"policy, give options=[('grpc.service_config', ...)])")
     if keepalive is not None and (isinstance(keepalive, bool) or not isinstance(keepalive, (int, float))
-                                  or not keepalive >= 0):
-        raise ValueError(f"keepalive must be None, 0 (off) or a number of seconds >= {MIN_KEEPALIVE_S:g}, "
-                         f"not {keepalive!r}")
-    if keepalive and keepalive < MIN_KEEPALIVE_S:
-        raise ValueError(f"keepalive {keepalive} s: the server closes connections that ping more often than "
-                         f"every {MIN_KEEPALIVE_S:g} s (GOAWAY too_many_pings); give {MIN_KEEPALIVE_S:g} or more, "
-                         f"or 0 (off)")
+                                  or not (keepalive == 0 or MIN_KEEPALIVE_S <= keepalive <= MAX_KEEPALIVE_S)):
+        raise ValueError(f"keepalive must be None or 0 (off), or seconds from {MIN_KEEPALIVE_S:g} (the server closes "
+                         f"connections that ping more often than every 10 s: GOAWAY too_many_pings), not {keepalive!r}")
     if isinstance(retry, RetryPolicy):
         policy: RetryPolicy | None = retry
     elif isinstance(retry, bool):
@@ -341,9 +341,10 @@ def connection_settings(target: Target, *, secure: bool, root_certificates: byte
         "grpc.enable_retries": 1 if policy is not None else 0,
     }
     if keepalive:
-        # pings only while calls are open (keepalive_permit_without_calls stays 0), and on through a
-        # silent stream (max_pings_without_data 0: the default 2 would stop them while a request is
-        # queued); grpcio waits for the answer up to the ping timeout, not keepalive_timeout_ms alone
+        # pings only while calls are open (keepalive_permit_without_calls stays 0; with several servers the
+        # health-check stream is one, always open), and on through a silent stream (max_pings_without_data
+        # 0: the default 2 would stop them while a request is queued and the client sends nothing);
+        # grpcio waits for the answer up to the ping timeout, keepalive_timeout_ms alone does not shorten it
         timeout_ms = int(KEEPALIVE_TIMEOUT_S * 1000)
         merged.update({"grpc.keepalive_time_ms": int(keepalive * 1000), "grpc.keepalive_timeout_ms": timeout_ms,
                        "grpc.http2.ping_timeout_ms": timeout_ms, "grpc.http2.max_pings_without_data": 0})

@@ -133,11 +133,17 @@ class VideoGenClient:
 
         keepalive: with calls open, ping the server after this many seconds without a frame from
             it, and end the calls ``UNAVAILABLE`` (:class:`UnavailableError`) when no answer comes
-            in 20 s: a server whose host vanished or whose network was cut (no FIN, no RST) is
-            found in under a minute instead of at the call's deadline (never, without one).
-            Default 30; at least 10 (the server refuses pings more often than every 10 s); ``0``
-            or ``None``: off (gRPC's default). The server pings its callers in the same way
-            (``--keepalive-seconds``) and cancels the requests of one that does not answer.
+            in 60 s: a server whose host vanished or whose network was cut (no FIN, no RST) is
+            found in about 90 s instead of at the call's deadline (never, without one). With
+            several servers the health-check stream is always open, so the pings go on while the
+            client lives. Default 30; at least 15 (the server refuses pings more often than every
+            10 s); ``0`` or ``None``: off (gRPC's default). The server pings its callers in the
+            same way (``--keepalive-seconds``) and cancels the requests of one that does not answer.
+            gRPC bounds every ping's answer by that 60 s, flow control's included, which waits
+            behind what is queued toward the client: a slow link with a deep buffer holding more
+            than a minute of frames and video cuts the call (12 MiB at 100 KB/s through an unbounded
+            relay: UNAVAILABLE after 110 s). There, turn keepalive off or raise
+            ``grpc.http2.ping_timeout_ms`` in ``options``.
 
     An ``options`` entry ``("grpc.service_config", json)`` replaces the service config that
     ``retry``, ``load_balancing`` and ``health_check`` build; ``options`` entries for the

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 MODEL_CONTROL_MODES = ("none", "explicit", "poll")
+#: gRPC takes durations as int milliseconds
+MAX_GRPC_SECONDS = (2**31 - 1) / 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +53,10 @@ class ServerConfig:
     #: and closes it when the ping is not answered within keepalive_timeout_seconds, cancelling its
     #: requests. A caller whose host vanished or whose network was cut (no FIN, no RST) otherwise keeps
     #: its queued requests, which then run on the GPU for nobody (gRPC's own default: 2 hours). 0 = off.
+    #: The timeout bounds every ping's answer, flow control's included, which waits behind the data
+    #: queued toward the caller: below gRPC's 60 s, a slow caller's large upload can be cut.
     keepalive_seconds: float = 60.0
-    keepalive_timeout_seconds: float = 20.0
+    keepalive_timeout_seconds: float = 60.0
     #: TLS: PEM server certificate chain and private key (both or neither). With a client CA, mutual
     #: TLS: every client must present a certificate signed by it.
     tls_cert: Optional[Path] = None
@@ -103,10 +107,11 @@ class ServerConfig:
             if url.path not in ("", "/") or url.query:
                 raise ValueError(f"--otlp-endpoint: {self.otlp_endpoint!r} has a path: traces go over OTLP/gRPC "
                                  "(port 4317), which takes the collector's address only, not an OTLP/HTTP URL")
-        if not self.keepalive_seconds >= 0:
-            raise ValueError(f"--keepalive-seconds: {self.keepalive_seconds} is negative (0 turns keepalive off)")
-        if not self.keepalive_timeout_seconds > 0:
-            raise ValueError(f"--keepalive-timeout-seconds: {self.keepalive_timeout_seconds} is not above 0")
+        if not (self.keepalive_seconds == 0 or 1 <= self.keepalive_seconds <= MAX_GRPC_SECONDS):
+            raise ValueError(f"--keepalive-seconds: {self.keepalive_seconds} is not 0 (off) or 1..{MAX_GRPC_SECONDS:.0f}")
+        if not 1 <= self.keepalive_timeout_seconds <= MAX_GRPC_SECONDS:
+            raise ValueError(f"--keepalive-timeout-seconds: {self.keepalive_timeout_seconds} is not in "
+                             f"1..{MAX_GRPC_SECONDS:.0f}")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError(f"--trace-sample-ratio: {self.trace_sample_ratio} is outside 0..1")
         if not self.otlp_service_name:

@@ -2,8 +2,9 @@
 so only keepalive pings tell. A real TCP relay between client and server stops forwarding both ways
 (tests.helpers.SilentPeerProxy). The server cancels a silent caller's requests, queued ones before they
 run; the SDK ends a call to a silent server as UNAVAILABLE instead of waiting for its deadline. The
-intervals are shortened here (1 s, through the server's flags and the channel options the SDK's
-`keepalive` sets); what is checked is how each call ends, never how long it took.
+intervals are shortened here (a ping after 1 s without a frame, its answer awaited 3 s: the server's
+flags, and the SDK's `keepalive` with its floor and timeout lowered); what is checked is how each call
+ends, never how long it took.
 """
 from __future__ import annotations
 
@@ -36,14 +37,13 @@ def _requests(server: ServerThread, **labels: str) -> float:
 
 def test_the_server_cancels_the_requests_of_a_caller_that_went_silent(make_repo):
     with ServerThread(make_repo({MODEL: tiny_config(MODEL)}), keepalive_seconds=1.0,
-                      keepalive_timeout_seconds=1.0) as server, SilentPeerProxy(server.port) as proxy:
+                      keepalive_timeout_seconds=3.0) as server, SilentPeerProxy(server.port) as proxy:
         with grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as channel:
             stub = pb_grpc.VideoGenStub(channel)
             running = Stream(stub, request(**LONG))
-            running.progressed.wait(30)
+            assert running.progressed.wait(30) and running.error is None
             queued = Stream(stub, request(**SHORT))
-            queued.accepted.wait(30)
-            assert running.error is None and queued.error is None
+            assert queued.accepted.wait(30) and queued.error is None
             assert server.metric("videogen_queue_depth", model=MODEL) == 1
             proxy.go_silent()
             # both requests of the silent caller end, the queued one without running
@@ -60,13 +60,14 @@ def test_the_sdk_ends_a_call_whose_server_went_silent_as_unavailable(make_repo, 
     from videogen_client import Accepted, UnavailableError, VideoGenClient
     from videogen_client import _request
 
-    # `keepalive` is at least 10 s, as the server refuses pings more often, and the answer's wait 20 s:
-    # both shortened for the test (the server never sees these pings: the relay is silent by then)
+    # `keepalive` is at least 15 s, as the server refuses pings more often than every 10 s, and the
+    # answer's wait 60 s: both shortened for the test (the server never sees these pings: the relay is
+    # silent by then)
     monkeypatch.setattr(_request, "MIN_KEEPALIVE_S", 1.0)
-    monkeypatch.setattr(_request, "KEEPALIVE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(_request, "KEEPALIVE_TIMEOUT_S", 3.0)
     with ServerThread(make_repo({MODEL: tiny_config(MODEL)})) as server, SilentPeerProxy(server.port) as proxy:
         busy = Stream(server.stub(), request(**LONG))  # the instance is busy: the SDK's request queues
-        busy.progressed.wait(30)
+        assert busy.progressed.wait(30) and busy.error is None
         with VideoGenClient(f"127.0.0.1:{proxy.port}", keepalive=1.0) as client:
             events = client.generate(sample_png(), **SHORT, timeout=WAIT_S)
             assert isinstance(next(events), Accepted)

@@ -539,19 +539,22 @@ def test_keepalive_becomes_the_channels_ping_options():
         return dict(connection_settings("h:1", secure=False, root_certificates=None, private_key=None,
                                         certificate_chain=None, token=None, **kw).options)
 
-    # by default the client pings a silent server after 30 s and gives up 20 s later; pings go on while
-    # the server sends nothing (a queued request); only while calls are open
+    # by default the client pings a silent server after 30 s and gives up 60 s later (the ping timeout,
+    # which also bounds flow control's pings: gRPC's own 60 s); pings go on while the client sends
+    # nothing (a queued request); only while calls are open
     default = options(options=None)
     assert (default["grpc.keepalive_time_ms"], default["grpc.keepalive_timeout_ms"],
-            default["grpc.http2.ping_timeout_ms"], default["grpc.http2.max_pings_without_data"]) == (30000, 20000, 20000, 0)
+            default["grpc.http2.ping_timeout_ms"], default["grpc.http2.max_pings_without_data"]) == (30000, 60000, 60000, 0)
     assert "grpc.keepalive_permit_without_calls" not in default
     assert options(options=None, keepalive=45)["grpc.keepalive_time_ms"] == 45000
+    assert options(options=None, keepalive=15)["grpc.keepalive_time_ms"] == 15000
     for off in (0, None):
         assert not any("ping" in k or "keepalive" in k for k in options(options=None, keepalive=off))
     # the caller's own channel options win
     assert options(options=[("grpc.keepalive_time_ms", 120000)])["grpc.keepalive_time_ms"] == 120000
-    # more often than the server allows (it would close the connection: too_many_pings), or not a number
-    for bad in (5, 9.9, -1, True, "30", float("nan")):
+    # near or below the server's 10 s (it would close the connection: too_many_pings), beyond gRPC's int
+    # milliseconds, or not a number
+    for bad in (5, 10, 14.9, -1, 3e6, True, "30", float("nan"), float("inf")):
         with pytest.raises(ValueError, match="keepalive"):
             options(options=None, keepalive=bad)
 

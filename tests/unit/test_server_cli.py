@@ -59,18 +59,21 @@ def test_keepalive_flags_become_the_grpc_servers_ping_options(tmp_path):
 
     base = ["serve", "--model-repository", str(tmp_path)]
     options = dict(channel_options(config_from_args(_parser().parse_args(base), {})))
-    # by default a silent caller is pinged after 60 s and its connection closed 20 s later; pings go on
-    # while nothing is sent (a queued request), and the answer's wait is the ping timeout grpcio applies
+    # by default a silent caller is pinged after 60 s and its connection closed 60 s later: the answer's
+    # wait is the ping timeout, which also bounds flow control's pings (gRPC's own 60 s kept)
     assert (options["grpc.keepalive_time_ms"], options["grpc.keepalive_timeout_ms"],
-            options["grpc.http2.ping_timeout_ms"], options["grpc.http2.max_pings_without_data"]) == (60000, 20000, 20000, 0)
-    # the callers' own pings stay allowed every 10 s (the SDK's keepalive is at least that)
+            options["grpc.http2.ping_timeout_ms"]) == (60000, 60000, 60000)
+    # the callers' own pings stay allowed every 10 s (the SDK's keepalive is at least 15 s)
     assert options["grpc.http2.min_ping_interval_without_data_ms"] == 10000
     flagged = _parser().parse_args(base + ["--keepalive-seconds", "5", "--keepalive-timeout-seconds", "2.5"])
     options = dict(channel_options(config_from_args(flagged, {})))
     assert (options["grpc.keepalive_time_ms"], options["grpc.http2.ping_timeout_ms"]) == (5000, 2500)
     off = dict(channel_options(config_from_args(_parser().parse_args(base + ["--keepalive-seconds", "0"]), {})))
     assert "grpc.keepalive_time_ms" not in off and "grpc.http2.ping_timeout_ms" not in off
-    with pytest.raises(ValueError, match="--keepalive-seconds"):
-        ServerConfig(model_repositories=(tmp_path,), keepalive_seconds=-1)
-    with pytest.raises(ValueError, match="--keepalive-timeout-seconds"):
-        ServerConfig(model_repositories=(tmp_path,), keepalive_timeout_seconds=0)
+    # negative, below 1 s (gRPC would ping every millisecond), beyond gRPC's int milliseconds, not a number
+    for bad in (-1, 0.5, 3e6, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="--keepalive-seconds"):
+            ServerConfig(model_repositories=(tmp_path,), keepalive_seconds=bad)
+    for bad in (0, 0.5, 3e6, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="--keepalive-timeout-seconds"):
+            ServerConfig(model_repositories=(tmp_path,), keepalive_timeout_seconds=bad)

@@ -44,14 +44,13 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
     if config.keepalive_seconds > 0:
         # Dead callers (a host gone, a cut network: no FIN or RST): ping after keepalive_seconds without
         # a frame from the client and close the connection if no answer comes in keepalive_timeout_seconds,
-        # cancelling its requests, queued ones included, before they run for nobody. The answer's wait is
-        # the ping timeout (grpc.http2.ping_timeout_ms, 60 s by default, which grpcio 1.85 applies to
-        # keepalive pings: keepalive_timeout_ms alone left an unanswered ping waiting a minute). Pings go on
-        # while the server sends nothing (a queued request), which max_pings_without_data (2) would stop.
+        # cancelling its requests, queued ones included, before they run for nobody. grpcio 1.85 bounds
+        # the answer's wait by the ping timeout (grpc.http2.ping_timeout_ms), and that for every ping,
+        # flow-control (BDP) pings included, whose answer waits behind what is already queued toward the
+        # caller: the default keeps gRPC's own 60 s, below which a slow caller's large upload was cut.
         timeout_ms = int(config.keepalive_timeout_seconds * 1000)
         options += [("grpc.keepalive_time_ms", int(config.keepalive_seconds * 1000)),
-                    ("grpc.keepalive_timeout_ms", timeout_ms), ("grpc.http2.ping_timeout_ms", timeout_ms),
-                    ("grpc.http2.max_pings_without_data", 0)]
+                    ("grpc.keepalive_timeout_ms", timeout_ms), ("grpc.http2.ping_timeout_ms", timeout_ms)]
     if config.max_connection_age_seconds > 0:
         # Scale-out: clients re-resolve and rebalance when their connection ages out (GOAWAY);
         # streams still running on it get the grace period.
