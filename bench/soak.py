@@ -10,8 +10,8 @@ priorities), cancelled by its caller after Accepted, after a denoising step or a
 passes while queued or while running, refused at admission (a bad field, an undecodable image, a full queue),
 a caller whose channel closes mid-stream, the Open Inference Protocol's ModelInfer and a ModelStreamInfer
 cancelled after its first answer; with ``--reload-every N`` (explicit model control) the model is reloaded
-in place every N requests while others run; every ``--burst-every`` requests a burst of ``--burst-size``
-completions goes at once beside the mix, more than the server queues, so that some are refused as a full
+in place every N requests while others run; every ``--burst-every`` requests the mix pauses and a burst of
+``--burst-size`` completions goes at once, more than the server queues, so that some are refused as a full
 queue (the mix alone reaches a full queue only while ``--concurrency`` exceeds what the server queues and
 runs, and then for most of its requests, as refusals are quick). Every ``--sample-every`` requests the server process's resident
 memory, threads and open file descriptors are read from /proc/PID and printed; at the end a table: each
@@ -135,14 +135,15 @@ async def run_mix(target: str, *, model: str, requests: int, concurrency: int = 
                   reload_every: int = 0, burst_every: int = 0, burst_size: int = 0,
                   on_done: Optional[Callable[[int], Awaitable[None]]] = None,
                   kinds: Sequence[str] = KINDS) -> dict[str, Counter]:
-    """Sends ``requests`` requests of kinds drawn from ``kinds`` (seeded), ``concurrency`` at a time; with
-    ``reload_every`` the model is reloaded (LoadModel, explicit model control) in place after every that
-    many requests, while the others run; with ``burst_every``, ``burst_size`` completions (kind ``burst``)
-    are sent at once beside them after every that many, to fill the queue (more than it and the running
-    batches hold: the full-queue ending, which the mix alone reaches only while ``concurrency`` exceeds
-    them, and then for most requests, as refusals are quick); ``on_done(n)`` is awaited after each drawn
-    request (n done so far). Returns {kind: Counter(outcome)}; a request that outlives its own deadline by
-    HANG_GRACE_S is ``HANG``."""
+    """Sends ``requests`` requests of kinds drawn from ``kinds`` (seeded) from ``concurrency`` workers;
+    with ``reload_every`` the model is reloaded (LoadModel, explicit model control) in place after every
+    that many requests, while the others run; with ``burst_every``, after every that many the mix pauses
+    (its requests in flight end) and ``burst_size`` completions (kind ``burst``) go at once, more than
+    the server queues and runs, so that some are refused as a full queue, then the mix goes on. (The mix
+    alone reaches a full queue only while ``concurrency`` exceeds what the server queues and runs, and
+    then for most of its requests, as refusals are quick: a burst beside the running mix did the same.)
+    ``on_done(n)`` is awaited after each drawn request (n done so far). Returns {kind: Counter(outcome)};
+    a request that outlives its own deadline by HANG_GRACE_S is ``HANG``."""
     from videogen_client import AsyncVideoGenClient
 
     sizes = dict(sizes or {})
@@ -151,8 +152,10 @@ async def run_mix(target: str, *, model: str, requests: int, concurrency: int = 
     rng = random.Random(seed)
     drawn = [rng.choice(kinds) for _ in range(requests)]
     outcomes: dict[str, Counter] = {}
-    limit = asyncio.Semaphore(concurrency)
-    done = 0
+    taken = done = busy = 0
+    running = asyncio.Event()  # cleared while a burst waits for the mix to stop, and runs
+    running.set()
+    changed = asyncio.Condition()  # busy went down
     async with AsyncVideoGenClient(target, retry=False) as client:
         channel = grpc.aio.insecure_channel(target)
 
@@ -165,27 +168,44 @@ async def run_mix(target: str, *, model: str, requests: int, concurrency: int = 
                 outcome = "HANG"
             outcomes.setdefault(kind, Counter())[outcome] += 1
 
-        async def send(i: int) -> None:
-            nonlocal done
-            async with limit:
-                if reload_every and i and i % reload_every == 0:
-                    outcome = "ok"
-                    try:
-                        await client.load_model(model, timeout=max(timeout, 600.0))
-                    except Exception as err:  # noqa: BLE001 - reported as an outcome
-                        outcome = type(err).__name__
-                    outcomes.setdefault("reload", Counter())[outcome] += 1
-                burst = (asyncio.gather(*(one("burst") for _ in range(burst_size)))
-                         if burst_every and burst_size and i and i % burst_every == 0 else None)
-                await one(drawn[i])
-                if burst is not None:
-                    await burst
+        async def burst() -> None:
+            running.clear()
+            async with changed:
+                await changed.wait_for(lambda: busy == 0)
+            try:
+                await asyncio.gather(*(one("burst") for _ in range(burst_size)))
+            finally:
+                running.set()
+
+        async def worker() -> None:
+            nonlocal taken, done, busy
+            while True:
+                await running.wait()
+                if taken >= requests:
+                    return
+                i, taken = taken, taken + 1
+                if burst_every and burst_size and i and i % burst_every == 0:
+                    await burst()
+                busy += 1
+                try:
+                    if reload_every and i and i % reload_every == 0:
+                        outcome = "ok"
+                        try:
+                            await client.load_model(model, timeout=max(timeout, 600.0))
+                        except Exception as err:  # noqa: BLE001 - reported as an outcome
+                            outcome = type(err).__name__
+                        outcomes.setdefault("reload", Counter())[outcome] += 1
+                    await one(drawn[i])
+                finally:
+                    busy -= 1
+                    async with changed:
+                        changed.notify_all()
                 done += 1
                 if on_done is not None:
                     await on_done(done)
 
         try:
-            await asyncio.gather(*(send(i) for i in range(requests)))
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
         finally:
             await channel.close()
     return outcomes
@@ -310,8 +330,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-every", type=int, default=200, help="requests between samples (default %(default)s)")
     p.add_argument("--reload-every", type=int, help="reload the model in place every N requests (explicit model "
                    "control; default: 500 on the server this starts, never with --target)")
-    p.add_argument("--burst-every", type=int, default=250, help="every N requests, send --burst-size completions "
-                   "at once beside the mix, to fill the queue (default %(default)s; 0: never)")
+    p.add_argument("--burst-every", type=int, default=250, help="every N requests, pause the mix and send "
+                   "--burst-size completions at once, to fill the queue (default %(default)s; 0: never)")
     p.add_argument("--burst-size", type=int, default=24, help="requests of a burst: more than the server queues and "
                    "runs at once (default %(default)s, above the tiny model's queue of 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw of kinds (default %(default)s)")

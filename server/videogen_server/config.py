@@ -53,8 +53,8 @@ class ServerConfig:
     #: and closes it when the ping is not answered within keepalive_timeout_seconds, cancelling its
     #: requests. A caller whose host vanished or whose network was cut (no FIN, no RST) otherwise keeps
     #: its queued requests, which then run on the GPU for nobody (gRPC's own default: 2 hours). 0 = off.
-    #: The timeout bounds every ping's answer, flow control's included, which waits behind the data
-    #: queued toward the caller: below gRPC's 60 s, a slow caller's large upload can be cut.
+    #: The timeout bounds every ping's answer, flow control's included, which waits behind what the
+    #: caller still has queued toward the server: below gRPC's 60 s, a slow caller's large upload can be cut.
     keepalive_seconds: float = 60.0
     keepalive_timeout_seconds: float = 60.0
     #: TLS: PEM server certificate chain and private key (both or neither). With a client CA, mutual

@@ -23,7 +23,7 @@ from ..helpers import ServerThread, load_bench_script, tiny_config
 
 MODEL = "m"
 SIZES = dict(width=32, height=32, num_frames=2, num_inference_steps=2, decode_chunk_size=1)
-# batches of 2 gathered for up to 50 ms, and a queue of 6: the mix's bursts of 12 fill it
+# batches of 2 gathered for up to 50 ms, and a queue of 6: the mix's bursts of 12 overfill it
 CONFIG = tiny_config(MODEL, """
 max_batch_size: 2
 dynamic_batching { max_queue_delay_microseconds: 50000 priority_levels: 2 default_priority_level: 2
@@ -134,8 +134,8 @@ def test_soak_cli_starts_a_server_and_reports(tmp_path, capsys):
     assert data["rss_growth_mib_per_1000_requests"] is not None and not data["unexpected"]
     assert sum(sum(c.values()) for k, c in data["outcomes"].items() if k not in ("reload", "burst")) == 40
     assert data["outcomes"]["reload"] == {"ok": 1}
-    # one burst of 24 beside the mix, against the tiny model's queue of 16 and its running batch
+    # one burst of 24 with the mix paused, against the tiny model's queue of 16 and its running batch
     burst = data["outcomes"]["burst"]
-    assert sum(burst.values()) == 24 and burst.get("QueueFullError", 0) >= 24 - 16 - 2 and burst.get("ok", 0) >= 1
+    assert sum(burst.values()) == 24 and burst.get("QueueFullError", 0) >= 1 and burst.get("ok", 0) >= 1
     for label in ("RSS MiB", "threads", "open fds", "RSS growth", "every request ended as its kind should"):
         assert label in printed

@@ -46,8 +46,9 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
         # a frame from the client and close the connection if no answer comes in keepalive_timeout_seconds,
         # cancelling its requests, queued ones included, before they run for nobody. grpcio 1.85 bounds
         # the answer's wait by the ping timeout (grpc.http2.ping_timeout_ms), and that for every ping,
-        # flow-control (BDP) pings included, whose answer waits behind what is already queued toward the
-        # caller: the default keeps gRPC's own 60 s, below which a slow caller's large upload was cut.
+        # flow-control (BDP) pings included, whose answer waits behind what the caller still has queued
+        # toward the server (a large image upload): the default keeps gRPC's own 60 s, below which a slow
+        # caller's upload was cut.
         timeout_ms = int(config.keepalive_timeout_seconds * 1000)
         options += [("grpc.keepalive_time_ms", int(config.keepalive_seconds * 1000)),
                     ("grpc.keepalive_timeout_ms", timeout_ms), ("grpc.http2.ping_timeout_ms", timeout_ms)]
