@@ -3,7 +3,7 @@
 Usage:
     python bench/soak.py --requests 8000 [--json soak.json]       # the tiny model on its own server
     python bench/soak.py --target 127.0.0.1:8001 --pid PID --model svd-xt --width 1024 --height 576 \\
-        --num-frames 25 --steps 25 --timeout 300 --requests 400
+        --num-frames 25 --steps 25 --timeout 900 --requests 400 --burst-every 100 --burst-size 72
 
 Every way a request can end, drawn at random and ``--concurrency`` at a time (KINDS): completed (at two
 priorities), cancelled by its caller after Accepted, after a denoising step or after a frame, a deadline that
