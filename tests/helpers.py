@@ -124,6 +124,16 @@ _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    """Polls `predicate` every 50 ms until it holds; fails the test naming `what` after `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def ipv6_loopback() -> bool:
     """Whether this machine can listen on IPv6's loopback (CI machines may have no IPv6)."""
     import socket

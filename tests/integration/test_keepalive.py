@@ -8,27 +8,18 @@ ends, never how long it took.
 """
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 
 from videogen.v1 import videogen_pb2_grpc as pb_grpc
 
-from ..helpers import ServerThread, SilentPeerProxy, Stream, request, sample_png, tiny_config
+from ..helpers import ServerThread, SilentPeerProxy, Stream, request, sample_png, tiny_config, wait_until
 
 MODEL = "m"
 # long enough on CPU to still run while the checks wait (16 frames at 128 px: ~0.5 s a step on CI)
 LONG = dict(model=MODEL, num_inference_steps=50, num_frames=16, width=128, height=128)
 SHORT = dict(model=MODEL, num_inference_steps=1, num_frames=1, width=32, height=32)
 WAIT_S = 30.0
-
-
-def _wait_for(predicate, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        assert time.monotonic() < deadline, f"still waiting after {WAIT_S} s for {what}"
-        time.sleep(0.2)
 
 
 def _requests(server: ServerThread, **labels: str) -> float:
@@ -47,7 +38,7 @@ def test_the_server_cancels_the_requests_of_a_caller_that_went_silent(make_repo)
             assert server.metric("videogen_queue_depth", model=MODEL) == 1
             proxy.go_silent()
             # both requests of the silent caller end, the queued one without running
-            _wait_for(lambda: _requests(server, outcome="cancelled") == 2, "the silent caller's requests to end")
+            wait_until(lambda: _requests(server, outcome="cancelled") == 2, WAIT_S, "the silent caller's requests to end")
             assert server.metric("videogen_queue_depth", model=MODEL) == 0
             assert server.metric("videogen_inflight_requests", model=MODEL) == 0
             assert _requests(server, outcome="success") == 0

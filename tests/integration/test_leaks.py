@@ -8,8 +8,8 @@ batches gathered and shrunk by cancellation and the model reloaded in place whil
 first round of the mix (executor threads start lazily; label sets and run-time history fill), a second
 round must leave the server as the first did: no request object alive; nothing admitted, queued,
 preparing, running or gathering in any version; no retired version held; no more asyncio tasks; the
-same threads (thread pools aside); the in-flight and queue gauges at 0. `bench/soak.py` is the long form (thousands of requests,
-the process's RSS, threads and descriptors sampled; docs/performance.md). Nothing here is timed: each
+same threads (thread pools aside); the in-flight and queue gauges at 0. `bench/soak.py` is the long
+form (thousands of requests, the process's RSS, threads and descriptors sampled; docs/performance.md). Nothing here is timed: each
 check waits, up to a bound, for the server to settle, then compares counts.
 """
 from __future__ import annotations
@@ -40,7 +40,6 @@ SETTLE_S = 30.0
 #: the traceback of the engine's generator, and so its request. One such, whatever came before; a leak of
 #: one kind of ending grows with the requests
 LINGERING = 2
-
 
 soak = load_bench_script("soak")
 

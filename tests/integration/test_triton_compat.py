@@ -26,7 +26,7 @@ import pytest
 
 from videogen.v1 import videogen_pb2 as pb
 
-from ..helpers import ServerThread, collect, raw_frames, request, sample_png, video_bytes
+from ..helpers import ServerThread, collect, raw_frames, request, sample_png, video_bytes, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).resolve().parent / "triton_client" / "client.py"
@@ -81,13 +81,6 @@ def videogen_reference(server: ServerThread, **fields):
     responses = collect(server.stub(), request(model=MODEL, output={"frame_encoding": pb.FRAME_ENCODING_RAW_RGB},
                                                **fields))
     return raw_frames(responses), video_bytes(responses)
-
-
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def stats_of(statistics: dict, model: str = MODEL) -> dict:
