@@ -347,6 +347,18 @@ def test_a_rollout_is_not_reported_failed_while_its_pods_may_still_start(k8s: di
     assert k8s["Deployment"]["spec"].get("progressDeadlineSeconds", 600) > budget
 
 
+def test_not_ready_alert_waits_out_a_start_the_probes_allow(server: dict) -> None:
+    """videogen_model_ready is 0 from the start of a load, so VideoGenModelNotReady must not page
+    critical during a start the kubelet (startupProbe) and compose (start_period) still accept."""
+    startup = server["startupProbe"]
+    budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+    start_period = _seconds(_load(COMPOSE)["services"]["videogen"]["healthcheck"]["start_period"])
+    for rules in (_load(ALERTS)["groups"], _load(DEPLOY / "k8s" / "prometheusrule.yaml")["spec"]["groups"]):
+        (rule,) = [r for g in rules for r in g["rules"] if r.get("alert") == "VideoGenModelNotReady"]
+        assert _seconds(rule["for"]) >= max(budget, start_period), \
+            f"VideoGenModelNotReady fires after {rule['for']}, within the {budget}s start the probes allow"
+
+
 def test_termination_grace_exceeds_the_drain(k8s: dict[str, dict], server: dict) -> None:
     drain = _flag(server.get("args", []), "--drain-grace-seconds")
     assert drain is not None, "pass --drain-grace-seconds explicitly in the container args"
