@@ -304,7 +304,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="PEM client certificate chain for mTLS (implies --tls; needs --key)")
     group.add_argument("--key", metavar="FILE", help="PEM private key of --cert")
     group.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
-                       help="gRPC deadline of the call (default: none)")
+                       help="gRPC deadline of the call (default: none; wait-ready: the whole wait, "
+                            "default 600)")
 
     parser = argparse.ArgumentParser(
         prog="videogen",

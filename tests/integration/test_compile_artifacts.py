@@ -168,7 +168,10 @@ def test_compile_artifacts_needs_a_model_that_compiles_and_names_what_failed(mak
 
     unknown = _cli("compile-artifacts", "--model-repository", str(repo), "--model", "nope", cache=tmp_path / "c",
                    timeout=120, capture_output=True, text=True)
-    assert unknown.returncode == 2 and "not in the repository: ['nope']" in unknown.stderr, unknown.stderr[-2000:]
+    # named by the flag this command takes (not serve's --load-model) and the repository searched
+    assert unknown.returncode == 2 and f"{repo}: --model: not in the repository: ['nope']" in unknown.stderr, \
+        unknown.stderr[-2000:]
+    assert "--load-model" not in unknown.stderr
 
 
 def test_artifacts_for_another_machine_or_unreadable_ones_are_logged_and_left_out(tmp_path, caplog):

@@ -363,7 +363,10 @@ class Engine:
         if mode == "explicit":
             unknown = [n for n in self.config.load_models if n not in self.models and n != "*"]
             if unknown:
-                raise ConfigError("--load-model", "--load-model", f"not in the repository: {unknown}")
+                # named as the command line named them (compile-artifacts takes them as --model)
+                flag = "--model" if self.config.write_compile_artifacts else "--load-model"
+                where = ", ".join(str(r) for r in self.config.model_repositories)
+                raise ConfigError(where, flag, f"not in the repository: {unknown}")
             names = list(self.models) if "*" in self.config.load_models else list(self.config.load_models)
         else:
             names = list(self.models)
