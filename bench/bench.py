@@ -5,8 +5,8 @@ Usage:
     python bench/bench.py                                # GPU, full-size SVD-XT, random fp16 weights
     python bench/bench.py --variants plain,server --steps 10 --time-budget 400
 
-Full size builds the SVD-XT architecture with random weights exactly as /work/shared/reference/svd_baseline.py
-does (no download), casts it to fp16 and saves it once into <workdir>/repo/svd-xt/1/ with a config.pbtxt;
+Full size builds the SVD-XT architecture with random weights exactly as the team's reference baseline
+(svd_baseline.py, kept with its H200 figures outside this repository) does (no download), casts it to fp16 and saves it once into <workdir>/repo/svd-xt/1/ with a config.pbtxt;
 the plain pipeline (StableVideoDiffusionPipeline.from_pretrained) and every server variant load those files.
 Workload: 1024x576, 25 frames, 25 steps, decode_chunk_size 8, seed 42.
 
