@@ -12,7 +12,7 @@ SOURCES := pyproject.toml setup.py $(shell find proto server client -name '*.pro
 TRITON_VENV  ?= .venv-triton
 TRITONCLIENT ?= tritonclient[grpc]==2.73.0
 
-.PHONY: demo test venv triton-venv test-tools api-baseline bench-cpu clean
+.PHONY: demo test venv triton-venv test-tools api-baseline bench-cpu image-smoke clean
 
 venv: $(BIN)/.installed
 
@@ -49,6 +49,11 @@ api-baseline: venv
 	$(BIN)/buf breaking --against proto/api-baseline.json
 	$(BIN)/buf build --exclude-source-info -o proto/api-baseline.json
 	$(BIN)/python -c 'import json, sys; p = sys.argv[1]; d = json.load(open(p)); open(p, "w").write(json.dumps(d, indent=1) + "\n")' proto/api-baseline.json
+
+# Builds deploy/docker/Dockerfile and runs the image as the Kubernetes Deployment does, on the tiny model
+# (docker or podman; no GPU needed; ~6 GB of image). See scripts/image-smoke.sh for its settings.
+image-smoke:
+	bash scripts/image-smoke.sh
 
 bench-cpu: venv
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench.py --tiny --out bench-out
