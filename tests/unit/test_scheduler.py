@@ -621,3 +621,39 @@ def test_closing_while_an_instance_gathers_returns_its_rows_unstarted():
     assert sorted(r.request_id for r in sched.close()) == ["a", "b"]
     thread.join(5)
     assert out == {"value": None}
+
+
+def test_a_queue_timeout_of_centuries_leaves_every_instance_serving():
+    """timeout_microseconds is a uint64 (the SDK's queue_timeout a float): a caller may ask for centuries.
+    An idle instance that finds such a request left to another instance's gathering batch waits until
+    the earliest queue timeout, and threading's waits raise OverflowError past threading.TIMEOUT_MAX,
+    which ended that instance's thread for good (found by a black-box review: 3 instances down to 1).
+    Which woken thread takes the lock first is up to the OS, so the race is run many times."""
+    failures: list[BaseException] = []
+    for trial in range(8):
+        sched = Scheduler(batching=Batching(enabled=True, max_queue_delay_s=0.15), max_batch_size=3)
+        batches: list[list[str]] = []
+
+        def instance() -> None:
+            try:
+                while (batch := sched.next_batch()) is not None:
+                    batches.append([r.request_id for r in batch])
+            except BaseException as exc:  # noqa: BLE001 - what would have ended an instance's thread
+                failures.append(exc)
+
+        threads = [threading.Thread(target=instance, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        sched.submit(_request("a"))
+        time.sleep(0.03)  # one instance gathers [a]; the other waits for work
+        b = _request("b")
+        b.queue_deadline = time.monotonic() + 1e10  # ~317 years: past threading.TIMEOUT_MAX (~292)
+        sched.submit(b)  # left to the gathering instance; both instances wake
+        time.sleep(0.3)
+        sched.submit(_request("c", key=(32, 32, 2, 2, True)))  # the idle instance must still take work
+        time.sleep(0.5)  # it gathers [c] for 0.15 s, then starts it
+        sched.close()
+        for t in threads:
+            t.join(5)
+        assert not failures, f"trial {trial}: {failures[0]!r}"
+        assert sorted(map(sorted, batches)) == [["a", "b"], ["c"]], f"trial {trial}: {batches}"

@@ -381,7 +381,9 @@ class Scheduler:
 
     def _next_wakeup(self) -> Optional[float]:
         deadlines = [r.queue_deadline for q in self._levels for r in q if r.queue_deadline is not None]
-        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        # a caller's queue timeout may be centuries (timeout_microseconds is a uint64): Condition.wait
+        # raises OverflowError past threading.TIMEOUT_MAX, which would end the instance's thread
+        return min(max(0.0, min(deadlines) - time.monotonic()), threading.TIMEOUT_MAX) if deadlines else None
 
     def next_batch(self) -> Optional[list[EngineRequest]]:
         """Block until there is work; None once closed. Batches requests of equal shape."""
@@ -453,7 +455,7 @@ class Scheduler:
                     left = gathering.until - time.monotonic()
                     if left <= 0:
                         break
-                    self._cv.wait(timeout=left)
+                    self._cv.wait(timeout=min(left, threading.TIMEOUT_MAX))
                     if self._closed:  # close() took the rows (none started): they end with the queue's
                         break
                     self._take_compatible(batch, time.monotonic())
