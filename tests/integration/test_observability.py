@@ -159,6 +159,43 @@ def test_requests_still_running_when_the_drain_ends_are_errors_not_cancellations
                                          {**labels, "outcome": "cancelled", "code": "CANCELLED"}) is None
 
 
+def test_a_slow_reader_the_drain_ends_is_an_error_not_a_cancellation(make_repo):
+    """A request whose device work is done but whose caller reads slowly (HTTP/2 flow control holds its
+    frames back) is still in flight when the drain ends; the server's stop then cancels its stream, and
+    it was counted as its caller's cancellation (found by a black-box review): the caller hears
+    UNAVAILABLE, and so must the counters and the request log."""
+    import asyncio
+
+    with ServerThread(make_repo({"m": tiny_config("m")})) as server:
+        # a small window and no BDP probing: the server's writes wait for a reader that never comes
+        slow = grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0),
+                                                             ("grpc.http2.lookahead_bytes", 16384)])
+        from videogen.v1 import videogen_pb2_grpc
+
+        call = videogen_pb2_grpc.VideoGenStub(slow).Generate(
+            request(model="m", width=128, height=128, num_frames=16, num_inference_steps=1, decode_chunk_size=16,
+                    output={"frame_encoding": 3}), timeout=120)  # raw RGB: 48 KiB a frame
+        assert next(call).WhichOneof("event") == "accepted"
+        labels = {"model": "m", "version": "1"}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+                server.metric("videogen_vae_decode_chunk_seconds_count", **labels) >= 1
+                and server.metric("videogen_instances_busy", **labels) == 0):
+            time.sleep(0.1)
+        assert server.metric("videogen_inflight_requests", **labels) == 1, "device done, frames held back"
+        asyncio.run_coroutine_threadsafe(server.server.stop(0.3), server.loop).result(60)
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in call:
+                pass
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        registry = server.server.metrics.registry
+        assert registry.get_sample_value("videogen_requests_total",
+                                         {**labels, "outcome": "error", "code": "UNAVAILABLE"}) == 1
+        assert registry.get_sample_value("videogen_requests_total",
+                                         {**labels, "outcome": "cancelled", "code": "CANCELLED"}) is None
+        slow.close()
+
+
 def test_metrics_listen_on_ipv6_and_ipv4_by_default(make_repo):
     """/metrics listened on 0.0.0.0 while gRPC and health took "[::]": on an IPv6-only cluster Prometheus
     could not scrape, so every alert on the metrics saw an instance down and KEDA read no load (deploy

@@ -237,7 +237,8 @@ class ModelRuntime:
         (running ones stop at their next step or chunk). Returns how many."""
         requests = list(self.active)
         for req in requests:
-            req.error(error(req))
+            req.ended_by_server = exc = error(req)
+            req.error(exc)
             req.cancel()
         return len(requests)
 
@@ -799,6 +800,11 @@ class Engine:
                 yield event
         except BaseException as exc:  # GeneratorExit / CancelledError included: the caller went away
             outcome = exc
+            if isinstance(exc, (GeneratorExit, asyncio.CancelledError)) and req is not None \
+                    and req.ended_by_server is not None:
+                # gRPC cancelled a stream the server had ended already (the drain's end: its server stops
+                # while a slow reader still holds frames back): the caller hears UNAVAILABLE, not its own cancel
+                outcome = req.ended_by_server
             raise
         finally:
             if admitted and req is not None and rt is not None:

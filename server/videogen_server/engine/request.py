@@ -53,6 +53,9 @@ class EngineRequest:
         self.instance = ""
         self.ran_whole = False  # the backend finished it in the batch it was handed out in
         self.run: Any = None  # its batch's run (scheduler.BatchRun) from the instance taking it to its end
+        # why the server itself ended it (the drain's end, an unload), once it has: a stream gRPC then
+        # cancels (its frames still waiting on a slow reader) ended for this, not by its caller
+        self.ended_by_server: Optional[BaseException] = None
         self._loop = loop
         self.events: asyncio.Queue[tuple[float, Any]] = asyncio.Queue()  # (sent at, event)
         self._cancelled = threading.Event()
