@@ -159,6 +159,54 @@ def test_the_triton_protocol_carries_them_too(tiny_server):
     assert details_of(err)["ErrorInfo"].reason == "INVALID_FIELD"
 
 
+def test_a_bad_field_is_named_as_the_callers_request_names_it(make_repo):
+    """The engine's checks name GenerateRequest's paths (`model`, `output.video_fps`); a caller of
+    GetModel/LoadModel/UnloadModel sent `name`, a KServe caller `model_name`, `name` or an input tensor,
+    and was told about a field its request does not have (found by a black-box review). UnloadModel
+    of "" said NOT_FOUND where LoadModel of "" says `name: required`."""
+    from inference import grpc_service_pb2 as kpb
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+
+    def field_of(call) -> tuple[grpc.StatusCode, str, str]:
+        err = refusal(call)
+        found = details_of(err)
+        [violation] = found["BadRequest"].field_violations
+        assert found["ErrorInfo"].metadata["field"] == violation.field
+        assert err.details().startswith(f"{violation.field}: ")
+        return err.code(), violation.field
+
+    bad_name = "x" * 300  # past MAX_MODEL_NAME
+    with ServerThread(make_repo({"m": tiny_config("m")}), model_control_mode="explicit",
+                      load_models=("m",)) as server:
+        stub, kserve = pb_grpc.VideoGenStub(server.channel()), kpb_grpc.GRPCInferenceServiceStub(server.channel())
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        assert field_of(lambda: stub.GetModel(pb.GetModelRequest(name=bad_name))) == (invalid, "name")
+        assert field_of(lambda: stub.LoadModel(pb.LoadModelRequest(name="a\nb"))) == (invalid, "name")
+        assert field_of(lambda: stub.UnloadModel(pb.UnloadModelRequest(name=bad_name))) == (invalid, "name")
+        assert field_of(lambda: stub.UnloadModel(pb.UnloadModelRequest(name=""))) == (invalid, "name")
+        assert field_of(lambda: kserve.ModelMetadata(kpb.ModelMetadataRequest(name=bad_name))) == (invalid, "name")
+        assert field_of(lambda: kserve.ModelStatistics(kpb.ModelStatisticsRequest(name=bad_name))) == \
+            (invalid, "name")
+        assert field_of(lambda: kserve.RepositoryModelLoad(
+            kpb.RepositoryModelLoadRequest(model_name=bad_name))) == (invalid, "model_name")
+
+        def infer(model: str, **inputs: int) -> kpb.ModelInferRequest:
+            req = kpb.ModelInferRequest(model_name=model)
+            image = req.inputs.add(name="image", datatype="BYTES", shape=[1])
+            image.contents.bytes_contents.append(sample_png())
+            for name, value in inputs.items():
+                req.inputs.add(name=name, datatype="INT32", shape=[1]).contents.int_contents.append(value)
+            return req
+
+        assert field_of(lambda: kserve.ModelInfer(infer(bad_name), timeout=30)) == (invalid, "model_name")
+        assert field_of(lambda: kserve.ModelInfer(infer("m", video_fps=0), timeout=30)) == (invalid, "video_fps")
+        [response] = list(kserve.ModelStreamInfer(iter([infer("m", video_fps=0)]), timeout=30))
+        assert response.error_message.startswith("video_fps: ")
+        # the Generate call itself names GenerateRequest's own paths, as before
+        err = refusal(lambda: collect(stub, request(model="m", output={"video_fps": 0})))
+        assert details_of(err)["BadRequest"].field_violations[0].field == "output.video_fps"
+
+
 def test_a_long_message_is_cut_so_the_status_survives(tiny_server):
     """Some messages echo a caller's text (an input's name): uncut, the message and its details passed
     gRPC's 8 KiB trailer limit and the caller read RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT."""

@@ -41,7 +41,7 @@ from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, Ge
                       ResolvedParams, VideoEvent)
 from ..errors import InvalidRequest, ModelNotFound, NotReady
 from .servicer import REQUEST_ID_KEY, check_request_id, refused_before_engine, request_id_of, require_explicit_control
-from .status import abort, error_reason, to_status
+from .status import abort, error_reason, named_as, to_status
 from .tracing import incoming_trace_context, trace_context_of
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,10 @@ OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("video", "BYTES", (1,), kind="bytes"),
 )
 _INPUTS = {s.name: s for s in INPUTS}
+# The engine's checks name GenerateRequest's paths: a KServe caller sent `model_name` and input tensors.
+# ModelReady/ModelMetadata/ModelConfig/ModelStatistics name the model `name`.
+KSERVE_FIELDS = {"model": "model_name", "output.video_fps": "video_fps"}
+NAME_FIELD = {"model": "name"}
 _OUTPUT_NAMES = tuple(s.name for s in OUTPUTS)
 _CONDITIONING = tuple(s.name for s in INPUTS if s.name != "image")
 
@@ -463,7 +467,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 v.version == version and v.state == "READY" for v in status.versions)
             return kpb.ModelReadyResponse(ready=ready)
         except Exception as exc:
-            await abort(context, exc, triton=True)
+            await abort(context, exc, triton=True, fields=NAME_FIELD)
 
     async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
@@ -492,7 +496,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 name=status.name, versions=[str(v) for v in ready], platform=status.backend,
                 inputs=tensor_metadata(INPUTS), outputs=tensor_metadata(OUTPUTS))
         except Exception as exc:
-            await abort(context, exc, triton=True)
+            await abort(context, exc, triton=True, fields=NAME_FIELD)
 
     async def ModelConfig(self, request: kpb.ModelConfigRequest,
                           context: grpc.aio.ServicerContext) -> kpb.ModelConfigResponse:
@@ -500,7 +504,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             status, _ = self._loaded(request.name, request.version)
             return kpb.ModelConfigResponse(config=model_config_to_pb(status.settings, status.instance_groups))
         except Exception as exc:
-            await abort(context, exc, triton=True)
+            await abort(context, exc, triton=True, fields=NAME_FIELD)
 
     async def ModelStatistics(self, request: kpb.ModelStatisticsRequest,
                               context: grpc.aio.ServicerContext) -> kpb.ModelStatisticsResponse:
@@ -508,7 +512,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             rows = self._engine.statistics(request.name, parse_version(request.version))
             return kpb.ModelStatisticsResponse(model_stats=[statistics_to_pb(n, v, s) for n, v, s in rows])
         except Exception as exc:
-            await abort(context, exc, triton=True)
+            await abort(context, exc, triton=True, fields=NAME_FIELD)
 
     # -- repository --
 
@@ -542,7 +546,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             await self._engine.load_model(request.model_name)
             return kpb.RepositoryModelLoadResponse()
         except Exception as exc:
-            await abort(context, exc, triton=True)
+            await abort(context, exc, triton=True, fields=KSERVE_FIELDS)
 
     async def RepositoryModelUnload(self, request: kpb.RepositoryModelUnloadRequest,
                                     context: grpc.aio.ServicerContext) -> kpb.RepositoryModelUnloadResponse:
@@ -551,7 +555,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             await self._engine.unload_model(request.model_name)
             return kpb.RepositoryModelUnloadResponse()
         except Exception as exc:
-            await abort(context, exc, triton=True)
+            await abort(context, exc, triton=True, fields=KSERVE_FIELDS)
 
     # -- inference --
 
@@ -593,7 +597,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:  # CancelledError is not an Exception: a gone caller is not answered
             if parsed is None:
                 refused_before_engine(self._engine, exc, request_id)
-            await abort(context, exc, request_id=request_id, triton=True,
+            await abort(context, exc, request_id=request_id, triton=True, fields=KSERVE_FIELDS,
                         trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[kpb.ModelInferRequest],
@@ -692,6 +696,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:
             if parsed is None:
                 refused_before_engine(self._engine, exc, request_id)
+            exc = named_as(exc, KSERVE_FIELDS)
             code, message = to_status(exc, request_id=request_id, triton=True)
             failed = kpb.ModelInferResponse(model_name=req.model_name, model_version=model_version, id=req.id)
             failed.parameters[FINAL_RESPONSE].bool_param = True  # Triton sends a failed request's response final

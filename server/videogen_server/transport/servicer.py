@@ -16,6 +16,8 @@ from .status import abort
 from .tracing import trace_context_of
 
 REQUEST_ID_KEY = "x-request-id"
+# GetModel/LoadModel/UnloadModel name the model `name` (the engine's checks say GenerateRequest's `model`)
+NAME_FIELD = {"model": "name"}
 MAX_REQUEST_ID_LEN = 128
 
 
@@ -91,7 +93,7 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
         try:
             return convert.model_status_to_pb(self._engine.status(request.name))
         except Exception as exc:
-            await abort(context, exc)
+            await abort(context, exc, fields=NAME_FIELD)
 
     def _check_control(self) -> None:
         require_explicit_control(self._control)
@@ -104,13 +106,15 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
             await self._engine.load_model(request.name)
             return convert.model_status_to_pb(self._engine.status(request.name))
         except Exception as exc:
-            await abort(context, exc)
+            await abort(context, exc, fields=NAME_FIELD)
 
     async def UnloadModel(self, request: pb.UnloadModelRequest,
                           context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:
         try:
             self._check_control()
+            if not request.name:  # as LoadModel: a missing field, not a model called ""
+                raise InvalidRequest("name", "required")
             await self._engine.unload_model(request.name)
             return pb.UnloadModelResponse()
         except Exception as exc:
-            await abort(context, exc)
+            await abort(context, exc, fields=NAME_FIELD)

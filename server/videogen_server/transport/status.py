@@ -9,6 +9,8 @@ Any gRPC client reads them without parsing messages.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -115,8 +117,21 @@ def status_details(exc: BaseException, code: grpc.StatusCode, message: str) -> t
     return STATUS_DETAILS_KEY, status.SerializeToString()
 
 
+def named_as(exc: BaseException, fields: Mapping[str, str]) -> BaseException:
+    """`exc` naming its field as the caller's request does: the engine's checks name GenerateRequest's
+    paths (`model`, `output.video_fps`), which GetModel calls `name` and a KServe request `model_name` or
+    a `video_fps` input."""
+    if isinstance(exc, InvalidRequest) and exc.field in fields:
+        return InvalidRequest(fields[exc.field], exc.reason)
+    return exc
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, *, request_id: str = "",
-                trailing_metadata: tuple[tuple[str, str], ...] = (), triton: bool = False) -> None:
+                trailing_metadata: tuple[tuple[str, str], ...] = (), triton: bool = False,
+                fields: Mapping[str, str] = MappingProxyType({})) -> None:
+    """Ends the call with `exc`'s status and details; `fields`: the request's names for the engine's
+    field paths (`named_as`)."""
+    exc = named_as(exc, fields)
     code, message = to_status(exc, request_id=request_id, triton=triton)
     if isinstance(exc, NotStarted):  # accepted, never started: the caller may send it again
         trailing_metadata = (*trailing_metadata, (NOT_STARTED_KEY, "1"))
