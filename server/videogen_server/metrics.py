@@ -68,6 +68,9 @@ class Metrics:
         self.warmup_duration = Gauge("videogen_model_warmup_duration_seconds", "Time spent in warm-up requests "
                                      "(compilation included)", ML, registry=r)
         self.model_ready = Gauge("videogen_model_ready", "1 when the model version serves requests", ML, registry=r)
+        self.instances_lost = Gauge("videogen_instances_lost", "Instances of the model version that stopped for good "
+                                    "(a lost device, an unexpected error) and serve nothing until it is reloaded",
+                                    ML, registry=r)
         self.last_peak = Gauge("videogen_request_peak_memory_bytes",
                                "Peak device memory of the instance's last request (process RSS on CPU)",
                                ML + ("instance", "device"), registry=r)

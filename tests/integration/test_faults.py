@@ -49,6 +49,34 @@ def test_backend_error_is_internal_with_a_generic_message(make_repo, caplog):
         assert collect(stub, request(model="m", seed=2, **SHORT))[-1].summary.num_frames == 2
 
 
+def test_an_instance_lost_for_good_is_told_until_a_reload_restores_it(make_repo):
+    """A CUDA error that leaves the device unusable (an illegal address, ECC) stops its instance for good.
+    Its version serves on the others, but that capacity was lost silently: GetModel still counted it,
+    and no metric or alert said so (a black-box review took 3 instances down to 1 unnoticed). Injected
+    here as the RuntimeError text torch raises for it (no GPU on this machine)."""
+    cfg = tiny_config("m", "instance_group [ { count: 2, kind: KIND_CPU } ]", parameters=TINY_PARAMETERS + (
+        'parameters { key: "fault_injection" value { string_value: "lost@2:seed=666" } }'))
+    with ServerThread(make_repo({"m": cfg}), model_control_mode="explicit", load_models=("m",)) as server:
+        stub = server.stub()
+        assert server.metric("videogen_instances_lost", model="m", version="1") == 0  # exported from the start
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, request(model="m", seed=666, **SHORT))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "instance failed" in err.value.details()
+        assert server.metric("videogen_instances_lost", model="m", version="1") == 1
+        info = stub.GetModel(pb.GetModelRequest(name="m"))
+        assert info.instances == 1 and info.state == pb.MODEL_STATE_READY
+        assert "1 of 2 instances stopped for good" in info.versions[0].reason
+        health = health_pb2_grpc.HealthStub(server.channel()).Check(
+            health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen/m"))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING  # the other instance serves
+        for seed in (1, 2):
+            assert collect(stub, request(model="m", seed=seed, **SHORT))[-1].summary.num_frames == 2
+        stub.LoadModel(pb.LoadModelRequest(name="m"))  # a reload brings them back
+        info = stub.GetModel(pb.GetModelRequest(name="m"))
+        assert info.instances == 2 and info.versions[0].reason == ""
+        assert server.metric("videogen_instances_lost", model="m", version="1") == 0
+
+
 def test_unexpected_errors_in_model_listing_are_internal_with_a_generic_message(make_repo, monkeypatch):
     """ListModels and GetModel, as every call: a bug's exception text never reaches the caller (it was
     UNKNOWN with the exception's class and message). The fault is injected into the engine's method."""

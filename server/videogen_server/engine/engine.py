@@ -182,15 +182,24 @@ class ModelRuntime:
         m.load_duration.labels(*self.labels).set(time.perf_counter() - t0)
         m.warmup_duration.labels(*self.labels).set(max(i.warmup_seconds for i in self.instances))
         self.state = "READY"
+        m.instances_lost.labels(*self.labels).set(0)
         m.model_ready.labels(*self.labels).set(1)
 
     def _instance_dead(self, instance: Instance) -> None:
-        """On the dead instance's thread. The last one takes the version down with it."""
+        """On the dead instance's thread. The last one takes the version down with it; before that, the
+        version serves on fewer instances, which the gauge and GetModel's `reason` say until a reload."""
+        entry = self._engine.models.get(self.name)
+        current = entry is None or entry.loaded.get(self.version, self) is self  # not a reload's retiring one
+        lost = sum(i.state == "dead" for i in self.instances)
+        if current:
+            self._engine.metrics.instances_lost.labels(*self.labels).set(lost)
+        if lost < len(self.instances):
+            self.reason = (f"{lost} of {len(self.instances)} instances stopped for good (a lost device or an "
+                           f"unexpected error: see the server log); reload the model to restore them")
         if all(i.state == "dead" for i in self.instances):
             self.state = "FAILED"
             self.reason = "every instance hit an unrecoverable device error"
-            entry = self._engine.models.get(self.name)
-            if entry is None or entry.loaded.get(self.version, self) is self:  # not a reload's retiring one
+            if current:
                 self._engine.metrics.model_ready.labels(*self.labels).set(0)
             # nothing would ever take them; none was started, so their callers may send them elsewhere
             self._close_queue(lambda: NotStarted(
@@ -428,7 +437,8 @@ class Engine:
 
     # the per-version gauges: they describe what serves now, so a version that went away takes them along
     # (its counters and histograms stay: they count what it did, and rate() ends with them)
-    _VERSION_GAUGES = ("model_ready", "queue_depth", "inflight", "instances_busy", "load_duration", "warmup_duration")
+    _VERSION_GAUGES = ("model_ready", "queue_depth", "inflight", "instances_busy", "load_duration", "warmup_duration",
+                       "instances_lost")
     # the request outcomes the alerts watch: exported at 0 from the start, since increase() over a series
     # that appears at its first event reads 0 for that event
     _ALERTED_OUTCOMES = (("error", "RESOURCE_EXHAUSTED"), ("rejected", "RESOURCE_EXHAUSTED"), ("error", "INTERNAL"),
@@ -677,7 +687,7 @@ class Engine:
         entry = self.models.get(name)
         if entry is None:
             raise ModelNotFound(f"model {name!r} is not in the repository")
-        versions = [VersionStatus(v, rt.state) for v, rt in sorted(entry.loaded.items())]
+        versions = [VersionStatus(v, rt.state, rt.reason) for v, rt in sorted(entry.loaded.items())]
         versions += [VersionStatus(v, "FAILED", r) for v, r in sorted(entry.failed.items()) if v not in entry.loaded]
         states = [rt.state for _, rt in sorted(entry.loaded.items())]
         state = ("READY" if "READY" in states else states[-1] if states
@@ -685,7 +695,9 @@ class Engine:
         ready = [rt for _, rt in sorted(entry.loaded.items()) if rt.state == "READY"]
         return ModelStatus(name=name, backend=entry.settings.backend if entry.settings else "", state=state,
                            versions=versions, settings=entry.settings,
-                           instances=sum(len(rt.instances) for rt in entry.loaded.values()), reason=entry.error,
+                           # those serving or about to: not the ones stopped for good (the versions' reasons say so)
+                           instances=sum(i.state != "dead" for rt in entry.loaded.values() for i in rt.instances),
+                           reason=entry.error,
                            instance_groups=ready[-1].instance_groups if ready else ())
 
     def list_models(self) -> list[ModelStatus]:
