@@ -35,6 +35,9 @@ step() { printf '\n== %s\n' "$*"; }
 fail() { echo "image-smoke: FAILED: $*" >&2; "${ENGINE[@]}" logs "$NAME" 2>&1 | tail -30 >&2 || true; exit 1; }
 cleanup() {
     "${ENGINE[@]}" rm -f "$NAME" >/dev/null 2>&1 || true
+    # what the image's user (uid 10001) wrote, removed by that user (the host's may not own it)
+    "${ENGINE[@]}" run --rm -v "$WORK:/work" --entrypoint sh "$IMAGE" -c 'rm -rf /work/* /work/.[!.]*' \
+        >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -60,7 +63,8 @@ step "server as the Deployment runs it (read-only root, no capabilities, models 
 # arguments after the image replace CMD and follow the ENTRYPOINT's flags: the last --port wins
 "${ENGINE[@]}" run -d --name "$NAME" --network host --read-only --tmpfs /tmp:rw,size=2g \
     --cap-drop ALL --security-opt no-new-privileges -v "$WORK/models:/models:ro" "$IMAGE" \
-    --log-format json --port "$PORT" --metrics-port "$METRICS" --health-port "$HEALTH" >/dev/null
+    --log-format json --port "$PORT" --metrics-port "$METRICS" --health-port "$HEALTH" \
+    --drain-grace-seconds 120 >/dev/null  # a busy CPU machine can be slow: the check is the drain, not its grace
 client videogen wait-ready --target "127.0.0.1:$PORT" --timeout 300 svd-tiny || fail "never ready"
 client python -c 'import sys, grpc
 from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as hg
@@ -88,7 +92,7 @@ client videogen generate --target "127.0.0.1:$PORT" --model svd-tiny --image /wo
 caller=$!
 for _ in $(seq 100); do grep -q '^accepted' "$WORK/drain.log" 2>/dev/null && break; sleep 0.2; done
 grep -q '^accepted' "$WORK/drain.log" || fail "the drain's request was never accepted: $(cat "$WORK/drain.log")"
-"${ENGINE[@]}" stop -t 60 "$NAME" >/dev/null
+"${ENGINE[@]}" stop -t 150 "$NAME" >/dev/null
 wait "$caller" || fail "the request in flight did not complete through the drain: $(tail -3 "$WORK/drain.log")"
 code=$("${ENGINE[@]}" inspect "$NAME" --format '{{.State.ExitCode}}')
 [ "$code" = 0 ] || fail "the server exited $code after SIGTERM"
