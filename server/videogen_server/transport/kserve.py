@@ -40,7 +40,8 @@ from .. import __version__
 from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams, ResizeMode,
                       ResolvedParams, VideoEvent)
 from ..errors import InvalidRequest, ModelNotFound, NotReady
-from .servicer import REQUEST_ID_KEY, check_request_id, refused_before_engine, request_id_of, require_explicit_control
+from .servicer import (NAME_FIELD, REQUEST_ID_KEY, check_request_id, refused_before_engine, request_id_of,
+                       require_explicit_control)
 from .status import abort, error_reason, named_as, to_status
 from .tracing import incoming_trace_context, trace_context_of
 
@@ -89,10 +90,9 @@ OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("video", "BYTES", (1,), kind="bytes"),
 )
 _INPUTS = {s.name: s for s in INPUTS}
-# The engine's checks name GenerateRequest's paths: a KServe caller sent `model_name` and input tensors.
-# ModelReady/ModelMetadata/ModelConfig/ModelStatistics name the model `name`.
+# The engine's checks name GenerateRequest's paths: a KServe caller sent `model_name` and input tensors
+# (ModelReady/ModelMetadata/ModelConfig/ModelStatistics name the model `name`: NAME_FIELD).
 KSERVE_FIELDS = {"model": "model_name", "output.video_fps": "video_fps"}
-NAME_FIELD = {"model": "name"}
 _OUTPUT_NAMES = tuple(s.name for s in OUTPUTS)
 _CONDITIONING = tuple(s.name for s in INPUTS if s.name != "image")
 
