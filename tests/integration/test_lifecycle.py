@@ -373,6 +373,33 @@ def test_loads_in_flight_are_joined_and_stop_with_the_server(tmp_path, slow_back
     wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("instance-a-")], timeout=15)
 
 
+def test_load_unload_load_ends_loaded_and_a_drain_loads_nothing(tmp_path, slow_backend):
+    """Load, Unload, Load, each sent while the one before runs: the second Load joined the first (queued
+    before the Unload) and every call said OK with the model left unloaded. And a LoadModel during a
+    drain loaded (and, on a GPU, compiled) a model while every health name said NOT_SERVING; the
+    poller stops for a drain for that reason, and so do the calls now (black-box review)."""
+    server = ServerThread(slow_repo(tmp_path, init_seconds=1.0), model_control_mode="explicit")
+    with server:
+        stub = server.stub()
+        first, first_out = in_thread(lambda: stub.LoadModel(pb.LoadModelRequest(name="a"), timeout=60))
+        wait_until(lambda: server.engine._control_tasks)
+        unload, unload_out = in_thread(lambda: stub.UnloadModel(pb.UnloadModelRequest(name="a"), timeout=60))
+        time.sleep(0.2)  # the unload waits for the load
+        second, second_out = in_thread(lambda: stub.LoadModel(pb.LoadModelRequest(name="a"), timeout=60))
+        for t in (first, unload, second):
+            t.join(60)
+        assert not [out["error"] for out in (first_out, unload_out, second_out) if "error" in out]
+        assert second_out["value"].state == pb.MODEL_STATE_READY
+        assert stub.GetModel(pb.GetModelRequest(name="a")).state == pb.MODEL_STATE_READY
+        assert slow_backend.LOADS == [1, 1]  # the second load ran after the unload, not joined to the first
+
+        server.engine.begin_drain()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.LoadModel(pb.LoadModelRequest(name="a"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
+        assert slow_backend.LOADS == [1, 1]
+
+
 def test_a_load_whose_caller_gives_up_still_completes(tmp_path, slow_backend):
     """LoadModel with a deadline shorter than the load: the caller gets DEADLINE_EXCEEDED, the load goes
     on and the model serves (a load cut short used to stay LOADING for good, its instance holding the

@@ -125,3 +125,61 @@ def test_no_reload_starts_once_a_drain_has(make_repo):
         (repo / "a" / "config.pbtxt").write_text(tiny_config("a") + "\n# edited\n")
         time.sleep(1.0)  # five poll periods
         assert server.engine.models["a"].loaded[1] is runtime and not server.engine._control_tasks
+
+
+def test_poll_reloads_only_the_version_that_changed_symlinks_included(make_repo):
+    """Each reload of a served version is a load and, on a GPU, a recompile with both copies in memory.
+    Poll mode reloaded every served version when any file of the model changed: a staging folder for
+    the next version, a note, a new version folder. And it did not look into symlinked version folders,
+    so a version swapped atomically through its symlink (git-sync, many deploy tools) kept its old
+    weights (black-box review)."""
+    import os
+
+    repo = make_repo({"a": tiny_config("a", "version_policy: { all: {} }")})
+    store = repo.parent / "store"
+    store.mkdir()
+    (repo / "a" / "1").rename(store / "w1")
+    shutil.copytree(store / "w1", store / "w2")
+    (repo / "a" / "1").symlink_to(store / "w1")
+    with ServerThread(repo, model_control_mode="poll", repository_poll_seconds=0.2) as server:
+        def runtime(version: int):
+            rt = server.engine.models["a"].loaded.get(version)
+            return rt if rt is not None and rt.state == "READY" else None
+
+        v1 = runtime(1)
+        assert v1 is not None
+        (repo / "a" / ".staging-v2").mkdir()
+        shutil.copytree(store / "w1", repo / "a" / ".staging-v2" / "2")
+        (repo / "a" / "NOTES.md").write_text("v2 tomorrow")
+        time.sleep(1.0)  # five polls
+        assert runtime(1) is v1, "files outside the version folders reloaded version 1"
+        (repo / "a" / ".staging-v2" / "2").rename(repo / "a" / "2")  # the rollout of version 2
+        wait_for(lambda: runtime(2) is not None)
+        assert runtime(1) is v1, "a new version reloaded version 1"
+        (repo / "a" / "1.next").symlink_to(store / "w2")
+        os.replace(repo / "a" / "1.next", repo / "a" / "1")  # version 1 swapped atomically
+        wait_for(lambda: runtime(1) not in (None, v1))
+        assert collect(server.stub(), request(model="a", model_version=1, num_frames=1,
+                                              num_inference_steps=1))[-1].HasField("summary")
+
+
+def test_a_failed_reload_in_place_is_told_beside_the_version_that_serves(make_repo):
+    """Weights updated in place that fail to load: the previous load serves on (as Triton's), but
+    GetModel, the repository index and the metrics all looked as if the update had gone live. (Each
+    file is replaced as rsync and `mv` do, a new file renamed over the old: a CPU instance's weights
+    are views of the memory-mapped files, which a write into the same file would pull away.)"""
+    import os
+
+    repo = make_repo({"a": tiny_config("a")})
+    with ServerThread(repo, model_control_mode="poll", repository_poll_seconds=0.2) as server:
+        stub = server.stub()
+        for weights in (repo / "a" / "1").rglob("*.safetensors"):
+            weights.with_suffix(".new").write_bytes(b"not safetensors")
+            os.replace(weights.with_suffix(".new"), weights)
+
+        def version_1():
+            return stub.GetModel(pb.GetModelRequest(name="a")).versions[0]
+
+        wait_for(lambda: version_1().reason.startswith("a reload failed (the previous load serves): "))
+        assert version_1().state == pb.MODEL_STATE_READY
+        assert collect(stub, request(model="a", num_frames=1, num_inference_steps=1))[-1].HasField("summary")

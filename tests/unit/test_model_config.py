@@ -196,6 +196,85 @@ def test_fingerprint_ignores_compile_artifacts(tmp_path):
     assert repository.fingerprint(model) != before
 
 
+def test_fingerprint_sees_each_version_apart_and_nothing_outside_them(tmp_path):
+    """Poll mode reloads what changed: a staging folder for the next version or a note beside the
+    versions reloaded every served version (a recompile each, on a GPU), once per file written."""
+    model = write(tmp_path, 'backend: "svd"', versions=(1, 2))
+    (model / "1" / "w.safetensors").write_bytes(b"x")
+    before = repository.fingerprint(model)
+    (model / ".staging-v3").mkdir()
+    (model / ".staging-v3" / "w.safetensors").write_bytes(b"y")
+    (model / "NOTES.md").write_text("v3 next week")
+    (model / "03").mkdir()  # not a version folder: `3` is one
+    assert repository.fingerprint(model) == before
+    (model / "2" / "w.safetensors").write_bytes(b"z")
+    after = repository.fingerprint(model)
+    assert after.version(1) == before.version(1) and after.version(2) != before.version(2)
+    assert after.config == before.config
+    (model / "config.pbtxt").write_text('backend: "svd" max_batch_size: 2')
+    assert repository.fingerprint(model).config != after.config
+
+
+def test_fingerprint_follows_symlinked_versions_and_their_swaps(tmp_path):
+    """A version folder that is a symlink (git-sync and many deploy tools swap one atomically) was not
+    looked into: adding one or swapping its target changed nothing, and the old weights kept serving."""
+    import os
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.pbtxt").write_text('backend: "svd"')
+    for name, data in (("w1", b"one"), ("w2", b"two")):
+        (tmp_path / "store" / name).mkdir(parents=True)
+        (tmp_path / "store" / name / "w.safetensors").write_bytes(data)
+    (model / "1").symlink_to(tmp_path / "store" / "w1")
+    first = repository.fingerprint(model)
+    assert repository.versions_on_disk(model) == [1] and first.version(1) is not None
+    (model / "1.new").symlink_to(tmp_path / "store" / "w2")
+    os.replace(model / "1.new", model / "1")  # the atomic swap
+    assert repository.fingerprint(model).version(1) != first.version(1)
+    (tmp_path / "store" / "w2" / "loop").symlink_to(tmp_path / "store" / "w2")  # walked once, no hang
+    repository.fingerprint(model)
+
+
+def test_fingerprint_sees_a_weights_file_made_readable(tmp_path):
+    """save_pretrained writes 0600 files: a version that failed for it, fixed with chmod, was never
+    reloaded (size and time alone did not change)."""
+    model = write(tmp_path, 'backend: "svd"')
+    weights = model / "1" / "w.safetensors"
+    weights.write_bytes(b"x")
+    weights.chmod(0o600)
+    before = repository.fingerprint(model)
+    weights.chmod(0o644)
+    assert repository.fingerprint(model) != before
+
+
+def test_versions_are_folders_named_as_the_number(tmp_path):
+    """`0002` counted as version 2 and was loaded from `2`, which does not exist: the model failed."""
+    model = write(tmp_path, 'backend: "svd"', versions=(1,))
+    for name in ("0002", "+3", "04", "0"):
+        (model / name).mkdir()
+    assert repository.versions_on_disk(model) == [1]
+
+
+def test_a_folder_that_cannot_be_read_stops_no_other_model(tmp_path, monkeypatch):
+    """One unreadable folder (a volume's root-owned lost+found, a chmod 000) raised out of the scan:
+    the server could not start, and a poll saw no change to any model. (Tests run as root, whom
+    permissions do not stop, so the error is raised by hand here.)"""
+    write(tmp_path, 'backend: "svd"', name="a")
+    write(tmp_path, 'backend: "svd"', name="b")
+    original = Path.is_file
+
+    def is_file(self):
+        if self.parent.name == "a":
+            raise PermissionError(13, "Permission denied")
+        return original(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    unreadable: dict[str, str] = {}
+    assert list(repository.scan((tmp_path,), unreadable)) == ["b"]
+    assert list(unreadable) == ["a"] and "Permission denied" in unreadable["a"]
+
+
 def test_warmup_seed_is_fixed_and_taken_when_given(tmp_path):
     from types import SimpleNamespace
 

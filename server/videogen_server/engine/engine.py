@@ -307,7 +307,7 @@ class ModelEntry:
         self.loaded: dict[int, ModelRuntime] = {}
         self.failed: dict[int, str] = {}
         self.error = ""
-        self.fingerprint = ""
+        self.fingerprint: Optional[repository.Fingerprint] = None  # of the files its last load read
         self.lock = asyncio.Lock()
         self.loading: Optional[asyncio.Task[None]] = None  # the load in flight, which later loads join
         self.published: set[str] = set()  # version labels whose per-version gauges are exported
@@ -343,6 +343,7 @@ class Engine:
                                                             thread_name_prefix="media")
         self._decode = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
         self._poller: Optional[asyncio.Task[None]] = None
+        self._unreadable: set[str] = set()  # model folders the last scan could not read
         self._control_tasks: set[asyncio.Task[None]] = set()  # loads and unloads (strong references)
         # every runtime not yet stopped: serving, loading, or retiring after a reload (then no longer in
         # its entry's `loaded`, while its requests finish)
@@ -361,9 +362,19 @@ class Engine:
         NOT_FOUND is final from the first call on, never "not read yet"."""
         if self._scanned:
             return
-        for name, path in repository.scan(self.config.model_repositories).items():
+        for name, path in self._scan().items():
             self.models[name] = ModelEntry(name, path)
         self._scanned = True
+
+    def _scan(self) -> dict[str, Path]:
+        """repository.scan, logging each folder it cannot read once (then again if it came back and went)."""
+        unreadable: dict[str, str] = {}
+        found = repository.scan(self.config.model_repositories, unreadable)
+        for name, why in unreadable.items():
+            if name not in self._unreadable:
+                log.error("model folder %s cannot be read (%s); not served, and no other model held up", name, why)
+        self._unreadable = set(unreadable)
+        return found
 
     async def start(self) -> None:
         """Scan the repository (unless done) and load what the model control mode asks for."""
@@ -532,6 +543,8 @@ class Engine:
         flight joins it (a client retrying a LoadModel whose deadline passes would otherwise queue one
         full reload, a recompile, per retry)."""
         check_model_name(name)
+        if self.draining:  # the poller stops for a drain; a LoadModel must not load (and compile) either
+            raise Draining("the server is shutting down; no model loads")
         entry = self.models.get(name)
         task = entry.loading if entry is not None else None
         if task is None or task.done():
@@ -547,6 +560,9 @@ class Engine:
     async def unload_model(self, name: str) -> None:
         """Unload every version of a model; like a load, it runs to its end whatever the caller does."""
         check_model_name(name)
+        entry = self.models.get(name)
+        if entry is not None:  # a load asked for after this unload runs after it, not joined to one before it
+            entry.loading = None
         await asyncio.shield(self._start_control(self._unload_model(name)))
 
     def _start_control(self, coro) -> asyncio.Task[None]:
@@ -560,7 +576,7 @@ class Engine:
     async def _load_model(self, name: str) -> None:
         entry = self.models.get(name)
         if entry is None:
-            found = repository.scan(self.config.model_repositories)
+            found = await asyncio.to_thread(self._scan)
             if name not in found:
                 raise ModelNotFound(f"model {name!r} is not in the repository")
             entry = self.models[name] = ModelEntry(name, found[name])
@@ -568,6 +584,7 @@ class Engine:
         async with entry.lock:
             try:
                 # first: a model that fails to read is tried again when its files change, not every poll
+                previous = entry.fingerprint
                 entry.fingerprint = await asyncio.to_thread(repository.fingerprint, entry.path)
                 settings = await asyncio.to_thread(repository.read_settings, entry.path,
                                                    default_max_queue_size=self.config.max_queue_size)
@@ -587,6 +604,9 @@ class Engine:
             old = dict(entry.loaded)
             new: dict[int, ModelRuntime] = {}
             for version in wanted:
+                if self._unchanged(entry, previous, version):  # poll mode: what changed reloads, not the rest
+                    new[version] = old[version]
+                    continue
                 rt = ModelRuntime(settings, version, self)
                 entry.loaded.setdefault(version, rt)  # visible as LOADING if it is new
                 self._publish(entry)
@@ -626,6 +646,17 @@ class Engine:
                 raise NotReady(f"model {name!r} failed to load: "
                                + "; ".join(f"version {v}: {r}" for v, r in failed.items()))
 
+    def _unchanged(self, entry: ModelEntry, previous: Optional[repository.Fingerprint], version: int) -> bool:
+        """Poll mode: `version` serves from the files and config.pbtxt its last load read, so a change to
+        another version (a new one added, an old one removed) leaves it serving instead of reloading it.
+        LoadModel (explicit mode) reloads every version it selects, as asked."""
+        if self.config.model_control_mode != "poll" or previous is None or entry.fingerprint is None:
+            return False
+        rt = entry.loaded.get(version)
+        return (rt is not None and rt.state == "READY" and previous.config == entry.fingerprint.config
+                and previous.version(version) is not None
+                and previous.version(version) == entry.fingerprint.version(version))
+
     async def _unload_model(self, name: str) -> None:
         entry = self.models.get(name)
         if entry is None:
@@ -646,19 +677,23 @@ class Engine:
         while True:
             await asyncio.sleep(self.config.repository_poll_seconds)
             try:
-                found = await asyncio.to_thread(repository.scan, self.config.model_repositories)
+                found = await asyncio.to_thread(self._scan)
             except Exception:
                 log.exception("repository poll failed")
                 continue
             for name, path in found.items():  # one model's trouble does not hold up the others
                 try:
                     entry = self.models.get(name)
+                    if entry is not None and entry.path != path:  # e.g. gone from the first repository of two
+                        log.info("model %s is now read from %s (was %s)", name, path, entry.path)
+                        entry.path, entry.fingerprint = path, None
                     if entry is None or await asyncio.to_thread(repository.fingerprint, path) != entry.fingerprint:
                         log.info("model %s changed on disk; reloading", name)
                         await self.load_model(name, raise_errors=False)
                 except Exception:
                     log.exception("repository poll: model %s", name)
-            for name in [n for n in self.models if n not in found]:
+            # (a folder that could not be read is not gone: what it serves stays until it can be read)
+            for name in [n for n in self.models if n not in found and n not in self._unreadable]:
                 try:
                     log.info("model %s left the repository; unloading", name)
                     await self.unload_model(name)
@@ -687,7 +722,10 @@ class Engine:
         entry = self.models.get(name)
         if entry is None:
             raise ModelNotFound(f"model {name!r} is not in the repository")
-        versions = [VersionStatus(v, rt.state, rt.reason) for v, rt in sorted(entry.loaded.items())]
+        # a version whose reload failed serves its previous load: its reason says so
+        versions = [VersionStatus(v, rt.state, rt.reason or (f"a reload failed (the previous load serves): "
+                                                              f"{entry.failed[v]}" if v in entry.failed else ""))
+                    for v, rt in sorted(entry.loaded.items())]
         versions += [VersionStatus(v, "FAILED", r) for v, r in sorted(entry.failed.items()) if v not in entry.loaded]
         states = [rt.state for _, rt in sorted(entry.loaded.items())]
         state = ("READY" if "READY" in states else states[-1] if states

@@ -1,10 +1,12 @@
 """The model repository: `<repo>/<model>/config.pbtxt` and numeric version folders `<model>/<N>/`."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 from ..backends.base import COMPILE_ARTIFACTS_FOLDER, load_backend_class
 from ..errors import ConfigError, InvalidRequest
@@ -28,14 +30,21 @@ def check_model_name(name: str) -> None:
         raise InvalidRequest("model", f"at most {MAX_MODEL_NAME} printable characters")
 
 
-def scan(repositories: tuple[Path, ...]) -> dict[str, Path]:
-    """Model name -> model folder, for every folder holding a config.pbtxt. Names must be unique."""
+def scan(repositories: tuple[Path, ...], unreadable: Optional[dict[str, str]] = None) -> dict[str, Path]:
+    """Model name -> model folder, for every folder holding a config.pbtxt. Names must be unique (the
+    first repository's wins). A folder that cannot be read (its permissions, e.g. a volume's root-owned
+    lost+found) is no model and stops no other: it goes in `unreadable` (name -> why) when given."""
     found: dict[str, Path] = {}
     for repo in repositories:
         if not repo.is_dir():
             raise ConfigError(str(repo), "--model-repository", "is not a directory")
         for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if not (model_dir / "config.pbtxt").is_file():
+            try:
+                if not (model_dir / "config.pbtxt").is_file():
+                    continue
+            except OSError as err:
+                if unreadable is not None:
+                    unreadable[model_dir.name] = f"{model_dir}: {err.strerror or err}"
                 continue
             if not is_model_name(model_dir.name):
                 log.error("model folder %r: a name of at most %d printable characters is needed; not served",
@@ -52,9 +61,14 @@ def scan(repositories: tuple[Path, ...]) -> dict[str, Path]:
     return found
 
 
+def is_version_folder(name: str) -> bool:
+    """A version folder's name: a positive integer as written in decimal (`2`, not `02`: the version is
+    loaded from `<model>/<version>`, so `0002` would name a folder that does not exist)."""
+    return name.isascii() and name.isdigit() and name == str(int(name)) and int(name) > 0
+
+
 def versions_on_disk(model_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in model_dir.iterdir()
-                  if p.is_dir() and p.name.isascii() and p.name.isdigit() and int(p.name) > 0)
+    return sorted(int(p.name) for p in model_dir.iterdir() if is_version_folder(p.name) and p.is_dir())
 
 
 def read_settings(model_dir: Path, *, default_max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> ModelSettings:
@@ -77,15 +91,49 @@ def read_settings(model_dir: Path, *, default_max_queue_size: int = DEFAULT_MAX_
         backend_defaults=defaults, default_max_queue_size=default_max_queue_size)
 
 
-def fingerprint(model_dir: Path) -> str:
-    """Changes when config.pbtxt or any file under a version folder changes (for poll mode), except the
-    compile artifacts a `videogen-server compile-artifacts` job writes beside the weights while servers run."""
-    h = hashlib.sha256()
-    for path in sorted(model_dir.rglob("*")):
-        relative = path.relative_to(model_dir)
-        if len(relative.parts) > 2 and relative.parts[1] == COMPILE_ARTIFACTS_FOLDER:
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """What poll mode compares to see a model change: its config.pbtxt, and each version folder apart,
+    so that a change to one version reloads that one only (a reload recompiles: minutes on a GPU)."""
+
+    config: str
+    versions: tuple[tuple[int, str], ...]
+
+    def version(self, version: int) -> Optional[str]:
+        return dict(self.versions).get(version)
+
+
+def _stat_line(path: Path, relative: str) -> str:
+    st = path.stat()  # (a symlink: its target's)
+    # mode and owner too: a weights file made readable (save_pretrained writes 0600) is a change to load
+    return f"{relative}:{st.st_size}:{st.st_mtime_ns}:{st.st_mode:o}:{st.st_uid}:{st.st_gid}\n"
+
+
+def _version_fingerprint(version_dir: Path) -> str:
+    """Every file under a version folder, symlinks followed (a version folder swapped atomically through a
+    symlink, as git-sync and many deploy tools do, is a change), except the compile artifacts a
+    `videogen-server compile-artifacts` job writes beside the weights while servers run."""
+    h = hashlib.sha256(f"{version_dir.resolve()}\n".encode())
+    seen: set[tuple[int, int]] = set()  # folders walked: a symlink loop is walked once
+    for root, dirs, files in os.walk(version_dir, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
             continue
-        if path.is_file():
-            st = path.stat()
-            h.update(f"{relative}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        seen.add((st.st_dev, st.st_ino))
+        base = Path(root)
+        relative_root = base.relative_to(version_dir)
+        # folders by name only: their times change as files come and go (a compile-artifacts job's)
+        dirs[:] = sorted(d for d in dirs if not (relative_root == Path(".") and d == COMPILE_ARTIFACTS_FOLDER))
+        h.update(f"{relative_root}/\n".encode())
+        for name in sorted(files):
+            h.update(_stat_line(base / name, str(relative_root / name)).encode())
     return h.hexdigest()
+
+
+def fingerprint(model_dir: Path) -> Fingerprint:
+    """config.pbtxt and each version folder (`is_version_folder`); files elsewhere in the model folder (a
+    staging folder for the next version, notes) change nothing."""
+    versions = tuple((int(p.name), _version_fingerprint(p)) for p in sorted(model_dir.iterdir(), key=lambda p: p.name)
+                     if is_version_folder(p.name) and p.is_dir())
+    return Fingerprint(config=_stat_line(model_dir / "config.pbtxt", "config.pbtxt"), versions=versions)
