@@ -125,6 +125,16 @@ def test_draining_server_refuses_new_requests(make_repo):
         with pytest.raises(grpc.RpcError) as err:
             collect(server.stub(), request(model="m", num_inference_steps=1))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # what a readiness wait reads: not ready (GetModel said READY, so `videogen wait-ready && generate`
+        # went ahead at once and failed: black-box review of the SDK)
+        from videogen.v1 import videogen_pb2 as pb
+        from videogen_client import VideoGenClient
+        from videogen_client.errors import DeadlineExceededError
+
+        info = server.stub().GetModel(pb.GetModelRequest(name="m"))
+        assert info.state == pb.MODEL_STATE_UNLOADING and "draining" in info.versions[0].reason
+        with VideoGenClient(server.target) as client, pytest.raises(DeadlineExceededError):
+            client.wait_until_ready("m", timeout=0.5, poll_interval=0.1)
         assert running.join().summary.num_frames == 4
         stop_future.result(20)
 

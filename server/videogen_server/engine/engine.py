@@ -726,8 +726,11 @@ class Engine:
         versions = [VersionStatus(v, rt.state, rt.reason or (f"a reload failed (the previous load serves): "
                                                               f"{entry.failed[v]}" if v in entry.failed else ""))
                     for v, rt in sorted(entry.loaded.items())]
+        if self.draining:  # it takes no new request and unloads at the drain's end: a wait for it goes on
+            versions = [VersionStatus(v.version, "UNLOADING", "the server is shutting down (draining)")
+                        if v.state == "READY" else v for v in versions]
         versions += [VersionStatus(v, "FAILED", r) for v, r in sorted(entry.failed.items()) if v not in entry.loaded]
-        states = [rt.state for _, rt in sorted(entry.loaded.items())]
+        states = [v.state for v in versions if v.version in entry.loaded]
         state = ("READY" if "READY" in states else states[-1] if states
                  else "FAILED" if entry.error else "UNAVAILABLE")
         ready = [rt for _, rt in sorted(entry.loaded.items()) if rt.state == "READY"]
