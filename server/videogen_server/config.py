@@ -47,8 +47,11 @@ class ServerConfig:
     #: Close client connections after this long (plus the grace below) so that clients balancing
     #: round_robin over a headless Service re-resolve DNS and find new replicas. 0 = never.
     max_connection_age_seconds: float = 300.0
-    #: In-flight streams on an aged connection get this long to finish (longer than one video).
-    max_connection_age_grace_seconds: float = 600.0
+    #: In-flight streams on an aged connection get this long to finish: above the longest a request may
+    #: wait in a full queue plus its own run (64 queued SVD-XT videos at ~13 s each: ~14 minutes), since
+    #: gRPC cuts what is left, queued requests included, and the caller hears UNAVAILABLE ("max connection
+    #: age") for work that never started. It does not delay a drain.
+    max_connection_age_grace_seconds: float = 1800.0
     #: Dead callers: the server pings each connection after this long without a frame from the client,
     #: and closes it when the ping is not answered within keepalive_timeout_seconds, cancelling its
     #: requests. A caller whose host vanished or whose network was cut (no FIN, no RST) otherwise keeps
