@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ from videogen_client._request import _SCHEMES, UnresolvedHost
 from videogen_client.client import VideoGenClient
 from videogen_client.errors import VideoGenError
 from videogen_client.events import (
+    _FRAME_FILE,
     Accepted,
     Event,
     Frame,
@@ -160,23 +162,34 @@ def _unwritable(path: str | Path | None, flag: str, *, directory: bool) -> str |
     if path is None:
         return None
     path = Path(path)
-    if path.exists():  # through symbolic links
-        if directory and not path.is_dir():
-            return f"{flag}: {path} exists and is not a directory"
-        if not directory and path.is_dir():
-            return f"{flag}: {path} is a directory"
-        if not directory:
-            return None if os.access(path, os.W_OK) else f"{flag}: {path} is not writable"
-    folder = path if directory else Path(os.path.realpath(path)).parent  # (a dangling link: its file's)
-    while not folder.exists() and folder != folder.parent:  # created on save
-        folder = folder.parent
-    if not folder.is_dir():
-        return f"{flag}: {folder} is not a directory"
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        return f"{flag}: cannot write in {folder} ({err.strerror or err})"
+        try:
+            st: os.stat_result | None = path.stat()  # through symbolic links
+        except (FileNotFoundError, NotADirectoryError):  # (a dangling link too; a file on the way: said below)
+            st = None
+        if st is not None:
+            if directory and not stat.S_ISDIR(st.st_mode):
+                return f"{flag}: {path} exists and is not a directory"
+            if not directory and stat.S_ISDIR(st.st_mode):
+                return f"{flag}: {path} is a directory"
+            if not directory:
+                return None if os.access(path, os.W_OK) else f"{flag}: {path} is not writable"
+            # frames of an earlier video are replaced: each must be writable, as a file named by --out
+            for old in path.iterdir():
+                if _FRAME_FILE.fullmatch(old.name) and not os.access(old, os.W_OK):
+                    return f"{flag}: {old} is not writable"
+        folder = path if directory else Path(os.path.realpath(path)).parent  # (a dangling link: its file's)
+        while not folder.exists() and folder != folder.parent:  # created on save
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"{flag}: {folder} is not a directory"
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            return f"{flag}: cannot write in {folder} ({err.strerror or err})"
+    except OSError as err:  # a folder on the way it may not enter, a symbolic link loop, ...
+        return f"{flag}: cannot write {path} ({err.strerror or err})"
     return None
 
 
@@ -422,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # refuse outputs that cannot be written before the server spends minutes of GPU time on them
         problem = (_unwritable(args.out, "--out", directory=False)
                    or _unwritable(args.frames_dir, "--frames-dir", directory=True))
+        if not problem and args.out is not None and args.frames_dir is not None and \
+                os.path.realpath(args.out) == os.path.realpath(args.frames_dir):
+            problem = "--out and --frames-dir name the same path: the video is a file, the frames a folder"
         if problem:
             parser.error(problem)
     handler: Callable[[argparse.Namespace], int] = args.handler

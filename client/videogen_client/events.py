@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import stat
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -388,16 +389,35 @@ def _replace(path: Path, write: Callable[[Path], None]) -> None:
 def save_video(result: GenerationResult, path: str | Path) -> Path:
     """Write the result's MP4 to ``path`` (parent folders are created) and return the path. A file is
     replaced whole or not at all: written beside it under a temporary name, then renamed (a device or a
-    pipe such as ``/dev/stdout`` is written as it stands).
+    pipe is written as it stands; ``/dev/stdout`` or ``/dev/fd/N`` at the stream's position, so a file
+    the shell sent it to, with ``>`` or ``>>``, keeps what was written before and after).
 
     Example: ``save_video(client.run("cat.png", model="svd-xt"), "cat.mp4")``.
     """
     if not result.video:
         raise ValueError("the result has no video (was it generated with stream_video=False?)")
     path = Path(path)
+    fd = _standard_stream(path)
+    if fd is not None:  # at the stream's position, as a shell redirection writes: a file it was sent to (>,
+        if fd == 1:     # >>) keeps what came before and after; opened by name it would be truncated or replaced
+            sys.stdout.flush()
+        with os.fdopen(os.dup(fd), "wb") as stream:
+            stream.write(result.video)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    Path(os.path.realpath(path)).parent.mkdir(parents=True, exist_ok=True)  # a symbolic link's file's folder
     _replace(path, lambda tmp: tmp.write_bytes(result.video))
     return path
+
+
+def _standard_stream(path: Path) -> int | None:
+    """The file descriptor ``path`` names (``/dev/stdout``, ``/dev/fd/N``, ``/proc/self/fd/N``), or None."""
+    name = str(path)
+    named = {"/dev/stdout": 1, "/dev/stderr": 2}
+    if name in named:
+        return named[name]
+    match = re.fullmatch(r"/(?:dev/fd|proc/self/fd)/(\d+)", name)
+    return int(match.group(1)) if match else None
 
 
 _FRAME_FILE = re.compile(r"frame_(\d{5,})\.png")

@@ -1008,3 +1008,77 @@ def test_load_and_unload_models_from_the_sdk_and_the_cli(make_repo, tiny_server)
         assert unloaded.returncode == 0 and f"{MODEL} unloaded" in unloaded.stdout, unloaded.stderr
         missing = cli("load", "no-such-model", "--target", server.target)
         assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_outputs_through_a_shell_redirection_and_links_to_new_folders(client, tiny_server, tmp_path):
+    """From a review of the SDK and CLI: `--out /dev/stdout` with stdout sent to a file (`>>`, or a
+    `{ ...; } > f` group) replaced that file, losing what came before and after; a link whose file's
+    folder did not exist passed the CLI's check and then failed after the generation; a symbolic link
+    loop, and --out and --frames-dir naming one path, too."""
+    import os
+
+    result = client.run(SAMPLE, model=MODEL, num_frames=2, num_inference_steps=1)
+    os.symlink(tmp_path / "new" / "folder" / "made.mp4", tmp_path / "far.mp4")
+    save_video(result, tmp_path / "far.mp4")
+    assert (tmp_path / "new" / "folder" / "made.mp4").read_bytes() == result.video
+
+    image = tmp_path / "in.png"
+    image.write_bytes(SAMPLE)
+    command = [*_installed_cli(), "generate", "--target", tiny_server.target, "--model", MODEL, "--image",
+               str(image), "--num-frames", "2", "--steps", "1", "--quiet"]
+    log = tmp_path / "log.bin"
+    log.write_bytes(b"header\n")
+    with open(log, "ab") as appended:
+        proc = subprocess.run([*command, "--out", "/dev/stdout"], stdout=appended, stderr=subprocess.PIPE,
+                              timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with open(log, "ab") as appended:
+        appended.write(b"trailer\n")
+    data = log.read_bytes()
+    assert data.startswith(b"header\n") and data.endswith(b"trailer\n")
+    assert decode_mp4(data[len(b"header\n"):-len(b"trailer\n")])[0] == 2
+
+    os.symlink(tmp_path / "loop.mp4", tmp_path / "loop.mp4")
+    refused = cli(*command[len(_installed_cli()):], "--out", str(tmp_path / "loop.mp4"))
+    assert refused.returncode == 2 and "--out: cannot write" in refused.stderr, refused.stderr
+    same = tmp_path / "both"
+    refused = cli(*command[len(_installed_cli()):], "--out", str(same), "--frames-dir", str(same))
+    assert refused.returncode == 2 and "same path" in refused.stderr, refused.stderr
+    assert not same.exists()
+
+
+NOBODY_CHECKS = """
+import sys
+from videogen_client.cli import _unwritable
+print(_unwritable(sys.argv[1], "--out", directory=False))
+print(_unwritable(sys.argv[2], "--frames-dir", directory=True))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to run as nobody (setpriv)")
+def test_the_cli_check_names_outputs_it_may_not_reach_or_replace(tmp_path):
+    """A folder on the way the caller may not enter crashed the CLI's check with a traceback (exit 1, not
+    the usage error it is), and an earlier video's frame the caller may not replace passed the check,
+    the generation then failing to save (SDK review). Run as nobody: as root, permissions do not refuse."""
+    import tempfile
+
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                            "import videogen_client"], capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"nobody cannot import the client here: {probe.stderr[-300:]!r}")
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        (closed := base / "closed").mkdir(mode=0o700)  # root's: nobody may not enter it
+        (frames := base / "frames").mkdir(mode=0o777)
+        (frames / "frame_00000.png").write_bytes(b"root's")
+        os.chmod(frames / "frame_00000.png", 0o644)
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                               NOBODY_CHECKS, str(closed / "sub" / "out.mp4"), str(frames)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        out_problem, frames_problem = proc.stdout.splitlines()
+        assert out_problem.startswith("--out: cannot write") and "Permission denied" in out_problem
+        assert frames_problem == f"--frames-dir: {frames / 'frame_00000.png'} is not writable"
+    finally:
+        shutil.rmtree(base)
