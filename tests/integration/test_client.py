@@ -634,6 +634,16 @@ def test_outputs_are_written_through_links_devices_and_pipes(client, tiny_server
     assert decode_mp4(piped.stdout)[0] == 2 and b"request_id=" in piped.stderr
 
 
+def _as_nobody(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Python `code` run as nobody (setpriv), where permissions refuse as they do for a user; skips the
+    test where nobody cannot import the client (an installation only root can read)."""
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c"]
+    probe = subprocess.run([*nobody, "import videogen_client"], capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"nobody cannot import the client here: {probe.stderr[-300:]!r}")
+    return subprocess.run([*nobody, code, *args], capture_output=True, text=True, timeout=60)
+
+
 NOBODY_WRITES = """
 import pathlib, sys
 from videogen_client.cli import _unwritable
@@ -655,10 +665,6 @@ def test_an_output_whose_folder_takes_no_new_file_is_written_in_place(tmp_path):
     import stat
     import tempfile
 
-    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-                            "import videogen_client"], capture_output=True, timeout=60)
-    if probe.returncode != 0:
-        pytest.skip(f"nobody cannot import the client here: {probe.stderr[-300:]!r}")
     base = Path(tempfile.mkdtemp(dir="/tmp"))
     try:
         os.chmod(base, 0o755)
@@ -669,8 +675,7 @@ def test_an_output_whose_folder_takes_no_new_file_is_written_in_place(tmp_path):
         for f in files:
             f.write_bytes(b"old")
             os.chmod(f, 0o666)
-        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-                               NOBODY_WRITES, *map(str, files)], capture_output=True, text=True, timeout=60)
+        proc = _as_nobody(NOBODY_WRITES, *map(str, files))
         assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
         assert [f.read_bytes() for f in files] == [b"new", b"new"]
         assert sorted(p.name for p in locked.iterdir()) == ["open.mp4"] and len(list(sticky.iterdir())) == 1
@@ -1062,10 +1067,6 @@ def test_the_cli_check_names_outputs_it_may_not_reach_or_replace(tmp_path):
     the generation then failing to save (SDK review). Run as nobody: as root, permissions do not refuse."""
     import tempfile
 
-    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-                            "import videogen_client"], capture_output=True, timeout=60)
-    if probe.returncode != 0:
-        pytest.skip(f"nobody cannot import the client here: {probe.stderr[-300:]!r}")
     base = Path(tempfile.mkdtemp(dir="/tmp"))
     try:
         os.chmod(base, 0o755)
@@ -1073,9 +1074,7 @@ def test_the_cli_check_names_outputs_it_may_not_reach_or_replace(tmp_path):
         (frames := base / "frames").mkdir(mode=0o777)
         (frames / "frame_00000.png").write_bytes(b"root's")
         os.chmod(frames / "frame_00000.png", 0o644)
-        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-                               NOBODY_CHECKS, str(closed / "sub" / "out.mp4"), str(frames)],
-                              capture_output=True, text=True, timeout=60)
+        proc = _as_nobody(NOBODY_CHECKS, str(closed / "sub" / "out.mp4"), str(frames))
         assert proc.returncode == 0, proc.stderr
         out_problem, frames_problem = proc.stdout.splitlines()
         assert out_problem.startswith("--out: cannot write") and "Permission denied" in out_problem
