@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -39,9 +40,11 @@ def scan(repositories: tuple[Path, ...], unreadable: Optional[dict[str, str]] = 
         if not repo.is_dir():
             raise ConfigError(str(repo), "--model-repository", "is not a directory")
         for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            try:
-                if not (model_dir / "config.pbtxt").is_file():
+            try:  # (os.stat: Path.is_file hides some errors, which differ between Python versions)
+                if not stat.S_ISREG(os.stat(model_dir / "config.pbtxt").st_mode):
                     continue
+            except (FileNotFoundError, NotADirectoryError):
+                continue
             except OSError as err:
                 if unreadable is not None:
                     unreadable[model_dir.name] = f"{model_dir}: {err.strerror or err}"
@@ -104,7 +107,10 @@ class Fingerprint:
 
 
 def _stat_line(path: Path, relative: str) -> str:
-    st = path.stat()  # (a symlink: its target's)
+    try:
+        st = path.stat()  # (a symlink: its target's)
+    except OSError as err:  # a dangling or looping link (an editor's lock file), a file gone since listed
+        return f"{relative}:unreadable:{err.errno}\n"
     # mode and owner too: a weights file made readable (save_pretrained writes 0600) is a change to load
     return f"{relative}:{st.st_size}:{st.st_mtime_ns}:{st.st_mode:o}:{st.st_uid}:{st.st_gid}\n"
 
