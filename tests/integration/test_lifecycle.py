@@ -5,6 +5,7 @@ small backend installed through the entry-point group, as a third-party backend 
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 
@@ -397,7 +398,24 @@ def test_load_unload_load_ends_loaded_and_a_drain_loads_nothing(tmp_path, slow_b
         with pytest.raises(grpc.RpcError) as err:
             stub.LoadModel(pb.LoadModelRequest(name="a"), timeout=30)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
+        assert server.run(server.engine.load_model("a", raise_errors=False)) is None  # start-up's loads: quiet
         assert slow_backend.LOADS == [1, 1]
+
+
+def test_two_loads_of_a_model_new_to_the_repository_load_it_once(tmp_path, slow_backend):
+    """The second LoadModel of a model added after start-up joins the first: it loaded it twice, the
+    first copy left holding its instances (and device memory) outside the model (review of the change)."""
+    repo = slow_repo(tmp_path, init_seconds=0.5)
+    with ServerThread(repo, model_control_mode="explicit") as server:
+        shutil.copytree(repo / "a", repo / "b")
+        (repo / "b" / "config.pbtxt").write_text((repo / "a" / "config.pbtxt").read_text().replace('"a"', '"b"'))
+        stub = server.stub()
+        calls = [in_thread(lambda: stub.LoadModel(pb.LoadModelRequest(name="b"), timeout=60)) for _ in range(2)]
+        for thread, out in calls:
+            thread.join(60)
+            assert "error" not in out, out
+        assert slow_backend.LOADS == [1]
+        assert [rt for rt in server.engine._runtimes if rt.name == "b"] == list(server.engine.models["b"].loaded.values())
 
 
 def test_a_load_whose_caller_gives_up_still_completes(tmp_path, slow_backend):

@@ -183,3 +183,93 @@ def test_a_failed_reload_in_place_is_told_beside_the_version_that_serves(make_re
         wait_for(lambda: version_1().reason.startswith("a reload failed (the previous load serves): "))
         assert version_1().state == pb.MODEL_STATE_READY
         assert collect(stub, request(model="a", num_frames=1, num_inference_steps=1))[-1].HasField("summary")
+
+
+RECORDING_BACKEND = '''
+import json
+from pathlib import Path
+
+import numpy as np
+
+from videogen_server.backends import Backend, Finished, FramesDecoded, StepDone
+
+LOADS = []  # (version, the config's "tag" parameter) per instance start
+FAIL = set()  # versions whose load fails
+
+
+class RecordingBackend(Backend):
+    name = "recording"
+
+    @classmethod
+    def validate_parameters(cls, parameters):
+        pass
+
+    @classmethod
+    def model_defaults(cls, version_path):  # a checkpoint's own defaults, as SVD's 14 and SVD-XT's 25 frames
+        f = Path(version_path) / "defaults.json"
+        return json.loads(f.read_text()) if f.exists() else {}
+
+    def initialize(self, context):
+        LOADS.append((context.model_version, context.parameters.get("tag", "")))
+        if context.model_version in FAIL:
+            raise RuntimeError("injected load failure")
+
+    def prepare(self, params, image):
+        return 0
+
+    def execute(self, requests):
+        for r in requests:
+            p = r.params
+            r.sender.send(StepDone(1, 1))
+            r.sender.send(FramesDecoded(chunk_index=0, start_index=0,
+                                        frames=np.zeros((p.num_frames, p.height, p.width, 3), np.uint8)))
+            r.sender.send(Finished())
+
+    def finalize(self):
+        pass
+'''
+
+
+def _recording_config(tag: str) -> str:
+    return ('name: "a"\nbackend: "recording"\ninstance_group [ { kind: KIND_CPU } ]\nversion_policy: { all: {} }\n'
+            f'parameters {{ key: "tag" value {{ string_value: "{tag}" }} }}\n'
+            'parameters { key: "default_width" value { string_value: "16" } }\n'
+            'parameters { key: "default_height" value { string_value: "16" } }\n'
+            'parameters { key: "min_width" value { string_value: "16" } }\n'
+            'parameters { key: "min_height" value { string_value: "16" } }\n')
+
+
+def test_a_version_is_kept_only_while_nothing_it_was_loaded_with_changed(tmp_path, monkeypatch):
+    """Poll mode keeps a version serving when another version changes, but not one whose last reload
+    failed (it served the old config for good), nor one whose settings a rollback changed (the defaults
+    come from the highest version served: removing version 2 left its 25 frames as the model's)."""
+    import json
+
+    from ..helpers import install_backend
+
+    backend = install_backend(tmp_path, monkeypatch, "recording_backend_pkg", "recording", RECORDING_BACKEND)
+    repo = tmp_path / "repo"
+    (repo / "a" / "1").mkdir(parents=True)
+    (repo / "a" / "1" / "defaults.json").write_text(json.dumps({"num_frames": 14}))
+    (repo / "a" / "config.pbtxt").write_text(_recording_config("old"))
+    with ServerThread(repo, model_control_mode="poll", repository_poll_seconds=0.2) as server:
+        entry, stub = server.engine.models["a"], server.stub()
+
+        def ready(version: int):
+            rt = entry.loaded.get(version)
+            return rt if rt is not None and rt.state == "READY" else None
+
+        v1 = ready(1)
+        backend.FAIL.add(1)  # the new config's reload of version 1 fails (both copies in memory, say)
+        (repo / "a" / "config.pbtxt").write_text(_recording_config("new"))
+        wait_for(lambda: 1 in entry.failed)
+        assert ready(1) is v1
+        backend.FAIL.clear()
+        (repo / "a" / "2").mkdir()  # a rollout; version 1's files and the config unchanged since
+        (repo / "a" / "2" / "defaults.json").write_text(json.dumps({"num_frames": 25}))
+        wait_for(lambda: ready(2) is not None and ready(1) not in (None, v1))
+        assert ready(1).settings.parameters["tag"] == "new", "version 1 retried with the config it failed on"
+        assert stub.GetModel(pb.GetModelRequest(name="a")).defaults.num_frames == 25
+        shutil.rmtree(repo / "a" / "2")  # rolled back: version 1's checkpoint gives the defaults again
+        wait_for(lambda: 2 not in entry.loaded and ready(1) is not None
+                 and stub.GetModel(pb.GetModelRequest(name="a")).defaults.num_frames == 14)

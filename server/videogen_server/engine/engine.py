@@ -195,7 +195,7 @@ class ModelRuntime:
             self._engine.metrics.instances_lost.labels(*self.labels).set(lost)
         if lost < len(self.instances):
             self.reason = (f"{lost} of {len(self.instances)} instances stopped for good (a lost device or an "
-                           f"unexpected error: see the server log); reload the model to restore them")
+                           f"unexpected error: see the server log); a reload of the model or a restart restores them")
         if all(i.state == "dead" for i in self.instances):
             self.state = "FAILED"
             self.reason = "every instance hit an unrecoverable device error"
@@ -246,7 +246,9 @@ class ModelRuntime:
         (running ones stop at their next step or chunk). Returns how many."""
         requests = list(self.active)
         for req in requests:
-            req.ended_by_server = exc = error(req)
+            exc = error(req)
+            if req.ended_by_server is None:
+                req.ended_by_server = exc
             req.error(exc)
             req.cancel()
         return len(requests)
@@ -544,7 +546,9 @@ class Engine:
         full reload, a recompile, per retry)."""
         check_model_name(name)
         if self.draining:  # the poller stops for a drain; a LoadModel must not load (and compile) either
-            raise Draining("the server is shutting down; no model loads")
+            if raise_errors:
+                raise Draining("the server is shutting down; no model loads")
+            return
         entry = self.models.get(name)
         task = entry.loading if entry is not None else None
         if task is None or task.done():
@@ -576,7 +580,7 @@ class Engine:
     async def _load_model(self, name: str) -> None:
         entry = self.models.get(name)
         if entry is None:
-            found = await asyncio.to_thread(self._scan)
+            found = self._scan()  # (no await before the entry exists: a second LoadModel joins this load)
             if name not in found:
                 raise ModelNotFound(f"model {name!r} is not in the repository")
             entry = self.models[name] = ModelEntry(name, found[name])
@@ -604,7 +608,7 @@ class Engine:
             old = dict(entry.loaded)
             new: dict[int, ModelRuntime] = {}
             for version in wanted:
-                if self._unchanged(entry, previous, version):  # poll mode: what changed reloads, not the rest
+                if self._unchanged(entry, previous, version, settings):  # poll mode: what changed reloads
                     new[version] = old[version]
                     continue
                 rt = ModelRuntime(settings, version, self)
@@ -646,15 +650,17 @@ class Engine:
                 raise NotReady(f"model {name!r} failed to load: "
                                + "; ".join(f"version {v}: {r}" for v, r in failed.items()))
 
-    def _unchanged(self, entry: ModelEntry, previous: Optional[repository.Fingerprint], version: int) -> bool:
-        """Poll mode: `version` serves from the files and config.pbtxt its last load read, so a change to
-        another version (a new one added, an old one removed) leaves it serving instead of reloading it.
-        LoadModel (explicit mode) reloads every version it selects, as asked."""
+    def _unchanged(self, entry: ModelEntry, previous: Optional[repository.Fingerprint], version: int,
+                   settings: ModelSettings) -> bool:
+        """Poll mode: `version` serves from the files its last load read, with the settings this load
+        would give it (config.pbtxt, and the defaults read from the highest version served), and its
+        last reload did not fail: a change to another version (one added or removed) leaves it serving
+        instead of reloading it. LoadModel (explicit mode) reloads every version it selects, as asked."""
         if self.config.model_control_mode != "poll" or previous is None or entry.fingerprint is None:
             return False
         rt = entry.loaded.get(version)
-        return (rt is not None and rt.state == "READY" and previous.config == entry.fingerprint.config
-                and previous.version(version) is not None
+        return (rt is not None and rt.state == "READY" and version not in entry.failed
+                and rt.settings == settings and previous.version(version) is not None
                 and previous.version(version) == entry.fingerprint.version(version))
 
     async def _unload_model(self, name: str) -> None:
@@ -723,9 +729,9 @@ class Engine:
         if entry is None:
             raise ModelNotFound(f"model {name!r} is not in the repository")
         # a version whose reload failed serves its previous load: its reason says so
-        versions = [VersionStatus(v, rt.state, rt.reason or (f"a reload failed (the previous load serves): "
-                                                              f"{entry.failed[v]}" if v in entry.failed else ""))
-                    for v, rt in sorted(entry.loaded.items())]
+        versions = [VersionStatus(v, rt.state, rt.reason or (
+                        f"a reload failed (the previous load serves): {entry.failed[v]}"
+                        if v in entry.failed and rt.state == "READY" else "")) for v, rt in sorted(entry.loaded.items())]
         if self.draining:  # it takes no new request and unloads at the drain's end: a wait for it goes on
             versions = [VersionStatus(v.version, "UNLOADING", "the server is shutting down (draining)")
                         if v.state == "READY" else v for v in versions]
