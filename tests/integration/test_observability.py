@@ -135,6 +135,14 @@ def test_draining_server_refuses_new_requests(make_repo):
         assert info.state == pb.MODEL_STATE_UNLOADING and "draining" in info.versions[0].reason
         with VideoGenClient(server.target) as client, pytest.raises(DeadlineExceededError):
             client.wait_until_ready("m", timeout=0.5, poll_interval=0.1)
+        # while KServe's metadata and config still describe the model (they failed "not ready")
+        from inference import grpc_service_pb2 as kpb
+        from inference import grpc_service_pb2_grpc as kpb_grpc
+
+        kserve = kpb_grpc.GRPCInferenceServiceStub(server.channel())
+        assert kserve.ModelMetadata(kpb.ModelMetadataRequest(name="m"), timeout=10).versions == ["1"]
+        assert kserve.ModelConfig(kpb.ModelConfigRequest(name="m", version="1"), timeout=10).config.name == "m"
+        assert not kserve.ModelReady(kpb.ModelReadyRequest(name="m"), timeout=10).ready
         assert running.join().summary.num_frames == 4
         stop_future.result(20)
 

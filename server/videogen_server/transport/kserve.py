@@ -479,7 +479,10 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             raise InvalidRequest("name", "required")
         version = parse_version(version_text)
         status = self._engine.status(name)
-        ready = [v.version for v in status.versions if v.state == "READY"]
+        # a draining server shows its ready versions UNLOADING (readiness waits go on); their metadata and
+        # config are still what they are
+        served = ("READY", "UNLOADING") if self._engine.draining else ("READY",)
+        ready = [v.version for v in status.versions if v.state in served]
         if version is not None and version not in ready:
             if any(v.version == version for v in status.versions):
                 raise NotReady(f"model {name!r} version {version} is not ready")
