@@ -92,6 +92,10 @@ client videogen generate --target "127.0.0.1:$PORT" --model svd-tiny --image /wo
 caller=$!
 for _ in $(seq 100); do grep -q '^accepted' "$WORK/drain.log" 2>/dev/null && break; sleep 0.2; done
 grep -q '^accepted' "$WORK/drain.log" || fail "the drain's request was never accepted: $(cat "$WORK/drain.log")"
+client python -c 'import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read().decode()
+assert any(l.startswith("videogen_inflight_requests{") and l.endswith(" 1.0") for l in text.splitlines()), \
+    "no request in flight when SIGTERM goes"' "$METRICS" || fail "nothing in flight for the drain"
 "${ENGINE[@]}" stop -t 150 "$NAME" >/dev/null
 wait "$caller" || fail "the request in flight did not complete through the drain: $(tail -3 "$WORK/drain.log")"
 code=$("${ENGINE[@]}" inspect "$NAME" --format '{{.State.ExitCode}}')
