@@ -95,14 +95,15 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
         except Exception as exc:
             await abort(context, exc, fields=NAME_FIELD)
 
-    def _check_control(self) -> None:
+    def _check_control(self, name: str) -> None:
+        """A model control call: allowed in explicit mode, for a model named (as KServe's twin checks)."""
         require_explicit_control(self._control)
+        if not name:  # a missing field, not a model called ""
+            raise InvalidRequest("name", "required")
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
-            self._check_control()
-            if not request.name:
-                raise InvalidRequest("name", "required")
+            self._check_control(request.name)
             await self._engine.load_model(request.name)
             return convert.model_status_to_pb(self._engine.status(request.name))
         except Exception as exc:
@@ -111,9 +112,7 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
     async def UnloadModel(self, request: pb.UnloadModelRequest,
                           context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:
         try:
-            self._check_control()
-            if not request.name:  # as LoadModel: a missing field, not a model called ""
-                raise InvalidRequest("name", "required")
+            self._check_control(request.name)
             await self._engine.unload_model(request.name)
             return pb.UnloadModelResponse()
         except Exception as exc:
