@@ -90,6 +90,9 @@ class ModelRuntime:
         self.preparing = 0  # requests whose image is being decoded and preprocessed for this version
         self.idle = asyncio.Event()  # set while nothing is active or preparing (an unload waits for it)
         self.idle.set()
+        # instances that die together (one lost device under several) report on their own threads: one at
+        # a time, so the gauge and the reason end on the final count
+        self._dead_lock = threading.Lock()
         labels = (self.name, str(version))
         m = engine.metrics
         self.labels = labels
@@ -188,24 +191,26 @@ class ModelRuntime:
     def _instance_dead(self, instance: Instance) -> None:
         """On the dead instance's thread. The last one takes the version down with it; before that, the
         version serves on fewer instances, which the gauge and GetModel's `reason` say until a reload."""
-        entry = self._engine.models.get(self.name)
-        current = entry is None or entry.loaded.get(self.version, self) is self  # not a reload's retiring one
-        lost = sum(i.state == "dead" for i in self.instances)
-        if current:
-            self._engine.metrics.instances_lost.labels(*self.labels).set(lost)
-        if lost < len(self.instances):
-            self.reason = (f"{lost} of {len(self.instances)} instances stopped for good (a lost device or an "
-                           f"unexpected error: see the server log); a reload of the model or a restart restores them")
-        if all(i.state == "dead" for i in self.instances):
-            self.state = "FAILED"
-            self.reason = "every instance hit an unrecoverable device error"
+        with self._dead_lock:
+            entry = self._engine.models.get(self.name)
+            current = entry is None or entry.loaded.get(self.version, self) is self  # not a reload's retiring one
+            lost = sum(i.state == "dead" for i in self.instances)
             if current:
-                self._engine.metrics.model_ready.labels(*self.labels).set(0)
-            # nothing would ever take them; none was started, so their callers may send them elsewhere
-            self._close_queue(lambda: NotStarted(
-                f"model {self.name!r} version {self.version} lost its instances before the request started; "
-                f"nothing was done for it: send it again"))
-            self._engine._loop.call_soon_threadsafe(self._engine._notify)
+                self._engine.metrics.instances_lost.labels(*self.labels).set(lost)
+            if lost < len(self.instances):
+                self.reason = (f"{lost} of {len(self.instances)} instances stopped for good (a lost device or an "
+                               f"unexpected error: see the server log); a reload of the model or a restart "
+                               f"restores them")
+            if all(i.state == "dead" for i in self.instances):
+                self.state = "FAILED"
+                self.reason = "every instance hit an unrecoverable device error"
+                if current:
+                    self._engine.metrics.model_ready.labels(*self.labels).set(0)
+                # nothing would ever take them; none was started, so their callers may send them elsewhere
+                self._close_queue(lambda: NotStarted(
+                    f"model {self.name!r} version {self.version} lost its instances before the request started; "
+                    f"nothing was done for it: send it again"))
+                self._engine._loop.call_soon_threadsafe(self._engine._notify)
 
     async def unload(self, timeout: float) -> None:
         """Stop admitting, let in-flight requests finish (up to `timeout`), then free the instances."""
