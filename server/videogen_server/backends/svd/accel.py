@@ -517,6 +517,38 @@ def compile_module(model: nn.Module, mode: str, options: dict[str, object], **kw
     return torch.compile(model, options={**inductor.list_mode_options(mode), **options}, **kwargs)
 
 
+def records_cuda_graphs(mode: str, options: dict[str, object]) -> bool:
+    """Whether torch.compile with this mode and these Inductor options records CUDA graphs."""
+    if mode == "none":
+        return False
+    if "triton.cudagraphs" in options:
+        return bool(options["triton.cudagraphs"])
+    return mode in ("reduce-overhead", "max-autotune")
+
+
+def cuda_graphs_thread_problem() -> str | None:
+    """Why this thread may not record CUDA graphs, or None. Call it on the thread that will run them.
+
+    Before torch 2.13 (pytorch#123177, fixed by #184357), CUDA-graph trees keep their state in
+    thread-local storage made only on the thread that first imports them: any other thread fails a bare
+    assert at its first graph. And one compiled graph keeps the tree manager of the first thread that ran
+    it, whichever thread runs it later: Dynamo hands a second instance of the same model on the same
+    device the first one's graph, so two instances (or a reload beside the version it replaces) would
+    replay one manager's graphs and buffers at once. On such a torch one thread per process records CUDA
+    graphs: the first to ask. The import below makes this thread that one if no thread was before."""
+    import torch._inductor.cudagraph_trees as trees
+
+    if hasattr(trees, "_initialize_tls"):  # the fix: state made on each thread at first use, per thread
+        return None
+    if torch._C._is_key_in_tls("tree_manager_containers"):
+        return None
+    return (f"torch {torch.__version__} records CUDA graphs on one thread per process only (pytorch#123177, "
+            f"fixed in torch 2.13) and another thread of this process has them (another instance, one unloaded "
+            f"before, or the main thread): serve one instance per process (count 1 on one GPU; scale out with "
+            f"replicas) and restart the server rather than reload it, or use a mode without CUDA graphs "
+            f"(default, max-autotune-no-cudagraphs)")
+
+
 class CompiledDecoder:
     """The VAE decode of one chunk under torch.compile, with the frame dimension left dynamic.
 

@@ -300,6 +300,12 @@ class SVDBackend(Backend):
         accel.check_compile_options(options, "compile_options")  # both before any compile: typos name their key
         accel.check_compile_options(vae_only, "compile_vae_options")
         vae_options = {**options, **vae_only}
+        for key, mode, opts in (("compile", self.compile_mode, options),
+                                ("compile_vae", self.compile_vae_mode, vae_options)):
+            if on_gpu and accel.records_cuda_graphs(mode, opts):
+                why_not = accel.cuda_graphs_thread_problem()
+                if why_not:
+                    raise ValueError(f"{key}: {mode!r} records CUDA graphs, but {why_not}")
         if self.compile_mode != "none":
             pipe.unet = accel.compile_module(pipe.unet, self.compile_mode, options, fullgraph=True, dynamic=False)
             applied.append(f"compile {self.compile_mode}")
