@@ -17,6 +17,14 @@ from videogen_server.backends.base import is_fatal_device_error, is_out_of_memor
     (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True, False),
     (RuntimeError("CUDA error: an illegal memory access was encountered"), False, True),
     (RuntimeError("CUDA error: uncorrectable ECC error encountered"), False, True),
+    # a compiled (Triton) kernel meets the lost device first under torch.compile; the driver and cuDNN
+    (RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"), False, True),
+    (RuntimeError("CUDA driver error: unspecified launch failure"), False, True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"), False, True),
+    # a request's own launch errors: the device works on
+    (RuntimeError("CUDA error: invalid configuration argument"), False, False),
+    (RuntimeError("CUDA error: too many resources requested for launch"), False, False),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasLtMatmul( ...)`"), False, False),
     (RuntimeError("shape mismatch"), False, False),
     (ValueError("bad image"), False, False),
 ])

@@ -27,7 +27,7 @@ keep per-thread state (compiled graphs, CUDA graphs) and never needs locks.
 is done with all of them; the engine then closes each request. To fail one request of a batch,
 call `request.sender.error(exc)` and carry on with the others; an exception out of `execute`
 fails every request of the batch that is still open; so must an error that leaves the device unusable
-(`is_fatal_device_error`), even one met by a single request, so that the engine retires the instance
+(`Backend.device_lost`), even one met by a single request, so that the engine retires the instance
 instead of failing every later request one by one. Backends are found by name: the built-ins below,
 then the `videogen.backends` entry-point group (`name = "package.module:Class"`).
 """
@@ -60,13 +60,25 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return "out of memory" in text or "ALLOC_FAILED" in text
 
 
+#: CUDA errors a request's own launch can raise that leave the device working (a grid too large for a
+#: size, an argument a library does not support): the request fails, the instance serves on.
+_RECOVERABLE_CUDA = ("invalid configuration argument", "invalid argument", "too many resources requested",
+                     "NOT_SUPPORTED")
+
+
 def is_fatal_device_error(exc: BaseException) -> bool:
-    """A CUDA error that leaves the context unusable (illegal address, ECC, launch failure): every later
-    call on the device fails too. Out of memory is not: the device works once memory is freed."""
+    """By its text, a CUDA error that leaves the context unusable (illegal address, ECC, launch failure):
+    every later call on the device fails too. Out of memory is not: the device works once memory is
+    freed; nor are the launch errors of `_RECOVERABLE_CUDA`. The message is torch's ("CUDA error: ..."),
+    Triton's for a compiled kernel ("Triton Error [CUDA]: ..."), the driver's or cuDNN's. A text is a
+    guess: a backend that can ask its device (`Backend.device_lost`) should."""
     if is_out_of_memory(exc):
         return False
     text = f"{type(exc).__name__}: {exc}"
-    return "CUDA error" in text or "cudaError" in text or "AcceleratorError" in text
+    if any(marker in text for marker in _RECOVERABLE_CUDA):
+        return False
+    return any(marker in text for marker in ("CUDA error", "cudaError", "AcceleratorError", "Triton Error [CUDA]",
+                                             "CUDA driver error", "CUDNN_STATUS_EXECUTION_FAILED"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +203,11 @@ class Backend(abc.ABC):
     def memory_stats(self) -> Mapping[str, int]:
         """Device memory in bytes: {"allocated", "reserved", "peak"} where known."""
         return {}
+
+    def device_lost(self, exc: BaseException) -> bool:
+        """On the instance thread, after `execute` raised `exc`: whether the device is unusable for good,
+        so that the engine retires this instance. By the error's text unless the backend asks its device."""
+        return is_fatal_device_error(exc)
 
     def warmed_up(self) -> None:
         """Called on the instance thread once the warm-up requests ran, before serving starts."""

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from ..backends.base import Backend, BackendRequest, InstanceContext, is_fatal_device_error
+from ..backends.base import Backend, BackendRequest, InstanceContext
 from ..errors import InstanceDead
 from .request import EngineRequest
 from .scheduler import Scheduler
@@ -133,7 +133,11 @@ class Instance:
             self._on_batch(batch)
             self.backend.execute([BackendRequest(r.request_id, r.params, r.image, r, r.prepared) for r in batch])
         except Exception as exc:
-            fatal = is_fatal_device_error(exc)
+            try:
+                fatal = self.backend.device_lost(exc)
+            except Exception:  # asking the device failed: as good as an answer
+                log.warning("instance %s: device_lost failed", self.name, exc_info=True)
+                fatal = True
             log.error("instance %s of %s/%s failed a batch of %d%s", self.name, self.context.model_name,
                       self.context.model_version, len(batch), " (device lost)" if fatal else "", exc_info=True)
             if fatal:  # before anyone hears of it: a caller retrying at once must find the version down

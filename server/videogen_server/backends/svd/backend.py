@@ -429,7 +429,7 @@ class SVDBackend(Backend):
                 image = image + p.noise_aug_strength * noise
                 lat = self._encode_vae(image).to(emb.dtype)
             except Exception as exc:
-                if is_out_of_memory(exc) or is_fatal_device_error(exc):
+                if is_out_of_memory(exc) or self.device_lost(exc):
                     raise  # the batch's affair (re-run alone), or the instance's (the device is gone)
                 log.error("conditioning of request %s failed", r.request_id, exc_info=True)
                 r.sender.error(exc)
@@ -476,7 +476,7 @@ class SVDBackend(Backend):
             # (on a GPU, step K-1 is not reported yet when the fault at step K is raised: run-ahead)
             if self.fault and self.fault[1] == i + 1 and any(requests[r].params.seed == self.fault[2] for r in live):
                 if self.fault[0] == "lost":  # what torch raises for an illegal address, an ECC error, ...
-                    raise RuntimeError(f"CUDA error: injected device loss at step {i + 1}")
+                    raise _InjectedDeviceLoss(f"CUDA error: injected device loss at step {i + 1}")
                 raise (torch.OutOfMemoryError if self.fault[0] == "oom" else RuntimeError)(
                     f"injected {self.fault[0]} at step {i + 1}")
             for step in progress.launched(i):  # the steps the device has finished by now
@@ -646,6 +646,23 @@ class SVDBackend(Backend):
         if device is not None and device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def device_lost(self, exc: BaseException) -> bool:
+        """Asks the device: an error that leaves a CUDA context unusable (an illegal address, an ECC error,
+        a lost GPU) is sticky, so a synchronise and a one-element kernel fail after it too; a request's own
+        launch error (a grid too large for its size, an argument cuBLAS does not support) is not, whatever
+        its text says. Without a GPU (and for the injected fault) the text decides."""
+        if is_out_of_memory(exc):
+            return False
+        if isinstance(exc, _InjectedDeviceLoss) or self.device.type != "cuda":
+            return is_fatal_device_error(exc)
+        try:
+            torch.cuda.synchronize(self.device)
+            torch.ones(1, device=self.device).add_(1).item()
+        except Exception as probe:  # noqa: BLE001 - any failure of the device itself
+            log.error("instance %s: the device fails after %s: %s", self.instance_name, type(exc).__name__, probe)
+            return True
+        return False
+
     def memory_stats(self) -> Mapping[str, int]:
         if self.device.type == "cuda":
             return {"allocated": torch.cuda.memory_allocated(self.device),
@@ -793,6 +810,10 @@ def _block_rows(value: str) -> int:
         raise ValueError(f"forward_chunking: expected true, false or a number of tokens per block of at least "
                          f"{MIN_BLOCK_ROWS}, got {value!r}")
     return rows
+
+
+class _InjectedDeviceLoss(RuntimeError):
+    """fault_injection's `lost@K`: what torch raises for a lost device, on a device that is fine."""
 
 
 def _parse_fault(text: str):
