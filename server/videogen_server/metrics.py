@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import platform
 import socket
 import socketserver
@@ -204,29 +205,66 @@ class InstanceCollector(Collector):
 
 
 class NvmlReader:
-    """GPU memory used/total through NVML (nvidia-ml-py), when the library and a driver are present."""
+    """GPU memory used/total through NVML (nvidia-ml-py), when the library and a driver are present,
+    labelled by the CUDA device (`cuda:N`, as the instances' series are): `uuids` gives each CUDA
+    ordinal's NVML UUID (see engine.devices.cuda_uuids); until it can, that is before a model loaded
+    torch, NVML's indices stand for the ordinals only where CUDA_VISIBLE_DEVICES does not renumber them.
+    A device NVML cannot read (one fallen off the bus) is left out of the scrape, not the scrape."""
 
-    def __init__(self) -> None:
+    def __init__(self, uuids: Optional[Callable[[], Optional[list[str]]]] = None) -> None:
         import pynvml  # optional dependency: the `gpu` extra
 
         pynvml.nvmlInit()
         self._nvml = pynvml
         self._count = pynvml.nvmlDeviceGetCount()
+        self._uuids = uuids
+        self._devices: Optional[list[tuple[str, object]]] = None  # (label, handle), once mapped by UUID
 
     @classmethod
-    def try_create(cls) -> Optional["NvmlReader"]:
+    def try_create(cls, uuids: Optional[Callable[[], Optional[list[str]]]] = None) -> Optional["NvmlReader"]:
         try:
-            return cls()
+            return cls(uuids)
         except Exception:
             return None
+
+    def _handles(self) -> list[tuple[str, object]]:
+        if self._devices is not None:
+            return self._devices
+        try:
+            uuids = self._uuids() if self._uuids else None
+        except Exception:
+            log.debug("CUDA device UUIDs unavailable", exc_info=True)
+            uuids = None
+        if uuids is not None:
+            devices = []
+            for i, uuid in enumerate(uuids):
+                try:
+                    devices.append((f"cuda:{i}", self._nvml.nvmlDeviceGetHandleByUUID(uuid)))
+                except Exception:  # e.g. a MIG instance: NVML names it otherwise
+                    log.debug("no NVML device for cuda:%d (%s)", i, uuid, exc_info=True)
+            self._devices = devices
+            return devices
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+            return []  # NVML's index i is not cuda:i here
+        devices = []
+        for i in range(self._count):
+            try:
+                devices.append((f"cuda:{i}", self._nvml.nvmlDeviceGetHandleByIndex(i)))
+            except Exception:
+                log.debug("NVML device %d unavailable", i, exc_info=True)
+        return devices
 
     def collect(self):
         used = GaugeMetricFamily("videogen_gpu_memory_used_bytes", "GPU memory used (NVML), all processes",
                                  labels=["device"])
         total = GaugeMetricFamily("videogen_gpu_memory_total_bytes", "GPU memory total (NVML)", labels=["device"])
-        for i in range(self._count):
-            info = self._nvml.nvmlDeviceGetMemoryInfo(self._nvml.nvmlDeviceGetHandleByIndex(i))
-            used.add_metric([f"cuda:{i}"], info.used)
-            total.add_metric([f"cuda:{i}"], info.total)
+        for label, handle in self._handles():
+            try:
+                info = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+            except Exception:  # a lost GPU: the rest of the scrape matters most then
+                log.debug("NVML memory of %s unavailable", label, exc_info=True)
+                continue
+            used.add_metric([label], info.used)
+            total.add_metric([label], info.total)
         yield used
         yield total

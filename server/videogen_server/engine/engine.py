@@ -39,6 +39,7 @@ from ..domain import (AcceptedEvent, EngineEvent, FrameEncoding, FrameEvent, Gen
 from . import repository
 from .repository import check_model_name, is_model_name
 from .admission import decode_image, fit_image, resolve_params
+from .devices import cuda_uuids
 from .instance import Instance, WarmupSender
 from .model_config import InstanceGroup, ModelSettings, resolve_instance_groups
 from .request import CLOSED, EngineRequest, RequestPhase, _Failed
@@ -360,7 +361,7 @@ class Engine:
         self._depths: dict[tuple[str, str], dict[ModelRuntime, int]] = {}
         self._depth_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop
-        metrics.add_collector(InstanceCollector(self._instance_rows, NvmlReader.try_create()))
+        metrics.add_collector(InstanceCollector(self._instance_rows, NvmlReader.try_create(cuda_uuids)))
 
     # -- lifecycle --------------------------------------------------------------------------------
 
