@@ -60,3 +60,4 @@ def test_one_thread_per_process_before_the_fix(torch_without_the_fix):
     assert _on_a_thread(first_to_import=True) is None
     problem = _on_a_thread(first_to_import=False)
     assert problem is not None and "pytorch#123177" in problem and "one instance per process" in problem
+

@@ -144,6 +144,13 @@ def fp8_supported(device: torch.device) -> str | None:
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
             return f"needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); this GPU has {major}.{minor}"
+    # The capability is not enough: row-wise scaled products are missing from some builds on some GPUs
+    # (cuBLAS answers NOT_SUPPORTED on sm_120 in torch 2.10, pytorch#192707). One 16x16 product says so at
+    # load, by name, instead of failing the first request.
+    try:
+        Fp8Linear(nn.Linear(16, 16)).to(device)(torch.ones(16, 16, device=device))
+    except Exception as exc:  # noqa: BLE001 - whatever the product raises, FP8 is not for this device
+        return f"an FP8 row-wise matrix product fails on {device} ({type(exc).__name__}: {str(exc)[:200]})"
     return None
 
 
@@ -572,6 +579,7 @@ class CompiledDecoder:
         self._fn = compile_module(_Decode(vae), mode, self.options, fullgraph=True, dynamic=False)
         self.sizes: set[tuple[int, int]] = set()  # latent sizes (h, w) whose graphs are built
         self.max_chunk = max_chunk
+        self.records_graphs = records_cuda_graphs(mode, self.options)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         if z.shape[0] >= 2:
@@ -583,8 +591,11 @@ class CompiledDecoder:
         _, channels, h, w = latents.shape
         if (h, w) in self.sizes:
             return False
+        # CUDA-graph trees run a new graph once without recording it and record it at its next call: twice
+        # each, so that serving never pays a recording (and its pool growth) in a request's decode
         for n in range(1, self.max_chunk + 1):
-            self(torch.zeros(n, channels, h, w, dtype=latents.dtype, device=latents.device))
+            for _ in range(2 if self.records_graphs and latents.device.type == "cuda" else 1):
+                self(torch.zeros(n, channels, h, w, dtype=latents.dtype, device=latents.device))
         self.sizes.add((h, w))
         return True
 
