@@ -81,6 +81,14 @@ class QueueTimeout(VideoGenError):
     REASON = "QUEUE_TIMEOUT"
 
 
+class DeadlinePassed(QueueTimeout):
+    """The caller's own deadline (its gRPC deadline) passed while the request was queued, before the
+    model's queue timeout, if any: not the model's queue timeout (QUEUE_TIMEOUT), which a caller may
+    answer by sending elsewhere, but the caller's own limit."""
+
+    REASON = "DEADLINE_PASSED"
+
+
 class DeadlineUnreachable(QueueTimeout):
     """An instance was about to start the request, but its deadline would pass before even the fastest
     of its shape's latest runs alone could end: not started (its deadline would stop it, the device's

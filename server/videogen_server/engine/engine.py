@@ -29,7 +29,7 @@ from ..backends.base import (COMPILE_ARTIFACTS_FOLDER, BackendRequest, Finished,
                              PhaseTiming, StepDone, load_backend_class)
 from ..config import ServerConfig
 from ..errors import (BackendError, ConfigError, Draining, InvalidRequest, ModelNotFound, NotReady,
-                      NotStarted, QueueFull, QueueTimeout, RequestCancelled, VideoGenError, status_name)
+                      NotStarted, QueueFull, RequestCancelled, VideoGenError, status_name)
 from ..media.frames import encode_frame
 from ..media.mp4 import FragmentedMP4Encoder
 from ..metrics import InstanceCollector, Metrics, NvmlReader
@@ -950,7 +950,7 @@ class Engine:
             except asyncio.TimeoutError:
                 if rt.scheduler.remove(req):
                     req.phase = RequestPhase.DONE
-                    raise QueueTimeout("queue timeout passed before an instance was free") from None
+                    raise req.queue_expired() from None
                 break  # an instance took it (it may still be gathering its batch): no deadline now
         return await req.events.get()
 

@@ -11,6 +11,7 @@ from typing import Any, Optional
 from PIL import Image
 
 from ..domain import ResolvedParams
+from ..errors import DeadlinePassed, QueueTimeout
 
 
 class RequestPhase(enum.Enum):
@@ -80,6 +81,14 @@ class EngineRequest:
     def close(self) -> None:
         self.phase = RequestPhase.DONE
         self._loop.call_soon_threadsafe(self.events.put_nowait, (time.monotonic(), CLOSED))
+
+    def queue_expired(self) -> QueueTimeout:
+        """Why it ends when its queue deadline passes before an instance takes it: the caller's own
+        deadline where that is the earlier (the queue deadline is the earlier of the two), else the
+        model's queue timeout."""
+        if self.deadline is not None and self.queue_deadline is not None and self.queue_deadline >= self.deadline:
+            return DeadlinePassed("the caller's deadline passed before an instance was free")
+        return QueueTimeout("queue timeout passed before an instance was free")
 
     @property
     def queue_wait(self) -> float:

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from ..errors import DeadlineUnreachable, NotReady, NotStarted, QueueFull, QueueTimeout, VideoGenError
+from ..errors import DeadlineUnreachable, NotReady, NotStarted, QueueFull, VideoGenError
 from .model_config import Batching
 from .request import EngineRequest, RequestPhase
 from .run_times import BatchRun, RunTimes
@@ -98,11 +98,16 @@ class Scheduler:
         """Calls on_depth with the depth now (under the lock, as every change does: no older value can
         land after a newer one)."""
         with self._cv:
-            self.on_depth(self._queued())
+            self._report_depth()
 
     def _queued(self) -> int:
         """Requests waiting at every priority level (call with the lock held)."""
         return sum(len(q) for q in self._levels)
+
+    def _report_depth(self) -> None:
+        """on_depth with every request waiting to start: queued, or in a batch an instance is gathering
+        (it waits out max_queue_delay there). Call with the lock held."""
+        self.on_depth(self._queued() + sum(len(g.rows) for g in self._gathering))
 
     def submit(self, req: EngineRequest) -> tuple[int, Eta]:
         """Queue a request; returns how many queued requests are ahead of it, and the estimated seconds
@@ -116,7 +121,7 @@ class Scheduler:
                                 retry_after=self._retry_after())
             ahead = sum(len(q) for q in self._levels[: req.priority])
             self._levels[req.priority - 1].append(req)
-            self.on_depth(depth + 1)
+            self._report_depth()
             # notify_all: a single wake-up could land on an instance that is gathering a batch of
             # another shape and ignores this request, while an idle instance sleeps on.
             self._cv.notify_all()
@@ -125,13 +130,17 @@ class Scheduler:
             return ahead, (None if start is None else start - now, None if end is None else end - now)
 
     def remove(self, req: EngineRequest) -> bool:
-        """Take a still-queued request out (cancelled or timed out); False if an instance has it."""
+        """Take a still-queued request out (cancelled or timed out); False if an instance has it. A
+        cancelled row of a batch an instance is gathering is dropped by that instance, woken here: the
+        batch need not wait out max_queue_delay for a caller that is gone (nor start empty)."""
         with self._cv:
             try:
                 self._levels[req.priority - 1].remove(req)
             except ValueError:
+                if any(r is req for g in self._gathering for r in g.rows):
+                    self._cv.notify_all()
                 return False
-            self.on_depth(self._queued())
+            self._report_depth()
             return True
 
     def close(self) -> list[EngineRequest]:
@@ -166,7 +175,7 @@ class Scheduler:
                 self._levels[req.priority - 1].remove(req)
                 self._hand_back(req)
             if late:
-                self.on_depth(self._queued())
+                self._report_depth()
             return len(late)
 
     def _plan(self, now: float, deadline: Optional[float] = None,
@@ -225,6 +234,14 @@ class Scheduler:
             # it starts); a decision: only what is queued now
             size = min(self._max_batch, max(len(batch), self.run_times.usual_size(head.params.batch_key))) \
                 if nearest else len(batch)
+            if nearest and self._max_batch > 1 and size < self._room():
+                # a batch short of its room waits for more rows up to max_queue_delay from its head's
+                # arrival (sooner if a row's queue timeout nears), as `_gather` does; one that batches of its
+                # shape usually fill is taken to start when its instance is free
+                gathering = _Gathering(head.params.batch_key, batch, self._room(),
+                                       until=head.enqueued_at + self._batching.max_queue_delay_s)
+                gathering.end_before_queue_timeouts()
+                start = max(start, gathering.until)
             est = self.run_times.batch(head.params.batch_key, size, nearest=nearest)
             while deadline is not None and est is not None and start + est.end_s > deadline and batch:
                 rows.appendleft(batch.pop())  # stays queued for the next instance
@@ -319,7 +336,7 @@ class Scheduler:
         or its deadline would before even the fastest of its shape's latest runs alone could be done on
         the instance (which is no bound: a run slowed by another instance on the same device counts too)."""
         if req.queue_deadline is not None and at >= req.queue_deadline:
-            return QueueTimeout("queue timeout passed before an instance was free")
+            return req.queue_expired()
         fastest = self.run_times.fastest(req.params.batch_key) if req.deadline is not None else None
         if fastest is not None and at + fastest > req.deadline:
             return DeadlineUnreachable(f"the request's deadline is {max(0.0, req.deadline - at):.1f}s away and the "
@@ -396,6 +413,9 @@ class Scheduler:
                 # rows checked when they joined, the batch starting later: a row's deadline may now be out
                 # of reach (its queue timeout was not: the gathering ended before it)
                 for req in list(batch):
+                    if req.is_cancelled():  # its caller went away while the batch gathered (ended by its
+                        batch.remove(req)   # engine side, as a queued one is): not a row of the batch
+                        continue
                     refusal = self._refusal(req, started)
                     if refusal is not None:
                         batch.remove(req)
@@ -422,12 +442,12 @@ class Scheduler:
                 req.phase = RequestPhase.RUNNING
                 req.started_at = started
                 req.batch_size = len(batch)
-                if req.is_cancelled():  # its caller went away while the batch gathered: ended already, or
-                    run.open_rows -= 1  # ends finding no run (its engine side cancels before it ends it)
+                if req.is_cancelled():  # its caller went away since (just now): ended already, or ends
+                    run.open_rows -= 1  # finding no run (its engine side cancels before it ends it)
                     run.whole = False
                 else:
                     req.run = run
-            self.on_depth(self._queued())
+            self._report_depth()
             return batch
 
     def _gather(self) -> Optional[list[EngineRequest]]:
@@ -439,18 +459,21 @@ class Scheduler:
             head = self._pop_head(now)
             if head is not None:
                 break
-            self.on_depth(self._queued())  # 0, or requests left to gathering instances
+            self._report_depth()  # 0, or requests left to gathering instances
             self._cv.wait(timeout=self._next_wakeup())
         batch = [head]
         if self._max_batch > 1:
             self._take_compatible(batch, now)
-            target = max(self._batching.preferred_batch_sizes or (self._max_batch,))
-            room = min(target, self._max_batch)
+            room = self._room()
             gathering = _Gathering(head.params.batch_key, batch, room,
                                    until=head.enqueued_at + self._batching.max_queue_delay_s)
             self._gathering.append(gathering)
+            self._report_depth()
             try:
                 while len(batch) < room and not self._closed:
+                    batch[:] = [r for r in batch if not r.is_cancelled()]  # callers gone (remove() woke us)
+                    if not batch:  # nothing left to gather for: next_batch looks for work again
+                        break
                     gathering.end_before_queue_timeouts()
                     left = gathering.until - time.monotonic()
                     if left <= 0:
@@ -459,10 +482,15 @@ class Scheduler:
                     if self._closed:  # close() took the rows (none started): they end with the queue's
                         break
                     self._take_compatible(batch, time.monotonic())
+                    self._report_depth()
             finally:
                 self._gathering.remove(gathering)
                 self._cv.notify_all()  # requests left for this batch (it filled up) are anyone's again
         return batch
+
+    def _room(self) -> int:
+        """How many rows a gathering batch waits for (up to max_queue_delay): the largest preferred size."""
+        return min(max(self._batching.preferred_batch_sizes or (self._max_batch,)), self._max_batch)
 
     def batch_done(self, batch: list[EngineRequest]) -> None:
         """The instance is done with `batch` (from `next_batch`): it is free from now."""
