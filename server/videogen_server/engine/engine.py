@@ -1066,6 +1066,12 @@ class Engine:
                         raise RequestCancelled("the request was cancelled")
                     raise BackendError("the backend ended the request without a result")
         finally:
+            if not queue_observed:
+                # it left the queue unserved (its queue timeout or deadline, its caller gone, handed back
+                # by a drain) or ended before its first event: its wait counts too, else the histogram
+                # (and the queue-wait alert) never sees waits longer than callers are willing to wait
+                m.queue_wait.labels(*labels).observe(req.queue_wait, exemplar=spans.exemplar)
+                record["queue_s"] = round(req.queue_wait, 4)
             if encoder is not None:
                 # A cancelled request may leave an add/finish running on a media thread: close after it
                 # there (the encoder's lock orders them), never here under it.
