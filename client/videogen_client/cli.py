@@ -223,7 +223,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.frames_dir is not None:
         save_frames(result, args.frames_dir)
         written.append(f"frames_dir={args.frames_dir}")
-    print(f"request_id={result.request_id} frames={len(result.frames)} "
+    # the video's frames, whether or not they were streamed one by one (--frame-encoding none without
+    # --frames-dir streams the MP4 only)
+    print(f"request_id={result.request_id} frames={result.summary.num_frames} "
           f"seconds={result.summary.total_seconds:.2f} {' '.join(written)}",
           file=sys.stderr if _is_stdout(args.out) else sys.stdout)  # (after the MP4 it would spoil it)
     return 0

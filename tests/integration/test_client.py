@@ -498,6 +498,10 @@ def test_cli_generate_writes_mp4_and_frames(tiny_server, tmp_path):
     assert "frames=3" in proc.stdout and f"out={out}" in proc.stdout
     assert decode_mp4(out.read_bytes())[0] == 3
     assert sorted(p.name for p in frames_dir.iterdir()) == [f"frame_{i:05d}.png" for i in range(3)]
+    # the MP4 alone (no frame streamed one by one): the line still counts the video's frames (it said 0)
+    proc = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(image),
+               "--out", str(out), "--num-frames", "2", "--steps", "1", "--timeout", "60")
+    assert proc.returncode == 0 and "frames=2" in proc.stdout, (proc.stdout, proc.stderr)
     with Image.open(frames_dir / "frame_00002.png") as png:
         assert png.size == (W, H)
 

@@ -75,3 +75,51 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding():
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, format="JPEG", progressive=True)
     assert decode_image(buf.getvalue(), GenerationLimits()).size == (64, 48)
+
+
+def _mpf_segment() -> bytes:
+    """The APP2 "MPF" segment of a two-picture MPO as Pillow writes it (phones and 3-D cameras do)."""
+    import struct
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buf, format="MPO", save_all=True,
+                                           append_images=[Image.new("RGB", (16, 16), "blue")])
+    data, i = buf.getvalue(), 2
+    while True:
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+        if marker == 0xE2 and data[i + 4:i + 8] == b"MPF\0":
+            return data[i:i + 2 + length]
+        i += 2 + length
+
+
+def test_a_scan_bomb_that_says_it_holds_several_pictures_is_refused_too():
+    """Pillow opens a JPEG with a multi-picture (MPF) segment as "MPO", and the scan count was only
+    taken for "JPEG": 106 more bytes made a 60 000-scan bomb decode in full (12.8 s of a preprocessing
+    thread; audit). An MPO photo of a few scans is still an image."""
+    from videogen_server.errors import InvalidRequest
+
+    plain = _progressive_jpeg(512, 512, 5000)
+    bomb = plain[:2] + _mpf_segment() + plain[2:]
+    assert Image.open(io.BytesIO(bomb)).format == "MPO"
+    with pytest.raises(InvalidRequest) as err:
+        decode_image(bomb, GenerationLimits())
+    assert err.value.field == "image" and "5001 scans" in err.value.reason
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(buf, format="MPO", save_all=True,
+                                           append_images=[Image.new("RGB", (64, 48), "blue")])
+    assert decode_image(buf.getvalue(), GenerationLimits()).size == (64, 48)
+
+
+def test_a_damaged_header_is_not_called_another_format():
+    """A PNG whose header checksum is damaged is no decoder's: it was refused as "not a PNG, JPEG or
+    WebP image", which sent its sender looking at the wrong thing."""
+    from videogen_server.errors import InvalidRequest
+
+    png = bytearray(_png(Image.new("RGB", (32, 32), "red")))
+    png[29] ^= 0xFF  # IHDR's CRC (8 signature + 4 length + 4 type + 13 data)
+    with pytest.raises(InvalidRequest) as err:
+        decode_image(bytes(png), GenerationLimits())
+    assert err.value.field == "image" and "header is damaged" in err.value.reason, err.value.reason
+    with pytest.raises(InvalidRequest) as err:
+        decode_image(b"GIF89a" + bytes(100), GenerationLimits())
+    assert "not a PNG, JPEG or WebP image" in err.value.reason

@@ -151,6 +151,9 @@ BAD = [
     ('backend: "svd" parameters [ { key: "max_decode_chunk_size" value { string_value: "4" } }, '
      '{ key: "default_decode_chunk_size" value { string_value: "8" } } ]', "parameters['default_decode_chunk_size']",
      "at most max_decode_chunk_size"),
+    # above Pillow's own bomb limit (~89.5 M), images under the model's limit were refused as bombs
+    ('backend: "svd" parameters { key: "max_image_pixels" value { string_value: "150000000" } }',
+     "parameters['max_image_pixels']", "150000000 is above 89478485, the most Pillow decodes"),
 ]
 
 

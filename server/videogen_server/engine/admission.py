@@ -139,8 +139,9 @@ def decode_image(data: bytes, lim: GenerationLimits) -> Image.Image:
             if w * h > lim.max_image_pixels:
                 raise InvalidRequest("image", f"{w}x{h} pixels exceeds the model's limit of {lim.max_image_pixels}")
             # start-of-scan markers: entropy-coded data stuffs every 0xFF, so FF DA is only ever a marker
-            # (an EXIF thumbnail's own scans count too)
-            if img.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+            # (an EXIF thumbnail's own scans count too). Every JPEG: Pillow calls one with a multi-picture
+            # (MPF) segment "MPO", and a scan bomb carrying one was decoded in full
+            if data[:2] == b"\xff\xd8" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
                 raise InvalidRequest("image", f"a JPEG of {scans} scans (at most {MAX_JPEG_SCANS})")
             img.seek(0)
             img.load()
@@ -150,6 +151,11 @@ def decode_image(data: bytes, lim: GenerationLimits) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidRequest("image", "too many pixels (decompression bomb)") from None
     except Image.UnidentifiedImageError:
+        # no decoder took it: one whose signature says PNG, JPEG or WebP has a damaged or unsupported
+        # header (a bad checksum, 12-bit samples), which is not the same news for its sender
+        if data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            raise InvalidRequest("image", "cannot be decoded: its header is damaged or of a kind not supported "
+                                          "(e.g. a bad checksum, or 12-bit JPEG samples)") from None
         raise InvalidRequest("image", "not a PNG, JPEG or WebP image") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise InvalidRequest("image", f"cannot be decoded ({type(err).__name__})") from None

@@ -279,6 +279,12 @@ def settings_from_proto(
     gen_defaults = GenerationDefaults(**defaults)
     gen_limits = GenerationLimits(**limits)
     _check_defaults_within_limits(gen_defaults, gen_limits, fail)
+    from PIL import Image  # Pillow's own limit: an image above it is refused as a bomb at its header
+
+    if Image.MAX_IMAGE_PIXELS and gen_limits.max_image_pixels > Image.MAX_IMAGE_PIXELS:
+        raise fail("parameters['max_image_pixels']", f"{gen_limits.max_image_pixels} is above "
+                   f"{Image.MAX_IMAGE_PIXELS}, the most Pillow decodes (it refuses larger images as decompression "
+                   f"bombs): a limit above it would not hold")
 
     warmups = []
     for i, w in enumerate(config.model_warmup):
