@@ -54,6 +54,11 @@ class NotReady(VideoGenError):
     REASON = "MODEL_NOT_READY"
 
 
+class NotLoaded(NotReady):
+    """No version of the model is ready: never loaded, unloaded, still loading or failed. Triton's
+    protocol answers it NOT_FOUND ("has no available versions"), as Triton does."""
+
+
 class Draining(NotReady):
     """The server is shutting down and admits no new requests."""
 
@@ -165,10 +170,17 @@ _STATUS_NAMES: list[tuple[type[VideoGenError], str]] = [
 
 # Where Triton answers the same condition with another code, its protocol (KServe v2 / Triton gRPC) gets
 # Triton's: a full queue is UNAVAILABLE ("Exceeds maximum queue size"), which Triton clients retry, and so
-# is repository control outside explicit mode. Metrics and request logs keep VideoGen's names.
+# are repository control outside explicit mode and a queue timeout; a model without a ready version is
+# NOT_FOUND. Metrics and request logs keep VideoGen's names.
 _TRITON_STATUS_NAMES: list[tuple[type[VideoGenError], str]] = [
     (QueueFull, "UNAVAILABLE"),
     (PermissionDenied, "UNAVAILABLE"),
+    # the model's queue timeout is "Request timeout expired", UNAVAILABLE; the caller's own deadline and
+    # one it would miss stay DEADLINE_EXCEEDED
+    (DeadlinePassed, "DEADLINE_EXCEEDED"),
+    (DeadlineUnreachable, "DEADLINE_EXCEEDED"),
+    (QueueTimeout, "UNAVAILABLE"),
+    (NotLoaded, "NOT_FOUND"),
 ]
 
 

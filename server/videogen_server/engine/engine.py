@@ -28,7 +28,7 @@ from PIL import Image
 from ..backends.base import (COMPILE_ARTIFACTS_FOLDER, BackendRequest, Finished, FramesDecoded, InstanceContext,
                              PhaseTiming, StepDone, load_backend_class)
 from ..config import ServerConfig
-from ..errors import (BackendError, ConfigError, Draining, InvalidRequest, ModelNotFound, NotReady,
+from ..errors import (BackendError, ConfigError, Draining, InvalidRequest, ModelNotFound, NotLoaded, NotReady,
                       NotStarted, QueueFull, RequestCancelled, VideoGenError, status_name)
 from ..media.frames import encode_frame
 from ..media.mp4 import FragmentedMP4Encoder
@@ -330,7 +330,7 @@ class ModelEntry:
             ready = [rt for v, rt in sorted(self.loaded.items(), reverse=True) if rt.state == "READY"]
             if not ready:
                 # why a load failed (file paths, driver text) is for operators: GetModel and the log
-                raise NotReady(f"model {self.name!r} is not ready" + (" (it failed to load)" if self.error else ""))
+                raise NotLoaded(f"model {self.name!r} is not ready" + (" (it failed to load)" if self.error else ""))
             rt = ready[0]
         if rt.state != "READY":
             raise NotReady(f"model {self.name!r} version {rt.version} is {rt.state.lower()}")
@@ -770,7 +770,7 @@ class Engine:
         if name and not out:
             if version is not None:  # as ModelMetadata answers for a version it does not serve
                 raise ModelNotFound(f"model {name!r} has no loaded version {version}")
-            raise NotReady(f"model {name!r} has no loaded version")
+            raise NotLoaded(f"model {name!r} has no loaded version")
         return out
 
     # -- requests ---------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from inference import model_config_pb2 as kmc
 from .. import __version__
 from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams, ResizeMode,
                       ResolvedParams, VideoEvent)
-from ..errors import InvalidRequest, ModelNotFound, NotReady
+from ..errors import InvalidRequest, ModelNotFound, NotLoaded, NotReady
 from .servicer import (NAME_FIELD, REQUEST_ID_KEY, check_request_id, refused_before_engine, request_id_of,
                        require_explicit_control)
 from .status import abort, error_reason, named_as, to_status
@@ -488,7 +488,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 raise NotReady(f"model {name!r} version {version} is not ready")
             raise ModelNotFound(f"model {name!r} has no loaded version {version}")
         if status.settings is None or not ready:
-            raise NotReady(f"model {name!r} is not ready")
+            raise NotLoaded(f"model {name!r} is not ready")
         return status, ready
 
     async def ModelMetadata(self, request: kpb.ModelMetadataRequest,

@@ -235,6 +235,11 @@ def cmd_repository(client, args: dict) -> dict:
         out["missing_metadata"] = "unexpected success"
     except InferenceServerException as e:
         out["missing_metadata"] = error_json(e)
+    try:  # in the repository, no version loaded: Triton's "has no available versions"
+        client.get_model_metadata(model)
+        out["unloaded_metadata"] = "unexpected success"
+    except InferenceServerException as e:
+        out["unloaded_metadata"] = error_json(e)
     return out
 
 
