@@ -110,8 +110,13 @@ def test_conflicts_and_shapes():
         parse(make(width=("INT32", [64]), size=("INT32", [64, 48])))
     with pytest.raises(InvalidRequest, match="single value"):
         parse(make(num_frames=("INT32", [2, 3])))
-    with pytest.raises(InvalidRequest, match="not an integer"):
-        parse(make(num_frames=("FP32", [2.5])))
+    # a float tensor for an integer input: refused by its datatype (a seed sent as FP32 was rounded to
+    # float32: 123456789 ran as 123456792; audit)
+    for value in (2.5, 123456789.0):
+        with pytest.raises(InvalidRequest, match="must be an integer tensor .INT32 .1.., not FP32"):
+            parse(make(num_frames=("FP32", [value])))
+    with pytest.raises(InvalidRequest, match="must be an integer tensor .INT64 .1.., not FP64"):
+        parse(make(seed=("FP64", [123456789.0])))
     with pytest.raises(InvalidRequest, match="image: required"):
         parse(kpb.ModelInferRequest(model_name="m"))
     truncated = make()
@@ -127,6 +132,20 @@ def test_conflicts_and_shapes():
     as_pixels.raw_input_contents[0] = b"\x00"
     with pytest.raises(InvalidRequest, match="must be BYTES"):
         parse(as_pixels)
+    # the file's bytes as UINT8 [N]: told what the image must be, not that it has too many elements
+    as_pixels.inputs[0].shape[:] = [6195]
+    as_pixels.raw_input_contents[0] = b"\x00" * 6195
+    with pytest.raises(InvalidRequest, match="must be BYTES"):
+        parse(as_pixels)
+    # data in two places (raw and typed), or typed in another datatype's field: refused, not ignored
+    mixed = make(num_frames=("INT32", [2]))
+    mixed.inputs[1].contents.int_contents.append(3)
+    with pytest.raises(InvalidRequest, match="num_frames: contents .int_contents. must not be given with raw"):
+        parse(mixed)
+    stray = make(False, width=("INT32", [32]))
+    stray.inputs[1].contents.int64_contents.append(64)
+    with pytest.raises(InvalidRequest, match="width: contents field int64_contents does not hold INT32 data"):
+        parse(stray)
 
 
 def test_model_config_is_one_triton_would_accept(tmp_path):

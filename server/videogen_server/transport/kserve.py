@@ -105,6 +105,7 @@ _CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_
              "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
              "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
              "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+_FLOAT_TYPES = ("FP16", "FP32", "FP64", "BF16")
 # Request parameters Triton clients send that mean nothing here (checked, then ignored).
 _IGNORED_PARAMETERS = ("sequence_start", "sequence_end", "triton_enable_empty_final_response")
 
@@ -155,6 +156,15 @@ def serialize_bytes(elements: Iterable[bytes]) -> bytes:
 
 def _tensor_values(t: kpb.ModelInferRequest.InferInputTensor, raw: Optional[bytes]) -> list[Any]:
     name, dt = t.name, t.datatype
+    # data in one place only, as Triton and KServe require: raw_input_contents, else the contents field
+    # of the datatype (a value elsewhere was ignored, silently)
+    typed = [f.name for f, _ in t.contents.ListFields()]
+    if raw is not None and typed:
+        raise InvalidRequest(name, f"contents ({', '.join(typed)}) must not be given with raw_input_contents")
+    stray = [f for f in typed if f != _CONTENTS.get(dt)]
+    if stray:
+        raise InvalidRequest(name, f"contents field {stray[0]} does not hold {dt} data"
+                             + (f" (use {_CONTENTS[dt]})" if dt in _CONTENTS else ""))
     if any(d < 0 for d in t.shape):
         raise InvalidRequest(name, f"shape {list(t.shape)} has a negative dimension")
     count = math.prod(t.shape)
@@ -235,11 +245,17 @@ def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline
         if t.name in given:
             raise InvalidRequest(t.name, "given twice")
         _no_shared_memory(t.name, t.parameters)
-        given[t.name] = _tensor_values(t, req.raw_input_contents[i] if req.raw_input_contents else None)
+        # the datatype's kind first (a file sent as UINT8 was told it had too many elements); within a
+        # kind any width (FP64 for an FP32 input), but never a float for an integer (a seed sent as FP32
+        # was rounded to float32, silently)
         if spec.kind == "bytes" and t.datatype != "BYTES":
             raise InvalidRequest(t.name, f"must be BYTES [1] (an encoded PNG, JPEG or WebP), not {t.datatype}")
         if spec.kind != "bytes" and t.datatype == "BYTES":
             raise InvalidRequest(t.name, f"must be a number tensor ({spec.datatype} {list(spec.shape)}), not BYTES")
+        if spec.kind == "int" and t.datatype in _FLOAT_TYPES:
+            raise InvalidRequest(t.name, f"must be an integer tensor ({spec.datatype} {list(spec.shape)}), not "
+                                         f"{t.datatype}")
+        given[t.name] = _tensor_values(t, req.raw_input_contents[i] if req.raw_input_contents else None)
 
     priority, timeout_s, resize_mode = 0, None, ResizeMode.STRETCH
     for key, p in req.parameters.items():
