@@ -386,6 +386,28 @@ def test_a_full_queue_is_unavailable_over_the_triton_protocol(make_repo):
         running.join(), queued.join()
 
 
+def test_a_refused_size_names_the_input_the_caller_sent(tiny_server):
+    """A width the engine refuses, sent as `size`: the status names `size` (it named `width`, an input
+    the caller never sent), on a unary call and on a stream's error response."""
+    import struct
+
+    from inference import grpc_service_pb2 as kpb
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+    from videogen_server.transport.kserve import serialize_bytes
+
+    infer = kpb.ModelInferRequest(model_name=MODEL, id="sized")
+    infer.inputs.add(name="image", datatype="BYTES", shape=[1])
+    infer.inputs.add(name="size", datatype="INT32", shape=[2])
+    infer.raw_input_contents.extend([serialize_bytes([sample_png()]), struct.pack("<2i", 36, 32)])
+    stub = kpb_grpc.GRPCInferenceServiceStub(tiny_server.channel())
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(infer, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("size: 36 is not a multiple of 8"), err.value.details()
+    [response] = list(stub.ModelStreamInfer(iter([infer]), timeout=30))
+    assert response.error_message.startswith("size: 36 is not a multiple of 8"), response.error_message
+
+
 def test_a_stream_whose_client_does_not_read_holds_bounded_work(tiny_server, monkeypatch):
     """ModelStreamInfer reads at most STREAM_MAX_IN_FLIGHT requests ahead of their answers and queues at
     most STREAM_MAX_QUEUED responses: a client that sends without reading stops being read (800 000

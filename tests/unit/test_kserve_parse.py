@@ -197,3 +197,16 @@ def test_oversized_tensors_are_refused_before_they_are_unpacked(monkeypatch):
             parse(req)
         assert err.value.field in ("width", "image") and err.value.reason.startswith(f"{count} elements"), err.value
     assert unpacked == []
+
+
+def test_a_value_set_through_size_or_guidance_is_named_so():
+    """The engine's checks name width, height and the guidance scales; a caller who sent `size` or
+    `guidance` is told that name (it was told `width`, an input it never sent)."""
+    from videogen_server.transport.status import named_as
+
+    got = parse(make(size=("INT32", [36, 48]), guidance=("FP32", [5.0, 1.0])))
+    assert named_as(InvalidRequest("width", "36 is not a multiple of 8"), got.fields).field == "size"
+    assert named_as(InvalidRequest("min_guidance_scale", "above max"), got.fields).field == "guidance"
+    assert named_as(InvalidRequest("model", "x"), got.fields).field == "model_name"
+    plain = parse(make(width=("INT32", [36])))
+    assert named_as(InvalidRequest("width", "36 is not a multiple of 8"), plain.fields).field == "width"

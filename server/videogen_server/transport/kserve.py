@@ -28,7 +28,7 @@ import logging
 import math
 import struct
 import uuid
-from typing import Any, AsyncIterator, Iterable, Optional
+from typing import Any, AsyncIterator, Iterable, Mapping, Optional
 
 import grpc
 
@@ -116,6 +116,9 @@ class InferCall:
 
     call: GenerateCall
     outputs: tuple[str, ...]
+    # the request's names for the engine's field paths (`named_as`): KSERVE_FIELDS, and `size` or
+    # `guidance` for the fields the caller set through them (a width refused names the `size` sent)
+    fields: Mapping[str, str] = dataclasses.field(default_factory=lambda: KSERVE_FIELDS)
 
 
 def _f32(x: float) -> float:
@@ -294,6 +297,7 @@ def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline
         raise InvalidRequest("image", f"must hold exactly one encoded image, got {len(images)} elements")
 
     fields: dict[str, Any] = {}
+    named = dict(KSERVE_FIELDS)
     for name, raw in given.items():
         values = _values(name, raw, _INPUTS[name].kind)
         if name == "size":
@@ -312,6 +316,8 @@ def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline
             if field in fields:
                 raise InvalidRequest(name, f"sets {field}, which the request also sets otherwise")
             fields[field] = value
+            if field != name:
+                named[field] = name
 
     outputs = requested_outputs(req.outputs)
     video_fps = fields.pop("video_fps", None)
@@ -322,7 +328,7 @@ def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline
     call = GenerateCall(model=req.model_name, image=images[0], params=params, model_version=version,
                         request_id=request_id, priority=priority, priority_falls_back=True, timeout_s=timeout_s,
                         deadline_s=deadline_s, trace_context=trace_context)
-    return InferCall(call=call, outputs=outputs)
+    return InferCall(call=call, outputs=outputs, fields=named)
 
 
 def requested_outputs(outputs: Iterable[kpb.ModelInferRequest.InferRequestedOutputTensor]) -> tuple[str, ...]:
@@ -616,7 +622,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:  # CancelledError is not an Exception: a gone caller is not answered
             if parsed is None:
                 refused_before_engine(self._engine, exc, request_id)
-            await abort(context, exc, request_id=request_id, triton=True, fields=KSERVE_FIELDS,
+            await abort(context, exc, request_id=request_id, triton=True,
+                        fields=parsed.fields if parsed is not None else KSERVE_FIELDS,
                         trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[kpb.ModelInferRequest],
@@ -715,7 +722,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:
             if parsed is None:
                 refused_before_engine(self._engine, exc, request_id)
-            exc = named_as(exc, KSERVE_FIELDS)
+            exc = named_as(exc, parsed.fields if parsed is not None else KSERVE_FIELDS)
             code, message = to_status(exc, request_id=request_id, triton=True)
             failed = kpb.ModelInferResponse(model_name=req.model_name, model_version=model_version, id=req.id)
             failed.parameters[FINAL_RESPONSE].bool_param = True  # Triton sends a failed request's response final
