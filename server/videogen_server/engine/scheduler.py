@@ -42,15 +42,19 @@ class _Gathering:
     rows: list
     room: int
     until: float
+    fastest: Optional[float] = None  # the shape's fastest recent run alone (RunTimes.fastest), if known
 
     def end_before_queue_timeouts(self) -> None:
         """Moves `until` early enough that no row's queue timeout passes while it waits in the batch
-        (where the engine's queue timer cannot take it out)."""
+        (where the engine's queue timer cannot take it out), nor its deadline comes too close for even
+        the shape's fastest run (the instance would refuse it at the start: waiting made it miss)."""
         self.until = self._until(self.rows)
 
     def _until(self, rows: list) -> float:
-        return min([self.until] + [r.queue_deadline - QUEUE_TIMEOUT_MARGIN_S for r in rows
-                                   if r.queue_deadline is not None])
+        ends = [self.until] + [r.queue_deadline - QUEUE_TIMEOUT_MARGIN_S for r in rows if r.queue_deadline is not None]
+        if self.fastest is not None:
+            ends += [r.deadline - self.fastest - QUEUE_TIMEOUT_MARGIN_S for r in rows if r.deadline is not None]
+        return min(ends)
 
     def start(self, now: float, joiners: list = ()) -> float:
         """When the batch starts at the latest (time.monotonic()), with `joiners` taken in too: at once
@@ -239,7 +243,8 @@ class Scheduler:
                 # arrival (sooner if a row's queue timeout nears), as `_gather` does; one that batches of its
                 # shape usually fill is taken to start when its instance is free
                 gathering = _Gathering(head.params.batch_key, batch, self._room(),
-                                       until=head.enqueued_at + self._batching.max_queue_delay_s)
+                                       until=head.enqueued_at + self._batching.max_queue_delay_s,
+                                       fastest=self.run_times.fastest(head.params.batch_key))
                 gathering.end_before_queue_timeouts()
                 start = max(start, gathering.until)
             est = self.run_times.batch(head.params.batch_key, size, nearest=nearest)
@@ -466,12 +471,16 @@ class Scheduler:
             self._take_compatible(batch, now)
             room = self._room()
             gathering = _Gathering(head.params.batch_key, batch, room,
-                                   until=head.enqueued_at + self._batching.max_queue_delay_s)
+                                   until=head.enqueued_at + self._batching.max_queue_delay_s,
+                                   fastest=self.run_times.fastest(head.params.batch_key))
             self._gathering.append(gathering)
             self._report_depth()
             try:
                 while len(batch) < room and not self._closed:
-                    batch[:] = [r for r in batch if not r.is_cancelled()]  # callers gone (remove() woke us)
+                    live = [r for r in batch if not r.is_cancelled()]  # callers gone (remove() woke us)
+                    if len(live) < len(batch):
+                        batch[:] = live
+                        self._report_depth()
                     if not batch:  # nothing left to gather for: next_batch looks for work again
                         break
                     gathering.end_before_queue_timeouts()
