@@ -236,13 +236,10 @@ class NvmlReader:
             log.debug("CUDA device UUIDs unavailable", exc_info=True)
             uuids = None
         if uuids is not None:
-            devices = []
-            for i, uuid in enumerate(uuids):
-                try:
-                    devices.append((f"cuda:{i}", self._nvml.nvmlDeviceGetHandleByUUID(uuid)))
-                except Exception:  # e.g. a MIG instance: NVML names it otherwise
-                    log.debug("no NVML device for cuda:%d (%s)", i, uuid, exc_info=True)
-            self._devices = devices
+            devices = [(f"cuda:{i}", handle) for i, uuid in enumerate(uuids)
+                       if (handle := self._by_uuid(i, uuid)) is not None]
+            if len(devices) == len(uuids):  # else asked again at the next scrape
+                self._devices = devices
             return devices
         if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
             return []  # NVML's index i is not cuda:i here
@@ -253,6 +250,17 @@ class NvmlReader:
             except Exception:
                 log.debug("NVML device %d unavailable", i, exc_info=True)
         return devices
+
+    def _by_uuid(self, ordinal: int, uuid: str):
+        """NVML's handle for a CUDA device: a whole GPU ("GPU-<uuid>"), or a MIG instance ("MIG-<uuid>"),
+        whose memory is its own slice's (NVML reads a MIG device's memory); None if NVML knows neither."""
+        for name in (uuid, f"GPU-{uuid}", f"MIG-{uuid}"):
+            try:
+                return self._nvml.nvmlDeviceGetHandleByUUID(name)
+            except Exception:
+                continue
+        log.debug("no NVML device for cuda:%d (%s)", ordinal, uuid)
+        return None
 
     def collect(self):
         used = GaugeMetricFamily("videogen_gpu_memory_used_bytes", "GPU memory used (NVML), all processes",

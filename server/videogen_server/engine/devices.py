@@ -14,10 +14,11 @@ def gpu_count() -> int:
 
 
 def cuda_uuids() -> Optional[list[str]]:
-    """NVML's name ("GPU-<uuid>") of each CUDA device this process sees, by CUDA ordinal; None until a
-    model loaded torch (a scrape never imports it) or without CUDA. The ordinals follow
-    CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER, NVML's indices do not: the UUID joins the two."""
+    """The UUID of each CUDA device this process sees, by CUDA ordinal, as torch gives it (no "GPU-" or
+    "MIG-" prefix: NvmlReader tries both); None until a model loaded torch (a scrape never imports it)
+    or without CUDA. The ordinals follow CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER, NVML's indices do
+    not: the UUID joins the two."""
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available():
         return None
-    return [f"GPU-{torch.cuda.get_device_properties(i).uuid}" for i in range(torch.cuda.device_count())]
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
