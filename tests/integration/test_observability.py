@@ -177,6 +177,33 @@ def test_requests_still_running_when_the_drain_ends_are_errors_not_cancellations
                                          {**labels, "outcome": "cancelled", "code": "CANCELLED"}) is None
 
 
+def _slow_reader_done_on_the_device(server):
+    """A Generate whose device work is done while its caller reads nothing after Accepted: a small window
+    and no BDP probing, so the server's writes of its raw frames (48 KiB each) wait for a reader that
+    does not come. Returns (channel, call)."""
+    from videogen.v1 import videogen_pb2_grpc
+
+    slow = grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0),
+                                                         ("grpc.http2.lookahead_bytes", 16384)])
+    call = videogen_pb2_grpc.VideoGenStub(slow).Generate(
+        request(model="m", width=128, height=128, num_frames=16, num_inference_steps=1, decode_chunk_size=16,
+                output={"frame_encoding": 3}), timeout=120)
+    assert next(call).WhichOneof("event") == "accepted"
+    labels = {"model": "m", "version": "1"}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (
+            server.metric("videogen_vae_decode_chunk_seconds_count", **labels) >= 1
+            and server.metric("videogen_instances_busy", **labels) == 0):
+        time.sleep(0.1)
+    assert server.metric("videogen_inflight_requests", **labels) == 1, "device done, frames held back"
+    return slow, call
+
+
+def _counted(server, outcome: str, code: str):
+    return server.server.metrics.registry.get_sample_value(
+        "videogen_requests_total", {"model": "m", "version": "1", "outcome": outcome, "code": code})
+
+
 def test_a_slow_reader_the_drain_ends_is_an_error_not_a_cancellation(make_repo):
     """A request whose device work is done but whose caller reads slowly (HTTP/2 flow control holds its
     frames back) is still in flight when the drain ends; the server's stop then cancels its stream, and
@@ -185,32 +212,34 @@ def test_a_slow_reader_the_drain_ends_is_an_error_not_a_cancellation(make_repo):
     import asyncio
 
     with ServerThread(make_repo({"m": tiny_config("m")})) as server:
-        # a small window and no BDP probing: the server's writes wait for a reader that never comes
-        slow = grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0),
-                                                             ("grpc.http2.lookahead_bytes", 16384)])
-        from videogen.v1 import videogen_pb2_grpc
-
-        call = videogen_pb2_grpc.VideoGenStub(slow).Generate(
-            request(model="m", width=128, height=128, num_frames=16, num_inference_steps=1, decode_chunk_size=16,
-                    output={"frame_encoding": 3}), timeout=120)  # raw RGB: 48 KiB a frame
-        assert next(call).WhichOneof("event") == "accepted"
-        labels = {"model": "m", "version": "1"}
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (
-                server.metric("videogen_vae_decode_chunk_seconds_count", **labels) >= 1
-                and server.metric("videogen_instances_busy", **labels) == 0):
-            time.sleep(0.1)
-        assert server.metric("videogen_inflight_requests", **labels) == 1, "device done, frames held back"
+        slow, call = _slow_reader_done_on_the_device(server)
         asyncio.run_coroutine_threadsafe(server.server.stop(0.3), server.loop).result(60)
         with pytest.raises(grpc.RpcError) as ended:
             for _ in call:
                 pass
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-        registry = server.server.metrics.registry
-        assert registry.get_sample_value("videogen_requests_total",
-                                         {**labels, "outcome": "error", "code": "UNAVAILABLE"}) == 1
-        assert registry.get_sample_value("videogen_requests_total",
-                                         {**labels, "outcome": "cancelled", "code": "CANCELLED"}) is None
+        assert _counted(server, "error", "UNAVAILABLE") == 1
+        assert _counted(server, "cancelled", "CANCELLED") is None
+        slow.close()
+
+
+def test_a_slow_reader_an_unload_cuts_is_an_error_not_a_success(make_repo):
+    """The same slow reader when an unload's timeout passes: the unload says it cancels the request, but
+    its finished events were still queued, and once its caller read on it got every frame, the summary
+    and OK, counted a success after its version was gone (chaos audit): it ends UNAVAILABLE, as in the
+    drain."""
+    from videogen.v1 import videogen_pb2 as pb
+
+    with ServerThread(make_repo({"m": tiny_config("m")}), model_control_mode="explicit", load_models=("m",),
+                      unload_timeout_seconds=1.0) as server:
+        slow, call = _slow_reader_done_on_the_device(server)
+        server.stub().UnloadModel(pb.UnloadModelRequest(name="m"), timeout=60)
+        with pytest.raises(grpc.RpcError) as ended:
+            for event in call:
+                assert event.WhichOneof("event") != "summary"
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
+        assert _counted(server, "error", "UNAVAILABLE") == 1
+        assert _counted(server, "success", "OK") is None
         slow.close()
 
 

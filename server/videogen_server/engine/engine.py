@@ -976,6 +976,11 @@ class Engine:
         try:
             while True:
                 sent_at, event = await self._next(req, rt)
+                if req.ended_by_server is not None:
+                    # an unload's timeout or the drain's end stopped it (end_active): its events already
+                    # queued (a finished request whose slow reader holds its frames back) are not read on
+                    # to a success the server said it had cut short
+                    raise req.ended_by_server
                 if not queue_observed and req.started_at is not None:
                     queue_observed = True
                     m.queue_wait.labels(*labels).observe(req.queue_wait, exemplar=spans.exemplar)
