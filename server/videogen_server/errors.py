@@ -7,6 +7,20 @@ fault: the transport logs its traceback and answers INTERNAL with a generic mess
 from __future__ import annotations
 
 
+#: Longest message (UTF-8 bytes) and field path a status or a request log line carries of an error:
+#: messages may echo a caller's text (a tensor or parameter name).
+MAX_MESSAGE_BYTES = 768
+MAX_FIELD_BYTES = 128
+
+
+def clip(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8, marked with an ellipsis where cut."""
+    data = text.encode("utf-8")
+    if len(data) <= max_bytes:
+        return text
+    return data[:max_bytes - 3].decode("utf-8", "ignore") + "\u2026"
+
+
 class VideoGenError(Exception):
     """Base of every error the server reports to a caller. `message` is safe to show to callers.
 

@@ -22,15 +22,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+def _field(value: object) -> str:
+    """A request log value as one token: as is when it is printable and holds no space, '=' or quote,
+    else quoted as JSON (control characters escaped), so that a caller's text (a request id, a name in
+    an error) can neither end the line and forge another nor pass for more fields."""
+    text = str(value)
+    if text and all(c.isprintable() and not c.isspace() and c not in '="' for c in text):
+        return text
+    return json.dumps(text)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
         request = getattr(record, "videogen_request", None)
+        if request and record.args:  # the request log's message names the request id: one token too
+            record = logging.makeLogRecord({**record.__dict__, "args": tuple(
+                _field(a) if isinstance(a, str) else a for a in record.args)})
+        text = super().format(record)
         if request:
-            text += " " + " ".join(f"{k}={v}" for k, v in request.items() if k != "request_id")
+            text += " " + " ".join(f"{k}={_field(v)}" for k, v in request.items() if k != "request_id")
         return text
 
 

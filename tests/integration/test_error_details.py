@@ -207,23 +207,30 @@ def test_a_bad_field_is_named_as_the_callers_request_names_it(make_repo):
         assert details_of(err)["BadRequest"].field_violations[0].field == "output.video_fps"
 
 
-def test_a_long_message_is_cut_so_the_status_survives(tiny_server):
-    """Some messages echo a caller's text (an input's name): uncut, the message and its details passed
-    gRPC's 8 KiB trailer limit and the caller read RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT."""
+def test_a_long_message_is_cut_so_the_status_survives(tiny_server, caplog):
+    """Some messages echo a caller's text (an output's name): uncut, the message and its details passed
+    gRPC's 8 KiB trailer limit and the caller read RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT; and
+    the request log line carried it whole (the security audit's 4 MiB name wrote 25 MB of log)."""
     from inference import grpc_service_pb2 as kpb
     from inference import grpc_service_pb2_grpc as kpb_grpc
 
+    from videogen_server.transport.kserve import serialize_bytes
     from videogen_server.transport.status import MAX_MESSAGE_BYTES
 
+    caplog.set_level("INFO", logger="videogen.requests")
     stub = kpb_grpc.GRPCInferenceServiceStub(tiny_server.channel())
-    for name in ("i" * 5000, "\u00e9" * 3000):  # ASCII, and text that percent-encodes to 3 bytes a byte
+    for name in ("o" * 5000, "\u00e9" * 3000):  # ASCII, and text that percent-encodes to 3 bytes a byte
         request_ = kpb.ModelInferRequest(model_name="svd-tiny")
-        request_.inputs.add(name=name, datatype="INT32", shape=[1])
+        request_.inputs.add(name="image", datatype="BYTES", shape=[1])
+        request_.raw_input_contents.append(serialize_bytes([sample_png()]))
+        request_.outputs.add(name=name)
         for _ in range(5):  # the limit is enforced at random between 8 and 16 KiB
             err = refusal(lambda: stub.ModelInfer(request_, timeout=30))
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()[:200]
             assert details_of(err)["ErrorInfo"].reason == "INVALID_FIELD"  # code and message agree
             assert len(err.details().encode()) <= MAX_MESSAGE_BYTES and err.details().endswith("\u2026")
+    errors = [r.videogen_request["error"] for r in caplog.records if hasattr(r, "videogen_request")]
+    assert len(errors) == 10 and all(len(e.encode()) <= MAX_MESSAGE_BYTES for e in errors)
 
 
 def test_a_stream_request_that_fails_names_its_code_and_reason(tiny_server):

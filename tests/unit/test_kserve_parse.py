@@ -210,3 +210,29 @@ def test_a_value_set_through_size_or_guidance_is_named_so():
     assert named_as(InvalidRequest("model", "x"), got.fields).field == "model_name"
     plain = parse(make(width=("INT32", [36])))
     assert named_as(InvalidRequest("width", "36 is not a multiple of 8"), plain.fields).field == "width"
+
+
+def test_caller_strings_and_names_are_bounded_before_any_work():
+    """A 32 MiB `guidance` string was split and converted on the event loop (~11 s during which every
+    call on the port waited, +900 MiB), and a name holding a newline reached the text log and forged
+    a line (security audit): strings are at most MAX_PARAMETER_CHARS, names short and printable."""
+    from videogen_server.transport.kserve import MAX_PARAMETER_CHARS
+
+    long = make()
+    long.parameters["guidance"].string_param = "1," * 1_000_000
+    with pytest.raises(InvalidRequest) as err:
+        parse(long)
+    assert err.value.field == "guidance" and f"at most {MAX_PARAMETER_CHARS}" in err.value.reason
+    forged = make()
+    forged.parameters["x\n2026-01-01 INFO videogen.requests: request admin success OK"].int64_param = 1
+    with pytest.raises(InvalidRequest) as err:
+        parse(forged)
+    assert err.value.field == "parameters" and "\n" not in err.value.message
+    named = make()
+    named.inputs.add(name="i" * 5000, datatype="INT32", shape=[1]).contents.int_contents.append(1)
+    named.raw_input_contents[:] = []
+    named.inputs[0].contents.bytes_contents.append(PNG)
+    with pytest.raises(InvalidRequest) as err:
+        parse(named)
+    assert err.value.field == "inputs[1].name" and len(err.value.message) < 200
+

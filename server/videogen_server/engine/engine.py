@@ -28,8 +28,8 @@ from PIL import Image
 from ..backends.base import (COMPILE_ARTIFACTS_FOLDER, BackendRequest, Finished, FramesDecoded, InstanceContext,
                              PhaseTiming, StepDone, load_backend_class)
 from ..config import ServerConfig
-from ..errors import (BackendError, ConfigError, Draining, InvalidRequest, ModelNotFound, NotLoaded, NotReady,
-                      NotStarted, QueueFull, RequestCancelled, VideoGenError, status_name)
+from ..errors import (MAX_MESSAGE_BYTES, BackendError, ConfigError, Draining, InvalidRequest, ModelNotFound,
+                      NotLoaded, NotReady, NotStarted, QueueFull, RequestCancelled, VideoGenError, clip, status_name)
 from ..media.frames import encode_frame
 from ..media.mp4 import FragmentedMP4Encoder
 from ..metrics import InstanceCollector, Metrics, NvmlReader
@@ -935,7 +935,7 @@ class Engine:
         record.update(outcome=name, code=code, seconds=round(seconds, 4))
         if outcome is not None and code not in ("OK", "CANCELLED"):
             record["error"] = "the caller's deadline passed" if cancelled else \
-                outcome.message if isinstance(outcome, VideoGenError) else "internal error"
+                clip(outcome.message, MAX_MESSAGE_BYTES) if isinstance(outcome, VideoGenError) else "internal error"
         request_log.info("request %s %s %s", record["request_id"], name, code,
                          extra={"videogen_request": record})
         return code, str(record.get("error", ""))

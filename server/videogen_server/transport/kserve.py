@@ -39,7 +39,7 @@ from inference import model_config_pb2 as kmc
 from .. import __version__
 from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams, ResizeMode,
                       ResolvedParams, VideoEvent)
-from ..errors import InvalidRequest, ModelNotFound, NotLoaded, NotReady
+from ..errors import MAX_FIELD_BYTES, InvalidRequest, ModelNotFound, NotLoaded, NotReady
 from .servicer import (NAME_FIELD, REQUEST_ID_KEY, check_request_id, refused_before_engine, request_id_of,
                        require_explicit_control)
 from .status import abort, error_reason, named_as, to_status
@@ -194,11 +194,28 @@ def _tensor_values(t: kpb.ModelInferRequest.InferInputTensor, raw: Optional[byte
     return values
 
 
+#: The longest string a request parameter holds ("1024x576", "1.0,3.0", a mode name): a 32 MiB string
+#: was split and converted on the event loop, every call on the port waiting ~11 s behind it.
+MAX_PARAMETER_CHARS = 256
+
+
 def _param_value(key: str, p: kpb.InferParameter) -> Any:
     which = p.WhichOneof("parameter_choice")
     if which is None:
         raise InvalidRequest(key, "parameter has no value")
-    return getattr(p, which)
+    value = getattr(p, which)
+    if isinstance(value, str) and len(value) > MAX_PARAMETER_CHARS:
+        raise InvalidRequest(key, f"a string of {len(value)} characters (at most {MAX_PARAMETER_CHARS})")
+    return value
+
+
+def _name(text: str, what: str) -> str:
+    """A caller's tensor or parameter name, refused unless short and printable (it reaches messages
+    and the request log, as a model name does)."""
+    if not text or len(text) > MAX_FIELD_BYTES or not text.isprintable():
+        raise InvalidRequest(what, f"{len(text)} characters, or not printable: a name is 1..{MAX_FIELD_BYTES} "
+                                   f"printable characters")
+    return text
 
 
 def _number(name: str, value: Any, kind: str) -> Any:
@@ -241,6 +258,7 @@ def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline
 
     given: dict[str, list[Any]] = {}
     for i, t in enumerate(req.inputs):
+        _name(t.name, f"inputs[{i}].name")
         spec = _INPUTS.get(t.name)
         if spec is None:
             raise InvalidRequest(t.name or f"inputs[{i}]",
@@ -262,7 +280,7 @@ def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline
 
     priority, timeout_s, resize_mode = 0, None, ResizeMode.STRETCH
     for key, p in req.parameters.items():
-        value = _param_value(key, p)
+        value = _param_value(_name(key, "parameters"), p)
         if key == "priority":
             priority = _number("priority", value, "int")
             if priority < 0:

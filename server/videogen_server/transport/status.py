@@ -16,7 +16,8 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from ..errors import NOT_STARTED_KEY, ConfigError, InvalidRequest, NotStarted, QueueFull, VideoGenError, status_name
+from ..errors import (MAX_FIELD_BYTES, MAX_MESSAGE_BYTES, NOT_STARTED_KEY, ConfigError, InvalidRequest, NotStarted,
+                      QueueFull, VideoGenError, clip, status_name)
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +37,9 @@ QUEUE_FULL_MIN_RETRY_DELAY_S = 0.1
 #: servers waits it out before its retry goes to the next one, which may have room.
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 MAX_RETRY_PUSHBACK_S = 1.0
-#: Longest message (UTF-8 bytes) and field path a status carries. Messages may echo a caller's text (a
-#: tensor or parameter name); the message travels twice (grpc-message, percent-encoded, and inside the
-#: details) and gRPC turns trailers over its 8 KiB metadata limit into RESOURCE_EXHAUSTED.
-MAX_MESSAGE_BYTES = 768
-MAX_FIELD_BYTES = 128
-
-
-def clip(text: str, max_bytes: int) -> str:
-    """`text` cut to at most `max_bytes` of UTF-8, marked with an ellipsis where cut."""
-    data = text.encode("utf-8")
-    if len(data) <= max_bytes:
-        return text
-    return data[:max_bytes - 3].decode("utf-8", "ignore") + "\u2026"
+#: Longest message (UTF-8 bytes) and field path a status carries (errors.py): messages may echo a
+#: caller's text (a tensor or parameter name); the message travels twice (grpc-message, percent-encoded,
+#: and inside the details) and gRPC turns trailers over its 8 KiB metadata limit into RESOURCE_EXHAUSTED.
 
 
 def error_reason(exc: BaseException) -> str:
