@@ -111,8 +111,34 @@ class Metrics:
             self._http = None
 
 
+#: Connections /metrics serves at once; more wait for a slot (Prometheus scrapes one at a time).
+MAX_METRICS_CONNECTIONS = 32
+
+
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
     daemon_threads = True  # a scrape's thread does not hold the process up
+    request_queue_size = 128  # the listen backlog (5 by default: connects stalled behind idle clients)
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_METRICS_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        # a thread per connection, at most MAX_METRICS_CONNECTIONS at once: 200 idle connections held 200
+        # threads for as long as their clients liked (security audit). The next connection waits here for
+        # a slot (each is held at most the handler's timeout while its client is silent), not dropped
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request, client_address) -> None:
         # a client that sent garbage or went away mid-scrape: no traceback on stderr (a JSON log stays JSON)
@@ -129,6 +155,8 @@ class _DualStackWSGIServer(_ThreadingWSGIServer):
 
 
 class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    timeout = 10  # seconds a connection may stay silent (a slow or idle client) before it is closed
+
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         pass  # a scrape every few seconds is no news
 

@@ -95,3 +95,32 @@ def test_a_client_that_resets_mid_scrape_leaves_no_traceback(host, payload, capf
     finally:
         m.close()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_idle_connections_hold_a_bounded_number_of_threads_for_a_bounded_time(monkeypatch):
+    """200 connections that send half a request held 200 threads for as long as their client liked
+    (security audit): at most MAX_METRICS_CONNECTIONS are served at once, a silent one is closed after
+    the handler's timeout (shortened here), and a scrape waiting behind them is answered (~3 s)."""
+    import threading
+    import time
+
+    monkeypatch.setattr(metrics_module, "MAX_METRICS_CONNECTIONS", 4)
+    monkeypatch.setattr(metrics_module._QuietHandler, "timeout", 1.0)
+    m = Metrics()
+    idle = []
+    try:
+        port = m.serve(0, host="127.0.0.1")
+        before = threading.active_count()
+        for _ in range(12):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
+            idle.append(s)
+        time.sleep(0.5)
+        assert threading.active_count() - before <= 4
+        t0 = time.monotonic()
+        assert _scrape("127.0.0.1", port) == 200
+        assert time.monotonic() - t0 < 9
+    finally:
+        for s in idle:
+            s.close()
+        m.close()
