@@ -51,7 +51,8 @@ class _Gathering:
         self.until = self._until(self.rows)
 
     def _until(self, rows: list) -> float:
-        ends = [self.until] + [r.queue_deadline - QUEUE_TIMEOUT_MARGIN_S for r in rows if r.queue_deadline is not None]
+        ends = [self.until] + [r.queue_deadline - QUEUE_TIMEOUT_MARGIN_S for r in rows
+                               if r.queue_deadline is not None]
         if self.fastest is not None:
             ends += [r.deadline - self.fastest - QUEUE_TIMEOUT_MARGIN_S for r in rows if r.deadline is not None]
         return min(ends)
@@ -240,8 +241,8 @@ class Scheduler:
                 if nearest else len(batch)
             if nearest and self._max_batch > 1 and size < self._room():
                 # a batch short of its room waits for more rows up to max_queue_delay from its head's
-                # arrival (sooner if a row's queue timeout nears), as `_gather` does; one that batches of its
-                # shape usually fill is taken to start when its instance is free
+                # arrival (sooner where a row's queue timeout or deadline nears), as `_gather` does; one that
+                # batches of its shape usually fill is taken to start when its instance is free
                 gathering = _Gathering(head.params.batch_key, batch, self._room(),
                                        until=head.enqueued_at + self._batching.max_queue_delay_s,
                                        fastest=self.run_times.fastest(head.params.batch_key))
