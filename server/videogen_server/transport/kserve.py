@@ -261,8 +261,7 @@ def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline
         _name(t.name, f"inputs[{i}].name")
         spec = _INPUTS.get(t.name)
         if spec is None:
-            raise InvalidRequest(t.name or f"inputs[{i}]",
-                                 f"unknown input; the model's inputs are {', '.join(_INPUTS)}")
+            raise InvalidRequest(t.name, f"unknown input; the model's inputs are {', '.join(_INPUTS)}")
         if t.name in given:
             raise InvalidRequest(t.name, "given twice")
         _no_shared_memory(t.name, t.parameters)
