@@ -177,10 +177,10 @@ def test_requests_still_running_when_the_drain_ends_are_errors_not_cancellations
                                          {**labels, "outcome": "cancelled", "code": "CANCELLED"}) is None
 
 
-def _slow_reader_done_on_the_device(server):
+def _slow_reader_done_on_the_device(server, inflight: int = 1):
     """A Generate whose device work is done while its caller reads nothing after Accepted: a small window
     and no BDP probing, so the server's writes of its raw frames (48 KiB each) wait for a reader that
-    does not come. Returns (channel, call)."""
+    does not come. `inflight`: the requests in flight then, this one included. Returns (channel, call)."""
     from videogen.v1 import videogen_pb2_grpc
 
     slow = grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0),
@@ -192,10 +192,10 @@ def _slow_reader_done_on_the_device(server):
     labels = {"model": "m", "version": "1"}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (
-            server.metric("videogen_vae_decode_chunk_seconds_count", **labels) >= 1
+            server.metric("videogen_vae_decode_chunk_seconds_count", **labels) >= inflight
             and server.metric("videogen_instances_busy", **labels) == 0):
         time.sleep(0.1)
-    assert server.metric("videogen_inflight_requests", **labels) == 1, "device done, frames held back"
+    assert server.metric("videogen_inflight_requests", **labels) == inflight, "device done, frames held back"
     return slow, call
 
 
@@ -241,6 +241,29 @@ def test_a_slow_reader_an_unload_cuts_is_an_error_not_a_success(make_repo):
         assert _counted(server, "error", "UNAVAILABLE") == 1
         assert _counted(server, "success", "OK") is None
         slow.close()
+
+
+def test_callers_that_do_not_read_hold_a_bounded_number_of_outputs(make_repo):
+    """Requests done on the device whose callers never read held their frames in server memory, and
+    admission counted only queued requests: one caller kept 30 beside a queue of 16 (security audit).
+    With a queue of 1 and one instance, at most 1 + 2 requests are admitted and not ended: the next
+    is refused QUEUE_FULL, naming the unread output, and is admitted again once they are read."""
+    queue_of_one = "dynamic_batching { default_queue_policy { max_queue_size: 1 } }"
+    with ServerThread(make_repo({"m": tiny_config("m", queue_of_one)})) as server:
+        held = [_slow_reader_done_on_the_device(server)]
+        labels = {"model": "m", "version": "1"}
+        for _ in range(2):  # two more whose output nobody reads: done on the device one after the other
+            channel, call = _slow_reader_done_on_the_device(server, inflight=len(held) + 1)
+            held.append((channel, call))
+        with pytest.raises(grpc.RpcError) as refused:
+            collect(server.stub(), request(model="m", num_frames=1, num_inference_steps=1))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "3 requests in flight" in refused.value.details() and "not yet read" in refused.value.details()
+        for channel, call in held:  # read on: each ends whole, and the server admits again
+            assert list(call)[-1].WhichOneof("event") == "summary"
+            channel.close()
+        assert server.metric("videogen_inflight_requests", **labels) == 0
+        assert collect(server.stub(), request(model="m", num_frames=1, num_inference_steps=1))[-1].summary
 
 
 def test_metrics_listen_on_ipv6_and_ipv4_by_default(make_repo):

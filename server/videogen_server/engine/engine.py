@@ -279,6 +279,15 @@ class ModelRuntime:
         if self.scheduler.depth() >= limit or self.preparing >= limit + self.capacity:
             raise QueueFull(f"model {self.name!r} queue is full ({limit} waiting); retry later",
                             retry_after=self.scheduler.retry_after())
+        # Admitted and not ended: queued, running, and done on the device but with output its caller has
+        # not read yet (frames and video held in memory). Callers that never read held any number of them
+        # (security audit: 30 beside a queue of 16, ~44 MB each at SVD-XT's size); a batch's worth of
+        # outputs still being read is room enough beside a full queue and busy instances.
+        held = limit + 2 * self.capacity
+        if len(self.active) >= held:
+            raise QueueFull(f"model {self.name!r} has {len(self.active)} requests in flight, the output of some not "
+                            f"yet read by their callers (at most {held}); retry later",
+                            retry_after=self.scheduler.retry_after())
         self.preparing += 1
         self.update_idle()
 
