@@ -243,9 +243,7 @@ class Scheduler:
                 # a batch short of its room waits for more rows up to max_queue_delay from its head's
                 # arrival (sooner where a row's queue timeout or deadline nears), as `_gather` does; one that
                 # batches of its shape usually fill is taken to start when its instance is free
-                gathering = _Gathering(head.params.batch_key, batch, self._room(),
-                                       until=head.enqueued_at + self._batching.max_queue_delay_s,
-                                       fastest=self.run_times.fastest(head.params.batch_key))
+                gathering = self._new_gathering(head, batch)
                 gathering.end_before_queue_timeouts()
                 start = max(start, gathering.until)
             est = self.run_times.batch(head.params.batch_key, size, nearest=nearest)
@@ -470,10 +468,8 @@ class Scheduler:
         batch = [head]
         if self._max_batch > 1:
             self._take_compatible(batch, now)
-            room = self._room()
-            gathering = _Gathering(head.params.batch_key, batch, room,
-                                   until=head.enqueued_at + self._batching.max_queue_delay_s,
-                                   fastest=self.run_times.fastest(head.params.batch_key))
+            gathering = self._new_gathering(head, batch)
+            room = gathering.room
             self._gathering.append(gathering)
             self._report_depth()
             try:
@@ -501,6 +497,13 @@ class Scheduler:
     def _room(self) -> int:
         """How many rows a gathering batch waits for (up to max_queue_delay): the largest preferred size."""
         return min(max(self._batching.preferred_batch_sizes or (self._max_batch,)), self._max_batch)
+
+    def _new_gathering(self, head: EngineRequest, batch: list[EngineRequest]) -> _Gathering:
+        """The batch an instance gathers from `head` (`_gather`), and as the plan expects it to (`_plan`):
+        up to its room, until max_queue_delay from the head's arrival at the latest."""
+        return _Gathering(head.params.batch_key, batch, self._room(),
+                          until=head.enqueued_at + self._batching.max_queue_delay_s,
+                          fastest=self.run_times.fastest(head.params.batch_key))
 
     def batch_done(self, batch: list[EngineRequest]) -> None:
         """The instance is done with `batch` (from `next_batch`): it is free from now."""
