@@ -17,3 +17,20 @@ def test_fp8_is_refused_by_name_where_its_product_fails(monkeypatch):
     monkeypatch.setattr(torch, "_scaled_mm", not_supported)
     why = accel.fp8_supported(torch.device("cpu"))
     assert why is not None and "FP8 row-wise matrix product fails" in why and "NOT_SUPPORTED" in why
+
+
+def test_the_probe_holds_while_another_thread_instantiates_a_model():
+    """diffusers' from_pretrained builds its model under accelerate's empty-weights init and torch's
+    default dtype set to the model's: both process-wide, so a probe another instance ran meanwhile got
+    meta weights and refused FP8 (seen in CI, with eight models loading at once). This is what that
+    thread does for the length of an instantiation, here around the probe."""
+    import accelerate
+    before = torch.get_default_dtype()
+    try:
+        with accelerate.init_empty_weights():
+            torch.set_default_dtype(torch.float16)
+            assert accel.fp8_supported(torch.device("cpu")) is None
+            static = accel.Fp8Linear(torch.nn.Linear(16, 16, device="cpu", dtype=torch.float32), static=True)
+            assert static.input_amax.dtype == torch.float32 and static.input_scale.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(before)

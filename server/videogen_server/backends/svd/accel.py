@@ -29,6 +29,7 @@ import contextlib
 import logging
 import threading
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -146,9 +147,13 @@ def fp8_supported(device: torch.device) -> str | None:
             return f"needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); this GPU has {major}.{minor}"
     # The capability is not enough: row-wise scaled products are missing from some builds on some GPUs
     # (cuBLAS answers NOT_SUPPORTED on sm_120 in torch 2.10, pytorch#192707). One 16x16 product says so at
-    # load, by name, instead of failing the first request.
+    # load, by name, instead of failing the first request. No nn.Linear is built for it: while another
+    # thread's from_pretrained instantiates its model, accelerate's empty-weights init sends every new
+    # parameter in the process to the meta device (a probe built so failed in CI).
+    weight = types.SimpleNamespace(in_features=16, out_features=16, bias=None,
+                                   weight=torch.ones(16, 16, dtype=torch.float32, device=device))
     try:
-        Fp8Linear(nn.Linear(16, 16)).to(device)(torch.ones(16, 16, device=device))
+        Fp8Linear(weight)(torch.ones(16, 16, dtype=torch.float32, device=device))  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 - whatever the product raises, FP8 is not for this device
         return f"an FP8 row-wise matrix product fails on {device} ({type(exc).__name__}: {str(exc)[:200]})"
     return None
@@ -180,8 +185,8 @@ class Fp8Linear(nn.Module):
         # input_scale set by a calibration
         self.calibrating = False
         self.calibrated = False
-        self.register_buffer("input_amax", torch.zeros((), device=w.device))  # float32, largest |x| seen
-        self.register_buffer("input_scale", torch.zeros((), device=w.device))  # float32
+        self.register_buffer("input_amax", torch.zeros((), dtype=torch.float32, device=w.device))  # largest |x| seen
+        self.register_buffer("input_scale", torch.zeros((), dtype=torch.float32, device=w.device))
 
     @staticmethod
     def eligible(linear: nn.Linear) -> bool:
