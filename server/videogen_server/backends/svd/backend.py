@@ -132,6 +132,22 @@ class Prepared:
     vae: torch.Tensor
 
 
+def _scheduler(config, steps: int, device: torch.device) -> EulerDiscreteScheduler:
+    """A fresh scheduler set to `steps`, its timesteps float32 whatever torch's default dtype is just now.
+
+    diffusers builds SVD's timesteps (continuous, v-prediction) with `torch.Tensor([...])`, in torch's
+    default dtype, and another model's from_pretrained sets that default to its own dtype process-wide
+    for the length of its instantiation: a float16 load beside a request in flight gave that request
+    float16 timesteps, other frames than its seed makes. Rebuilt here from the float32 sigmas with the
+    same operations, one by one, so that the values are the same bits the pipeline gets."""
+    scheduler = EulerDiscreteScheduler.from_config(config)
+    scheduler.set_timesteps(steps, device=device)
+    if scheduler.config.timestep_type == "continuous" and scheduler.config.prediction_type == "v_prediction":
+        # on the device, as diffusers computes them (its sigmas are moved to the CPU afterwards)
+        scheduler.timesteps = torch.stack([0.25 * sigma.log() for sigma in scheduler.sigmas[:-1].to(device)])
+    return scheduler
+
+
 def _fp8_mode(value: str) -> str:
     """The `fp8` parameter: "" (off), "dynamic" or "static"; true means dynamic."""
     mode = value.lower()
@@ -438,7 +454,7 @@ class SVDBackend(Backend):
             image_latents.append(lat.unsqueeze(1).repeat(1, num_frames, 1, 1, 1))
             time_ids.append(pipe._get_add_time_ids(p.fps - 1, p.motion_bucket_id, p.noise_aug_strength,
                                                    emb.dtype, 1, 1, False))
-            guidance.append(torch.linspace(p.min_guidance_scale, p.max_guidance_scale, num_frames))
+            guidance.append(torch.linspace(p.min_guidance_scale, p.max_guidance_scale, num_frames, dtype=torch.float32))
             generators.append(gen)
             ok.append(r)
         if not ok:
@@ -453,8 +469,7 @@ class SVDBackend(Backend):
         t0 = time.perf_counter()
         if self.offload:
             self.offload.use("unet")
-        scheduler = EulerDiscreteScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(steps, device=dev)
+        scheduler = _scheduler(self.scheduler_config, steps, dev)
         timesteps = scheduler.timesteps
         emb = torch.cat(embeds)
         img_lat = torch.cat(image_latents)
@@ -558,8 +573,7 @@ class SVDBackend(Backend):
         of this batch's own inputs, before anything is compiled (the warm-up's first batch). The batch then
         runs as it would have: the calibration works on a copy of its latents."""
         unet = getattr(self.pipe.unet, "_orig_mod", self.pipe.unet)  # eager: its bookkeeping is not compiled
-        scheduler = EulerDiscreteScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(FP8_CALIBRATION_STEPS, device=latents.device)
+        scheduler = _scheduler(self.scheduler_config, FP8_CALIBRATION_STEPS, latents.device)
         x = latents.clone()  # scaled by init_noise_sigma, the largest sigma: the same for any step count
         t0 = time.perf_counter()
         with accel.fp8_calibration(unet) as layers:

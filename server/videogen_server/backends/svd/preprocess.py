@@ -98,7 +98,7 @@ def _resize_rows(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     per_output = width * channels
     outs_per_block = max(1, min(out_w, _BLOCK_ELEMENTS // per_output))
     rows_per_block = max(1, _BLOCK_ELEMENTS // (per_output * outs_per_block))
-    across = torch.empty(height, out_w, channels)
+    across = torch.empty(height, out_w, channels, dtype=torch.float32)
     for o in range(0, out_w, outs_per_block):
         flat = cols[o:o + outs_per_block].ravel()
         n = len(flat) // width
