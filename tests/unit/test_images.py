@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import io
+import warnings
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from videogen_server.engine.admission import decode_image
+from videogen_server.errors import InvalidRequest
 from videogen_server.engine.model_config import GenerationLimits
 
 
@@ -123,3 +126,30 @@ def test_a_damaged_header_is_not_called_another_format():
     with pytest.raises(InvalidRequest) as err:
         decode_image(b"GIF89a" + bytes(100), GenerationLimits())
     assert "not a PNG, JPEG or WebP image" in err.value.reason
+
+
+def test_decoding_leaves_the_process_warning_state_alone(monkeypatch):
+    """warnings.catch_warnings swaps the process-wide filters and hook for its block: a decode interleaved
+    with another thread's catch_warnings (Inductor's CUDA-graph recording) put back a dead recorder, and
+    every later warning of the server went nowhere. Decoding must not touch them; an image large enough
+    for Pillow's DecompressionBombWarning is still refused, by its header."""
+    filters, hook = warnings.filters, warnings.showwarning
+    seen = []
+    real_open = Image.open
+
+    def watched_open(*args, **kwargs):
+        seen.append((warnings.filters is filters, warnings.showwarning is hook))
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", watched_open)
+    decode_image(_png(Image.new("RGB", (32, 32))), GenerationLimits())
+    assert seen == [(True, True)]
+    # over Pillow's warning threshold (89478485 pixels), under its error threshold: 12000 x 8000
+    png = _png(Image.new("L", (16, 16)))
+    ihdr = png[12:16] + (12000).to_bytes(4, "big") + (8000).to_bytes(4, "big") + png[24:29]
+    big = png[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + png[33:]
+    with warnings.catch_warnings(record=True):  # the test's own: Pillow warns once, as it does in the server
+        warnings.simplefilter("always")
+        with pytest.raises(InvalidRequest) as err:
+            decode_image(big, GenerationLimits(max_image_pixels=89_000_000))
+    assert "exceeds the model's limit" in str(err.value)

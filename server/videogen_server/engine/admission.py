@@ -9,7 +9,6 @@ import io
 import logging
 import math
 import secrets
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -129,26 +128,29 @@ def decode_image(data: bytes, lim: GenerationLimits) -> Image.Image:
         raise InvalidRequest("image", "required: encoded PNG, JPEG or WebP bytes")
     if len(data) > lim.max_image_bytes:
         raise InvalidRequest("image", f"{len(data)} bytes exceeds the model's limit of {lim.max_image_bytes}")
+    # No warnings.catch_warnings here to make Pillow's DecompressionBombWarning an error: it swaps the
+    # process-wide warning filters and hook, and interleaved with another thread's (Inductor records
+    # CUDA graphs in one) it left every later warning of the process going to a dead list. Not needed
+    # either: max_image_pixels is at most Pillow's warning threshold, and the header check below refuses
+    # every image that warns, before a pixel is decoded.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=sorted(ACCEPTED_IMAGE_FORMATS))
-            w, h = img.size
-            if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
-                raise InvalidRequest("image", f"{w}x{h} is smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels")
-            if w * h > lim.max_image_pixels:
-                raise InvalidRequest("image", f"{w}x{h} pixels exceeds the model's limit of {lim.max_image_pixels}")
-            # start-of-scan markers: entropy-coded data stuffs every 0xFF, so FF DA is only ever a marker
-            # (an EXIF thumbnail's own scans count too). Every JPEG: Pillow calls one with a multi-picture
-            # (MPF) segment "MPO", and a scan bomb carrying one was decoded in full
-            if data[:2] == b"\xff\xd8" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
-                raise InvalidRequest("image", f"a JPEG of {scans} scans (at most {MAX_JPEG_SCANS})")
-            img.seek(0)
-            img.load()
-            rgb = _to_rgb(_upright(img))
+        img = Image.open(io.BytesIO(data), formats=sorted(ACCEPTED_IMAGE_FORMATS))
+        w, h = img.size
+        if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
+            raise InvalidRequest("image", f"{w}x{h} is smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels")
+        if w * h > lim.max_image_pixels:
+            raise InvalidRequest("image", f"{w}x{h} pixels exceeds the model's limit of {lim.max_image_pixels}")
+        # start-of-scan markers: entropy-coded data stuffs every 0xFF, so FF DA is only ever a marker
+        # (an EXIF thumbnail's own scans count too). Every JPEG: Pillow calls one with a multi-picture
+        # (MPF) segment "MPO", and a scan bomb carrying one was decoded in full
+        if data[:2] == b"\xff\xd8" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+            raise InvalidRequest("image", f"a JPEG of {scans} scans (at most {MAX_JPEG_SCANS})")
+        img.seek(0)
+        img.load()
+        rgb = _to_rgb(_upright(img))
     except InvalidRequest:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:  # over twice Pillow's threshold: refused by Image.open itself
         raise InvalidRequest("image", "too many pixels (decompression bomb)") from None
     except Image.UnidentifiedImageError:
         # no decoder took it: one whose signature says PNG, JPEG or WebP has a damaged or unsupported
