@@ -43,3 +43,34 @@ def test_a_float16_load_elsewhere_leaves_a_requests_frames_as_its_seed_makes_the
         finally:
             torch.set_default_dtype(before)
     assert np.array_equal(during, expected)
+
+
+def test_loading_a_float16_model_leaves_torchs_default_dtype_alone(tiny_model_source, monkeypatch):
+    """from_pretrained(dtype=float16) sets the process's default dtype to float16 while it builds each
+    model. Compiled graphs are guarded on the default dtype, so an instance serving beside such a load
+    compiled again inside a request, and a compile spanning the window left float16 as the default for
+    good (both reproduced with torch's Dynamo on CPU). A float16 instance now loads in float32 and casts:
+    the default never changes, and the weights are the same bits as a float16 load's."""
+    from diffusers import StableVideoDiffusionPipeline
+
+    from videogen_server.backends.base import InstanceContext
+    from videogen_server.backends.svd.backend import SVDBackend
+
+    defaults = []
+    real = torch.set_default_dtype
+    monkeypatch.setattr(torch, "set_default_dtype", lambda d: (defaults.append(d), real(d)))
+    backend = SVDBackend()
+    backend.initialize(InstanceContext("svd-tiny", 1, tiny_model_source / "1", {"dtype": "float16"}, "cpu", 0, 1,
+                                       cpu_threads=1))
+    monkeypatch.undo()
+    assert set(defaults) <= {torch.float32}, defaults
+    direct = StableVideoDiffusionPipeline.from_pretrained(str(tiny_model_source / "1"), dtype=torch.float16,
+                                                          use_safetensors=True)
+    try:
+        for name in ("unet", "vae", "image_encoder"):
+            ours, theirs = getattr(backend.pipe, name).state_dict(), getattr(direct, name).state_dict()
+            assert ours.keys() == theirs.keys()
+            for key, value in theirs.items():
+                assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), f"{name}.{key}"
+    finally:
+        backend.finalize()

@@ -239,9 +239,17 @@ class SVDBackend(Backend):
             if why_not:
                 raise ValueError(f"fp8: {why_not}")
         with _LOAD_LOCK:  # the module surgery too: it creates modules, which a concurrent load may patch
+            # Loaded in float32, then cast: from_pretrained sets torch's default dtype (process-wide) to the
+            # one it is given while it builds each model, and a float16 window there reached the instances
+            # around it. A compiled model's every graph is guarded on the default dtype, so serving ones
+            # compiled again inside a request; a compile spanning the window put float16 back as the
+            # default for good. The cast gives the same bits (float16 to float32 and back is exact) at
+            # the price of a float32 copy in host memory while loading (~9 GB for SVD-XT).
             pipe = StableVideoDiffusionPipeline.from_pretrained(
-                str(context.version_path), dtype=self.dtype, use_safetensors=True,
+                str(context.version_path), dtype=torch.float32, use_safetensors=True,
                 variant=p.get("variant") or None)
+            if self.dtype != torch.float32:
+                pipe.to(dtype=self.dtype)
             if _bool("fuse_qkv", p.get("fuse_qkv", "false")):
                 applied.append(f"fuse_qkv ({accel.fuse_qkv(pipe.unet)} attention layers)")
             if self.fp8:
