@@ -196,16 +196,19 @@ def timed_runs(stub) -> list[Stream]:
 
 
 def test_a_request_whose_deadline_would_cut_it_is_not_started(tmp_path, slow_backend):
-    """Requests of 1.2 s, one running, and behind it one whose gRPC deadline is 1.8 s away, then one
-    without a deadline: when the instance is free the first has ~0.6 s left, less than the fastest run;
-    it ends then, DEADLINE_EXCEEDED and not started, rather than run until its deadline stops it, and
-    the instance goes on to the request behind it."""
-    with ServerThread(slow_repo(tmp_path, extra=PACED)) as server:
+    """Requests of 2.4 s (8 steps of 0.3 s), one running, and behind it one whose gRPC deadline is 3.6 s
+    away, then one without a deadline: when the instance is free the first has ~1.5 s left, less than
+    the fastest run; it ends then, DEADLINE_EXCEEDED and not started, rather than run until its deadline
+    stops it, and the instance goes on to the request behind it. (With runs of 1.2 s and a 1.8 s
+    deadline, the server's answer had 0.6 s to beat the caller's own deadline: it lost 1 run in ~20 on
+    a loaded 2-core machine.)"""
+    paced = PACED.replace('"0.15"', '"0.3"')
+    with ServerThread(slow_repo(tmp_path, extra=paced)) as server:
         stub = server.stub()
         timed_runs(stub)
         running = Stream(stub, request(model="a", **PACED_WORK))
         assert running.progressed.wait(10) and running.error is None
-        doomed = Stream(stub, request(model="a", **PACED_WORK), timeout=1.8)
+        doomed = Stream(stub, request(model="a", **PACED_WORK), timeout=3.6)
         after = Stream(stub, request(model="a", **PACED_WORK))
         doomed.join(10)
         assert doomed.code() == grpc.StatusCode.DEADLINE_EXCEEDED, doomed.error
