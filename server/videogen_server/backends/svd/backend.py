@@ -136,10 +136,11 @@ def _scheduler(config, steps: int, device: torch.device) -> EulerDiscreteSchedul
     """A fresh scheduler set to `steps`, its timesteps float32 whatever torch's default dtype is just now.
 
     diffusers builds SVD's timesteps (continuous, v-prediction) with `torch.Tensor([...])`, in torch's
-    default dtype, and another model's from_pretrained sets that default to its own dtype process-wide
-    for the length of its instantiation: a float16 load beside a request in flight gave that request
-    float16 timesteps, other frames than its seed makes. Rebuilt here from the float32 sigmas with the
-    same operations, one by one, so that the values are the same bits the pipeline gets."""
+    default dtype, and a from_pretrained in float16 sets that default process-wide for the length of its
+    instantiation: such a load beside a request in flight gave that request float16 timesteps, other
+    frames than its seed makes. This backend loads in float32 now (see initialize), but another backend
+    of the process may not. Rebuilt here from the float32 sigmas with the same operations, one by one,
+    so that the values are the same bits the pipeline gets."""
     scheduler = EulerDiscreteScheduler.from_config(config)
     scheduler.set_timesteps(steps, device=device)
     if scheduler.config.timestep_type == "continuous" and scheduler.config.prediction_type == "v_prediction":
