@@ -28,8 +28,9 @@ def _photo() -> bytes:
 
 
 def test_a_float16_load_elsewhere_leaves_a_requests_frames_as_its_seed_makes_them(make_repo):
-    """The load is played by what it does for that length, torch.set_default_dtype(float16), held over
-    the whole request here (a real load's window is shorter and timing-dependent)."""
+    """The load (another backend's: this one's own loads are float32 now, see the next test) is played by
+    what it does for that length, torch.set_default_dtype(float16), held over the whole request here (a
+    real load's window is shorter and timing-dependent)."""
     repo = make_repo({"plain": tiny_config("plain")})
     # ten steps with a guidance ramp: float16 timesteps and guidance scales change ~100 of these values
     case = dict(seed=2, num_frames=4, num_inference_steps=10, decode_chunk_size=4, min_guidance_scale=1.0,
