@@ -181,7 +181,8 @@ def test_batches_of_the_pipeline_are_timed(make_repo):
         # a batch is a sample once its callers have their answers and its instance thread has returned
         # from execute: the last stream can end first (a race a loaded machine lost 1 run in 8)
         wait_until(lambda: estimate() is not None, timeout=10, what="the third batch's sample")
-        assert 0 < estimate().busy_s <= estimate().end_s < 30, estimate()
+        found = estimate()
+        assert 0 < found.busy_s <= found.end_s < 30, found
 
 
 def test_different_shapes_are_not_batched(make_repo):

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from videogen_server.engine.admission import decode_image
-from videogen_server.errors import InvalidRequest
 from videogen_server.engine.model_config import GenerationLimits
+from videogen_server.errors import InvalidRequest
 
 
 def _png(img: Image.Image) -> bytes:
@@ -68,8 +68,6 @@ def _progressive_jpeg(width: int, height: int, ac_scans: int) -> bytes:
 def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding():
     """Each scan is a pass over every block: 5 000 scans of a few bytes each held a preprocessing thread
     for 9 s at 36 MP (minutes near the byte limit). Ordinary progressive JPEGs (~10 scans) decode."""
-    from videogen_server.errors import InvalidRequest
-
     assert np.asarray(decode_image(_progressive_jpeg(512, 512, 5), GenerationLimits())).shape == (512, 512, 3)
     bomb = _progressive_jpeg(512, 512, 5000)
     with pytest.raises(InvalidRequest) as err:
@@ -99,8 +97,6 @@ def test_a_scan_bomb_that_says_it_holds_several_pictures_is_refused_too():
     """Pillow opens a JPEG with a multi-picture (MPF) segment as "MPO", and the scan count was only
     taken for "JPEG": 106 more bytes made a 60 000-scan bomb decode in full (12.8 s of a preprocessing
     thread; audit). An MPO photo of a few scans is still an image."""
-    from videogen_server.errors import InvalidRequest
-
     plain = _progressive_jpeg(512, 512, 5000)
     bomb = plain[:2] + _mpf_segment() + plain[2:]
     assert Image.open(io.BytesIO(bomb)).format == "MPO"
@@ -116,8 +112,6 @@ def test_a_scan_bomb_that_says_it_holds_several_pictures_is_refused_too():
 def test_a_damaged_header_is_not_called_another_format():
     """A PNG whose header checksum is damaged is no decoder's: it was refused as "not a PNG, JPEG or
     WebP image", which sent its sender looking at the wrong thing."""
-    from videogen_server.errors import InvalidRequest
-
     png = bytearray(_png(Image.new("RGB", (32, 32), "red")))
     png[29] ^= 0xFF  # IHDR's CRC (8 signature + 4 length + 4 type + 13 data)
     with pytest.raises(InvalidRequest) as err:
