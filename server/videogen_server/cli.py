@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-grace-seconds", type=float, default=d.drain_grace_seconds,
                    help="on SIGTERM, how long in-flight requests may finish (default %(default)s)")
     s.add_argument("--unload-timeout-seconds", type=float, default=d.unload_timeout_seconds)
+    s.add_argument("--stream-send-timeout-seconds", type=float, default=d.stream_send_timeout_seconds,
+                   help="end a request whose caller takes none of its messages for this long (its frames are "
+                        "freed; the caller reads DEADLINE_EXCEEDED); 0 = never (default %(default)s)")
     s.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="largest request message, image included (default %(default)s)")
     s.add_argument("--max-connection-age-seconds", type=float, default=d.max_connection_age_seconds,
@@ -165,6 +168,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         load_models=tuple(args.load_model), repository_poll_seconds=args.repository_poll_seconds,
         max_queue_size=args.max_queue_size, cpu_threads=args.cpu_threads, media_threads=args.media_threads,
         drain_grace_seconds=args.drain_grace_seconds, unload_timeout_seconds=args.unload_timeout_seconds,
+        stream_send_timeout_seconds=args.stream_send_timeout_seconds,
         max_request_bytes=args.max_request_bytes, max_connection_age_seconds=args.max_connection_age_seconds,
         max_connection_age_grace_seconds=args.max_connection_age_grace_seconds,
         keepalive_seconds=args.keepalive_seconds, keepalive_timeout_seconds=args.keepalive_timeout_seconds,

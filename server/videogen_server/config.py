@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import urllib.parse
 from pathlib import Path
@@ -41,6 +42,12 @@ class ServerConfig:
     drain_grace_seconds: float = 30.0
     #: Unload: seconds in-flight requests get before they are cancelled.
     unload_timeout_seconds: float = 60.0
+    #: A caller that takes none of its stream's messages for this long is cut off (0 = never): its request
+    #: ends and the frames waiting for it are freed. gRPC's flow control holds a message back until the
+    #: caller reads, and the model goes on producing a finished video's frames meanwhile; a caller whose
+    #: process stopped reading (yet still answers keepalive pings) otherwise holds them until its deadline,
+    #: if it set one. Time a message waits to be written, as nginx's send_timeout: a slow link passes.
+    stream_send_timeout_seconds: float = 120.0
     #: Largest request message accepted (the conditioning image travels in it). Per-model image limits
     #: (parameters max_image_bytes / max_image_pixels) apply on top.
     max_request_bytes: int = 64 * 2**20
@@ -115,6 +122,9 @@ class ServerConfig:
         if not 1 <= self.keepalive_timeout_seconds <= MAX_GRPC_SECONDS:
             raise ValueError(f"--keepalive-timeout-seconds: {self.keepalive_timeout_seconds} is not in "
                              f"1..{MAX_GRPC_SECONDS:.0f}")
+        if not (self.stream_send_timeout_seconds == 0 or 0 < self.stream_send_timeout_seconds < math.inf):
+            raise ValueError(f"--stream-send-timeout-seconds: {self.stream_send_timeout_seconds} is not 0 (never) "
+                             f"or a positive number of seconds")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError(f"--trace-sample-ratio: {self.trace_sample_ratio} is outside 0..1")
         if not self.otlp_service_name:

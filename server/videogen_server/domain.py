@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 class FrameEncoding(enum.Enum):
@@ -103,6 +103,11 @@ class GenerateCall:
     # W3C trace context (traceparent, tracestate) the request's spans hang from: the RPC's span when
     # tracing is on, else the caller's own (its trace id then still reaches the request log)
     trace_context: tuple[tuple[str, str], ...] = ()
+    # Called (on the event loop, with the error) when the engine ends the request because its caller took
+    # no message for --stream-send-timeout-seconds: the transport ends the call with that status (queued
+    # behind the message the caller has not read). The engine then cancels the task that iterates it.
+    on_reader_stalled: Optional[Callable[[BaseException], None]] = dataclasses.field(default=None, compare=False,
+                                                                                     repr=False)
 
 
 # --- events the engine streams back (transport converts them to GenerateResponse) ---

@@ -122,6 +122,18 @@ class RequestCancelled(VideoGenError):
     REASON = "CANCELLED"
 
 
+class ReaderStalled(VideoGenError):
+    """The caller took none of its stream's messages for the server's --stream-send-timeout-seconds (the
+    server's deadline for a write): the server ended the request and freed what waited for the caller.
+    The status follows the message in flight, so a caller that reads again gets it."""
+
+    REASON = "READER_STALLED"
+
+    @classmethod
+    def after(cls, seconds: float) -> "ReaderStalled":
+        return cls(f"the caller took no message for {seconds:g}s (the server's --stream-send-timeout-seconds)")
+
+
 class OutOfMemory(VideoGenError):
     """The device ran out of memory for this request; the instance frees it and keeps serving."""
 
@@ -175,6 +187,7 @@ _STATUS_NAMES: list[tuple[type[VideoGenError], str]] = [
     (InstanceDead, "UNAVAILABLE"),
     (QueueTimeout, "DEADLINE_EXCEEDED"),
     (RequestCancelled, "CANCELLED"),
+    (ReaderStalled, "DEADLINE_EXCEEDED"),
     (PermissionDenied, "PERMISSION_DENIED"),
     (Unauthenticated, "UNAUTHENTICATED"),
     (ConfigError, "FAILED_PRECONDITION"),

@@ -77,3 +77,16 @@ def test_keepalive_flags_become_the_grpc_servers_ping_options(tmp_path):
     for bad in (0, 0.5, 3e6, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="--keepalive-timeout-seconds"):
             ServerConfig(model_repositories=(tmp_path,), keepalive_timeout_seconds=bad)
+
+
+def test_the_stream_send_timeout_flag_reaches_the_config(tmp_path):
+    from videogen_server.config import ServerConfig
+
+    base = ["serve", "--model-repository", str(tmp_path)]
+    assert config_from_args(_parser().parse_args(base), {}).stream_send_timeout_seconds == 120.0
+    for value, expected in (("2.5", 2.5), ("0", 0.0)):  # 0: never
+        args = _parser().parse_args(base + ["--stream-send-timeout-seconds", value])
+        assert config_from_args(args, {}).stream_send_timeout_seconds == expected
+    for bad in (-1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="--stream-send-timeout-seconds"):
+            ServerConfig(model_repositories=(tmp_path,), stream_send_timeout_seconds=bad)

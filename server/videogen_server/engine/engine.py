@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -21,7 +22,7 @@ import time
 import uuid
 from importlib import resources
 from pathlib import Path
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Callable, Iterator, Optional
 
 from PIL import Image
 
@@ -29,7 +30,8 @@ from ..backends.base import (COMPILE_ARTIFACTS_FOLDER, BackendRequest, Finished,
                              PhaseTiming, StepDone, load_backend_class)
 from ..config import ServerConfig
 from ..errors import (MAX_MESSAGE_BYTES, BackendError, ConfigError, Draining, InvalidRequest, ModelNotFound,
-                      NotLoaded, NotReady, NotStarted, QueueFull, RequestCancelled, VideoGenError, clip, status_name)
+                      NotLoaded, NotReady, NotStarted, QueueFull, ReaderStalled, RequestCancelled, VideoGenError, clip,
+                      status_name)
 from ..media.frames import encode_frame
 from ..media.mp4 import FragmentedMP4Encoder
 from ..metrics import InstanceCollector, Metrics, NvmlReader
@@ -869,9 +871,11 @@ class Engine:
                           seed=params.seed, priority=level)
             if eta[1] is not None:  # what the caller was told, beside what happened
                 record["estimated_end_s"] = round(eta[1], 4)
-            yield AcceptedEvent(request_id, rt.name, rt.version, position, params, eta)
+            with self._taken_in_time(req, call):
+                yield AcceptedEvent(request_id, rt.name, rt.version, position, params, eta)
             async for event in self._stream(req, rt, record, phases, spans):
-                yield event
+                with self._taken_in_time(req, call):
+                    yield event
         except BaseException as exc:  # GeneratorExit / CancelledError included: the caller went away
             outcome = exc
             if isinstance(exc, (GeneratorExit, asyncio.CancelledError)) and req is not None \
@@ -901,6 +905,36 @@ class Engine:
                 spans.phase("queue", req.enqueued_at, req.started_at or time.monotonic(),
                             {"started": req.started_at is not None})
             spans.end(record, code, message)
+
+    @contextlib.contextmanager
+    def _taken_in_time(self, req: EngineRequest, call: GenerateCall) -> Iterator[None]:
+        """Around each yield of `generate`: a consumer that has not come back for the next event within
+        --stream-send-timeout-seconds is stuck writing this one (gRPC holds a message back until the caller
+        reads). The request ends as the server's doing (`ReaderStalled`): the transport is told (it ends
+        the call with that status) and the consumer's task is cancelled, which closes this generator and
+        frees what waited for the caller."""
+        limit = self.config.stream_send_timeout_seconds
+        if not limit:
+            yield
+            return
+        timer = self._loop.call_later(limit, self._reader_stalled, req, call, asyncio.current_task(), limit)
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _reader_stalled(self, req: EngineRequest, call: GenerateCall, consumer: Optional[asyncio.Task],
+                        limit: float) -> None:
+        log.info("request %s: the caller took no message for %gs (--stream-send-timeout-seconds): ended",
+                 req.request_id, limit)
+        exc = ReaderStalled.after(limit)
+        if req.ended_by_server is None:
+            req.ended_by_server = exc
+        req.cancel()
+        if call.on_reader_stalled is not None:
+            call.on_reader_stalled(req.ended_by_server)
+        if consumer is not None:
+            consumer.cancel()
 
     def _release_slot_after(self, rt: "ModelRuntime", job: Optional[concurrent.futures.Future]) -> None:
         """Gives a request's preprocessing slot back once its job has ended. A caller that went away

@@ -28,7 +28,7 @@ import logging
 import math
 import struct
 import uuid
-from typing import Any, AsyncIterator, Iterable, Mapping, Optional
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Optional
 
 import grpc
 
@@ -39,9 +39,9 @@ from inference import model_config_pb2 as kmc
 from .. import __version__
 from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams, ResizeMode,
                       ResolvedParams, VideoEvent)
-from ..errors import MAX_FIELD_BYTES, InvalidRequest, ModelNotFound, NotLoaded, NotReady
-from .servicer import (NAME_FIELD, REQUEST_ID_KEY, check_request_id, refused_before_engine, request_id_of,
-                       require_explicit_control)
+from ..errors import MAX_FIELD_BYTES, InvalidRequest, ModelNotFound, NotLoaded, NotReady, ReaderStalled
+from .servicer import (NAME_FIELD, REQUEST_ID_KEY, check_request_id, end_call, refused_before_engine,
+                       request_id_of, require_explicit_control)
 from .status import abort, error_reason, named_as, to_status
 from .tracing import incoming_trace_context, trace_context_of
 
@@ -481,6 +481,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine, *, model_control_mode: str) -> None:
         self._engine = engine
         self._control = model_control_mode
+        self._ending: set[asyncio.Task[None]] = set()  # statuses of stalled streams still being sent
 
     # -- health and metadata --
 
@@ -659,10 +660,24 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         out: asyncio.Queue[Any] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
         slots, room = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT), asyncio.Semaphore(STREAM_MAX_QUEUED)
+        stream = asyncio.current_task()
+        stalled: list[BaseException] = []
+        limit = self._engine.config.stream_send_timeout_seconds
+
+        def reader_stalled(exc: BaseException) -> None:
+            """A response (or a request's next, behind the full queue) waited --stream-send-timeout-seconds
+            for the client to read: the stream ends with that status (sent after what is in flight), its
+            requests still running with it, and the responses queued for it are dropped."""
+            if not stalled and stream is not None:
+                log.info("ModelStreamInfer: %s; the stream is ended", exc)
+                stalled.append(exc)
+                self._ending.add(task := asyncio.ensure_future(end_call(context, exc, "", triton=True)))
+                task.add_done_callback(self._ending.discard)
+                stream.cancel()
 
         async def serve(req: kpb.ModelInferRequest) -> None:
             try:
-                async for message in self._stream_one(req, context):
+                async for message in self._stream_one(req, context, reader_stalled):
                     await room.acquire()
                     out.put_nowait(message)
             finally:
@@ -692,7 +707,15 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 elif item is _FINISHED:
                     pending -= 1
                 else:
-                    yield item  # returns once gRPC has taken it (flow control: the client reads)
+                    # returns once gRPC has taken it (flow control: the client reads); the responses of
+                    # finished requests wait here, not in the engine, whose own limit does not see them
+                    timer = asyncio.get_running_loop().call_later(limit, reader_stalled, ReaderStalled.after(limit)) \
+                        if limit else None
+                    try:
+                        yield item
+                    finally:
+                        if timer is not None:
+                            timer.cancel()
                     room.release()
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 log.warning("ModelStreamInfer: reading the request stream failed: %r", reader.exception())
@@ -702,8 +725,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
             await asyncio.gather(reader, *running, return_exceptions=True)
 
-    async def _stream_one(self, req: kpb.ModelInferRequest,
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[kpb.ModelStreamInferResponse]:
+    async def _stream_one(self, req: kpb.ModelInferRequest, context: grpc.aio.ServicerContext,
+                          reader_stalled: Callable[[BaseException], None]) -> AsyncIterator[kpb.ModelStreamInferResponse]:
         """One request of a stream: a response per frame, then the final one; or one error response."""
         request_id = req.id or uuid.uuid4().hex
         model_version = req.model_version
@@ -714,7 +737,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                                          trace_context=incoming_trace_context(context))
             accepted: Optional[AcceptedEvent] = None
             video: list[bytes] = []
-            async with contextlib.aclosing(self._engine.generate(parsed.call)) as events:
+            call = dataclasses.replace(parsed.call, on_reader_stalled=reader_stalled)
+            async with contextlib.aclosing(self._engine.generate(call)) as events:
                 async for event in events:
                     if isinstance(event, FrameEvent):
                         response = kpb.ModelInferResponse(model_name=req.model_name, model_version=model_version,

@@ -1,9 +1,13 @@
 """The VideoGen servicer: convert, call the engine, convert back. Nothing else."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import functools
+import logging
 import uuid
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import grpc
 
@@ -20,6 +24,8 @@ REQUEST_ID_KEY = "x-request-id"
 NAME_FIELD = {"model": "name"}
 MAX_REQUEST_ID_LEN = 128
 
+log = logging.getLogger(__name__)
+
 
 def request_id_of(request_id: str, context: grpc.aio.ServicerContext, field: str = "request_id") -> str:
     """The caller's id (`field` first, then x-request-id metadata), else a fresh one."""
@@ -34,6 +40,18 @@ def refused_before_engine(engine, exc: Exception, request_id: str) -> None:
     and logs all others): a malformed one. `request_id` is logged only when it is one we could echo."""
     if isinstance(exc, VideoGenError):
         engine.refused(exc, request_id if valid_request_id(request_id) else "")
+
+
+async def end_call(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str,
+                   **kw: Any) -> None:
+    """`abort` from outside the call's own task (the engine's, see `_end_stalled`): its AbortError is not
+    for this task, and a call already ended (the caller went away, an abort raced) leaves nothing to do."""
+    try:
+        await abort(context, exc, request_id=request_id, **kw)
+    except grpc.aio.AbortError:
+        pass
+    except (grpc.aio.UsageError, grpc.aio.InternalError) as err:  # aborted already; the call is gone
+        log.debug("request %s: its status could not be sent: %r", request_id, err)
 
 
 def require_explicit_control(mode: str) -> None:
@@ -57,6 +75,7 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
     def __init__(self, engine, *, model_control_mode: str) -> None:
         self._engine = engine
         self._control = model_control_mode
+        self._ending: set[asyncio.Task[None]] = set()  # statuses of stalled calls still being sent
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
@@ -67,6 +86,8 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
             request_id = request_id_of(request.request_id, context)
             call = convert.generate_call(request, request_id=request_id, deadline_s=context.time_remaining(),
                                          trace_context=trace_context_of(context))
+            call = dataclasses.replace(call, on_reader_stalled=functools.partial(self._end_stalled, context,
+                                                                                 request_id))
             async with contextlib.aclosing(self._engine.generate(call)) as events:
                 async for event in events:
                     if not headers_sent:
@@ -82,6 +103,14 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
                 refused_before_engine(self._engine, exc, request_id)
             trailer = ((REQUEST_ID_KEY, request_id),) if request_id and not headers_sent else ()
             await abort(context, exc, request_id=request_id, trailing_metadata=trailer)
+
+    def _end_stalled(self, context: grpc.aio.ServicerContext, request_id: str, exc: BaseException) -> None:
+        """The engine ended a request whose caller stopped reading (its task, stuck in a write, is cancelled
+        next): the call ends with that status, which gRPC sends once the caller has read what is in flight
+        (trailers follow the messages), else when the connection closes."""
+        task = asyncio.ensure_future(end_call(context, exc, request_id))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         try:
