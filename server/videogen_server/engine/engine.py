@@ -905,6 +905,11 @@ class Engine:
                 spans.phase("queue", req.enqueued_at, req.started_at or time.monotonic(),
                             {"started": req.started_at is not None})
             spans.end(record, code, message)
+            # the exception's traceback holds this frame, whose locals (the call and its image, the decoded
+            # image) it would keep in a reference cycle until Python's cyclic collector runs
+            outcome = None
+            if req is not None:
+                req.ended_by_server = None
 
     @contextlib.contextmanager
     def _taken_in_time(self, req: EngineRequest, call: GenerateCall) -> Iterator[None]:

@@ -42,7 +42,7 @@ from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, Ge
 from ..errors import MAX_FIELD_BYTES, InvalidRequest, ModelNotFound, NotLoaded, NotReady, ReaderStalled
 from .servicer import (NAME_FIELD, REQUEST_ID_KEY, check_request_id, end_call, refused_before_engine,
                        request_id_of, require_explicit_control)
-from .status import abort, error_reason, named_as, to_status
+from .status import error_reason, fail, named_as, to_status
 from .tracing import incoming_trace_context, trace_context_of
 
 log = logging.getLogger(__name__)
@@ -507,7 +507,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 v.version == version and v.state == "READY" for v in status.versions)
             return kpb.ModelReadyResponse(ready=ready)
         except Exception as exc:
-            await abort(context, exc, triton=True, fields=NAME_FIELD)
+            fail(context, exc, triton=True, fields=NAME_FIELD)
 
     async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
@@ -539,7 +539,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 name=status.name, versions=[str(v) for v in ready], platform=status.backend,
                 inputs=tensor_metadata(INPUTS), outputs=tensor_metadata(OUTPUTS))
         except Exception as exc:
-            await abort(context, exc, triton=True, fields=NAME_FIELD)
+            fail(context, exc, triton=True, fields=NAME_FIELD)
 
     async def ModelConfig(self, request: kpb.ModelConfigRequest,
                           context: grpc.aio.ServicerContext) -> kpb.ModelConfigResponse:
@@ -547,7 +547,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             status, _ = self._loaded(request.name, request.version)
             return kpb.ModelConfigResponse(config=model_config_to_pb(status.settings, status.instance_groups))
         except Exception as exc:
-            await abort(context, exc, triton=True, fields=NAME_FIELD)
+            fail(context, exc, triton=True, fields=NAME_FIELD)
 
     async def ModelStatistics(self, request: kpb.ModelStatisticsRequest,
                               context: grpc.aio.ServicerContext) -> kpb.ModelStatisticsResponse:
@@ -555,7 +555,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             rows = self._engine.statistics(request.name, parse_version(request.version))
             return kpb.ModelStatisticsResponse(model_stats=[statistics_to_pb(n, v, s) for n, v, s in rows])
         except Exception as exc:
-            await abort(context, exc, triton=True, fields=NAME_FIELD)
+            fail(context, exc, triton=True, fields=NAME_FIELD)
 
     # -- repository --
 
@@ -571,7 +571,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                            for v, s, r in entries if not request.ready or s == "READY"]
             return kpb.RepositoryIndexResponse(models=models)
         except Exception as exc:  # unexpected: INTERNAL with the generic message, as every call
-            await abort(context, exc, triton=True)
+            fail(context, exc, triton=True)
 
     def _check_control(self, name: str, parameters) -> None:
         require_explicit_control(self._control)
@@ -589,7 +589,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             await self._engine.load_model(request.model_name)
             return kpb.RepositoryModelLoadResponse()
         except Exception as exc:
-            await abort(context, exc, triton=True, fields=KSERVE_FIELDS)
+            fail(context, exc, triton=True, fields=KSERVE_FIELDS)
 
     async def RepositoryModelUnload(self, request: kpb.RepositoryModelUnloadRequest,
                                     context: grpc.aio.ServicerContext) -> kpb.RepositoryModelUnloadResponse:
@@ -598,7 +598,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             await self._engine.unload_model(request.model_name)
             return kpb.RepositoryModelUnloadResponse()
         except Exception as exc:
-            await abort(context, exc, triton=True, fields=KSERVE_FIELDS)
+            fail(context, exc, triton=True, fields=KSERVE_FIELDS)
 
     # -- inference --
 
@@ -640,9 +640,9 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:  # CancelledError is not an Exception: a gone caller is not answered
             if parsed is None:
                 refused_before_engine(self._engine, exc, request_id)
-            await abort(context, exc, request_id=request_id, triton=True,
-                        fields=parsed.fields if parsed is not None else KSERVE_FIELDS,
-                        trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
+            fail(context, exc, request_id=request_id, triton=True,
+                 fields=parsed.fields if parsed is not None else KSERVE_FIELDS,
+                 trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[kpb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[kpb.ModelStreamInferResponse]:

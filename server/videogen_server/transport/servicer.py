@@ -16,7 +16,7 @@ from videogen.v1 import videogen_pb2_grpc as pb_grpc
 
 from ..errors import InvalidRequest, PermissionDenied, VideoGenError
 from . import convert
-from .status import abort
+from .status import abort, fail
 from .tracing import trace_context_of
 
 REQUEST_ID_KEY = "x-request-id"
@@ -102,7 +102,7 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
             if call is None:
                 refused_before_engine(self._engine, exc, request_id)
             trailer = ((REQUEST_ID_KEY, request_id),) if request_id and not headers_sent else ()
-            await abort(context, exc, request_id=request_id, trailing_metadata=trailer)
+            fail(context, exc, request_id=request_id, trailing_metadata=trailer)
 
     def _end_stalled(self, context: grpc.aio.ServicerContext, request_id: str, exc: BaseException) -> None:
         """The engine ended a request whose caller stopped reading (its task, stuck in a write, is cancelled
@@ -116,13 +116,13 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
         try:
             return pb.ListModelsResponse(models=[convert.model_status_to_pb(s) for s in self._engine.list_models()])
         except Exception as exc:  # unexpected ones too: INTERNAL with a generic message, as every call
-            await abort(context, exc)
+            fail(context, exc)
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
             return convert.model_status_to_pb(self._engine.status(request.name))
         except Exception as exc:
-            await abort(context, exc, fields=NAME_FIELD)
+            fail(context, exc, fields=NAME_FIELD)
 
     def _check_control(self, name: str) -> None:
         """A model control call: allowed in explicit mode, for a model named (as KServe's twin checks)."""
@@ -136,7 +136,7 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
             await self._engine.load_model(request.name)
             return convert.model_status_to_pb(self._engine.status(request.name))
         except Exception as exc:
-            await abort(context, exc, fields=NAME_FIELD)
+            fail(context, exc, fields=NAME_FIELD)
 
     async def UnloadModel(self, request: pb.UnloadModelRequest,
                           context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:
@@ -145,4 +145,4 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
             await self._engine.unload_model(request.name)
             return pb.UnloadModelResponse()
         except Exception as exc:
-            await abort(context, exc, fields=NAME_FIELD)
+            fail(context, exc, fields=NAME_FIELD)
