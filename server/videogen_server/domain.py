@@ -103,9 +103,11 @@ class GenerateCall:
     # W3C trace context (traceparent, tracestate) the request's spans hang from: the RPC's span when
     # tracing is on, else the caller's own (its trace id then still reaches the request log)
     trace_context: tuple[tuple[str, str], ...] = ()
-    # Called (on the event loop, with the error) when the engine ends the request because its caller took
-    # no message for --stream-send-timeout-seconds: the transport ends the call with that status (queued
-    # behind the message the caller has not read). The engine then cancels the task that iterates it.
+    # For a transport that writes each event as it takes it (Generate): called (on the event loop, with
+    # the error) when the engine ends the request because its caller took no message for
+    # --stream-send-timeout-seconds; the transport ends the call with that status (queued behind the
+    # message the caller has not read), and the engine then cancels the task that iterates it. None: the
+    # engine does not time its consumer (KServe: a stream times its own writes, a unary call takes all).
     on_reader_stalled: Optional[Callable[[BaseException], None]] = dataclasses.field(default=None, compare=False,
                                                                                      repr=False)
 

@@ -104,3 +104,42 @@ def test_failed_and_cancelled_requests_leave_no_cycles_holding_them(make_repo):
                 wait_until(lambda: server.metric("videogen_inflight_requests", model="m") == 0, 30, "the cancel")
 
         assert _frames_left_in_cycles(ended) == []
+
+
+def test_refusals_stay_retryable_by_grpcs_retry_policy(tiny_model_source, tmp_path):
+    """A refusal ends the call with its status alone (no headers, no message: "Trailers-Only"), which
+    gRPC's retry policy retries; a unary handler that set its code and returned (a way to free the request
+    without the above) sent headers and an empty message first, and a Triton client's ModelInfer was then
+    not retried (1 attempt of 4, a review found)."""
+    import json
+    import shutil
+
+    from inference import grpc_service_pb2 as kpb
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+
+    from videogen.v1 import videogen_pb2_grpc as pb_grpc
+
+    def retrying(target: str, service: str) -> grpc.Channel:
+        policy = {"maxAttempts": 4, "initialBackoff": "0.01s", "maxBackoff": "0.05s", "backoffMultiplier": 2,
+                  "retryableStatusCodes": ["UNAVAILABLE", "NOT_FOUND"]}
+        config = {"methodConfig": [{"name": [{"service": service}], "retryPolicy": policy}]}
+        return grpc.insecure_channel(target, options=[("grpc.enable_retries", 1),
+                                                      ("grpc.service_config", json.dumps(config))])
+
+    shutil.copytree(tiny_model_source, tmp_path / MODEL)
+    infer = kpb.ModelInferRequest(model_name=MODEL)
+    infer.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(sample_png())
+    with ServerThread(tmp_path) as server:
+        server.run(server.engine.unload_model(MODEL))  # refused as not loaded: UNAVAILABLE / Triton's NOT_FOUND
+
+        def attempts() -> float:
+            return server.metric("videogen_requests_total", model=MODEL, outcome="rejected")
+
+        with retrying(server.target, "inference.GRPCInferenceService") as channel:
+            assert _refused(lambda: kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer, timeout=30)) \
+                == grpc.StatusCode.NOT_FOUND
+        assert attempts() == 4
+        with retrying(server.target, "videogen.v1.VideoGen") as channel:
+            assert _refused(lambda: list(pb_grpc.VideoGenStub(channel).Generate(request(), timeout=30))) \
+                == grpc.StatusCode.UNAVAILABLE
+        assert attempts() == 8

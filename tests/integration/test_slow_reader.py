@@ -122,3 +122,29 @@ def test_a_kserve_stream_whose_client_stops_reading_ends_with_the_status(tiny_mo
             assert 0 < len(read) < 17  # 16 frames and the final response
         finally:
             done.set()
+
+
+def test_the_rpc_span_of_a_stalled_call_has_the_callers_status(tiny_model_source, tmp_path, monkeypatch):
+    """The RPC's span said CANCELLED (the handler's task was cancelled) where the caller reads
+    DEADLINE_EXCEEDED (a review found)."""
+    import shutil
+
+    from videogen.v1 import videogen_pb2_grpc as pb_grpc
+
+    from ..otlp import Collector, attrs
+
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    shutil.copytree(tiny_model_source, tmp_path / MODEL)
+    collector = Collector()
+    try:
+        with ServerThread(tmp_path, stream_send_timeout_seconds=1.0, otlp_endpoint=collector.endpoint) as server, \
+                _small_window(server) as channel:
+            call = pb_grpc.VideoGenStub(channel).Generate(request(**BIG), timeout=60)
+            assert next(call).WhichOneof("event") == "accepted"
+            collector.wait("the RPC's span", lambda spans: any(s.name == "videogen.v1.VideoGen/Generate"
+                                                               for s in spans))
+            [rpc] = [s for s in collector.spans if s.name == "videogen.v1.VideoGen/Generate"]
+            assert attrs(rpc)["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+            call.cancel()
+    finally:
+        collector.stop()

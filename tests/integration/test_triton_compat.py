@@ -421,9 +421,9 @@ def test_a_stream_whose_client_does_not_read_holds_bounded_work(tiny_server, mon
     started = []
     stream_one = KServeServicer._stream_one
 
-    def counted(self, req, *args):
+    def counted(self, req, context):
         started.append(req.id)
-        return stream_one(self, req, *args)
+        return stream_one(self, req, context)
 
     monkeypatch.setattr(KServeServicer, "_stream_one", counted)  # counts, then runs unchanged
     sent = 6000

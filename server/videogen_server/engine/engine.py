@@ -913,13 +913,14 @@ class Engine:
 
     @contextlib.contextmanager
     def _taken_in_time(self, req: EngineRequest, call: GenerateCall) -> Iterator[None]:
-        """Around each yield of `generate`: a consumer that has not come back for the next event within
-        --stream-send-timeout-seconds is stuck writing this one (gRPC holds a message back until the caller
-        reads). The request ends as the server's doing (`ReaderStalled`): the transport is told (it ends
-        the call with that status) and the consumer's task is cancelled, which closes this generator and
-        frees what waited for the caller."""
+        """Around each yield of `generate`, for a transport that asked (`call.on_reader_stalled`: Generate,
+        whose handler writes each event as it takes it): a consumer that has not come back for the next
+        event within --stream-send-timeout-seconds is stuck writing this one (gRPC holds a message back
+        until the caller reads). The request ends as the server's doing (`ReaderStalled`): the transport
+        is told (it ends the call with that status) and the consumer's task is cancelled, which closes this
+        generator and frees what waited for the caller."""
         limit = self.config.stream_send_timeout_seconds
-        if not limit:
+        if not limit or call.on_reader_stalled is None:
             yield
             return
         timer = self._loop.call_later(limit, self._reader_stalled, req, call, asyncio.current_task(), limit)
@@ -932,12 +933,11 @@ class Engine:
                         limit: float) -> None:
         log.info("request %s: the caller took no message for %gs (--stream-send-timeout-seconds): ended",
                  req.request_id, limit)
-        exc = ReaderStalled.after(limit)
         if req.ended_by_server is None:
-            req.ended_by_server = exc
+            req.ended_by_server = ReaderStalled.after(limit)
         req.cancel()
-        if call.on_reader_stalled is not None:
-            call.on_reader_stalled(req.ended_by_server)
+        assert call.on_reader_stalled is not None
+        call.on_reader_stalled(req.ended_by_server)
         if consumer is not None:
             consumer.cancel()
 

@@ -7,44 +7,35 @@ from typing import Awaitable, Callable, Iterable
 import grpc
 
 from ..errors import Unauthenticated
-from .status import status_details, to_status
+from .status import abort_call, status_details, to_status
 
 #: Methods callable without a token: Kubernetes and load-balancer probes, for the services the server
 #: names open (BearerTokenInterceptor's `open_health_services`); other names (a model's) need a token.
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
 
 
-def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
-            trailer: tuple[tuple[str, bytes], ...]) -> None:
-    context.set_code(code)
-    context.set_details(message)
-    context.set_trailing_metadata(trailer)
-
-
 def _denied_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
                     trailer: tuple[tuple[str, bytes], ...] = ()) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that only refuses: it sets the status and returns, as
-    `status.fail` does (context.abort's AbortError would keep the call's raw message, up to
-    --max-request-bytes, in a reference cycle until Python's cyclic collector runs)."""
+    """A handler of the same shape as `handler` that only aborts (`abort_call`: the call's raw message,
+    up to --max-request-bytes, is not kept after it)."""
 
-    async def refuse_unary(request, context):
-        _refuse(context, code, message, trailer)
+    async def abort_unary(request, context):
+        await abort_call(context, code, message, trailer)
 
-    async def refuse_stream(request_or_iterator, context):
-        _refuse(context, code, message, trailer)
-        return
+    async def abort_stream(request_or_iterator, context):
+        await abort_call(context, code, message, trailer)
         yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
     # no request deserializer: a refused call's message is not parsed (an unauthenticated caller could
     # otherwise make the server build tens of MB of protobuf objects per call before hearing no)
     kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse_unary, **kw)
+        return grpc.unary_unary_rpc_method_handler(abort_unary, **kw)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **kw)
+        return grpc.unary_stream_rpc_method_handler(abort_stream, **kw)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse_unary, **kw)
-    return grpc.stream_stream_rpc_method_handler(refuse_stream, **kw)
+        return grpc.stream_unary_rpc_method_handler(abort_unary, **kw)
+    return grpc.stream_stream_rpc_method_handler(abort_stream, **kw)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -95,8 +86,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         def guard(behaviour):
             async def guarded(request, context):
                 if request.service not in open_services:
-                    _refuse(context, code, message, trailer)
-                    return None
+                    await abort_call(context, code, message, trailer)
                 return await behaviour(request, context)
 
             return guarded

@@ -28,7 +28,7 @@ import logging
 import math
 import struct
 import uuid
-from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Optional
+from typing import Any, AsyncIterator, Iterable, Mapping, Optional
 
 import grpc
 
@@ -40,9 +40,9 @@ from .. import __version__
 from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams, ResizeMode,
                       ResolvedParams, VideoEvent)
 from ..errors import MAX_FIELD_BYTES, InvalidRequest, ModelNotFound, NotLoaded, NotReady, ReaderStalled
-from .servicer import (NAME_FIELD, REQUEST_ID_KEY, check_request_id, end_call, refused_before_engine,
+from .servicer import (NAME_FIELD, REQUEST_ID_KEY, check_request_id, end_call_soon, refused_before_engine,
                        request_id_of, require_explicit_control)
-from .status import error_reason, fail, named_as, to_status
+from .status import abort, error_reason, named_as, to_status
 from .tracing import incoming_trace_context, trace_context_of
 
 log = logging.getLogger(__name__)
@@ -481,7 +481,6 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine, *, model_control_mode: str) -> None:
         self._engine = engine
         self._control = model_control_mode
-        self._ending: set[asyncio.Task[None]] = set()  # statuses of stalled streams still being sent
 
     # -- health and metadata --
 
@@ -507,7 +506,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 v.version == version and v.state == "READY" for v in status.versions)
             return kpb.ModelReadyResponse(ready=ready)
         except Exception as exc:
-            fail(context, exc, triton=True, fields=NAME_FIELD)
+            await abort(context, exc, triton=True, fields=NAME_FIELD)
 
     async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
@@ -539,7 +538,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 name=status.name, versions=[str(v) for v in ready], platform=status.backend,
                 inputs=tensor_metadata(INPUTS), outputs=tensor_metadata(OUTPUTS))
         except Exception as exc:
-            fail(context, exc, triton=True, fields=NAME_FIELD)
+            await abort(context, exc, triton=True, fields=NAME_FIELD)
 
     async def ModelConfig(self, request: kpb.ModelConfigRequest,
                           context: grpc.aio.ServicerContext) -> kpb.ModelConfigResponse:
@@ -547,7 +546,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             status, _ = self._loaded(request.name, request.version)
             return kpb.ModelConfigResponse(config=model_config_to_pb(status.settings, status.instance_groups))
         except Exception as exc:
-            fail(context, exc, triton=True, fields=NAME_FIELD)
+            await abort(context, exc, triton=True, fields=NAME_FIELD)
 
     async def ModelStatistics(self, request: kpb.ModelStatisticsRequest,
                               context: grpc.aio.ServicerContext) -> kpb.ModelStatisticsResponse:
@@ -555,7 +554,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             rows = self._engine.statistics(request.name, parse_version(request.version))
             return kpb.ModelStatisticsResponse(model_stats=[statistics_to_pb(n, v, s) for n, v, s in rows])
         except Exception as exc:
-            fail(context, exc, triton=True, fields=NAME_FIELD)
+            await abort(context, exc, triton=True, fields=NAME_FIELD)
 
     # -- repository --
 
@@ -571,7 +570,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                            for v, s, r in entries if not request.ready or s == "READY"]
             return kpb.RepositoryIndexResponse(models=models)
         except Exception as exc:  # unexpected: INTERNAL with the generic message, as every call
-            fail(context, exc, triton=True)
+            await abort(context, exc, triton=True)
 
     def _check_control(self, name: str, parameters) -> None:
         require_explicit_control(self._control)
@@ -589,7 +588,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             await self._engine.load_model(request.model_name)
             return kpb.RepositoryModelLoadResponse()
         except Exception as exc:
-            fail(context, exc, triton=True, fields=KSERVE_FIELDS)
+            await abort(context, exc, triton=True, fields=KSERVE_FIELDS)
 
     async def RepositoryModelUnload(self, request: kpb.RepositoryModelUnloadRequest,
                                     context: grpc.aio.ServicerContext) -> kpb.RepositoryModelUnloadResponse:
@@ -598,7 +597,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             await self._engine.unload_model(request.model_name)
             return kpb.RepositoryModelUnloadResponse()
         except Exception as exc:
-            fail(context, exc, triton=True, fields=KSERVE_FIELDS)
+            await abort(context, exc, triton=True, fields=KSERVE_FIELDS)
 
     # -- inference --
 
@@ -640,9 +639,9 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:  # CancelledError is not an Exception: a gone caller is not answered
             if parsed is None:
                 refused_before_engine(self._engine, exc, request_id)
-            fail(context, exc, request_id=request_id, triton=True,
-                 fields=parsed.fields if parsed is not None else KSERVE_FIELDS,
-                 trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
+            await abort(context, exc, request_id=request_id, triton=True,
+                        fields=parsed.fields if parsed is not None else KSERVE_FIELDS,
+                        trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[kpb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[kpb.ModelStreamInferResponse]:
@@ -661,23 +660,21 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         running: set[asyncio.Task[None]] = set()
         slots, room = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT), asyncio.Semaphore(STREAM_MAX_QUEUED)
         stream = asyncio.current_task()
-        stalled: list[BaseException] = []
         limit = self._engine.config.stream_send_timeout_seconds
 
-        def reader_stalled(exc: BaseException) -> None:
-            """A response (or a request's next, behind the full queue) waited --stream-send-timeout-seconds
-            for the client to read: the stream ends with that status (sent after what is in flight), its
-            requests still running with it, and the responses queued for it are dropped."""
-            if not stalled and stream is not None:
-                log.info("ModelStreamInfer: %s; the stream is ended", exc)
-                stalled.append(exc)
-                self._ending.add(task := asyncio.ensure_future(end_call(context, exc, "", triton=True)))
-                task.add_done_callback(self._ending.discard)
+        def reader_stalled() -> None:
+            """A response waited --stream-send-timeout-seconds for the client to read (the engine does not
+            time a stream's requests: its responses queue here): the stream ends with that status (sent
+            after what is in flight), its running requests with it, and its queued responses are dropped."""
+            exc = ReaderStalled.after(limit)
+            log.info("ModelStreamInfer: %s; the stream is ended", exc)
+            end_call_soon(context, exc, triton=True)
+            if stream is not None:
                 stream.cancel()
 
         async def serve(req: kpb.ModelInferRequest) -> None:
             try:
-                async for message in self._stream_one(req, context, reader_stalled):
+                async for message in self._stream_one(req, context):
                     await room.acquire()
                     out.put_nowait(message)
             finally:
@@ -707,10 +704,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 elif item is _FINISHED:
                     pending -= 1
                 else:
-                    # returns once gRPC has taken it (flow control: the client reads); the responses of
-                    # finished requests wait here, not in the engine, whose own limit does not see them
-                    timer = asyncio.get_running_loop().call_later(limit, reader_stalled, ReaderStalled.after(limit)) \
-                        if limit else None
+                    # returns once gRPC has taken it (flow control: the client reads)
+                    timer = asyncio.get_running_loop().call_later(limit, reader_stalled) if limit else None
                     try:
                         yield item
                     finally:
@@ -725,8 +720,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
             await asyncio.gather(reader, *running, return_exceptions=True)
 
-    async def _stream_one(self, req: kpb.ModelInferRequest, context: grpc.aio.ServicerContext,
-                          reader_stalled: Callable[[BaseException], None]) -> AsyncIterator[kpb.ModelStreamInferResponse]:
+    async def _stream_one(self, req: kpb.ModelInferRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[kpb.ModelStreamInferResponse]:
         """One request of a stream: a response per frame, then the final one; or one error response."""
         request_id = req.id or uuid.uuid4().hex
         model_version = req.model_version
@@ -737,8 +732,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                                          trace_context=incoming_trace_context(context))
             accepted: Optional[AcceptedEvent] = None
             video: list[bytes] = []
-            call = dataclasses.replace(parsed.call, on_reader_stalled=reader_stalled)
-            async with contextlib.aclosing(self._engine.generate(call)) as events:
+            async with contextlib.aclosing(self._engine.generate(parsed.call)) as events:
                 async for event in events:
                     if isinstance(event, FrameEvent):
                         response = kpb.ModelInferResponse(model_name=req.model_name, model_version=model_version,

@@ -16,7 +16,7 @@ from videogen.v1 import videogen_pb2_grpc as pb_grpc
 
 from ..errors import InvalidRequest, PermissionDenied, VideoGenError
 from . import convert
-from .status import abort, fail
+from .status import abort
 from .tracing import trace_context_of
 
 REQUEST_ID_KEY = "x-request-id"
@@ -42,13 +42,22 @@ def refused_before_engine(engine, exc: Exception, request_id: str) -> None:
         engine.refused(exc, request_id if valid_request_id(request_id) else "")
 
 
-async def end_call(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str,
-                   **kw: Any) -> None:
-    """`abort` from outside the call's own task (the engine's, see `_end_stalled`): its AbortError is not
-    for this task, and a call already ended (the caller went away, an abort raced) leaves nothing to do."""
+_ENDING: set[asyncio.Task[None]] = set()  # calls being ended from outside their handlers (end_call_soon)
+
+
+def end_call_soon(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str = "", **kw: Any) -> None:
+    """Ends a call with `exc`'s status from outside its handler, whose task is stuck writing to a caller
+    that stopped reading (and is cancelled next, by whoever calls this): gRPC sends the status once the
+    caller has read what is in flight (trailers follow the messages), else when the connection closes."""
+    task = asyncio.ensure_future(_end_call(context, exc, request_id, **kw))
+    _ENDING.add(task)
+    task.add_done_callback(_ENDING.discard)
+
+
+async def _end_call(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str, **kw: Any) -> None:
     try:
         await abort(context, exc, request_id=request_id, **kw)
-    except grpc.aio.AbortError:
+    except grpc.aio.AbortError:  # the call's, not this task's
         pass
     except (grpc.aio.UsageError, grpc.aio.InternalError) as err:  # aborted already; the call is gone
         log.debug("request %s: its status could not be sent: %r", request_id, err)
@@ -75,7 +84,6 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
     def __init__(self, engine, *, model_control_mode: str) -> None:
         self._engine = engine
         self._control = model_control_mode
-        self._ending: set[asyncio.Task[None]] = set()  # statuses of stalled calls still being sent
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
@@ -86,8 +94,8 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
             request_id = request_id_of(request.request_id, context)
             call = convert.generate_call(request, request_id=request_id, deadline_s=context.time_remaining(),
                                          trace_context=trace_context_of(context))
-            call = dataclasses.replace(call, on_reader_stalled=functools.partial(self._end_stalled, context,
-                                                                                 request_id))
+            call = dataclasses.replace(call, on_reader_stalled=functools.partial(end_call_soon, context,
+                                                                                 request_id=request_id))
             async with contextlib.aclosing(self._engine.generate(call)) as events:
                 async for event in events:
                     if not headers_sent:
@@ -102,27 +110,19 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
             if call is None:
                 refused_before_engine(self._engine, exc, request_id)
             trailer = ((REQUEST_ID_KEY, request_id),) if request_id and not headers_sent else ()
-            fail(context, exc, request_id=request_id, trailing_metadata=trailer)
-
-    def _end_stalled(self, context: grpc.aio.ServicerContext, request_id: str, exc: BaseException) -> None:
-        """The engine ended a request whose caller stopped reading (its task, stuck in a write, is cancelled
-        next): the call ends with that status, which gRPC sends once the caller has read what is in flight
-        (trailers follow the messages), else when the connection closes."""
-        task = asyncio.ensure_future(end_call(context, exc, request_id))
-        self._ending.add(task)
-        task.add_done_callback(self._ending.discard)
+            await abort(context, exc, request_id=request_id, trailing_metadata=trailer)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         try:
             return pb.ListModelsResponse(models=[convert.model_status_to_pb(s) for s in self._engine.list_models()])
         except Exception as exc:  # unexpected ones too: INTERNAL with a generic message, as every call
-            fail(context, exc)
+            await abort(context, exc)
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
             return convert.model_status_to_pb(self._engine.status(request.name))
         except Exception as exc:
-            fail(context, exc, fields=NAME_FIELD)
+            await abort(context, exc, fields=NAME_FIELD)
 
     def _check_control(self, name: str) -> None:
         """A model control call: allowed in explicit mode, for a model named (as KServe's twin checks)."""
@@ -136,7 +136,7 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
             await self._engine.load_model(request.name)
             return convert.model_status_to_pb(self._engine.status(request.name))
         except Exception as exc:
-            fail(context, exc, fields=NAME_FIELD)
+            await abort(context, exc, fields=NAME_FIELD)
 
     async def UnloadModel(self, request: pb.UnloadModelRequest,
                           context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:
@@ -145,4 +145,4 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
             await self._engine.unload_model(request.name)
             return pb.UnloadModelResponse()
         except Exception as exc:
-            fail(context, exc, fields=NAME_FIELD)
+            await abort(context, exc, fields=NAME_FIELD)

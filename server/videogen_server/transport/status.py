@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
 from types import MappingProxyType
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -118,10 +118,11 @@ def named_as(exc: BaseException, fields: Mapping[str, str]) -> BaseException:
     return exc
 
 
-def _answer(context: grpc.aio.ServicerContext, exc: BaseException, *, request_id: str,
-            trailing_metadata: tuple[tuple[str, str], ...], triton: bool,
-            fields: Mapping[str, str]) -> tuple[grpc.StatusCode, str, tuple[tuple[str, Any], ...]]:
-    """The status (code, message, trailers) that answers `exc`."""
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, *, request_id: str = "",
+                trailing_metadata: tuple[tuple[str, str], ...] = (), triton: bool = False,
+                fields: Mapping[str, str] = MappingProxyType({})) -> None:
+    """Ends the call with `exc`'s status and details; `fields`: the request's names for the engine's
+    field paths (`named_as`)."""
     exc = named_as(exc, fields)
     code, message = to_status(exc, request_id=request_id, triton=triton)
     if isinstance(exc, NotStarted):  # accepted, never started: the caller may send it again
@@ -129,30 +130,23 @@ def _answer(context: grpc.aio.ServicerContext, exc: BaseException, *, request_id
     wait = retry_delay(exc)
     if wait is not None:
         trailing_metadata = (*trailing_metadata, retry_pushback(wait, context.time_remaining()))
-    return code, message, (*trailing_metadata, status_details(exc, code, message))
+    await abort_call(context, code, message, (*trailing_metadata, status_details(exc, code, message)))
 
 
-def fail(context: grpc.aio.ServicerContext, exc: BaseException, *, request_id: str = "",
-         trailing_metadata: tuple[tuple[str, str], ...] = (), triton: bool = False,
-         fields: Mapping[str, str] = MappingProxyType({})) -> None:
-    """Sets the call's status to `exc`'s, with its details; the handler then returns (a streaming one
-    ends) and gRPC sends it. `fields`: the request's names for the engine's field paths (`named_as`).
+async def abort_call(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
+                     trailing_metadata: tuple[tuple[str, Any], ...]) -> None:
+    """`context.abort`, less the memory it held: its AbortError, kept in the call's state, holds the
+    handler's frames (the request, the image in it) and the exception it was raised in, in a reference
+    cycle with that state that only Python's cyclic collector frees (a burst of refused 60 MiB requests
+    held GBs of an idle server's memory). They are let go once the call is done. Not set-code-and-return,
+    which frees them too: a unary call answered that way sends headers and an empty message before its
+    status, and gRPC's retry policy does not retry a call that has sent headers."""
+    try:
+        await context.abort(code, message, trailing_metadata=trailing_metadata)
+    except grpc.aio.AbortError as err:
+        context.add_done_callback(lambda _context: _let_go(err))
+        raise
 
-    Not `context.abort`: its AbortError, kept in the call's state, holds the handler's frames (the
-    request, the image in it) in a reference cycle that only Python's cyclic collector frees, so a burst
-    of refused 60 MiB requests held GBs of an idle server's memory."""
-    code, message, trailer = _answer(context, exc, request_id=request_id, trailing_metadata=trailing_metadata,
-                                     triton=triton, fields=fields)
-    context.set_code(code)
-    context.set_details(message)
-    context.set_trailing_metadata(trailer)
 
-
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException, *, request_id: str = "",
-                trailing_metadata: tuple[tuple[str, str], ...] = (), triton: bool = False,
-                fields: Mapping[str, str] = MappingProxyType({})) -> None:
-    """Ends the call with `exc`'s status now, from outside its handler's own task (see `fail` for the
-    handler's own refusals): raises AbortError, which is the call's, not the caller's."""
-    code, message, trailer = _answer(context, exc, request_id=request_id, trailing_metadata=trailing_metadata,
-                                     triton=triton, fields=fields)
-    await context.abort(code, message, trailing_metadata=trailer)
+def _let_go(err: BaseException) -> None:
+    err.__traceback__ = err.__context__ = err.__cause__ = None

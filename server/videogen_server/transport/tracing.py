@@ -117,10 +117,13 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
 def _end(span: trace.Span, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
     """Ends the call's span with its status code, as the caller reads it."""
     code = context.code()
-    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):  # the caller went away, or its deadline passed
-        remaining = context.time_remaining()
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
-            else grpc.StatusCode.CANCELLED
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        # the caller went away, or its deadline passed; unless the server ended the call with a status
+        # meanwhile, which is what the caller reads (a stream cut off for not reading: DEADLINE_EXCEEDED)
+        if code in (None, grpc.StatusCode.OK):
+            remaining = context.time_remaining()
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
+                else grpc.StatusCode.CANCELLED
     elif error is not None and not isinstance(error, grpc.aio.AbortError):
         code = grpc.StatusCode.UNKNOWN  # what gRPC answers an exception with, whatever code was set before
     elif code is None:  # no abort, no exception
