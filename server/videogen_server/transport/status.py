@@ -8,6 +8,7 @@ Any gRPC client reads them without parsing messages.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -144,9 +145,10 @@ async def abort_call(context: grpc.aio.ServicerContext, code: grpc.StatusCode, m
     try:
         await context.abort(code, message, trailing_metadata=trailing_metadata)
     except grpc.aio.AbortError as err:
-        context.add_done_callback(lambda _context: _let_go(err))
+        # bound now: the name `err` is unbound when this block ends, before the call is done
+        context.add_done_callback(functools.partial(_let_go, err))
         raise
 
 
-def _let_go(err: BaseException) -> None:
+def _let_go(err: BaseException, _context: grpc.aio.ServicerContext) -> None:
     err.__traceback__ = err.__context__ = err.__cause__ = None
