@@ -148,6 +148,11 @@ async def abort_call(context: grpc.aio.ServicerContext, code: grpc.StatusCode, m
         # bound now: the name `err` is unbound when this block ends, before the call is done
         context.add_done_callback(functools.partial(_let_go, err))
         raise
+    except Exception as err:
+        # the status could not be sent (the call ended meanwhile: gRPC logs it with its traceback, a
+        # handler may keep the record): not with the exception being answered, which reaches the request
+        err.__context__ = None
+        raise
 
 
 def _let_go(err: BaseException, _context: grpc.aio.ServicerContext) -> None:
