@@ -514,7 +514,10 @@ def saturate(client, ctx: Ctx, model: str, decode_chunk: int, n: int) -> dict:
 
 KERNEL_KINDS = (  # first match wins; names as CUPTI reports them on Hopper (cuDNN, cuBLAS, CUTLASS, Inductor)
     # Inductor names its kernels after the ops fused into them (a convolution's bias add, an attention
-    # output's transpose), so its kernels go first, whatever ops they mention
+    # output's transpose), so its kernels go first, whatever ops they mention; its GEMM and convolution
+    # templates (max-autotune: triton_tem_fused_mm_3, triton_tem_fused_convolution_7) first of all
+    ("conv_triton", ("triton_tem_fused_convolution",)),
+    ("gemm_triton", ("triton_tem_",)),
     ("triton", ("triton_",)),
     ("memcpy", ("memcpy", "memset")),
     ("layout", ("nchwtonhwc", "nhwctonchw")),
@@ -673,12 +676,15 @@ def run_server(ctx: Ctx, name: str, model_dir: Path, checkpoint: Callable[[dict]
                     res["other_decode_chunk_sizes"] = others
                 except Exception as err:  # noqa: BLE001
                     res["compile_stats_error"] = f"{type(err).__name__}: {err}"[:300]
+                # run 6 (H200) died of a segfault after its profile: what came before it was lost
+                checkpoint({**res, "incomplete": "after the recompile check"})
             if a.profile and ctx.cuda:
                 try:
                     res["profile"] = profile_steps(client, ctx, model_dir.name, chunk)
                     log(f"{name}: profile {res['profile']['per_step_s_by_kind']}")
                 except Exception as err:  # noqa: BLE001 - a profiler failure must not lose the timings
                     res["profile"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+                checkpoint({**res, "incomplete": "after the profile"})
             if name == "server" and a.load > 0 and not over_budget(a):
                 log(f"{name}: {a.load} concurrent requests")
                 res["saturation"] = saturate(client, ctx, model_dir.name, chunk, a.load)

@@ -24,6 +24,10 @@ def _bench():
     ("triton_red_fused_add_clone_convolution_div_native_group_norm_permute_silu_unsqueeze_75", "triton"),
     ("triton_poi_fused__scaled_dot_product_flash_attention_clone_5", "triton"),
     ("triton_red_fused__scaled_mm__to_copy_abs_add_amax_clamp_div_gelu_mul_split_t_view_32", "triton"),
+    # max-autotune's templates: GEMMs and convolutions, not glue
+    ("triton_tem_fused_addmm_gelu_mul_12", "gemm_triton"),
+    ("triton_tem_fused__scaled_mm_3", "gemm_triton"),
+    ("triton_tem_fused_convolution_7", "conv_triton"),
     ("nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_TNT", "gemm_fp8"),
     ("nvjet_sm90_hsh_512x8_64x3_4x1_v_bz_TNT", "gemm"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1_kernel0_0",
