@@ -46,14 +46,18 @@
 #        than fp16). The UNet compiles cold (~2.5 min; the VAE's graphs come from part7's cache when this
 #        machine ran it, with the plain pipeline's saved frames for the PSNR). Predicted: ~0.035-0.05 s a
 #        step below the fp16 server of part7, PSNR against the plain pipeline near run 4's 46 dB.
+# part12: part9's GEMM templates plus coordinate-descent tuning of Inductor's own kernels (nineteenth session:
+#        run 6's step is GEMMs 0.115 s, glue 0.131 s of 0.429 s), UNet only, profiled (templates counted
+#        apart: gemm_triton, conv_triton). Predicted ~0.40-0.42 s a step against run 6's 0.429 s. Its cold
+#        compile is unknown (part9's 6-8 min is a guess too): a call of its own, first in a session.
 #
 # Compile caches: part7 packs its cache (/tmp/vg-cc-full) as $OUT/cc-full.tar.xz when that fits in what a call
 # returns (15 MiB here) and reports its size either way. A later session on the same kind of card, code and
-# torch can carry it back (copy it into .cc/, which .git/info/exclude ignores, and name .cc in carry beside
+# torch can carry it back (copy it into .cc/, which .gitignore has, and name .cc in carry beside
 # .whl: 64 MiB in all, the wheels take 48): every .cc/*.tar.xz is unpacked into /tmp first, so the same
 # server params start warm (~37 s to ready instead of ~270 s), leaving the call's time for more variants.
 set -u
-part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|part6|part7|part8|part9|part10|part11|tricks}
+part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|part6|part7|part8|part9|part10|part11|part12|tricks}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -175,6 +179,15 @@ part9)
     bench --out "$OUT/p14" --variants server_compile --profile --time-budget 60 --server-params \
         "compile_vae=none,fold_cross_attention=true,temporal_convs_2d=true,compile_cache_dir=/tmp/vg-cc-gemm,compile_options=max_autotune_gemm=true" \
         2>&1 | tee "$OUT/p14.log"
+    ;;
+part12)
+    # max-autotune's GEMM templates (epilogues fused) and coordinate-descent tuning of the glue's kernels on
+    # run 6's UNet (0.429 s a step: GEMMs 0.115 s, Inductor's glue 0.131 s); the VAE eager (the step is the
+    # UNet's). Predicted ~0.40-0.42 s a step; its cold compile is unknown (each GEMM shape's Triton configs
+    # are compiled and timed): a call of its own, first in a session
+    bench --out "$OUT/p17" --variants server_compile --profile --time-budget 60 --server-params \
+        "compile_vae=none,fold_cross_attention=true,temporal_convs_2d=true,compile_cache_dir=/tmp/vg-cc-tuned,compile_options=max_autotune_gemm=true;coordinate_descent_tuning=true" \
+        2>&1 | tee "$OUT/p17.log"
     ;;
 part10)
     # the same server parameters as part7, so that its cache (if this machine ran part7) has every graph
