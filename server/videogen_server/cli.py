@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
                         "freed; the caller reads DEADLINE_EXCEEDED); 0 = never (default %(default)s)")
     s.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="largest request message, image included (default %(default)s)")
+    s.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
+                   help="requests carrying an image (Generate, ModelInfer) in flight at once, queued ones included; "
+                        "one more is refused RESOURCE_EXHAUSTED before its message is read; 0 = no limit "
+                        "(default %(default)s)")
     s.add_argument("--max-connection-age-seconds", type=float, default=d.max_connection_age_seconds,
                    help="close connections after this long so clients rebalance over new replicas; 0 = never")
     s.add_argument("--max-connection-age-grace-seconds", type=float, default=d.max_connection_age_grace_seconds,
@@ -169,7 +173,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         max_queue_size=args.max_queue_size, cpu_threads=args.cpu_threads, media_threads=args.media_threads,
         drain_grace_seconds=args.drain_grace_seconds, unload_timeout_seconds=args.unload_timeout_seconds,
         stream_send_timeout_seconds=args.stream_send_timeout_seconds,
-        max_request_bytes=args.max_request_bytes, max_connection_age_seconds=args.max_connection_age_seconds,
+        max_request_bytes=args.max_request_bytes, max_concurrent_requests=args.max_concurrent_requests, max_connection_age_seconds=args.max_connection_age_seconds,
         max_connection_age_grace_seconds=args.max_connection_age_grace_seconds,
         keepalive_seconds=args.keepalive_seconds, keepalive_timeout_seconds=args.keepalive_timeout_seconds,
         tls_cert=args.tls_cert,

@@ -51,6 +51,14 @@ class ServerConfig:
     #: Largest request message accepted (the conditioning image travels in it). Per-model image limits
     #: (parameters max_image_bytes / max_image_pixels) apply on top.
     max_request_bytes: int = 64 * 2**20
+    #: Calls carrying an image (Generate, KServe ModelInfer) in flight at once, from their start (before the
+    #: message is read) to their end, queued and running ones included; one more is refused at once,
+    #: RESOURCE_EXHAUSTED (SERVER_BUSY), unread. gRPC parses a request message whole (~1.5x its size) and
+    #: bounds neither how many nor how large together: this bounds what requests hold at about
+    #: max_concurrent_requests x max_request_bytes x 1.5 (128 x 64 MiB: ~12 GiB, with no request near the
+    #: limit far less). Above the queues (64 a model by default) plus what runs, or the limit refuses
+    #: before a queue is full. 0 = no limit.
+    max_concurrent_requests: int = 128
     #: Close client connections after this long (plus the grace below) so that clients balancing
     #: round_robin over a headless Service re-resolve DNS and find new replicas. 0 = never.
     max_connection_age_seconds: float = 300.0
@@ -125,6 +133,9 @@ class ServerConfig:
         if not (self.stream_send_timeout_seconds == 0 or 0 < self.stream_send_timeout_seconds < math.inf):
             raise ValueError(f"--stream-send-timeout-seconds: {self.stream_send_timeout_seconds} is not 0 (never) "
                              f"or a positive number of seconds")
+        if self.max_concurrent_requests < 0:
+            raise ValueError(f"--max-concurrent-requests: {self.max_concurrent_requests} is not 0 (no limit) or a "
+                             f"positive number of requests")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError(f"--trace-sample-ratio: {self.trace_sample_ratio} is outside 0..1")
         if not self.otlp_service_name:

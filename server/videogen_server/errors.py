@@ -62,6 +62,13 @@ class QueueFull(VideoGenError):
         self.retry_after = retry_after
 
 
+class ServerBusy(QueueFull):
+    """The server has its limit of requests in flight (--max-concurrent-requests), counted from the
+    call's start, before its message is read; as a full queue, the caller should back off and retry."""
+
+    REASON = "SERVER_BUSY"
+
+
 class NotReady(VideoGenError):
     """The model or server cannot take requests now (loading, unloading, failed)."""
 

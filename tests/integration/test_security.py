@@ -196,8 +196,9 @@ def test_bearer_tokens(repo):
 
 
 def test_a_refused_call_is_not_parsed():
-    """The handler that refuses a call without a token gets the message's bytes, not a parsed message:
-    an unauthenticated caller made the server build protobuf objects of tens of MB per call."""
+    """The handler that refuses a call without a token neither parses its message (an unauthenticated
+    caller made the server build protobuf objects of tens of MB per call) nor reads it: of the
+    streaming-request shape, it ends the call before the message arrives (its memory: test_concurrency_limit)."""
     from videogen.v1 import videogen_pb2 as pb
 
     from videogen_server.transport.auth import _denied_handler
@@ -206,7 +207,7 @@ def test_a_refused_call_is_not_parsed():
                                                    request_deserializer=pb.GenerateRequest.FromString,
                                                    response_serializer=pb.GenerateResponse.SerializeToString)
     denied = _denied_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "no")
-    assert denied.request_deserializer is None and denied.unary_stream is not None
+    assert denied.request_deserializer is None and denied.stream_stream is not None
     assert denied.response_serializer is handler.response_serializer
 
 

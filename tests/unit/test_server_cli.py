@@ -90,3 +90,15 @@ def test_the_stream_send_timeout_flag_reaches_the_config(tmp_path):
     for bad in (-1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="--stream-send-timeout-seconds"):
             ServerConfig(model_repositories=(tmp_path,), stream_send_timeout_seconds=bad)
+
+
+def test_the_concurrent_requests_flag_reaches_the_config(tmp_path):
+    from videogen_server.config import ServerConfig
+
+    base = ["serve", "--model-repository", str(tmp_path)]
+    assert config_from_args(_parser().parse_args(base), {}).max_concurrent_requests == 128
+    for value in (1, 0, 1000):
+        args = _parser().parse_args(base + ["--max-concurrent-requests", str(value)])
+        assert config_from_args(args, {}).max_concurrent_requests == value
+    with pytest.raises(ValueError, match="--max-concurrent-requests"):
+        ServerConfig(model_repositories=(tmp_path,), max_concurrent_requests=-1)

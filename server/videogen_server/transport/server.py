@@ -2,6 +2,7 @@
 reflection on one port."""
 from __future__ import annotations
 
+import functools
 import logging
 
 import grpc
@@ -14,7 +15,8 @@ from videogen.v1 import videogen_pb2, videogen_pb2_grpc
 from ..config import ServerConfig
 from . import kserve
 from .auth import BearerTokenInterceptor
-from .servicer import VideoGenServicer
+from .limits import ConcurrencyLimit
+from .servicer import VideoGenServicer, refused_before_engine
 from .tracing import TracingInterceptor
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,11 @@ def build_server(engine, config: ServerConfig) -> tuple[grpc.aio.Server, int, He
         interceptors.append(BearerTokenInterceptor(config.auth_tokens, open_health_services=SERVER_HEALTH_SERVICES))
     if engine.tracing.enabled:  # after authentication: only a caller with a token makes the server trace
         interceptors.append(TracingInterceptor(engine.tracing.tracer))
+    if config.max_concurrent_requests:  # innermost: a caller refused a token takes no place
+        interceptors.append(ConcurrencyLimit(
+            config.max_concurrent_requests, {f"/{VIDEOGEN_SERVICE}/Generate": False,
+                                             f"/{kserve.SERVICE_NAME}/ModelInfer": True},
+            on_refused=functools.partial(refused_before_engine, engine)))
     server = grpc.aio.server(options=[*channel_options(config), EXCLUSIVE_PORT], interceptors=interceptors)
     videogen_pb2_grpc.add_VideoGenServicer_to_server(
         VideoGenServicer(engine, model_control_mode=config.model_control_mode), server)
