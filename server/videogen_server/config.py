@@ -54,10 +54,10 @@ class ServerConfig:
     #: Calls carrying an image (Generate, KServe ModelInfer) in flight at once, from their start (before the
     #: message is read) to their end, queued and running ones included; one more is refused at once,
     #: RESOURCE_EXHAUSTED (SERVER_BUSY), unread. gRPC parses a request message whole (~1.5x its size) and
-    #: bounds neither how many nor how large together: this bounds what requests hold at about
-    #: max_concurrent_requests x max_request_bytes x 1.5 (128 x 64 MiB: ~12 GiB, with no request near the
-    #: limit far less). Above the queues (64 a model by default) plus what runs, or the limit refuses
-    #: before a queue is full. 0 = no limit.
+    #: bounds neither how many nor how large together: this bounds the messages the server takes in at
+    #: once (not what gRPC's transport buffers for calls it has not handed over yet: README). Above the
+    #: queues (64 a model by default) plus what runs, or the limit refuses before a queue is full.
+    #: 0 = no limit.
     max_concurrent_requests: int = 128
     #: Close client connections after this long (plus the grace below) so that clients balancing
     #: round_robin over a headless Service re-resolve DNS and find new replicas. 0 = never.
