@@ -66,6 +66,9 @@ def test_refused_calls_leave_no_cycles_holding_their_requests(tiny_model_source,
         def refusals():
             for _ in range(3):
                 assert _refused(lambda: collect(stub, request(width=65))) == grpc.StatusCode.INVALID_ARGUMENT
+                # refused while decoding, in the preprocessing threads: through concurrent and asyncio futures
+                assert _refused(lambda: collect(stub, request(image=b"not an image" * 1000))) == \
+                    grpc.StatusCode.INVALID_ARGUMENT
                 assert _refused(lambda: kserve.ModelInfer(infer, timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT
                 [answer] = list(kserve.ModelStreamInfer(iter([infer]), timeout=30))
                 assert answer.error_message.startswith("width")

@@ -131,27 +131,34 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, *, reques
     wait = retry_delay(exc)
     if wait is not None:
         trailing_metadata = (*trailing_metadata, retry_pushback(wait, context.time_remaining()))
-    await abort_call(context, code, message, (*trailing_metadata, status_details(exc, code, message)))
+    await abort_call(context, code, message, (*trailing_metadata, status_details(exc, code, message)), answered=exc)
 
 
 async def abort_call(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
-                     trailing_metadata: tuple[tuple[str, Any], ...]) -> None:
+                     trailing_metadata: tuple[tuple[str, Any], ...], answered: BaseException | None = None) -> None:
     """`context.abort`, less the memory it held: its AbortError, kept in the call's state, holds the
     handler's frames (the request, the image in it) and the exception it was raised in, in a reference
     cycle with that state that only Python's cyclic collector frees (a burst of refused 60 MiB requests
     held GBs of an idle server's memory). They are let go once the call is done. Not set-code-and-return,
     which frees them too: a unary call answered that way sends headers and an empty message before its
-    status, and gRPC's retry policy does not retry a call that has sent headers."""
+    status, and gRPC's retry policy does not retry a call that has sent headers.
+    `answered`, the error the status answers (logged by now), lets go of its traceback too: raised in
+    the preprocessing threads, it sits in a concurrent and an asyncio future that the frames of its
+    traceback hold (a refused 60 MiB image stayed in such cycles until the collector ran)."""
     try:
         await context.abort(code, message, trailing_metadata=trailing_metadata)
     except grpc.aio.AbortError as err:
         # bound now: the name `err` is unbound when this block ends, before the call is done
         context.add_done_callback(functools.partial(_let_go, err))
+        if answered is not None:
+            context.add_done_callback(functools.partial(_let_go, answered))
         raise
     except Exception as err:
         # the status could not be sent (the call ended meanwhile: gRPC logs it with its traceback, a
         # handler may keep the record): not with the exception being answered, which reaches the request
         err.__context__ = None
+        if answered is not None:
+            _let_go(answered, context)
         raise
 
 
