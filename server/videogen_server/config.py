@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 MODEL_CONTROL_MODES = ("none", "explicit", "poll")
+#: File descriptors kept from the gRPC port's connections when --max-connections is left to the default
+FD_RESERVE = 256
 #: gRPC takes durations as int milliseconds
 MAX_GRPC_SECONDS = (2**31 - 1) / 1000
 
@@ -59,6 +61,15 @@ class ServerConfig:
     #: queues (64 a model by default) plus what runs, or the limit refuses before a queue is full.
     #: 0 = no limit.
     max_concurrent_requests: int = 128
+    #: Client connections the gRPC port holds at once (gRPC's max_allowed_incoming_connections): past it a
+    #: new connection is closed at once (its caller reads UNAVAILABLE, retries, or goes to another replica),
+    #: while the others go on. None: the process's open-file limit less FD_RESERVE, so that connections, idle
+    #: ones included, never take the descriptors the rest of the server needs (the health and metrics ports,
+    #: model files, logs). 0 = no limit.
+    max_connections: Optional[int] = None
+    #: A connection that has not finished its handshake (TLS, the HTTP/2 preface) in this long is closed
+    #: (gRPC's own default: 120 s, which let idle sockets hold the port's places that long).
+    handshake_timeout_seconds: float = 20.0
     #: Close client connections after this long (plus the grace below) so that clients balancing
     #: round_robin over a headless Service re-resolve DNS and find new replicas. 0 = never.
     max_connection_age_seconds: float = 300.0
@@ -100,6 +111,17 @@ class ServerConfig:
     log_format: str = "text"  # text | json
     log_level: str = "INFO"
 
+    def connection_limit(self) -> int:
+        """max_connections, or from the open-file limit when not set (0: none)."""
+        if self.max_connections is not None:
+            return self.max_connections
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or soft > 2**31 - 1:
+            return 0
+        return max(soft - FD_RESERVE, min(soft // 2, 64), 1)
+
     def __post_init__(self) -> None:
         if self.model_control_mode not in MODEL_CONTROL_MODES:
             raise ValueError(f"model_control_mode: {self.model_control_mode!r} is not one of {MODEL_CONTROL_MODES}")
@@ -136,6 +158,11 @@ class ServerConfig:
         if self.max_concurrent_requests < 0:
             raise ValueError(f"--max-concurrent-requests: {self.max_concurrent_requests} is not 0 (no limit) or a "
                              f"positive number of requests")
+        if self.max_connections is not None and self.max_connections < 0:
+            raise ValueError(f"--max-connections: {self.max_connections} is not 0 (no limit) or a positive number")
+        if not 0 < self.handshake_timeout_seconds <= MAX_GRPC_SECONDS:
+            raise ValueError(f"--handshake-timeout-seconds: {self.handshake_timeout_seconds} is not in "
+                             f"(0, {MAX_GRPC_SECONDS:.0f}]")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError(f"--trace-sample-ratio: {self.trace_sample_ratio} is outside 0..1")
         if not self.otlp_service_name:

@@ -102,3 +102,12 @@ def test_the_concurrent_requests_flag_reaches_the_config(tmp_path):
         assert config_from_args(args, {}).max_concurrent_requests == value
     with pytest.raises(ValueError, match="--max-concurrent-requests"):
         ServerConfig(model_repositories=(tmp_path,), max_concurrent_requests=-1)
+
+
+def test_the_connection_flags_reach_the_config(tmp_path):
+    base = ["serve", "--model-repository", str(tmp_path)]
+    config = config_from_args(_parser().parse_args(base), {})
+    assert config.max_connections is None and config.handshake_timeout_seconds == 20.0
+    args = _parser().parse_args(base + ["--max-connections", "100", "--handshake-timeout-seconds", "5"])
+    config = config_from_args(args, {})
+    assert config.connection_limit() == 100 and config.handshake_timeout_seconds == 5.0

@@ -42,7 +42,10 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
         # Let clients keep idle channels open with keepalive pings no more often than every 10 s.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout_seconds * 1000)),
     ]
+    if limit := config.connection_limit():
+        options.append(("grpc.max_allowed_incoming_connections", limit))
     if config.keepalive_seconds > 0:
         # Dead callers (a host gone, a cut network: no FIN or RST): ping after keepalive_seconds without
         # a frame from the client and close the connection if no answer comes in keepalive_timeout_seconds,
@@ -110,7 +113,8 @@ def build_health_server(health: HealthReporter, config: ServerConfig) -> tuple[g
                                            denial="this plaintext port answers the server's own health only; "
                                                   "ask the gRPC port for a model's")] if config.auth_tokens else []
     server = grpc.aio.server(interceptors=interceptors,
-                             options=[("grpc.max_receive_message_length", 64 * 1024), EXCLUSIVE_PORT])
+                             options=[("grpc.max_receive_message_length", 64 * 1024), EXCLUSIVE_PORT,
+                                      ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout_seconds * 1000))])
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     return server, _bind(server, f"{config.host}:{config.health_port}", "health port")
 

@@ -1,0 +1,114 @@
+"""--max-connections and --handshake-timeout-seconds: sockets that never speak do not take the server down.
+
+A resource review held 20 000 idle TCP connections to the gRPC port (no TLS, no HTTP/2 preface, no token
+needed): the process ran out of file descriptors, health checks from new connections timed out, and
+such sockets were closed only after ~2 minutes, so reconnecting kept the port unusable. Real servers on
+loopback, raw sockets from this process.
+"""
+from __future__ import annotations
+
+import socket
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from videogen.v1 import videogen_pb2 as pb
+from videogen.v1 import videogen_pb2_grpc as pb_grpc
+
+from ..helpers import ServerThread, wait_until
+
+MODEL = "svd-tiny"
+
+
+def _list_models(target: str, timeout: float = 3.0) -> grpc.StatusCode:
+    """ListModels on a new connection: its status code."""
+    with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        try:
+            pb_grpc.VideoGenStub(channel).ListModels(pb.ListModelsRequest(), timeout=timeout)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            return err.code()
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    sock.settimeout(0.05)
+    try:
+        return sock.recv(1) == b""
+    except (TimeoutError, socket.timeout):
+        return False
+    except OSError:  # reset
+        return True
+
+
+def _health(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+
+def test_idle_sockets_take_no_more_than_their_places(tiny_model_source, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_model_source, tmp_path / MODEL)
+    with ServerThread(tmp_path, max_connections=4, health_port=0) as server:
+        established = server.stub()
+        assert established.ListModels(pb.ListModelsRequest(), timeout=10).models
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(12)]  # never speak
+        try:
+            time.sleep(0.3)
+            # the port's places are taken: a new caller is refused at once, not left hanging
+            t0 = time.monotonic()
+            assert _list_models(server.target) == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - t0 < 2.5
+            # what holds a place goes on, and the health port answers
+            assert established.ListModels(pb.ListModelsRequest(), timeout=10).models
+            assert _health(server.server.health_port) == health_pb2.HealthCheckResponse.SERVING
+            # those over the limit were closed at once (the others wait for keepalive: plaintext has no
+            # handshake to time out, below)
+            assert sum(_closed_by_peer(sock) for sock in idle) == len(idle) - 3
+        finally:
+            for sock in idle:
+                sock.close()
+        # places come back as connections end
+        wait_until(lambda: _list_models(server.target) == grpc.StatusCode.OK, 10, "a new caller served")
+
+
+def test_the_connection_limit_follows_the_open_file_limit(tmp_path):
+    import resource
+
+    from videogen_server.config import FD_RESERVE, ServerConfig
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    config = ServerConfig(model_repositories=(tmp_path,))
+    if soft == resource.RLIM_INFINITY:
+        assert config.connection_limit() == 0
+    else:
+        assert config.connection_limit() == max(soft - FD_RESERVE, min(soft // 2, 64), 1)
+    assert ServerConfig(model_repositories=(tmp_path,), max_connections=0).connection_limit() == 0
+    assert ServerConfig(model_repositories=(tmp_path,), max_connections=7).connection_limit() == 7
+    for bad in (dict(max_connections=-1), dict(handshake_timeout_seconds=0)):
+        with pytest.raises(ValueError, match="--max-connections|--handshake-timeout-seconds"):
+            ServerConfig(model_repositories=(tmp_path,), **bad)
+
+
+def test_a_socket_that_never_starts_tls_is_closed_after_the_handshake_timeout(tiny_model_source, tmp_path):
+    """gRPC's own handshake timeout is 120 s. It covers TLS: a plaintext port's connection has no
+    handshake to time out (its silent sockets are left to --max-connections and keepalive)."""
+    import shutil
+
+    from .test_security import _pki
+
+    shutil.copytree(tiny_model_source, tmp_path / MODEL)
+    (tmp_path / "pki").mkdir()
+    pki = _pki(tmp_path / "pki")
+    with ServerThread(tmp_path, tls_cert=pki["server.crt"], tls_key=pki["server.key"],
+                      handshake_timeout_seconds=1.5) as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+        try:
+            t0 = time.monotonic()
+            wait_until(lambda: all(_closed_by_peer(sock) for sock in idle), 20, "every silent socket closed")
+            assert 1.0 < time.monotonic() - t0 < 10
+        finally:
+            for sock in idle:
+                sock.close()
