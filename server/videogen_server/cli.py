@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="requests carrying an image (Generate, ModelInfer) in flight at once, queued ones included; "
                         "one more is refused RESOURCE_EXHAUSTED before its message is read; 0 = no limit "
                         "(default %(default)s)")
+    s.add_argument("--request-read-timeout-seconds", type=float, default=d.request_read_timeout_seconds,
+                   help="end a call limited by --max-concurrent-requests whose request message has not arrived "
+                        "this long after it started; 0 = never (default %(default)s)")
     s.add_argument("--max-connections", type=int, default=d.max_connections,
                    help="client connections the gRPC port holds at once; one more is closed at once "
                         "(default: the open-file limit less 256); 0 = no limit")
@@ -180,7 +183,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         drain_grace_seconds=args.drain_grace_seconds, unload_timeout_seconds=args.unload_timeout_seconds,
         stream_send_timeout_seconds=args.stream_send_timeout_seconds,
         max_request_bytes=args.max_request_bytes, max_concurrent_requests=args.max_concurrent_requests,
-        max_connections=args.max_connections, handshake_timeout_seconds=args.handshake_timeout_seconds, max_connection_age_seconds=args.max_connection_age_seconds,
+        request_read_timeout_seconds=args.request_read_timeout_seconds, max_connections=args.max_connections, handshake_timeout_seconds=args.handshake_timeout_seconds, max_connection_age_seconds=args.max_connection_age_seconds,
         max_connection_age_grace_seconds=args.max_connection_age_grace_seconds,
         keepalive_seconds=args.keepalive_seconds, keepalive_timeout_seconds=args.keepalive_timeout_seconds,
         tls_cert=args.tls_cert,

@@ -61,6 +61,10 @@ class ServerConfig:
     #: queues (64 a model by default) plus what runs, or the limit refuses before a queue is full.
     #: 0 = no limit.
     max_concurrent_requests: int = 128
+    #: A limited call (above) whose request message has not arrived this long after the call started is
+    #: ended (DEADLINE_EXCEEDED, REQUEST_NOT_SENT), so that streams that only open cannot hold the places.
+    #: Allow the largest image's upload on the slowest link served (64 MiB at ~1 MB/s: ~60 s). 0 = never.
+    request_read_timeout_seconds: float = 120.0
     #: Client connections the gRPC port holds at once (gRPC's max_allowed_incoming_connections): past it a
     #: new connection is closed at once (its caller reads UNAVAILABLE, retries, or goes to another replica),
     #: while the others go on. None: the process's open-file limit less FD_RESERVE, so that connections, idle
@@ -154,6 +158,9 @@ class ServerConfig:
                              f"1..{MAX_GRPC_SECONDS:.0f}")
         if not (self.stream_send_timeout_seconds == 0 or 0 < self.stream_send_timeout_seconds < math.inf):
             raise ValueError(f"--stream-send-timeout-seconds: {self.stream_send_timeout_seconds} is not 0 (never) "
+                             f"or a positive number of seconds")
+        if not (self.request_read_timeout_seconds == 0 or 0 < self.request_read_timeout_seconds < math.inf):
+            raise ValueError(f"--request-read-timeout-seconds: {self.request_read_timeout_seconds} is not 0 (never) "
                              f"or a positive number of seconds")
         if self.max_concurrent_requests < 0:
             raise ValueError(f"--max-concurrent-requests: {self.max_concurrent_requests} is not 0 (no limit) or a "

@@ -69,6 +69,13 @@ class ServerBusy(QueueFull):
     REASON = "SERVER_BUSY"
 
 
+class RequestNotSent(VideoGenError):
+    """The caller did not send its request message within --request-read-timeout-seconds of the call's
+    start (a call holding a place of --max-concurrent-requests meanwhile)."""
+
+    REASON = "REQUEST_NOT_SENT"
+
+
 class NotReady(VideoGenError):
     """The model or server cannot take requests now (loading, unloading, failed)."""
 
@@ -195,6 +202,7 @@ _STATUS_NAMES: list[tuple[type[VideoGenError], str]] = [
     (QueueTimeout, "DEADLINE_EXCEEDED"),
     (RequestCancelled, "CANCELLED"),
     (ReaderStalled, "DEADLINE_EXCEEDED"),
+    (RequestNotSent, "DEADLINE_EXCEEDED"),
     (PermissionDenied, "PERMISSION_DENIED"),
     (Unauthenticated, "UNAUTHENTICATED"),
     (ConfigError, "FAILED_PRECONDITION"),

@@ -231,3 +231,35 @@ def test_calls_refused_without_a_token_are_not_read(tmp_path, tiny_model_source)
 def _metric(port: int, name: str, **labels: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return metric_value(response.read().decode(), name, **labels)
+
+
+def test_a_call_that_never_sends_its_request_gives_its_place_back(tiny_model_source, tmp_path):
+    """A stream that only opens (HEADERS, no message) held a place for as long as its connection lived."""
+    shutil.copytree(tiny_model_source, tmp_path / MODEL)
+    with ServerThread(tmp_path, max_concurrent_requests=1, request_read_timeout_seconds=1.0) as server:
+        release = threading.Event()
+
+        def never_sends():
+            release.wait(30)
+            return
+            yield  # pragma: no cover - a request iterator that ends without a message, once released
+
+        # Generate's path with a streaming request: the same frames as a unary call, but no message yet
+        stalled = server.channel().stream_stream(
+            f"/videogen.v1.VideoGen/Generate", request_serializer=pb.GenerateRequest.SerializeToString,
+            response_deserializer=pb.GenerateResponse.FromString)(never_sends(), timeout=30,
+                                                                   metadata=(("x-request-id", "silent-1"),))
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                next(stalled)
+            assert 0.8 < time.monotonic() - t0 < 10
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "--request-read-timeout-seconds" in err.value.details()
+            assert details_of(err.value)["ErrorInfo"].reason == "REQUEST_NOT_SENT"
+            assert dict(err.value.trailing_metadata())["x-request-id"] == "silent-1"
+            # its place is free: a request is served, not refused as over the limit
+            assert collect(server.stub(), request(num_inference_steps=1))[-1].WhichOneof("event") == "summary"
+            assert server.metric("videogen_requests_total", model="", code="DEADLINE_EXCEEDED") == 1
+        finally:
+            release.set()

@@ -111,3 +111,15 @@ def test_the_connection_flags_reach_the_config(tmp_path):
     args = _parser().parse_args(base + ["--max-connections", "100", "--handshake-timeout-seconds", "5"])
     config = config_from_args(args, {})
     assert config.connection_limit() == 100 and config.handshake_timeout_seconds == 5.0
+
+
+def test_the_request_read_timeout_flag_reaches_the_config(tmp_path):
+    from videogen_server.config import ServerConfig
+
+    base = ["serve", "--model-repository", str(tmp_path)]
+    assert config_from_args(_parser().parse_args(base), {}).request_read_timeout_seconds == 120.0
+    args = _parser().parse_args(base + ["--request-read-timeout-seconds", "0"])
+    assert config_from_args(args, {}).request_read_timeout_seconds == 0.0
+    for bad in (-1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="--request-read-timeout-seconds"):
+            ServerConfig(model_repositories=(tmp_path,), request_read_timeout_seconds=bad)

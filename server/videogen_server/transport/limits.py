@@ -15,13 +15,14 @@ per server, and a full count would refuse those and take whole clients out of se
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 from typing import Awaitable, Callable, Mapping
 
 import grpc
 
-from ..errors import InvalidRequest, ServerBusy
+from ..errors import InvalidRequest, RequestNotSent, ServerBusy
 from .servicer import REQUEST_ID_KEY, valid_request_id
 from .status import abort
 
@@ -32,13 +33,17 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):
     (`ServerBusy`, with a retry delay; UNAVAILABLE, Triton's code for it, where `methods` maps the name to
     True: the Open Inference Protocol's). `on_refused(exc, request_id)` counts and logs a refusal.
     Installed as the innermost interceptor: authentication refuses a caller without a token before it
-    takes a place (and, given this handler's shape, without reading its message either)."""
+    takes a place (and, given this handler's shape, without reading its message either). A caller that
+    has not sent its message `read_timeout` seconds after the call's start (None: no limit) is ended
+    (`RequestNotSent`): a place is not held by a stream that only opened."""
 
     def __init__(self, limit: int, methods: Mapping[str, bool],
-                 on_refused: Callable[[ServerBusy, str], None] = lambda exc, request_id: None) -> None:
+                 on_refused: Callable[[Exception, str], None] = lambda exc, request_id: None,
+                 read_timeout: float | None = None) -> None:
         if limit < 1:
             raise ValueError(f"limit: {limit} is not a positive number of calls")
         self.limit = limit
+        self.read_timeout = read_timeout
         self.in_flight = 0
         self._methods = dict(methods)
         self._on_refused = on_refused
@@ -55,21 +60,29 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):
             return grpc.stream_unary_rpc_method_handler(self._unary(handler.unary_unary, triton), **kw)
         return grpc.stream_stream_rpc_method_handler(self._streaming(handler.unary_stream, triton), **kw)
 
+    async def _refuse(self, context: grpc.aio.ServicerContext, exc: Exception, triton: bool) -> None:
+        """Ends the call with `exc`, counted and logged; the caller's id (metadata) echoed."""
+        request_id = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY, "")
+        request_id = request_id if isinstance(request_id, str) and valid_request_id(request_id) else ""
+        self._on_refused(exc, request_id)
+        await abort(context, exc, request_id=request_id, triton=triton,
+                    trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
+
     async def _enter(self, context: grpc.aio.ServicerContext, triton: bool) -> None:
         """Takes a place, or ends the call (unread) when none is left."""
         if self.in_flight >= self.limit:
-            request_id = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY, "")
-            request_id = request_id if isinstance(request_id, str) and valid_request_id(request_id) else ""
-            busy = ServerBusy(f"the server has {self.limit} requests in flight, its limit "
-                              f"(--max-concurrent-requests); retry later or on another server")
-            self._on_refused(busy, request_id)
-            await abort(context, busy, request_id=request_id, triton=triton,
-                        trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
+            await self._refuse(context, ServerBusy(f"the server has {self.limit} requests in flight, its limit "
+                                                   f"(--max-concurrent-requests); retry later or on another server"),
+                               triton)
         self.in_flight += 1
 
-    @staticmethod
-    async def _request(context: grpc.aio.ServicerContext, triton: bool):
-        request = await context.read()
+    async def _request(self, context: grpc.aio.ServicerContext, triton: bool):
+        try:
+            request = await asyncio.wait_for(context.read(), self.read_timeout)
+        except asyncio.TimeoutError:
+            await self._refuse(context, RequestNotSent(
+                f"no request message {self.read_timeout:g}s after the call started "
+                f"(--request-read-timeout-seconds)"), triton)
         if request is grpc.aio.EOF:  # a caller that half-closed without its message (no gRPC client does)
             await abort(context, InvalidRequest("request", "the call carried no request message"), triton=triton)
         return request

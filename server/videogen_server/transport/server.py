@@ -130,7 +130,8 @@ def build_server(engine, config: ServerConfig) -> tuple[grpc.aio.Server, int, He
         interceptors.append(ConcurrencyLimit(
             config.max_concurrent_requests, {f"/{VIDEOGEN_SERVICE}/Generate": False,
                                              f"/{kserve.SERVICE_NAME}/ModelInfer": True},
-            on_refused=functools.partial(refused_before_engine, engine)))
+            on_refused=functools.partial(refused_before_engine, engine),
+            read_timeout=config.request_read_timeout_seconds or None))
     server = grpc.aio.server(options=[*channel_options(config), EXCLUSIVE_PORT], interceptors=interceptors)
     videogen_pb2_grpc.add_VideoGenServicer_to_server(
         VideoGenServicer(engine, model_control_mode=config.model_control_mode), server)
