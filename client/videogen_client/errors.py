@@ -129,7 +129,8 @@ class ModelNotFoundError(VideoGenError):
 
 
 class QueueFullError(VideoGenError):
-    """RESOURCE_EXHAUSTED: the model's queue is full (or its preprocessing is); retry later."""
+    """RESOURCE_EXHAUSTED: the model's queue is full (or its preprocessing is), or the server has its
+    limit of requests in flight (``error_reason`` ``"SERVER_BUSY"``); retry later."""
 
     default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
