@@ -73,8 +73,14 @@ def test_a_request_over_the_limit_is_refused_at_once_and_the_place_comes_back(ti
                 kpb_grpc.GRPCInferenceServiceStub(server.channel()).ModelInfer(infer, timeout=30)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert details_of(err.value)["ErrorInfo"].reason == "SERVER_BUSY"
+            # the SDK: a full queue's error, its reason said (no retries here: they would wait for the place)
+            from videogen_client import QueueFullError, VideoGenClient
+
+            with VideoGenClient(server.target, retry=False) as client, pytest.raises(QueueFullError) as sdk:
+                list(client.generate(sample_png(), model=MODEL, num_frames=1, num_inference_steps=1))
+            assert sdk.value.error_reason == "SERVER_BUSY"
             # counted (model unknown: the message was never read) and logged as refusals are
-            assert _refused_busy(server) == 2
+            assert _refused_busy(server) == 3
             # the other calls are not limited: health, the model's status
             health = health_pb2_grpc.HealthStub(server.channel())
             assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == \
@@ -87,7 +93,7 @@ def test_a_request_over_the_limit_is_refused_at_once_and_the_place_comes_back(ti
         wait_until(lambda: server.metric("videogen_inflight_requests", model=MODEL) == 0, 30, "the held call ended")
         wait_until(lambda: _ok(stub), 30, "a request served once the held one ended")
         assert collect(stub, request(num_inference_steps=1))[-1].WhichOneof("event") == "summary"
-        assert _refused_busy(server) == 2
+        assert _refused_busy(server) == 3
 
 
 def _ok(stub) -> bool:
