@@ -10,6 +10,7 @@ from typing import Optional
 
 MODEL_CONTROL_MODES = ("none", "explicit", "poll")
 #: File descriptors kept from the gRPC port's connections when --max-connections is left to the default
+#: (the health port's 64 connections among them)
 FD_RESERVE = 256
 #: gRPC takes durations as int milliseconds
 MAX_GRPC_SECONDS = (2**31 - 1) / 1000

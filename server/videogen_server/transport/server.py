@@ -94,6 +94,10 @@ class HealthReporter:
 EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
 
 
+#: Connections the health port holds at once (kubelet and load-balancer probes: a few at a time)
+HEALTH_MAX_CONNECTIONS = 64
+
+
 def _bind(server: grpc.aio.Server, address: str, what: str, credentials=None) -> int:
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -112,9 +116,12 @@ def build_health_server(health: HealthReporter, config: ServerConfig) -> tuple[g
     interceptors = [BearerTokenInterceptor((), open_health_services=SERVER_HEALTH_SERVICES,
                                            denial="this plaintext port answers the server's own health only; "
                                                   "ask the gRPC port for a model's")] if config.auth_tokens else []
+    # its own connection limit (probes open one at a time), taken from FD_RESERVE: silent sockets on it
+    # cannot take the process's file descriptors either
     server = grpc.aio.server(interceptors=interceptors,
                              options=[("grpc.max_receive_message_length", 64 * 1024), EXCLUSIVE_PORT,
-                                      ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout_seconds * 1000))])
+                                      ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout_seconds * 1000)),
+                                      ("grpc.max_allowed_incoming_connections", HEALTH_MAX_CONNECTIONS)])
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     return server, _bind(server, f"{config.host}:{config.health_port}", "health port")
 
