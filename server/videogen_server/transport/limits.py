@@ -7,7 +7,10 @@ the kill then loses every video in flight. Each limited method is served here th
 the streaming-request shape, which gRPC starts before any message arrives: over the limit, the call is
 refused at once, its message unread (what the transport buffered is dropped with the call); under it,
 the handler reads the one message itself and runs the method's own behaviour. On the wire a unary and a
-streaming request are the same frames, so callers see no difference but the refusal.
+streaming request are the same frames, so callers see no difference but the refusal. Only the
+methods named are limited: the others' messages are small when real, yet read whole as before (up to
+--max-request-bytes each), and uploads gRPC's core has not yet handed over are buffered there
+(README, --max-concurrent-requests).
 
 grpc.aio's own `maximum_concurrent_rpcs` would also refuse before reading, but it counts every call,
 health checks included: gRPC clients balancing over several servers hold a grpc.health.v1 Watch stream
