@@ -515,8 +515,10 @@ def saturate(client, ctx: Ctx, model: str, decode_chunk: int, n: int) -> dict:
 KERNEL_KINDS = (  # first match wins; names as CUPTI reports them on Hopper (cuDNN, cuBLAS, CUTLASS, Inductor)
     # Inductor names its kernels after the ops fused into them (a convolution's bias add, an attention
     # output's transpose), so its kernels go first, whatever ops they mention; its GEMM and convolution
-    # templates (max-autotune: triton_tem_fused_mm_3, triton_tem_fused_convolution_7) first of all
-    ("conv_triton", ("triton_tem_fused_convolution",)),
+    # templates (max-autotune: triton_tem_fused_mm_3, triton_tem_fused_add_convolution_4) first of all;
+    # Inductor sorts the fused ops' names, so a template's own op may come anywhere in its name
+    ("conv_triton", ("triton_tem_*convolution",)),
+    ("attention", ("triton_tem_*attention",)),
     ("gemm_triton", ("triton_tem_",)),
     ("triton", ("triton_",)),
     ("memcpy", ("memcpy", "memset")),
@@ -530,10 +532,14 @@ KERNEL_KINDS = (  # first match wins; names as CUPTI reports them on Hopper (cuD
 
 
 def kernel_kind(name: str) -> str:
+    """The kind of the first KERNEL_KINDS key found in the name; a key `a*b` needs `b` after `a`."""
     low = name.lower()
     for kind, keys in KERNEL_KINDS:
-        if any(k in low for k in keys):
-            return kind
+        for key in keys:
+            head, _, tail = key.partition("*")
+            at = low.find(head)
+            if at >= 0 and (not tail or tail in low[at + len(head):]):
+                return kind
     return "other"
 
 

@@ -28,6 +28,9 @@ def _bench():
     ("triton_tem_fused_addmm_gelu_mul_12", "gemm_triton"),
     ("triton_tem_fused__scaled_mm_3", "gemm_triton"),
     ("triton_tem_fused_convolution_7", "conv_triton"),
+    ("triton_tem_fused_add_convolution_4", "conv_triton"),  # Inductor sorts the fused ops' names
+    ("triton_tem_fused__to_copy_convolution_2", "conv_triton"),
+    ("triton_tem_fused_flex_attention_0", "attention"),
     ("nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_TNT", "gemm_fp8"),
     ("nvjet_sm90_hsh_512x8_64x3_4x1_v_bz_TNT", "gemm"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1_kernel0_0",
