@@ -33,6 +33,11 @@ def model_health_name(model: str) -> str:
     return f"{VIDEOGEN_SERVICE}/{model}"
 
 
+def handshake_timeout(config: ServerConfig) -> tuple[str, int]:
+    """A connection that has not finished its handshake (TLS, the HTTP/2 preface) in time is closed."""
+    return "grpc.server_handshake_timeout_ms", int(config.handshake_timeout_seconds * 1000)
+
+
 def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
     options = [
         # The conditioning image arrives in the request: accept up to the configured bound (per-model
@@ -42,7 +47,7 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
         # Let clients keep idle channels open with keepalive pings no more often than every 10 s.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout_seconds * 1000)),
+        handshake_timeout(config),
     ]
     if limit := config.connection_limit():
         options.append(("grpc.max_allowed_incoming_connections", limit))
@@ -120,7 +125,7 @@ def build_health_server(health: HealthReporter, config: ServerConfig) -> tuple[g
     # cannot take the process's file descriptors either
     server = grpc.aio.server(interceptors=interceptors,
                              options=[("grpc.max_receive_message_length", 64 * 1024), EXCLUSIVE_PORT,
-                                      ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout_seconds * 1000)),
+                                      handshake_timeout(config),
                                       ("grpc.max_allowed_incoming_connections", HEALTH_MAX_CONNECTIONS)])
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     return server, _bind(server, f"{config.host}:{config.health_port}", "health port")
