@@ -10,11 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -24,8 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from videogen.v1 import videogen_pb2 as pb
 from videogen.v1 import videogen_pb2_grpc as pb_grpc
 
-from ..helpers import ServerThread, collect, metric_value, request, sample_png, wait_until
+from ..helpers import ServerThread, collect, request, sample_png, wait_until
 from .test_error_details import details_of
+from .test_scale_out import _spawn, _wait_ready
 
 MODEL = "svd-tiny"
 # 16 RAW frames of 64x48 and their MP4: past a 64 KiB receive window, so a caller that does not read
@@ -170,56 +168,41 @@ def _burst_peak(pid: int, target: str, metadata) -> tuple[list[grpc.StatusCode],
 
 @contextlib.contextmanager
 def _server_process(tmp_path, tiny_model_source, *args: str):
-    """A server process on the tiny model: (process, gRPC target, metrics port)."""
-    repo = tmp_path / "repo"
-    shutil.copytree(tiny_model_source, repo / MODEL)
-    port_file = tmp_path / "ports"
-    command = [sys.executable, "-m", "videogen_server.cli", "serve", "--model-repository", str(repo),
-               "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
-               "--port-file", str(port_file), "--cpu-threads", "1", "--media-threads", "1", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    """A server process on the tiny model (test_scale_out's), one request served."""
+    server = _spawn(tmp_path, tiny_model_source, *args)
     try:
-        deadline = time.monotonic() + 90
-        while not port_file.exists():
-            assert process.poll() is None, log.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "server not ready in 90 s"
-            time.sleep(0.1)
-        port, metrics_port = map(int, port_file.read_text().split()[:2])
-        target = f"127.0.0.1:{port}"
-        with grpc.insecure_channel(target) as channel:  # a served call first: what the first request
+        _wait_ready([server])
+        with grpc.insecure_channel(server.target) as channel:  # a served call first: what the first request
             # imports and allocates is not counted in the bursts
             assert collect(pb_grpc.VideoGenStub(channel), request(num_inference_steps=1), metadata=AUTH
                            )[-1].WhichOneof("event") == "summary"
-        yield process, target, metrics_port
+        yield server
     finally:
-        process.kill()
-        process.wait(10)
+        server.process.kill()
+        server.process.wait(10)
 
 
 def test_calls_refused_over_the_limit_are_not_read(tmp_path, tiny_model_source):
     """Read first (as gRPC's unary handlers do), 8 concurrent 48 MiB calls took the server's memory up by
     ~1.5x their 384 MiB before each was refused."""
     total = BURST * BURST_MIB
-    with _server_process(tmp_path, tiny_model_source, "--max-concurrent-requests", "1") as (process, target, port):
-        frames = _metric(port, "videogen_frames_generated_total", model=MODEL)
-        channel, held = _held_call(target)  # the one place taken
+    with _server_process(tmp_path, tiny_model_source, "--max-concurrent-requests", "1") as server:
+        frames = server.metric("videogen_frames_generated_total", model=MODEL)
+        channel, held = _held_call(server.target)  # the one place taken
         try:
             # its video made (what that allocates is not counted below), its frames waiting for its caller
-            wait_until(lambda: _metric(port, "videogen_frames_generated_total", model=MODEL) > frames, 60,
+            wait_until(lambda: server.metric("videogen_frames_generated_total", model=MODEL) > frames, 60,
                        "the held call's first frames")
-            wait_until(lambda: _metric(port, "videogen_instances_busy", model=MODEL) == 0, 60,
+            wait_until(lambda: server.metric("videogen_instances_busy", model=MODEL) == 0, 60,
                        "the held call's video made")
             time.sleep(0.5)
-            codes, grew = _burst_peak(process.pid, target, metadata=())
+            codes, grew = _burst_peak(server.process.pid, server.target, metadata=())
             assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * BURST
             assert grew < total / 4, f"+{grew:.0f} MiB for {total} MiB refused over the limit"
         finally:
             held.cancel()
             channel.close()
-        assert _metric(port, "videogen_requests_total", model="", code="RESOURCE_EXHAUSTED") == BURST
+        assert server.metric("videogen_requests_total", model="", code="RESOURCE_EXHAUSTED") == BURST
 
 
 def test_calls_refused_without_a_token_are_not_read(tmp_path, tiny_model_source):
@@ -228,15 +211,10 @@ def test_calls_refused_without_a_token_are_not_read(tmp_path, tiny_model_source)
     tokens.write_text(TOKEN + "\n")
     total = BURST * BURST_MIB
     with _server_process(tmp_path, tiny_model_source, "--max-concurrent-requests", "0",
-                         "--auth-token-file", str(tokens)) as (process, target, port):
-        codes, grew = _burst_peak(process.pid, target, metadata=())
+                         "--auth-token-file", str(tokens)) as server:
+        codes, grew = _burst_peak(server.process.pid, server.target, metadata=())
         assert codes == [grpc.StatusCode.UNAUTHENTICATED] * BURST
         assert grew < total / 4, f"+{grew:.0f} MiB for {total} MiB refused without a token"
-
-
-def _metric(port: int, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return metric_value(response.read().decode(), name, **labels)
 
 
 def test_a_call_that_never_sends_its_request_gives_its_place_back(tiny_model_source, tmp_path):
@@ -252,7 +230,7 @@ def test_a_call_that_never_sends_its_request_gives_its_place_back(tiny_model_sou
 
         # Generate's path with a streaming request: the same frames as a unary call, but no message yet
         stalled = server.channel().stream_stream(
-            f"/videogen.v1.VideoGen/Generate", request_serializer=pb.GenerateRequest.SerializeToString,
+            "/videogen.v1.VideoGen/Generate", request_serializer=pb.GenerateRequest.SerializeToString,
             response_deserializer=pb.GenerateResponse.FromString)(never_sends(), timeout=30,
                                                                    metadata=(("x-request-id", "silent-1"),))
         try:

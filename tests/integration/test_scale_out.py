@@ -76,14 +76,14 @@ class ServerProcess:
             return "(no log)"
 
 
-def _spawn(workdir: Path, source: Path) -> ServerProcess:
+def _spawn(workdir: Path, source: Path, *args: str) -> ServerProcess:
     repo = workdir / "repo"
     shutil.copytree(source, repo / MODEL)
     port_file, log = workdir / "ports", workdir / "server.log"
     command = [sys.executable, "-m", "videogen_server.cli", "serve", "--model-repository", str(repo),
                "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
                "--port-file", str(port_file), "--cpu-threads", "1", "--media-threads", "1",
-               "--drain-grace-seconds", "5"]
+               "--drain-grace-seconds", "5", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
