@@ -247,3 +247,18 @@ def test_a_call_that_never_sends_its_request_gives_its_place_back(tiny_model_sou
             assert server.metric("videogen_requests_total", model="", code="DEADLINE_EXCEEDED") == 1
         finally:
             release.set()
+
+
+def test_a_call_that_ends_without_its_request_is_refused_and_counted(tiny_model_source, tmp_path):
+    shutil.copytree(tiny_model_source, tmp_path / MODEL)
+    with ServerThread(tmp_path, max_concurrent_requests=1) as server:
+        empty = server.channel().stream_stream(
+            "/videogen.v1.VideoGen/Generate", request_serializer=pb.GenerateRequest.SerializeToString,
+            response_deserializer=pb.GenerateResponse.FromString)(iter(()), timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            next(empty)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert details_of(err.value)["ErrorInfo"].metadata["field"] == "request"
+        assert server.metric("videogen_requests_total", model="", outcome="rejected", code="INVALID_ARGUMENT") == 1
+        # its place came back
+        assert collect(server.stub(), request(num_inference_steps=1))[-1].WhichOneof("event") == "summary"

@@ -87,7 +87,7 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):
                 f"no request message {self.read_timeout:g}s after the call started "
                 f"(--request-read-timeout-seconds)"), triton)
         if request is grpc.aio.EOF:  # a caller that half-closed without its message (no gRPC client does)
-            await abort(context, InvalidRequest("request", "the call carried no request message"), triton=triton)
+            await self._refuse(context, InvalidRequest("request", "the call carried no request message"), triton)
         return request
 
     def _unary(self, behaviour, triton: bool):
