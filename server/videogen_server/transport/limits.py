@@ -71,13 +71,18 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):
         await abort(context, exc, request_id=request_id, triton=triton,
                     trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
 
-    async def _enter(self, context: grpc.aio.ServicerContext, triton: bool) -> None:
-        """Takes a place, or ends the call (unread) when none is left."""
+    @contextlib.asynccontextmanager
+    async def _place(self, context: grpc.aio.ServicerContext, triton: bool):
+        """Holds a place for the block, or ends the call (unread) when none is left."""
         if self.in_flight >= self.limit:
             await self._refuse(context, ServerBusy(f"the server has {self.limit} requests in flight, its limit "
                                                    f"(--max-concurrent-requests); retry later or on another server"),
                                triton)
         self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     async def _request(self, context: grpc.aio.ServicerContext, triton: bool):
         try:
@@ -92,31 +97,22 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):
 
     def _unary(self, behaviour, triton: bool):
         async def limited(request_iterator, context):
-            await self._enter(context, triton)
-            try:
+            async with self._place(context, triton):
                 return await behaviour(await self._request(context, triton), context)
-            finally:
-                self.in_flight -= 1
 
         return limited
 
     def _streaming(self, behaviour, triton: bool):
         if inspect.isasyncgenfunction(behaviour):
             async def limited(request_iterator, context):
-                await self._enter(context, triton)
-                try:
+                async with self._place(context, triton):
                     request = await self._request(context, triton)
                     async with contextlib.aclosing(behaviour(request, context)) as responses:
                         async for response in responses:
                             yield response
-                finally:
-                    self.in_flight -= 1
         else:  # a stream written with context.write
             async def limited(request_iterator, context):
-                await self._enter(context, triton)
-                try:
+                async with self._place(context, triton):
                     await behaviour(await self._request(context, triton), context)
-                finally:
-                    self.in_flight -= 1
 
         return limited
