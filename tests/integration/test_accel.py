@@ -754,3 +754,144 @@ def test_an_unwritable_compile_cache_dir_is_an_error_in_the_log_not_a_model_that
     assert accel._cache_dir is None and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "before")
     assert accel.use_compile_cache(str(tmp_path / "cache")) is True  # a writable one still takes effect
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")
+
+
+def _sdpa_over_tokens_heads(q, k, v, scale):
+    """What FA4's forward computes, over its [batch, tokens, heads, head_dim] layout: the stand-in for its
+    kernel here (FA4 needs a Hopper or Blackwell GPU). The same SDPA call the standard processor makes."""
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           scale=scale)
+    return out.transpose(1, 2)
+
+
+def test_flash_attention_4_wraps_the_self_attentions_and_keeps_the_output(tiny_model_source):
+    """The processor's projections, layout and output layers are the standard processor's: with FA4's kernel
+    replaced by the same SDPA call over FA4's layout (FA4 itself needs a Hopper GPU), the UNet's output is
+    the same bits; the kernel sees [batch, tokens, heads, head_dim] and the scale head_dim ** -0.5."""
+    import copy
+
+    from diffusers import UNetSpatioTemporalConditionModel
+    from diffusers.models.attention_processor import Attention
+
+    from videogen_server.backends.svd import accel
+
+    base = UNetSpatioTemporalConditionModel.from_pretrained(str(tiny_model_source / "1" / "unet")).eval()
+    selfs = [m for m in base.modules() if isinstance(m, Attention) and not m.is_cross_attention]
+    assert selfs
+    calls = []
+
+    def kernel(q, k, v, scale):
+        calls.append((q.shape, scale))
+        assert q.shape == k.shape == v.shape and q.dim() == 4
+        return _sdpa_over_tokens_heads(q, k, v, scale)
+
+    x = _unet_inputs(base)
+    with torch.inference_mode():
+        ref = base(**x, return_dict=False)[0]
+        for fuse in (False, True):
+            model = copy.deepcopy(base)
+            if fuse:
+                accel.fuse_qkv(model)
+            accel.fold_cross_attention(model)  # as the backend combines them: cross folded, self through FA4
+            assert accel.flash_attention_4(model, kernel) == len(selfs)
+            assert accel.flash_attention_4(model, kernel) == 0  # once only
+            calls.clear()
+            out = model(**x, return_dict=False)[0]
+            assert len(calls) == len(selfs)
+            if fuse:  # one projection of three: the same products, other rounding of the GEMM's blocking
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(out, ref), "float32 on CPU: the same sums, bit for bit"
+    heads = {m.heads for m in selfs}
+    assert {(shape[2], scale) for shape, scale in calls} == {(h, 16 ** -0.5) for h in heads}  # tiny: head_dim 16
+
+    # a cross-attention, a mask or a 4-d input goes to the wrapped processor
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    torch.manual_seed(1)
+    attn = Attention(16, heads=2, dim_head=8, out_bias=True, residual_connection=True,
+                     rescale_output_factor=2.0).eval()
+    plain, calls = AttnProcessor2_0(), []
+    attn.set_processor(accel.FlashAttention4(plain, kernel))
+    h = torch.randn(2, 5, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(attn(h), plain(attn, h), rtol=0, atol=0)  # residual and rescale applied
+        assert len(calls) == 1
+        torch.testing.assert_close(attn(h, h[:, :3]), plain(attn, h, h[:, :3]))
+        mask = torch.zeros(2, 1, 5)
+        torch.testing.assert_close(attn(h, attention_mask=mask), plain(attn, h, attention_mask=mask))
+        h4 = torch.randn(2, 16, 2, 3)
+        torch.testing.assert_close(attn(h4), plain(attn, h4))
+        assert len(calls) == 1
+
+
+def test_flash_attention_4_leaves_attention_it_cannot_take():
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from videogen_server.backends.svd import accel
+
+    class Custom(AttnProcessor2_0):
+        pass
+
+    cross = Attention(16, cross_attention_dim=8, heads=2, dim_head=8)
+    custom = Attention(16, heads=2, dim_head=8, processor=Custom())
+    normed = Attention(16, heads=2, dim_head=8, qk_norm="layer_norm")
+    grouped = Attention(16, heads=2, dim_head=8, norm_num_groups=4)
+    wide = Attention(1024, heads=2, dim_head=512)  # the VAE's: a head size beyond FA4's 256
+    odd = Attention(12, heads=1, dim_head=12)  # not a multiple of 8
+    models = (cross, custom, normed, grouped, wide, odd)
+    assert accel.flash_attention_4(torch.nn.Sequential(*models), _sdpa_over_tokens_heads) == 0
+    assert not any(isinstance(m.processor, accel.FlashAttention4) for m in models)
+
+
+@pytest.mark.timeout(600)  # Inductor compiles the tiny UNet once: ~1 min on 2 busy cores
+def test_flash_attention_4_op_compiles_whole_into_the_unet_graph(tiny_model_source, tmp_path, monkeypatch):
+    """torch.compile(fullgraph=True) of the UNet with FA4's custom op: Dynamo keeps the op whole (it cannot
+    trace the CuTe DSL), Inductor plans its output from the op's fake (shape and strides) and calls it.
+    The op's CUDA kernel is FA4's; a CPU kernel of the same maths is registered for this test only."""
+    import copy
+
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from videogen_server.backends.svd import accel
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    op = accel.fa4_attention_op()
+    assert accel.fa4_attention_op() is op  # registered once per process
+    ran = []
+
+    def on_cpu(q, k, v, scale):
+        ran.append(q.shape)
+        return _sdpa_over_tokens_heads(q, k, v, scale).contiguous()
+
+    op.register_kernel("cpu")(on_cpu)
+    try:
+        base = UNetSpatioTemporalConditionModel.from_pretrained(str(tiny_model_source / "1" / "unet")).eval()
+        model = copy.deepcopy(base)
+        n = accel.flash_attention_4(model)  # the real op
+        x = _unet_inputs(base)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)
+        with torch.inference_mode():
+            ref = base(**x, return_dict=False)[0]
+            out = compiled(**x, return_dict=False)[0]
+            ran.clear()
+            again = compiled(**x, return_dict=False)[0]
+        assert len(ran) == n, "every wrapped self-attention calls the op from the compiled graph"
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        assert torch.equal(again, out)
+    finally:
+        op.set_kernel_enabled("cpu", False)
+        torch._dynamo.reset()
+
+
+def test_fa4_attention_kernel_needs_a_hopper_or_blackwell_gpu(make_repo):
+    repo = make_repo({"m": tiny_config("m", parameters=TINY_PARAMETERS + _param("attention_kernel", "fa4")),
+                      "bad": tiny_config("bad", parameters=TINY_PARAMETERS + _param("attention_kernel", "fa3"))})
+    with ServerThread(repo) as server:
+        for name in ("m", "bad"):
+            info = server.stub().GetModel(pb.GetModelRequest(name=name))
+            assert info.state != pb.MODEL_STATE_READY
+        assert "attention_kernel: fa4 needs a CUDA GPU of compute capability 9.x or 10.x" in \
+            server.engine.models["m"].error
+        assert "attention_kernel: 'fa3' is not one of ['sdpa', 'fa4']" in server.engine.models["bad"].error

@@ -12,6 +12,8 @@
   layout transposes).
 - `fold_cross_attention`: attention over SVD's single image-embedding token is its value projection;
   the query projection and the softmax are skipped.
+- `flash_attention_4`: the self-attentions through FlashAttention-4's kernels (the flash-attn-4 package;
+  Hopper and Blackwell), as a custom op torch.compile keeps whole; per model, not process-wide.
 - `prefer_sdpa_backend`: makes scaled-dot-product attention prefer one backend (flash, cuDNN, efficient,
   math), process-wide while a model that asked for it is loaded; `use_cudnn_benchmark` likewise for
   cuDNN's convolution autotuning.
@@ -398,6 +400,115 @@ def fold_cross_attention(model: nn.Module) -> int:
                 and getattr(m, "add_k_proj", None) is None and not getattr(m, "only_cross_attention", False)
                 and (getattr(m, "to_v", None) is not None or hasattr(m, "to_kv"))):
             m.set_processor(OneTokenCrossAttention(m.processor))
+            n += 1
+    return n
+
+
+# -- FlashAttention-4 -------------------------------------------------------------------------------
+
+#: the module of the flash-attn-4 package (CuTe DSL kernels, forward for compute capability 9.x and 10.x)
+FA4_MODULE = "flash_attn.cute.interface"
+FA4_CAPABILITIES = (9, 10)
+FA4_HEAD_DIMS = range(8, 257, 8)  # the sm90 forward's head sizes (multiples of 8 up to 256)
+
+_fa4_lock = threading.Lock()
+_fa4_op = None
+
+
+def fa4_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why FlashAttention-4 cannot run on `device` in `dtype` (None: it can). Imports the package."""
+    if device.type != "cuda":
+        return f"needs a CUDA GPU of compute capability {' or '.join(f'{c}.x' for c in FA4_CAPABILITIES)}, not {device}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in FA4_CAPABILITIES:
+        return (f"needs a GPU of compute capability {' or '.join(f'{c}.x' for c in FA4_CAPABILITIES)} "
+                f"(Hopper, Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}")
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"runs in float16 or bfloat16, not {str(dtype).removeprefix('torch.')}"
+    try:
+        import importlib
+        importlib.import_module(FA4_MODULE)
+    except Exception as exc:  # ImportError, or the CUTLASS DSL's own failure to find its libraries
+        return f"needs the flash-attn-4 package (pip install flash-attn-4): {type(exc).__name__}: {exc}"
+    return None
+
+
+def fa4_attention_op():
+    """`videogen::fa4_attention(q, k, v, scale)`: FA4's forward over [batch, tokens, heads, head_dim], as a
+    custom op, so that torch.compile keeps it whole (Dynamo cannot trace the CuTe DSL) and knows its output
+    (a new contiguous tensor shaped like q) without running it. Registered once per process, on first use."""
+    global _fa4_op
+    with _fa4_lock:
+        if _fa4_op is None:
+            @torch.library.custom_op("videogen::fa4_attention", mutates_args=(), device_types="cuda")
+            def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+                import importlib
+                out = importlib.import_module(FA4_MODULE).flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
+                return out[0] if isinstance(out, tuple) else out
+
+            @fa4_attention.register_fake
+            def _(q, k, v, scale):
+                return q.new_empty(q.shape)
+
+            _fa4_op = fa4_attention
+        return _fa4_op
+
+
+class FlashAttention4:
+    """A self-attention processor that runs the attention itself through `kernel` (FA4's op) over the
+    projections laid out as [batch, tokens, heads, head_dim], the layout they come out of the linear layers
+    in; the projections, output layers, residual and rescaling are the standard processors' (diffusers'
+    AttnProcessor2_0 and FusedAttnProcessor2_0), in the same order, so only the attention kernel differs.
+    Calls of any other kind (cross-attention, a mask, 4-d input, a norm on the input, query or key) go to
+    the processor it wraps. The scale is SDPA's default, head_dim ** -0.5, as the standard processors use.
+    """
+
+    def __init__(self, inner, kernel=None) -> None:
+        self.inner = inner
+        self.kernel = kernel if kernel is not None else fa4_attention_op()
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+        if (encoder_hidden_states is not None or attention_mask is not None or hidden_states.dim() != 3
+                or args or kwargs):
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        residual = hidden_states
+        if hasattr(attn, "to_qkv"):  # fuse_qkv
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        batch, tokens = hidden_states.shape[:2]
+        head_dim = key.shape[-1] // attn.heads
+        shape = (batch, tokens, attn.heads, head_dim)
+        out = self.kernel(query.view(shape), key.view(shape), value.view(shape), head_dim ** -0.5)
+        out = out.reshape(batch, tokens, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def flash_attention_4(model: nn.Module, kernel=None) -> int:
+    """Wraps the processor of every plain self-attention of `model` whose head size FA4 takes in
+    `FlashAttention4`; returns how many. Apply after `fuse_qkv` (it reads the fused projection too).
+
+    The same standard processors only as `fold_cross_attention`, for the same reasons, and only modules
+    without norms of their own (spatial, group, query or key norms), which the wrapper does not run.
+    SVD's UNet: its 32 self-attentions (spatial and temporal), head size 64. The VAE's one attention has
+    a head size of 512 and stays on SDPA.
+    """
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
+
+    n = 0
+    for m in model.modules():
+        if (isinstance(m, Attention) and not m.is_cross_attention
+                and type(m.processor) in (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0)
+                and getattr(m, "add_q_proj", None) is None and getattr(m, "add_k_proj", None) is None
+                and m.spatial_norm is None and m.group_norm is None
+                and getattr(m, "norm_q", None) is None and getattr(m, "norm_k", None) is None
+                and m.inner_dim % m.heads == 0 and m.inner_dim // m.heads in FA4_HEAD_DIMS
+                and getattr(m, "inner_kv_dim", m.inner_dim) == m.inner_dim):
+            m.set_processor(FlashAttention4(m.processor, kernel))
             n += 1
     return n
 

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UNWARMED_SHAPES = ("eager", "compile")
+ATTENTION_KERNELS = ("sdpa", "fa4")
 FALLBACK_LOG_LIMIT = 100  # distinct shapes whose uncompiled run is logged, per instance
 #: `fp8: static`: eager denoising steps of the first batch that calibrate the activation scales (a schedule
 #: of its own over the same sigma range: from noise to nearly clean, where activations differ most)
@@ -94,6 +95,11 @@ PARAMETERS = {
     "fuse_qkv": ("false", "one projection for attention query/key/value instead of three"),
     "attention_backend": ("auto", "scaled-dot-product attention kernel to prefer (the others remain for calls it "
                           "cannot take), process-wide: " + " | ".join(accel.SDPA_BACKENDS)),
+    "attention_kernel": ("sdpa", "the UNet's self-attentions: sdpa (torch's scaled_dot_product_attention, the kernel "
+                         "attention_backend prefers) | fa4 (FlashAttention-4, the flash-attn-4 package: GPUs of "
+                         "compute capability 9.x or 10.x, float16 or bfloat16; this model only). Cross-attention "
+                         "and the VAE's attention stay on SDPA; exact attention either way, the frames differ by "
+                         "float rounding"),
     "cudnn_benchmark": ("false", "cuDNN times its convolution algorithms for each new shape and keeps the fastest "
                         "(torch.backends.cudnn.benchmark), process-wide while this model is loaded; the first request "
                         "of a shape (size, frames, decode chunk length) pays the timing: warm them up. The choice is "
@@ -182,6 +188,8 @@ class SVDBackend(Backend):
                 raise ValueError(f"{key}: {value!r} is not one of {list(COMPILE_MODES)}")
             if key == "attention_backend" and value not in accel.SDPA_BACKENDS:
                 raise ValueError(f"attention_backend: {value!r} is not one of {list(accel.SDPA_BACKENDS)}")
+            if key == "attention_kernel" and value not in ATTENTION_KERNELS:
+                raise ValueError(f"attention_kernel: {value!r} is not one of {list(ATTENTION_KERNELS)}")
             if key == "fp8":
                 _fp8_mode(value)
             if key in ("cpu_offload", "channels_last", "fuse_qkv", "fold_cross_attention", "temporal_convs_2d",
@@ -239,6 +247,11 @@ class SVDBackend(Backend):
             why_not = accel.fp8_supported(self.device)
             if why_not:
                 raise ValueError(f"fp8: {why_not}")
+        self.attention_kernel = p.get("attention_kernel", "sdpa")
+        if self.attention_kernel == "fa4":  # before the weights load: a missing package fails in seconds
+            why_not = accel.fa4_unavailable(self.device, self.dtype)
+            if why_not:
+                raise ValueError(f"attention_kernel: fa4 {why_not}")
         with _LOAD_LOCK:  # the module surgery too: it creates modules, which a concurrent load may patch
             # Loaded in float32, then cast: from_pretrained sets torch's default dtype (process-wide) to the
             # one it is given while it builds each model, and a float16 window there reached the instances
@@ -259,6 +272,8 @@ class SVDBackend(Backend):
             self.fp8_uncalibrated = self.fp8 == "static"  # calibrated at the first batch (a warm-up's)
             if _bool("fold_cross_attention", p.get("fold_cross_attention", "false")):  # after fuse_qkv and fp8
                 applied.append(f"fold_cross_attention ({accel.fold_cross_attention(pipe.unet)} layers)")
+            if self.attention_kernel == "fa4":  # after fuse_qkv
+                applied.append(f"attention_kernel fa4 ({accel.flash_attention_4(pipe.unet)} self-attentions)")
             if _bool("temporal_convs_2d", p.get("temporal_convs_2d", "false")):  # before channels_last
                 n_unet, n_vae = accel.temporal_convs_2d(pipe.unet), accel.temporal_convs_2d(pipe.vae.decoder)
                 applied.append(f"temporal_convs_2d ({n_unet} UNet, {n_vae} VAE decoder convolutions)")
