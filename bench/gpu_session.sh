@@ -51,19 +51,34 @@
 #        apart: gemm_triton, conv_triton). Predicted ~0.40-0.42 s a step against run 6's 0.429 s. Its cold
 #        compile is unknown (part9's 6-8 min is a guess too): a call of its own, first in a session.
 #
+# fa4a, then part13 (twentieth session): FlashAttention-4 (attention_kernel=fa4) for the UNet's self-attentions.
+#        FA4 and the CUTLASS DSL do not fit one call beside the wheels: `gpu_wheels.sh PY --fa4` packs them
+#        as .fa4a/ and .fa4b/. Call 1: carry [".fa4a"], `bash bench/gpu_session.sh fa4a` (~1.5 min with the
+#        start): leaves the first piece in /tmp and times torch's attention kernels at the step's shapes
+#        (attention_bench.py). Call 2 at once (the machine goes back after 30 s idle): carry
+#        [".whl", ".fa4b"], `bash bench/gpu_session.sh part13` (~6-7 min): FA4 against cuDNN per shape, then
+#        the server with fa4, profiled. A call 2 that finds no first piece runs part12.
+#
 # Compile caches: part7 packs its cache (/tmp/vg-cc-full) as $OUT/cc-full.tar.xz when that fits in what a call
 # returns (15 MiB here) and reports its size either way. A later session on the same kind of card, code and
 # torch can carry it back (copy it into .cc/, which .gitignore has, and name .cc in carry beside
 # .whl: 64 MiB in all, the wheels take 48): every .cc/*.tar.xz is unpacked into /tmp first, so the same
 # server params start warm (~37 s to ready instead of ~270 s), leaving the call's time for more variants.
 set -u
-part=${1:?usage: bench/gpu_session.sh part1|part2|part3|part4|part5|part6|part7|part8|part9|part10|part11|part12|tricks}
+part=${1:?usage: bench/gpu_session.sh part1|...|part13|fa4a|tricks}
+OUT=${OUT:-/tmp/vg-out}
+mkdir -p "$OUT"
+if [ "$part" = fa4a ]; then  # carry [".fa4a"] only (no room for .whl): leave FA4's first piece, time torch's kernels
+    mkdir -p /tmp/fa4stage && cp .fa4a/fa4.tar.xz.0 /tmp/fa4stage/ && ls -la /tmp/fa4stage | tee "$OUT/fa4a.txt"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >>"$OUT/fa4a.txt" 2>&1
+    PYTHONUNBUFFERED=1 timeout 300 python3 bench/attention_bench.py --out "$OUT/attention-sdpa.json" \
+        --kernels cudnn,flash,efficient 2>&1 | tee "$OUT/attention-sdpa.log"
+    exit 0
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/vg-out}
 W=/tmp/vg-bench
-mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$OUT/gpu-$part.txt" 2>&1
 # every run ends before the call's limit (590 s): killed at the limit, a run keeps what it checkpointed
 bench() {
@@ -188,6 +203,36 @@ part12)
     bench --out "$OUT/p17" --variants server_compile --profile --time-budget 60 --server-params \
         "compile_vae=none,fold_cross_attention=true,temporal_convs_2d=true,compile_cache_dir=/tmp/vg-cc-tuned,compile_options=max_autotune_gemm=true;coordinate_descent_tuning=true" \
         2>&1 | tee "$OUT/p17.log"
+    ;;
+part13)
+    # FlashAttention-4 for the UNet's self-attentions (attention_kernel=fa4; run 6's step: attention 0.092 s of
+    # 0.429 s, cuDNN's sm90 kernel at ~340 TFLOP/s). Needs FA4's first piece left by `fa4a` on this machine
+    # (the call before, within its 30 s of idle) and .fa4b carried with .whl. First each kernel alone at the
+    # step's shapes (FA4 against cuDNN in one process), then, if FA4 ran every shape, the server with run 6's
+    # UNet options plus fa4, UNet only, profiled, its own cache. Predicted: attention ~0.06-0.07 s a step
+    # (-0.02 to -0.03 s), ~0.40-0.41 s a step. Without the first piece (a new machine): part12 instead.
+    piece0=/tmp/fa4stage/fa4.tar.xz.0
+    [ -f "$piece0" ] || piece0=.fa4a/fa4.tar.xz.0  # carried here too (a call with room for it)
+    if [ ! -f "$piece0" ] || [ ! -f .fa4b/fa4.tar.xz.1 ]; then
+        echo "part13: FA4's pieces are not both here (was fa4a the call before, on this machine?): part12 instead" \
+            | tee "$OUT/fa4.txt"
+        exec bash "$0" part12
+    fi
+    sum=$(cat "$piece0" .fa4b/fa4.tar.xz.1 | sha256sum | cut -d' ' -f1)
+    [ "$sum" = "$(cat .fa4b/sha256)" ] || { echo "part13: FA4's pieces do not match (sha256)" | tee "$OUT/fa4.txt"; exit 1; }
+    cat "$piece0" .fa4b/fa4.tar.xz.1 | xz -d | tar -C /tmp -xf - || exit 1
+    # a PYTHONPATH entry reads no .pth file: the CUTLASS DSL's own (dsl_packages) is named here
+    export PYTHONPATH=/tmp/site:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages
+    timeout 300 python3 bench/attention_bench.py --out "$OUT/attention-fa4.json" --kernels cudnn,fa4,flash 2>&1 \
+        | tee "$OUT/attention-fa4.log"
+    if ! python3 -c "import json, sys; d = json.load(open(sys.argv[1])); sys.exit(d['per_step_s'].get('fa4') is None)" \
+            "$OUT/attention-fa4.json"; then
+        echo "part13: FA4 did not run every shape (attention-fa4.json): no server run" | tee -a "$OUT/fa4.txt"
+        exit 0
+    fi
+    bench --out "$OUT/p18" --variants server_compile --profile --time-budget 60 --server-params \
+        "compile_vae=none,fold_cross_attention=true,temporal_convs_2d=true,attention_kernel=fa4,compile_cache_dir=/tmp/vg-cc-fa4" \
+        2>&1 | tee "$OUT/p18.log"
     ;;
 part10)
     # the same server parameters as part7, so that its cache (if this machine ran part7) has every graph
