@@ -203,3 +203,35 @@ def test_out_of_memory_in_a_batch_fails_only_the_request_that_does_not_fit(make_
         # the scheduler formed one batch of 2; the re-runs happened inside it
         assert server.metric("videogen_batch_size_count", model="m") == 1
         assert server.metric("videogen_batch_size_sum", model="m") == 2
+
+
+def test_a_failed_batch_gives_each_request_an_error_of_its_own(make_repo, monkeypatch, caplog):
+    """One backend error fails a batch of 2: each request gets the error's type and message in an object
+    of its own, without the instance thread's traceback (logged once, there). One object raised in every
+    request's generator chained each raise's frames onto it, so each request kept the others' frames,
+    and clearing it at one call's end took the traceback from the others."""
+    from videogen_server.engine.request import EngineRequest
+
+    cfg = tiny_config("m", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 2000000 "
+                           "preferred_batch_size: [2] }",
+                      parameters=TINY_PARAMETERS + 'parameters { key: "fault_injection" '
+                                                   'value { string_value: "error@2:seed=666" } }')
+    errors = []
+    handed = EngineRequest.error
+
+    def record(self, exc):
+        errors.append(exc)
+        handed(self, exc)
+
+    monkeypatch.setattr(EngineRequest, "error", record)
+    with ServerThread(make_repo({"m": cfg})) as server:
+        stub = server.stub()
+        bad = Stream(stub, request(model="m", seed=666, **SHORT))
+        other = Stream(stub, request(model="m", seed=1, **SHORT))
+        bad.join(), other.join()
+        assert bad.code() == other.code() == grpc.StatusCode.INTERNAL
+        assert server.metric("videogen_batch_size_sum", model="m") == 2  # one batch of both
+    assert len(errors) == 2 and errors[0] is not errors[1]
+    assert type(errors[0]) is type(errors[1]) is RuntimeError
+    assert errors[0].args == errors[1].args and "injected error at step 2" in str(errors[0])
+    assert "injected error at step 2" in caplog.text  # the instance's log has the traceback

@@ -6,6 +6,7 @@ compiled graphs and CUDA graphs must stay on the thread that made them.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import logging
 import threading
 import time
@@ -20,6 +21,19 @@ from .scheduler import Scheduler
 INSTANCE_THREAD_PREFIX = "instance-"
 
 log = logging.getLogger(__name__)
+
+
+def _own_copy(exc: Exception) -> Exception:
+    """A batch's error for one of its requests: the same type, arguments and attributes in an object of its
+    own, without the traceback (logged above, on the instance thread). Each request raises its error in
+    its own coroutine; raising one shared object there chains every raise site's frames onto it, so each
+    request would keep the others' frames alive, and clearing it when one call ends (status.abort_call)
+    would clear it for the others. An error that cannot be copied is handed on as it is."""
+    try:
+        own = copy.copy(exc)
+    except Exception:
+        return exc
+    return own if type(own) is type(exc) and own.args == exc.args else exc
 
 
 class WarmupSender:
@@ -144,7 +158,7 @@ class Instance:
                 self.state = "dead"
                 self._on_dead(self)
             for req in batch:
-                req.error(InstanceDead("the model instance failed") if fatal else exc)
+                req.error(InstanceDead("the model instance failed") if fatal else _own_copy(exc))
         except BaseException:
             for req in batch:  # its callers hear of it before the instance goes (see _serve)
                 req.error(InstanceDead("the model instance stopped"))
