@@ -54,6 +54,7 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
         "blocks": tiny_config("blocks", parameters=TINY_PARAMETERS + _param("forward_chunking", "1024")),
         "folded": tiny_config("folded", parameters=TINY_PARAMETERS + _param("fold_cross_attention", "true")
                               + _param("temporal_convs_2d", "true")),
+        "splitgn": tiny_config("splitgn", parameters=TINY_PARAMETERS + _param("split_group_norm", "true")),
     })
     plain = {}
     with ServerThread(repo) as server:
@@ -67,6 +68,8 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
             assert np.abs(_frames(server, "blocks", **case) - plain[i]).max() <= 1
             # one-token cross-attention as its value projection, temporal convolutions as 2-d: the same sums
             assert np.abs(_frames(server, "folded", **case) - plain[i]).max() <= 1
+            # group norms from per-channel statistics: the same maths, another order of the sums
+            assert np.abs(_frames(server, "splitgn", **case) - plain[i]).max() <= 1
             # FP8 linears change frames a little, and only a little (about 38-41 dB on this model)
             fp8 = _frames(server, "fp8", **case)
             assert np.abs(fp8 - plain[i]).max() > 0, "fp8 must actually run in 8 bit"
@@ -83,6 +86,10 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
             assert any(isinstance(m, accel.FramesConv2d) for m in model.modules())
             assert not any(isinstance(m, torch.nn.Conv3d) for m in model.modules())
         assert any(isinstance(getattr(m, "processor", None), accel.OneTokenCrossAttention) for m in unet.modules())
+        split = next(iter(server.engine.models["splitgn"].loaded.values())).instances[0].backend.pipe
+        for model in (split.unet, split.vae.decoder):
+            assert any(isinstance(m, accel.SplitGroupNorm) for m in model.modules())
+            assert not any(type(m) is torch.nn.GroupNorm for m in model.modules())
     # The attention kernel preference is process-wide (torch's switches are): a server of its own.
     import shutil
 
@@ -895,3 +902,46 @@ def test_fa4_attention_kernel_needs_a_hopper_or_blackwell_gpu(make_repo):
         assert "attention_kernel: fa4 needs a CUDA GPU of compute capability 9.x or 10.x" in \
             server.engine.models["m"].error
         assert "attention_kernel: 'fa3' is not one of ['sdpa', 'fa4']" in server.engine.models["bad"].error
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 64, 8, 8), 16), ((2, 32, 3, 4, 5), 8), ((2, 32, 7), 4), ((3, 12), 3)])
+def test_split_group_norm_is_the_group_norm_from_channel_statistics(shape, groups, tmp_path, monkeypatch):
+    """Image (channels-last too), video (the temporal blocks' [B, C, F, H, W]), sequence (an attention's
+    group norm) and pixel-less inputs, with a mean far from zero (the per-group combination of channel
+    statistics must not lose precision to it); the module keeps its parameters; eager and compiled."""
+    import copy
+
+    from videogen_server.backends.svd import accel
+
+    torch.manual_seed(0)
+    ref = torch.nn.GroupNorm(groups, shape[1], eps=1e-6)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    model = torch.nn.Sequential(copy.deepcopy(ref))
+    before = dict(model.named_parameters())
+    assert accel.split_group_norm(model) == 1 and accel.split_group_norm(model) == 0
+    assert isinstance(model[0], accel.SplitGroupNorm)
+    assert dict(model.named_parameters()) == before  # the same names, the same tensors
+    x = torch.randn(*shape) * 3 + 50
+    inputs = [x] + ([x.to(memory_format=torch.channels_last)] if x.dim() == 4 else [])
+    exact = copy.deepcopy(ref).double()(x.double()).float()  # (torch's own CPU kernel is off by 2e-4 on a
+    with torch.inference_mode():                             # channels-last input of this mean: not the bar)
+        for xx in inputs:
+            torch.testing.assert_close(model(xx), exact, rtol=0, atol=1e-5)
+        bf16 = x.to(torch.bfloat16)  # 16-bit input: float32 statistics, 16-bit output, as torch's kernel
+        out = copy.deepcopy(model).to(torch.bfloat16)(bf16)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, copy.deepcopy(ref).to(torch.bfloat16)(bf16), rtol=0.02, atol=0.02)
+        no_affine = torch.nn.Sequential(torch.nn.GroupNorm(groups, shape[1], affine=False))
+        plain = no_affine.double()(x.double()).float()
+        accel.split_group_norm(no_affine.float())
+        torch.testing.assert_close(no_affine(x), plain, rtol=0, atol=1e-5)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(inputs[-1]), exact, rtol=0, atol=1e-5)
+    finally:
+        torch._dynamo.reset()

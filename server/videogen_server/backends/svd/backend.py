@@ -117,6 +117,10 @@ PARAMETERS = {
     "temporal_convs_2d": ("false", "the temporal (3x1x1) 3-d convolutions of the UNet and the VAE decoder as the "
                           "equivalent (3x1) 2-d convolutions over frames x pixels, which torch.compile keeps "
                           "channels-last like the spatial ones; the same frames up to float rounding"),
+    "split_group_norm": ("false", "the UNet's and the VAE decoder's group norms computed from per-channel statistics "
+                         "combined per group: the same maths (frames equal up to float rounding), in a form whose "
+                         "reduction reads channels-last tensors (what torch.compile makes of the convolutions "
+                         "around them) along their contiguous channels; for compiled models"),
     "fault_injection": ("", "testing only: `oom@K`, `error@K` or `lost@K` raises a device out-of-memory error, a "
                         "RuntimeError or a CUDA error that leaves the device unusable (the instance stops for good) "
                         "at denoising step K, for requests whose seed is the one after `:seed=` (e.g. oom@2:seed=666)"),
@@ -193,7 +197,7 @@ class SVDBackend(Backend):
             if key == "fp8":
                 _fp8_mode(value)
             if key in ("cpu_offload", "channels_last", "fuse_qkv", "fold_cross_attention", "temporal_convs_2d",
-                       "cudnn_benchmark"):
+                       "cudnn_benchmark", "split_group_norm"):
                 _bool(key, value)
             if key == "forward_chunking":
                 _block_rows(value)
@@ -277,6 +281,9 @@ class SVDBackend(Backend):
             if _bool("temporal_convs_2d", p.get("temporal_convs_2d", "false")):  # before channels_last
                 n_unet, n_vae = accel.temporal_convs_2d(pipe.unet), accel.temporal_convs_2d(pipe.vae.decoder)
                 applied.append(f"temporal_convs_2d ({n_unet} UNet, {n_vae} VAE decoder convolutions)")
+            if _bool("split_group_norm", p.get("split_group_norm", "false")):
+                n_unet, n_vae = accel.split_group_norm(pipe.unet), accel.split_group_norm(pipe.vae.decoder)
+                applied.append(f"split_group_norm ({n_unet} UNet, {n_vae} VAE decoder group norms)")
         pipe.set_progress_bar_config(disable=True)
         rows = _block_rows(p.get("forward_chunking", "false"))
         if rows:
