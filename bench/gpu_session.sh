@@ -59,13 +59,16 @@
 #        [".whl", ".fa4b"], `bash bench/gpu_session.sh part13` (~6-7 min): FA4 against cuDNN per shape, then
 #        the server with fa4, profiled. A call 2 that finds no first piece runs part12.
 #
+# part14 (twentieth session): part7 with split_group_norm (group norms from per-channel statistics), the plain
+#        pipeline beside it for the frames' PSNR, profiled (~7 min: one call of its own).
+#
 # Compile caches: part7 packs its cache (/tmp/vg-cc-full) as $OUT/cc-full.tar.xz when that fits in what a call
 # returns (15 MiB here) and reports its size either way. A later session on the same kind of card, code and
 # torch can carry it back (copy it into .cc/, which .gitignore has, and name .cc in carry beside
 # .whl: 64 MiB in all, the wheels take 48): every .cc/*.tar.xz is unpacked into /tmp first, so the same
 # server params start warm (~37 s to ready instead of ~270 s), leaving the call's time for more variants.
 set -u
-part=${1:?usage: bench/gpu_session.sh part1|...|part13|fa4a|tricks}
+part=${1:?usage: bench/gpu_session.sh part1|...|part14|fa4a|tricks}
 OUT=${OUT:-/tmp/vg-out}
 mkdir -p "$OUT"
 if [ "$part" = fa4a ]; then  # carry [".fa4a"] only (no room for .whl): leave FA4's first piece, time torch's kernels
@@ -235,6 +238,16 @@ part13)
     bench --out "$OUT/p18" --variants server_compile --profile --time-budget 60 --server-params \
         "compile_vae=none,fold_cross_attention=true,temporal_convs_2d=true,attention_kernel=fa4,compile_cache_dir=/tmp/vg-cc-fa4" \
         2>&1 | tee "$OUT/p18.log"
+    ;;
+part14)
+    # split_group_norm (twentieth session) on part7's configuration (UNet + VAE compiled, cold, its own cache):
+    # group norms from per-channel statistics, whose reductions read channels-last tensors along their
+    # channels. Run 7's VAE group norms took ~5 ms a call against ~0.8 ms of traffic. Predicted: decode
+    # 0.92 -> ~0.75-0.8 s, Inductor's glue in the step 0.131 -> ~0.10-0.12 s if the UNet's group norms are
+    # as slow (unmeasured: the profile says), so ~0.40-0.42 s a step; frames within 1/255 of run 6's
+    bench --out "$OUT/p19" --variants plain,server_compile --profile --time-budget 120 --server-params \
+        "fold_cross_attention=true,temporal_convs_2d=true,split_group_norm=true,compile_cache_dir=/tmp/vg-cc-gn,compile_vae_options=force_layout_optimization=true" \
+        2>&1 | tee "$OUT/p19.log"
     ;;
 part10)
     # the same server parameters as part7, so that its cache (if this machine ran part7) has every graph
