@@ -6,6 +6,7 @@ cpu_offload needs a GPU, so its phase logic is checked on the meta device instea
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -771,6 +772,26 @@ def _sdpa_over_tokens_heads(q, k, v, scale):
     return out.transpose(1, 2)
 
 
+@contextlib.contextmanager
+def _fa4_op_on_cpu():
+    """FA4's op with a CPU kernel of the same maths (`_sdpa_over_tokens_heads`), for one test: FA4 itself
+    needs a Hopper GPU. Yields the list of q's shapes it is called with."""
+    from videogen_server.backends.svd import accel
+
+    op, calls = accel.fa4_attention_op(), []
+
+    def on_cpu(q, k, v, scale):
+        calls.append(q.shape)
+        return _sdpa_over_tokens_heads(q, k, v, scale).contiguous()
+
+    op.register_kernel("cpu")(on_cpu)
+    op.set_kernel_enabled("cpu", True)
+    try:
+        yield calls
+    finally:
+        op.set_kernel_enabled("cpu", False)
+
+
 def test_flash_attention_4_wraps_the_self_attentions_and_keeps_the_output(tiny_model_source):
     """The processor's projections, layout and output layers are the standard processor's: with FA4's kernel
     replaced by the same SDPA call over FA4's layout (FA4 itself needs a Hopper GPU), the UNet's output is
@@ -833,7 +854,7 @@ def test_flash_attention_4_wraps_the_self_attentions_and_keeps_the_output(tiny_m
 
 
 def test_flash_attention_4_leaves_attention_it_cannot_take():
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
     from videogen_server.backends.svd import accel
 
@@ -846,9 +867,58 @@ def test_flash_attention_4_leaves_attention_it_cannot_take():
     grouped = Attention(16, heads=2, dim_head=8, norm_num_groups=4)
     wide = Attention(1024, heads=2, dim_head=512)  # the VAE's: a head size beyond FA4's 256
     odd = Attention(12, heads=1, dim_head=12)  # not a multiple of 8
-    models = (cross, custom, normed, grouped, wide, odd)
+    spatial = Attention(32, heads=4, dim_head=8, spatial_norm_dim=4)
+    gqa = Attention(16, heads=2, kv_heads=1, dim_head=8)  # fewer key/value heads than query heads
+    # the older processor scales by attn.scale (1 with scale_qk=False), not SDPA's default
+    classic = Attention(16, heads=2, dim_head=8, scale_qk=False)
+    assert type(classic.processor) is AttnProcessor
+    models = (cross, custom, normed, grouped, wide, odd, spatial, gqa, classic)
     assert accel.flash_attention_4(torch.nn.Sequential(*models), _sdpa_over_tokens_heads) == 0
     assert not any(isinstance(m.processor, accel.FlashAttention4) for m in models)
+    # on a 10.x GPU FA4 takes head sizes up to 128 (and 256): 136..248 stay on SDPA there, not on a 9.x GPU
+    mid = Attention(272, heads=2, dim_head=136)
+    assert accel.flash_attention_4(torch.nn.Sequential(mid), _sdpa_over_tokens_heads, accel.FA4_HEAD_DIMS[10]) == 0
+    assert accel.flash_attention_4(torch.nn.Sequential(mid), _sdpa_over_tokens_heads, accel.FA4_HEAD_DIMS[9]) == 1
+
+
+def test_flash_attention_4_hands_batches_beyond_its_grid_to_sdpa():
+    """FA4's sm90 forward puts the batch on the grid's z dimension (65535 at most): the temporal
+    attention's batch is 2 x requests x latent pixels, past it at 1024x576 with 4 requests."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from videogen_server.backends.svd import accel
+
+    assert accel.FA4_MAX_BATCH == 65535
+    torch.manual_seed(0)
+    attn = Attention(16, heads=2, dim_head=8).eval()
+    calls = []
+
+    def kernel(q, k, v, scale):
+        calls.append(q.shape[0])
+        return _sdpa_over_tokens_heads(q, k, v, scale)
+
+    attn.set_processor(accel.FlashAttention4(AttnProcessor2_0(), kernel, max_batch=4))
+    with torch.inference_mode():
+        small, large = torch.randn(4, 3, 16), torch.randn(5, 3, 16)
+        torch.testing.assert_close(attn(small), AttnProcessor2_0()(attn, small), rtol=0, atol=0)
+        torch.testing.assert_close(attn(large), AttnProcessor2_0()(attn, large), rtol=0, atol=0)
+    assert calls == [4]
+
+
+def test_fa4_op_states_its_output_without_running():
+    """What torch.compile plans with: the fake's output is shaped, typed and laid out as FA4's (a new
+    contiguous tensor like q, in q's dtype), for 16-bit inputs and strided views of a fused projection."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from videogen_server.backends.svd import accel
+
+    op = accel.fa4_attention_op()
+    with FakeTensorMode():
+        for dtype in (torch.float16, torch.bfloat16):
+            qkv = torch.empty(2, 7, 3 * 4 * 64, dtype=dtype)
+            q, k, v = (t.view(2, 7, 4, 64) for t in qkv.chunk(3, dim=-1))
+            out = op(q, k, v, 0.125)
+            assert out.shape == (2, 7, 4, 64) and out.dtype == dtype and out.is_contiguous()
 
 
 @pytest.mark.timeout(600)  # Inductor compiles the tiny UNet once: ~1 min on 2 busy cores
@@ -863,33 +933,24 @@ def test_flash_attention_4_op_compiles_whole_into_the_unet_graph(tiny_model_sour
     from videogen_server.backends.svd import accel
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    op = accel.fa4_attention_op()
-    assert accel.fa4_attention_op() is op  # registered once per process
-    ran = []
-
-    def on_cpu(q, k, v, scale):
-        ran.append(q.shape)
-        return _sdpa_over_tokens_heads(q, k, v, scale).contiguous()
-
-    op.register_kernel("cpu")(on_cpu)
+    assert accel.fa4_attention_op() is accel.fa4_attention_op()  # registered once per process
+    base = UNetSpatioTemporalConditionModel.from_pretrained(str(tiny_model_source / "1" / "unet")).eval()
+    model = copy.deepcopy(base)
+    n = accel.flash_attention_4(model)  # the real op
+    x = _unet_inputs(base)
+    torch._dynamo.reset()
     try:
-        base = UNetSpatioTemporalConditionModel.from_pretrained(str(tiny_model_source / "1" / "unet")).eval()
-        model = copy.deepcopy(base)
-        n = accel.flash_attention_4(model)  # the real op
-        x = _unet_inputs(base)
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True, dynamic=False)
-        with torch.inference_mode():
+        with _fa4_op_on_cpu() as ran, torch.inference_mode():
+            compiled = torch.compile(model, fullgraph=True, dynamic=False)
             ref = base(**x, return_dict=False)[0]
             out = compiled(**x, return_dict=False)[0]
             ran.clear()
             again = compiled(**x, return_dict=False)[0]
-        assert len(ran) == n, "every wrapped self-attention calls the op from the compiled graph"
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-        assert torch.equal(again, out)
     finally:
-        op.set_kernel_enabled("cpu", False)
         torch._dynamo.reset()
+    assert len(ran) == n, "every wrapped self-attention calls the op from the compiled graph"
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(again, out)
 
 
 def test_fa4_attention_kernel_needs_a_hopper_or_blackwell_gpu(make_repo):
@@ -945,3 +1006,30 @@ def test_split_group_norm_is_the_group_norm_from_channel_statistics(shape, group
             torch.testing.assert_close(compiled(inputs[-1]), exact, rtol=0, atol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.timeout(600)
+def test_a_model_with_fa4_serves_the_frames_of_the_plain_model(make_repo, monkeypatch):
+    """attention_kernel fa4 through a real server, with fuse_qkv and fold_cross_attention as a user would
+    combine them: the backend applies FA4 after the fusion, every self-attention calls the op, and the
+    frames are the plain model's. FA4 needs a Hopper GPU: the device check is passed over and the op given
+    a CPU kernel of the same maths, for this test only; the rest is the server's own path."""
+    from videogen_server.backends.svd import accel
+
+    monkeypatch.setattr(accel, "fa4_unavailable", lambda device, dtype: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with _fa4_op_on_cpu() as calls:
+        repo = make_repo({
+            "plain": tiny_config("plain"),
+            "fa4": tiny_config("fa4", parameters=TINY_PARAMETERS + _param("attention_kernel", "fa4")
+                               + _param("fuse_qkv", "true") + _param("fold_cross_attention", "true")),
+        })
+        with ServerThread(repo) as server:
+            unet = next(iter(server.engine.models["fa4"].loaded.values())).instances[0].backend.pipe.unet
+            wrapped = [m for m in unet.modules() if isinstance(getattr(m, "processor", None), accel.FlashAttention4)]
+            assert wrapped and all(m.processor.fused for m in wrapped)
+            for case in CASES:
+                calls.clear()
+                fa4 = _frames(server, "fa4", **case)
+                assert calls, "the op ran"
+                assert np.abs(fa4 - _frames(server, "plain", **case)).max() <= 1

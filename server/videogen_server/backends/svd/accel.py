@@ -462,7 +462,11 @@ def fold_cross_attention(model: nn.Module) -> int:
 #: the module of the flash-attn-4 package (CuTe DSL kernels, forward for compute capability 9.x and 10.x)
 FA4_MODULE = "flash_attn.cute.interface"
 FA4_CAPABILITIES = (9, 10)
-FA4_HEAD_DIMS = range(8, 257, 8)  # the sm90 forward's head sizes (multiples of 8 up to 256)
+#: head sizes FA4's forward takes, by compute capability major (its interface's `_validate_head_dims`)
+FA4_HEAD_DIMS = {9: frozenset(range(8, 257, 8)), 10: frozenset(range(8, 129, 8)) | {256}}
+#: FA4's sm90 forward puts the batch on the grid's z dimension (at most 65535 blocks); larger batches (the
+#: temporal attention's batch is 2 x requests x latent pixels) go to the wrapped processor
+FA4_MAX_BATCH = 65535
 
 _fa4_lock = threading.Lock()
 _fa4_op = None
@@ -516,17 +520,21 @@ class FlashAttention4:
     the processor it wraps. The scale is SDPA's default, head_dim ** -0.5, as the standard processors use.
     """
 
-    def __init__(self, inner, kernel=None) -> None:
+    def __init__(self, inner, kernel=None, max_batch: int = FA4_MAX_BATCH) -> None:
+        from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
         self.inner = inner
         self.kernel = kernel if kernel is not None else fa4_attention_op()
+        self.fused = isinstance(inner, FusedAttnProcessor2_0)  # fuse_qkv: one projection (to_qkv)
+        self.max_batch = max_batch
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
         if (encoder_hidden_states is not None or attention_mask is not None or hidden_states.dim() != 3
-                or args or kwargs):
+                or hidden_states.shape[0] > self.max_batch or args or kwargs):
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
-        if hasattr(attn, "to_qkv"):  # fuse_qkv
+        if self.fused:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
@@ -541,25 +549,27 @@ class FlashAttention4:
         return out / attn.rescale_output_factor
 
 
-def flash_attention_4(model: nn.Module, kernel=None) -> int:
-    """Wraps the processor of every plain self-attention of `model` whose head size FA4 takes in
-    `FlashAttention4`; returns how many. Apply after `fuse_qkv` (it reads the fused projection too).
+def flash_attention_4(model: nn.Module, kernel=None, head_dims=FA4_HEAD_DIMS[9]) -> int:
+    """Wraps the processor of every plain self-attention of `model` whose head size is in `head_dims` (FA4's
+    for the device: `FA4_HEAD_DIMS[major]`) in `FlashAttention4`; returns how many. Apply after `fuse_qkv`
+    (it reads the fused projection too).
 
-    The same standard processors only as `fold_cross_attention`, for the same reasons, and only modules
-    without norms of their own (spatial, group, query or key norms), which the wrapper does not run.
-    SVD's UNet: its 32 self-attentions (spatial and temporal), head size 64. The VAE's one attention has
-    a head size of 512 and stays on SDPA.
+    Only diffusers' SDPA processors (AttnProcessor2_0, FusedAttnProcessor2_0), whose scale the wrapper
+    keeps (SDPA's default; the older AttnProcessor uses `attn.scale`, 1 where diffusers picks it), and only
+    modules without norms of their own (spatial, group, query or key norms) or fewer key/value heads
+    than query heads, which the wrapper does not handle. SVD's UNet: its 32 self-attentions (spatial
+    and temporal), head size 64. The VAE's one attention has a head size of 512 and stays on SDPA.
     """
-    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
     n = 0
     for m in model.modules():
         if (isinstance(m, Attention) and not m.is_cross_attention
-                and type(m.processor) in (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0)
+                and type(m.processor) in (AttnProcessor2_0, FusedAttnProcessor2_0)
                 and getattr(m, "add_q_proj", None) is None and getattr(m, "add_k_proj", None) is None
                 and m.spatial_norm is None and m.group_norm is None
                 and getattr(m, "norm_q", None) is None and getattr(m, "norm_k", None) is None
-                and m.inner_dim % m.heads == 0 and m.inner_dim // m.heads in FA4_HEAD_DIMS
+                and m.inner_dim % m.heads == 0 and m.inner_dim // m.heads in head_dims
                 and getattr(m, "inner_kv_dim", m.inner_dim) == m.inner_dim):
             m.set_processor(FlashAttention4(m.processor, kernel))
             n += 1

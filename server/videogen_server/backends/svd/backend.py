@@ -277,7 +277,9 @@ class SVDBackend(Backend):
             if _bool("fold_cross_attention", p.get("fold_cross_attention", "false")):  # after fuse_qkv and fp8
                 applied.append(f"fold_cross_attention ({accel.fold_cross_attention(pipe.unet)} layers)")
             if self.attention_kernel == "fa4":  # after fuse_qkv
-                applied.append(f"attention_kernel fa4 ({accel.flash_attention_4(pipe.unet)} self-attentions)")
+                head_dims = accel.FA4_HEAD_DIMS[torch.cuda.get_device_capability(self.device)[0]]
+                applied.append(f"attention_kernel fa4 ({accel.flash_attention_4(pipe.unet, head_dims=head_dims)} "
+                               "self-attentions)")
             if _bool("temporal_convs_2d", p.get("temporal_convs_2d", "false")):  # before channels_last
                 n_unet, n_vae = accel.temporal_convs_2d(pipe.unet), accel.temporal_convs_2d(pipe.vae.decoder)
                 applied.append(f"temporal_convs_2d ({n_unet} UNet, {n_vae} VAE decoder convolutions)")
