@@ -28,12 +28,15 @@ def _own_copy(exc: Exception) -> Exception:
     own, without the traceback (logged above, on the instance thread). Each request raises its error in
     its own coroutine; raising one shared object there chains every raise site's frames onto it, so each
     request would keep the others' frames alive, and clearing it when one call ends (status.abort_call)
-    would clear it for the others. An error that cannot be copied is handed on as it is."""
+    would clear it for the others. Made without calling the type's __init__ (whose parameters need not be
+    its args: InvalidRequest(field, reason)); an error that cannot be made so is handed on as it is."""
     try:
-        own = copy.copy(exc)
+        own = type(exc).__new__(type(exc), *exc.args)
+        own.args = exc.args
+        own.__dict__.update({k: copy.copy(v) for k, v in vars(exc).items()})  # e.g. __notes__, a list
     except Exception:
         return exc
-    return own if type(own) is type(exc) and own.args == exc.args else exc
+    return own
 
 
 class WarmupSender:
