@@ -2,12 +2,14 @@
 when the flash-attn-4 package imports, FlashAttention-4, at the shapes one denoising step of the benchmark's
 workload makes (1024x576, 25 frames, classifier-free guidance: a UNet batch of 2 x 25), float16 on a GPU.
 
-For each shape: milliseconds per call (CUDA events, the median of --iters after --warmup calls), TFLOP/s
-(4 x batch x heads x tokens^2 x head_dim per call) and the largest difference from the first kernel listed (cuDNN by default)
-output; then each kernel's attention time per step (the calls of one step: 5 spatial and 5 temporal
-self-attentions per level on levels 1-3, one of each in the middle block). Inputs come as the UNet's
-processors give them: [batch, tokens, heads, 64] out of the linear layers, transposed (a view) for SDPA,
-as is for FA4. Prints a table and writes JSON.
+For each shape: milliseconds per call (CUDA events, the median of --iters after --warmup calls: `ms_eager`;
+`ms_graph` with 10 calls captured in a CUDA graph and replayed, which leaves out the host's launch overhead
+as the server's CUDA graphs do, and says whether the kernel can be captured at all; `ms` is `ms_graph`
+where there is one), TFLOP/s (4 x batch x heads x tokens^2 x head_dim per call) and the largest difference
+from the first kernel listed (cuDNN by default); then each kernel's attention time per step (the calls of
+one step: 5 spatial and 5 temporal self-attentions per level on levels 1-3, one of each in the middle
+block). Inputs come as the UNet's processors give them: [batch, tokens, heads, 64] out of the linear
+layers, transposed (a view) for SDPA, as is for FA4. Prints a table and writes JSON (after each shape).
 
     python bench/attention_bench.py --out attention.json [--kernels cudnn,flash,efficient,fa4]
     python bench/attention_bench.py --out a.json --tiny   # the script itself, on the CPU (float32, tiny shapes)
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -38,6 +41,11 @@ def shapes(tiny: bool = False):
         pixels = max(pixels // 64, 4) if tiny else pixels
         yield f"spatial L{level}", BATCH * frames, pixels, heads, calls  # over a frame's pixels
         yield f"temporal L{level}", BATCH * pixels, frames, heads, calls  # over a pixel's frames
+
+
+def flop(batch: int, tokens: int, heads: int) -> int:
+    """One self-attention's arithmetic: two matrix products of tokens x tokens x head_dim per head."""
+    return 4 * batch * heads * tokens * tokens * HEAD_DIM
 
 
 def fa4_kernel():
@@ -63,6 +71,31 @@ def sdpa_kernel(backend):
     return run
 
 
+def graph_calls(fn, args, iters: int, reps: int = 10):
+    """Milliseconds per call with `reps` calls captured in one CUDA graph and replayed (the median of
+    `iters` replays): the kernel without the host's launch overhead, as the server's CUDA graphs run
+    it. Returns (ms, the last captured call's output after a replay). Raises if the calls cannot be
+    captured: what a compiled server with CUDA graphs would meet."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # torch's rule: run once on a side stream before capturing
+        fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            out = fn(*args)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times), out
+
+
 def time_calls(fn, args, warmup: int, iters: int, cuda: bool) -> float:
     """Milliseconds per call, the median of `iters`."""
     for _ in range(warmup):
@@ -81,6 +114,14 @@ def time_calls(fn, args, warmup: int, iters: int, cuda: bool) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def _save(path: str, result: dict, per_step: dict, done: bool = False) -> None:
+    result["per_step_s"] = {k: (None if math.isnan(v) else round(v, 4)) for k, v in per_step.items()}
+    result["complete"] = done
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> int:
@@ -102,6 +143,11 @@ def main(argv=None) -> int:
     if args.tiny:
         args.dtype = "float32"
     kernels, skipped = {}, {}
+    known = ("cudnn", "flash", "efficient", "math", "fa4")
+    unknown = [n for n in args.kernels.split(",") if n not in known]
+    if unknown:
+        print(f"attention_bench: --kernels: unknown {unknown}; known: {', '.join(known)}", file=sys.stderr)
+        return 2
     for name in args.kernels.split(","):
         if name == "fa4":
             fn, why = fa4_kernel()
@@ -119,9 +165,9 @@ def main(argv=None) -> int:
     for label, batch, tokens, heads, calls in shapes(args.tiny):
         q, k, v = (torch.randn(batch, tokens, heads, HEAD_DIM, device=device, dtype=dtype, generator=g)
                    for _ in range(3))
-        flop = 4 * batch * heads * tokens * tokens * HEAD_DIM
+        work = flop(batch, tokens, heads)
         row = {"shape": label, "batch": batch, "tokens": tokens, "heads": heads, "calls_per_step": calls,
-               "tflop_per_call": round(flop / 1e12, 4), "kernels": {}}
+               "tflop_per_call": round(work / 1e12, 4), "kernels": {}}
         ref = None
         for name, fn in kernels.items():
             entry = row["kernels"][name] = {}
@@ -136,19 +182,28 @@ def main(argv=None) -> int:
                     entry["reference"] = True
                 else:
                     entry["max_abs_diff"] = float((out.float() - ref).abs().max())
-                ms = time_calls(fn, (q, k, v), args.warmup, args.iters, not args.tiny)
+                ms = entry["ms_eager"] = round(time_calls(fn, (q, k, v), args.warmup, args.iters, not args.tiny), 4)
             except Exception as exc:  # noqa: BLE001 - a kernel refusing a shape is a result
                 entry["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 per_step[name] = math.nan
                 continue
+            if not args.tiny:
+                try:
+                    ms, captured = graph_calls(fn, (q, k, v), args.iters)
+                    entry["ms_graph"] = round(ms, 4)
+                    entry["graph_matches_eager"] = bool(torch.equal(captured, out))
+                    del captured
+                except Exception as exc:  # noqa: BLE001 - not capturable: the server needs a mode without graphs
+                    entry["graph_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    torch.cuda.synchronize()
+            del out
             entry["ms"] = round(ms, 4)
-            entry["tflops"] = round(flop / (ms / 1e3) / 1e12, 1)
+            entry["tflops"] = round(work / (ms / 1e3) / 1e12, 1)
             per_step[name] += calls * ms / 1e3
         result["shapes"].append(row)
         del q, k, v, ref
-    result["per_step_s"] = {k: (None if math.isnan(v) else round(v, 4)) for k, v in per_step.items()}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+        _save(args.out, result, per_step)  # a call cut short keeps the shapes done
+    _save(args.out, result, per_step, done=True)
     names = list(kernels)
     print(f"{result['device']}, torch {result['torch']}, {args.dtype}; skipped: {skipped or 'none'}")
     print(f"{'shape':<14} {'B':>6} {'S':>5} {'H':>3} " + " ".join(f"{n + ' ms':>11} {'TF/s':>6}" for n in names))

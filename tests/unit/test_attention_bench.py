@@ -19,7 +19,7 @@ def test_the_step_shapes_add_up_to_the_step_arithmetic():
     bench = _module()
     flop = {}
     for name, batch, tokens, heads, calls in bench.shapes():
-        flop[name] = calls * 4 * batch * heads * tokens * tokens * bench.HEAD_DIM / 1e12
+        flop[name] = calls * bench.flop(batch, tokens, heads) / 1e12  # the figure its TFLOP/s divide
     # docs/performance.md (sixth session): spatial self-attention 27.2 TFLOP at 9216 tokens, 3.4 at 2304,
     # 0.4 at 576; temporal 0.13 in all
     assert flop["spatial L1"] == pytest.approx(27.2, abs=0.05)
@@ -40,3 +40,5 @@ def test_tiny_run_times_each_kernel_and_records_one_that_cannot_run(tmp_path):
         assert row["kernels"]["flash"]["max_abs_diff"] < 1e-5  # the same attention, float32
         assert "error" in row["kernels"]["efficient"]  # no CPU kernel: a result, not a crash
     assert result["per_step_s"]["math"] > 0 and result["per_step_s"]["efficient"] is None
+    assert result["complete"]
+    assert bench.main(["--out", str(out), "--tiny", "--kernels", "cudnn,nope"]) == 2  # named, not a KeyError
