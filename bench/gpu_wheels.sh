@@ -11,9 +11,11 @@
 # (the rest) for the next call, within the machine's 30 s of idle (`gpu_session.sh part13`, carry
 # [".whl", ".fa4b"]). Built once (~3 min of xz here); kept while FA4_VERSIONS below is unchanged.
 set -euo pipefail
-py=${1:-python3}
+py=python3
 fa4=false
-[ "${2:-}" = "--fa4" ] && fa4=true
+for arg in "$@"; do
+    case $arg in --fa4) fa4=true ;; -*) echo "gpu_wheels: unknown option $arg" >&2; exit 2 ;; *) py=$arg ;; esac
+done
 cd "$(dirname "$0")/.."
 mkdir -p .whl
 # the server imports opentelemetry's API at start, tracing or not (~1 MB of wheels)
