@@ -461,9 +461,9 @@ def fold_cross_attention(model: nn.Module) -> int:
 
 #: the module of the flash-attn-4 package (CuTe DSL kernels, forward for compute capability 9.x and 10.x)
 FA4_MODULE = "flash_attn.cute.interface"
-FA4_CAPABILITIES = (9, 10)
 #: head sizes FA4's forward takes, by compute capability major (its interface's `_validate_head_dims`)
 FA4_HEAD_DIMS = {9: frozenset(range(8, 257, 8)), 10: frozenset(range(8, 129, 8)) | {256}}
+FA4_CAPABILITIES = tuple(FA4_HEAD_DIMS)
 #: FA4's sm90 forward puts the batch on the grid's z dimension (at most 65535 blocks); larger batches (the
 #: temporal attention's batch is 2 x requests x latent pixels) go to the wrapped processor
 FA4_MAX_BATCH = 65535
