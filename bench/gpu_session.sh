@@ -84,9 +84,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 W=/tmp/vg-bench
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$OUT/gpu-$part.txt" 2>&1
-# every run ends before the call's limit (590 s): killed at the limit, a run keeps what it checkpointed
+# every run ends before the call's limit (590 s; VG_CALL_SECONDS=N for a call given timeout_s N + 10, where the
+# session has less device time left than a full call): killed at the limit, a run keeps what it checkpointed
+CALL_SECONDS=${VG_CALL_SECONDS:-590}
 bench() {
-    local left=$((580 - SECONDS))
+    local left=$((CALL_SECONDS - 10 - SECONDS))
     [ "$left" -gt 10 ] || { echo "no time left for bench $*"; return 1; }
     timeout -s INT -k 10 "$left" python3 bench/bench.py --workdir "$W" --repeats 1 "$@"
     local rc=$?
@@ -110,7 +112,7 @@ keep_cache() {  # DIR NAME: its size by part to $OUT/cache-NAME.txt; DIR as $OUT
     command -v xz >/dev/null || { echo "no xz: cache not packed" >>"$OUT/cache-$2.txt"; return 0; }
     # whole, else without triton/ (Inductor's FX graph entries bundle their Triton kernels: maybe enough)
     for exclude in "" "--exclude=$(basename "$1")/triton"; do
-        local left=$((585 - SECONDS))  # packing ends before the call's limit, whatever the cache's size
+        local left=$((CALL_SECONDS - 5 - SECONDS))  # packing ends before the call's limit, whatever the cache's size
         [ "$left" -gt 15 ] || { echo "no time left to pack ($exclude)" >>"$OUT/cache-$2.txt"; return 0; }
         (set -o pipefail; tar -C "$(dirname "$1")" $exclude -cf - "$(basename "$1")" \
             | timeout "$left" xz -T0 -6 >"/tmp/$2.tar.xz") \
