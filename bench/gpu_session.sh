@@ -84,7 +84,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 W=/tmp/vg-bench
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$OUT/gpu-$part.txt" 2>&1
-# every run ends before the call's limit (590 s; VG_CALL_SECONDS=N for a call given timeout_s N + 10, where the
+# every run ends before the call's limit (590 s; VG_CALL_SECONDS=N for a call given timeout_s N, where the
 # session has less device time left than a full call): killed at the limit, a run keeps what it checkpointed
 CALL_SECONDS=${VG_CALL_SECONDS:-590}
 bench() {
