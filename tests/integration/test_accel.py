@@ -1033,3 +1033,24 @@ def test_a_model_with_fa4_serves_the_frames_of_the_plain_model(make_repo, monkey
                 fa4 = _frames(server, "fa4", **case)
                 assert calls, "the op ran"
                 assert np.abs(fa4 - _frames(server, "plain", **case)).max() <= 1
+
+
+def test_fa4_kernels_are_kept_beside_the_compile_cache(tmp_path, monkeypatch):
+    """With compile_cache_dir, FA4's compiled kernels go to <dir>/fa4 (its own disk cache, off by default),
+    set before FA4's import, which reads it once; an operator's own setting is kept."""
+    import sys
+
+    from videogen_server.backends.svd import accel
+
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", raising=False)
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", raising=False)
+    monkeypatch.delitem(sys.modules, accel.FA4_MODULE, raising=False)
+    assert accel.keep_fa4_kernels(tmp_path / "a")
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(tmp_path / "a")
+    assert not accel.keep_fa4_kernels(tmp_path / "b")  # the first folder stays
+    monkeypatch.setitem(sys.modules, accel.FA4_MODULE, object())  # imported: its setting is fixed
+    assert accel.keep_fa4_kernels(tmp_path / "a") and not accel.keep_fa4_kernels(tmp_path / "c")
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0")  # the operator turned it off
+    monkeypatch.delitem(sys.modules, accel.FA4_MODULE)
+    assert not accel.keep_fa4_kernels(tmp_path / "a")

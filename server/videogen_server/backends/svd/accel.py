@@ -490,6 +490,22 @@ def fa4_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+def keep_fa4_kernels(folder: Path) -> bool:
+    """FA4's compiled kernels kept on disk in `folder` (its own cache, off by default), so that a restart
+    loads them instead of compiling them again in the warm-up. FA4 reads the setting once, at import:
+    a process that imported it already, or whose environment chose otherwise, keeps what it has.
+    Returns whether `folder` is FA4's cache now."""
+    import os
+    import sys
+
+    if FA4_MODULE in sys.modules:
+        return os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR") == str(folder)
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(folder))
+    return (os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+            and os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(folder))
+
+
 def fa4_attention_op():
     """`videogen::fa4_attention(q, k, v, scale)`: FA4's forward over [batch, tokens, heads, head_dim], as a
     custom op, so that torch.compile keeps it whole (Dynamo cannot trace the CuTe DSL) and knows its output

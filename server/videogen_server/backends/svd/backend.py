@@ -253,6 +253,8 @@ class SVDBackend(Backend):
                 raise ValueError(f"fp8: {why_not}")
         self.attention_kernel = p.get("attention_kernel", "sdpa")
         if self.attention_kernel == "fa4":  # before the weights load: a missing package fails in seconds
+            if p.get("compile_cache_dir") and on_gpu:  # before FA4's import, which reads it
+                accel.keep_fa4_kernels(Path(p["compile_cache_dir"]) / "fa4")
             why_not = accel.fa4_unavailable(self.device, self.dtype)
             if why_not:
                 raise ValueError(f"attention_kernel: fa4 {why_not}")
