@@ -85,15 +85,17 @@ def graph_calls(fn, args, iters: int, reps: int = 10):
     with torch.cuda.graph(graph):
         for _ in range(reps):
             out = fn(*args)
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times), out
+    return statistics.median(_device_ms(graph.replay) / reps for _ in range(iters)), out
+
+
+def _device_ms(fn) -> float:
+    """Milliseconds of device time between CUDA events around one fn()."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def time_calls(fn, args, warmup: int, iters: int, cuda: bool) -> float:
@@ -102,17 +104,12 @@ def time_calls(fn, args, warmup: int, iters: int, cuda: bool) -> float:
         fn(*args)
     times = []
     for _ in range(iters):
-        if not cuda:
+        if cuda:
+            times.append(_device_ms(lambda: fn(*args)))
+        else:
             t0 = time.perf_counter()
             fn(*args)
             times.append((time.perf_counter() - t0) * 1e3)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*args)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
@@ -143,7 +140,9 @@ def main(argv=None) -> int:
     if args.tiny:
         args.dtype = "float32"
     kernels, skipped = {}, {}
-    known = ("cudnn", "flash", "efficient", "math", "fa4")
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    known = (*backends, "fa4")
     unknown = [n for n in args.kernels.split(",") if n not in known]
     if unknown:
         print(f"attention_bench: --kernels: unknown {unknown}; known: {', '.join(known)}", file=sys.stderr)
@@ -156,8 +155,7 @@ def main(argv=None) -> int:
                 continue
             kernels[name] = fn
         else:
-            kernels[name] = sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                                         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name])
+            kernels[name] = sdpa_kernel(backends[name])
     result = {"device": "cpu (--tiny)" if args.tiny else torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
               "date": time.strftime("%Y-%m-%d"), "skipped": skipped, "shapes": []}
     per_step = dict.fromkeys(kernels, 0.0)
