@@ -56,6 +56,8 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
         "folded": tiny_config("folded", parameters=TINY_PARAMETERS + _param("fold_cross_attention", "true")
                               + _param("temporal_convs_2d", "true")),
         "splitgn": tiny_config("splitgn", parameters=TINY_PARAMETERS + _param("split_group_norm", "true")),
+        "uptransposed": tiny_config("uptransposed", parameters=TINY_PARAMETERS + _param("fold_upsample", "transposed")),
+        "upphases": tiny_config("upphases", parameters=TINY_PARAMETERS + _param("fold_upsample", "phases")),
     })
     plain = {}
     with ServerThread(repo) as server:
@@ -71,6 +73,9 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
             assert np.abs(_frames(server, "folded", **case) - plain[i]).max() <= 1
             # group norms from per-channel statistics: the same maths, another order of the sums
             assert np.abs(_frames(server, "splitgn", **case) - plain[i]).max() <= 1
+            # nearest 2x and the convolution after it as one convolution of the source: the same sums
+            for name in ("uptransposed", "upphases"):
+                assert np.abs(_frames(server, name, **case) - plain[i]).max() <= 1
             # FP8 linears change frames a little, and only a little (about 38-41 dB on this model)
             fp8 = _frames(server, "fp8", **case)
             assert np.abs(fp8 - plain[i]).max() > 0, "fp8 must actually run in 8 bit"
@@ -91,12 +96,17 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
         for model in (split.unet, split.vae.decoder):
             assert any(isinstance(m, accel.SplitGroupNorm) for m in model.modules())
             assert not any(type(m) is torch.nn.GroupNorm for m in model.modules())
+        for name, how in (("uptransposed", "transposed"), ("upphases", "phases")):
+            up = next(iter(server.engine.models[name].loaded.values())).instances[0].backend.pipe
+            for model in (up.unet, up.vae.decoder):
+                assert [m.fold for m in model.modules() if hasattr(m, "fold")] == [how]
     # The attention kernel preference is process-wide (torch's switches are): a server of its own.
     import shutil
 
     from torch.nn.attention import SDPBackend
 
-    for name in ("plain", "fused", "fp8", "fp8s", "fp8s_folded", "nhwc", "blocks", "folded"):
+    for name in ("plain", "fused", "fp8", "fp8s", "fp8s_folded", "nhwc", "blocks", "folded", "splitgn", "uptransposed",
+                 "upphases"):
         shutil.rmtree(repo / name)  # make_repo adds to the same folder
     repo2 = make_repo({
         "math": tiny_config("math", parameters=TINY_PARAMETERS + _param("attention_backend", "math")),
@@ -1054,3 +1064,70 @@ def test_fa4_kernels_are_kept_beside_the_compile_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0")  # the operator turned it off
     monkeypatch.delitem(sys.modules, accel.FA4_MODULE)
     assert not accel.keep_fa4_kernels(tmp_path / "a")
+
+
+@pytest.mark.parametrize("how", ["transposed", "phases"])
+def test_fold_upsample_is_the_convolution_of_the_upsampled_input(how, tiny_model_source, tmp_path, monkeypatch):
+    """Nearest 2x then a 3x3 convolution, as one convolution of the source: the same sums in float64 (odd
+    sizes, one pixel, channels-last, no bias); the tiny UNet and VAE decoder keep their outputs, names
+    and state dicts, eager and compiled; an explicit output size that is not 2x runs the stock code."""
+    import copy
+
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from diffusers.models.upsampling import Upsample2D
+
+    from videogen_server.backends.svd import accel
+
+    torch.manual_seed(0)
+    for n, c, h, w, bias in [(3, 16, 7, 9, True), (1, 4, 1, 1, True), (2, 8, 2, 5, False)]:
+        x = torch.randn(n, c, h, w, dtype=torch.float64)
+        weight, b = torch.randn(5, c, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64) if bias else None
+        ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, b, padding=1)
+        for xx in (x, x.to(memory_format=torch.channels_last)):
+            out = accel.upsample_conv(xx, weight, b, how)
+            assert out.shape == ref.shape
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="fold_upsample: 'nearest' is not one of"):
+        accel.upsample_conv(x, weight, b, "nearest")
+
+    base = UNetSpatioTemporalConditionModel.from_pretrained(str(tiny_model_source / "1" / "unet")).eval()
+    vae = AutoencoderKLTemporalDecoder.from_pretrained(str(tiny_model_source / "1" / "vae")).eval()
+    unet, folded_vae = copy.deepcopy(base), copy.deepcopy(vae)
+    stock = sum(type(m) is Upsample2D for m in base.modules())
+    assert accel.fold_upsample(unet, how) == stock > 0 and accel.fold_upsample(unet, how) == 0
+    assert accel.fold_upsample(folded_vae.decoder, how) == sum(type(m) is Upsample2D for m in vae.modules()) > 0
+    assert not any(type(m) is Upsample2D for m in (*unet.modules(), *folded_vae.decoder.modules()))
+    for a, b_ in ((unet, base), (folded_vae, vae)):
+        assert {k: (v.shape, v.dtype) for k, v in a.state_dict().items()} == \
+            {k: (v.shape, v.dtype) for k, v in b_.state_dict().items()}, "names, shapes and dtypes stay"
+    x = _unet_inputs(base)
+    odd = dict(x, sample=x["sample"][..., :5, :])  # 5 latent rows: the UNet upsamples to 5, not 2 x 3
+    z = torch.randn(4, 4, 6, 8)
+    calls, real = [], accel.upsample_conv
+    monkeypatch.setattr(accel, "upsample_conv", lambda *a: calls.append(a[-1]) or real(*a))
+    with torch.inference_mode():
+        for inputs in (x, odd):
+            torch.testing.assert_close(unet(**inputs, return_dict=False)[0], base(**inputs, return_dict=False)[0],
+                                       rtol=1e-5, atol=1e-5)
+        assert calls == [how], "one folded call for the even size; the odd one ran the stock code"
+        ref_frames = vae.decode(z, num_frames=4).sample
+        torch.testing.assert_close(folded_vae.decode(z, num_frames=4).sample, ref_frames, rtol=1e-5, atol=1e-5)
+        assert calls == [how, how]
+        monkeypatch.undo()
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+        torch._dynamo.reset()
+        try:  # under torch.compile (fullgraph, as the server compiles the UNet)
+            compiled = torch.compile(unet, fullgraph=True, dynamic=False)
+            torch.testing.assert_close(compiled(**x, return_dict=False)[0], base(**x, return_dict=False)[0],
+                                       rtol=1e-4, atol=1e-5)
+        finally:
+            torch._dynamo.reset()
+    # what is not a plain nearest-2x + 3x3 convolution stays
+    keep = torch.nn.Sequential(Upsample2D(4, use_conv=True, kernel_size=5, padding=2), Upsample2D(4, use_conv=False),
+                               Upsample2D(4, use_conv_transpose=True), Upsample2D(4, use_conv=True, interpolate=False))
+    assert accel.fold_upsample(keep, how) == 0
+    from videogen_server.backends.svd.backend import SVDBackend
+    with pytest.raises(ValueError, match=r"fold_upsample: 'true' is not one of \['false', 'transposed', 'phases'\]"):
+        SVDBackend.validate_parameters({"fold_upsample": "true"})
+

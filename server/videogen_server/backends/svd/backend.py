@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UNWARMED_SHAPES = ("eager", "compile")
 ATTENTION_KERNELS = ("sdpa", "fa4")
+FOLD_UPSAMPLE = ("false",) + accel.UPSAMPLE_FOLDS
 FALLBACK_LOG_LIMIT = 100  # distinct shapes whose uncompiled run is logged, per instance
 #: `fp8: static`: eager denoising steps of the first batch that calibrate the activation scales (a schedule
 #: of its own over the same sigma range: from noise to nearly clean, where activations differ most)
@@ -121,6 +122,11 @@ PARAMETERS = {
                          "combined per group: the same maths (frames equal up to float rounding), in a form whose "
                          "reduction reads channels-last tensors (what torch.compile makes of the convolutions "
                          "around them) along their contiguous channels; for compiled models"),
+    "fold_upsample": ("false", "each nearest-2x upsampling of the UNet and the VAE decoder with the 3x3 convolution "
+                      "after it computed as one convolution of the source, without the upsampled tensor and with "
+                      "16 of its 36 multiply-adds a source pixel: false | transposed (a stride-2 transposed "
+                      "convolution) | phases (one 2x2 convolution giving the four output phases, interleaved); "
+                      "the same frames up to float rounding"),
     "fault_injection": ("", "testing only: `oom@K`, `error@K` or `lost@K` raises a device out-of-memory error, a "
                         "RuntimeError or a CUDA error that leaves the device unusable (the instance stops for good) "
                         "at denoising step K, for requests whose seed is the one after `:seed=` (e.g. oom@2:seed=666)"),
@@ -199,6 +205,8 @@ class SVDBackend(Backend):
             if key in ("cpu_offload", "channels_last", "fuse_qkv", "fold_cross_attention", "temporal_convs_2d",
                        "cudnn_benchmark", "split_group_norm"):
                 _bool(key, value)
+            if key == "fold_upsample" and value not in FOLD_UPSAMPLE:
+                raise ValueError(f"fold_upsample: {value!r} is not one of {list(FOLD_UPSAMPLE)}")
             if key == "forward_chunking":
                 _block_rows(value)
             if key == "fault_injection":
@@ -288,6 +296,10 @@ class SVDBackend(Backend):
             if _bool("split_group_norm", p.get("split_group_norm", "false")):
                 n_unet, n_vae = accel.split_group_norm(pipe.unet), accel.split_group_norm(pipe.vae.decoder)
                 applied.append(f"split_group_norm ({n_unet} UNet, {n_vae} VAE decoder group norms)")
+            fold = p.get("fold_upsample", "false")
+            if fold != "false":
+                n_unet, n_vae = accel.fold_upsample(pipe.unet, fold), accel.fold_upsample(pipe.vae.decoder, fold)
+                applied.append(f"fold_upsample {fold} ({n_unet} UNet, {n_vae} VAE decoder upsamplers)")
         pipe.set_progress_bar_config(disable=True)
         rows = _block_rows(p.get("forward_chunking", "false"))
         if rows:
