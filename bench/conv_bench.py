@@ -1,0 +1,204 @@
+"""The VAE decoder's convolutions, one shape at a time, as the compiled server runs them: every distinct
+convolution of one 8-frame decode chunk at 1024x576 (SVD-XT's decoder, its temporal convolutions as
+`temporal_convs_2d` makes them), float16 channels-last on a GPU, with cuDNN's heuristic choice of kernel
+(the server's default) and with cuDNN's timed choice (`cudnn.benchmark`, the server's `cudnn_benchmark`);
+the temporal ones also as the stock 3-d convolution (channels-last 3-d) both ways.
+
+Why: run 6 decoded 25 frames in 0.92 s where their ~173 TFLOP take ~0.28 s at the UNet's convolution rate,
+and run 7's decode profile had 31 calls of an sm80 cuDNN kernel (`..._indexed_wo_smem_..._tilesize128x32x16`,
+3.7 ms a call) whose layer nobody had identified. This names each shape's kernel and its rate.
+
+For each shape and way: milliseconds per call (10 calls in a CUDA graph, replayed, the median of --iters),
+TFLOP/s, the first call's seconds (cuDNN's timing, with benchmark), the kernels the call ran (the profiler's
+names, longest first), the largest difference from the first way. Then per way the chunk's convolutions in
+ms per configuration of the server (`heuristic`: today's default; `benchmark`: cudnn_benchmark; `conv3d`
+and `conv3d_benchmark`: without temporal_convs_2d), each shape's count x its ms, and `best`: each shape's
+fastest way summed. Prints a table and writes JSON (after each shape).
+
+    python bench/conv_bench.py --out conv.json
+    python bench/conv_bench.py --out c.json --tiny   # the script itself, on the CPU (float32, tiny shapes)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention_bench import graph_calls, time_calls  # noqa: E402 - a script beside this one
+
+CHUNK = 8
+#: (count per 8-frame chunk, kind, channels in, channels out, kernel, height, width) of SVD-XT's decoder at
+#: 1024x576 (latents 72x128); kind "spatial" is a Conv2d over [8, C, H, W], kind "temporal" a (3, 1, 1)
+#: convolution over the frames ([1, C, 8, H, W]). tests/unit/test_conv_bench.py checks it against the model.
+SHAPES = (
+    (1, "spatial", 4, 512, 3, 72, 128),
+    (10, "spatial", 512, 512, 3, 72, 128),
+    (10, "temporal", 512, 512, 3, 72, 128),
+    (7, "spatial", 512, 512, 3, 144, 256),
+    (6, "temporal", 512, 512, 3, 144, 256),
+    (1, "spatial", 512, 512, 3, 288, 512),
+    (1, "spatial", 512, 256, 3, 288, 512),
+    (1, "spatial", 512, 256, 1, 288, 512),
+    (5, "spatial", 256, 256, 3, 288, 512),
+    (6, "temporal", 256, 256, 3, 288, 512),
+    (1, "spatial", 256, 256, 3, 576, 1024),
+    (1, "spatial", 256, 128, 3, 576, 1024),
+    (1, "spatial", 256, 128, 1, 576, 1024),
+    (5, "spatial", 128, 128, 3, 576, 1024),
+    (6, "temporal", 128, 128, 3, 576, 1024),
+    (1, "spatial", 128, 3, 3, 576, 1024),
+    (1, "temporal", 3, 3, 3, 576, 1024),
+)
+TINY_SHAPES = ((2, "spatial", 8, 8, 3, 6, 8), (1, "spatial", 8, 4, 1, 6, 8), (3, "temporal", 8, 8, 3, 6, 8))
+WAYS = {"spatial": ("conv2d", "conv2d_benchmark"),
+        "temporal": ("frames2d", "frames2d_benchmark", "conv3d", "conv3d_benchmark")}
+
+
+def flop(kind: str, cin: int, cout: int, k: int, h: int, w: int, frames: int = CHUNK) -> int:
+    taps = k * k if kind == "spatial" else k
+    return 2 * frames * h * w * cin * cout * taps
+
+
+def label(shape) -> str:
+    _, kind, cin, cout, k, h, w = shape
+    return f"{kind} {cin}->{cout} k{k} {h}x{w}"
+
+
+def ways(kind: str, cin: int, cout: int, k: int, h: int, w: int, frames: int, device, dtype, g) -> dict:
+    """way -> (fn, args): the inputs as the compiled decoder holds them (channels-last)."""
+    if kind == "spatial":
+        x = torch.randn(frames, cin, h, w, device=device, dtype=dtype, generator=g).contiguous(
+            memory_format=torch.channels_last)
+        weight = (torch.randn(cout, cin, k, k, device=device, dtype=dtype, generator=g) / (k * cin ** 0.5)).contiguous(
+            memory_format=torch.channels_last)
+        bias = torch.randn(cout, device=device, dtype=dtype, generator=g)
+        fn = lambda x, weight, bias: F.conv2d(x, weight, bias, padding=k // 2)  # noqa: E731
+        return {"conv2d": (fn, (x, weight, bias)), "conv2d_benchmark": (fn, (x, weight, bias))}
+    # [B*F, C, H, W] channels-last, permuted to [B, C, F, H, W] by the temporal block: a view
+    x = torch.randn(frames, cin, h, w, device=device, dtype=dtype, generator=g).contiguous(
+        memory_format=torch.channels_last).unsqueeze(0).transpose(1, 2)
+    weight = torch.randn(cout, cin, k, 1, 1, device=device, dtype=dtype, generator=g) / (k * cin ** 0.5)
+    bias = torch.randn(cout, device=device, dtype=dtype, generator=g)
+    w2d = weight.squeeze(-1).contiguous(memory_format=torch.channels_last)
+    w3d = weight.contiguous(memory_format=torch.channels_last_3d)
+    frames2d = lambda x, weight, bias: F.conv2d(x.flatten(3), weight, bias, padding=(k // 2, 0))  # noqa: E731
+    conv3d = lambda x, weight, bias: F.conv3d(x, weight, bias, padding=(k // 2, 0, 0)).flatten(3)  # noqa: E731
+    return {"frames2d": (frames2d, (x, w2d, bias)), "frames2d_benchmark": (frames2d, (x, w2d, bias)),
+            "conv3d": (conv3d, (x, w3d, bias)), "conv3d_benchmark": (conv3d, (x, w3d, bias))}
+
+
+def kernels_of(fn, args) -> list[list]:
+    """[name, ms] of the device kernels one call ran, longest first (the profiler's names)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(*args)
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
+    return [[name[:160], round(ms, 4)] for name, ms in sorted(rows, key=lambda r: -r[1])[:3]]
+
+
+#: the server's configurations: which way each kind of shape runs
+CONFIGS = {"heuristic": {"spatial": "conv2d", "temporal": "frames2d"},  # today's default (temporal_convs_2d)
+           "benchmark": {"spatial": "conv2d_benchmark", "temporal": "frames2d_benchmark"},  # cudnn_benchmark
+           "conv3d": {"spatial": "conv2d", "temporal": "conv3d"},  # without temporal_convs_2d
+           "conv3d_benchmark": {"spatial": "conv2d_benchmark", "temporal": "conv3d_benchmark"}}
+
+
+def totals(rows: list[dict]) -> dict:
+    """ms of the chunk's convolutions per configuration (CONFIGS), and `best`: each shape's fastest way."""
+    out = dict.fromkeys([*CONFIGS, "best"], 0.0)
+    for r in rows:
+        ms = {w: e["ms"] for w, e in r["ways"].items() if "ms" in e}
+        for name, config in CONFIGS.items():
+            out[name] += r["count"] * ms.get(config[r["kind"]], math.nan)
+        out["best"] += r["count"] * min(ms.values(), default=math.nan)
+    return {w: round(v, 3) for w, v in out.items()}
+
+
+def _save(path: str, result: dict, done: bool = False) -> None:
+    result["complete"] = done
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--tiny", action="store_true", help="CPU, float32, tiny shapes: checks the script, not kernels")
+    args = ap.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        print("conv_bench: needs a CUDA GPU (or --tiny)", file=sys.stderr)
+        return 2
+    cuda = not args.tiny
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu (--tiny)", "torch": torch.__version__,
+              "cudnn": torch.backends.cudnn.version() if cuda else None, "dtype": str(dtype).removeprefix("torch."),
+              "date": time.strftime("%Y-%m-%d"), "frames": CHUNK, "shapes": []}
+    g = torch.Generator(device=device).manual_seed(0)
+    before = torch.backends.cudnn.benchmark
+    for shape in (TINY_SHAPES if args.tiny else SHAPES):
+        count, kind, cin, cout, k, h, w = shape
+        frames = 2 if args.tiny else CHUNK
+        work = flop(kind, cin, cout, k, h, w, frames)
+        row = {"shape": label(shape), "count": count, "kind": kind, "tflop_per_call": round(work / 1e12, 4),
+               "ways": {}}
+        ref = None
+        with torch.inference_mode():
+            for way, (fn, fargs) in ways(kind, cin, cout, k, h, w, frames, device, dtype, g).items():
+                entry = row["ways"][way] = {}
+                torch.backends.cudnn.benchmark = way.endswith("_benchmark")
+                try:
+                    t0 = time.perf_counter()
+                    out = fn(*fargs)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    entry["first_call_s"] = round(time.perf_counter() - t0, 3)
+                    if ref is None:
+                        ref, entry["reference"] = out.float(), True
+                    else:
+                        entry["max_abs_diff"] = float((out.float() - ref).abs().max())
+                    out = None
+                    ms = time_calls(fn, fargs, args.warmup, args.iters, cuda)
+                    entry["ms_eager"] = round(ms, 4)
+                    if cuda:
+                        ms = entry["ms_graph"] = round(graph_calls(fn, fargs, args.iters)[0], 4)
+                        entry["kernels"] = kernels_of(fn, fargs)
+                except Exception as exc:  # noqa: BLE001 - a way the device refuses is a result
+                    entry["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    continue
+                finally:
+                    torch.backends.cudnn.benchmark = before
+                entry["ms"] = round(ms, 4)
+                entry["tflops"] = round(work / (ms / 1e3) / 1e12, 1)
+        result["shapes"].append(row)
+        del ref
+        result["chunk_ms"] = totals(result["shapes"])
+        _save(args.out, result)
+    _save(args.out, result, done=True)
+    print(f"{result['device']}, torch {result['torch']}, cuDNN {result['cudnn']}, {result['dtype']}, "
+          f"{CHUNK if cuda else 2} frames")
+    for row in result["shapes"]:
+        cells = []
+        for way, e in row["ways"].items():
+            top = e.get("kernels", [[""]])[0][0] if e.get("kernels") else ""
+            cells.append(f"{way} {e.get('ms', math.nan):.3f} ms {e.get('tflops', math.nan):.0f} TF/s {top[:60]}"
+                         if "ms" in e else f"{way} {e.get('error', '')[:60]}")
+        print(f"{row['count']:>3} x {row['shape']:<32} " + " | ".join(cells))
+    print("chunk ms: " + ", ".join(f"{w} {v}" for w, v in result["chunk_ms"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

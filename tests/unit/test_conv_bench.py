@@ -1,0 +1,76 @@
+"""bench/conv_bench.py: its shapes are the full-size SVD-XT decoder's convolutions of one 8-frame chunk at
+1024x576 (counted on meta tensors, nothing computed), and on the CPU (--tiny) every way runs and agrees.
+Its figures come from a GPU."""
+from __future__ import annotations
+
+import collections
+import json
+import math
+
+import pytest
+
+from ..helpers import load_bench_script
+
+torch = pytest.importorskip("torch")
+
+
+def _module():
+    return load_bench_script("conv_bench")
+
+
+def test_the_shapes_are_the_decoders_convolutions_of_a_chunk():
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    from videogen_server.backends.svd import accel
+
+    bench = _module()
+    with torch.device("meta"):
+        vae = AutoencoderKLTemporalDecoder(block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3,
+                                           down_block_types=["DownEncoderBlock2D"] * 4, latent_channels=4,
+                                           layers_per_block=2).half()
+    vae.to("meta")  # (a few buffers are made on the CPU whatever the device)
+    accel.temporal_convs_2d(vae.decoder)  # as the server runs it
+    seen = collections.Counter()
+
+    def hook(m, args, out):
+        x = args[0]
+        if isinstance(m, accel.FramesConv2d):  # [1, C, F, H, W]
+            seen["temporal", x.shape[1], m.out_channels, m.kernel_size[0], x.shape[3], x.shape[4]] += 1
+            assert x.shape[2] == bench.CHUNK
+        else:  # [F, C, H, W]
+            assert m.kernel_size[0] == m.kernel_size[1] and x.shape[0] == bench.CHUNK
+            seen["spatial", x.shape[1], m.out_channels, m.kernel_size[0], x.shape[2], x.shape[3]] += 1
+
+    for m in vae.decoder.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(hook)
+    with torch.device("meta"):
+        vae.decode(torch.randn(bench.CHUNK, 4, 72, 128, dtype=torch.half), num_frames=bench.CHUNK)
+    assert {s[1:]: s[0] for s in bench.SHAPES} == dict(seen)
+    assert sum(s[0] * bench.flop(*s[1:]) for s in bench.SHAPES) / 1e12 == pytest.approx(54.0, abs=0.01)
+
+
+def test_tiny_run_times_every_way_and_sums_the_chunk_per_configuration(tmp_path):
+    bench = _module()
+    out = tmp_path / "c.json"
+    assert bench.main(["--out", str(out), "--tiny", "--iters", "1", "--warmup", "0"]) == 0
+    result = json.loads(out.read_text())
+    assert result["complete"] and len(result["shapes"]) == len(bench.TINY_SHAPES)
+    for row in result["shapes"]:
+        assert list(row["ways"]) == list(bench.WAYS[row["kind"]])
+        first, *rest = row["ways"].values()
+        assert first["reference"] and all(e["max_abs_diff"] < 1e-5 for e in rest)  # the same convolution
+    chunk = result["chunk_ms"]
+    assert set(chunk) == {*bench.CONFIGS, "best"} and all(v > 0 for v in chunk.values())
+    assert chunk["best"] <= min(chunk[c] for c in bench.CONFIGS)
+
+
+def test_configurations_sum_each_shapes_way_times_its_count():
+    bench = _module()
+    rows = [{"count": 2, "kind": "spatial", "ways": {"conv2d": {"ms": 1.0}, "conv2d_benchmark": {"ms": 0.5}}},
+            {"count": 3, "kind": "temporal", "ways": {"frames2d": {"ms": 4.0}, "frames2d_benchmark": {"ms": 2.0},
+                                                       "conv3d": {"ms": 1.0}, "conv3d_benchmark": {"error": "x"}}}]
+    chunk = bench.totals(rows)
+    assert chunk["heuristic"] == 2 * 1.0 + 3 * 4.0 and chunk["benchmark"] == 2 * 0.5 + 3 * 2.0
+    assert chunk["conv3d"] == 2 * 1.0 + 3 * 1.0 and math.isnan(chunk["conv3d_benchmark"])  # a way that failed
+    assert chunk["best"] == 2 * 0.5 + 3 * 1.0
