@@ -60,7 +60,9 @@
 #        the server with fa4, profiled. A call 2 that finds no first piece runs part12.
 #
 # part14 (twentieth session): part7 with split_group_norm (group norms from per-channel statistics), the plain
-#        pipeline beside it for the frames' PSNR, profiled (~7 min: one call of its own).
+#        pipeline beside it for the frames' PSNR, profiled (~7.5 min: one call of its own). Since the
+#        twenty-first session also fold_upsample, in the way upsample_bench.py (run first, ~40 s) finds
+#        fastest, if any beats stock, and conv_bench.py (~1 min) before the server; fa4a runs upsample_bench too.
 #
 # Compile caches: part7 packs its cache (/tmp/vg-cc-full) as $OUT/cc-full.tar.xz when that fits in what a call
 # returns (15 MiB here) and reports its size either way. A later session on the same kind of card, code and
@@ -77,6 +79,9 @@ if [ "$part" = fa4a ]; then  # carry [".fa4a"] only (no room for .whl): leave FA
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >>"$OUT/fa4a.txt" 2>&1
     PYTHONUNBUFFERED=1 timeout 300 python3 bench/attention_bench.py --out "$OUT/attention-sdpa.json" \
         --kernels cudnn,flash,efficient 2>&1 | tee "$OUT/attention-sdpa.log"
+    # the upsamplers' ways (fold_upsample), from this tree's accel.py: no wheel travels in this call
+    PYTHONUNBUFFERED=1 timeout 60 python3 bench/upsample_bench.py --out "$OUT/upsample.json" 2>&1 \
+        | tee "$OUT/upsample.log"
     exit 0
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -253,8 +258,21 @@ part14)
     # channels. Run 7's VAE group norms took ~5 ms a call against ~0.8 ms of traffic. Predicted: decode
     # 0.92 -> ~0.75-0.8 s, Inductor's glue in the step 0.131 -> ~0.10-0.12 s if the UNet's group norms are
     # as slow (unmeasured: the profile says), so ~0.40-0.42 s a step; frames within 1/255 of run 6's
+    # With it, fold_upsample (twenty-first session) in the way upsample_bench finds fastest on this card, if one
+    # beats stock (~40 s, first): the UNet's and decoder's upsamplers as one convolution of the source, 5/9
+    # of their arithmetic gone (4.2 TFLOP a step, ~22 a video). Predicted -0.005 to -0.008 s a step and
+    # -0.04 to -0.1 s of decode; the bench's own figures split it from split_group_norm's (convolutions
+    # against Inductor's kernels in the profile)
+    timeout 90 python3 bench/upsample_bench.py --out "$OUT/upsample.json" 2>&1 | tee "$OUT/upsample.log"
+    # the decoder's convolutions one shape at a time, cuDNN's heuristic kernel against its timed choice
+    # (cudnn_benchmark) and the temporal ones as 2-d or 3-d (~1 min): which layer run 7's slow sm80 kernel
+    # (31 calls, 3.7 ms each) belongs to, and what the decode's 0.92 s could be
+    timeout 120 python3 bench/conv_bench.py --out "$OUT/conv.json" 2>&1 | tee "$OUT/conv.log"
+    fold=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1])).get('best', 'false'))" \
+        "$OUT/upsample.json" 2>/dev/null || echo false)
+    echo "part14: fold_upsample=$fold" | tee "$OUT/upsample.txt"
     bench --out "$OUT/p19" --variants plain,server_compile --profile --time-budget 120 --server-params \
-        "fold_cross_attention=true,temporal_convs_2d=true,split_group_norm=true,compile_cache_dir=/tmp/vg-cc-gn,compile_vae_options=force_layout_optimization=true" \
+        "fold_cross_attention=true,temporal_convs_2d=true,split_group_norm=true,fold_upsample=$fold,compile_cache_dir=/tmp/vg-cc-gn,compile_vae_options=force_layout_optimization=true" \
         2>&1 | tee "$OUT/p19.log"
     ;;
 part10)
