@@ -16,16 +16,16 @@ layers, transposed (a view) for SDPA, as is for FA4. Prints a table and writes J
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_timing import graph_calls, no_gpu, parser, save_json, time_calls  # a script beside this one
 
 HEAD_DIM = 64
 FRAMES, BATCH = 25, 2  # frames, and the guidance's two halves
@@ -71,67 +71,17 @@ def sdpa_kernel(backend):
     return run
 
 
-def graph_calls(fn, args, iters: int, reps: int = 10):
-    """Milliseconds per call with `reps` calls captured in one CUDA graph and replayed (the median of
-    `iters` replays): the kernel without the host's launch overhead, as the server's CUDA graphs run
-    it. Returns (ms, the last captured call's output after a replay). Raises if the calls cannot be
-    captured: what a compiled server with CUDA graphs would meet."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # torch's rule: run once on a side stream before capturing
-        fn(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            out = fn(*args)
-    return statistics.median(_device_ms(graph.replay) / reps for _ in range(iters)), out
-
-
-def _device_ms(fn) -> float:
-    """Milliseconds of device time between CUDA events around one fn()."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
-def time_calls(fn, args, warmup: int, iters: int, cuda: bool) -> float:
-    """Milliseconds per call, the median of `iters`."""
-    for _ in range(warmup):
-        fn(*args)
-    times = []
-    for _ in range(iters):
-        if cuda:
-            times.append(_device_ms(lambda: fn(*args)))
-        else:
-            t0 = time.perf_counter()
-            fn(*args)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def _save(path: str, result: dict, per_step: dict, done: bool = False) -> None:
     result["per_step_s"] = {k: (None if math.isnan(v) else round(v, 4)) for k, v in per_step.items()}
-    result["complete"] = done
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    save_json(path, result, done)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True)
+    ap = parser(__doc__, iters=10)
     ap.add_argument("--kernels", default="cudnn,flash,efficient,fa4")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
-    ap.add_argument("--tiny", action="store_true", help="CPU, float32, tiny shapes: checks the script, not kernels")
     args = ap.parse_args(argv)
-    if not args.tiny and not torch.cuda.is_available():
-        print("attention_bench: needs a CUDA GPU (or --tiny)", file=sys.stderr)
+    if no_gpu("attention_bench", args):
         return 2
     from torch.nn.attention import SDPBackend
 

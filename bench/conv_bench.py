@@ -20,11 +20,8 @@ fastest way summed. Prints a table and writes JSON (after each shape).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -32,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention_bench import graph_calls, time_calls  # noqa: E402 - a script beside this one
+from kernel_timing import graph_calls, no_gpu, parser, save_json, time_calls  # a script beside this one
 
 CHUNK = 8
 #: (count per 8-frame chunk, kind, channels in, channels out, kernel, height, width) of SVD-XT's decoder at
@@ -80,7 +77,7 @@ def ways(kind: str, cin: int, cout: int, k: int, h: int, w: int, frames: int, de
         weight = (torch.randn(cout, cin, k, k, device=device, dtype=dtype, generator=g) / (k * cin ** 0.5)).contiguous(
             memory_format=torch.channels_last)
         bias = torch.randn(cout, device=device, dtype=dtype, generator=g)
-        fn = lambda x, weight, bias: F.conv2d(x, weight, bias, padding=k // 2)  # noqa: E731
+        fn = lambda x, weight, bias: F.conv2d(x, weight, bias, padding=k // 2)
         return {"conv2d": (fn, (x, weight, bias)), "conv2d_benchmark": (fn, (x, weight, bias))}
     # [B*F, C, H, W] channels-last, permuted to [B, C, F, H, W] by the temporal block: a view
     x = torch.randn(frames, cin, h, w, device=device, dtype=dtype, generator=g).contiguous(
@@ -89,8 +86,8 @@ def ways(kind: str, cin: int, cout: int, k: int, h: int, w: int, frames: int, de
     bias = torch.randn(cout, device=device, dtype=dtype, generator=g)
     w2d = weight.squeeze(-1).contiguous(memory_format=torch.channels_last)
     w3d = weight.contiguous(memory_format=torch.channels_last_3d)
-    frames2d = lambda x, weight, bias: F.conv2d(x.flatten(3), weight, bias, padding=(k // 2, 0))  # noqa: E731
-    conv3d = lambda x, weight, bias: F.conv3d(x, weight, bias, padding=(k // 2, 0, 0)).flatten(3)  # noqa: E731
+    frames2d = lambda x, weight, bias: F.conv2d(x.flatten(3), weight, bias, padding=(k // 2, 0))
+    conv3d = lambda x, weight, bias: F.conv3d(x, weight, bias, padding=(k // 2, 0, 0)).flatten(3)
     return {"frames2d": (frames2d, (x, w2d, bias)), "frames2d_benchmark": (frames2d, (x, w2d, bias)),
             "conv3d": (conv3d, (x, w3d, bias)), "conv3d_benchmark": (conv3d, (x, w3d, bias))}
 
@@ -124,22 +121,9 @@ def totals(rows: list[dict]) -> dict:
     return {w: round(v, 3) for w, v in out.items()}
 
 
-def _save(path: str, result: dict, done: bool = False) -> None:
-    result["complete"] = done
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--tiny", action="store_true", help="CPU, float32, tiny shapes: checks the script, not kernels")
-    args = ap.parse_args(argv)
-    if not args.tiny and not torch.cuda.is_available():
-        print("conv_bench: needs a CUDA GPU (or --tiny)", file=sys.stderr)
+    args = parser(__doc__, iters=5).parse_args(argv)
+    if no_gpu("conv_bench", args):
         return 2
     cuda = not args.tiny
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
@@ -185,8 +169,8 @@ def main(argv=None) -> int:
         result["shapes"].append(row)
         del ref
         result["chunk_ms"] = totals(result["shapes"])
-        _save(args.out, result)
-    _save(args.out, result, done=True)
+        save_json(args.out, result)
+    save_json(args.out, result, done=True)
     print(f"{result['device']}, torch {result['torch']}, cuDNN {result['cudnn']}, {result['dtype']}, "
           f"{CHUNK if cuda else 2} frames")
     for row in result["shapes"]:

@@ -22,8 +22,6 @@ cheap elementwise kernels or fused away). Prints a table and writes JSON (after 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import sys
@@ -33,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention_bench import graph_calls, time_calls  # noqa: E402 - a script beside this one
+from kernel_timing import graph_calls, no_gpu, parser, save_json, time_calls  # a script beside this one
 
 STEPS, FRAMES, CHUNK = 25, 25, 8
 #: (name, model, batch, channels in = out, source height, width) at 1024x576, 25 frames, guidance
@@ -81,13 +79,6 @@ def ways(weight: torch.Tensor, bias: torch.Tensor) -> dict:
     }
 
 
-def _save(path: str, result: dict, done: bool = False) -> None:
-    result["complete"] = done
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def totals(rows: list[dict]) -> tuple[dict, dict, str]:
     """Per way: the UNet's ms a step, the decoder's ms a video; and the way to serve with."""
     per_step = {w: 0.0 for w in WAYS}
@@ -109,14 +100,8 @@ def totals(rows: list[dict]) -> tuple[dict, dict, str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--tiny", action="store_true", help="CPU, float32, tiny shapes: checks the script, not kernels")
-    args = ap.parse_args(argv)
-    if not args.tiny and not torch.cuda.is_available():
-        print("upsample_bench: needs a CUDA GPU (or --tiny)", file=sys.stderr)
+    args = parser(__doc__, iters=10).parse_args(argv)
+    if no_gpu("upsample_bench", args):
         return 2
     device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.float16)
     result = {"device": "cpu (--tiny)" if args.tiny else torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -154,12 +139,12 @@ def main(argv=None) -> int:
                 entry["tflops"] = round(work / (ms / 1e3) / 1e12, 1)
         result["shapes"].append(row)
         del x, ref
-        _save(args.out, result)
+        save_json(args.out, result)
     per_step, per_video, best = totals(result["shapes"])
     result["unet_ms_per_step"] = {k: round(v, 3) for k, v in per_step.items()}
     result["vae_ms_per_video"] = {k: round(v, 3) for k, v in per_video.items()}
     result["best"] = best
-    _save(args.out, result, done=True)
+    save_json(args.out, result, done=True)
     print(f"{result['device']}, torch {result['torch']}, {result['dtype']}")
     print(f"{'shape':<9} {'B':>3} {'C':>5} {'source':>8} " + " ".join(f"{w + ' ms':>18} {'TF/s':>5}" for w in WAYS))
     for row in result["shapes"]:
