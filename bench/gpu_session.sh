@@ -63,6 +63,8 @@
 #        pipeline beside it for the frames' PSNR, profiled (~7.5 min: one call of its own). Since the
 #        twenty-first session also fold_upsample, in the way upsample_bench.py (run first, ~40 s) finds
 #        fastest, if any beats stock, and conv_bench.py (~1 min) before the server; fa4a runs upsample_bench too.
+# part15 (twenty-first session): part14's server restarted with the compile cache part14 filled: the
+#        warm-ready target (<= 60 s), last measured in run 3. The call right after part14, at once.
 #
 # Compile caches: part7 packs its cache (/tmp/vg-cc-full) as $OUT/cc-full.tar.xz when that fits in what a call
 # returns (15 MiB here) and reports its size either way. A later session on the same kind of card, code and
@@ -71,7 +73,7 @@
 # server params start warm (~37 s to ready instead of ~270 s), leaving the call's time for more variants.
 set -u
 SECONDS=${VG_SESSION_SECONDS:-0}  # a part handing over to another (exec) keeps the call's clock
-part=${1:?usage: bench/gpu_session.sh part1|...|part14|fa4a|tricks}
+part=${1:?usage: bench/gpu_session.sh part1|...|part15|fa4a|tricks}
 OUT=${OUT:-/tmp/vg-out}
 mkdir -p "$OUT"
 if [ "$part" = fa4a ]; then  # carry [".fa4a"] only (no room for .whl): leave FA4's first piece, time torch's kernels
@@ -127,6 +129,8 @@ keep_cache() {  # DIR NAME: its size by part to $OUT/cache-NAME.txt; DIR as $OUT
         if [ "$size" -gt 0 ] && [ "$size" -le $((14 * 1024 * 1024)) ]; then cp "/tmp/$2.tar.xz" "$OUT/"; return 0; fi
     done
 }
+# part14's and part15's server: part7's configuration with split_group_norm (fold_upsample is picked at run time)
+PART14_PARAMS="fold_cross_attention=true,temporal_convs_2d=true,split_group_norm=true,compile_cache_dir=/tmp/vg-cc-gn,compile_vae_options=force_layout_optimization=true"
 case $part in
 part1)
     # H200, 2026-11-26: plain ~30 s; server_compile ~270 s to ready from a cold cache (UNet and VAE) + ~2 min of requests; warm ~90 s
@@ -271,9 +275,17 @@ part14)
     fold=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1])).get('best', 'false'))" \
         "$OUT/upsample.json" 2>/dev/null || echo false)
     echo "part14: fold_upsample=$fold" | tee "$OUT/upsample.txt"
+    echo "$fold" >/tmp/vg-part14-fold  # for part15, the call after, on this machine
     bench --out "$OUT/p19" --variants plain,server_compile --profile --time-budget 120 --server-params \
-        "fold_cross_attention=true,temporal_convs_2d=true,split_group_norm=true,fold_upsample=$fold,compile_cache_dir=/tmp/vg-cc-gn,compile_vae_options=force_layout_optimization=true" \
-        2>&1 | tee "$OUT/p19.log"
+        "$PART14_PARAMS,fold_upsample=$fold" 2>&1 | tee "$OUT/p19.log"
+    ;;
+part15)
+    # part14's server started again in a new process, as a restart: ready with its compile cache warm (the
+    # target: <= 60 s; 36.6 s on record, run 3, before the weights were loaded as float32 and cast), then
+    # its requests. The call right after part14 on the same machine (30 s idle), ~2.5 min with a request
+    fold=$(cat /tmp/vg-part14-fold 2>/dev/null) || { echo "part15: part14 did not run on this machine" | tee "$OUT/p20.txt"; exit 0; }
+    bench --out "$OUT/p20" --variants server_compile_warm --time-budget 30 --server-params \
+        "$PART14_PARAMS,fold_upsample=$fold" 2>&1 | tee "$OUT/p20.log"
     ;;
 part10)
     # the same server parameters as part7, so that its cache (if this machine ran part7) has every graph
