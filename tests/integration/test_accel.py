@@ -606,7 +606,7 @@ def test_cudnn_benchmark_is_on_while_any_holder_is_loaded():
         torch.backends.cudnn.benchmark = before
 
 
-def test_temporal_convs_2d_replace_every_temporal_conv_with_the_same_sums(tiny_model_source):
+def test_temporal_convs_2d_replace_every_temporal_conv_with_the_same_sums(tiny_model_source, monkeypatch):
     import copy
 
     from diffusers import UNetSpatioTemporalConditionModel
@@ -660,6 +660,19 @@ def test_temporal_convs_2d_replace_every_temporal_conv_with_the_same_sums(tiny_m
     with torch.inference_mode():
         torch.testing.assert_close(model(v), conv(v), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model(v[0]), conv(v[0]), rtol=1e-5, atol=1e-6)  # unbatched, as Conv3d takes it
+        # one frame (the last chunk of 25 frames decoded in 8s): only the middle tap reads anything but
+        # padding, and it runs as that tap's 1x1 convolution
+        kernels = []
+        real_conv2d = torch.nn.functional.conv2d
+        monkeypatch.setattr(torch.nn.functional, "conv2d",
+                            lambda x, w, *a, **k: kernels.append(tuple(w.shape[2:])) or real_conv2d(x, w, *a, **k))
+        one = v[:, :, :1]
+        torch.testing.assert_close(model(one), conv(one), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(one[0]), conv(one[0]), rtol=1e-5, atol=1e-6)
+        assert kernels == [(1, 1), (1, 1)]
+        model(v[:, :, :2])
+        assert kernels[-1] == (3, 1), "two frames: every tap reads a frame"
+        monkeypatch.undo()
 
 
 @pytest.mark.timeout(600)

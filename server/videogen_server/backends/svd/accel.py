@@ -389,7 +389,19 @@ class FramesConv2d(nn.Conv2d):
         if x.dim() != 5:
             raise ValueError(f"FramesConv2d takes [B, C, F, H, W] or [C, F, H, W], got {tuple(x.shape)}")
         h, w = x.shape[-2:]
-        return super().forward(x.flatten(3)).unflatten(3, (h, w))
+        k, pad = self.kernel_size[0], self.padding[0]
+        if x.shape[2] == 1 and k % 2 == 1 and pad == k // 2:
+            # One frame: every tap but the middle one reads the zero padding, so the convolution is the
+            # middle tap's 1x1 convolution (a plain GEMM), the same sums. Why: 25 frames in chunks of 8 end
+            # with a one-frame chunk, whose 29 temporal convolutions in SVD-XT's decoder are a kernel
+            # height of 3 over an input height of 1, an odd shape for cuDNN; run 7's decode ran 31 calls of
+            # a generic sm80 kernel (`indexed_wo_smem`, 3.7 ms each) that may be these (not yet confirmed:
+            # bench/conv_bench.py times them).
+            out = torch.nn.functional.conv2d(x.flatten(3), self.weight[:, :, pad:pad + 1], self.bias,
+                                             groups=self.groups)
+        else:
+            out = super().forward(x.flatten(3))
+        return out.unflatten(3, (h, w))
 
 
 def temporal_convs_2d(model: nn.Module) -> int:
