@@ -2,18 +2,22 @@
 convolution of one 8-frame decode chunk at 1024x576 (SVD-XT's decoder, its temporal convolutions as
 `temporal_convs_2d` makes them), float16 channels-last on a GPU, with cuDNN's heuristic choice of kernel
 (the server's default) and with cuDNN's timed choice (`cudnn.benchmark`, the server's `cudnn_benchmark`);
-the temporal ones also as the stock 3-d convolution (channels-last 3-d) both ways.
+the temporal ones also as the stock 3-d convolution (channels-last 3-d) both ways; and the temporal ones
+of the last, one-frame chunk (25 frames in chunks of 8 end with one), also as their middle tap's 1x1
+convolution (`middle_tap`), what FramesConv2d runs for one frame since the twenty-first session.
 
 Why: run 6 decoded 25 frames in 0.92 s where their ~173 TFLOP take ~0.28 s at the UNet's convolution rate,
 and run 7's decode profile had 31 calls of an sm80 cuDNN kernel (`..._indexed_wo_smem_..._tilesize128x32x16`,
-3.7 ms a call) whose layer nobody had identified. This names each shape's kernel and its rate.
+3.7 ms a call) whose layer nobody had identified (the one-frame chunk has 29 temporal convolutions). This
+names each shape's kernel and its rate.
 
 For each shape and way: milliseconds per call (10 calls in a CUDA graph, replayed, the median of --iters),
 TFLOP/s, the first call's seconds (cuDNN's timing, with benchmark), the kernels the call ran (the profiler's
-names, longest first), the largest difference from the first way. Then per way the chunk's convolutions in
-ms per configuration of the server (`heuristic`: today's default; `benchmark`: cudnn_benchmark; `conv3d`
-and `conv3d_benchmark`: without temporal_convs_2d), each shape's count x its ms, and `best`: each shape's
-fastest way summed. Prints a table and writes JSON (after each shape).
+names, longest first), the largest difference from the first way. Then, per configuration of the server
+(`heuristic`: the default; `benchmark`: cudnn_benchmark; `heuristic_before`: the default before the middle
+tap; `conv3d` and `conv3d_benchmark`: without temporal_convs_2d) and `best` (each shape's fastest way), the
+ms of an 8-frame chunk's convolutions, of the one-frame chunk's temporal ones, and of a 25-frame video's
+(3 chunks and those). Prints a table and writes JSON (after each shape).
 
     python bench/conv_bench.py --out conv.json
     python bench/conv_bench.py --out c.json --tiny   # the script itself, on the CPU (float32, tiny shapes)
@@ -32,6 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_timing import graph_calls, no_gpu, parser, save_json, time_calls  # a script beside this one
 
 CHUNK = 8
+#: full chunks of 8 frames in a 25-frame video, then one chunk of one frame
+FULL_CHUNKS = 3
 #: (count per 8-frame chunk, kind, channels in, channels out, kernel, height, width) of SVD-XT's decoder at
 #: 1024x576 (latents 72x128); kind "spatial" is a Conv2d over [8, C, H, W], kind "temporal" a (3, 1, 1)
 #: convolution over the frames ([1, C, 8, H, W]). tests/unit/test_conv_bench.py checks it against the model.
@@ -54,12 +60,22 @@ SHAPES = (
     (1, "spatial", 128, 3, 3, 576, 1024),
     (1, "temporal", 3, 3, 3, 576, 1024),
 )
-TINY_SHAPES = ((2, "spatial", 8, 8, 3, 6, 8), (1, "spatial", 8, 4, 1, 6, 8), (3, "temporal", 8, 8, 3, 6, 8))
+#: the last, one-frame chunk's temporal convolutions (kind "temporal1": a kernel of 3 frames over one),
+#: which FramesConv2d now runs as their middle tap's 1x1 convolution ("middle_tap")
+ONE_FRAME_SHAPES = tuple((n, "temporal1", *rest) for n, kind, *rest in SHAPES if kind == "temporal")
+TINY_SHAPES = ((2, "spatial", 8, 8, 3, 6, 8), (1, "spatial", 8, 4, 1, 6, 8), (3, "temporal", 8, 8, 3, 6, 8),
+               (3, "temporal1", 8, 8, 3, 6, 8))
 WAYS = {"spatial": ("conv2d", "conv2d_benchmark"),
-        "temporal": ("frames2d", "frames2d_benchmark", "conv3d", "conv3d_benchmark")}
+        "temporal": ("frames2d", "frames2d_benchmark", "conv3d", "conv3d_benchmark"),
+        "temporal1": ("frames2d", "frames2d_benchmark", "conv3d", "conv3d_benchmark", "middle_tap")}
+
+
+def frames_of(kind: str, tiny: bool = False) -> int:
+    return 1 if kind == "temporal1" else 2 if tiny else CHUNK
 
 
 def flop(kind: str, cin: int, cout: int, k: int, h: int, w: int, frames: int = CHUNK) -> int:
+    """What the convolution computes (a one-frame temporal one: its kernel's 3 taps, 2 over padding)."""
     taps = k * k if kind == "spatial" else k
     return 2 * frames * h * w * cin * cout * taps
 
@@ -88,8 +104,12 @@ def ways(kind: str, cin: int, cout: int, k: int, h: int, w: int, frames: int, de
     w3d = weight.contiguous(memory_format=torch.channels_last_3d)
     frames2d = lambda x, weight, bias: F.conv2d(x.flatten(3), weight, bias, padding=(k // 2, 0))
     conv3d = lambda x, weight, bias: F.conv3d(x, weight, bias, padding=(k // 2, 0, 0)).flatten(3)
-    return {"frames2d": (frames2d, (x, w2d, bias)), "frames2d_benchmark": (frames2d, (x, w2d, bias)),
-            "conv3d": (conv3d, (x, w3d, bias)), "conv3d_benchmark": (conv3d, (x, w3d, bias))}
+    out = {"frames2d": (frames2d, (x, w2d, bias)), "frames2d_benchmark": (frames2d, (x, w2d, bias)),
+           "conv3d": (conv3d, (x, w3d, bias)), "conv3d_benchmark": (conv3d, (x, w3d, bias))}
+    if kind == "temporal1":  # FramesConv2d's one-frame form
+        middle = w2d[:, :, k // 2:k // 2 + 1]
+        out["middle_tap"] = (lambda x, weight, bias: F.conv2d(x.flatten(3), weight, bias), (x, middle, bias))
+    return out
 
 
 def kernels_of(fn, args) -> list[list]:
@@ -104,21 +124,30 @@ def kernels_of(fn, args) -> list[list]:
 
 
 #: the server's configurations: which way each kind of shape runs
-CONFIGS = {"heuristic": {"spatial": "conv2d", "temporal": "frames2d"},  # today's default (temporal_convs_2d)
-           "benchmark": {"spatial": "conv2d_benchmark", "temporal": "frames2d_benchmark"},  # cudnn_benchmark
-           "conv3d": {"spatial": "conv2d", "temporal": "conv3d"},  # without temporal_convs_2d
-           "conv3d_benchmark": {"spatial": "conv2d_benchmark", "temporal": "conv3d_benchmark"}}
+CONFIGS = {"heuristic": {"spatial": "conv2d", "temporal": "frames2d", "temporal1": "middle_tap"},  # the default
+           "benchmark": {"spatial": "conv2d_benchmark", "temporal": "frames2d_benchmark",  # cudnn_benchmark
+                         "temporal1": "middle_tap"},
+           "heuristic_before": {"spatial": "conv2d", "temporal": "frames2d", "temporal1": "frames2d"},  # <= 20th
+           "conv3d": {"spatial": "conv2d", "temporal": "conv3d", "temporal1": "conv3d"},  # no temporal_convs_2d
+           "conv3d_benchmark": {"spatial": "conv2d_benchmark", "temporal": "conv3d_benchmark",
+                                "temporal1": "conv3d_benchmark"}}
 
 
 def totals(rows: list[dict]) -> dict:
-    """ms of the chunk's convolutions per configuration (CONFIGS), and `best`: each shape's fastest way."""
-    out = dict.fromkeys([*CONFIGS, "best"], 0.0)
+    """ms per configuration (CONFIGS) and `best` (each shape's fastest way): `chunk_ms`, an 8-frame chunk's
+    convolutions; `one_frame_temporal_ms`, the last chunk's temporal ones; `video_ms`, a 25-frame video's
+    3 chunks and that (the one-frame chunk's spatial convolutions are not timed)."""
+    names = [*CONFIGS, "best"]
+    chunk, one = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     for r in rows:
         ms = {w: e["ms"] for w, e in r["ways"].items() if "ms" in e}
+        into = one if r["kind"] == "temporal1" else chunk
         for name, config in CONFIGS.items():
-            out[name] += r["count"] * ms.get(config[r["kind"]], math.nan)
-        out["best"] += r["count"] * min(ms.values(), default=math.nan)
-    return {w: round(v, 3) for w, v in out.items()}
+            into[name] += r["count"] * ms.get(config[r["kind"]], math.nan)
+        into["best"] += r["count"] * min(ms.values(), default=math.nan)
+    return {"chunk_ms": {w: round(v, 3) for w, v in chunk.items()},
+            "one_frame_temporal_ms": {w: round(v, 3) for w, v in one.items()},
+            "video_ms": {w: round(FULL_CHUNKS * chunk[w] + one[w], 3) for w in names}}
 
 
 def main(argv=None) -> int:
@@ -129,15 +158,15 @@ def main(argv=None) -> int:
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu (--tiny)", "torch": torch.__version__,
               "cudnn": torch.backends.cudnn.version() if cuda else None, "dtype": str(dtype).removeprefix("torch."),
-              "date": time.strftime("%Y-%m-%d"), "frames": CHUNK, "shapes": []}
+              "date": time.strftime("%Y-%m-%d"), "shapes": []}
     g = torch.Generator(device=device).manual_seed(0)
     before = torch.backends.cudnn.benchmark
-    for shape in (TINY_SHAPES if args.tiny else SHAPES):
+    for shape in (TINY_SHAPES if args.tiny else SHAPES + ONE_FRAME_SHAPES):
         count, kind, cin, cout, k, h, w = shape
-        frames = 2 if args.tiny else CHUNK
+        frames = frames_of(kind, args.tiny)
         work = flop(kind, cin, cout, k, h, w, frames)
-        row = {"shape": label(shape), "count": count, "kind": kind, "tflop_per_call": round(work / 1e12, 4),
-               "ways": {}}
+        row = {"shape": label(shape), "count": count, "kind": kind, "frames": frames,
+               "tflop_per_call": round(work / 1e12, 4), "ways": {}}
         ref = None
         with torch.inference_mode():
             for way, (fn, fargs) in ways(kind, cin, cout, k, h, w, frames, device, dtype, g).items():
@@ -168,19 +197,19 @@ def main(argv=None) -> int:
                 entry["tflops"] = round(work / (ms / 1e3) / 1e12, 1)
         result["shapes"].append(row)
         del ref
-        result["chunk_ms"] = totals(result["shapes"])
+        result.update(totals(result["shapes"]))
         save_json(args.out, result)
     save_json(args.out, result, done=True)
-    print(f"{result['device']}, torch {result['torch']}, cuDNN {result['cudnn']}, {result['dtype']}, "
-          f"{CHUNK if cuda else 2} frames")
+    print(f"{result['device']}, torch {result['torch']}, cuDNN {result['cudnn']}, {result['dtype']}")
     for row in result["shapes"]:
         cells = []
         for way, e in row["ways"].items():
             top = e.get("kernels", [[""]])[0][0] if e.get("kernels") else ""
             cells.append(f"{way} {e.get('ms', math.nan):.3f} ms {e.get('tflops', math.nan):.0f} TF/s {top[:60]}"
                          if "ms" in e else f"{way} {e.get('error', '')[:60]}")
-        print(f"{row['count']:>3} x {row['shape']:<32} " + " | ".join(cells))
-    print("chunk ms: " + ", ".join(f"{w} {v}" for w, v in result["chunk_ms"].items()))
+        print(f"{row['count']:>3} x {row['shape']:<32} F={row['frames']} " + " | ".join(cells))
+    for key in ("chunk_ms", "one_frame_temporal_ms", "video_ms"):
+        print(f"{key}: " + ", ".join(f"{w} {v}" for w, v in result[key].items()))
     return 0
 
 
