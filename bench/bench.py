@@ -454,6 +454,7 @@ def one_request(client, ctx: Ctx, model: str, steps: int, decode_chunk: int, kee
 
     a = ctx.a
     progress, frames, video_bytes, first_frame, summary = [], {}, 0, None, None
+    chunk_arrivals = []  # when each decode chunk's first frame arrived: the decode's pace, chunk by chunk
     cpu0 = time.process_time()  # all threads: ~wall while one thread launches kernels, far less when GPU-bound
     t0 = time.perf_counter()
     for ev in client.generate(ctx.png, model=model, width=a.width, height=a.height, num_frames=a.frames,
@@ -465,6 +466,8 @@ def one_request(client, ctx: Ctx, model: str, steps: int, decode_chunk: int, kee
             progress.append((ev.elapsed_seconds, now))
         elif isinstance(ev, Frame):
             first_frame = now if first_frame is None else first_frame
+            if ev.index % decode_chunk == 0:
+                chunk_arrivals.append(round(now - t0, 3))
             if keep_frames:
                 frames[ev.index] = ev  # decoded after the clock stops
         elif isinstance(ev, VideoChunk):
@@ -478,6 +481,7 @@ def one_request(client, ctx: Ctx, model: str, steps: int, decode_chunk: int, kee
     return {"t_send": t0, "t_done": t1, "e2e_s": round(t1 - t0, 3), "process_cpu_s": round(cpu_s, 2),
             "first_frame_s": round(first_frame - t0, 3) if first_frame else None, "step_s": median(steps_t),
             "tail_s": round(t1 - progress[-1][1], 3) if progress else None, "video_bytes": video_bytes,
+            "last_step_s": round(progress[-1][1] - t0, 3) if progress else None, "chunk_arrivals_s": chunk_arrivals,
             "queue_s": s.queue_seconds, "image_encode_s": s.image_encode_seconds, "denoise_s": s.denoise_seconds,
             "decode_s": s.decode_seconds, "video_encode_s": s.video_encode_seconds,
             "server_total_s": s.total_seconds, "server_first_frame_s": s.first_frame_seconds,
@@ -669,7 +673,8 @@ def run_server(ctx: Ctx, name: str, model_dir: Path, checkpoint: Callable[[dict]
                 for k in ("_frames", "t_send", "t_done"):
                     del r[k]
             res["runs"] = runs
-            res.update({k: median(r[k] for r in runs) for k in runs[0]})
+            res.update({k: median(r[k] for r in runs) for k in runs[0] if not isinstance(runs[0][k], list)})
+            res["chunk_arrivals_s"] = runs[0]["chunk_arrivals_s"]  # the first timed request's, as its frames
             checkpoint({**res, "incomplete": "after the timed requests"})
             if "compile" in extra:  # other seeds, conditioning and decode chunking must not recompile
                 try:  # like the profile below: a failure here must not lose the timings
