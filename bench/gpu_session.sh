@@ -61,10 +61,12 @@
 #
 # part14 (twentieth session): part7 with split_group_norm (group norms from per-channel statistics), the plain
 #        pipeline beside it for the frames' PSNR, profiled (~7.5 min: one call of its own). Since the
-#        twenty-first session also fold_upsample, in the way upsample_bench.py (run first, ~40 s) finds
-#        fastest, if any beats stock, and conv_bench.py (~1 min) before the server; fa4a runs upsample_bench too.
+#        twenty-first session also fold_upsample, in the way upsample_bench.py (run first, ~30 s) finds
+#        fastest, if any beats stock, and conv_bench.py (~1 min) after the server if the call has time left
+#        (else part15 runs it); fa4a runs upsample_bench too.
 # part15 (twenty-first session): part14's server restarted with the compile cache part14 filled: the
-#        warm-ready target (<= 60 s), last measured in run 3. The call right after part14, at once.
+#        warm-ready target (<= 60 s), last measured in run 3; then conv_bench if part14 could not. The call
+#        right after part14, at once (~2.5-3.5 min).
 #
 # Compile caches: part7 packs its cache (/tmp/vg-cc-full) as $OUT/cc-full.tar.xz when that fits in what a call
 # returns (15 MiB here) and reports its size either way. A later session on the same kind of card, code and
@@ -128,6 +130,14 @@ keep_cache() {  # DIR NAME: its size by part to $OUT/cache-NAME.txt; DIR as $OUT
         echo "packed ${exclude:-whole}: $size bytes" >>"$OUT/cache-$2.txt"
         if [ "$size" -gt 0 ] && [ "$size" -le $((14 * 1024 * 1024)) ]; then cp "/tmp/$2.tar.xz" "$OUT/"; return 0; fi
     done
+}
+conv_bench() {  # the decoder's convolutions one shape at a time (~1 min): cuDNN's heuristic kernel against its
+    # timed choice (cudnn_benchmark), the temporal ones as 2-d or 3-d, the one-frame chunk's with the middle
+    # tap: which layer run 7's slow sm80 kernel (31 calls, 3.7 ms each) belongs to, what the decode could be
+    local left=$((CALL_SECONDS - 10 - SECONDS))
+    [ "$left" -gt 30 ] || { echo "no time left for conv_bench"; return 1; }
+    timeout "$((left < 120 ? left : 120))" python3 bench/conv_bench.py --out "$OUT/conv.json" 2>&1 | tee "$OUT/conv.log"
+    touch /tmp/vg-conv-done
 }
 # part14's and part15's server: part7's configuration with split_group_norm (fold_upsample is picked at run time)
 PART14_PARAMS="fold_cross_attention=true,temporal_convs_2d=true,split_group_norm=true,compile_cache_dir=/tmp/vg-cc-gn,compile_vae_options=force_layout_optimization=true"
@@ -267,17 +277,15 @@ part14)
     # of their arithmetic gone (4.2 TFLOP a step, ~22 a video). Predicted -0.005 to -0.008 s a step and
     # -0.04 to -0.1 s of decode; the bench's own figures split it from split_group_norm's (convolutions
     # against Inductor's kernels in the profile)
-    timeout 90 python3 bench/upsample_bench.py --out "$OUT/upsample.json" 2>&1 | tee "$OUT/upsample.log"
-    # the decoder's convolutions one shape at a time, cuDNN's heuristic kernel against its timed choice
-    # (cudnn_benchmark) and the temporal ones as 2-d or 3-d (~1 min): which layer run 7's slow sm80 kernel
-    # (31 calls, 3.7 ms each) belongs to, and what the decode's 0.92 s could be
-    timeout 120 python3 bench/conv_bench.py --out "$OUT/conv.json" 2>&1 | tee "$OUT/conv.log"
+    timeout 60 python3 bench/upsample_bench.py --out "$OUT/upsample.json" 2>&1 | tee "$OUT/upsample.log"
     fold=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1])).get('best', 'false'))" \
         "$OUT/upsample.json" 2>/dev/null || echo false)
     echo "part14: fold_upsample=$fold" | tee "$OUT/upsample.txt"
     echo "$fold" >/tmp/vg-part14-fold  # for part15, the call after, on this machine
     bench --out "$OUT/p19" --variants plain,server_compile --profile --time-budget 120 --server-params \
         "$PART14_PARAMS,fold_upsample=$fold" 2>&1 | tee "$OUT/p19.log"
+    # the server's figures first; the decoder's convolutions here if the call has time, else in part15
+    if [ "$SECONDS" -lt $((CALL_SECONDS - 100)) ]; then conv_bench; fi
     ;;
 part15)
     # part14's server started again in a new process, as a restart: ready with its compile cache warm (the
@@ -286,6 +294,7 @@ part15)
     fold=$(cat /tmp/vg-part14-fold 2>/dev/null) || { echo "part15: part14 did not run on this machine" | tee "$OUT/p20.txt"; exit 0; }
     bench --out "$OUT/p20" --variants server_compile_warm --time-budget 30 --server-params \
         "$PART14_PARAMS,fold_upsample=$fold" 2>&1 | tee "$OUT/p20.log"
+    [ -e /tmp/vg-conv-done ] || conv_bench  # part14 had no time left for it
     ;;
 part10)
     # the same server parameters as part7, so that its cache (if this machine ran part7) has every graph
