@@ -1079,6 +1079,7 @@ def test_fa4_kernels_are_kept_beside_the_compile_cache(tmp_path, monkeypatch):
     assert not accel.keep_fa4_kernels(tmp_path / "a")
 
 
+@pytest.mark.timeout(600)  # a cold compile of the tiny UNet: ~1 min on 2 busy cores
 @pytest.mark.parametrize("how", ["transposed", "phases"])
 def test_fold_upsample_is_the_convolution_of_the_upsampled_input(how, tiny_model_source, tmp_path, monkeypatch):
     """Nearest 2x then a 3x3 convolution, as one convolution of the source: the same sums in float64 (odd
@@ -1101,8 +1102,20 @@ def test_fold_upsample_is_the_convolution_of_the_upsampled_input(how, tiny_model
             out = accel.upsample_conv(xx, weight, b, how)
             assert out.shape == ref.shape
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+            if c > 1 and h * w > 1:  # the input's layout (unambiguous here), as the stock convolution keeps it
+                nhwc = not xx.is_contiguous()
+                assert out.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
     with pytest.raises(ValueError, match="fold_upsample: 'nearest' is not one of"):
         accel.upsample_conv(x, weight, b, "nearest")
+    # 16-bit, as on a GPU: the folded taps in the weights' dtype, within the rounding of another algorithm
+    for dtype in (torch.float16, torch.bfloat16):
+        x16, w16, b16 = (t.to(dtype) for t in (torch.randn(2, 32, 5, 6), torch.randn(8, 32, 3, 3) / 17,
+                                                 torch.randn(8)))
+        out = accel.upsample_conv(x16, w16, b16, how)
+        exact = F.conv2d(F.interpolate(x16.double(), scale_factor=2.0, mode="nearest"), w16.double(), b16.double(),
+                         padding=1)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), exact, rtol=0, atol=0.05 if dtype == torch.bfloat16 else 0.01)
 
     base = UNetSpatioTemporalConditionModel.from_pretrained(str(tiny_model_source / "1" / "unet")).eval()
     vae = AutoencoderKLTemporalDecoder.from_pretrained(str(tiny_model_source / "1" / "vae")).eval()
@@ -1127,7 +1140,15 @@ def test_fold_upsample_is_the_convolution_of_the_upsampled_input(how, tiny_model
         ref_frames = vae.decode(z, num_frames=4).sample
         torch.testing.assert_close(folded_vae.decode(z, num_frames=4).sample, ref_frames, rtol=1e-5, atol=1e-5)
         assert calls == [how, how]
+        up = next(m for m in unet.modules() if hasattr(m, "fold"))
+        source = torch.randn(1, up.channels, 3, 5)
+        up(source, output_size=(6, 10))  # an output size given, twice the input's: still folded
+        assert calls == [how, how, how]
         monkeypatch.undo()
+        import pickle
+        again = pickle.loads(pickle.dumps(unet))  # a folded model pickles (torch.save) and keeps its fold
+        assert [m.fold for m in again.modules() if hasattr(m, "fold")] == [how]
+        torch.testing.assert_close(again(**x, return_dict=False)[0], unet(**x, return_dict=False)[0], rtol=0, atol=0)
         monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
         torch._dynamo.reset()
         try:  # under torch.compile (fullgraph, as the server compiles the UNet)
@@ -1137,9 +1158,13 @@ def test_fold_upsample_is_the_convolution_of_the_upsampled_input(how, tiny_model
         finally:
             torch._dynamo.reset()
     # what is not a plain nearest-2x + 3x3 convolution stays
-    keep = torch.nn.Sequential(Upsample2D(4, use_conv=True, kernel_size=5, padding=2), Upsample2D(4, use_conv=False),
-                               Upsample2D(4, use_conv_transpose=True), Upsample2D(4, use_conv=True, interpolate=False))
-    assert accel.fold_upsample(keep, how) == 0
+    keep = [Upsample2D(4, use_conv=True, kernel_size=5, padding=2), Upsample2D(4, use_conv=False),
+            Upsample2D(4, use_conv_transpose=True), Upsample2D(4, use_conv=True, interpolate=False),
+            Upsample2D(4, use_conv=True, norm_type="ln_norm", eps=1e-5, elementwise_affine=True),
+            Upsample2D(4, use_conv=True), Upsample2D(4, use_conv=True)]
+    keep[-2].conv.padding_mode = "reflect"  # not the zeros the fold assumes
+    keep[-1].conv = torch.nn.Conv2d(4, 4, 3, padding=1, groups=2)
+    assert accel.fold_upsample(torch.nn.Sequential(*keep), how) == 0
     from videogen_server.backends.svd.backend import SVDBackend
     with pytest.raises(ValueError, match=r"fold_upsample: 'true' is not one of \['false', 'transposed', 'phases'\]"):
         SVDBackend.validate_parameters({"fold_upsample": "true"})
