@@ -19,11 +19,16 @@ tap; `conv3d` and `conv3d_benchmark`: without temporal_convs_2d) and `best` (eac
 ms of an 8-frame chunk's convolutions, of the one-frame chunk's temporal ones, and of a 25-frame video's
 (3 chunks and those). Prints a table and writes JSON (after each shape).
 
+cuDNN keeps the plan it found for a shape, heuristic or timed, in one cache whose key does not hold the mode,
+so the timed ways run in a process of their own (this script again, `--mode benchmark`, its JSON beside
+--out as `.benchmark.json`), merged into the rows at the end; each process's first way is its `reference`.
+
     python bench/conv_bench.py --out conv.json
     python bench/conv_bench.py --out c.json --tiny   # the script itself, on the CPU (float32, tiny shapes)
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -150,35 +155,36 @@ def totals(rows: list[dict]) -> dict:
             "video_ms": {w: round(FULL_CHUNKS * chunk[w] + one[w], 3) for w in names}}
 
 
-def main(argv=None) -> int:
-    args = parser(__doc__, iters=5).parse_args(argv)
-    if no_gpu("conv_bench", args):
-        return 2
+def measure(args, result: dict, benchmark: bool) -> None:
+    """Times the ways of one cuDNN mode into result["shapes"] (rows made or extended), saving after each shape.
+    One mode a process: cuDNN keeps the plan it found for a shape, heuristic or timed, in one cache whose key
+    does not include the mode, so a process that ran a shape by heuristic never times it (torch's Conv_v8)."""
     cuda = not args.tiny
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu (--tiny)", "torch": torch.__version__,
-              "cudnn": torch.backends.cudnn.version() if cuda else None, "dtype": str(dtype).removeprefix("torch."),
-              "date": time.strftime("%Y-%m-%d"), "shapes": []}
+    torch.backends.cudnn.benchmark = benchmark
     g = torch.Generator(device=device).manual_seed(0)
-    before = torch.backends.cudnn.benchmark
-    for shape in (TINY_SHAPES if args.tiny else ONE_FRAME_SHAPES + SHAPES):  # the quick one-frame ones first
+    shapes = TINY_SHAPES if args.tiny else ONE_FRAME_SHAPES + SHAPES  # the quick one-frame ones first
+    for i, shape in enumerate(shapes):
         count, kind, cin, cout, k, h, w = shape
         frames = frames_of(kind, args.tiny)
         work = flop(kind, cin, cout, k, h, w, frames)
-        row = {"shape": label(shape), "count": count, "kind": kind, "frames": frames,
-               "tflop_per_call": round(work / 1e12, 4), "ways": {}}
+        if i == len(result["shapes"]):
+            result["shapes"].append({"shape": label(shape), "count": count, "kind": kind, "frames": frames,
+                                     "tflop_per_call": round(work / 1e12, 4), "ways": {}})
+        row = result["shapes"][i]
         ref = None
         with torch.inference_mode():
             for way, (fn, fargs) in ways(kind, cin, cout, k, h, w, frames, device, dtype, g).items():
+                if way.endswith("_benchmark") != benchmark:
+                    continue
                 entry = row["ways"][way] = {}
-                torch.backends.cudnn.benchmark = way.endswith("_benchmark")
                 try:
                     t0 = time.perf_counter()
                     out = fn(*fargs)
                     if cuda:
                         torch.cuda.synchronize()
-                    entry["first_call_s"] = round(time.perf_counter() - t0, 3)
-                    if ref is None:
+                    entry["first_call_s"] = round(time.perf_counter() - t0, 3)  # with benchmark: cuDNN's timing
+                    if ref is None:  # the first way of this process's mode
                         ref, entry["reference"] = out.float(), True
                     else:
                         entry["max_abs_diff"] = float((out.float() - ref).abs().max())
@@ -191,14 +197,43 @@ def main(argv=None) -> int:
                 except Exception as exc:  # noqa: BLE001 - a way the device refuses is a result
                     entry["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                     continue
-                finally:
-                    torch.backends.cudnn.benchmark = before
                 entry["ms"] = round(ms, 4)
                 entry["tflops"] = round(work / (ms / 1e3) / 1e12, 1)
-        result["shapes"].append(row)
         del ref
         result.update(totals(result["shapes"]))
         save_json(args.out, result)
+
+
+def main(argv=None) -> int:
+    ap = parser(__doc__, iters=5)
+    ap.add_argument("--mode", choices=("both", "heuristic", "benchmark"), default="both",
+                    help="cuDNN's heuristic kernels, its timed ones, or both (the timed ones in a process of "
+                         "their own)")
+    args = ap.parse_args(argv)
+    if no_gpu("conv_bench", args):
+        return 2
+    cuda = not args.tiny
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu (--tiny)", "torch": torch.__version__,
+              "cudnn": torch.backends.cudnn.version() if cuda else None,
+              "dtype": "float16" if cuda else "float32", "date": time.strftime("%Y-%m-%d"), "shapes": []}
+    measure(args, result, benchmark=args.mode == "benchmark")
+    if args.mode == "both":
+        import subprocess
+
+        child_out = args.out + ".benchmark.json"
+        cmd = [sys.executable, os.path.abspath(__file__), "--out", child_out, "--mode", "benchmark",
+               "--warmup", str(args.warmup), "--iters", str(args.iters)] + (["--tiny"] if args.tiny else [])
+        run = subprocess.run(cmd, capture_output=True, text=True, check=False)  # its rows say what ran
+        try:
+            with open(child_out) as f:
+                child = json.load(f)
+        except (OSError, ValueError):
+            child = {"shapes": []}
+        result["benchmark_process"] = {"returncode": run.returncode, "complete": child.get("complete", False),
+                                       "stderr_tail": run.stderr[-600:]}
+        for row, theirs in zip(result["shapes"], child["shapes"]):
+            row["ways"].update(theirs["ways"])  # the same shapes in the same order
+        result.update(totals(result["shapes"]))
     save_json(args.out, result, done=True)
     print(f"{result['device']}, torch {result['torch']}, cuDNN {result['cudnn']}, {result['dtype']}")
     for row in result["shapes"]:

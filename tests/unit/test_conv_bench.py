@@ -60,10 +60,15 @@ def test_tiny_run_times_every_way_and_sums_the_chunk_per_configuration(tmp_path)
     assert bench.main(["--out", str(out), "--tiny", "--iters", "1", "--warmup", "0"]) == 0
     result = json.loads(out.read_text())
     assert result["complete"] and len(result["shapes"]) == len(bench.TINY_SHAPES)
+    # cuDNN's timed kernels in a process of their own (its plan cache would hand them the heuristic's)
+    assert result["benchmark_process"]["returncode"] == 0 and result["benchmark_process"]["complete"]
+    assert json.loads((tmp_path / "c.json.benchmark.json").read_text())["complete"]
     for row in result["shapes"]:
-        assert list(row["ways"]) == list(bench.WAYS[row["kind"]])
-        first, *rest = row["ways"].values()
-        assert first["reference"] and all(e["max_abs_diff"] < 1e-5 for e in rest)  # the same convolution
+        assert set(row["ways"]) == set(bench.WAYS[row["kind"]])
+        for benchmark in (False, True):  # each process's first way is its reference
+            first, *rest = [e for w, e in row["ways"].items() if w.endswith("_benchmark") == benchmark]
+            assert first["reference"] and all(e["max_abs_diff"] < 1e-5 for e in rest)  # the same convolution
+        assert all(e["ms"] > 0 for e in row["ways"].values())
     for key in ("chunk_ms", "one_frame_temporal_ms", "video_ms"):
         ms = result[key]
         assert set(ms) == {*bench.CONFIGS, "best"} and all(v > 0 for v in ms.values())
