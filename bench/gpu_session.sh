@@ -53,7 +53,7 @@
 #
 # fa4a, then part13 (twentieth session): FlashAttention-4 (attention_kernel=fa4) for the UNet's self-attentions.
 #        FA4 and the CUTLASS DSL do not fit one call beside the wheels: `gpu_wheels.sh PY --fa4` packs them
-#        as .fa4a/ and .fa4b/. Call 1: carry [".fa4a"], `bash bench/gpu_session.sh fa4a` (~1.5 min with the
+#        as .fa4a/ and .fa4b/. Call 1: carry [".fa4a"], `bash bench/gpu_session.sh fa4a` (~2 min with the
 #        start): leaves the first piece in /tmp and times torch's attention kernels at the step's shapes
 #        (attention_bench.py). Call 2 at once (the machine goes back after 30 s idle): carry
 #        [".whl", ".fa4b"], `bash bench/gpu_session.sh part13` (~6-7 min): FA4 against cuDNN per shape, then

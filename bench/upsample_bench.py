@@ -75,7 +75,7 @@ def ways(weight: torch.Tensor, bias: torch.Tensor) -> dict:
         "transposed": lambda x: upsample_conv(x, weight, bias, "transposed"),
         "phases": lambda x: upsample_conv(x, weight, bias, "phases"),
         "transposed_conv": lambda x: F.conv_transpose2d(x, transposed, bias, stride=2, padding=1),
-        "phases_conv": lambda x: F.conv2d(F.pad(x, (1, 1, 1, 1)), w4, b4),
+        "phases_conv": lambda x: F.conv2d(x, w4, b4, padding=1),
     }
 
 
