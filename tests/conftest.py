@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 shared cores: one torch thread per process
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +19,34 @@ import pytest
 from .helpers import ServerThread, write_config
 
 TINY_NAME = "svd-tiny"
+
+# What one run of the whole suite writes under the temp folder at its peak (saved tiny models, model
+# repositories, compile caches: ~1.5 GB measured on CI's kind of machine), with room to spare. A disk that
+# fills up midway fails every later test at once (pytest's own output capture writes there), far from the
+# cause: the free space is said at the start, and a warning that cannot be missed when it is short.
+SUITE_DISK_BYTES = 3 * 2**30
+
+
+def _free_space() -> tuple[str, int]:
+    folder = tempfile.gettempdir()
+    return folder, shutil.disk_usage(folder).free
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    folder, free = _free_space()
+    return f"temp folder {folder}: {free / 2**30:.1f} GiB free"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    folder, free = _free_space()
+    if free < SUITE_DISK_BYTES:  # said even under -q, which hides the header
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = (f"WARNING: {free / 2**30:.1f} GiB free in {folder}; the whole suite writes up to"
+                   f" ~{SUITE_DISK_BYTES / 2**30:.0f} GiB there, and once the disk is full every later test errors")
+        if reporter is not None:
+            reporter.write_line(message, yellow=True, bold=True)
+        else:
+            print(message)
 
 
 @pytest.fixture(scope="session", autouse=True)
