@@ -82,8 +82,14 @@ class ServerThread:
             self._channel.close()
         if self.server is not None:
             self.run(self.server.stop(grace))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
+        if self._thread.is_alive():
+            # as asyncio.run ends the CLI's loop: the default executor's threads joined, then the loop's
+            # selector and wake-up sockets closed (a test session starts hundreds of servers)
+            self.run(self.loop.shutdown_default_executor(), timeout=30)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+        if not self._thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
 
     def __enter__(self) -> "ServerThread":
         return self.start()
