@@ -127,6 +127,10 @@ PARAMETERS = {
                       "16 of its 36 multiply-adds a source pixel: false | transposed (a stride-2 transposed "
                       "convolution) | phases (one 2x2 convolution giving the four output phases, interleaved); "
                       "the same frames up to float rounding"),
+    "fused_geglu": ("false", "each GEGLU feed-forward input layer of the UNet (48 in SVD-XT) as one Triton kernel "
+                    "computing value * gelu(gate) from the input, without writing its projection's output (twice "
+                    "as wide as the result) and reading it back; float16/bfloat16 on a GPU with Triton, projections "
+                    "made FP8 stay as they are; the same frames up to float rounding"),
     "fault_injection": ("", "testing only: `oom@K`, `error@K` or `lost@K` raises a device out-of-memory error, a "
                         "RuntimeError or a CUDA error that leaves the device unusable (the instance stops for good) "
                         "at denoising step K, for requests whose seed is the one after `:seed=` (e.g. oom@2:seed=666)"),
@@ -203,7 +207,7 @@ class SVDBackend(Backend):
             if key == "fp8":
                 _fp8_mode(value)
             if key in ("cpu_offload", "channels_last", "fuse_qkv", "fold_cross_attention", "temporal_convs_2d",
-                       "cudnn_benchmark", "split_group_norm"):
+                       "cudnn_benchmark", "split_group_norm", "fused_geglu"):
                 _bool(key, value)
             if key == "fold_upsample" and value not in FOLD_UPSAMPLE:
                 raise ValueError(f"fold_upsample: {value!r} is not one of {list(FOLD_UPSAMPLE)}")
@@ -259,6 +263,11 @@ class SVDBackend(Backend):
             why_not = accel.fp8_supported(self.device)
             if why_not:
                 raise ValueError(f"fp8: {why_not}")
+        fuse_geglu = _bool("fused_geglu", p.get("fused_geglu", "false"))
+        if fuse_geglu:  # before the weights load: fails in seconds
+            why_not = accel.fused_geglu_unavailable(self.device, self.dtype)
+            if why_not:
+                raise ValueError(f"fused_geglu: {why_not}")
         self.attention_kernel = p.get("attention_kernel", "sdpa")
         if self.attention_kernel == "fa4":  # before the weights load: a missing package fails in seconds
             if p.get("compile_cache_dir") and on_gpu:  # before FA4's import, which reads it
@@ -300,6 +309,8 @@ class SVDBackend(Backend):
             if fold != "false":
                 n_unet, n_vae = accel.fold_upsample(pipe.unet, fold), accel.fold_upsample(pipe.vae.decoder, fold)
                 applied.append(f"fold_upsample {fold} ({n_unet} UNet, {n_vae} VAE decoder upsamplers)")
+            if fuse_geglu:  # after fp8: FP8 projections stay as they are
+                applied.append(f"fused_geglu ({accel.fused_geglu(pipe.unet)} GEGLU layers)")
         pipe.set_progress_bar_config(disable=True)
         rows = _block_rows(p.get("forward_chunking", "false"))
         if rows:

@@ -1,0 +1,101 @@
+"""GEGLU fused into its projection: one Triton kernel computes value * gelu(gate) from x and the projection's
+weights, so the projection's output (twice as wide as the result) is never written to memory and read back.
+
+diffusers' GEGLU is `proj = Linear(dim, 2 * inner)`, `value, gate = proj(x).chunk(2, -1)`,
+`value * gelu(gate)` (exact GELU, erf). Here each program computes one [BLOCK_M, BLOCK_N] tile of the
+result from two accumulators over the same rows of x: rows n of the weight (the value half) and rows
+inner + n (the gate half), then adds the biases, applies the GELU and multiplies in float32, and rounds
+once to the output's dtype (the stock form rounds the projection's output to 16 bit first: the results
+differ by that rounding).
+
+Imported only when a model asks for `fused_geglu` (it imports Triton, which a CPU install does not
+have). With TRITON_INTERPRET=1 set before its import, Triton's interpreter runs the kernel on CPU
+tensors (how the tests check its arithmetic here); `CONFIGS` are then not timed, the first is used.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+#: Tile shapes tried on a GPU (Triton times them at the first call of each (inner, dim), then keeps the
+#: fastest). Two accumulators per program: BLOCK_N 128 holds as many as a 128x256 single GEMM's.
+CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=5),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+]
+_SQRT_HALF = 0.7071067811865476
+
+
+@triton.jit
+def _geglu_linear(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om,
+                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr):
+    # program -> tile, GROUP_M row tiles at a time along the columns (the weights' tiles stay in L2)
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit: M x K passes 2^31 at large sizes
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    x_tile = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk
+    value_w = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
+    gate_w = value_w + N * stride_wn
+    value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        a = tl.load(x_tile, mask=(rows[:, None] < M) & k_ok[None, :], other=0.0)
+        w_ok = k_ok[:, None] & (cols[None, :] < N)
+        value = tl.dot(a, tl.load(value_w, mask=w_ok, other=0.0), value)
+        gate = tl.dot(a, tl.load(gate_w, mask=w_ok, other=0.0), gate)
+        x_tile += BLOCK_K * stride_xk
+        value_w += BLOCK_K * stride_wk
+        gate_w += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        value += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        gate += tl.load(b_ptr + N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    result = value * (0.5 * gate * (1.0 + tl.math.erf(gate * _SQRT_HALF)))
+    out = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    tl.store(out, result.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+_KERNEL = _geglu_linear if INTERPRETED else triton.autotune(configs=CONFIGS, key=["N", "K"])(_geglu_linear)
+_FIRST = CONFIGS[0]
+
+
+def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """value * gelu(gate) for (value, gate) = linear(x, weight, bias).chunk(2, -1), in one kernel.
+
+    x [..., K], weight [2 N, K] (an nn.Linear's), bias [2 N] or None -> [..., N] in x's dtype. The caller
+    checks devices and dtypes (`accel.fused_geglu`'s module does); no autograd."""
+    k = x.shape[-1]
+    n = weight.shape[0] // 2
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if INTERPRETED:
+        meta = dict(_FIRST.kwargs)
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    else:
+        meta = {}
+
+        def grid(cfg):
+            return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+
+    _KERNEL[grid](x2, weight, weight if bias is None else bias, out, m, n, k, x2.stride(0), x2.stride(1),
+                  weight.stride(0), weight.stride(1), out.stride(0), HAS_BIAS=bias is not None, **meta)
+    return out.view(*x.shape[:-1], n)

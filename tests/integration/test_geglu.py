@@ -1,0 +1,53 @@
+"""The svd backend's `fused_geglu`: the Triton kernel's arithmetic and the UNet it is fused into, run by
+Triton's interpreter on the CPU (the GPU the kernel is written for cannot run here: the interpreter stands
+in for it, in a process of its own); and a CPU server refusing the option for that model alone, by name,
+before loading its weights. The kernel's speed and its bfloat16 figures come from a GPU
+(bench/geglu_bench.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from videogen.v1 import videogen_pb2 as pb
+
+from ..helpers import TINY_PARAMETERS, ServerThread, collect, request, tiny_config
+
+SCRIPT = Path(__file__).with_name("geglu_interpreted.py")
+
+
+def _param(key: str, value: str) -> str:
+    return f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
+
+
+def test_the_fused_kernel_and_the_fused_unet_under_tritons_interpreter(tiny_model_source):
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tiny_model_source / "1" / "unet")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["interpreted"]
+    assert {k["dtype"] for k in figures["kernel"]} == {"torch.float32", "torch.float16"}
+    # one rounding to float16 instead of two: nearer the exact value than diffusers' own float16 GEGLU
+    half = [k for k in figures["kernel"] if k["dtype"] == "torch.float16"]
+    assert sum(k["max_abs_err"] for k in half) < sum(k["stock_max_abs_err"] for k in half)
+    assert figures["unet_max_abs_diff"] < 1e-5 * max(1.0, figures["unet_max_abs"])
+
+
+def test_a_cpu_instance_refuses_fused_geglu_by_name_and_the_other_models_serve(make_repo):
+    repo = make_repo({
+        "fused": tiny_config("fused", parameters=TINY_PARAMETERS + _param("fused_geglu", "true")),
+        "typo": tiny_config("typo", parameters=TINY_PARAMETERS + _param("fused_geglu", "yes please")),
+        "plain": tiny_config("plain"),
+    })
+    with ServerThread(repo) as server:
+        for name in ("fused", "typo"):
+            info = server.stub().GetModel(pb.GetModelRequest(name=name))
+            assert info.state != pb.MODEL_STATE_READY
+        errors = {name: server.engine.models[name].error for name in ("fused", "typo")}
+        assert "fused_geglu: needs a GPU instance (a Triton kernel), not cpu" in errors["fused"]
+        assert "fused_geglu: 'yes please' is not a boolean" in errors["typo"]
+        responses = collect(server.stub(), request(model="plain", num_frames=2, num_inference_steps=2))
+        assert responses[-1].WhichOneof("event") == "summary"
