@@ -25,13 +25,12 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_timing import graph_calls, no_gpu, parser, save_json, time_calls  # a script beside this one
+from kernel_timing import print_ways, save_json, start, svd_module, time_into  # a script beside this one
 
 STEPS, FRAMES, CHUNK = 25, 25, 8
 #: (name, model, batch, channels in = out, source height, width) at 1024x576, 25 frames, guidance
@@ -47,24 +46,8 @@ def flop(batch: int, channels: int, h: int, w: int) -> int:
     return 2 * batch * (2 * h) * (2 * w) * 9 * channels * channels
 
 
-def _accel():
-    """The server's accel module: installed, else this tree's (it imports torch alone), so that the script
-    runs where only torch is, e.g. the device call that carries FA4 instead of the wheels."""
-    try:
-        from videogen_server.backends.svd import accel
-    except ImportError:
-        import importlib.util
-
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "server", "videogen_server",
-                            "backends", "svd", "accel.py")
-        spec = importlib.util.spec_from_file_location("videogen_tree_accel", path)
-        accel = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(accel)
-    return accel
-
-
 def ways(weight: torch.Tensor, bias: torch.Tensor) -> dict:
-    accel = _accel()
+    accel = svd_module("accel")
     upsample_conv, phase_weights = accel.upsample_conv, accel.phase_weights
     taps = accel.upsample_taps(weight)
     transposed = taps.transpose(0, 1).contiguous(memory_format=torch.channels_last)
@@ -100,12 +83,10 @@ def totals(rows: list[dict]) -> tuple[dict, dict, str]:
 
 
 def main(argv=None) -> int:
-    args = parser(__doc__, iters=10).parse_args(argv)
-    if no_gpu("upsample_bench", args):
+    started = start("upsample_bench", __doc__, argv)
+    if started is None:
         return 2
-    device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.float16)
-    result = {"device": "cpu (--tiny)" if args.tiny else torch.cuda.get_device_name(), "torch": torch.__version__,
-              "dtype": str(dtype).removeprefix("torch."), "date": time.strftime("%Y-%m-%d"), "shapes": []}
+    args, device, dtype, result = started
     g = torch.Generator(device=device).manual_seed(0)
     for name, model, batch, ch, h, w in (TINY_SHAPES if args.tiny else SHAPES):
         x = torch.randn(batch, ch, h, w, device=device, dtype=dtype, generator=g).contiguous(
@@ -126,17 +107,11 @@ def main(argv=None) -> int:
                         ref, entry["reference"] = out.float(), True
                     elif out.shape == ref.shape:  # phases_conv: the phases, not yet interleaved
                         entry["max_abs_diff"] = float((out.float() - ref).abs().max())
-                    ms = entry["ms_eager"] = round(time_calls(fn, (x,), args.warmup, args.iters, not args.tiny), 4)
-                    if not args.tiny:
-                        ms, _ = graph_calls(fn, (x,), args.iters)
-                        entry["ms_graph"] = round(ms, 4)
+                    time_into(entry, fn, (x,), work, args)
                 except Exception as exc:  # noqa: BLE001 - a way the device refuses is a result
                     entry["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    continue
                 finally:
                     out = None
-                entry["ms"] = round(ms, 4)
-                entry["tflops"] = round(work / (ms / 1e3) / 1e12, 1)
         result["shapes"].append(row)
         del x, ref
         save_json(args.out, result)
@@ -146,12 +121,8 @@ def main(argv=None) -> int:
     result["best"] = best
     save_json(args.out, result, done=True)
     print(f"{result['device']}, torch {result['torch']}, {result['dtype']}")
-    print(f"{'shape':<9} {'B':>3} {'C':>5} {'source':>8} " + " ".join(f"{w + ' ms':>18} {'TF/s':>5}" for w in WAYS))
-    for row in result["shapes"]:
-        cells = [f"{row['ways'][w].get('ms', math.nan):>18.3f} {row['ways'][w].get('tflops', math.nan):>5.0f}"
-                 for w in WAYS]
-        print(f"{row['shape']:<9} {row['batch']:>3} {row['channels']:>5} {'x'.join(map(str, row['source'])):>8} "
-              + " ".join(cells))
+    print_ways(result["shapes"], WAYS, f"{'shape':<9} {'B':>3} {'C':>5} {'source':>8}",
+               lambda r: f"{r['shape']:<9} {r['batch']:>3} {r['channels']:>5} {'x'.join(map(str, r['source'])):>8}", 18)
     print("UNet ms a step: " + ", ".join(f"{w} {v}" for w, v in result["unet_ms_per_step"].items()))
     print("VAE ms a video: " + ", ".join(f"{w} {v}" for w, v in result["vae_ms_per_video"].items()))
     print(f"best: {best}")
