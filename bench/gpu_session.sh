@@ -65,8 +65,9 @@
 #        fastest, if any beats stock, and conv_bench.py (~1 min) after the server if the call has time left
 #        (else part15 runs it); fa4a runs upsample_bench too.
 # part15 (twenty-first session): part14's server restarted with the compile cache part14 filled: the
-#        warm-ready target (<= 60 s), last measured in run 3; then conv_bench if part14 could not. The call
-#        right after part14, at once (~2.5-3.5 min).
+#        warm-ready target (<= 60 s), last measured in run 3; then conv_bench if part14 could not, then
+#        geglu_bench.py (twenty-second session: the UNet's 48 GEGLUs stock and fused, fused_geglu) with the
+#        time left. The call right after part14, at once (VG_CALL_SECONDS=300, timeout_s 300; ~3.5-5 min).
 #
 # Compile caches: part7 packs its cache (/tmp/vg-cc-full) as $OUT/cc-full.tar.xz when that fits in what a call
 # returns (15 MiB here) and reports its size either way. A later session on the same kind of card, code and
@@ -138,6 +139,12 @@ conv_bench() {  # the decoder's convolutions one shape at a time (~1 min): cuDNN
     [ "$left" -gt 30 ] || { echo "no time left for conv_bench"; return 1; }
     timeout "$((left < 120 ? left : 120))" python3 bench/conv_bench.py --out "$OUT/conv.json" 2>&1 | tee "$OUT/conv.log"
     touch /tmp/vg-conv-done
+}
+geglu_bench() {  # the UNet's GEGLU layers stock and fused in one Triton kernel (fused_geglu, twenty-second
+    # session), ~1-1.5 min: Triton's autotuning and two compiles per shape; `best` says whether to serve fused
+    local left=$((CALL_SECONDS - 10 - SECONDS))
+    [ "$left" -gt 40 ] || { echo "no time left for geglu_bench"; return 1; }
+    timeout "$((left < 150 ? left : 150))" python3 bench/geglu_bench.py --out "$OUT/geglu.json" 2>&1 | tee "$OUT/geglu.log"
 }
 # part14's and part15's server: part7's configuration with split_group_norm (fold_upsample is picked at run time)
 PART14_PARAMS="fold_cross_attention=true,temporal_convs_2d=true,split_group_norm=true,compile_cache_dir=/tmp/vg-cc-gn,compile_vae_options=force_layout_optimization=true"
@@ -295,6 +302,7 @@ part15)
     bench --out "$OUT/p20" --variants server_compile_warm --time-budget 30 --server-params \
         "$PART14_PARAMS,fold_upsample=$fold" 2>&1 | tee "$OUT/p20.log"
     [ -e /tmp/vg-conv-done ] || conv_bench  # part14 had no time left for it
+    geglu_bench
     ;;
 part10)
     # the same server parameters as part7, so that its cache (if this machine ran part7) has every graph
