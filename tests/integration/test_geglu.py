@@ -1,7 +1,8 @@
 """The svd backend's `fused_geglu`: the Triton kernel's arithmetic and the UNet it is fused into, run by
 Triton's interpreter on the CPU (the GPU the kernel is written for cannot run here: the interpreter stands
-in for it, in a process of its own); and a CPU server refusing the option for that model alone, by name,
-before loading its weights. The kernel's speed and its bfloat16 figures come from a GPU
+in for it, in a process of its own); torch.compile (fullgraph) capturing each fused GEGLU of the UNet as one
+Triton kernel call; and a CPU server refusing the option for that model alone, by name, before loading its
+weights. The kernel's speed and its bfloat16 figures come from a GPU
 (bench/geglu_bench.py)."""
 from __future__ import annotations
 
@@ -51,3 +52,44 @@ def test_a_cpu_instance_refuses_fused_geglu_by_name_and_the_other_models_serve(m
         assert "fused_geglu: 'yes please' is not a boolean" in errors["typo"]
         responses = collect(server.stub(), request(model="plain", num_frames=2, num_inference_steps=2))
         assert responses[-1].WhichOneof("event") == "summary"
+
+
+def test_torch_compile_takes_the_fused_unets_kernels_whole(tiny_model_source, monkeypatch):
+    """The server compiles the UNet with fullgraph=True: each fused GEGLU must be captured as one Triton
+    kernel call in the graph, not break it. Dynamo takes user Triton kernels only where torch finds a
+    device Triton can use, so here (no GPU) torch's check is made to say yes and the CPU stands in for the
+    GPU (`GEGLU_DEVICES`); the captured graph is inspected, not run (Triton cannot launch on the CPU)."""
+    import torch
+    import torch.utils._triton as torch_triton
+    from diffusers import UNetSpatioTemporalConditionModel
+    from diffusers.models.activations import GEGLU
+
+    from videogen_server.backends.svd import accel, geglu_kernel
+
+    unet = UNetSpatioTemporalConditionModel.from_pretrained(str(tiny_model_source / "1" / "unet")).eval()
+    geglus = sum(type(m) is GEGLU for m in unet.modules())
+    assert accel.fused_geglu(unet) == geglus > 0
+    monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
+    monkeypatch.setattr(accel, "GEGLU_DEVICES", ("cuda", "cpu"))
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return lambda *args: [torch.zeros(1)]  # not run
+
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(sample=torch.randn(2, 3, 8, 6, 8, generator=g), timestep=torch.tensor(1.0),
+                  encoder_hidden_states=torch.randn(2, 1, unet.config.cross_attention_dim, generator=g),
+                  added_time_ids=torch.tensor([[6.0, 127.0, 0.02]] * 2))
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            torch.compile(unet, fullgraph=True, backend=capture)(**inputs, return_dict=False)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+    calls = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_mutation]
+    assert len(calls) == geglus
+    for node in calls:
+        assert len(node.kwargs["grid"]) == len(geglu_kernel.CONFIGS)  # one grid per tile shape Triton may pick
+        assert set(node.kwargs["kwargs"]) >= {"x_ptr", "w_ptr", "b_ptr", "out_ptr"}
