@@ -68,6 +68,8 @@
 #        warm-ready target (<= 60 s), last measured in run 3; then conv_bench if part14 could not, then
 #        geglu_bench.py (twenty-second session: the UNet's 48 GEGLUs stock and fused, fused_geglu) with the
 #        time left. The call right after part14, at once (VG_CALL_SECONDS=300, timeout_s 300; ~3.5-5 min).
+# part16 (twenty-second session): geglu_bench, then, if the fused GEGLU kernel won, the UNet served with
+#        fused_geglu (run 6's UNet options, the VAE eager, profiled; ~5-6 min, a cold UNet compile); else part12.
 #
 # Compile caches: part7 packs its cache (/tmp/vg-cc-full) as $OUT/cc-full.tar.xz when that fits in what a call
 # returns (15 MiB here) and reports its size either way. A later session on the same kind of card, code and
@@ -76,7 +78,7 @@
 # server params start warm (~37 s to ready instead of ~270 s), leaving the call's time for more variants.
 set -u
 SECONDS=${VG_SESSION_SECONDS:-0}  # a part handing over to another (exec) keeps the call's clock
-part=${1:?usage: bench/gpu_session.sh part1|...|part15|fa4a|tricks}
+part=${1:?usage: bench/gpu_session.sh part1|...|part16|fa4a|tricks}
 OUT=${OUT:-/tmp/vg-out}
 mkdir -p "$OUT"
 if [ "$part" = fa4a ]; then  # carry [".fa4a"] only (no room for .whl): leave FA4's first piece, time torch's kernels
@@ -235,6 +237,20 @@ part12)
     bench --out "$OUT/p17" --variants server_compile --profile --time-budget 60 --server-params \
         "compile_vae=none,fold_cross_attention=true,temporal_convs_2d=true,compile_cache_dir=/tmp/vg-cc-tuned,compile_options=max_autotune_gemm=true;coordinate_descent_tuning=true" \
         2>&1 | tee "$OUT/p17.log"
+    ;;
+part16)
+    # the UNet's GEGLUs fused into their projections (fused_geglu, twenty-second session): geglu_bench first
+    # (~1-1.5 min; part15 may have run it already), then, if the compiled fused kernel beat stock over a step,
+    # run 6's UNet options plus fused_geglu, UNet only (the VAE eager: the step is the UNet's), profiled, its
+    # own cache. Predicted -0.01 to -0.03 s a step against run 6's 0.429 s. If fused did not win: part12.
+    [ -f "$OUT/geglu.json" ] || geglu_bench
+    fused=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1])).get('best', 'false'))" \
+        "$OUT/geglu.json" 2>/dev/null || echo false)
+    echo "part16: geglu_bench best=$fused" | tee "$OUT/geglu.txt"
+    if [ "$fused" != "true" ]; then VG_SESSION_SECONDS=$SECONDS exec bash "$0" part12; fi
+    bench --out "$OUT/p21" --variants server_compile --profile --time-budget 60 --server-params \
+        "compile_vae=none,fold_cross_attention=true,temporal_convs_2d=true,fused_geglu=true,compile_cache_dir=/tmp/vg-cc-geglu" \
+        2>&1 | tee "$OUT/p21.log"
     ;;
 part13)
     # FlashAttention-4 for the UNet's self-attentions (attention_kernel=fa4; run 6's step: attention 0.092 s of
