@@ -3,7 +3,8 @@
 Run by test_geglu.py in a process of its own: TRITON_INTERPRET=1 must be set before Triton is imported and
 holds for the whole process. Checks, raising AssertionError with the figures on a failure:
 - `geglu_kernel.geglu_linear` against the same computation in float64, for float32 and float16 inputs, with and
-  without a bias, sizes that are not multiples of the tiles, a strided input, one-element sizes: float32
+  without a bias, sizes that are not multiples of the tiles, strided inputs and weights, every tile
+  configuration, one-element sizes: float32
   within its rounding, float16 no further from it than diffusers' own float16 GEGLU is;
 - `accel.fused_geglu` on the tiny UNet: every GEGLU replaced, names and state dict kept, the UNet's
   output within float32 rounding of the stock one with the kernel called once per GEGLU; autograd,
@@ -68,11 +69,20 @@ def main(unet_dir: str) -> None:
                 assert err <= 1e-5 * scale, figures["kernel"][-1]
             else:  # one rounding to float16 (the stock form rounds twice): within stock's error, or an ulp
                 assert err <= max(stock_err, 2 ** -10 * scale), figures["kernel"][-1]
-    # a strided input (a transposed view), as a caller may hand one
-    x = torch.randn(48, 5, 32, generator=g).transpose(0, 1)
-    w, b = torch.randn(2 * 24, 32, generator=g) / 32 ** 0.5, torch.randn(2 * 24, generator=g)
-    assert not x.is_contiguous()
-    torch.testing.assert_close(geglu_kernel.geglu_linear(x, w, b).double(), exact(x, w, b), rtol=0, atol=1e-5)
+    # strided inputs whose 2-d view keeps its strides (a row stride of 2 K; a column stride of 2), as a caller
+    # may hand them; the weights strided too
+    w, b = (torch.randn(2 * 24, 64, generator=g) / 32 ** 0.5)[:, ::2], torch.randn(2 * 24, generator=g)
+    assert w.stride() == (64, 2)
+    for x in (torch.randn(5, 40, 64, generator=g)[..., :32], torch.randn(200, 64, generator=g)[:, ::2]):
+        assert not x.is_contiguous() and x.reshape(-1, 32).stride() != (32, 1)
+        torch.testing.assert_close(geglu_kernel.geglu_linear(x, w, b).double(), exact(x, w, b), rtol=0, atol=1e-5)
+    # every tile shape the GPU's autotuner may pick, over row tiles that end a GROUP_M group part-way
+    x = torch.randn(1300, 24, generator=g)
+    w, b = torch.randn(2 * 136, 24, generator=g) / 24 ** 0.5, torch.randn(2 * 136, generator=g)
+    for config in geglu_kernel.CONFIGS:
+        torch.testing.assert_close(geglu_kernel.geglu_linear(x, w, b, config=config).double(), exact(x, w, b),
+                                   rtol=0, atol=1e-5, msg=lambda m: f"{config}: {m}")
+    figures["configs_checked"] = len(geglu_kernel.CONFIGS)
 
     # the tiny UNet with its GEGLUs fused; the interpreter stands in for the GPU
     base = UNetSpatioTemporalConditionModel.from_pretrained(unet_dir).eval()

@@ -15,6 +15,7 @@ tensors (how the tests check its arithmetic here); `CONFIGS` are then not timed,
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -31,7 +32,9 @@ CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=5),
     triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
 ]
-_SQRT_HALF = 0.7071067811865476
+#: a constexpr: a kernel that reads a plain global fails to compile (Triton >= 3.0), which the interpreter
+#: does not check (tests/integration/geglu_sm90.py compiles the kernel for a Hopper target instead)
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
 
 
 @triton.jit
@@ -73,29 +76,43 @@ def _geglu_linear(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_xk, s
     tl.store(out, result.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-_KERNEL = _geglu_linear if INTERPRETED else triton.autotune(configs=CONFIGS, key=["N", "K"])(_geglu_linear)
-_FIRST = CONFIGS[0]
+#: tuned per (M, N, K): the same layer width at another token count (SVD-XT's mid block, another size) is
+#: timed on its own. Under torch.compile Inductor runs these configurations through its own tuning.
+_KERNEL = _geglu_linear if INTERPRETED else triton.autotune(configs=CONFIGS, key=["M", "N", "K"])(_geglu_linear)
+#: Triton's autotuner keeps a call's state on itself while it times: eager calls from several instance
+#: threads take turns (a launch only queues work: microseconds); compiled calls go through Inductor
+_LAUNCH_LOCK = threading.Lock()
 
 
-def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 config: triton.Config | None = None) -> torch.Tensor:
     """value * gelu(gate) for (value, gate) = linear(x, weight, bias).chunk(2, -1), in one kernel.
 
     x [..., K], weight [2 N, K] (an nn.Linear's), bias [2 N] or None -> [..., N] in x's dtype. The caller
-    checks devices and dtypes (`accel.fused_geglu`'s module does); no autograd."""
+    checks devices and dtypes (`accel.fused_geglu`'s module does); no autograd. `config`: one of CONFIGS
+    instead of the tuned choice (the interpreter, which tunes nothing, runs CONFIGS[0] otherwise)."""
     k = x.shape[-1]
     n = weight.shape[0] // 2
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    if INTERPRETED:
-        meta = dict(_FIRST.kwargs)
+    args = (x2, weight, weight if bias is None else bias, out, m, n, k, x2.stride(0), x2.stride(1),
+            weight.stride(0), weight.stride(1), out.stride(0))
+    if config is not None or INTERPRETED:
+        config = config or CONFIGS[0]
+        meta = dict(config.kwargs)
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        if not INTERPRETED:
+            meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
+        _geglu_linear[grid](*args, HAS_BIAS=bias is not None, **meta)
+        return out.view(*x.shape[:-1], n)
+
+    def grid(cfg):
+        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+
+    if torch.compiler.is_compiling():  # captured whole (a lock would break the graph)
+        _KERNEL[grid](*args, HAS_BIAS=bias is not None)
     else:
-        meta = {}
-
-        def grid(cfg):
-            return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-
-    _KERNEL[grid](x2, weight, weight if bias is None else bias, out, m, n, k, x2.stride(0), x2.stride(1),
-                  weight.stride(0), weight.stride(1), out.stride(0), HAS_BIAS=bias is not None, **meta)
+        with _LAUNCH_LOCK:
+            _KERNEL[grid](*args, HAS_BIAS=bias is not None)
     return out.view(*x.shape[:-1], n)
