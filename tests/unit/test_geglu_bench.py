@@ -45,6 +45,7 @@ def test_the_shapes_are_the_unets_geglus_in_a_guided_step():
 
 
 def test_tiny_run_interpreted_times_every_way_and_agrees(tmp_path):
+    pytest.importorskip("triton")
     out = tmp_path / "g.json"
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--tiny", "--iters", "1", "--warmup", "0"],
