@@ -78,6 +78,8 @@ class ServerThread:
         return self
 
     def stop(self, grace: float = 0) -> None:
+        if self.loop.is_closed():  # stopped before
+            return
         if self._channel is not None:
             self._channel.close()
         if self.server is not None:
