@@ -1,6 +1,7 @@
-"""What the kernel benches (attention_bench, conv_bench, upsample_bench, geglu_bench) share: device time per call with
-CUDA events, in a CUDA graph as the server's graphs run kernels, their common arguments, and a JSON file
-written whole after each shape (a call cut short keeps what it measured)."""
+"""What the kernel benches (attention_bench, conv_bench, upsample_bench, geglu_bench) share: device time per
+call with CUDA events, in a CUDA graph as the server's graphs run kernels, their common arguments, start,
+table and module loader, and a JSON file written whole after each shape (a call cut short keeps what it
+measured)."""
 from __future__ import annotations
 
 import argparse

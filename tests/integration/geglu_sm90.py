@@ -63,7 +63,8 @@ def ptxas_report(ptx: str) -> str | None:
     """ptxas -v's report for sm_90a, from the first ptxas Triton ships that reads this PTX version (Triton's
     wheels carry an older `ptxas` and a newer `ptxas-blackwell`); None if none is there."""
     folder = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    tools = [os.path.join(folder, n) for n in ("ptxas-blackwell", "ptxas") if os.access(os.path.join(folder, n), os.X_OK)]
+    tools = [os.path.join(folder, n) for n in ("ptxas-blackwell", "ptxas")
+             if os.access(os.path.join(folder, n), os.X_OK)]
     if not tools:
         return None
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:

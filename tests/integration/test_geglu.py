@@ -1,9 +1,9 @@
 """The svd backend's `fused_geglu`: the Triton kernel's arithmetic and the UNet it is fused into, run by
 Triton's interpreter on the CPU (the GPU the kernel is written for cannot run here: the interpreter stands
 in for it, in a process of its own); the kernel compiled for a Hopper target (no device needed);
-torch.compile (fullgraph) capturing each fused GEGLU of the UNet as one Triton kernel call; and a CPU server refusing the option for that model alone, by name, before loading its
-weights. The kernel's speed and its bfloat16 figures come from a GPU
-(bench/geglu_bench.py)."""
+torch.compile (fullgraph) capturing each fused GEGLU of the UNet as one Triton kernel call; and a CPU
+server refusing the option for that model alone, by name, before loading its weights. The kernel's speed
+and its bfloat16 figures come from a GPU (bench/geglu_bench.py)."""
 from __future__ import annotations
 
 import json

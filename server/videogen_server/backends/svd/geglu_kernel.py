@@ -23,8 +23,9 @@ import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-#: Tile shapes tried on a GPU (Triton times them at the first call of each (inner, dim), then keeps the
-#: fastest). Two accumulators per program: BLOCK_N 128 holds as many as a 128x256 single GEMM's.
+#: Tile shapes tried on a GPU (timed at the first call of each (M, N, K), the fastest kept; see _KERNEL). Two
+#: accumulators per program: BLOCK_N 128 holds as many as a 128x256 single GEMM's. All compile for sm_90
+#: with wgmma and without register spills (tests/integration/geglu_sm90.py).
 CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
