@@ -199,17 +199,21 @@ def timed_runs(stub) -> list[Stream]:
 
 
 def test_a_request_whose_deadline_would_cut_it_is_not_started(tmp_path, slow_backend):
-    """Requests of 2.4 s (8 steps of 0.3 s), one running, and behind it one whose gRPC deadline is 3.6 s
-    away, then one without a deadline: when the instance is free the first has ~1.5 s left, less than
-    the fastest run; it ends then, DEADLINE_EXCEEDED and not started, rather than run until its deadline
-    stops it, and the instance goes on to the request behind it. The server's answer has ~1.5 s to beat
-    the caller's own deadline."""
-    with ServerThread(slow_repo(tmp_path, extra=PACED)) as server:
+    """Requests of 6 s (8 steps of 0.75 s), one running, and behind it one whose gRPC deadline is 8 s
+    away, then one without a deadline: when the instance is free (5.25 s on) the first has ~2.75 s left,
+    less than the fastest run; it ends then, DEADLINE_EXCEEDED and not started, rather than run until its
+    deadline stops it, and the instance goes on to the request behind it. The server's answer has ~2.75 s
+    to beat the caller's deadline, whose clock gRPC's core keeps without Python, and the doomed request
+    may reach the server up to ~3.25 s late and still be refused: a full pass of this process's garbage
+    collector stops every Python thread, and such passes took up to ~2 s in the suite (at least 15 of the
+    54 in its first 230 tests took over 1 s). At 0.3 s steps and a 3.6 s deadline (1.5 s to answer in) a
+    clean-clone run once saw the caller's deadline first."""
+    with ServerThread(slow_repo(tmp_path, extra=PACED.replace('"0.3"', '"0.75"'))) as server:
         stub = server.stub()
         timed_runs(stub)
         running = Stream(stub, request(model="a", **PACED_WORK))
         assert running.progressed.wait(10) and running.error is None
-        doomed = Stream(stub, request(model="a", **PACED_WORK), timeout=3.6)
+        doomed = Stream(stub, request(model="a", **PACED_WORK), timeout=8.0)
         after = Stream(stub, request(model="a", **PACED_WORK))
         doomed.join(10)
         assert doomed.code() == grpc.StatusCode.DEADLINE_EXCEEDED, doomed.error
