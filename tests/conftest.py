@@ -16,6 +16,7 @@ from typing import Iterator
 
 import pytest
 
+from .gc_pauses import GcPauses
 from .helpers import ServerThread, write_config
 
 TINY_NAME = "svd-tiny"
@@ -30,6 +31,10 @@ SUITE_DISK_BYTES = 3 * 2**30
 def _free_space() -> tuple[str, int]:
     folder = tempfile.gettempdir()
     return folder, shutil.disk_usage(folder).free
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(GcPauses(), "videogen-gc-pauses")
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -1,0 +1,122 @@
+"""Long pauses of Python's cyclic garbage collector in the test process: recorded, reported, made rarer.
+
+A full pass stops every Python thread of the process, the in-process test servers' included, while
+gRPC's core keeps its deadlines' clocks running in C. Late in a run such a pass was measured at up to
+~2 s (twenty-second session: 54 full passes in the suite's first 230 tests, 15 of them over 1 s). Each
+freed 0.3-0.46 M objects: the cyclic garbage that torch.compile (Dynamo, FX, Inductor) leaves when a
+compiled model is dropped. Left to itself that garbage waits in the oldest generation until a later
+test, often a timing test, pays for it.
+
+So:
+- every pass of at least `REPORT_SECONDS` is recorded with the test it fell in; a failing test's
+  report shows the passes that fell inside it (section "gc pauses"), and the run's summary lists them;
+- after a test that compiled anything (Dynamo's frame counter moved), a full collection runs in that
+  test's teardown, where no timing is asserted, instead of in whichever test comes next.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import pytest
+
+REPORT_SECONDS = 0.5
+SUMMARY_ROWS = 15
+_FRAMES = pytest.StashKey[int]()  # Dynamo's frame count when a test's setup began
+
+
+@dataclass(frozen=True)
+class Pause:
+    test: str
+    generation: int
+    seconds: float
+    collected: int
+    # "teardown collection" when it is this plugin's own collection after a compiling test
+    note: str = ""
+
+
+def _dynamo_frames() -> int:
+    """Frames Dynamo has been asked to compile in this process (0 when torch was never imported)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
+        return 0
+    return int(utils.counters["frames"]["total"])
+
+
+class GcPauses:
+    def __init__(self) -> None:
+        self.pauses: list[Pause] = []
+        self.passes = 0
+        self.test = "(between tests)"
+        self._started: Optional[float] = None
+        self._note = ""
+
+    # gc.callbacks run on whichever thread triggered the collection, with the collector's lock held
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        if self._started is None:
+            return
+        seconds = time.perf_counter() - self._started
+        self._started = None
+        if info["generation"] == 2:
+            self.passes += 1
+        if seconds >= REPORT_SECONDS:
+            self.pauses.append(Pause(self.test, info["generation"], seconds, info["collected"], self._note))
+
+    def pytest_configure(self, config: pytest.Config) -> None:
+        gc.callbacks.append(self._callback)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: Optional[pytest.Item]) -> Iterator[None]:
+        self.test = item.nodeid
+        yield
+        self.test = "(between tests)"
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Iterator[None]:
+        item.stash[_FRAMES] = _dynamo_frames()
+        yield
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item, nextitem: Optional[pytest.Item]) -> Iterator[None]:
+        yield  # the test's fixtures (its servers, its compiled models) are gone now
+        if _dynamo_frames() != item.stash.get(_FRAMES, 0):
+            self._note = "teardown collection"
+            try:
+                gc.collect()
+            finally:
+                self._note = ""
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+        outcome = yield
+        report = outcome.get_result()
+        if report.when != "call" or report.passed:
+            return
+        mine = [p for p in self.pauses if p.test == item.nodeid and not p.note]
+        if mine:
+            report.sections.append(("gc pauses", "\n".join(
+                f"generation {p.generation} pass: {p.seconds:.2f} s, {p.collected} objects freed"
+                f" (every Python thread of this process stopped meanwhile)" for p in mine)))
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+        inside = [p for p in self.pauses if not p.note]
+        ours = [p for p in self.pauses if p.note]
+        terminalreporter.write_line(
+            f"gc: {self.passes} full passes; {len(inside)} pauses >= {REPORT_SECONDS} s inside tests"
+            + (f" (longest {max(p.seconds for p in inside):.2f} s)" if inside else "")
+            + f"; {len(ours)} in teardown collections after compiling tests"
+            + (f" (longest {max(p.seconds for p in ours):.2f} s)" if ours else ""))
+        for p in sorted(inside, key=lambda p: -p.seconds)[:SUMMARY_ROWS]:
+            terminalreporter.write_line(
+                f"  {p.seconds:5.2f} s  gen {p.generation}  {p.collected:>8} freed  {p.test}")
+

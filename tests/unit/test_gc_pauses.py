@@ -1,0 +1,80 @@
+"""The suite's collector-pause plugin (tests/gc_pauses.py), run on a small suite of its own in a subprocess."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CONFTEST = """
+import tests.gc_pauses as gc_pauses
+
+gc_pauses.REPORT_SECONDS = 0.0  # every pass is "long" here, so the small suite needs no big heap
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(gc_pauses.GcPauses(), "videogen-gc-pauses")
+"""
+
+SUITE = """
+import gc
+
+import torch
+
+
+class Cycle:
+    def __init__(self):
+        self.me = self
+
+
+def test_compiles():
+    torch._dynamo.reset()
+    assert torch.compile(lambda x: x + 1, backend="eager")(torch.ones(2)).sum() == 4
+
+
+def test_eager_only():
+    assert torch.ones(2).sum() == 2
+
+
+def test_fails_after_a_pass():
+    gc.disable()  # all 1000 cycles wait for the one pass
+    for _ in range(1000):
+        Cycle()
+    gc.enable()
+    gc.collect()
+    assert False, "a timing bound missed"
+"""
+
+
+def test_a_failing_test_shows_its_passes_and_only_compiling_tests_collect_after_them(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    (tmp_path / "conftest.py").write_text(textwrap.dedent(CONFTEST))
+    (tmp_path / "test_small.py").write_text(textwrap.dedent(SUITE))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out
+    assert "1 failed, 2 passed" in out, out
+
+    # the failed test's report carries the pass it ran into, with what it freed
+    section = re.search(r"-+ gc pauses -+\n(.*?)(?:\n[=_-]{5}|\Z)", out, re.S)
+    assert section is not None, out
+    assert re.search(r"generation 2 pass: \d+\.\d\d s, \d+ objects freed", section.group(1)), out
+    freed = [int(n) for n in re.findall(r"generation 2 pass: \S+ s, (\d+) objects freed", section.group(1))]
+    assert max(freed) >= 1000, out
+
+    # one teardown collection: after the test that compiled, none after the eager one
+    summary = re.search(r"gc: (\d+) full passes; (\d+) pauses >= 0\.0 s inside tests.*?; (\d+) in teardown", out)
+    assert summary is not None, out
+    full, inside, teardown = map(int, summary.groups())
+    assert teardown == 1, out
+    assert inside >= 1 and full >= 2, out
+    assert "test_small.py::test_fails_after_a_pass" in out.split("gc: ")[-1], out
