@@ -236,9 +236,9 @@ def test_a_real_prometheus_evaluates_every_rule_and_dashboard_query(make_repo, c
             serve_a_round()
 
             # the dashboard's variables, as Grafana's label_values() asks for them
-            models = prom.api(f"label/model/values", **{"match[]": "videogen_model_ready"})
+            models = prom.api("label/model/values", **{"match[]": "videogen_model_ready"})
             assert model in models, models
-            servers = prom.api(f"label/instance/values", **{"match[]": f'videogen_model_ready{{model=~"{model}"}}'})
+            servers = prom.api("label/instance/values", **{"match[]": f'videogen_model_ready{{model=~"{model}"}}'})
             # the scrape target, not the model instance the per-instance series carry as their own `instance`
             # (Prometheus renames that one `exported_instance`; the dashboard's memory panels rely on it)
             assert servers == [f"127.0.0.1:{server.server.metrics_port}"], servers
