@@ -32,6 +32,14 @@ def load_bench_script(name: str):
     return module
 
 
+def run_tiny_bench(bench, out: Path, *args: str) -> dict:
+    """Runs a kernel bench's main() on the CPU's tiny shapes, one timed call a way, and returns its JSON."""
+    import json
+
+    assert bench.main(["--out", str(out), "--tiny", "--iters", "1", "--warmup", "0", *args]) == 0
+    return json.loads(out.read_text())
+
+
 def sample_png() -> bytes:
     return resources.files("videogen_server.assets").joinpath("sample.png").read_bytes()
 

@@ -2,11 +2,10 @@
 kernel that cannot run recorded as such, the per-step sum of the rest. Its figures come from a GPU."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
-from ..helpers import load_bench_script
+from ..helpers import load_bench_script, run_tiny_bench
 
 pytest.importorskip("torch")
 
@@ -31,9 +30,7 @@ def test_the_step_shapes_add_up_to_the_step_arithmetic():
 def test_tiny_run_times_each_kernel_and_records_one_that_cannot_run(tmp_path):
     bench = _module()
     out = tmp_path / "a.json"
-    assert bench.main(["--out", str(out), "--tiny", "--kernels", "math,flash,efficient", "--iters", "1",
-                       "--warmup", "0"]) == 0
-    result = json.loads(out.read_text())
+    result = run_tiny_bench(bench, out, "--kernels", "math,flash,efficient")
     assert len(result["shapes"]) == 8
     for row in result["shapes"]:
         assert row["kernels"]["math"]["reference"] and row["kernels"]["math"]["ms"] > 0

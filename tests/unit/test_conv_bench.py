@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from ..helpers import load_bench_script
+from ..helpers import load_bench_script, run_tiny_bench
 
 torch = pytest.importorskip("torch")
 
@@ -56,9 +56,7 @@ def test_the_shapes_are_the_decoders_convolutions_of_a_chunk(frames):
 
 def test_tiny_run_times_every_way_and_sums_the_chunk_per_configuration(tmp_path):
     bench = _module()
-    out = tmp_path / "c.json"
-    assert bench.main(["--out", str(out), "--tiny", "--iters", "1", "--warmup", "0"]) == 0
-    result = json.loads(out.read_text())
+    result = run_tiny_bench(bench, tmp_path / "c.json")
     assert result["complete"] and len(result["shapes"]) == len(bench.TINY_SHAPES)
     # cuDNN's timed kernels in a process of their own (its plan cache would hand them the heuristic's)
     assert result["benchmark_process"]["returncode"] == 0 and result["benchmark_process"]["complete"]

@@ -2,11 +2,10 @@
 same output as the stock way, and the way it tells the server to take. Its figures come from a GPU."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
-from ..helpers import load_bench_script
+from ..helpers import load_bench_script, run_tiny_bench
 
 pytest.importorskip("torch")
 
@@ -27,9 +26,7 @@ def test_the_shapes_are_svd_xts_upsamplers_at_1024x576():
 
 def test_tiny_run_times_every_way_and_names_the_one_to_serve(tmp_path):
     bench = _module()
-    out = tmp_path / "u.json"
-    assert bench.main(["--out", str(out), "--tiny", "--iters", "1", "--warmup", "0"]) == 0
-    result = json.loads(out.read_text())
+    result = run_tiny_bench(bench, tmp_path / "u.json")
     assert result["complete"] and len(result["shapes"]) == len(bench.TINY_SHAPES)
     for row in result["shapes"]:
         assert set(row["ways"]) == set(bench.WAYS)
