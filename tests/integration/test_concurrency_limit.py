@@ -229,12 +229,12 @@ def test_a_call_that_never_sends_its_request_gives_its_place_back(tiny_model_sou
             yield  # pragma: no cover - a request iterator that ends without a message, once released
 
         # Generate's path with a streaming request: the same frames as a unary call, but no message yet
+        t0 = time.monotonic()  # before the call: a pause after it cannot shorten what is measured
         stalled = server.channel().stream_stream(
             "/videogen.v1.VideoGen/Generate", request_serializer=pb.GenerateRequest.SerializeToString,
             response_deserializer=pb.GenerateResponse.FromString)(never_sends(), timeout=30,
                                                                    metadata=(("x-request-id", "silent-1"),))
         try:
-            t0 = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:
                 next(stalled)
             assert 0.8 < time.monotonic() - t0 < 10

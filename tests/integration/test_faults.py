@@ -138,7 +138,9 @@ def test_sigterm_drains_then_exits_zero(tmp_path, tiny_model_source):
         channel = grpc.insecure_channel(target)
         health = health_pb2_grpc.HealthStub(channel)
         stub = pb_stub(channel)
-        running = Stream(stub, request(num_inference_steps=15, num_frames=4))
+        # ~5 s of work: the server must still be draining it when the checks below reach it, even after a ~2 s
+        # pause of this test process's garbage collector (tests/gc_pauses.py); the server is not paused
+        running = Stream(stub, request(num_inference_steps=40, num_frames=4))
         running.progressed.wait(20)
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 5
@@ -187,7 +189,9 @@ def test_a_model_folder_whose_name_no_call_could_carry_is_not_served(tmp_path):
 def test_out_of_memory_in_a_batch_fails_only_the_request_that_does_not_fit(make_repo):
     """The batch runs out of memory; its requests run again one by one: the one that does not fit
     alone gets RESOURCE_EXHAUSTED, the other completes, streaming each step once."""
-    cfg = tiny_config("m", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 2000000 "
+    # a 10 s delay costs nothing (the second request ends the wait: preferred_batch_size) and keeps the pair
+    # one batch across a ~2 s pause of this process's garbage collector between them (tests/gc_pauses.py)
+    cfg = tiny_config("m", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 10000000 "
                            "preferred_batch_size: [2] }",
                       parameters=TINY_PARAMETERS + 'parameters { key: "fault_injection" '
                                                    'value { string_value: "oom@2:seed=666" } }')
@@ -212,7 +216,7 @@ def test_a_failed_batch_gives_each_request_an_error_of_its_own(make_repo, monkey
     and clearing it at one call's end took the traceback from the others."""
     from videogen_server.engine.request import EngineRequest
 
-    cfg = tiny_config("m", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 2000000 "
+    cfg = tiny_config("m", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 10000000 "
                            "preferred_batch_size: [2] }",
                       parameters=TINY_PARAMETERS + 'parameters { key: "fault_injection" '
                                                    'value { string_value: "error@2:seed=666" } }')

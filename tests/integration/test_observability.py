@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ..helpers import ServerThread, Stream, collect, ipv6_loopback, metric_value, request, tiny_config
+from ..helpers import ServerThread, Stream, collect, ipv6_loopback, metric_value, request, tiny_config, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -34,7 +34,8 @@ def test_metrics_move_by_exactly_one_request(make_repo):
         labels = {"model": "m", "version": "1"}
         before = server.scrape()
         collect(server.stub(), request(model="m", num_frames=4, num_inference_steps=3, decode_chunk_size=2))
-        time.sleep(0.05)  # the generator's cleanup records after the last message
+        # the generator's cleanup records after the last message, and the request's count comes last
+        wait_until(lambda: server.metric("videogen_requests_total", model="m", outcome="success", code="OK") == 1)
         after = server.scrape()
 
         def delta(name, **extra):
@@ -310,8 +311,12 @@ def test_request_log_line_and_json_format(tiny_server, caplog):
     with caplog.at_level(logging.INFO, logger="videogen.requests"):
         collect(tiny_server.stub(), request(num_frames=2, num_inference_steps=2, decode_chunk_size=1),
                 metadata=(("x-request-id", "log-me"),))
-        time.sleep(0.05)
-    records = [r for r in caplog.records if getattr(r, "videogen_request", {}).get("request_id") == "log-me"]
+
+        def mine() -> list[logging.LogRecord]:  # (logged by the generator's cleanup, after the last message)
+            return [r for r in caplog.records if getattr(r, "videogen_request", {}).get("request_id") == "log-me"]
+
+        wait_until(lambda: mine())
+    records = mine()
     assert len(records) == 1
     line = json.loads(JsonFormatter().format(records[0]))
     req = line["request"]

@@ -391,7 +391,7 @@ def test_retries_respect_max_attempts_and_the_deadline(tmp_path, tiny_model_sour
             # own retry gives up before waiting past it (UNAVAILABLE)
             with pytest.raises((UnavailableError, DeadlineExceededError)):
                 client.run(SAMPLE, **QUICK)
-        assert time.monotonic() - start < 3  # no backoff past the deadline
+        assert time.monotonic() - start < 4.5  # no backoff past the deadline (5 s)
 
 
 # -- without a server -------------------------------------------------------------------------------

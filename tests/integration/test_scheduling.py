@@ -118,11 +118,13 @@ def test_two_instances_serve_two_requests_at_once(make_repo):
     with ServerThread(make_repo({"m": cfg})) as server:
         stub = server.stub()
         assert stub.GetModel(pb.GetModelRequest(name="m")).instances == 2
-        streams = [Stream(stub, request(model="m", **LONG)) for _ in range(2)]
+        # runs of ~5 s: one that waited for the other's would show it, and a ~2 s pause of this process's
+        # garbage collector (tests/gc_pauses.py) between enqueue and start would not
+        streams = [Stream(stub, request(model="m", **dict(LONG, num_inference_steps=40))) for _ in range(2)]
         for s in streams:
             s.join()
         # neither waited for the other: both were taken at once
-        assert all(s.summary.queue_seconds < 0.5 for s in streams)
+        assert all(s.summary.queue_seconds < 2.5 for s in streams)
         starts = [s.times[1] for s in streams]  # first progress
         ends = [s.done_at for s in streams]
         assert max(starts) < min(ends)  # their runs overlapped
@@ -137,7 +139,9 @@ def test_dynamic_batching_parity(make_repo):
     values by one level; anything else (a mixed-up seed, conditioning or chunking) changes nearly
     every pixel.
     """
-    cfg = tiny_config("m", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 2000000 "
+    # a 10 s delay costs nothing (the second request ends the wait: preferred_batch_size) and keeps the pair
+    # one batch across a ~2 s pause of this process's garbage collector between them (tests/gc_pauses.py)
+    cfg = tiny_config("m", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 10000000 "
                            "preferred_batch_size: [2] }")
     raw = {"frame_encoding": pb.FRAME_ENCODING_RAW_RGB, "stream_video": False}
     a = dict(seed=1, motion_bucket_id=20, fps=5, noise_aug_strength=0.05, decode_chunk_size=1)
@@ -164,7 +168,7 @@ def test_batches_of_the_pipeline_are_timed(make_repo):
     """Batches of two on the real pipeline become run-time samples (the scheduler's estimates): the
     first request of a batch ends for its caller while the backend still decodes the second, and that
     order must not make the batch look cancelled (it did: no batch of two was ever a sample)."""
-    cfg = tiny_config("m", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 2000000 "
+    cfg = tiny_config("m", "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 10000000 "
                            "preferred_batch_size: [2] }")
     with ServerThread(make_repo({"m": cfg})) as server:
         stub = server.stub()
@@ -321,9 +325,10 @@ def test_custom_backend_from_an_entry_point(tmp_path, monkeypatch):
 def test_an_idle_instance_takes_work_while_another_gathers_a_batch(make_repo):
     """Instance A holds a request of one shape for max_queue_delay; a request of another shape
     arriving meanwhile goes to idle instance B at once (and waits its own batching delay there),
-    not after A's batch has run (which would be about twice the delay plus a run)."""
+    not after A's batch has run (which would be about twice the delay plus a run). A 3 s delay leaves
+    2 s above it for a pause of this process's garbage collector (tests/gc_pauses.py)."""
     cfg = tiny_config("m", "max_batch_size: 2\ninstance_group [ { count: 2, kind: KIND_CPU } ]\n"
-                           "dynamic_batching { max_queue_delay_microseconds: 1500000 }")
+                           "dynamic_batching { max_queue_delay_microseconds: 3000000 }")
     with ServerThread(make_repo({"m": cfg})) as server:
         stub = server.stub()
         gathering = Stream(stub, request(model="m", num_frames=1, **{k: v for k, v in SHORT.items() if k != "num_frames"}))
@@ -331,8 +336,8 @@ def test_an_idle_instance_takes_work_while_another_gathers_a_batch(make_repo):
         time.sleep(0.2)  # A is now waiting for a partner of its shape
         other = Stream(stub, request(model="m", num_frames=2, **{k: v for k, v in SHORT.items() if k != "num_frames"}))
         waited = other.join().summary.queue_seconds
-        assert 1.4 <= waited < 2.4  # its own 1.5 s batching delay, on the other instance
-        assert gathering.join().summary.queue_seconds >= 1.4  # A did wait for a partner
+        assert 2.9 <= waited < 5.0  # its own 3 s batching delay, on the other instance (after A's: ~5.8 s)
+        assert gathering.join().summary.queue_seconds >= 2.9  # A did wait for a partner
 
 
 def test_reloading_a_loaded_model_keeps_it_ready(make_repo):
