@@ -2,16 +2,23 @@
 
 A full pass stops every Python thread of the process, the in-process test servers' included, while
 gRPC's core keeps its deadlines' clocks running in C. Late in a run such a pass was measured at up to
-~2 s (twenty-second session: 54 full passes in the suite's first 230 tests, 15 of them over 1 s). Each
-freed 0.3-0.46 M objects: the cyclic garbage that torch.compile (Dynamo, FX, Inductor) leaves when a
-compiled model is dropped. Left to itself that garbage waits in the oldest generation until a later
-test, often a timing test, pays for it.
+~2 s (twenty-second session: 54 full passes in the suite's first 230 tests, 15 of them over 1 s; in a
+whole run of the twenty-third, 44 passes of 0.5-1.77 s, most in test_accel's compile tests, one in
+test_client's). Two costs add up: the cyclic garbage that torch.compile (Dynamo, FX, Inductor) leaves
+(most long passes freed 0.15-0.5 M objects), and walking the whole heap, which a process that imported
+torch, diffusers and Triton and compiled models makes large.
 
 So:
 - every pass of at least `REPORT_SECONDS` is recorded with the test it fell in; a failing test's
-  report shows the passes that fell inside it (section "gc pauses"), and the run's summary lists them;
+  report shows the passes that fell inside it (section "gc pauses"), and the run's summary says, per
+  test file, how many full passes fell in its tests and the longest;
 - after a test that compiled anything (Dynamo's frame counter moved), a full collection runs in that
-  test's teardown, where no timing is asserted, instead of in whichever test comes next.
+  test's teardown, where no timing is asserted, instead of in whichever test comes next;
+- at the end of each test file (its module-scoped fixtures gone) a full collection runs, then
+  `gc.freeze()` moves what survived it (imported modules, caches, session fixtures) out of the
+  collector's sight: a later full pass walks only what was made since, where it walked the whole heap
+  (a pass in test_accel that freed 1502 objects took 1.08 s). What was frozen and later becomes
+  cyclic garbage stays allocated until the process ends: little, in a test run.
 """
 from __future__ import annotations
 
@@ -49,7 +56,8 @@ def _dynamo_frames() -> int:
 class GcPauses:
     def __init__(self) -> None:
         self.pauses: list[Pause] = []
-        self.passes = 0
+        self.full: dict[str, list[float]] = {}  # test file -> its tests' full passes (seconds)
+        self.teardown: list[float] = []  # this plugin's own collections (seconds)
         self.test = "(between tests)"
         self._started: Optional[float] = None
         self._note = ""
@@ -63,8 +71,10 @@ class GcPauses:
             return
         seconds = time.perf_counter() - self._started
         self._started = None
-        if info["generation"] == 2:
-            self.passes += 1
+        if self._note:
+            self.teardown.append(seconds)
+        elif info["generation"] == 2:
+            self.full.setdefault(self.test.split("::")[0], []).append(seconds)
         if seconds >= REPORT_SECONDS:
             self.pauses.append(Pause(self.test, info["generation"], seconds, info["collected"], self._note))
 
@@ -74,6 +84,7 @@ class GcPauses:
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
+        gc.unfreeze()
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: Optional[pytest.Item]) -> Iterator[None]:
@@ -88,13 +99,16 @@ class GcPauses:
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item, nextitem: Optional[pytest.Item]) -> Iterator[None]:
-        yield  # the test's fixtures (its servers, its compiled models) are gone now
-        if _dynamo_frames() != item.stash.get(_FRAMES, 0):
+        yield  # the test's fixtures (its servers, its compiled models) are gone now, and at a file's end its own
+        last_of_file = nextitem is None or nextitem.path != item.path
+        if last_of_file or _dynamo_frames() != item.stash.get(_FRAMES, 0):
             self._note = "teardown collection"
             try:
                 gc.collect()
             finally:
                 self._note = ""
+            if last_of_file:
+                gc.freeze()
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
@@ -109,14 +123,17 @@ class GcPauses:
                 f" (every Python thread of this process stopped meanwhile)" for p in mine)))
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-        inside = [p for p in self.pauses if not p.note]
-        ours = [p for p in self.pauses if p.note]
-        terminalreporter.write_line(
-            f"gc: {self.passes} full passes; {len(inside)} pauses >= {REPORT_SECONDS} s inside tests"
-            + (f" (longest {max(p.seconds for p in inside):.2f} s)" if inside else "")
-            + f"; {len(ours)} in teardown collections after compiling tests"
-            + (f" (longest {max(p.seconds for p in ours):.2f} s)" if ours else ""))
-        for p in sorted(inside, key=lambda p: -p.seconds)[:SUMMARY_ROWS]:
-            terminalreporter.write_line(
-                f"  {p.seconds:5.2f} s  gen {p.generation}  {p.collected:>8} freed  {p.test}")
-
+        write = terminalreporter.write_line
+        passes = [s for file in self.full.values() for s in file]
+        long = [p for p in self.pauses if not p.note]
+        write(f"gc: {len(passes)} full passes in tests, {len(long)} pauses >= {REPORT_SECONDS} s"
+              + (f" (longest {max(p.seconds for p in long):.2f} s)" if long else "")
+              + f"; {len(self.teardown)} teardown collections"
+              + (f" ({sum(self.teardown):.1f} s in all, longest {max(self.teardown):.2f} s)" if self.teardown else "")
+              + f"; {gc.get_freeze_count()} objects frozen")
+        for file, seconds in self.full.items():
+            if max(seconds) >= REPORT_SECONDS:
+                write(f"  {file}: {len(seconds)} full passes, {sum(s >= REPORT_SECONDS for s in seconds)}"
+                      f" >= {REPORT_SECONDS} s, longest {max(seconds):.2f} s")
+        for p in sorted(long, key=lambda p: -p.seconds)[:SUMMARY_ROWS]:
+            write(f"  {p.seconds:5.2f} s  gen {p.generation}  {p.collected:>8} freed  {p.test}")

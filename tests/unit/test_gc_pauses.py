@@ -22,15 +22,12 @@ def pytest_configure(config):
     config.pluginmanager.register(gc_pauses.GcPauses(), "videogen-gc-pauses")
 """
 
-SUITE = """
-import gc
-
+FIRST = """
 import torch
 
 
-class Cycle:
-    def __init__(self):
-        self.me = self
+def test_eager_only():
+    assert torch.ones(2).sum() == 2
 
 
 def test_compiles():
@@ -38,8 +35,21 @@ def test_compiles():
     assert torch.compile(lambda x: x + 1, backend="eager")(torch.ones(2)).sum() == 4
 
 
-def test_eager_only():
+def test_eager_last_of_its_file():
     assert torch.ones(2).sum() == 2
+"""
+
+SECOND = """
+import gc
+
+
+class Cycle:
+    def __init__(self):
+        self.me = self
+
+
+def test_what_lived_at_the_first_files_end_is_frozen():
+    assert gc.get_freeze_count() > 1000  # torch's modules, among others
 
 
 def test_fails_after_a_pass():
@@ -52,17 +62,18 @@ def test_fails_after_a_pass():
 """
 
 
-def test_a_failing_test_shows_its_passes_and_only_compiling_tests_collect_after_them(tmp_path: Path) -> None:
+def test_a_failing_test_shows_its_passes_and_compiling_tests_and_files_end_in_a_collection(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     (tmp_path / "conftest.py").write_text(textwrap.dedent(CONFTEST))
-    (tmp_path / "test_small.py").write_text(textwrap.dedent(SUITE))
+    (tmp_path / "test_1_first.py").write_text(textwrap.dedent(FIRST))
+    (tmp_path / "test_2_second.py").write_text(textwrap.dedent(SECOND))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", str(tmp_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = run.stdout + run.stderr
     assert run.returncode == 1, out
-    assert "1 failed, 2 passed" in out, out
+    assert "1 failed, 4 passed" in out, out
 
     # the failed test's report carries the pass it ran into, with what it freed
     section = re.search(r"-+ gc pauses -+\n(.*?)(?:\n[=_-]{5}|\Z)", out, re.S)
@@ -71,10 +82,11 @@ def test_a_failing_test_shows_its_passes_and_only_compiling_tests_collect_after_
     freed = [int(n) for n in re.findall(r"generation 2 pass: \S+ s, (\d+) objects freed", section.group(1))]
     assert max(freed) >= 1000, out
 
-    # one teardown collection: after the test that compiled, none after the eager one
-    summary = re.search(r"gc: (\d+) full passes; (\d+) pauses >= 0\.0 s inside tests.*?; (\d+) in teardown", out)
+    # teardown collections: after the test that compiled, and after each file's last test; none after the
+    # first eager test
+    summary = re.search(r"gc: (\d+) full passes in tests, (\d+) pauses >= 0\.0 s.*?; (\d+) teardown collections", out)
     assert summary is not None, out
     full, inside, teardown = map(int, summary.groups())
-    assert teardown == 1, out
-    assert inside >= 1 and full >= 2, out
-    assert "test_small.py::test_fails_after_a_pass" in out.split("gc: ")[-1], out
+    assert teardown == 3, out
+    assert inside >= 1 and full >= 1, out
+    assert "test_2_second.py::test_fails_after_a_pass" in out.split("gc: ")[-1], out
