@@ -18,12 +18,14 @@ So:
   `gc.freeze()` moves what survived it (imported modules, caches, session fixtures) out of the
   collector's sight: a later full pass walks only what was made since, where it walked the whole heap
   (a pass in test_accel that freed 1502 objects took 1.08 s). What was frozen and later becomes
-  cyclic garbage stays allocated until the process ends: little, in a test run.
+  cyclic garbage stays allocated until a `gc.unfreeze()` (test_scheduler's fixture calls one; the plugin
+  freezes again at that file's end) or the process's end: little, in a test run.
 """
 from __future__ import annotations
 
 import gc
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -46,11 +48,24 @@ class Pause:
 
 
 def _dynamo_frames() -> int:
-    """Frames Dynamo has been asked to compile in this process (0 when torch was never imported)."""
+    """What Dynamo has compiled in this process (0 when torch was never imported): frames, which only
+    its partial-graph path counts, plus graphs, which fullgraph compiles (all of the server's) count."""
     utils = sys.modules.get("torch._dynamo.utils")
     if utils is None:
         return 0
-    return int(utils.counters["frames"]["total"])
+    return int(utils.counters["frames"]["total"]) + int(utils.counters["stats"]["unique_graphs"])
+
+
+def _full_collection() -> bool:
+    """gc.collect(), which does nothing (returns 0 at once) while another thread's pass is running its
+    finalizers; retried for up to ~2 s. Whether a full pass of this thread's ran."""
+    for _ in range(40):
+        before = gc.get_stats()[2]["collections"]
+        gc.collect()
+        if gc.get_stats()[2]["collections"] > before:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 class GcPauses:
@@ -61,6 +76,7 @@ class GcPauses:
         self.test = "(between tests)"
         self._started: Optional[float] = None
         self._note = ""
+        self._note_thread: Optional[int] = None  # the thread whose passes are this plugin's own
 
     # gc.callbacks run on whichever thread triggered the collection, with the collector's lock held
     def _callback(self, phase: str, info: dict) -> None:
@@ -71,12 +87,13 @@ class GcPauses:
             return
         seconds = time.perf_counter() - self._started
         self._started = None
-        if self._note:
+        note = self._note if threading.get_ident() == self._note_thread else ""
+        if note:
             self.teardown.append(seconds)
         elif info["generation"] == 2:
             self.full.setdefault(self.test.split("::")[0], []).append(seconds)
         if seconds >= REPORT_SECONDS:
-            self.pauses.append(Pause(self.test, info["generation"], seconds, info["collected"], self._note))
+            self.pauses.append(Pause(self.test, info["generation"], seconds, info["collected"], note))
 
     def pytest_configure(self, config: pytest.Config) -> None:
         gc.callbacks.append(self._callback)
@@ -102,12 +119,12 @@ class GcPauses:
         yield  # the test's fixtures (its servers, its compiled models) are gone now, and at a file's end its own
         last_of_file = nextitem is None or nextitem.path != item.path
         if last_of_file or _dynamo_frames() != item.stash.get(_FRAMES, 0):
-            self._note = "teardown collection"
+            self._note, self._note_thread = "teardown collection", threading.get_ident()
             try:
-                gc.collect()
+                collected = _full_collection()
             finally:
-                self._note = ""
-            if last_of_file:
+                self._note, self._note_thread = "", None
+            if last_of_file and collected:  # (never freeze garbage a pass did not get to)
                 gc.freeze()
 
     @pytest.hookimpl(hookwrapper=True)
@@ -123,8 +140,10 @@ class GcPauses:
                 f" (every Python thread of this process stopped meanwhile)" for p in mine)))
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+        if self._callback in gc.callbacks:  # recording ends here: no pass may change what is summed below
+            gc.callbacks.remove(self._callback)
         write = terminalreporter.write_line
-        passes = [s for file in self.full.values() for s in file]
+        passes = [s for file, seconds in self.full.items() if file != "(between tests)" for s in seconds]
         long = [p for p in self.pauses if not p.note]
         write(f"gc: {len(passes)} full passes in tests, {len(long)} pauses >= {REPORT_SECONDS} s"
               + (f" (longest {max(p.seconds for p in long):.2f} s)" if long else "")

@@ -105,7 +105,7 @@ def test_a_full_queue_pushes_back_grpc_retries(make_repo, monkeypatch):
     cfg = tiny_config("m", "dynamic_batching { default_queue_policy { max_queue_size: 1 } }")
     with full_queue(make_repo({"m": cfg}), running_request=dict(num_inference_steps=100, num_frames=4)) as server:
         plain = refusal(lambda: collect(server.stub(), request(model="m", **SHORT)))
-        short = refusal(lambda: collect(server.stub(), request(model="m", **SHORT), timeout=2.5))
+        short = refusal(lambda: collect(server.stub(), request(model="m", **SHORT), timeout=2.9))
         before = server.metric("videogen_requests_total", outcome="rejected", code="RESOURCE_EXHAUSTED")
         t0 = time.monotonic()
         with VideoGenClient(server.target) as client, pytest.raises(QueueFullError) as typed:

@@ -200,14 +200,14 @@ def timed_runs(stub) -> list[Stream]:
 
 def test_a_request_whose_deadline_would_cut_it_is_not_started(tmp_path, slow_backend):
     """Requests of 6 s (8 steps of 0.75 s), one running, and behind it one whose gRPC deadline is 9 s
-    away, then one without a deadline: when the instance is free (5.25 s on) the first has ~3.75 s left,
-    less than the fastest run; it ends then, DEADLINE_EXCEEDED and not started, rather than run until its
-    deadline stops it, and the instance goes on to the request behind it. The server's answer has ~3.75 s
-    to beat the caller's deadline, whose clock gRPC's core keeps without Python: a full pass of this
-    process's garbage collector stops every Python thread, and such passes took up to ~2 s in the suite
-    (at least 15 of the 54 in its first 230 tests took over 1 s; tests/gc_pauses.py). At 0.3 s steps and a
-    3.6 s deadline (1.5 s to answer in) a clean-clone run once saw the caller's deadline first, and
-    with 8 s a pause just as the instance came free would have left ~0.75 s."""
+    away, then one without a deadline: when the instance is free (~6 s on: the slow backend reports its
+    first step as it starts, then sleeps the run) the first has ~3 s left, less than the fastest run; it
+    ends then, DEADLINE_EXCEEDED and not started, rather than run until its deadline stops it, and the
+    instance goes on to the request behind it. The server's answer has ~3 s to beat the caller's
+    deadline, whose clock gRPC's core keeps without Python: a full pass of this process's garbage
+    collector stops every Python thread, and such passes took up to ~2 s in the suite (tests/gc_pauses.py).
+    At 0.3 s steps and a 3.6 s deadline (~1.2 s to answer in) a clean-clone run once saw the caller's
+    deadline first."""
     with ServerThread(slow_repo(tmp_path, extra=PACED.replace('"0.3"', '"0.75"'))) as server:
         stub = server.stub()
         timed_runs(stub)

@@ -34,8 +34,10 @@ def test_metrics_move_by_exactly_one_request(make_repo):
         labels = {"model": "m", "version": "1"}
         before = server.scrape()
         collect(server.stub(), request(model="m", num_frames=4, num_inference_steps=3, decode_chunk_size=2))
-        # the generator's cleanup records after the last message, and the request's count comes last
-        wait_until(lambda: server.metric("videogen_requests_total", model="m", outcome="success", code="OK") == 1)
+        # the generator's cleanup records after the last message, the request's count last; the instance
+        # thread frees itself apart from it
+        wait_until(lambda: server.metric("videogen_requests_total", model="m", outcome="success", code="OK") == 1
+                   and server.metric("videogen_instances_busy", model="m") == 0)
         after = server.scrape()
 
         def delta(name, **extra):

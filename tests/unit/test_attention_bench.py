@@ -2,7 +2,6 @@
 kernel that cannot run recorded as such, the per-step sum of the rest. Its figures come from a GPU."""
 from __future__ import annotations
 
-
 import pytest
 
 from ..helpers import load_bench_script, run_tiny_bench

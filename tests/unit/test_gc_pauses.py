@@ -32,7 +32,7 @@ def test_eager_only():
 
 def test_compiles():
     torch._dynamo.reset()
-    assert torch.compile(lambda x: x + 1, backend="eager")(torch.ones(2)).sum() == 4
+    assert torch.compile(lambda x: x + 1, backend="eager", fullgraph=True)(torch.ones(2)).sum() == 4  # the server's way
 
 
 def test_eager_last_of_its_file():
@@ -90,3 +90,39 @@ def test_a_failing_test_shows_its_passes_and_compiling_tests_and_files_end_in_a_
     assert teardown == 3, out
     assert inside >= 1 and full >= 1, out
     assert "test_2_second.py::test_fails_after_a_pass" in out.split("gc: ")[-1], out
+
+
+def test_a_teardown_collection_waits_out_another_threads_pass() -> None:
+    """gc.collect() returns at once, collecting nothing, while another thread's pass runs finalizers that
+    released the GIL; the plugin's collection tries again rather than freeze garbage it did not get to."""
+    import gc
+    import threading
+
+    from ..gc_pauses import _full_collection
+
+    inside, release = threading.Event(), threading.Event()
+
+    class Slow:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            inside.set()
+            release.wait(10)  # a finalizer that blocks, the GIL released
+
+    def other_thread() -> None:
+        Slow()
+        gc.collect()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        before = gc.get_stats()[2]["collections"]
+        assert gc.collect() == 0 and gc.get_stats()[2]["collections"] == before  # the trap itself
+        threading.Timer(0.3, release.set).start()
+        assert _full_collection()
+        assert gc.get_stats()[2]["collections"] >= before + 2  # the other thread's pass, then this one's
+    finally:
+        release.set()
+        thread.join(10)

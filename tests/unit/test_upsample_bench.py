@@ -2,7 +2,6 @@
 same output as the stock way, and the way it tells the server to take. Its figures come from a GPU."""
 from __future__ import annotations
 
-
 import pytest
 
 from ..helpers import load_bench_script, run_tiny_bench
