@@ -18,8 +18,7 @@ So:
   `gc.freeze()` moves what survived it (imported modules, caches, session fixtures) out of the
   collector's sight: a later full pass walks only what was made since, where it walked the whole heap
   (a pass in test_accel that freed 1502 objects took 1.08 s). What was frozen and later becomes
-  cyclic garbage stays allocated until a `gc.unfreeze()` (test_scheduler's fixture calls one; the plugin
-  freezes again at that file's end) or the process's end: little, in a test run.
+  cyclic garbage stays allocated until the process's end: little, in a test run.
 """
 from __future__ import annotations
 
@@ -34,7 +33,7 @@ import pytest
 
 REPORT_SECONDS = 0.5
 SUMMARY_ROWS = 15
-_FRAMES = pytest.StashKey[int]()  # Dynamo's frame count when a test's setup began
+_COMPILED = pytest.StashKey[int]()  # Dynamo's frame count when a test's setup began
 
 
 @dataclass(frozen=True)
@@ -43,11 +42,11 @@ class Pause:
     generation: int
     seconds: float
     collected: int
-    # "teardown collection" when it is this plugin's own collection after a compiling test
+    # "teardown collection" when it is one of this plugin's own (after a compiling test or a file's last)
     note: str = ""
 
 
-def _dynamo_frames() -> int:
+def _dynamo_compiled() -> int:
     """What Dynamo has compiled in this process (0 when torch was never imported): frames, which only
     its partial-graph path counts, plus graphs, which fullgraph compiles (all of the server's) count."""
     utils = sys.modules.get("torch._dynamo.utils")
@@ -111,14 +110,14 @@ class GcPauses:
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Iterator[None]:
-        item.stash[_FRAMES] = _dynamo_frames()
+        item.stash[_COMPILED] = _dynamo_compiled()
         yield
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item, nextitem: Optional[pytest.Item]) -> Iterator[None]:
         yield  # the test's fixtures (its servers, its compiled models) are gone now, and at a file's end its own
         last_of_file = nextitem is None or nextitem.path != item.path
-        if last_of_file or _dynamo_frames() != item.stash.get(_FRAMES, 0):
+        if last_of_file or _dynamo_compiled() != item.stash.get(_COMPILED, 0):
             self._note, self._note_thread = "teardown collection", threading.get_ident()
             try:
                 collected = _full_collection()
