@@ -113,9 +113,12 @@ class GcPauses:
         item.stash[_COMPILED] = _dynamo_compiled()
         yield
 
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_teardown(self, item: pytest.Item, nextitem: Optional[pytest.Item]) -> Iterator[None]:
-        yield  # the test's fixtures (its servers, its compiled models) are gone now, and at a file's end its own
+    # trylast: after pytest's own teardown (the test's fixtures, its servers and compiled models, are gone,
+    # and at a file's end the file's own), inside output capture, and before pytest looks for exceptions
+    # that finalizers raised (trylast too, registered earlier): what the collection's finalizers say is
+    # this test's
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_teardown(self, item: pytest.Item, nextitem: Optional[pytest.Item]) -> None:
         last_of_file = nextitem is None or nextitem.path != item.path
         if last_of_file or _dynamo_compiled() != item.stash.get(_COMPILED, 0):
             self._note, self._note_thread = "teardown collection", threading.get_ident()
