@@ -82,7 +82,8 @@ class ServerThread:
             self.server = VideoGenServer(self.config)
             await self.server.start()
 
-        self.run(_start())
+        # a start-up that compiles (Inductor on the CPU, a cold cache) took 85-185 s on a slow 2-core machine
+        self.run(_start(), timeout=600)
         return self
 
     def stop(self, grace: float = 0) -> None:
