@@ -37,6 +37,19 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+@pytest.fixture
+def compile_cache(tmp_path, monkeypatch):
+    """The test's own compile_cache_dir, in force for the test: the process takes the first folder a model
+    names and ignores later ones (use_compile_cache), so without this a test looking into its folder
+    passed only when it ran first (after test_compiled_static_fp8_..., it found it empty). Restored after."""
+    from videogen_server.backends.svd import accel
+
+    monkeypatch.setattr(accel, "_cache_dir", None)
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)  # use_compile_cache sets them; monkeypatch puts them back
+    return tmp_path / "compile-cache"
+
+
 CASES = [dict(seed=7, num_frames=5, num_inference_steps=3, decode_chunk_size=2),
          dict(seed=3, num_frames=4, num_inference_steps=2, decode_chunk_size=3, width=48, height=32, fps=12)]
 
@@ -138,7 +151,7 @@ def test_two_attention_preferences_in_one_process_refuse_the_second(make_repo):
 
 
 @pytest.mark.timeout(600)  # Inductor compiles four graphs from a cold cache: ~100 s on 2 busy cores
-def test_compiled_vae_decoder_serves_every_chunk_length_without_recompiling(make_repo, tmp_path):
+def test_compiled_vae_decoder_serves_every_chunk_length_without_recompiling(make_repo, compile_cache):
     """compile_vae: one dynamic-frames graph set per size, built by the warm-up; frames as eager; the
     compiled code lands in compile_cache_dir."""
     warm = 'model_warmup [ { name: "w" inputs { key: "num_frames" value: "5" } inputs { key: "decode_chunk_size" ' \
@@ -148,7 +161,7 @@ def test_compiled_vae_decoder_serves_every_chunk_length_without_recompiling(make
     repo = make_repo({
         "eager": tiny_config("eager", parameters=limits),
         "compiled": tiny_config("compiled", warm, parameters=limits + _param("compile_vae", "default")
-                                + _param("compile_cache_dir", str(tmp_path / "compile-cache"))
+                                + _param("compile_cache_dir", str(compile_cache))
                                 + _param("compile_options", "conv_1x1_as_mm=true; epilogue_fusion=false")
                                 # channels-last convolutions in the dynamic-frames graph (on a GPU, Inductor
                                 # leaves them off there; on CPU, oneDNN has them on anyway), 2-d temporal ones
@@ -173,7 +186,7 @@ def test_compiled_vae_decoder_serves_every_chunk_length_without_recompiling(make
         lookups = {r: server.metric("videogen_compile_cache_lookups_total", result=r, **labels)
                    for r in ("hit", "miss", "bypass")}
         assert lookups == {"hit": 0, "miss": graphs, "bypass": 0}, lookups  # a new cache: each compiled from scratch
-        cached = [p for p in (tmp_path / "compile-cache").rglob("*") if p.is_file()]
+        cached = [p for p in compile_cache.rglob("*") if p.is_file()]
         assert cached, "Inductor's cache should be in compile_cache_dir"
         for frames, chunk in [(5, 1), (5, 2), (5, 3), (5, 5), (8, 8), (7, 4), (2, 2)]:
             case = dict(seed=5, num_frames=frames, num_inference_steps=2, decode_chunk_size=chunk)
@@ -190,15 +203,14 @@ def test_compiled_vae_decoder_serves_every_chunk_length_without_recompiling(make
 
 
 @pytest.mark.timeout(600)  # Inductor compiles the tiny UNet twice (once per model): ~1-2 min on 2 busy cores
-def test_compiled_unet_runs_shapes_the_warm_up_did_not_compile_eagerly(make_repo, tmp_path, monkeypatch):
+def test_compiled_unet_runs_shapes_the_warm_up_did_not_compile_eagerly(make_repo, compile_cache, monkeypatch):
     """unwarmed_shapes: a compiled UNet serves a shape its warm-up did not compile (here: a request
     without guidance, which halves the UNet's batch, and another size) uncompiled by default, instead
     of stalling the instance for a compile; `compile` builds the graph as before, until Dynamo's
     recompile limit, past which the shape runs uncompiled instead of failing. All counted."""
     warm = 'model_warmup [ { name: "w" inputs { key: "num_frames" value: "3" } inputs { key: ' \
            '"num_inference_steps" value: "1" } } ]'
-    compiled = (TINY_PARAMETERS + _param("compile", "default")
-                + _param("compile_cache_dir", str(tmp_path / "compile-cache")))
+    compiled = TINY_PARAMETERS + _param("compile", "default") + _param("compile_cache_dir", str(compile_cache))
     repo = make_repo({
         "eager": None,
         "strict": tiny_config("strict", warm, parameters=compiled),
@@ -241,7 +253,7 @@ def test_compiled_unet_runs_shapes_the_warm_up_did_not_compile_eagerly(make_repo
         assert server.metric("videogen_recompiles_total", **lenient) == recompiles
 
 
-def test_compiled_static_fp8_calibrates_once_before_compiling(make_repo, tmp_path, caplog):
+def test_compiled_static_fp8_calibrates_once_before_compiling(make_repo, compile_cache, caplog):
     """`fp8: static` with `compile`: the warm-up's first batch calibrates the activation scales eagerly,
     then the UNet compiles with them as they are (the calibration's bookkeeping never enters a graph).
     Later requests run that graph without recompiling and give nearly the frames of the same model
@@ -254,7 +266,7 @@ def test_compiled_static_fp8_calibrates_once_before_compiling(make_repo, tmp_pat
         "plain": None,
         "eager": tiny_config("eager", warm, parameters=static),
         "compiled": tiny_config("compiled", warm, parameters=static + _param("compile", "default")
-                                + _param("compile_cache_dir", str(tmp_path / "compile-cache"))),
+                                + _param("compile_cache_dir", str(compile_cache))),
     })
     with ServerThread(repo) as server:
         assert caplog.text.count("fp8 static scales of") == 2, caplog.text[-2000:]  # once per model
