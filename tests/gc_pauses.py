@@ -12,7 +12,7 @@ So:
 - every pass of at least `REPORT_SECONDS` is recorded with the test it fell in; a failing test's
   report shows the passes that fell inside it (section "gc pauses"), and the run's summary says, per
   test file, how many full passes fell in its tests and the longest;
-- after a test that compiled anything (Dynamo's frame counter moved), a full collection runs in that
+- after a test that compiled anything (Dynamo's counters moved), a full collection runs in that
   test's teardown, where no timing is asserted, instead of in whichever test comes next;
 - at the end of each test file (its module-scoped fixtures gone) a full collection runs, then
   `gc.freeze()` moves what survived it (imported modules, caches, session fixtures) out of the
@@ -33,6 +33,7 @@ import pytest
 
 REPORT_SECONDS = 0.5
 SUMMARY_ROWS = 15
+BETWEEN_TESTS = "(between tests)"  # where a pass outside any test's protocol is filed
 _COMPILED = pytest.StashKey[int]()  # Dynamo's frame count when a test's setup began
 
 
@@ -42,8 +43,7 @@ class Pause:
     generation: int
     seconds: float
     collected: int
-    # "teardown collection" when it is one of this plugin's own (after a compiling test or a file's last)
-    note: str = ""
+    own: bool = False  # one of this plugin's teardown collections (after a compiling test or a file's last)
 
 
 def _dynamo_compiled() -> int:
@@ -72,10 +72,9 @@ class GcPauses:
         self.pauses: list[Pause] = []
         self.full: dict[str, list[float]] = {}  # test file -> its tests' full passes (seconds)
         self.teardown: list[float] = []  # this plugin's own collections (seconds)
-        self.test = "(between tests)"
+        self.test = BETWEEN_TESTS
         self._started: Optional[float] = None
-        self._note = ""
-        self._note_thread: Optional[int] = None  # the thread whose passes are this plugin's own
+        self._collecting_thread: Optional[int] = None  # while this plugin collects: its thread
 
     # gc.callbacks run on whichever thread triggered the collection, with the collector's lock held
     def _callback(self, phase: str, info: dict) -> None:
@@ -86,13 +85,13 @@ class GcPauses:
             return
         seconds = time.perf_counter() - self._started
         self._started = None
-        note = self._note if threading.get_ident() == self._note_thread else ""
-        if note:
+        own = threading.get_ident() == self._collecting_thread
+        if own:
             self.teardown.append(seconds)
         elif info["generation"] == 2:
             self.full.setdefault(self.test.split("::")[0], []).append(seconds)
         if seconds >= REPORT_SECONDS:
-            self.pauses.append(Pause(self.test, info["generation"], seconds, info["collected"], note))
+            self.pauses.append(Pause(self.test, info["generation"], seconds, info["collected"], own))
 
     def pytest_configure(self, config: pytest.Config) -> None:
         gc.callbacks.append(self._callback)
@@ -106,12 +105,11 @@ class GcPauses:
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: Optional[pytest.Item]) -> Iterator[None]:
         self.test = item.nodeid
         yield
-        self.test = "(between tests)"
+        self.test = BETWEEN_TESTS
 
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_setup(self, item: pytest.Item) -> Iterator[None]:
+    @pytest.hookimpl(tryfirst=True)  # before pytest's own, which sets up the test's fixtures
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
         item.stash[_COMPILED] = _dynamo_compiled()
-        yield
 
     # trylast: after pytest's own teardown (the test's fixtures, its servers and compiled models, are gone,
     # and at a file's end the file's own), inside output capture, and before pytest looks for exceptions
@@ -121,11 +119,11 @@ class GcPauses:
     def pytest_runtest_teardown(self, item: pytest.Item, nextitem: Optional[pytest.Item]) -> None:
         last_of_file = nextitem is None or nextitem.path != item.path
         if last_of_file or _dynamo_compiled() != item.stash.get(_COMPILED, 0):
-            self._note, self._note_thread = "teardown collection", threading.get_ident()
+            self._collecting_thread = threading.get_ident()
             try:
                 collected = _full_collection()
             finally:
-                self._note, self._note_thread = "", None
+                self._collecting_thread = None
             if last_of_file and collected:  # (never freeze garbage a pass did not get to)
                 gc.freeze()
 
@@ -135,7 +133,7 @@ class GcPauses:
         report = outcome.get_result()
         if report.when != "call" or report.passed:
             return
-        mine = [p for p in self.pauses if p.test == item.nodeid and not p.note]
+        mine = [p for p in self.pauses if p.test == item.nodeid and not p.own]
         if mine:
             report.sections.append(("gc pauses", "\n".join(
                 f"generation {p.generation} pass: {p.seconds:.2f} s, {p.collected} objects freed"
@@ -145,8 +143,8 @@ class GcPauses:
         if self._callback in gc.callbacks:  # recording ends here: no pass may change what is summed below
             gc.callbacks.remove(self._callback)
         write = terminalreporter.write_line
-        passes = [s for file, seconds in self.full.items() if file != "(between tests)" for s in seconds]
-        long = [p for p in self.pauses if not p.note]
+        passes = [s for file, seconds in self.full.items() if file != BETWEEN_TESTS for s in seconds]
+        long = [p for p in self.pauses if not p.own]
         write(f"gc: {len(passes)} full passes in tests, {len(long)} pauses >= {REPORT_SECONDS} s"
               + (f" (longest {max(p.seconds for p in long):.2f} s)" if long else "")
               + f"; {len(self.teardown)} teardown collections"
