@@ -41,7 +41,7 @@ test-tools:
 	@bash scripts/test-tools.sh
 
 test: venv triton-venv test-tools
-	VIDEOGEN_TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(BIN)/python -m pytest -q
+	VIDEOGEN_TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(BIN)/python -m pytest -q --durations=20
 
 # At a release: the API that buf breaking (tests/unit/test_proto_api.py) holds later changes to. Pretty-printed
 # so that a refresh reads as a diff.

@@ -33,6 +33,16 @@ def _free_space() -> tuple[str, int]:
     return folder, shutil.disk_usage(folder).free
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--reverse", action="store_true",
+                     help="run the collected tests in reverse order: finds a test that passes only after others")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(GcPauses(), "videogen-gc-pauses")
 
