@@ -34,7 +34,7 @@ import pytest
 REPORT_SECONDS = 0.5
 SUMMARY_ROWS = 15
 BETWEEN_TESTS = "(between tests)"  # where a pass outside any test's protocol is filed
-_COMPILED = pytest.StashKey[int]()  # Dynamo's frame count when a test's setup began
+_COMPILED = pytest.StashKey[int]()  # _dynamo_compiled() when a test's setup began
 
 
 @dataclass(frozen=True)

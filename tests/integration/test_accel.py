@@ -778,25 +778,23 @@ def test_a_request_cancelled_before_its_batch_runs_costs_no_device_work(tiny_mod
 
 
 def test_an_unwritable_compile_cache_dir_is_an_error_in_the_log_not_a_model_that_never_loads(
-        tmp_path, monkeypatch, caplog):
+        compile_cache, tmp_path, monkeypatch, caplog):
     """A ReadWriteMany volume that fsGroup does not reach (NFS, most file-store CSI drivers) is
     root-owned: the model failed to load and the pod never became ready (deploy review). Before that,
     Inductor failed minutes into the warm-up's first compile. Now the folder is left out, with an
     error naming the parameter, and the process compiles into its own cache. (Checked where the
-    process has not picked its cache folder yet: the first model to set one wins.)"""
+    process has not picked its cache folder yet (compile_cache): the first model to set one wins.)"""
     from videogen_server.backends.svd import accel
 
-    monkeypatch.setattr(accel, "_cache_dir", None)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
-    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)  # restored after the test, as the one above
     (tmp_path / "a-file").write_text("")
     with caplog.at_level("ERROR"):
         assert accel.use_compile_cache(str(tmp_path / "a-file" / "cache")) is False
     assert re.search(r"compile_cache_dir: .*a-file/cache is not a folder this process \(uid \d+\) can write",
                      caplog.text), caplog.text
     assert accel._cache_dir is None and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "before")
-    assert accel.use_compile_cache(str(tmp_path / "cache")) is True  # a writable one still takes effect
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")
+    assert accel.use_compile_cache(str(compile_cache)) is True  # a writable one still takes effect
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(compile_cache)
 
 
 def _sdpa_over_tokens_heads(q, k, v, scale):
