@@ -81,8 +81,11 @@ SECONDS=${VG_SESSION_SECONDS:-0}  # a part handing over to another (exec) keeps 
 part=${1:?usage: bench/gpu_session.sh part1|...|part16|fa4a|tricks}
 OUT=${OUT:-/tmp/vg-out}
 mkdir -p "$OUT"
+# what one call leaves on the machine for the next (its /tmp lives while the machine is held); another folder
+# only for tests/unit/test_gpu_session.py, which runs the parts' logic here with stand-ins for the benches
+STATE=${VG_STATE_DIR:-/tmp}
 if [ "$part" = fa4a ]; then  # carry [".fa4a"] only (no room for .whl): leave FA4's first piece, time torch's kernels
-    mkdir -p /tmp/fa4stage && cp .fa4a/fa4.tar.xz.0 /tmp/fa4stage/ && ls -la /tmp/fa4stage | tee "$OUT/fa4a.txt"
+    mkdir -p "$STATE/fa4stage" && cp .fa4a/fa4.tar.xz.0 "$STATE/fa4stage/" && ls -la "$STATE/fa4stage" | tee "$OUT/fa4a.txt"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >>"$OUT/fa4a.txt" 2>&1
     PYTHONUNBUFFERED=1 timeout 300 python3 bench/attention_bench.py --out "$OUT/attention-sdpa.json" \
         --kernels cudnn,flash,efficient 2>&1 | tee "$OUT/attention-sdpa.log"
@@ -140,7 +143,7 @@ conv_bench() {  # the decoder's convolutions one shape at a time (~1 min): cuDNN
     local left=$((CALL_SECONDS - 10 - SECONDS))
     [ "$left" -gt 30 ] || { echo "no time left for conv_bench"; return 1; }
     timeout "$((left < 120 ? left : 120))" python3 bench/conv_bench.py --out "$OUT/conv.json" 2>&1 | tee "$OUT/conv.log"
-    touch /tmp/vg-conv-done
+    touch "$STATE/vg-conv-done"
 }
 geglu_bench() {  # the UNet's GEGLU layers stock and fused in one Triton kernel (fused_geglu, twenty-second
     # session), ~1-1.5 min: Triton's autotuning and two compiles per shape; `best` says whether to serve fused
@@ -259,7 +262,7 @@ part13)
     # step's shapes (FA4 against cuDNN in one process), then, if FA4 ran every shape, the server with run 6's
     # UNet options plus fa4, UNet only, profiled, its own cache. Predicted: attention ~0.06-0.07 s a step
     # (-0.02 to -0.03 s), ~0.40-0.41 s a step. Without the first piece (a new machine): part12 instead.
-    piece0=/tmp/fa4stage/fa4.tar.xz.0
+    piece0=$STATE/fa4stage/fa4.tar.xz.0
     [ -f "$piece0" ] || piece0=.fa4a/fa4.tar.xz.0  # carried here too (a call with room for it)
     if [ ! -f "$piece0" ] || [ ! -f .fa4b/fa4.tar.xz.1 ]; then
         echo "part13: FA4's pieces are not both here (was fa4a the call before, on this machine?): part12 instead" \
@@ -268,9 +271,9 @@ part13)
     fi
     sum=$(cat "$piece0" .fa4b/fa4.tar.xz.1 | sha256sum | cut -d' ' -f1)
     [ "$sum" = "$(cat .fa4b/sha256)" ] || { echo "part13: FA4's pieces do not match (sha256)" | tee "$OUT/fa4.txt"; exit 1; }
-    cat "$piece0" .fa4b/fa4.tar.xz.1 | xz -d | tar -C /tmp -xf - || exit 1
+    cat "$piece0" .fa4b/fa4.tar.xz.1 | xz -d | tar -C "$STATE" -xf - || exit 1
     # a PYTHONPATH entry reads no .pth file: the CUTLASS DSL's own (dsl_packages) is named here
-    export PYTHONPATH=/tmp/site:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages
+    export PYTHONPATH=/tmp/site:$STATE/fa4site:$STATE/fa4site/nvidia_cutlass_dsl/dsl_packages
     # FA4's kernels compiled once (attention_bench), then loaded by the server from its on-disk cache
     export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/fa4-kernels
     timeout 240 python3 bench/attention_bench.py --out "$OUT/attention-fa4.json" --kernels cudnn,fa4 2>&1 \
@@ -304,7 +307,7 @@ part14)
     fold=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1])).get('best', 'false'))" \
         "$OUT/upsample.json" 2>/dev/null || echo false)
     echo "part14: fold_upsample=$fold" | tee "$OUT/upsample.txt"
-    echo "$fold" >/tmp/vg-part14-fold  # for part15, the call after, on this machine
+    echo "$fold" >"$STATE/vg-part14-fold"  # for part15, the call after, on this machine
     bench --out "$OUT/p19" --variants plain,server_compile --profile --time-budget 120 --server-params \
         "$PART14_PARAMS,fold_upsample=$fold" 2>&1 | tee "$OUT/p19.log"
     # the server's figures first; the decoder's convolutions here if the call has time, else in part15
@@ -314,10 +317,10 @@ part15)
     # part14's server started again in a new process, as a restart: ready with its compile cache warm (the
     # target: <= 60 s; 36.6 s on record, run 3, before the weights were loaded as float32 and cast), then
     # its requests. The call right after part14 on the same machine (30 s idle), ~2.5 min with a request
-    fold=$(cat /tmp/vg-part14-fold 2>/dev/null) || { echo "part15: part14 did not run on this machine" | tee "$OUT/p20.txt"; exit 0; }
+    fold=$(cat "$STATE/vg-part14-fold" 2>/dev/null) || { echo "part15: part14 did not run on this machine" | tee "$OUT/p20.txt"; exit 0; }
     bench --out "$OUT/p20" --variants server_compile_warm --time-budget 30 --server-params \
         "$PART14_PARAMS,fold_upsample=$fold" 2>&1 | tee "$OUT/p20.log"
-    [ -e /tmp/vg-conv-done ] || conv_bench  # part14 had no time left for it
+    [ -e "$STATE/vg-conv-done" ] || conv_bench  # part14 had no time left for it
     geglu_bench
     ;;
 part10)
