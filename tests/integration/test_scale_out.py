@@ -398,6 +398,64 @@ def test_retries_respect_max_attempts_and_the_deadline(tmp_path, tiny_model_sour
         assert time.monotonic() - start < 4.5  # no backoff past the deadline
 
 
+class _RefusesAfterHeaders:
+    """A stand-in server whose Generate sends response headers, then ends UNAVAILABLE with no pushback, as
+    a server or proxy that sends headers first does: gRPC has committed each such call and leaves the
+    resend to the SDK, every time (the test above hears most refusals from gRPC's own retries, whose
+    jittered backoff is in C, so it checks the SDK's wait only when a call comes back to it in time)."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        self.calls = 0
+
+        def generate(request, context):
+            self.calls += 1
+            context.send_initial_metadata((("x-request-id", "r"),))
+            context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+            yield  # pragma: no cover - a generator, as a server-streaming handler is
+
+        handler = grpc.method_handlers_generic_handler(
+            "videogen.v1.VideoGen", {"Generate": grpc.unary_stream_rpc_method_handler(generate)})
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=(handler,))
+        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def __enter__(self) -> "_RefusesAfterHeaders":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.stop(None)
+
+
+@pytest.mark.parametrize("client_kind", ["sync", "asyncio"])
+def test_the_clients_own_resend_does_not_wait_past_the_deadline(client_kind, monkeypatch):
+    monkeypatch.setattr(RetryPolicy, "backoff", lambda self, attempt: self.max_backoff)  # 5 s, not 0-5 s
+    slow = RetryPolicy(max_attempts=5, initial_backoff=5, max_backoff=5)
+    fast = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.01)
+
+    def run(target: str, timeout: float, retry: RetryPolicy) -> None:
+        if client_kind == "sync":
+            with VideoGenClient(target, timeout=timeout, retry=retry) as client:
+                client.run(SAMPLE, **QUICK)
+        else:
+            async def go() -> None:
+                async with AsyncVideoGenClient(target, timeout=timeout, retry=retry) as client:
+                    await client.run(SAMPLE, **QUICK)
+
+            asyncio.run(go())
+
+    with _RefusesAfterHeaders() as server:
+        with pytest.raises(UnavailableError):  # the SDK does resend such refusals: all 3 attempts
+            run(server.target, 30, fast)
+        assert server.calls == 3
+        server.calls = 0
+        start = time.monotonic()
+        with pytest.raises(UnavailableError):  # its 5 s wait would outlast the 0.5 s deadline: none
+            run(server.target, 0.5, slow)
+        assert time.monotonic() - start < 4.5 and server.calls == 1
+
+
 # -- without a server -------------------------------------------------------------------------------
 
 
