@@ -119,7 +119,7 @@ stale = [str(p.relative_to(tree)) for p in tree.rglob("*.py")
 print("WARNING: the wheel differs from the working tree in", stale) if stale else print("wheel = working tree")
 PY
 for f in .cc/*.tar.xz; do
-    [ -e "$f" ] && tar -C /tmp -xJf "$f" && echo "unpacked compile cache $f" | tee -a "$OUT/gpu-$part.txt"
+    [ -e "$f" ] && tar -C "$STATE" -xJf "$f" && echo "unpacked compile cache $f" | tee -a "$OUT/gpu-$part.txt"
 done
 keep_cache() {  # DIR NAME: its size by part to $OUT/cache-NAME.txt; DIR as $OUT/NAME.tar.xz if that fits
     [ -d "$1" ] || return 0
@@ -130,11 +130,11 @@ keep_cache() {  # DIR NAME: its size by part to $OUT/cache-NAME.txt; DIR as $OUT
         local left=$((CALL_SECONDS - 5 - SECONDS))  # packing ends before the call's limit, whatever the cache's size
         [ "$left" -gt 15 ] || { echo "no time left to pack ($exclude)" >>"$OUT/cache-$2.txt"; return 0; }
         (set -o pipefail; tar -C "$(dirname "$1")" $exclude -cf - "$(basename "$1")" \
-            | timeout "$left" xz -T0 -6 >"/tmp/$2.tar.xz") \
+            | timeout "$left" xz -T0 -6 >"$STATE/$2.tar.xz") \
             || { echo "packing failed or timed out ($exclude)" >>"$OUT/cache-$2.txt"; return 0; }
-        size=$(stat -c %s "/tmp/$2.tar.xz")
+        size=$(stat -c %s "$STATE/$2.tar.xz")
         echo "packed ${exclude:-whole}: $size bytes" >>"$OUT/cache-$2.txt"
-        if [ "$size" -gt 0 ] && [ "$size" -le $((14 * 1024 * 1024)) ]; then cp "/tmp/$2.tar.xz" "$OUT/"; return 0; fi
+        if [ "$size" -gt 0 ] && [ "$size" -le $((14 * 1024 * 1024)) ]; then cp "$STATE/$2.tar.xz" "$OUT/"; return 0; fi
     done
 }
 conv_bench() {  # the decoder's convolutions one shape at a time (~1 min): cuDNN's heuristic kernel against its
@@ -209,7 +209,7 @@ part7)
     # cudnn_benchmark: its gain is unknown (convolutions <= 0.12 s a step) and its cuDNN timing of every
     # new shape (the VAE's warm-up alone decodes 8 chunk lengths) would lengthen the cold start by an
     # unmeasured amount, in the one call that must fit; part6 measures it.
-    opts="fold_cross_attention=true,temporal_convs_2d=true,compile_cache_dir=/tmp/vg-cc-full"
+    opts="fold_cross_attention=true,temporal_convs_2d=true,compile_cache_dir=$STATE/vg-cc-full"
     bench --out "$OUT/p12" --variants plain,server_compile --profile --time-budget 120 --server-params \
         "$opts,compile_vae_options=force_layout_optimization=true" 2>&1 | tee "$OUT/p12.log"
     # if that server failed or left no figures (the forced VAE layout is the new risk), the same without it:
@@ -225,7 +225,7 @@ sys.exit(0 if r is None or "error" in r or "incomplete" in r else 1)' "$OUT/p12/
         bench --out "$OUT/p12b" --variants server_compile --profile --time-budget 60 --server-params "$opts" \
             2>&1 | tee "$OUT/p12b.log"
     fi
-    if [ "$SECONDS" -lt 540 ]; then keep_cache /tmp/vg-cc-full cc-full; fi
+    if [ "$SECONDS" -lt 540 ]; then keep_cache "$STATE/vg-cc-full" cc-full; fi
     ;;
 part9)
     bench --out "$OUT/p14" --variants server_compile --profile --time-budget 60 --server-params \
@@ -325,12 +325,12 @@ part15)
     ;;
 part10)
     # the same server parameters as part7, so that its cache (if this machine ran part7) has every graph
-    opts="fold_cross_attention=true,temporal_convs_2d=true,compile_cache_dir=/tmp/vg-cc-full"
+    opts="fold_cross_attention=true,temporal_convs_2d=true,compile_cache_dir=$STATE/vg-cc-full"
     bench --out "$OUT/p15" --variants server_compile_artifacts --time-budget 60 --server-params \
         "$opts,compile_vae_options=force_layout_optimization=true" 2>&1 | tee "$OUT/p15.log"
     ;;
 part11)
-    opts="fold_cross_attention=true,temporal_convs_2d=true,compile_cache_dir=/tmp/vg-cc-full"
+    opts="fold_cross_attention=true,temporal_convs_2d=true,compile_cache_dir=$STATE/vg-cc-full"
     bench --out "$OUT/p16" --variants server_compile_fp8_static --profile --time-budget 60 --server-params \
         "$opts,compile_vae_options=force_layout_optimization=true" 2>&1 | tee "$OUT/p16.log"
     ;;

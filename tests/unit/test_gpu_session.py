@@ -8,9 +8,11 @@ whole on this CPU with the real benches in --tiny mode."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -23,13 +25,13 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_session.sh"
 STAND_IN = f"""#!{sys.executable}
 import json, os, sys, time
 args = sys.argv[1:]
-try:  # started by coreutils' timeout: its limit, the seconds the script gave the bench
+try:  # started by coreutils' timeout: its options and limit (the seconds the script gave the bench)
     parent = open("/proc/%d/cmdline" % os.getppid(), "rb").read().decode().split("\\0")
-    limit = int(parent[parent.index("python3") - 1]) if os.path.basename(parent[0]) == "timeout" else None
+    timeout = parent[1:parent.index("python3")] if os.path.basename(parent[0]) == "timeout" else None
 except (OSError, ValueError):
-    limit = None
+    timeout = None
 with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps({{"args": args, "limit": limit}}) + "\\n")
+    f.write(json.dumps({{"args": args, "timeout": timeout, "pythonpath": os.environ.get("PYTHONPATH", "")}}) + "\\n")
 if args[:2] == ["-m", "pip"]:
     sys.exit(0)
 if args and args[0].startswith("bench/"):
@@ -38,6 +40,11 @@ if args and args[0].startswith("bench/"):
     if name == "bench":
         os.makedirs(out, exist_ok=True)
         out = os.path.join(out, "bench_results.json")
+        params = dict(p.split("=", 1) for p in args[args.index("--server-params") + 1].split(",") if "=" in p)
+        if "compile_cache_dir" in params:  # the server fills its compile cache
+            os.makedirs(params["compile_cache_dir"], exist_ok=True)
+            with open(os.path.join(params["compile_cache_dir"], "graph"), "w") as f:
+                f.write("compiled")
     result = os.environ.get("FAKE_" + name.upper())
     if result is not None:  # unset: the bench died before writing anything
         with open(out, "w") as f:
@@ -83,21 +90,36 @@ class Machine:
         for name, result in benches.items():
             if result is not None:
                 env[f"FAKE_{name.upper()}"] = json.dumps(result)
-        proc = subprocess.run(["bash", str(SCRIPT), part], cwd=self.tree, env=env, capture_output=True, text=True,
-                              timeout=120)
+        # its own process group, killed whole if it hangs: what it started (timeout, a bench) goes with it
+        proc = subprocess.Popen(["bash", str(SCRIPT), part], cwd=self.tree, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
         ran = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-        return Call(proc, out, [r["args"] for r in ran], [r["limit"] for r in ran])
+        return Call(proc.returncode, stdout, stderr, out, ran)
 
 
 class Call:
-    def __init__(self, proc: subprocess.CompletedProcess, out: Path, ran: list[list[str]],
-                 limits: list[int | None]) -> None:
-        self.rc, self.stdout, self.stderr, self.out = proc.returncode, proc.stdout, proc.stderr, out
-        self.ran, self.limits = ran, limits
+    def __init__(self, rc: int, stdout: str, stderr: str, out: Path, ran: list[dict]) -> None:
+        self.rc, self.stdout, self.stderr, self.out = rc, stdout, stderr, out
+        self.records = ran  # per python3 call: its args, the `timeout` around it, its PYTHONPATH
+        self.ran = [r["args"] for r in ran]
 
-    def limit(self, bench: str) -> int | None:
+    def record(self, bench: str) -> dict:
+        """The first run of `bench`."""
+        runs = [r for r in self.records if r["args"] and r["args"][0] == f"bench/{bench}.py"]
+        assert runs, f"{bench} did not run: {self.benches()}"
+        return runs[0]
+
+    def limit(self, bench: str) -> int:
         """The seconds the script's `timeout` gave the first run of `bench`."""
-        return next(lim for a, lim in zip(self.ran, self.limits) if a and a[0] == f"bench/{bench}.py")
+        timeout = self.record(bench)["timeout"]
+        assert timeout, f"{bench} ran without timeout"
+        return int(timeout[-1])
 
     def benches(self) -> list[str]:
         """The benches run, in order, by script name."""
@@ -184,19 +206,30 @@ def test_every_bench_ends_before_the_calls_limit(machine):
     # with time: each bench's limit is what is left of the call, less 10 s to write its results
     call = machine.run("part14", elapsed=100, upsample_bench={"best": "false"}, bench=SERVED, conv_bench={})
     assert 470 <= call.limit("bench") <= 590 - 10 - 100 and call.limit("conv_bench") == 120  # its own cap
+    # interrupted (SIGINT: bench.py saves what it has), then killed 10 s later
+    assert call.record("bench")["timeout"][:4] == ["-s", "INT", "-k", "10"]
+    call = machine.run("part14", elapsed=450, upsample_bench={"best": "false"}, bench=SERVED, conv_bench={})
+    assert call.limit("conv_bench") == 120  # 100 s left after the server: conv_bench's minute fits
     call = machine.run("part14", elapsed=500, upsample_bench={"best": "false"}, bench=SERVED, conv_bench={})
     assert 75 <= call.limit("bench") <= 80 and "conv_bench" not in call.benches()
     (machine.state / "vg-conv-done").unlink()  # as if only the late part14 had run: part15 runs it
     call = machine.run("part15", elapsed=200, call_seconds=300, conv_bench={}, geglu_bench={})  # a 300 s call
     assert [75 <= call.limit(b) <= 90 for b in ("bench", "conv_bench", "geglu_bench")] == [True] * 3
+    (machine.state / "vg-conv-done").unlink()
+    call = machine.run("part15", call_seconds=300, conv_bench={}, geglu_bench={})
+    assert call.limit("conv_bench") == 120 and call.limit("geglu_bench") == 150  # their own caps
+    (machine.state / "vg-conv-done").unlink()
+    call = machine.run("part15", elapsed=255, call_seconds=300, conv_bench={}, geglu_bench={})
+    assert call.benches() == ["bench", "conv_bench"]  # 35 s left: too few for geglu_bench's compiles
+    assert "no time left for geglu_bench" in call.stdout
 
 
 def test_a_part_handing_over_keeps_the_calls_clock(machine):
-    # geglu_bench takes 2 s of part16; part12, exec'd after it, counts them: its bench gets less than 480 s
-    call = machine.run("part16", elapsed=100, seconds={"geglu_bench": 2}, geglu_bench={"best": "false"},
+    # geglu_bench takes 3 s of part16; part12, exec'd after it, counts them: its bench gets less than 480 s
+    call = machine.run("part16", elapsed=100, seconds={"geglu_bench": 3}, geglu_bench={"best": "false"},
                        bench=SERVED)
     assert call.benches() == ["geglu_bench", "bench"]
-    assert call.limit("bench") <= 590 - 10 - 100 - 2
+    assert call.limit("bench") <= 590 - 10 - 100 - 3
 
 
 def _fa4_pieces(machine: Machine, *, corrupt: bool = False) -> None:
@@ -215,13 +248,16 @@ def _fa4_pieces(machine: Machine, *, corrupt: bool = False) -> None:
     (machine.tree / ".fa4b" / "sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
 
 
-def _attention(graph_ok: bool, fa4_ran: bool = True) -> dict:
+def _attention(graph_ok: bool | tuple[bool, ...], fa4_ran: bool = True) -> dict:
+    """attention_bench's JSON: whether FA4 ran every shape, and per shape whether its calls replayed
+    under a CUDA graph to the same output."""
+    per_shape = graph_ok if isinstance(graph_ok, tuple) else (graph_ok, graph_ok)
     return {"per_step_s": {"cudnn": 0.09, "fa4": 0.06 if fa4_ran else None},
-            "shapes": [{"kernels": {"fa4": {"graph_matches_eager": graph_ok}}}] * 2}
+            "shapes": [{"kernels": {"fa4": {"graph_matches_eager": ok}}} for ok in per_shape]}
 
 
-@pytest.mark.skipif(shutil.which("xz") is None, reason="needs xz")
-@pytest.mark.parametrize("graph_ok", [True, False])
+@pytest.mark.skipif(shutil.which("xz") is None or importlib.util.find_spec("lzma") is None, reason="needs xz")
+@pytest.mark.parametrize("graph_ok", [True, False, (True, False)])
 def test_fa4a_then_part13_serve_fa4_in_the_mode_its_kernels_allow(machine, graph_ok):
     _fa4_pieces(machine)
     first = machine.run("fa4a", attention_bench={}, upsample_bench={})
@@ -232,12 +268,13 @@ def test_fa4a_then_part13_serve_fa4_in_the_mode_its_kernels_allow(machine, graph
     assert second.rc == 0, second.stderr
     assert (machine.state / "fa4site" / "flash_attn.py").exists()
     assert second.benches() == ["attention_bench", "bench"]
+    assert f"{machine.state}/fa4site" in second.record("bench")["pythonpath"].split(":")  # FA4 importable
     served = params(second)
     assert served["attention_kernel"] == "fa4"
-    assert served["compile"] == ("reduce-overhead" if graph_ok else "default")
+    assert served["compile"] == ("reduce-overhead" if graph_ok is True else "default")  # every shape replayed
 
 
-@pytest.mark.skipif(shutil.which("xz") is None, reason="needs xz")
+@pytest.mark.skipif(shutil.which("xz") is None or importlib.util.find_spec("lzma") is None, reason="needs xz")
 def test_part13_serves_nothing_when_fa4_missed_a_shape(machine):
     _fa4_pieces(machine)
     call = machine.run("part13", attention_bench=_attention(True, fa4_ran=False), bench=SERVED)
@@ -246,6 +283,7 @@ def test_part13_serves_nothing_when_fa4_missed_a_shape(machine):
     assert "FA4 did not run every shape" in (call.out / "fa4.txt").read_text()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("lzma") is None, reason="needs Python's lzma")
 def test_part13_refuses_pieces_that_do_not_match(machine):
     _fa4_pieces(machine, corrupt=True)
     call = machine.run("part13", attention_bench=_attention(True), bench=SERVED)
@@ -271,8 +309,15 @@ def test_part7_runs_the_full_configuration_again_without_the_forced_vae_layout_w
     assert "compile_vae_options" not in params(call, 1)
     fine = machine.run("part7", bench=SERVED)
     assert fine.benches() == ["bench"]
+    if shutil.which("xz"):  # the cache the server filled, packed for a later session to carry back
+        with tarfile.open(fine.out / "cc-full.tar.xz") as tar:
+            assert "vg-cc-full/graph" in tar.getnames()
     late = machine.run("part7", elapsed=330, bench=failed)  # no time for a second cold VAE compile
     assert late.benches() == ["bench"]
+    cut = machine.run("part7", bench={"variants": {"server_compile": {"incomplete": "killed at the limit"}}})
+    assert cut.benches() == ["bench", "bench"]
+    died = machine.run("part7", bench=None)  # no results at all: the process died
+    assert died.benches() == ["bench", "bench"]
 
 
 def test_an_unknown_part_is_refused(machine):
