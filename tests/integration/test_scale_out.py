@@ -407,20 +407,22 @@ class _RefusesAfterHeaders:
     def __init__(self) -> None:
         from concurrent import futures
 
+        from videogen.v1 import videogen_pb2_grpc as pb_grpc
+
         self.calls = 0
+        stand_in = self
 
-        def generate(request, context):
-            self.calls += 1
-            context.send_initial_metadata((("x-request-id", "r"),))
-            # the headers on the wire before the status: sent together, they can go as one trailers-only
-            # response (seen on a loaded machine), which the SDK leaves to gRPC's retries
-            time.sleep(0.2)
-            context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
-            yield  # pragma: no cover - a generator, as a server-streaming handler is
+        class Refusing(pb_grpc.VideoGenServicer):
+            def Generate(self, request, context):
+                stand_in.calls += 1
+                context.send_initial_metadata((("x-request-id", "r"),))
+                # the headers on the wire before the status: sent together, they can go as one trailers-only
+                # response (seen on a loaded machine), which the SDK leaves to gRPC's retries
+                time.sleep(0.2)
+                context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
 
-        handler = grpc.method_handlers_generic_handler(
-            "videogen.v1.VideoGen", {"Generate": grpc.unary_stream_rpc_method_handler(generate)})
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=(handler,))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        pb_grpc.add_VideoGenServicer_to_server(Refusing(), self.server)
         self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
         self.server.start()
 

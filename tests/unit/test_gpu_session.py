@@ -108,11 +108,14 @@ class Call:
     def __init__(self, rc: int, stdout: str, stderr: str, out: Path, ran: list[dict]) -> None:
         self.rc, self.stdout, self.stderr, self.out = rc, stdout, stderr, out
         self.records = ran  # per python3 call: its args, the `timeout` around it, its PYTHONPATH
-        self.ran = [r["args"] for r in ran]
+
+    def runs(self, bench: str) -> list[dict]:
+        """The runs of `bench`, in order."""
+        return [r for r in self.records if r["args"] and r["args"][0] == f"bench/{bench}.py"]
 
     def record(self, bench: str) -> dict:
         """The first run of `bench`."""
-        runs = [r for r in self.records if r["args"] and r["args"][0] == f"bench/{bench}.py"]
+        runs = self.runs(bench)
         assert runs, f"{bench} did not run: {self.benches()}"
         return runs[0]
 
@@ -124,12 +127,11 @@ class Call:
 
     def benches(self) -> list[str]:
         """The benches run, in order, by script name."""
-        return [Path(a[0]).stem for a in self.ran if a and a[0].startswith("bench/")]
+        return [Path(r["args"][0]).stem for r in self.records if r["args"] and r["args"][0].startswith("bench/")]
 
     def bench_args(self, index: int = 0) -> dict[str, str]:
         """The options of the index-th bench.py run."""
-        runs = [a for a in self.ran if a and a[0] == "bench/bench.py"]
-        args = runs[index][1:]
+        args = self.runs("bench")[index]["args"][1:]
         return {args[i]: args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else ""
                 for i in range(len(args)) if args[i].startswith("--")}
 
