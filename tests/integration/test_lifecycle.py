@@ -346,6 +346,33 @@ def test_preprocessing_that_outlasts_the_unload_gets_unavailable(tmp_path, slow_
         assert server.metric("videogen_requests_total", code="INTERNAL") == 0
 
 
+def test_a_request_still_queued_when_the_unload_gives_up_is_handed_back_not_started(tmp_path, slow_backend):
+    """An unload that gives up waiting stops the running request (UNAVAILABLE, an error) and hands back the
+    one still queued behind it: no instance took it, so its caller hears NotStarted (the trailer the SDK
+    resends on) and metrics count a rejection, not an error. It was told it had been stopped (the unload's
+    end ran over the queue's own hand-back: engine review, 2026-11-28)."""
+    with ServerThread(slow_repo(tmp_path), model_control_mode="explicit", load_models=("a",),
+                      unload_timeout_seconds=0.5) as server:
+        stub = server.stub()
+        slow_backend.EXECUTE.clear()
+        running = Stream(stub, request(model="a", **SHORT))
+        assert running.progressed.wait(10)
+        queued = Stream(stub, request(model="a", **SHORT))
+        assert queued.accepted.wait(10) and queued.error is None
+        unload, out = in_thread(lambda: stub.UnloadModel(pb.UnloadModelRequest(name="a"), timeout=60))
+        queued.join(20)
+        slow_backend.EXECUTE.set()
+        unload.join(30)
+        assert "error" not in out, out
+        assert running.join().code() == grpc.StatusCode.UNAVAILABLE
+        assert queued.code() == grpc.StatusCode.UNAVAILABLE
+        assert dict(queued.error.trailing_metadata() or ()).get("x-videogen-not-started") == "1"
+        assert "before the request started" in queued.error.details(), queued.error.details()
+        assert "x-videogen-not-started" not in dict(running.error.trailing_metadata() or ())
+        assert server.metric("videogen_requests_total", model="a", outcome="rejected", code="UNAVAILABLE") == 1
+        assert server.metric("videogen_requests_total", model="a", outcome="error", code="UNAVAILABLE") == 1
+
+
 def test_a_caller_gone_during_preprocessing_keeps_its_slot_until_the_work_ends(tmp_path, slow_backend):
     """A caller that cancels while its image is being preprocessed cannot stop the thread doing it: that
     work still counts toward admission until it ends (it used to free its slot at once, so a burst of

@@ -262,9 +262,15 @@ class ModelRuntime:
         return len(requests)
 
     def _close_queue(self, error: Callable[[], Exception]) -> None:
-        """Stops the scheduler handing out work; each request still queued ends with its own `error()`."""
+        """Stops the scheduler handing out work; each request still queued ends with its own `error()`,
+        kept as the reason the server ended it (an `end_active` after this, as `stop` does, would
+        otherwise tell a request no instance started that it was stopped, and its caller would not
+        send it again)."""
         for req in self.scheduler.close():
-            req.error(error())
+            exc = error()
+            if req.ended_by_server is None:
+                req.ended_by_server = exc
+            req.error(exc)
             req.close()
 
     def update_idle(self) -> None:
