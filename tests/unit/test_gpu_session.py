@@ -1,7 +1,8 @@
 """bench/gpu_session.sh, the device sessions' script, run here for its own logic: which bench each part runs,
 with which server parameters, what one call leaves for the next and what a part does when a bench failed or
 time ran short. The benches themselves need the GPU, which this machine has not: a stand-in `python3` first
-on PATH writes the JSON each would (as given by the test) and logs its arguments; every other python3 call of
+on PATH writes the JSON each would (as given by the test) and logs its arguments, the `timeout` limit the
+script started it under and its PYTHONPATH; every other python3 call of
 the script (its inline JSON reading, the wheel check) runs the real interpreter. The benches' own code is
 tested elsewhere (tests/unit/test_*_bench.py, bench.py's --tiny runs); on 2026-11-28 the parts 12-16 also ran
 whole on this CPU with the real benches in --tiny mode."""
