@@ -14,7 +14,8 @@ the next one unless ``--no-retry``.
 
 Exit status: 0 on success, 1 when the server or a file refused (``error: <CODE>: <details>`` on
 stderr; an INVALID_ARGUMENT the client finds itself too), 2 for bad command-line arguments (values a
-request cannot hold included), 130 when interrupted.
+request cannot hold included), 130 when interrupted, 141 (a SIGPIPE's) when the reader of its output
+went away (``videogen models | head -1``).
 """
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ __all__ = ["main"]
 _TARGET_ENV = "VIDEOGEN_TARGET"
 _TOKEN_ENV = "VIDEOGEN_TOKEN"
 
+# generate's options whose request field (as errors name it: "<field>: <reason>") is not spelled as the option
+_FLAG_OF_FIELD = {"num_inference_steps": "--steps", "output.frame_encoding": "--frame-encoding",
+                  "output.jpeg_quality": "--jpeg-quality", "output.video_fps": "--video-fps",
+                  "timeout_microseconds": "--queue-timeout"}
+
 
 class _ProgressBar:
     """A one-line progress display on a terminal: denoising steps, then frames, then video bytes.
@@ -74,7 +80,9 @@ class _ProgressBar:
         if isinstance(event, Accepted):
             wants_frames = event.parameters.get("frame_encoding") != "none"
             self._num_frames = int(event.parameters.get("num_frames", 0)) if wants_frames else 0
-            queued = f", queue position {event.queue_position}" if event.queue_position else ""
+            queued = f", seed {event.parameters['seed']}" if "seed" in event.parameters else ""
+            if event.queue_position:
+                queued += f", queue position {event.queue_position}"
             if event.estimated_end_seconds is not None:
                 queued += f", done in ~{event.estimated_end_seconds:.1f}s"
             self._print(f"accepted {event.request_id} ({event.model} v{event.model_version}{queued})")
@@ -224,9 +232,10 @@ def _generate(args: argparse.Namespace) -> int:
         save_frames(result, args.frames_dir)
         written.append(f"frames_dir={args.frames_dir}")
     # the video's frames, whether or not they were streamed one by one (--frame-encoding none without
-    # --frames-dir streams the MP4 only)
-    print(f"request_id={result.request_id} frames={result.summary.num_frames} "
-          f"seconds={result.summary.total_seconds:.2f} {' '.join(written)}",
+    # --frames-dir streams the MP4 only); the seed the server drew when --seed was not given, to make
+    # the same video again
+    print(f"request_id={result.request_id} seed={result.accepted.parameters.get('seed')} "
+          f"frames={result.summary.num_frames} seconds={result.summary.total_seconds:.2f} {' '.join(written)}",
           file=sys.stderr if _is_stdout(args.out) else sys.stdout)  # (after the MP4 it would spoil it)
     return 0
 
@@ -280,6 +289,13 @@ def _wait_ready(args: argparse.Namespace) -> int:
         info = client.wait_until_ready(args.name, timeout=args.timeout or 600.0, poll_interval=args.poll_interval)
     print(f"{info.name} ready (versions {','.join(str(v.version) for v in info.versions if v.state == 'ready')})")
     return 0
+
+
+def _option_hint(args: argparse.Namespace, field: str | None) -> str:
+    """The text that names generate's option (" (the --steps option)") where an error names a request
+    field that the option spells otherwise; empty for any other error or command."""
+    flag = _FLAG_OF_FIELD.get(field or "") if args.command == "generate" else None
+    return f" (the {flag} option)" if flag else ""
 
 
 def _non_negative_int(text: str) -> int:
@@ -430,6 +446,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--token-file: no token in {args.token_file}")
         args.token = tokens[0]  # the file wins over $VIDEOGEN_TOKEN and --token
     if args.command == "generate":
+        if not args.model:
+            parser.error("--model: empty; give a model name (see 'videogen models')")
+        try:  # (the client reads it when it builds the request: its error would not name the option)
+            Path(args.image).open("rb").close()
+        except OSError as err:
+            parser.error(f"--image: cannot read {args.image} ({err.strerror or err})")
         if args.out is None and args.frames_dir is None:
             parser.error("give --out, --frames-dir, or both")
         if args.frames_dir is not None and args.frame_encoding == "none":
@@ -447,11 +469,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except VideoGenError as err:
         reason = f" [{err.error_reason}]" if err.error_reason else ""  # the server's ErrorInfo reason
-        print(f"error: {err.code.name}{reason}: {err.details}", file=sys.stderr)
+        hint = _option_hint(args, getattr(err, "field", None))  # (InvalidArgumentError's)
+        print(f"error: {err.code.name}{reason}: {err.details}{hint}", file=sys.stderr)
+    except BrokenPipeError:  # the reader of stdout went away (`| head -1`): quiet, as a tool killed by SIGPIPE
+        with contextlib.suppress(OSError, ValueError):  # (and the interpreter's last flush must not fail again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (OSError, UnresolvedHost) as err:  # (a name the resolver may answer later: not a bad argument)
         print(f"error: {err}", file=sys.stderr)
     except ValueError as err:  # a value the client refused before sending (out of a field's range, ...)
-        print(f"error: {err}", file=sys.stderr)
+        field = str(err).split(": ", 1)[0] if ": " in str(err) else None
+        print(f"error: {err}{_option_hint(args, field)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

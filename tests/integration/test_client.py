@@ -146,7 +146,7 @@ def test_accepted_carries_the_servers_estimates(client, tiny_server, tmp_path, c
     proc = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(image),
                "--out", str(tmp_path / "out.mp4"), "--num-frames", "2", "--steps", "1", "--timeout", "60")
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"accepted \w+ \(svd-tiny v1, done in ~\d+\.\ds\)", proc.stderr), proc.stderr
+    assert re.search(r"accepted \w+ \(svd-tiny v1, seed \d+, done in ~\d+\.\ds\)", proc.stderr), proc.stderr
 
 
 def test_run_returns_result_with_decodable_video(client):
@@ -495,9 +495,23 @@ def test_cli_generate_writes_mp4_and_frames(tiny_server, tmp_path):
                "--out", str(out), "--frames-dir", str(frames_dir), "--num-frames", "3", "--steps", "1",
                "--seed", "1", "--timeout", "60")
     assert proc.returncode == 0, proc.stderr
-    assert "frames=3" in proc.stdout and f"out={out}" in proc.stdout
+    assert "seed=1 frames=3" in proc.stdout and f"out={out}" in proc.stdout
     assert decode_mp4(out.read_bytes())[0] == 3
     assert sorted(p.name for p in frames_dir.iterdir()) == [f"frame_{i:05d}.png" for i in range(3)]
+    # without --seed the server draws one, and the CLI says which: given back, it makes the same video
+    # (the help promised it; only the server's log had it)
+    drawn, again = tmp_path / "DRAWN", tmp_path / "AGAIN"
+    proc = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(image),
+               "--frames-dir", str(drawn), "--num-frames", "2", "--steps", "1", "--timeout", "60")
+    assert proc.returncode == 0, proc.stderr
+    seed = re.search(r" seed=(\d+) ", proc.stdout)
+    assert seed and seed.group(1) != "1", proc.stdout
+    proc = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(image),
+               "--frames-dir", str(again), "--num-frames", "2", "--steps", "1", "--seed", seed.group(1),
+               "--timeout", "60")
+    assert proc.returncode == 0 and f" seed={seed.group(1)} " in proc.stdout, (proc.stdout, proc.stderr)
+    assert [p.read_bytes() for p in sorted(drawn.iterdir())] == [p.read_bytes() for p in sorted(again.iterdir())]
+    assert (drawn / "frame_00000.png").read_bytes() != (frames_dir / "frame_00000.png").read_bytes()
     # the MP4 alone (no frame streamed one by one): the line still counts the video's frames (it said 0)
     proc = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(image),
                "--out", str(out), "--num-frames", "2", "--steps", "1", "--timeout", "60")
@@ -514,6 +528,21 @@ def test_cli_models_lists_the_model(tiny_server, launcher):
     assert len(lines) == 2, proc.stdout  # the header and the one model
     assert lines[0].split()[:2] == ["NAME", "STATE"]
     assert lines[1].split()[:3] == [MODEL, "ready", "1"]
+
+
+def test_cli_whose_reader_went_away_exits_quietly(tiny_server):
+    """`videogen models | head -1`: a reader that closed the pipe ends the command as SIGPIPE ends a tool
+    (status 141), without an error message (it printed "error: [Errno 32] Broken pipe", status 1)."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes
+    try:
+        proc = subprocess.run([*_installed_cli(), "models", "--target", tiny_server.target], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc
 
 
 def test_cli_model_prints_json(tiny_server):
@@ -535,10 +564,20 @@ def test_cli_bad_argument_exits_1(tiny_server, tmp_path):
 
     missing = cli("model", "no-such-model", "--target", tiny_server.target)
     assert missing.returncode == 1 and "error: NOT_FOUND [MODEL_NOT_FOUND]: " in missing.stderr
+    # a field the server names that the option spells otherwise: the option is named too
+    steps = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(image),
+                "--out", str(out), "--steps", "0", "--quiet")
+    assert steps.returncode == 1 and "num_inference_steps: " in steps.stderr, steps.stderr
+    assert steps.stderr.rstrip().endswith("(the --steps option)"), steps.stderr
 
     # a command line argparse refuses exits 2 without contacting the server
     usage = cli("generate", "--target", tiny_server.target, "--image", str(image))
     assert usage.returncode == 2 and "--out" in usage.stderr
+    no_image = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(tmp_path / "none.png"),
+                   "--out", str(out))
+    assert no_image.returncode == 2 and "--image: cannot read " in no_image.stderr, no_image.stderr
+    no_model = cli("generate", "--target", tiny_server.target, "--model", "", "--image", str(image), "--out", str(out))
+    assert no_model.returncode == 2 and "--model: empty" in no_model.stderr, no_model.stderr
     # a TLS file that is not PEM is a bad argument (gRPC failed each handshake with it: an outage, retried)
     not_pem = cli("models", "--target", tiny_server.target, "--ca-cert", str(image))
     assert not_pem.returncode == 2 and "--ca-cert: " in not_pem.stderr and "is not PEM" in not_pem.stderr
