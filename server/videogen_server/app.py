@@ -23,7 +23,7 @@ from .config import ServerConfig
 from .errors import NotReady
 from .engine.engine import Engine
 from .metrics import Metrics
-from .transport.server import build_health_server, build_server
+from .transport.server import build_health_server, build_server, release_unstarted
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,23 @@ class VideoGenServer:
         self._stopping = False
 
     async def start(self) -> None:
-        # the repositories read, both ports bound before either serves (a taken port fails here, nothing
-        # half started), and health set before either answers: grpc_health starts out reporting "" SERVING
+        # the repositories read, every port bound before the gRPC ones serve (a taken port fails here,
+        # nothing half started: /metrics, taken last, fails before any call is answered), and health set
+        # before either answers: grpc_health starts out reporting "" SERVING
         self.engine.scan()
         self.engine.tracing.start()  # before the server is built: its interceptor opens each call's span
         try:
             self._server, self.port, self._health = build_server(self.engine, self.config)
-            if self.config.health_port >= 0:
-                try:
+            try:
+                if self.config.health_port >= 0:
                     self._health_server, self.health_port = build_health_server(self._health, self.config)
-                except BaseException:
-                    await self._server.stop(None)  # bound, never started: let its port go
-                    raise
+                if self.config.metrics_port >= 0:  # (serving at once: only metrics of nothing yet)
+                    self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
+            except BaseException:
+                await release_unstarted([s for s in (self._server, self._health_server) if s is not None],
+                                        self._health)
+                self._server = self._health_server = None
+                raise
         except BaseException:
             self.engine.tracing.shutdown()  # its exporter thread too: nothing was traced yet
             raise
@@ -67,8 +72,6 @@ class VideoGenServer:
         if self._stopping:  # a signal during the above: stop() has run (or runs) without what follows
             await self._stopped.wait()
             return
-        if self.config.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
         self.metrics.set_build_info(**_versions())
         log.info("gRPC on port %d%s, metrics on %s; loading models", self.port,
                  f" (health also on plaintext port {self.health_port})" if self.health_port else "",

@@ -280,12 +280,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:
         import logging
 
-        from .errors import VideoGenError
+        from .errors import PortUnavailable, VideoGenError
 
         # logged, not printed: a JSON log's last line, the one that says why, stays JSON
         log = logging.getLogger("videogen_server")
         if isinstance(err, VideoGenError):
             log.critical("videogen-server: %s", err.message)
+        elif isinstance(err, PortUnavailable):  # an operator's setting, not a bug: no traceback
+            log.critical("videogen-server: %s", err)
         else:
             log.critical("videogen-server stopped: %r", err, exc_info=err)
         return _exit(1)

@@ -190,6 +190,11 @@ class PermissionDenied(VideoGenError):
     REASON = "MODEL_CONTROL_DISABLED"
 
 
+class PortUnavailable(OSError):
+    """Not a caller's error: a port the server was told to listen on (gRPC, health, metrics) cannot be
+    bound at start-up. Its message names the port and why; `videogen-server` says it without a traceback."""
+
+
 # The one table from error to gRPC status code name. `transport.status` turns the name into a
 # grpc.StatusCode; metrics and request logs use the name as the `code` label.
 _STATUS_NAMES: list[tuple[type[VideoGenError], str]] = [

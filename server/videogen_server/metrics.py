@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .errors import PortUnavailable
+
 log = logging.getLogger(__name__)
 
 # Buckets that reach minutes: a full SVD-XT video takes 10-60 s, a cold queue longer.
@@ -96,11 +98,14 @@ class Metrics:
                 server = _serve_dual_stack(port, make_wsgi_app(self.registry))
             except OSError as err:  # (no IPv6 shows as EAFNOSUPPORT, EADDRNOTAVAIL or a resolver error)
                 if err.errno == errno.EADDRINUSE:
-                    raise
+                    raise _cannot_bind(f"[::]:{port}", err) from None
                 log.info("cannot listen on IPv6 here (%s): /metrics listens on 0.0.0.0", err)
                 host = "0.0.0.0"
         if host != "::":
-            server = _serve_at(host, port, make_wsgi_app(self.registry))
+            try:
+                server = _serve_at(host, port, make_wsgi_app(self.registry))
+            except OSError as err:
+                raise _cannot_bind(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", err) from None
         self._http = server
         return server.server_address[1]
 
@@ -159,6 +164,12 @@ class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         pass  # a scrape every few seconds is no news
+
+
+def _cannot_bind(address: str, err: OSError) -> PortUnavailable:
+    """The error of a /metrics address that cannot be bound, naming it (as the gRPC ports' do): it said
+    only "[Errno 98] Address already in use"."""
+    return PortUnavailable(f"cannot bind the metrics port {address}: {err.strerror or err}")
 
 
 def _serve_dual_stack(port: int, app) -> wsgiref.simple_server.WSGIServer:

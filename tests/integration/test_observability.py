@@ -286,6 +286,40 @@ def test_metrics_listen_on_ipv6_and_ipv4_by_default(make_repo):
                 assert "videogen_requests_total" in r.read().decode(), host
 
 
+def test_a_taken_metrics_port_fails_the_start_naming_it_before_grpc_serves(make_repo):
+    """/metrics was bound after the gRPC port had begun to serve: a taken metrics port stopped the start
+    with only "[Errno 98] Address already in use" and a traceback (which port?), and an in-process server
+    was left answering calls (user review). Now every port is bound before gRPC serves, the error names
+    the port, and `videogen-server` says it in one line (exit 1), as it does for the gRPC port."""
+    import socket
+    import subprocess
+    import sys
+
+    from videogen_server.errors import PortUnavailable
+
+    repo = make_repo({"m": tiny_config("m")})
+    taken = socket.create_server(("127.0.0.1", 0))
+    with socket.create_server(("127.0.0.1", 0)) as probe:  # a port free now, for the gRPC server
+        grpc_port = probe.getsockname()[1]
+    server = ServerThread(repo, port=grpc_port, metrics_port=taken.getsockname()[1])
+    try:
+        with pytest.raises(PortUnavailable, match=f"cannot bind the metrics port 127.0.0.1:{taken.getsockname()[1]}: "):
+            server.start()
+        with ServerThread(repo, port=grpc_port) as again:  # its gRPC port was let go, never having served
+            assert again.port == grpc_port
+        proc = subprocess.run([sys.executable, "-m", "videogen_server.cli", "serve", "--model-repository", str(repo),
+                               "--port", "0", "--metrics-host", "127.0.0.1",
+                               "--metrics-port", str(taken.getsockname()[1])],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert f"videogen-server: cannot bind the metrics port 127.0.0.1:{taken.getsockname()[1]}: " \
+            in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    finally:
+        server.server = None  # never started: nothing to stop but its loop
+        server.stop()
+        taken.close()
+
+
 def test_reflection_lists_services_and_calls_generate_without_stubs(tiny_server):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 

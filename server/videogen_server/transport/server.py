@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from videogen.v1 import videogen_pb2, videogen_pb2_grpc
 
 from ..config import ServerConfig
+from ..errors import PortUnavailable
 from . import kserve
 from .auth import BearerTokenInterceptor
 from .limits import ConcurrencyLimit
@@ -107,10 +108,22 @@ def _bind(server: grpc.aio.Server, address: str, what: str, credentials=None) ->
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as err:  # grpcio raises this (not port 0) when the address cannot be bound
-        raise OSError(f"cannot bind the {what} {address}: {err}") from None
+        raise PortUnavailable(f"cannot bind the {what} {address}: {err}") from None
     if port == 0:
-        raise OSError(f"cannot bind the {what} {address}")
+        raise PortUnavailable(f"cannot bind the {what} {address}")
     return port
+
+
+async def release_unstarted(servers: list[grpc.aio.Server], health: HealthReporter) -> None:
+    """Lets bound, never started servers' ports go (a start that failed on a later port). gRPC's core
+    keeps an unstarted server's listeners through its stop, and after it is collected (measured with
+    grpcio 1.85: the port could not be bound again; grpc/grpc#23390, where C# starts the server in its
+    shutdown for this, grpc/grpc#31232): each is started and stopped at once, its health NOT_SERVING
+    first, so a caller that reaches it in between is refused."""
+    await health.servicer.enter_graceful_shutdown()
+    for server in servers:
+        await server.start()
+        await server.stop(None)
 
 
 def build_health_server(health: HealthReporter, config: ServerConfig) -> tuple[grpc.aio.Server, int]:
