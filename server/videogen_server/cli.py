@@ -29,19 +29,26 @@ def _parser() -> argparse.ArgumentParser:
                         "0 = any free port, -1 = none (default)")
     s.add_argument("--metrics-host", default=d.metrics_host, help=f"metrics listen address (default {d.metrics_host})")
     s.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default=d.model_control_mode,
-                   help="none: load all at start; explicit: --load-model and Load/UnloadModel RPCs; poll: reload changed models")
+                   help="none: load all at start; explicit: --load-model and Load/UnloadModel RPCs; poll: reload changed models "
+                        "(default %(default)s)")
     s.add_argument("--load-model", action="append", default=[], metavar="NAME",
                    help="with explicit control: load this model at start ('*' = all); repeatable")
-    s.add_argument("--repository-poll-seconds", type=float, default=d.repository_poll_seconds)
+    s.add_argument("--repository-poll-seconds", type=float, default=d.repository_poll_seconds,
+                   help="with --model-control-mode poll: seconds between reads of the repositories "
+                        "(default %(default)s)")
     s.add_argument("--max-queue-size", type=int, default=d.max_queue_size,
                    help="queue bound for models whose config sets none (default %(default)s)")
     s.add_argument("--cpu-threads", type=int, default=None, help="torch threads for CPU instances (default: torch's)")
-    s.add_argument("--media-threads", type=int, default=d.media_threads, help="frame/MP4 encoding threads")
+    s.add_argument("--media-threads", type=int, default=d.media_threads, help="frame/MP4 encoding threads, shared by all requests "
+                                                                             "(default: CPU count, at most 8)")
     s.add_argument("--exit-on-error", action="store_true",
                    help="exit 1 when a model or version fails to load at start-up (default: serve the others)")
     s.add_argument("--drain-grace-seconds", type=float, default=d.drain_grace_seconds,
                    help="on SIGTERM, how long in-flight requests may finish (default %(default)s)")
-    s.add_argument("--unload-timeout-seconds", type=float, default=d.unload_timeout_seconds)
+    s.add_argument("--unload-timeout-seconds", type=float, default=d.unload_timeout_seconds,
+                   help="how long an unload (or a reload's retiring version) waits for its requests; those "
+                        "still running then end UNAVAILABLE, queued ones are handed back not started "
+                        "(default %(default)s)")
     s.add_argument("--stream-send-timeout-seconds", type=float, default=d.stream_send_timeout_seconds,
                    help="end a request whose caller takes none of its messages for this long (its frames are "
                         "freed; the caller reads DEADLINE_EXCEEDED); 0 = never (default %(default)s)")
@@ -61,13 +68,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="close a connection that has not finished its TLS / HTTP/2 handshake in this long "
                         "(default %(default)s)")
     s.add_argument("--max-connection-age-seconds", type=float, default=d.max_connection_age_seconds,
-                   help="close connections after this long so clients rebalance over new replicas; 0 = never")
+                   help="close connections after this long so clients rebalance over new replicas; 0 = never "
+                        "(default %(default)s)")
     s.add_argument("--max-connection-age-grace-seconds", type=float, default=d.max_connection_age_grace_seconds,
-                   help="how long streams on an aged connection may still run")
+                   help="how long streams on an aged connection may still run (default %(default)s)")
     s.add_argument("--keepalive-seconds", type=float, default=d.keepalive_seconds,
-                   help="ping a connection after this long without a frame from the client; 0 = off")
+                   help="ping a connection after this long without a frame from the client; 0 = off (default %(default)s)")
     s.add_argument("--keepalive-timeout-seconds", type=float, default=d.keepalive_timeout_seconds,
-                   help="close a connection whose ping is not answered in this long, cancelling its requests")
+                   help="close a connection whose ping is not answered in this long, cancelling its requests "
+                        "(default %(default)s)")
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (with --tls-key)")
     s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     s.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates it signed (mutual TLS)")
@@ -83,9 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--trace-sample-ratio", type=float, default=d.trace_sample_ratio,
                    help="share of the traces starting here to keep, 0..1 (default %(default)s); a caller's "
                         "traceparent decides for its own")
-    s.add_argument("--log-format", choices=("text", "json"), default=d.log_format)
+    s.add_argument("--log-format", choices=("text", "json"), default=d.log_format,
+                   help="json: one JSON object per line on stderr (default %(default)s)")
     s.add_argument("--log-level", default=d.log_level, type=str.upper,
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="any case (default %(default)s)")
     s.add_argument("--port-file", type=Path, help="write the bound ports here, \"GRPC METRICS HEALTH\" (0: none), once "
                    "start-up has loaded every model (each ready or failed)")
 
@@ -100,15 +110,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="write to DIR/<model>/<version>/compile_artifacts/ (the repository's layout, to copy into "
                         "it) instead of into the repository")
     c.add_argument("--cpu-threads", type=int, default=None, help="torch threads for CPU instances (default: torch's)")
-    c.add_argument("--log-format", choices=("text", "json"), default=d.log_format)
+    c.add_argument("--log-format", choices=("text", "json"), default=d.log_format,
+                   help="json: one JSON object per line on stderr (default %(default)s)")
     c.add_argument("--log-level", default=d.log_level, type=str.upper,
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="any case (default %(default)s)")
 
     t = sub.add_parser("make-tiny-model", help="write a model repository holding a tiny random SVD (tests, demo)")
-    t.add_argument("repository", type=Path)
-    t.add_argument("--name", default="svd-tiny")
-    t.add_argument("--version", type=int, default=1)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("repository", type=Path, help="the repository folder (created): NAME/config.pbtxt and the weights in NAME/VERSION/")
+    t.add_argument("--name", default="svd-tiny", help="model name (default %(default)s)")
+    t.add_argument("--version", type=int, default=1, help="version folder (default %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights (default %(default)s)")
     return p
 
 

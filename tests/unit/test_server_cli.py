@@ -123,3 +123,19 @@ def test_the_request_read_timeout_flag_reaches_the_config(tmp_path):
     for bad in (-1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="--request-read-timeout-seconds"):
             ServerConfig(model_repositories=(tmp_path,), request_read_timeout_seconds=bad)
+
+
+def test_every_flag_says_what_it_does_and_its_default_in_help():
+    """`serve --help` listed --repository-poll-seconds, --unload-timeout-seconds, --log-format and
+    --log-level bare, and gave no default for others README's table has (user review)."""
+    import argparse
+
+    subparsers = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("serve", "compile-artifacts", "make-tiny-model"):
+        for action in subparsers.choices[command]._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            assert action.help, (command, action.option_strings)
+            takes_value = action.nargs != 0 and not isinstance(action, argparse._AppendAction)
+            if takes_value and action.default not in (None, argparse.SUPPRESS):
+                assert "default" in action.help, (command, action.option_strings, action.help)
