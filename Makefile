@@ -1,10 +1,14 @@
 # videogen: `make demo` runs the server on the embedded tiny model end to end; `make test` runs the tests.
 # Both set up .venv first. On a GPU host use the CUDA build of torch: `make TORCH=torch ...`.
+# Elsewhere without a GPU, take torch's CPU build from its own index (PyPI's Linux torch is the CUDA
+# build, several GB): `make TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" ...`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# torch 2.13.0 resolves to the CPU build this project's CI machines have on disk.
+# torch 2.13.0 resolves to the CPU build this project's CI machines have on disk (their pip's
+# find-links); from PyPI alone it is the CUDA build.
 TORCH  ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 SOURCES := pyproject.toml setup.py $(shell find proto server client -name '*.proto' -o -name '*.py' -o -name '*.png' 2>/dev/null)
 
 # The Triton compatibility tests' external client lives in its own environment: tritonclient pins
@@ -20,7 +24,7 @@ $(BIN)/.installed: $(SOURCES)
 	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else f"the server needs Python 3.11+ (diffusers 0.42); $(PYTHON) is {v.major}.{v.minor}: make PYTHON=python3.11 ...")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(BIN)/python -m pip install -q ".[server,test]"
 	touch $@
 
