@@ -1,6 +1,7 @@
 """What the sync and async clients share: channel settings, call metadata, request building (private)."""
 from __future__ import annotations
 
+import ctypes
 import io
 import ipaddress
 import json
@@ -68,6 +69,11 @@ KEEPALIVE_S = 30.0
 KEEPALIVE_TIMEOUT_S = 60.0
 MIN_KEEPALIVE_S = 15.0
 MAX_KEEPALIVE_S = (2**31 - 1) / 1000  # gRPC takes int milliseconds
+#: A retry policy's backoffs (seconds): gRPC's service config takes whole milliseconds up to protobuf's
+#: longest Duration
+MIN_BACKOFF_S = 1e-3
+MAX_BACKOFF_S = 315_576_000_000.0
+_INT_MAX = 2**31 - 1  # an integer channel argument's largest value
 # The server's rule for request ids (they travel as x-request-id metadata, which is printable ASCII):
 # checked here too, since gRPC refuses other metadata before sending, as an INTERNAL "Invalid metadata".
 MAX_REQUEST_ID_LEN = 128
@@ -111,8 +117,8 @@ class RetryPolicy:
 
     Attributes:
         max_attempts: attempts in all, first one included, 2..5 (gRPC's cap is 5).
-        initial_backoff, max_backoff: seconds, > 0.
-        backoff_multiplier: > 0.
+        initial_backoff, max_backoff: seconds, 0.001 (gRPC's millisecond) to 315576000000.
+        backoff_multiplier: > 0 (as a 32-bit float: at least ~1.4e-45).
         retryable_status_codes: gRPC status code names (or ``grpc.StatusCode`` members) that are
             retried; default UNAVAILABLE and RESOURCE_EXHAUSTED.
     """
@@ -133,8 +139,14 @@ class RetryPolicy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be a positive number, not {value!r}")
-            if name != "backoff_multiplier" and value < 1e-9:  # a duration gRPC holds in nanoseconds
-                raise ValueError(f"{name} must be at least 1 ns (1e-9 s), not {value!r}")
+            # what gRPC's service config parser takes (grpcio 1.85, measured): a backoff in whole
+            # milliseconds (below 1 ms it is 0, refused) up to protobuf's longest Duration; the
+            # multiplier as a 32-bit float, which must not round to 0 (below ~1.4e-45)
+            if name != "backoff_multiplier" and not MIN_BACKOFF_S <= value <= MAX_BACKOFF_S:
+                raise ValueError(f"{name} must be {MIN_BACKOFF_S:g}..{MAX_BACKOFF_S:g} seconds (gRPC's range), "
+                                 f"not {value!r}")
+            if name == "backoff_multiplier" and ctypes.c_float(value).value == 0:
+                raise ValueError(f"backoff_multiplier must be > 0 as a 32-bit float (gRPC's), not {value!r}")
         if isinstance(self.retryable_status_codes, (str, grpc.StatusCode)):
             raise TypeError("retryable_status_codes must be a sequence of status code names")
         codes = tuple(c.name if isinstance(c, grpc.StatusCode) else str(c).upper()
@@ -363,8 +375,9 @@ def connection_settings(target: Target, *, secure: bool, root_certificates: byte
     max_send = int(merged["grpc.max_send_message_length"])
     # gRPC keeps a call's sent messages for retries only up to this size (default 256 KiB) and
     # commits the call beyond it: the request carries the image, so allow the largest request.
+    # (a C int: the largest limit a caller may give, 2**31 - 1, plus the margin overflowed it)
     merged.setdefault("grpc.per_rpc_retry_buffer_size",
-                      (max_send if max_send >= 0 else MAX_SEND_MESSAGE_LENGTH) + 4096)
+                      min((max_send if max_send >= 0 else MAX_SEND_MESSAGE_LENGTH) + 4096, _INT_MAX))
     credentials = (grpc.ssl_channel_credentials(root_certificates=root_certificates, private_key=private_key,
                                                 certificate_chain=certificate_chain) if secure else None)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()

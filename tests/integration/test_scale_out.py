@@ -637,11 +637,23 @@ def test_retry_policy_is_validated():
     # INVALID_ARGUMENT that reads like a bad request (client review)
     for bad in (dict(max_attempts=1), dict(max_attempts=6), dict(max_attempts=2.5), dict(max_attempts=True),
                 dict(initial_backoff=0), dict(initial_backoff=1e-10), dict(max_backoff=-1),
+                # below gRPC's millisecond, beyond protobuf's longest Duration, 0 as a 32-bit float: gRPC
+                # refused each at the first call (they were let through: client review, 2026-11-28)
+                dict(initial_backoff=0.00099), dict(max_backoff=315576000001), dict(backoff_multiplier=1e-46),
                 dict(backoff_multiplier=float("nan")), dict(retryable_status_codes=()),
                 dict(retryable_status_codes=("NOPE",)), dict(retryable_status_codes=("OK",))):
         with pytest.raises(ValueError):
             RetryPolicy(**bad)
-    assert RetryPolicy(initial_backoff=1e-9).service_config_policy()["initialBackoff"] == "0.000000001s"
+    # the edges it takes, gRPC takes: a call (to a port nobody listens on) fails for want of a server, not
+    # INVALID_ARGUMENT "errors validating service config"; so does the largest message limit gRPC takes,
+    # which the retry buffer's margin pushed past a C int (OverflowError building the client)
+    edges = (RetryPolicy(initial_backoff=0.001, max_backoff=315576000000, backoff_multiplier=1.5e-45),
+             RetryPolicy(initial_backoff=315576000000, max_backoff=0.001, backoff_multiplier=1e300))
+    for policy, options in ((edges[0], None), (edges[1], [("grpc.max_send_message_length", 2**31 - 1)])):
+        with VideoGenClient("127.0.0.1:1", retry=policy, options=options) as unreachable:
+            with pytest.raises((UnavailableError, DeadlineExceededError)):
+                unreachable.list_models(timeout=1)
+    assert RetryPolicy(initial_backoff=0.001).service_config_policy()["initialBackoff"] == "0.001s"
     for policy in ("round robin", "round_robbin"):
         with pytest.raises(ValueError, match="load_balancing must be one of"):
             VideoGenClient("localhost:1", load_balancing=policy)
