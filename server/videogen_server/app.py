@@ -53,6 +53,10 @@ class VideoGenServer:
             try:
                 if self.config.health_port >= 0:
                     self._health_server, self.health_port = build_health_server(self._health, self.config)
+                if self.config.max_concurrent_requests:
+                    # its refusals (model "") exported at 0 from the start, as each version's alerted
+                    # outcomes are: increase() over a series born at its first refusal reads 0 for it
+                    self.metrics.requests.labels("", "", "rejected", "RESOURCE_EXHAUSTED")
                 if self.config.metrics_port >= 0:  # (serving at once: only metrics of nothing yet)
                     self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
             except BaseException:

@@ -51,6 +51,10 @@ def test_a_request_over_the_limit_is_refused_at_once_and_the_place_comes_back(ti
 
     shutil.copytree(tiny_model_source, tmp_path / MODEL)
     with ServerThread(tmp_path, max_concurrent_requests=1) as server:
+        # its refusals' series is there at 0 before the first (VideoGenQueueFull's increase() counts that one)
+        assert [line.split()[-1] for line in server.scrape().splitlines()
+                if line.startswith("videogen_requests_total{") and 'model=""' in line
+                and 'outcome="rejected"' in line and 'code="RESOURCE_EXHAUSTED"' in line] == ["0.0"]
         stub = server.stub()
         channel, held = _held_call(server.target)
         try:
