@@ -60,8 +60,10 @@ client python -c 'import pathlib, shutil, videogen_server.assets as a
 shutil.copy(pathlib.Path(a.__file__).parent / "sample.png", "/work/in.png")'
 
 step "server as the Deployment runs it (read-only root, no capabilities, models read-only)"
-# arguments after the image replace CMD and follow the ENTRYPOINT's flags: the last --port wins
-"${ENGINE[@]}" run -d --name "$NAME" --network host --read-only --tmpfs /tmp:rw,size=2g \
+# arguments after the image replace CMD and follow the ENTRYPOINT's flags: the last --port wins.
+# /tmp with exec, as the Deployment's emptyDir is (docker's --tmpfs is noexec by default; Inductor and
+# Triton load the .so files they build there)
+"${ENGINE[@]}" run -d --name "$NAME" --network host --read-only --tmpfs /tmp:rw,exec,size=2g \
     --cap-drop ALL --security-opt no-new-privileges -v "$WORK/models:/models:ro" "$IMAGE" \
     --log-format json --port "$PORT" --metrics-port "$METRICS" --health-port "$HEALTH" \
     --drain-grace-seconds 120 >/dev/null  # a busy CPU machine can be slow: the check is the drain, not its grace
