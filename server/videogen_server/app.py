@@ -97,11 +97,19 @@ class VideoGenServer:
             await self.stop(0)
             raise
         failed = self._failed_at_start()
+        models = self.engine.list_models()
+        if not models and self.config.model_control_mode == "none":
+            # nothing to serve, ever (explicit and poll modes load models added later): an empty or
+            # unmounted repository, which left a pod up and never ready
+            failed = (f"no model in the model repositories ({', '.join(map(str, self.config.model_repositories))}); "
+                      f"each model is a folder with a config.pbtxt")
+            if not self.config.exit_on_error:
+                log.error("%s: nothing will be served", failed)
         if failed and self.config.exit_on_error:
             await self.stop(0)
             raise NotReady(f"exit on error: {failed}")
         await self._health.update()
-        log.info("ready: %s", ", ".join(f"{s.name} ({s.state.lower()})" for s in self.engine.list_models()) or "no models")
+        log.info("ready: %s", ", ".join(f"{s.name} ({s.state.lower()})" for s in models) or "no models")
 
     def _failed_at_start(self) -> str:
         """The models and versions that failed to load, with why ("" if none)."""

@@ -606,6 +606,17 @@ def test_exit_on_error_stops_a_server_whose_model_failed_to_load(make_repo, tmp_
                            "--port", "0", "--metrics-port", "-1", "--exit-on-error"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "exit on error: bad" in proc.stderr, proc.stderr[-2000:]
+    # an empty (or unmounted) repository serves nothing, ever, with every model loaded at start: it left a
+    # pod up and never ready, no crash loop (deploy review); in explicit and poll modes models come later
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server = ServerThread(empty, exit_on_error=True)
+    with pytest.raises(NotReady, match=r"exit on error: no model in the model repositories \(.*empty\)"):
+        server.start()
+    server.stop()
+    for mode in ("explicit", "poll"):
+        with ServerThread(empty, exit_on_error=True, model_control_mode=mode) as waiting:
+            assert waiting.stub().ListModels(pb.ListModelsRequest()).models == []
 
 
 @pytest.mark.timeout(300)
