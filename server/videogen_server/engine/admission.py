@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import secrets
 
 import numpy as np
@@ -26,6 +27,49 @@ MIN_IMAGE_SIDE = 8
 #: Scans a JPEG may have. A progressive JPEG has about 10; each scan costs libjpeg a pass over every
 #: block, so a few bytes of scan repeated thousands of times held a preprocessing thread for minutes.
 MAX_JPEG_SCANS = 100
+#: Segments (markers) of a JPEG's first picture: a few dozen in a real one; the walk that counts scans
+#: runs in Python, so millions of empty segments would hold a thread for seconds.
+MAX_JPEG_SEGMENTS = 10_000
+#: In a scan's entropy-coded data, 0xFF is followed by a stuffed 0x00, a restart marker (D0-D7) or fill
+#: (another 0xFF): anything else is the next marker.
+_JPEG_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_NOT_FILL = re.compile(rb"[^\xff]")
+_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])
+
+
+def _jpeg_scans(data: bytes) -> int:
+    """Start-of-scan markers of the JPEG's first picture, from its start-of-image to its first end-of-
+    image: what Pillow decodes. Walked by segment lengths, so the bytes of metadata (an EXIF thumbnail),
+    of scan data and of anything after the picture (a motion photo's MP4, a multi-picture file's other
+    pictures) are not read as markers: counting every FF DA of the upload refused motion photos, whose
+    video holds the pair every ~64 KiB. Stops counting above MAX_JPEG_SCANS."""
+    i, n, scans, segments = 2, len(data), 0, 0
+    while i + 1 < n and scans <= MAX_JPEG_SCANS:
+        if data[i] != 0xFF:  # no marker where one must be: damaged; the decoder says so
+            break
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill bytes: up to the last before the marker (a run of millions, skipped in C)
+            after = _JPEG_NOT_FILL.search(data, i + 1)
+            if after is None:
+                break
+            i = after.start() - 1
+            continue
+        if marker == 0xD9:  # end of the picture
+            break
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise InvalidRequest("image", f"a JPEG of more than {MAX_JPEG_SEGMENTS} segments")
+        if marker in _STANDALONE_MARKERS:
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            found = _JPEG_MARKER_AFTER_SCAN.search(data, i)
+            if found is None:
+                break
+            i = found.start()
+    return scans
 
 
 def _int_in(field: str, value: int, low: int, high: int) -> int:
@@ -140,11 +184,10 @@ def decode_image(data: bytes, lim: GenerationLimits) -> Image.Image:
             raise InvalidRequest("image", f"{w}x{h} is smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels")
         if w * h > lim.max_image_pixels:
             raise InvalidRequest("image", f"{w}x{h} pixels exceeds the model's limit of {lim.max_image_pixels}")
-        # start-of-scan markers: entropy-coded data stuffs every 0xFF, so FF DA is only ever a marker
-        # (an EXIF thumbnail's own scans count too). Every JPEG: Pillow calls one with a multi-picture
-        # (MPF) segment "MPO", and a scan bomb carrying one was decoded in full
-        if data[:2] == b"\xff\xd8" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
-            raise InvalidRequest("image", f"a JPEG of {scans} scans (at most {MAX_JPEG_SCANS})")
+        # Every JPEG: Pillow calls one with a multi-picture (MPF) segment "MPO", and a scan bomb
+        # carrying one was decoded in full
+        if data[:2] == b"\xff\xd8" and _jpeg_scans(data) > MAX_JPEG_SCANS:
+            raise InvalidRequest("image", f"a JPEG of more than {MAX_JPEG_SCANS} scans")
         img.seek(0)
         img.load()
         rgb = _to_rgb(_upright(img))
