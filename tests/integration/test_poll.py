@@ -273,3 +273,64 @@ def test_a_version_is_kept_only_while_nothing_it_was_loaded_with_changed(tmp_pat
         shutil.rmtree(repo / "a" / "2")  # rolled back: version 1's checkpoint gives the defaults again
         wait_for(lambda: 2 not in entry.loaded and ready(1) is not None
                  and stub.GetModel(pb.GetModelRequest(name="a")).defaults.num_frames == 14)
+
+
+def test_new_files_seen_by_a_load_that_failed_are_loaded_once_it_can(tmp_path, monkeypatch):
+    """A version's files replaced while config.pbtxt was broken: the failed load kept the new files'
+    fingerprint as the model's, and once the config was mended the version compared equal to it and was
+    kept: the old weights served on for good, READY, no reason given (repository review). What a version
+    serves is now the fingerprint its own runtime loaded from."""
+    import os
+    import sys
+
+    from ..helpers import install_backend
+
+    sys.modules.pop("recording_backend_pkg", None)  # its LOADS of this test alone
+    backend = install_backend(tmp_path, monkeypatch, "recording_backend_pkg", "recording", RECORDING_BACKEND)
+    repo = tmp_path / "repo"
+    (repo / "a" / "1").mkdir(parents=True)
+    (repo / "a" / "1" / "weights.bin").write_text("W0")
+    (repo / "a" / "config.pbtxt").write_text(_recording_config("old"))
+    with ServerThread(repo, model_control_mode="poll", repository_poll_seconds=0.2) as server:
+        entry = server.engine.models["a"]
+        assert backend.LOADS == [(1, "old")]
+        (repo / "a" / "config.pbtxt").write_text(_recording_config("old") + "max_batch_size: oops\n")
+        wait_for(lambda: entry.error != "")
+        broken = entry.fingerprint
+        (repo / "a" / "1" / "weights.new").write_text("W1")  # renamed over the old, as README advises
+        os.replace(repo / "a" / "1" / "weights.new", repo / "a" / "1" / "weights.bin")
+        wait_for(lambda: entry.fingerprint != broken)  # a poll saw the new weights, and its load failed
+        assert entry.error != "" and backend.LOADS == [(1, "old")]
+        (repo / "a" / "config.pbtxt").write_text(_recording_config("old"))  # the typo mended
+        wait_for(lambda: len(backend.LOADS) == 2, timeout=10)  # version 1 reloaded: it had never read W1
+        assert entry.error == "" and entry.loaded[1].state == "READY"
+
+
+def test_a_model_whose_last_version_folder_is_removed_stops_serving_it(tmp_path, monkeypatch):
+    """Removing the model's folder unloads it, and removing one of its versions retires that one; removing
+    its last version folder left that version serving, READY, for good (repository review). It is
+    unloaded, the reason said; a version folder back loads again."""
+    import json
+
+    from ..helpers import install_backend
+
+    install_backend(tmp_path, monkeypatch, "recording_backend_pkg", "recording", RECORDING_BACKEND)
+    repo = tmp_path / "repo"
+    (repo / "a" / "1").mkdir(parents=True)
+    (repo / "a" / "1" / "defaults.json").write_text(json.dumps({"num_frames": 2}))
+    (repo / "a" / "config.pbtxt").write_text(_recording_config("old"))
+    with ServerThread(repo, model_control_mode="poll", repository_poll_seconds=0.2) as server:
+        stub, entry = server.stub(), server.engine.models["a"]
+        small = dict(num_frames=1, num_inference_steps=1, width=16, height=16, output={"stream_video": False})
+        assert collect(stub, request(model="a", **small))[-1].HasField("summary")
+        shutil.move(repo / "a" / "1", tmp_path / "v1")
+        wait_for(lambda: "selects no version folder" in entry.error and not entry.loaded)
+        model = stub.GetModel(pb.GetModelRequest(name="a"))
+        assert model.state != pb.MODEL_STATE_READY and "selects no version folder" in model.reason, model
+        assert server.metric("videogen_model_ready", model="a", version="1") == 0
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, request(model="a", **small))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        shutil.move(tmp_path / "v1", repo / "a" / "1")
+        wait_for(lambda: entry.loaded.get(1) is not None and entry.loaded[1].state == "READY")
+        assert collect(stub, request(model="a", **small))[-1].HasField("summary")

@@ -186,6 +186,25 @@ def test_fingerprint_changes_with_files(tmp_path):
     assert repository.fingerprint(model) != before
 
 
+def test_fingerprint_sees_a_file_renamed_over_one_of_the_same_size_and_mtime(tmp_path):
+    """`tar x`, `cp -p` and `rsync -t` give a file its source's mtime (tar: whole seconds): a new
+    config.pbtxt or weights file of the same size renamed over the old one was not a change (repository
+    review). Its inode and ctime are new."""
+    import os
+
+    model = write(tmp_path, 'backend: "svd"\nmax_batch_size: 2')
+    (model / "1" / "w.safetensors").write_bytes(b"x" * 10)
+    for path, new in ((model / "config.pbtxt", 'backend: "svd"\nmax_batch_size: 4'), (model / "1" / "w.safetensors", b"y" * 10)):
+        os.utime(path, (1_700_000_000, 1_700_000_000))
+        before = repository.fingerprint(model)
+        staged = tmp_path / "staged"
+        staged.write_text(new) if isinstance(new, str) else staged.write_bytes(new)
+        assert staged.stat().st_size == path.stat().st_size
+        os.utime(staged, (1_700_000_000, 1_700_000_000))  # as extracted from an archive made that second
+        os.replace(staged, path)
+        assert repository.fingerprint(model) != before, path.name
+
+
 def test_fingerprint_ignores_compile_artifacts(tmp_path):
     """A `videogen-server compile-artifacts` job writes them beside the weights while servers in poll mode
     watch the repository: a reload for each (a recompile of a full-size model) would be the cost."""

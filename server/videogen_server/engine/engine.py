@@ -89,6 +89,9 @@ class ModelRuntime:
         self.version = version
         self.state = "LOADING"
         self.reason = ""
+        #: the version folder's fingerprint taken before this runtime loaded: what it serves (poll mode
+        #: reloads it when the folder's fingerprint is another)
+        self.files: Optional[str] = None
         self.active: set[EngineRequest] = set()  # admitted and not finished
         self.preparing = 0  # requests whose image is being decoded and preprocessed for this version
         self.idle = asyncio.Event()  # set while nothing is active or preparing (an unload waits for it)
@@ -611,19 +614,34 @@ class Engine:
         async with entry.lock:
             try:
                 # first: a model that fails to read is tried again when its files change, not every poll
-                previous = entry.fingerprint
+                # (what each runtime serves is its own `files`: a failed load here changes none of them)
                 entry.fingerprint = await asyncio.to_thread(repository.fingerprint, entry.path)
                 settings = await asyncio.to_thread(repository.read_settings, entry.path,
                                                    default_max_queue_size=self.config.max_queue_size)
                 wanted = settings.version_policy.select(repository.versions_on_disk(entry.path))
-                if not wanted:
-                    raise ConfigError(str(settings.config_path), "version_policy", "selects no version folder on disk")
             except Exception as err:  # a broken model fails alone (a backend's import, a malformed file)
                 entry.error = err.message if isinstance(err, VideoGenError) else f"{type(err).__name__}: {err}"
                 log.error("model %s not loaded: %s", name, entry.error, exc_info=not isinstance(err, VideoGenError))
                 self._publish(entry)
                 self._notify()
                 raise
+            if not wanted:
+                # its last version folder deleted (or a policy naming none on disk): nothing of it is served
+                # any more, as when the model's folder goes (its versions kept serving, READY, for good)
+                err = ConfigError(str(settings.config_path), "version_policy", "selects no version folder on disk")
+                entry.error = err.message
+                log.error("model %s not loaded: %s%s", name, entry.error,
+                          "; unloading the versions it served" if entry.loaded else "")
+                runtimes = list(entry.loaded.values())
+                for rt in runtimes:
+                    rt.state = "UNLOADING"
+                self._notify()
+                await asyncio.gather(*(rt.unload(self.config.unload_timeout_seconds) for rt in runtimes))
+                entry.loaded.clear()
+                entry.failed.clear()
+                self._publish(entry)
+                self._notify()
+                raise err
             entry.error = ""
             # a version that failed before and is no longer wanted (gone from disk, or past the policy) is
             # forgotten: its ready 0 would page for good
@@ -631,7 +649,7 @@ class Engine:
             old = dict(entry.loaded)
             new: dict[int, ModelRuntime] = {}
             for version in wanted:
-                if self._unchanged(entry, previous, version, settings):  # poll mode: what changed reloads
+                if self._unchanged(entry, version, settings):  # poll mode: what changed reloads
                     new[version] = old[version]
                     continue
                 rt = ModelRuntime(settings, version, self)
@@ -639,6 +657,7 @@ class Engine:
                 self._publish(entry)
                 try:
                     log.info("loading %s version %d", name, version)
+                    rt.files = entry.fingerprint.version(version)
                     await rt.load()
                     new[version] = rt
                     entry.failed.pop(version, None)
@@ -673,18 +692,20 @@ class Engine:
                 raise NotReady(f"model {name!r} failed to load: "
                                + "; ".join(f"version {v}: {r}" for v, r in failed.items()))
 
-    def _unchanged(self, entry: ModelEntry, previous: Optional[repository.Fingerprint], version: int,
-                   settings: ModelSettings) -> bool:
-        """Poll mode: `version` serves from the files its last load read, with the settings this load
-        would give it (config.pbtxt, and the defaults read from the highest version served), and its
-        last reload did not fail: a change to another version (one added or removed) leaves it serving
-        instead of reloading it. LoadModel (explicit mode) reloads every version it selects, as asked."""
-        if self.config.model_control_mode != "poll" or previous is None or entry.fingerprint is None:
+    def _unchanged(self, entry: ModelEntry, version: int, settings: ModelSettings) -> bool:
+        """Poll mode: `version` serves from the files on disk now (the fingerprint its runtime loaded
+        from), with the settings this load would give it (config.pbtxt, and the defaults read from the
+        highest version served), and its last reload did not fail: a change to another version (one
+        added or removed) leaves it serving instead of reloading it. Compared with what the runtime
+        loaded, not with the last fingerprint taken: new weights seen by a load that then failed (a
+        broken config.pbtxt) were taken as loaded, and served never. LoadModel (explicit mode) reloads
+        every version it selects, as asked."""
+        if self.config.model_control_mode != "poll" or entry.fingerprint is None:
             return False
         rt = entry.loaded.get(version)
+        files = entry.fingerprint.version(version)
         return (rt is not None and rt.state == "READY" and version not in entry.failed
-                and rt.settings == settings and previous.version(version) is not None
-                and previous.version(version) == entry.fingerprint.version(version))
+                and rt.settings == settings and files is not None and rt.files == files)
 
     async def _unload_model(self, name: str) -> None:
         entry = self.models.get(name)

@@ -111,8 +111,11 @@ def _stat_line(path: Path, relative: str) -> str:
         st = path.stat()  # (a symlink: its target's)
     except OSError as err:  # a dangling or looping link (an editor's lock file), a file gone since listed
         return f"{relative}:unreadable:{err.errno}\n"
-    # mode and owner too: a weights file made readable (save_pretrained writes 0600) is a change to load
-    return f"{relative}:{st.st_size}:{st.st_mtime_ns}:{st.st_mode:o}:{st.st_uid}:{st.st_gid}\n"
+    # mode and owner too: a weights file made readable (save_pretrained writes 0600) is a change to load;
+    # inode and ctime too: a file renamed over another of the same size and mtime (tar x, cp -p and
+    # rsync -t copy mtimes, tar's in whole seconds) is new, and nobody sets a ctime
+    return (f"{relative}:{st.st_size}:{st.st_mtime_ns}:{st.st_mode:o}:{st.st_uid}:{st.st_gid}:"
+            f"{st.st_ino}:{st.st_ctime_ns}\n")
 
 
 def _version_fingerprint(version_dir: Path) -> str:
