@@ -629,18 +629,9 @@ class Engine:
                 # its last version folder deleted (or a policy naming none on disk): nothing of it is served
                 # any more, as when the model's folder goes (its versions kept serving, READY, for good)
                 err = ConfigError(str(settings.config_path), "version_policy", "selects no version folder on disk")
-                entry.error = err.message
-                log.error("model %s not loaded: %s%s", name, entry.error,
+                log.error("model %s not loaded: %s%s", name, err.message,
                           "; unloading the versions it served" if entry.loaded else "")
-                runtimes = list(entry.loaded.values())
-                for rt in runtimes:
-                    rt.state = "UNLOADING"
-                self._notify()
-                await asyncio.gather(*(rt.unload(self.config.unload_timeout_seconds) for rt in runtimes))
-                entry.loaded.clear()
-                entry.failed.clear()
-                self._publish(entry)
-                self._notify()
+                await self._unload_versions(entry, error=err.message)
                 raise err
             entry.error = ""
             # a version that failed before and is no longer wanted (gone from disk, or past the policy) is
@@ -712,16 +703,20 @@ class Engine:
         if entry is None:
             raise ModelNotFound(f"model {name!r} is not in the repository")
         async with entry.lock:
-            runtimes = list(entry.loaded.values())
-            for rt in runtimes:
-                rt.state = "UNLOADING"
-            self._notify()
-            await asyncio.gather(*(rt.unload(self.config.unload_timeout_seconds) for rt in runtimes))
-            entry.loaded.clear()
-            entry.failed.clear()
-            entry.error = ""
-            self._publish(entry)
-            self._notify()
+            await self._unload_versions(entry, error="")
+
+    async def _unload_versions(self, entry: ModelEntry, *, error: str) -> None:
+        """Unloads every version of `entry` (its lock held), leaving `error` as the model's reason."""
+        runtimes = list(entry.loaded.values())
+        for rt in runtimes:
+            rt.state = "UNLOADING"
+        self._notify()
+        await asyncio.gather(*(rt.unload(self.config.unload_timeout_seconds) for rt in runtimes))
+        entry.loaded.clear()
+        entry.failed.clear()
+        entry.error = error
+        self._publish(entry)
+        self._notify()
 
     async def _poll(self) -> None:
         while True:
