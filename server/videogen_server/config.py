@@ -138,6 +138,32 @@ class ServerConfig:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if any(not t or any(c.isspace() for c in t) for t in self.auth_tokens):
             raise ValueError("auth tokens must be non-empty and contain no whitespace")
+        # ranges: gRPC wraps a port above 65535 (70000 listened on 4464), takes its integer options as C
+        # ints (a larger value failed the start with an OverflowError) and a negative message size as
+        # "unlimited"; a poll interval of 0 scanned the repositories in a busy loop (repository review)
+        for flag, value, low in (("--port", self.port, 0), ("--metrics-port", self.metrics_port, -1),
+                                 ("--health-port", self.health_port, -1)):
+            if not low <= value <= 65535:
+                raise ValueError(f"{flag}: {value} is not a port, {low}..65535")
+        if not 1 <= self.max_request_bytes <= 2**31 - 1:
+            raise ValueError(f"--max-request-bytes: {self.max_request_bytes} is not in 1..{2**31 - 1}")
+        for flag, seconds in (("--max-connection-age-seconds", self.max_connection_age_seconds),
+                              ("--max-connection-age-grace-seconds", self.max_connection_age_grace_seconds)):
+            if not 0 <= seconds <= MAX_GRPC_SECONDS:
+                raise ValueError(f"{flag}: {seconds} is not 0 (never) or up to {MAX_GRPC_SECONDS:.0f} (gRPC's)")
+        if not 0 < self.repository_poll_seconds < math.inf:
+            raise ValueError(f"--repository-poll-seconds: {self.repository_poll_seconds} is not a positive number "
+                             f"of seconds")
+        if self.max_queue_size < 1:
+            raise ValueError(f"--max-queue-size: {self.max_queue_size} is not a positive number of requests")
+        if self.media_threads < 1:
+            raise ValueError(f"--media-threads: {self.media_threads} is not a positive number of threads")
+        if self.cpu_threads is not None and self.cpu_threads < 0:
+            raise ValueError(f"--cpu-threads: {self.cpu_threads} is not a number of threads (0: torch's)")
+        for flag, seconds in (("--drain-grace-seconds", self.drain_grace_seconds),
+                              ("--unload-timeout-seconds", self.unload_timeout_seconds)):
+            if not 0 <= seconds < math.inf:
+                raise ValueError(f"{flag}: {seconds} is not 0 or a positive number of seconds")
         ports = [(flag, p) for flag, p in (("--port", self.port), ("--metrics-port", self.metrics_port),
                                           ("--health-port", self.health_port)) if p > 0]
         for i, (flag, port) in enumerate(ports):

@@ -139,3 +139,30 @@ def test_every_flag_says_what_it_does_and_its_default_in_help():
             takes_value = action.nargs != 0 and not isinstance(action, argparse._AppendAction)
             if takes_value and action.default not in (None, argparse.SUPPRESS):
                 assert "default" in action.help, (command, action.option_strings, action.help)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--port", "70000"], ["--metrics-port", "-2"], ["--health-port", "65536"],
+    ["--repository-poll-seconds", "0", "--model-control-mode", "poll"],
+    ["--repository-poll-seconds", "-1", "--model-control-mode", "poll"],
+    ["--max-queue-size", "0"], ["--max-queue-size", "-1"], ["--media-threads", "0"], ["--cpu-threads", "-1"],
+    ["--max-request-bytes", "-1"], ["--max-request-bytes", "3000000000"],
+    ["--max-connection-age-seconds", "3000000"], ["--max-connection-age-grace-seconds", "-1"],
+    ["--unload-timeout-seconds", "-1"], ["--drain-grace-seconds", "-1"],
+])
+def test_out_of_range_flags_are_refused_naming_the_flag(tmp_path, flags):
+    """gRPC listened on 70000 % 65536 = 4464, took --max-request-bytes -1 as no limit, failed the start
+    with an OverflowError past a C int; a poll interval of 0 scanned the repositories in a busy loop; a
+    queue of 0 refused every request (repository review)."""
+    args = _parser().parse_args(["serve", "--model-repository", str(tmp_path), *flags])
+    with pytest.raises(ValueError, match=flags[0]):
+        config_from_args(args, {})
+
+
+def test_the_edges_of_the_ranges_are_taken(tmp_path):
+    from videogen_server.config import MAX_GRPC_SECONDS, ServerConfig
+
+    ServerConfig(model_repositories=(tmp_path,), port=65535, metrics_port=-1, health_port=0, max_request_bytes=2**31 - 1,
+                 max_connection_age_seconds=MAX_GRPC_SECONDS, max_connection_age_grace_seconds=0, max_queue_size=1,
+                 media_threads=1, cpu_threads=0, drain_grace_seconds=0, unload_timeout_seconds=0,
+                 repository_poll_seconds=0.05)
