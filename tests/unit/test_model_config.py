@@ -148,6 +148,14 @@ BAD = [
     ('backend: "svd" parameters { key: "default_jpeg_quality" value { string_value: "0" } }',
      "parameters['default_jpeg_quality']", "outside 1..100"),
     ('backend: "svd" model_warmup [ { inputs { key: "frames" value: "2" } } ]', "model_warmup[0].inputs", "unknown keys"),
+    # each warm-up value as a request's: they failed every version's load, naming neither file nor field
+    ('backend: "svd" model_warmup [ { inputs { key: "width" value: "wide" } } ]', "model_warmup[0].inputs['width']",
+     "'wide' is not a number"),
+    ('backend: "svd" model_warmup [ { name: "a" }, { inputs { key: "width" value: "260" } } ]',
+     "model_warmup[1].inputs['width']", "multiple of 8"),
+    # a queue per level, walked for each request: 10**9 took seconds and gigabytes on the event loop
+    ('backend: "svd" dynamic_batching { priority_levels: 1000000000 default_priority_level: 1 }',
+     "dynamic_batching.priority_levels", "1000000000 is above 1024"),
     ('backend: "svd" parameters [ { key: "max_decode_chunk_size" value { string_value: "4" } }, '
      '{ key: "default_decode_chunk_size" value { string_value: "8" } } ]', "parameters['default_decode_chunk_size']",
      "at most max_decode_chunk_size"),

@@ -36,7 +36,7 @@ from ..media.frames import encode_frame
 from ..media.mp4 import FragmentedMP4Encoder
 from ..metrics import InstanceCollector, Metrics, NvmlReader
 from ..tracing import RequestTrace, Tracing
-from ..domain import (AcceptedEvent, EngineEvent, FrameEncoding, FrameEvent, GenerateCall, GenerationParams,
+from ..domain import (AcceptedEvent, EngineEvent, FrameEncoding, FrameEvent, GenerateCall,
                      ProgressEvent, ResolvedParams, SummaryEvent, VideoEvent)
 from . import repository
 from .repository import check_model_name, is_model_name
@@ -139,9 +139,7 @@ class ModelRuntime:
         """(name, parameters, batch size) of every warm-up batch, in order."""
         out = []
         for w in self.settings.warmup:
-            fields = {k: (float(v) if k in ("noise_aug_strength", "min_guidance_scale", "max_guidance_scale")
-                          else int(v)) for k, v in w.inputs.items()}
-            params = resolve_params(GenerationParams(**fields), self.settings.defaults, self.settings.limits)
+            params = w.params(self.settings.defaults, self.settings.limits)
             # each batch_size needs its own compiled graph: warm it too. A fixed seed (0 unless given), so
             # warm-ups repeat from one start to the next
             seed = params.seed if "seed" in w.inputs else 0

@@ -14,10 +14,14 @@ from google.protobuf import text_format
 
 from videogen.v1 import model_config_pb2
 
-from ..errors import ConfigError
+from ..domain import GenerationParams, ResolvedParams
+from ..errors import ConfigError, InvalidRequest
 
 #: Server-wide bound on a model's queue when its config leaves max_queue_size at 0.
 DEFAULT_MAX_QUEUE_SIZE = 64
+#: The scheduler keeps a queue per priority level and walks them all for each request: a typo'd 10**9
+#: (the field is a uint64) took seconds and gigabytes on the event loop, health probes included
+MAX_PRIORITY_LEVELS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +128,14 @@ class Warmup:
     count: int = 1
     batch_size: int = 1  # run the request as a batch of this many (compiled graphs are per batch size)
 
+    def params(self, defaults: GenerationDefaults, limits: GenerationLimits) -> ResolvedParams:
+        """Its inputs resolved as a request's would be (ValueError: an input that is not a number;
+        InvalidRequest: one the model's limits refuse)."""
+        from .admission import resolve_params  # (admission reads this module's types)
+
+        fields = {k: _parse_number("float" if k in _FLOAT_REQUEST_FIELDS else "int", v) for k, v in self.inputs.items()}
+        return resolve_params(GenerationParams(**fields), defaults, limits)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
@@ -229,6 +241,8 @@ def settings_from_proto(
     if config.HasField("dynamic_batching"):
         db = config.dynamic_batching
         levels = int(db.priority_levels) or 1
+        if levels > MAX_PRIORITY_LEVELS:
+            raise fail("dynamic_batching.priority_levels", f"{levels} is above {MAX_PRIORITY_LEVELS}")
         default_level = int(db.default_priority_level) or (1 if not db.priority_levels else 0)
         if not 1 <= default_level <= levels:
             raise fail("dynamic_batching.default_priority_level", f"must be in 1..{levels}")
@@ -293,8 +307,20 @@ def settings_from_proto(
             raise fail(f"model_warmup[{i}].inputs", f"unknown keys {sorted(unknown)}; use {sorted(_REQUEST_FIELDS)}")
         if w.batch_size > max_batch_size:
             raise fail(f"model_warmup[{i}].batch_size", f"{w.batch_size} is above max_batch_size ({max_batch_size})")
-        warmups.append(Warmup(name=w.name or f"warmup_{i}", inputs=dict(w.inputs), count=max(1, w.count),
-                              batch_size=max(1, w.batch_size)))
+        warmup = Warmup(name=w.name or f"warmup_{i}", inputs=dict(w.inputs), count=max(1, w.count),
+                        batch_size=max(1, w.batch_size))
+        # each value as a request's, here: a bad one failed the load of every version, unnamed by file or
+        # field ("invalid literal for int()"), after a traceback (repository review)
+        for key, text in warmup.inputs.items():
+            try:
+                _parse_number("float" if key in _FLOAT_REQUEST_FIELDS else "int", text)
+            except ValueError:
+                raise fail(f"model_warmup[{i}].inputs[{key!r}]", f"{text!r} is not a number") from None
+        try:
+            warmup.params(gen_defaults, gen_limits)
+        except InvalidRequest as err:
+            raise fail(f"model_warmup[{i}].inputs[{err.field!r}]", err.reason) from None
+        warmups.append(warmup)
 
     return ModelSettings(
         name=name, backend=config.backend, path=model_dir, max_batch_size=max_batch_size,
@@ -308,6 +334,7 @@ _REQUEST_FIELDS = {
     "width", "height", "num_frames", "num_inference_steps", "fps", "motion_bucket_id",
     "noise_aug_strength", "min_guidance_scale", "max_guidance_scale", "seed", "decode_chunk_size",
 }
+_FLOAT_REQUEST_FIELDS = {"noise_aug_strength", "min_guidance_scale", "max_guidance_scale"}
 
 
 def _check_defaults_within_limits(d: GenerationDefaults, lim: GenerationLimits, fail: Callable[[str, str], ConfigError]) -> None:
