@@ -181,7 +181,8 @@ def _identity(path: Path) -> tuple[int, int, int]:
 def _auth_tokens(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, ...]:
     tokens = [t.strip() for t in environ.get("VIDEOGEN_AUTH_TOKENS", "").split(",")]
     if args.auth_token_file:
-        tokens += [line.strip() for line in args.auth_token_file.read_text().splitlines()]
+        # utf-8-sig: a byte-order mark (an editor on Windows) is not part of the first token
+        tokens += [line.strip() for line in args.auth_token_file.read_text(encoding="utf-8-sig").splitlines()]
     return tuple(t for t in tokens if t and not t.startswith("#"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import ssl
 import urllib.parse
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,28 @@ MODEL_CONTROL_MODES = ("none", "explicit", "poll")
 FD_RESERVE = 256
 #: gRPC takes durations as int milliseconds
 MAX_GRPC_SECONDS = (2**31 - 1) / 1000
+
+
+def _check_tls_files(cert: Path, key: Optional[Path], client_ca: Optional[Path]) -> None:
+    """The certificate, its key and the client CA as gRPC will need them, by OpenSSL: gRPC's own failure
+    (a key of another certificate, a file that is not PEM, an encrypted key) came as "cannot bind the
+    gRPC port" after a traceback-less log line (repository review)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # a password of b"": an encrypted key fails here (gRPC takes none) instead of prompting
+        context.load_cert_chain(cert, key, password=b"")
+    except (OSError, ssl.SSLError) as err:
+        why = getattr(err, "reason", None) or err
+        if why == "KEY_VALUES_MISMATCH":
+            why = "the key is not the certificate's"
+        raise ValueError(f"--tls-cert {cert} / --tls-key {key}: {why} (a PEM certificate chain and its "
+                         f"unencrypted private key)") from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as err:
+            raise ValueError(f"--tls-client-ca {client_ca}: {getattr(err, 'reason', None) or err} "
+                             f"(PEM CA certificates)") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +159,13 @@ class ServerConfig:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        if any(not t or any(c.isspace() for c in t) for t in self.auth_tokens):
-            raise ValueError("auth tokens must be non-empty and contain no whitespace")
+        if self.tls_cert:
+            _check_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
+        if any(not t or not t.isascii() or not t.isprintable() or any(c.isspace() for c in t)
+               for t in self.auth_tokens):
+            # (gRPC metadata is ASCII: a token with anything else could never be sent, and nothing said so)
+            raise ValueError("auth tokens (--auth-token-file, VIDEOGEN_AUTH_TOKENS) must be printable ASCII "
+                             "without whitespace")
         # ranges: gRPC wraps a port above 65535 (70000 listened on 4464), takes its integer options as C
         # ints (a larger value failed the start with an OverflowError) and a negative message size as
         # "unlimited"; a poll interval of 0 scanned the repositories in a busy loop (repository review)

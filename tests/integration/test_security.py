@@ -102,6 +102,25 @@ def test_tls_to_a_list_of_host_names(repo, pki):
                 VideoGenClient(mixed, secure=True, root_certificates=ca)
 
 
+def test_tls_files_that_cannot_serve_are_refused_naming_the_flag(tmp_path, pki):
+    """A key of another certificate (or the two swapped) came out of gRPC as "cannot bind the gRPC port",
+    after OpenSSL's "Invalid private key" in the log (repository review): refused at start, named."""
+    from videogen_server.config import ServerConfig
+
+    for cert, key, says in (("server.crt", "client.key", "the key is not the certificate's"),
+                            ("server.key", "server.crt", "--tls-cert"),
+                            ("server.crt", "missing.key", "No such file")):
+        with pytest.raises(ValueError, match="--tls-cert") as err:
+            ServerConfig(model_repositories=(tmp_path,), tls_cert=pki[cert] if cert in pki else tmp_path / cert,
+                         tls_key=pki[key] if key in pki else tmp_path / key)
+        assert says in str(err.value), str(err.value)
+    with pytest.raises(ValueError, match="--tls-client-ca .*PEM CA certificates"):
+        ServerConfig(model_repositories=(tmp_path,), tls_cert=pki["server.crt"], tls_key=pki["server.key"],
+                     tls_client_ca=pki["server.key"])
+    ServerConfig(model_repositories=(tmp_path,), tls_cert=pki["server.crt"], tls_key=pki["server.key"],
+                 tls_client_ca=pki["ca.crt"])
+
+
 def test_mutual_tls(repo, pki):
     with ServerThread(repo, tls_cert=pki["server.crt"], tls_key=pki["server.key"],
                       tls_client_ca=pki["ca.crt"], health_port=0, auth_tokens=("tok",)) as server:
@@ -219,6 +238,14 @@ def test_cli_reads_tokens_from_file_and_environment(tmp_path):
     args = _parser().parse_args(["serve", "--model-repository", str(tmp_path), "--auth-token-file", str(tokens)])
     config = config_from_args(args, {"VIDEOGEN_AUTH_TOKENS": "env-a, env-b"})
     assert config.auth_tokens == ("env-a", "env-b", "file-token")
+    # a file saved with a byte-order mark (a Windows editor) and CRLF: the first token is the token (it
+    # kept U+FEFF in front, and no client could send it: repository review), the comment a comment
+    tokens.write_bytes("\ufeff# tokens\r\ntok-one\r\ntok-two\r\n".encode())
+    assert config_from_args(args, {}).auth_tokens == ("tok-one", "tok-two")
+    # anything gRPC metadata cannot carry is refused at start, not a token that can never match
+    tokens.write_text("caf\u00e9\n")
+    with pytest.raises(ValueError, match="printable ASCII"):
+        config_from_args(args, {})
     with pytest.raises(ValueError):
         config_from_args(_parser().parse_args(["serve", "--model-repository", str(tmp_path),
                                                "--tls-cert", str(tokens)]), {})
