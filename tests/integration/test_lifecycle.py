@@ -4,6 +4,7 @@ met during conditioning, broken model files. Real servers on port 0; the slow pa
 small backend installed through the entry-point group, as a third-party backend would be."""
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import threading
@@ -462,6 +463,36 @@ def test_two_loads_of_a_model_new_to_the_repository_load_it_once(tmp_path, slow_
             assert "error" not in out, out
         assert slow_backend.LOADS == [1]
         assert [rt for rt in server.engine._runtimes if rt.name == "b"] == list(server.engine.models["b"].loaded.values())
+        # two loads in one turn of the engine's loop (before either made the model's entry): loaded once too
+        shutil.copytree(repo / "a", repo / "c")
+        (repo / "c" / "config.pbtxt").write_text((repo / "a" / "config.pbtxt").read_text().replace('"a"', '"c"'))
+
+        async def both():
+            await asyncio.gather(server.engine.load_model("c"), server.engine.load_model("c"))
+
+        server.run(both())
+        assert slow_backend.LOADS == [1, 1]
+
+
+def test_a_load_of_a_model_whose_folder_moved_or_went_reads_the_repositories_again(tmp_path, slow_backend):
+    """Explicit mode scans the repositories at start only: a LoadModel of a model whose folder had since
+    gone failed INTERNAL (a fingerprint of the missing folder), and one moved to the second repository
+    was never found there (repository review). Gone: NOT_FOUND, the version loaded before still serving;
+    moved: loaded from where it is."""
+    repo = slow_repo(tmp_path)
+    second = tmp_path / "second"
+    second.mkdir()
+    with ServerThread(repo, second, model_control_mode="explicit", load_models=("a",)) as server:
+        stub = server.stub()
+        shutil.move(repo / "a", tmp_path / "a-away")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.LoadModel(pb.LoadModelRequest(name="a"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "is gone" in err.value.details()
+        assert collect(stub, request(model="a", **SHORT))[-1].HasField("summary")  # still loaded
+        shutil.move(tmp_path / "a-away", second / "a")
+        assert stub.LoadModel(pb.LoadModelRequest(name="a"), timeout=30).state == pb.MODEL_STATE_READY
+        assert server.engine.models["a"].path == second / "a"
+        assert slow_backend.LOADS == [1, 1]
 
 
 def test_a_load_whose_caller_gives_up_still_completes(tmp_path, slow_backend):

@@ -371,6 +371,8 @@ class Engine:
         self._poller: Optional[asyncio.Task[None]] = None
         self._unreadable: set[str] = set()  # model folders the last scan could not read
         self._control_tasks: set[asyncio.Task[None]] = set()  # loads and unloads (strong references)
+        #: loads of models new to the engine (no entry yet to hold the task): a second load joins
+        self._first_loads: dict[str, asyncio.Task[None]] = {}
         # every runtime not yet stopped: serving, loading, or retiring after a reload (then no longer in
         # its entry's `loaded`, while its requests finish)
         self._runtimes: set[ModelRuntime] = set()
@@ -574,11 +576,15 @@ class Engine:
                 raise Draining("the server is shutting down; no model loads")
             return
         entry = self.models.get(name)
-        task = entry.loading if entry is not None else None
+        task = entry.loading if entry is not None else self._first_loads.get(name)
         if task is None or task.done():
             task = self._start_control(self._load_model(name))
             if entry is not None:
                 entry.loading = task
+            else:  # (two in one turn of the loop both found no entry, and each loaded the model)
+                self._first_loads[name] = task
+                task.add_done_callback(lambda t, name=name: self._first_loads.pop(name, None)
+                                       if self._first_loads.get(name) is t else None)
         try:
             await asyncio.shield(task)
         except Exception:
@@ -610,6 +616,13 @@ class Engine:
             entry = self.models[name] = ModelEntry(name, found[name])
             entry.loading = asyncio.current_task()  # a second load of this new model joins this one
         async with entry.lock:
+            if not await asyncio.to_thread(entry.path.is_dir):
+                # moved or removed since the last scan (explicit mode scans at start only): read the
+                # repositories again; a fingerprint of the gone folder failed as an INTERNAL error
+                found = await asyncio.to_thread(self._scan)
+                if name not in found:
+                    raise ModelNotFound(f"model {name!r} is not in the repository (its folder {entry.path} is gone)")
+                entry.path, entry.fingerprint = found[name], None
             try:
                 # first: a model that fails to read is tried again when its files change, not every poll
                 # (what each runtime serves is its own `files`: a failed load here changes none of them)
