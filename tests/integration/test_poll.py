@@ -334,3 +334,21 @@ def test_a_model_whose_last_version_folder_is_removed_stops_serving_it(tmp_path,
         shutil.move(tmp_path / "v1", repo / "a" / "1")
         wait_for(lambda: entry.loaded.get(1) is not None and entry.loaded[1].state == "READY")
         assert collect(stub, request(model="a", **small))[-1].HasField("summary")
+
+
+def test_a_model_in_two_repositories_is_logged_once_not_at_every_poll(tmp_path, monkeypatch, caplog):
+    """The scan said "is in two repositories" (and "leads outside its repository", a bad name) at every
+    poll: at the default 15 s, ~5 800 error lines a day for one duplicate (repository review)."""
+    from ..helpers import install_backend
+
+    install_backend(tmp_path, monkeypatch, "recording_backend_pkg", "recording", RECORDING_BACKEND)
+    first, second = tmp_path / "first", tmp_path / "second"
+    for repo in (first, second):
+        (repo / "a" / "1").mkdir(parents=True)
+        (repo / "a" / "config.pbtxt").write_text(_recording_config("old"))
+    caplog.set_level("ERROR", logger="videogen_server")
+    with ServerThread(first, second, model_control_mode="poll", repository_poll_seconds=0.1) as server:
+        time.sleep(1.0)  # ~10 polls
+        assert server.engine.models["a"].path == first / "a"
+    said = [r for r in caplog.records if "is in two repositories" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]

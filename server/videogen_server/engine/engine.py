@@ -370,6 +370,7 @@ class Engine:
         self._decode = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
         self._poller: Optional[asyncio.Task[None]] = None
         self._unreadable: set[str] = set()  # model folders the last scan could not read
+        self._skipped: set[str] = set()  # what the last scan said of folders it did not serve (logged once)
         self._control_tasks: set[asyncio.Task[None]] = set()  # loads and unloads (strong references)
         #: loads of models new to the engine (no entry yet to hold the task): a second load joins
         self._first_loads: dict[str, asyncio.Task[None]] = {}
@@ -395,13 +396,18 @@ class Engine:
         self._scanned = True
 
     def _scan(self) -> dict[str, Path]:
-        """repository.scan, logging each folder it cannot read once (then again if it came back and went)."""
+        """repository.scan, logging each folder it cannot read or does not serve once (then again if it
+        came back and went): a model in two repositories was logged at every poll, ~5 800 errors a day."""
         unreadable: dict[str, str] = {}
-        found = repository.scan(self.config.model_repositories, unreadable)
+        skipped: list[str] = []
+        found = repository.scan(self.config.model_repositories, unreadable, skipped)
         for name, why in unreadable.items():
             if name not in self._unreadable:
                 log.error("model folder %s cannot be read (%s); not served, and no other model held up", name, why)
-        self._unreadable = set(unreadable)
+        for message in skipped:
+            if message not in self._skipped:
+                log.error("%s", message)
+        self._unreadable, self._skipped = set(unreadable), set(skipped)
         return found
 
     async def start(self) -> None:

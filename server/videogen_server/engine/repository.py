@@ -31,11 +31,21 @@ def check_model_name(name: str) -> None:
         raise InvalidRequest("model", f"at most {MAX_MODEL_NAME} printable characters")
 
 
-def scan(repositories: tuple[Path, ...], unreadable: Optional[dict[str, str]] = None) -> dict[str, Path]:
+def scan(repositories: tuple[Path, ...], unreadable: Optional[dict[str, str]] = None,
+         skipped: Optional[list[str]] = None) -> dict[str, Path]:
     """Model name -> model folder, for every folder holding a config.pbtxt. Names must be unique (the
     first repository's wins). A folder that cannot be read (its permissions, e.g. a volume's root-owned
-    lost+found) is no model and stops no other: it goes in `unreadable` (name -> why) when given."""
+    lost+found) is no model and stops no other: it goes in `unreadable` (name -> why) when given. A
+    folder not served for its name or place (a bad name, a link out of its repository, a name taken by
+    an earlier repository) is logged, or said in `skipped` when given (a poller logs it once)."""
     found: dict[str, Path] = {}
+
+    def skip(message: str) -> None:
+        if skipped is None:
+            log.error("%s", message)
+        else:
+            skipped.append(message)
+
     for repo in repositories:
         if not repo.is_dir():
             raise ConfigError(str(repo), "--model-repository", "is not a directory")
@@ -50,15 +60,15 @@ def scan(repositories: tuple[Path, ...], unreadable: Optional[dict[str, str]] = 
                     unreadable[model_dir.name] = f"{model_dir}: {err.strerror or err}"
                 continue
             if not is_model_name(model_dir.name):
-                log.error("model folder %r: a name of at most %d printable characters is needed; not served",
-                          model_dir.name[:64], MAX_MODEL_NAME)
+                skip(f"model folder {model_dir.name[:64]!r}: a name of at most {MAX_MODEL_NAME} printable "
+                     f"characters is needed; not served")
                 continue
             if not model_dir.resolve().is_relative_to(repo.resolve()):
-                log.error("model folder %s leads outside its repository (%s); not served", model_dir, repo)
+                skip(f"model folder {model_dir} leads outside its repository ({repo}); not served")
                 continue
             if model_dir.name in found:
-                log.error("model %r is in two repositories (%s and %s); serving the first",
-                          model_dir.name, found[model_dir.name], model_dir)
+                skip(f"model {model_dir.name!r} is in two repositories ({found[model_dir.name]} and {model_dir}); "
+                     f"serving the first")
                 continue
             found[model_dir.name] = model_dir
     return found
