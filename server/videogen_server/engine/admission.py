@@ -30,10 +30,13 @@ MAX_JPEG_SCANS = 100
 #: Segments (markers) of a JPEG's first picture: a few dozen in a real one; the walk that counts scans
 #: runs in Python, so millions of empty segments would hold a thread for seconds.
 MAX_JPEG_SEGMENTS = 10_000
+#: The next marker, as libjpeg finds one (`next_marker`): bytes that are not 0xFF, and 0xFF 0x00, are
+#: skipped as extraneous data (libjpeg warns and decodes on), 0xFF runs are fill (the last 0xFF of a
+#: run is the marker's); group 1 is the marker.
+_JPEG_MARKER = re.compile(rb"\xff([^\x00\xff])")  # (no `\xff+`: it backtracks, quadratic on a run of 0xFF)
 #: In a scan's entropy-coded data, 0xFF is followed by a stuffed 0x00, a restart marker (D0-D7) or fill
 #: (another 0xFF): anything else is the next marker.
 _JPEG_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-_JPEG_NOT_FILL = re.compile(rb"[^\xff]")
 _STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])
 
 
@@ -42,33 +45,29 @@ def _jpeg_scans(data: bytes) -> int:
     image: what Pillow decodes. Walked by segment lengths, so the bytes of metadata (an EXIF thumbnail),
     of scan data and of anything after the picture (a motion photo's MP4, a multi-picture file's other
     pictures) are not read as markers: counting every FF DA of the upload refused motion photos, whose
-    video holds the pair every ~64 KiB. Stops counting above MAX_JPEG_SCANS."""
-    i, n, scans, segments = 2, len(data), 0, 0
-    while i + 1 < n and scans <= MAX_JPEG_SCANS:
-        if data[i] != 0xFF:  # no marker where one must be: damaged; the decoder says so
+    video holds the pair every ~64 KiB. Between segments, markers are found as libjpeg finds them, junk
+    skipped (a walk that stopped at a stray byte let a scan bomb with one in front through). Stops
+    counting above MAX_JPEG_SCANS; the searches run in C, so the walk costs a pass over the bytes."""
+    pos, scans, segments = 2, 0, 0
+    while scans <= MAX_JPEG_SCANS:
+        found = _JPEG_MARKER.search(data, pos)
+        if found is None:
             break
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill bytes: up to the last before the marker (a run of millions, skipped in C)
-            after = _JPEG_NOT_FILL.search(data, i + 1)
-            if after is None:
-                break
-            i = after.start() - 1
-            continue
+        marker, pos = found.group(1)[0], found.end()
         if marker == 0xD9:  # end of the picture
             break
         segments += 1
         if segments > MAX_JPEG_SEGMENTS:
             raise InvalidRequest("image", f"a JPEG of more than {MAX_JPEG_SEGMENTS} segments")
         if marker in _STANDALONE_MARKERS:
-            i += 2
             continue
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        pos += int.from_bytes(data[pos:pos + 2], "big")  # (the length counts its own two bytes)
         if marker == 0xDA:
             scans += 1
-            found = _JPEG_MARKER_AFTER_SCAN.search(data, i)
-            if found is None:
+            after = _JPEG_MARKER_AFTER_SCAN.search(data, pos)  # the scan's data, restarts included
+            if after is None:
                 break
-            i = found.start()
+            pos = after.start()
     return scans
 
 
