@@ -449,7 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.model:
             parser.error("--model: empty; give a model name (see 'videogen models')")
         try:  # (the client reads it when it builds the request: its error would not name the option)
-            Path(args.image).open("rb").close()
+            if stat.S_ISDIR(os.stat(args.image).st_mode):
+                parser.error(f"--image: {args.image} is a directory")
+            if stat.S_ISREG(os.stat(args.image).st_mode):  # (a FIFO or /dev/stdin is read once: by the request)
+                Path(args.image).open("rb").close()
         except OSError as err:
             parser.error(f"--image: cannot read {args.image} ({err.strerror or err})")
         if args.out is None and args.frames_dir is None:
@@ -466,7 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(problem)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        status = handler(args)
+        sys.stdout.flush()  # here, not at exit: a pipe's buffer written after the reader went is an error too
+        return status
     except VideoGenError as err:
         reason = f" [{err.error_reason}]" if err.error_reason else ""  # the server's ErrorInfo reason
         hint = _option_hint(args, getattr(err, "field", None))  # (InvalidArgumentError's)

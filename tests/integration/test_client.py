@@ -537,9 +537,10 @@ def test_cli_whose_reader_went_away_exits_quietly(tiny_server):
 
     read, write = os.pipe()
     os.close(read)  # the reader is gone before the command writes
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe's stdout, block-buffered
     try:
         proc = subprocess.run([*_installed_cli(), "models", "--target", tiny_server.target], stdout=write,
-                              stderr=subprocess.PIPE, text=True, timeout=120)
+                              stderr=subprocess.PIPE, text=True, timeout=120, env=env)
     finally:
         os.close(write)
     assert proc.returncode == 141 and proc.stderr == "", proc
@@ -576,6 +577,8 @@ def test_cli_bad_argument_exits_1(tiny_server, tmp_path):
     no_image = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(tmp_path / "none.png"),
                    "--out", str(out))
     assert no_image.returncode == 2 and "--image: cannot read " in no_image.stderr, no_image.stderr
+    a_folder = cli("generate", "--target", tiny_server.target, "--model", MODEL, "--image", str(tmp_path), "--out", str(out))
+    assert a_folder.returncode == 2 and "--image: " in a_folder.stderr and "is a directory" in a_folder.stderr
     no_model = cli("generate", "--target", tiny_server.target, "--model", "", "--image", str(image), "--out", str(out))
     assert no_model.returncode == 2 and "--model: empty" in no_model.stderr, no_model.stderr
     # a TLS file that is not PEM is a bad argument (gRPC failed each handshake with it: an outage, retried)
