@@ -21,7 +21,20 @@ def _check_tls_files(cert: Path, key: Optional[Path], client_ca: Optional[Path])
     """The certificate, its key and the client CA as gRPC will need them, by OpenSSL: gRPC's own failure
     (a key of another certificate, a file that is not PEM, an encrypted key) came as "cannot bind the
     gRPC port" after a traceback-less log line (repository review)."""
+    for flag, path, kind in (("--tls-cert", cert, "CERTIFICATE"), ("--tls-key", key, "PRIVATE KEY"),
+                             ("--tls-client-ca", client_ca, "CERTIFICATE")):
+        if path is None:
+            continue
+        try:
+            text = Path(path).read_bytes()
+        except OSError as err:
+            raise ValueError(f"{flag} {path}: {err.strerror or err}") from None
+        if b"-----BEGIN " not in text or kind.encode() not in text:
+            raise ValueError(f"{flag} {path}: no PEM {kind.lower()} in it")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # gRPC's BoringSSL has no security levels: a key OpenSSL's default level calls too small (RSA-1024)
+    # still serves, and must not stop the start here
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
     try:
         # a password of b"": an encrypted key fails here (gRPC takes none) instead of prompting
         context.load_cert_chain(cert, key, password=b"")
