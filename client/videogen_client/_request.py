@@ -12,6 +12,7 @@ import os
 import random
 import re
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -173,8 +174,11 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before attempt ``attempt + 1`` (``attempt`` >= 1), with full jitter as gRPC does."""
-        return random.uniform(0, min(self.initial_backoff * self.backoff_multiplier ** (attempt - 1),
-                                     self.max_backoff))
+        try:
+            ceiling = self.initial_backoff * self.backoff_multiplier ** (attempt - 1)
+        except OverflowError:  # (a multiplier gRPC takes, 1e300, squared)
+            ceiling = math.inf
+        return random.uniform(0, min(ceiling, self.max_backoff))
 
 
 def deadline_seconds(timeout: float | None, name: str = "timeout") -> float | None:
@@ -455,7 +459,7 @@ def retry_wait(err: grpc.RpcError, settings: ConnectionSettings, attempt: int, d
         return None
     if deadline is not None and time.monotonic() + wait >= deadline:
         return None
-    return wait
+    return min(wait, threading.TIMEOUT_MAX)  # (a wait of centuries, with no deadline: Event.wait's bound)
 
 
 def call_metadata(settings: ConnectionSettings, request_id: str | None,

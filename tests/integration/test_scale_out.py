@@ -554,6 +554,17 @@ def test_the_clients_own_resend_waits_the_servers_pushback():
     assert wait([("grpc-retry-pushback-ms", "soon")]) is None
     assert wait([("grpc-retry-pushback-ms", "2500")], deadline=time.monotonic() + 2) is None
     assert retry_wait(_Refused([("grpc-retry-pushback-ms", "2500")]), settings, 4, later, received=False) is None
+    # the edges a policy takes: a multiplier gRPC takes raised OverflowError at the third resend, and a
+    # wait of centuries with no deadline overflowed Event.wait (review of the change)
+    import threading
+
+    vast = connection_settings("localhost:1", secure=False, root_certificates=None, private_key=None,
+                               certificate_chain=None, token=None, options=None,
+                               retry=RetryPolicy(max_attempts=5, backoff_multiplier=1e300, max_backoff=315576000000))
+    for attempt in (1, 2, 3, 4):
+        assert 0 <= retry_wait(_Refused([]), vast, attempt, None, received=False) <= threading.TIMEOUT_MAX
+    assert retry_wait(_Refused([("grpc-retry-pushback-ms", str(2**62))]), vast, 1, None,
+                      received=False) == threading.TIMEOUT_MAX
 
 
 def test_targets_become_one_grpc_target():
