@@ -262,7 +262,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "compile-artifacts":
         from . import logs
 
-        config = compile_artifacts_config(args)
+        try:
+            config = compile_artifacts_config(args)
+        except (ValueError, OSError) as err:  # a flag out of its range, as `serve` says it
+            print(f"videogen-server: error: {err}", file=sys.stderr)
+            return 2
         logs.setup(config.log_format, config.log_level)
         try:
             return _exit(asyncio.run(_compile_artifacts(config)))

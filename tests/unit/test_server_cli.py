@@ -166,3 +166,10 @@ def test_the_edges_of_the_ranges_are_taken(tmp_path):
                  max_connection_age_seconds=MAX_GRPC_SECONDS, max_connection_age_grace_seconds=0, max_queue_size=1,
                  media_threads=1, cpu_threads=0, drain_grace_seconds=0, unload_timeout_seconds=0,
                  repository_poll_seconds=0.05)
+
+
+def test_compile_artifacts_says_a_flag_out_of_range_as_serve_does(tmp_path, capsys):
+    from videogen_server.cli import main
+
+    assert main(["compile-artifacts", "--model-repository", str(tmp_path), "--model", "m", "--cpu-threads", "-1"]) == 2
+    assert "videogen-server: error: --cpu-threads: -1" in capsys.readouterr().err
