@@ -60,19 +60,26 @@ class VideoGenServer:
                 if self.config.metrics_port >= 0:  # (serving at once: only metrics of nothing yet)
                     self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
             except BaseException:
-                await release_unstarted([s for s in (self._server, self._health_server) if s is not None],
-                                        self._health)
+                try:
+                    await release_unstarted([s for s in (self._server, self._health_server) if s is not None],
+                                            self._health)
+                except Exception:  # (the start's own error is the one to raise)
+                    log.exception("releasing the ports of a start that failed")
                 self._server = self._health_server = None
                 raise
         except BaseException:
             self.engine.tracing.shutdown()  # its exporter thread too: nothing was traced yet
             raise
-        await self._health.update()
-        loop = asyncio.get_running_loop()  # readiness may change on any thread; health updates on the loop
-        self.engine.add_listener(lambda: loop.call_soon_threadsafe(asyncio.ensure_future, self._health.update()))
-        await self._server.start()
-        if self._health_server is not None:
-            await self._health_server.start()
+        try:
+            await self._health.update()
+            loop = asyncio.get_running_loop()  # readiness may change on any thread; health updates on the loop
+            self.engine.add_listener(lambda: loop.call_soon_threadsafe(asyncio.ensure_future, self._health.update()))
+            await self._server.start()
+            if self._health_server is not None:
+                await self._health_server.start()
+        except BaseException:  # (/metrics serves already: stop takes it down with the rest)
+            await self.stop(0)
+            raise
         if self._stopping:  # a signal during the above: stop() has run (or runs) without what follows
             await self._stopped.wait()
             return
