@@ -283,6 +283,8 @@ def test_new_files_seen_by_a_load_that_failed_are_loaded_once_it_can(tmp_path, m
     import os
     import sys
 
+    from videogen_server.engine import repository
+
     from ..helpers import install_backend
 
     sys.modules.pop("recording_backend_pkg", None)  # its LOADS of this test alone
@@ -299,7 +301,9 @@ def test_new_files_seen_by_a_load_that_failed_are_loaded_once_it_can(tmp_path, m
         broken = entry.fingerprint
         (repo / "a" / "1" / "weights.new").write_text("W1")  # renamed over the old, as README advises
         os.replace(repo / "a" / "1" / "weights.new", repo / "a" / "1" / "weights.bin")
-        wait_for(lambda: entry.fingerprint != broken)  # a poll saw the new weights, and its load failed
+        # a poll saw the new weights (the whole replace, not the file written beside them), and its load failed
+        wait_for(lambda: entry.fingerprint != broken
+                 and entry.fingerprint == repository.fingerprint(repo / "a") and entry.error != "")
         assert entry.error != "" and backend.LOADS == [(1, "old")]
         (repo / "a" / "config.pbtxt").write_text(_recording_config("old"))  # the typo mended
         wait_for(lambda: len(backend.LOADS) == 2, timeout=10)  # version 1 reloaded: it had never read W1
@@ -346,9 +350,14 @@ def test_a_model_in_two_repositories_is_logged_once_not_at_every_poll(tmp_path, 
     for repo in (first, second):
         (repo / "a" / "1").mkdir(parents=True)
         (repo / "a" / "config.pbtxt").write_text(_recording_config("old"))
+    from videogen_server.engine import repository
+
+    scans = []
+    real_scan = repository.scan
+    monkeypatch.setattr(repository, "scan", lambda *a, **kw: scans.append(1) or real_scan(*a, **kw))
     caplog.set_level("ERROR", logger="videogen_server")
     with ServerThread(first, second, model_control_mode="poll", repository_poll_seconds=0.1) as server:
-        time.sleep(1.0)  # ~10 polls
+        wait_for(lambda: len(scans) >= 5)  # the start's scan and at least four polls
         assert server.engine.models["a"].path == first / "a"
     said = [r for r in caplog.records if "is in two repositories" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in said]
