@@ -294,12 +294,17 @@ def test_compiled_static_fp8_calibrates_once_before_compiling(make_repo, compile
         assert caplog.text.count("fp8 static scales of") == 2  # calibrated once, not per request
 
 
-def test_cpu_offload_needs_a_gpu(make_repo):
+def test_cpu_offload_needs_a_gpu(make_repo, caplog):
+    """A setting this instance cannot take is the operator's, not a bug: the reason names the parameter
+    (it read "ValueError: cpu_offload: ...") and the log has no traceback (a ModelSettingError)."""
+    caplog.set_level("ERROR", logger="videogen_server")
     repo = make_repo({"m": tiny_config("m", parameters=TINY_PARAMETERS + _param("cpu_offload", "true"))})
     with ServerThread(repo) as server:
         info = server.stub().GetModel(pb.GetModelRequest(name="m"))
         assert info.state != pb.MODEL_STATE_READY
-        assert "cpu_offload: needs a GPU instance" in server.engine.models["m"].error
+        assert server.engine.models["m"].error == "version 1: cpu_offload: needs a GPU instance"
+    [failed] = [r for r in caplog.records if "failed to load" in r.getMessage()]
+    assert not failed.exc_info and "cpu_offload: needs a GPU instance" in failed.getMessage()
 
 
 def test_compiled_unet_follows_phase_offload_without_recompiling(tiny_model_source):

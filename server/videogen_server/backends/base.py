@@ -162,6 +162,13 @@ class InstanceContext:
     compile_artifacts_out: Optional[Path] = None
 
 
+class ModelSettingError(ValueError):
+    """Raised by a backend's `initialize` for a model configuration this instance cannot take (a
+    parameter the device or the run does not support: `cpu_offload` without a GPU, FP8 before Hopper).
+    The load fails with the message as its reason, logged without a traceback: an operator's setting,
+    not a bug. Name the parameter first ("<key>: <reason>"), as `validate_parameters` does."""
+
+
 class Backend(abc.ABC):
     """Base class of every backend. Subclasses set `name` and implement the three calls."""
 

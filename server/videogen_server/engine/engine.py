@@ -27,7 +27,7 @@ from typing import AsyncIterator, Callable, Iterator, Optional
 from PIL import Image
 
 from ..backends.base import (COMPILE_ARTIFACTS_FOLDER, BackendRequest, Finished, FramesDecoded, InstanceContext,
-                             PhaseTiming, StepDone, load_backend_class)
+                             ModelSettingError, PhaseTiming, StepDone, load_backend_class)
 from ..config import ServerConfig
 from ..errors import (MAX_MESSAGE_BYTES, BackendError, ConfigError, Draining, InvalidRequest, ModelNotFound,
                       NotLoaded, NotReady, NotStarted, QueueFull, ReaderStalled, RequestCancelled, VideoGenError, clip,
@@ -671,8 +671,11 @@ class Engine:
                     entry.failed.pop(version, None)
                     log.info("%s version %d ready", name, version)
                 except Exception as err:
-                    reason = err.message if isinstance(err, VideoGenError) else f"{type(err).__name__}: {err}"
-                    log.error("%s version %d failed to load: %s", name, version, reason, exc_info=not isinstance(err, VideoGenError))
+                    # a backend's refusal of the configuration is said as it is, without a traceback
+                    expected = isinstance(err, (VideoGenError, ModelSettingError))
+                    reason = (err.message if isinstance(err, VideoGenError) else str(err) if expected
+                              else f"{type(err).__name__}: {err}")
+                    log.error("%s version %d failed to load: %s", name, version, reason, exc_info=not expected)
                     entry.failed[version] = reason
                     if not rt.instances:  # failed before starting any (those that started, load() stopped)
                         self._forget(rt)

@@ -32,7 +32,7 @@ from transformers.utils import logging as transformers_logging
 from ...errors import OutOfMemory
 from ...domain import ResolvedParams
 from ..base import (COMPILE_ARTIFACTS_FOLDER, Backend, BackendRequest, Finished, FramesDecoded, InstanceContext,
-                    PhaseTiming, StepDone, is_fatal_device_error, is_out_of_memory)
+                    ModelSettingError, PhaseTiming, StepDone, is_fatal_device_error, is_out_of_memory)
 from . import accel, preprocess
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ class SVDBackend(Backend):
         p = context.parameters
         if context.compile_artifacts_out is not None:  # `compile-artifacts`: fail in seconds, not after the compile
             if p.get("compile", "none") == "none" and p.get("compile_vae", "none") == "none":
-                raise ValueError("compile: this model compiles nothing (compile and compile_vae are none), so it has "
+                raise ModelSettingError("compile: this model compiles nothing (compile and compile_vae are none), so it has "
                                  "no compile artifacts to write")
             accel.check_writable(context.compile_artifacts_out)
         self.device = torch.device(context.device)
@@ -262,19 +262,19 @@ class SVDBackend(Backend):
         if self.fp8:
             why_not = accel.fp8_supported(self.device)
             if why_not:
-                raise ValueError(f"fp8: {why_not}")
+                raise ModelSettingError(f"fp8: {why_not}")
         fuse_geglu = _bool("fused_geglu", p.get("fused_geglu", "false"))
         if fuse_geglu:  # before the weights load: fails in seconds
             why_not = accel.fused_geglu_unavailable(self.device, self.dtype)
             if why_not:
-                raise ValueError(f"fused_geglu: {why_not}")
+                raise ModelSettingError(f"fused_geglu: {why_not}")
         self.attention_kernel = p.get("attention_kernel", "sdpa")
         if self.attention_kernel == "fa4":  # before the weights load: a missing package fails in seconds
             if p.get("compile_cache_dir") and on_gpu:  # before FA4's import, which reads it
                 accel.keep_fa4_kernels(Path(p["compile_cache_dir"]) / "fa4")
             why_not = accel.fa4_unavailable(self.device, self.dtype)
             if why_not:
-                raise ValueError(f"attention_kernel: fa4 {why_not}")
+                raise ModelSettingError(f"attention_kernel: fa4 {why_not}")
         with _LOAD_LOCK:  # the module surgery too: it creates modules, which a concurrent load may patch
             # Loaded in float32, then cast: from_pretrained sets torch's default dtype (process-wide) to the
             # one it is given while it builds each model, and a float16 window there reached the instances
@@ -322,7 +322,7 @@ class SVDBackend(Backend):
         self.offload = None
         if _bool("cpu_offload", p.get("cpu_offload", "false")):  # after every change to the weights: it keeps the host copies
             if not on_gpu:
-                raise ValueError("cpu_offload: needs a GPU instance")
+                raise ModelSettingError("cpu_offload: needs a GPU instance")
             pipe.vae.to(self.device)  # small; the decode needs it every request
             self.offload = accel.PhaseOffload({"image_encoder": pipe.image_encoder, "unet": pipe.unet}, self.device)
             applied.append("cpu_offload")
@@ -379,7 +379,7 @@ class SVDBackend(Backend):
             if on_gpu and accel.records_cuda_graphs(mode, opts):
                 why_not = accel.cuda_graphs_thread_problem()
                 if why_not:
-                    raise ValueError(f"{key}: {mode!r} records CUDA graphs, but {why_not}")
+                    raise ModelSettingError(f"{key}: {mode!r} records CUDA graphs, but {why_not}")
         if self.compile_mode != "none":
             pipe.unet = accel.compile_module(pipe.unet, self.compile_mode, options, fullgraph=True, dynamic=False)
             applied.append(f"compile {self.compile_mode}")
