@@ -23,6 +23,7 @@ from .config import ServerConfig
 from .errors import NotReady
 from .engine.engine import Engine
 from .metrics import Metrics
+from .transport.credentials import CredentialReloader
 from .transport.server import build_health_server, build_server, release_unstarted
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class VideoGenServer:
         self._health = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._credentials = CredentialReloader(self.metrics)
+        self._reloads: Optional[asyncio.Task] = None
 
     async def start(self) -> None:
         # the repositories read, every port bound before the gRPC ones serve (a taken port fails here,
@@ -49,7 +52,7 @@ class VideoGenServer:
         self.engine.scan()
         self.engine.tracing.start()  # before the server is built: its interceptor opens each call's span
         try:
-            self._server, self.port, self._health = build_server(self.engine, self.config)
+            self._server, self.port, self._health = build_server(self.engine, self.config, self._credentials)
             try:
                 if self.config.health_port >= 0:
                     self._health_server, self.health_port = build_health_server(self._health, self.config)
@@ -77,6 +80,8 @@ class VideoGenServer:
             await self._server.start()
             if self._health_server is not None:
                 await self._health_server.start()
+            if self._credentials and self.config.credentials_reload_seconds > 0:
+                self._reloads = asyncio.ensure_future(self._credentials.run(self.config.credentials_reload_seconds))
         except BaseException:  # (/metrics serves already: stop takes it down with the rest)
             await self.stop(0)
             raise
@@ -156,6 +161,8 @@ class VideoGenServer:
             if self._server is not None:
                 await self._server.stop(1.0)  # in-flight streams end with the engine below
         finally:
+            if self._reloads is not None:
+                self._reloads.cancel()
             if self._health_server is not None:  # the probes' port answers NOT_SERVING until here
                 await self._health_server.stop(0)
             await self.engine.shutdown(0)

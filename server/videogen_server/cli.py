@@ -81,7 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     s.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates it signed (mutual TLS)")
     s.add_argument("--auth-token-file", type=Path,
-                   help="file of accepted bearer tokens, one per line; also VIDEOGEN_AUTH_TOKENS (comma-separated)")
+                   help="file of accepted bearer tokens, one per line (at least one); also VIDEOGEN_AUTH_TOKENS "
+                        "(comma-separated)")
+    s.add_argument("--credentials-reload-seconds", type=float, default=d.credentials_reload_seconds,
+                   help="seconds between checks of the TLS files and the token file for changes, loaded again "
+                        "once changed (no restart for a renewed certificate or rotated tokens); 0 = read once "
+                        "(default %(default)s)")
     s.add_argument("--otlp-endpoint", metavar="URL",
                    help="export OpenTelemetry traces of requests over OTLP/gRPC to this collector, e.g. "
                         "http://otel-collector:4317 (https:// for TLS); OTEL_EXPORTER_OTLP_HEADERS adds headers. "
@@ -178,12 +183,9 @@ def _identity(path: Path) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _auth_tokens(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, ...]:
-    tokens = [t.strip() for t in environ.get("VIDEOGEN_AUTH_TOKENS", "").split(",")]
-    if args.auth_token_file:
-        # utf-8-sig: a byte-order mark (an editor on Windows) is not part of the first token
-        tokens += [line.strip() for line in args.auth_token_file.read_text(encoding="utf-8-sig").splitlines()]
-    return tuple(t for t in tokens if t and not t.startswith("#"))
+def _auth_tokens(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """VIDEOGEN_AUTH_TOKENS (the file's tokens are read by the server: again when it changes)."""
+    return tuple(t for t in (t.strip() for t in environ.get("VIDEOGEN_AUTH_TOKENS", "").split(",")) if t)
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> ServerConfig:
@@ -200,7 +202,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         max_connection_age_grace_seconds=args.max_connection_age_grace_seconds,
         keepalive_seconds=args.keepalive_seconds, keepalive_timeout_seconds=args.keepalive_timeout_seconds,
         tls_cert=args.tls_cert,
-        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_tokens=_auth_tokens(args, environ),
+        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_tokens=_auth_tokens(environ),
+        auth_token_file=args.auth_token_file, credentials_reload_seconds=args.credentials_reload_seconds,
         otlp_endpoint=args.otlp_endpoint,
         otlp_service_name=args.otlp_service_name or environ.get("OTEL_SERVICE_NAME") or ServerConfig.otlp_service_name,
         trace_sample_ratio=args.trace_sample_ratio,

@@ -17,7 +17,7 @@ FD_RESERVE = 256
 MAX_GRPC_SECONDS = (2**31 - 1) / 1000
 
 
-def _check_tls_files(cert: Path, key: Optional[Path], client_ca: Optional[Path]) -> None:
+def check_tls_files(cert: Path, key: Optional[Path], client_ca: Optional[Path]) -> None:
     """The certificate, its key and the client CA as gRPC will need them, by OpenSSL: gRPC's own failure
     (a key of another certificate, a file that is not PEM, an encrypted key) came as "cannot bind the
     gRPC port" after a traceback-less log line (repository review)."""
@@ -51,6 +51,28 @@ def _check_tls_files(cert: Path, key: Optional[Path], client_ca: Optional[Path])
             raise ValueError(f"--tls-client-ca {client_ca}: {getattr(err, 'reason', None) or err} "
                              f"(PEM CA certificates)") from None
 
+
+
+def check_tokens(tokens, source: str) -> None:
+    """gRPC metadata is ASCII: a token with anything else could never be sent, and nothing said so."""
+    if any(not t or not t.isascii() or not t.isprintable() or any(c.isspace() for c in t) for t in tokens):
+        raise ValueError(f"{source}: tokens must be printable ASCII without whitespace")
+
+
+def read_token_file(path: Path) -> tuple[str, ...]:
+    """The bearer tokens of `--auth-token-file`: one a line, `#` comments and blank lines skipped; at least
+    one (a file without any left the server open to every caller)."""
+    source = f"--auth-token-file {path}"
+    try:
+        # utf-8-sig: a byte-order mark (an editor on Windows) is not part of the first token
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{source}: {getattr(err, 'strerror', None) or err}") from None
+    tokens = tuple(t for t in (line.strip() for line in text.splitlines()) if t and not t.startswith("#"))
+    if not tokens:
+        raise ValueError(f"{source}: no token in it (one a line; '#' starts a comment)")
+    check_tokens(tokens, source)
+    return tokens
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
@@ -132,9 +154,14 @@ class ServerConfig:
     tls_cert: Optional[Path] = None
     tls_key: Optional[Path] = None
     tls_client_ca: Optional[Path] = None
-    #: Bearer tokens accepted in `authorization: Bearer <token>` metadata; empty = no authentication.
-    #: The server's own health checks are always allowed (probes carry no token); a model's need one.
+    #: Bearer tokens accepted in `authorization: Bearer <token>` metadata (VIDEOGEN_AUTH_TOKENS), with
+    #: those of auth_token_file; neither = no authentication. The server's own health checks are always
+    #: allowed (probes carry no token); a model's need one.
     auth_tokens: tuple[str, ...] = ()
+    auth_token_file: Optional[Path] = None
+    #: How often the TLS files and the token file are checked for changes, loaded again when they have
+    #: changed (a renewed certificate, rotated tokens: no restart); 0 = read once at start.
+    credentials_reload_seconds: float = 10.0
     #: Stop (exit 1) when a model or version fails to load at start-up, as Triton's --exit-on-error, so
     #: an orchestrator shows a crash loop at once instead of a pod that never turns ready.
     exit_on_error: bool = False
@@ -151,6 +178,11 @@ class ServerConfig:
     trace_sample_ratio: float = 1.0
     log_format: str = "text"  # text | json
     log_level: str = "INFO"
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether calls need a bearer token."""
+        return bool(self.auth_tokens) or self.auth_token_file is not None
 
     def connection_limit(self) -> int:
         """max_connections, or from the open-file limit when not set (0: none)."""
@@ -173,12 +205,13 @@ class ServerConfig:
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if self.tls_cert:
-            _check_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
-        if any(not t or not t.isascii() or not t.isprintable() or any(c.isspace() for c in t)
-               for t in self.auth_tokens):
-            # (gRPC metadata is ASCII: a token with anything else could never be sent, and nothing said so)
-            raise ValueError("auth tokens (--auth-token-file, VIDEOGEN_AUTH_TOKENS) must be printable ASCII "
-                             "without whitespace")
+            check_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
+        check_tokens(self.auth_tokens, "VIDEOGEN_AUTH_TOKENS")
+        if self.auth_token_file is not None:
+            read_token_file(self.auth_token_file)
+        if not 0 <= self.credentials_reload_seconds < math.inf:
+            raise ValueError(f"--credentials-reload-seconds: {self.credentials_reload_seconds} is not 0 (read once) "
+                             f"or a positive number of seconds")
         # ranges: gRPC wraps a port above 65535 (70000 listened on 4464), takes its integer options as C
         # ints (a larger value failed the start with an OverflowError) and a negative message size as
         # "unlimited"; a poll interval of 0 scanned the repositories in a busy loop (repository review)

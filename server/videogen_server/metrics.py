@@ -77,6 +77,14 @@ class Metrics:
         self.last_peak = Gauge("videogen_request_peak_memory_bytes",
                                "Peak device memory of the instance's last request (process RSS on CPU)",
                                ML + ("instance", "device"), registry=r)
+        self.credentials_reloads = Counter("videogen_credentials_reloads_total",
+                                           "Loads of changed TLS or token files (result ok, or error: the files "
+                                           "cannot serve and the previous ones still do)",
+                                           ("credentials", "result"), registry=r)
+        self.credentials_reload_failing = Gauge("videogen_credentials_reload_failing",
+                                                "1 while the TLS or token files on disk changed and cannot be "
+                                                "loaded (the server serves the ones it loaded before)",
+                                                ("credentials",), registry=r)
         self.build = Info("videogen_build", "Build information", registry=r)
         self._http = None
 

@@ -249,20 +249,173 @@ def test_a_refused_call_is_not_parsed():
 
 def test_cli_reads_tokens_from_file_and_environment(tmp_path):
     from videogen_server.cli import _parser, config_from_args
+    from videogen_server.config import read_token_file
 
     tokens = tmp_path / "tokens"
     tokens.write_text("# one per line\nfile-token\n\n")
     args = _parser().parse_args(["serve", "--model-repository", str(tmp_path), "--auth-token-file", str(tokens)])
     config = config_from_args(args, {"VIDEOGEN_AUTH_TOKENS": "env-a, env-b"})
-    assert config.auth_tokens == ("env-a", "env-b", "file-token")
+    assert config.auth_tokens == ("env-a", "env-b") and config.auth_token_file == tokens and config.authenticates
+    assert read_token_file(tokens) == ("file-token",)
+    assert config.credentials_reload_seconds == 10.0
     # a file saved with a byte-order mark (a Windows editor) and CRLF: the first token is the token (it
     # kept U+FEFF in front, and no client could send it: repository review), the comment a comment
     tokens.write_bytes("\ufeff# tokens\r\ntok-one\r\ntok-two\r\n".encode())
-    assert config_from_args(args, {}).auth_tokens == ("tok-one", "tok-two")
+    assert read_token_file(config_from_args(args, {}).auth_token_file) == ("tok-one", "tok-two")
     # anything gRPC metadata cannot carry is refused at start, not a token that can never match
     tokens.write_text("caf\u00e9\n")
-    with pytest.raises(ValueError, match="printable ASCII"):
+    with pytest.raises(ValueError, match="--auth-token-file .*printable ASCII"):
         config_from_args(args, {})
+    with pytest.raises(ValueError, match="VIDEOGEN_AUTH_TOKENS: .*printable ASCII"):
+        config_from_args(_parser().parse_args(["serve", "--model-repository", str(tmp_path)]),
+                         {"VIDEOGEN_AUTH_TOKENS": "a\u00e9"})
+    # a file without a token started a server that asked no caller for one: refused, as one that cannot be read
+    for text in ("", "# tokens go here\n\n"):
+        tokens.write_text(text)
+        with pytest.raises(ValueError, match=f"--auth-token-file {tokens}: no token in it"):
+            config_from_args(args, {})
+    tokens.write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="--auth-token-file .*utf-8"):
+        config_from_args(args, {})
+    with pytest.raises(ValueError, match="--auth-token-file .*No such file"):
+        config_from_args(_parser().parse_args(["serve", "--model-repository", str(tmp_path),
+                                               "--auth-token-file", str(tmp_path / "none")]), {})
+    with pytest.raises(ValueError, match="--credentials-reload-seconds"):
+        config_from_args(_parser().parse_args(["serve", "--model-repository", str(tmp_path),
+                                               "--credentials-reload-seconds", "-1"]), {})
     with pytest.raises(ValueError):
         config_from_args(_parser().parse_args(["serve", "--model-repository", str(tmp_path),
                                                "--tls-cert", str(tokens)]), {})
+
+
+def _secret_volume(folder: Path, files: dict[str, Path]) -> None:
+    """`folder` as the kubelet writes a mounted Secret, and rewrites it when the Secret changes: the files
+    in a new timestamped folder, then the `..data` link swapped to it in one rename; each name a link
+    through `..data`."""
+    import os
+    import uuid
+
+    folder.mkdir(exist_ok=True)
+    version = folder / f"..{uuid.uuid4().hex}"
+    version.mkdir()
+    for name, source in files.items():
+        (version / name).write_bytes(source.read_bytes())
+        if not (folder / name).is_symlink():
+            (folder / name).symlink_to(Path("..data") / name)
+    (folder / "..data_tmp").symlink_to(version.name)
+    os.replace(folder / "..data_tmp", folder / "..data")
+
+
+def _handshake(port: int, ca: Path) -> bool:
+    """Whether a new connection trusting `ca` gets an answer (its own subchannel: one another channel of
+    the process opened before the change would be shared, and keep the certificate it had)."""
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(ca.read_bytes()),
+                                  options=[("grpc.use_local_subchannel_pool", 1)])
+    try:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return True
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+        return False
+    finally:
+        channel.close()
+
+
+def _eventually(predicate, what: str, timeout: float = 20.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(repo, tmp_path, pki, caplog):
+    """cert-manager renews the certificate of a running server's Secret: new connections get the new
+    one (the server read its files once, and served the old certificate until it expired unless
+    restarted: a model load and warm-up); files that cannot serve leave the current ones serving."""
+    (tmp_path / "other").mkdir()
+    other = _pki(tmp_path / "other")  # another CA's
+    mount = tmp_path / "tls"
+    _secret_volume(mount, {"tls.crt": pki["server.crt"], "tls.key": pki["server.key"]})
+    with ServerThread(repo, tls_cert=mount / "tls.crt", tls_key=mount / "tls.key",
+                      credentials_reload_seconds=0.05) as server:
+        assert server.metric("videogen_credentials_reload_failing", credentials="tls") == 0
+        ca = pki["ca.crt"].read_bytes()
+        with VideoGenClient(server.target, secure=True, root_certificates=ca) as before:
+            assert _run(before).summary.num_frames == 1
+            assert _handshake(server.port, pki["ca.crt"]) and not _handshake(server.port, other["ca.crt"])
+            _secret_volume(mount, {"tls.crt": other["server.crt"], "tls.key": other["server.key"]})
+            _eventually(lambda: _handshake(server.port, other["ca.crt"]), "the renewed certificate is not served")
+            assert not _handshake(server.port, pki["ca.crt"])
+            assert server.metric("videogen_credentials_reloads_total", credentials="tls", result="ok") == 1
+            # a connection made before keeps its session (until it closes: --max-connection-age-seconds)
+            assert before.list_models()[0].name == "svd-tiny"
+        # a key of another certificate (a copy caught halfway; a wrong Secret): logged, the last good serves
+        caplog.set_level("WARNING", logger="videogen_server.transport.credentials")
+        _secret_volume(mount, {"tls.crt": pki["server.crt"], "tls.key": other["server.key"]})
+        _eventually(lambda: server.metric("videogen_credentials_reload_failing", credentials="tls") == 1,
+                    "a certificate that cannot serve is not reported")
+        assert _handshake(server.port, other["ca.crt"]) and not _handshake(server.port, pki["ca.crt"])
+        assert server.metric("videogen_credentials_reloads_total", credentials="tls", result="error") == 1
+        failures = [r.getMessage() for r in caplog.records if "cannot load the new tls files" in r.getMessage()]
+        assert len(failures) == 1 and "the key is not the certificate's" in failures[0], failures
+        assert "still serving the ones loaded before" in failures[0]
+        _secret_volume(mount, {"tls.crt": pki["server.crt"], "tls.key": pki["server.key"]})
+        _eventually(lambda: _handshake(server.port, pki["ca.crt"]), "the mended files are not served")
+        assert server.metric("videogen_credentials_reload_failing", credentials="tls") == 0
+        assert server.metric("videogen_credentials_reloads_total", credentials="tls", result="ok") == 2
+        assert len([r for r in caplog.records if "cannot load" in r.getMessage()]) == 1  # once, not every poll
+
+
+def test_a_rotated_token_file_is_loaded_without_a_restart(repo, tmp_path):
+    """Tokens rotate by editing the file: the new ones are taken, the removed ones refused, a file left
+    without a token (or unreadable) keeps the current tokens and says so; VIDEOGEN_AUTH_TOKENS' stay."""
+    import os
+
+    path = tmp_path / "tokens"
+    path.write_text("old\n")
+
+    def rewrite(text: str) -> None:  # as an editor or a config tool saves: a new file renamed over it
+        (tmp_path / "tokens.new").write_text(text)
+        os.replace(tmp_path / "tokens.new", path)
+
+    def accepted(token: str) -> bool:
+        with VideoGenClient(server.target, token=token, retry=False) as client:
+            try:
+                client.list_models(timeout=10)
+                return True
+            except UnauthenticatedError:
+                return False
+
+    with ServerThread(repo, auth_tokens=("fixed",), auth_token_file=path, credentials_reload_seconds=0.05) as server:
+        assert accepted("old") and accepted("fixed") and not accepted("new")
+        rewrite("# rotated\nnew\nnewer\n")
+        _eventually(lambda: accepted("new"), "the new token is refused")
+        assert accepted("newer") and accepted("fixed") and not accepted("old")
+        assert server.metric("videogen_credentials_reloads_total", credentials="tokens", result="ok") == 1
+        for text in ("# emptied by mistake\n", "caf\u00e9\n"):
+            rewrite(text)
+            _eventually(lambda: server.metric("videogen_credentials_reload_failing", credentials="tokens") == 1,
+                        f"a token file of {text!r} is not reported")
+            assert accepted("new") and accepted("fixed")  # (not a server open to all, nor one refusing all)
+            rewrite("new\n")
+            _eventually(lambda: server.metric("videogen_credentials_reload_failing", credentials="tokens") == 0,
+                        "the mended file is not loaded")
+        assert not accepted("newer")
+        assert server.metric("videogen_credentials_reloads_total", credentials="tokens", result="error") == 2
+
+
+def test_credentials_read_once_with_reloads_off(repo, tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("old\n")
+    with ServerThread(repo, auth_token_file=path, credentials_reload_seconds=0) as server:
+        path.write_text("new\n")
+        import time
+
+        time.sleep(0.5)
+        with VideoGenClient(server.target, token="old", retry=False) as client:
+            assert client.list_models(timeout=10)[0].name == "svd-tiny"
+        with VideoGenClient(server.target, token="new", retry=False) as client:
+            with pytest.raises(UnauthenticatedError):
+                client.list_models(timeout=10)

@@ -43,9 +43,14 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, tokens: Iterable[str], open_health_services: Iterable[str] = ("",),
                  denial: str = "a valid bearer token is required (authorization: Bearer <token>)") -> None:
-        self._tokens = [t.encode() for t in tokens]  # none: every call but the open health names refused
+        self._tokens: tuple[bytes, ...] = ()  # none: every call but the open health names refused
+        self.set_tokens(tokens)
         self._open_health = frozenset(open_health_services)
         self._denial = denial
+
+    def set_tokens(self, tokens: Iterable[str]) -> None:
+        """The tokens accepted from the next call on (a rotated token file; any thread: one assignment)."""
+        self._tokens = tuple(t.encode() for t in tokens)
 
     def _authorized(self, metadata) -> bool:
         header = ""
@@ -57,7 +62,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return False
         given = token.strip().encode()
         ok = False
-        for expected in self._tokens:
+        for expected in self._tokens:  # (one read of the attribute: a reload swaps the whole tuple)
             ok |= hmac.compare_digest(given, expected)
         return ok
 

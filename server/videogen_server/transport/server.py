@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Optional
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -12,10 +13,11 @@ from grpc_reflection.v1alpha import reflection
 
 from videogen.v1 import videogen_pb2, videogen_pb2_grpc
 
-from ..config import ServerConfig
+from ..config import ServerConfig, read_token_file
 from ..errors import PortUnavailable
 from . import kserve
 from .auth import BearerTokenInterceptor
+from .credentials import CredentialReloader, TlsFiles, TokenFile
 from .limits import ConcurrencyLimit
 from .servicer import VideoGenServicer, refused_before_engine
 from .tracing import TracingInterceptor
@@ -133,7 +135,7 @@ def build_health_server(health: HealthReporter, config: ServerConfig) -> tuple[g
     Bound, not started."""
     interceptors = [BearerTokenInterceptor((), open_health_services=SERVER_HEALTH_SERVICES,
                                            denial="this plaintext port answers the server's own health only; "
-                                                  "ask the gRPC port for a model's")] if config.auth_tokens else []
+                                                  "ask the gRPC port for a model's")] if config.authenticates else []
     # its own connection limit (probes open one at a time), taken from FD_RESERVE: silent sockets on it
     # cannot take the process's file descriptors either
     server = grpc.aio.server(interceptors=interceptors,
@@ -144,11 +146,18 @@ def build_health_server(health: HealthReporter, config: ServerConfig) -> tuple[g
     return server, _bind(server, f"{config.host}:{config.health_port}", "health port")
 
 
-def build_server(engine, config: ServerConfig) -> tuple[grpc.aio.Server, int, HealthReporter]:
-    """A configured, bound, not yet started server; returns it, the bound port and its health reporter."""
+def build_server(engine, config: ServerConfig, reloader: Optional[CredentialReloader] = None,
+                 ) -> tuple[grpc.aio.Server, int, HealthReporter]:
+    """A configured, bound, not yet started server; returns it, the bound port and its health reporter.
+    Its TLS files and token file are registered with `reloader`, when given, to be loaded again as they
+    change."""
     interceptors: list[grpc.aio.ServerInterceptor] = []
-    if config.auth_tokens:
-        interceptors.append(BearerTokenInterceptor(config.auth_tokens, open_health_services=SERVER_HEALTH_SERVICES))
+    if config.authenticates:
+        file_tokens = read_token_file(config.auth_token_file) if config.auth_token_file else ()
+        tokens = BearerTokenInterceptor(config.auth_tokens + file_tokens, open_health_services=SERVER_HEALTH_SERVICES)
+        interceptors.append(tokens)
+        if reloader is not None and config.auth_token_file:
+            reloader.add(TokenFile(config.auth_token_file, config.auth_tokens, tokens.set_tokens))
     if engine.tracing.enabled:  # after authentication: only a caller with a token makes the server trace
         interceptors.append(TracingInterceptor(engine.tracing.tracer))
     if config.max_concurrent_requests:  # innermost: a caller refused a token takes no place
@@ -172,9 +181,9 @@ def build_server(engine, config: ServerConfig) -> tuple[grpc.aio.Server, int, He
     address = f"{config.host}:{config.port}"
     credentials = None
     if config.tls_cert:
-        ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
-        credentials = grpc.ssl_server_credentials(
-            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
-            root_certificates=ca, require_client_auth=ca is not None)
+        tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+        credentials = tls.server_credentials()
+        if reloader is not None:
+            reloader.add(tls)
     port = _bind(server, address, "gRPC port", credentials)
     return server, port, HealthReporter(engine, health)
