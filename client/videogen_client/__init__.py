@@ -24,6 +24,7 @@ subclasses (``InvalidArgumentError``, ``QueueFullError``, ...). The ``videogen``
 (``videogen_client.cli``) wraps the client. Importing this package needs neither torch nor numpy.
 """
 from videogen_client._request import RetryPolicy
+from videogen_client.auth import TokenFile
 from videogen_client.client import GenerateCall, VideoGenClient
 from videogen_client.client_aio import AsyncVideoGenClient
 from videogen_client.errors import (
@@ -79,6 +80,7 @@ __all__ = [
     "ResultBuilder",
     "RetryPolicy",
     "Summary",
+    "TokenFile",
     "UnauthenticatedError",
     "UnavailableError",
     "VideoChunk",

@@ -14,7 +14,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from videogen.v1 import videogen_pb2
 
 from videogen_client._proto import frame_encoding_value
+from videogen_client.auth import TokenSource, check_token
 from videogen_client.errors import (
     NOT_STARTED_METADATA_KEY,
     REQUEST_ID_METADATA_KEY,
@@ -315,21 +316,22 @@ class ConnectionSettings:
     metadata: tuple[tuple[str, str], ...]
     max_send_message_length: int  # -1 = unlimited
     retry: RetryPolicy | None  # None = no retries
+    token: Callable[[], str] | None = None  # asked before each call (a token that changes: TokenFile)
 
 
 def connection_settings(target: Target, *, secure: bool, root_certificates: bytes | None,
                         private_key: bytes | None, certificate_chain: bytes | None,
-                        token: str | None, options: ChannelOptions | None,
+                        token: TokenSource | None, options: ChannelOptions | None,
                         retry: bool | RetryPolicy = True, load_balancing: str = "round_robin",
                         health_check: bool | None = None,
                         keepalive: float | None = KEEPALIVE_S) -> ConnectionSettings:
     """Validate the client constructor's arguments and turn them into :class:`ConnectionSettings`."""
     grpc_target = channel_target(target)
-    if token is not None:
-        # a token read from a file keeps its newline; gRPC refuses metadata that is not printable ASCII
-        token = token.strip()
-        if not (token.isascii() and token.isprintable()) or " " in token:
-            raise ValueError("token must be printable ASCII without spaces (a bearer token)")
+    token_source = None
+    if callable(token):
+        token_source, token = token, None
+    elif token is not None:
+        token = check_token(token)
     if (private_key is None) != (certificate_chain is None):
         raise ValueError("private_key and certificate_chain must be given together (mTLS)")
     if not secure and (root_certificates or private_key or certificate_chain):
@@ -387,7 +389,7 @@ def connection_settings(target: Target, *, secure: bool, root_certificates: byte
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     return ConnectionSettings(
         target=grpc_target, options=list(merged.items()), credentials=credentials, metadata=metadata,
-        max_send_message_length=max_send, retry=policy)
+        max_send_message_length=max_send, retry=policy, token=token_source)
 
 
 def _retryable(err: grpc.RpcError, settings: ConnectionSettings) -> bool:
@@ -464,11 +466,14 @@ def retry_wait(err: grpc.RpcError, settings: ConnectionSettings, attempt: int, d
 
 def call_metadata(settings: ConnectionSettings, request_id: str | None,
                   trace: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...]:
-    """The metadata of one call: the client's (authorization), the caller's trace context (see
-    `trace_metadata`), plus x-request-id when given."""
+    """The metadata of one call: the client's (authorization: a token source asked now), the caller's
+    trace context (see `trace_metadata`), plus x-request-id when given."""
+    own = settings.metadata
+    if settings.token is not None:
+        own = (*own, ("authorization", f"Bearer {check_token(settings.token())}"))
     if request_id:
-        return (*settings.metadata, *trace, (REQUEST_ID_METADATA_KEY, request_id))
-    return (*settings.metadata, *trace)
+        return (*own, *trace, (REQUEST_ID_METADATA_KEY, request_id))
+    return (*own, *trace)
 
 
 _TRACING_OFF = False  # set once OpenTelemetry turned out to be absent or unusable: no more attempts

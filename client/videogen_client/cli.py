@@ -34,6 +34,7 @@ from typing import TextIO, cast
 
 from videogen_client._proto import FrameEncodingName
 from videogen_client._request import _SCHEMES, UnresolvedHost
+from videogen_client.auth import TokenFile
 from videogen_client.client import VideoGenClient
 from videogen_client.errors import VideoGenError
 from videogen_client.events import (
@@ -438,13 +439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.key_pem = _read_pem(parser, args.key, "--key")
     if args.token_file is not None:
         try:
-            lines = Path(args.token_file).read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as err:
+            # the file wins over $VIDEOGEN_TOKEN and --token; read again if it changes (a resend of a long run)
+            args.token = TokenFile(args.token_file)
+        except ValueError as err:
             parser.error(f"--token-file: {err}")
-        tokens = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        if not tokens:
-            parser.error(f"--token-file: no token in {args.token_file}")
-        args.token = tokens[0]  # the file wins over $VIDEOGEN_TOKEN and --token
     if args.command == "generate":
         if not args.model:
             parser.error("--model: empty; give a model name (see 'videogen models')")

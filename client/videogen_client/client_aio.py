@@ -28,6 +28,7 @@ from videogen_client._request import (
     several_servers,
     trace_metadata,
 )
+from videogen_client.auth import TokenSource
 from videogen_client.errors import (
     RequestCancelledError,
     VideoGenError,
@@ -66,7 +67,9 @@ class AsyncVideoGenClient:
         secure: use TLS. ``root_certificates`` (PEM) replaces the system's CA roots;
             ``private_key`` and ``certificate_chain`` (PEM, both or neither) present a client
             certificate (mTLS). The three need ``secure=True``.
-        token: a bearer token, sent as ``authorization: Bearer <token>`` metadata on every call.
+        token: a bearer token, sent as ``authorization: Bearer <token>`` metadata on every call; or a
+            callable returning it, asked before each call (``TokenFile(path)``: a token file read
+            again when it changes, so a rotated token needs no new client).
             On a plaintext channel anyone on the network path can read it.
         options: extra gRPC channel options, ``[(name, value), ...]``; they override the client's.
             The client raises grpc's receive limit to 8 MiB (a streamed message carries at most
@@ -118,7 +121,7 @@ class AsyncVideoGenClient:
 
     def __init__(self, target: Target, *, secure: bool = False, root_certificates: bytes | None = None,
                  private_key: bytes | None = None, certificate_chain: bytes | None = None,
-                 token: str | None = None, options: ChannelOptions | None = None,
+                 token: TokenSource | None = None, options: ChannelOptions | None = None,
                  timeout: float | None = None, retry: bool | RetryPolicy = True,
                  load_balancing: str = "round_robin", health_check: bool | None = None,
                  keepalive: float | None = KEEPALIVE_S) -> None:

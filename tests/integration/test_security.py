@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from videogen_client import UnauthenticatedError, UnavailableError, VideoGenClient, VideoGenError
+from videogen_client import TokenFile, UnauthenticatedError, UnavailableError, VideoGenClient, VideoGenError
 
 from ..helpers import ServerThread, sample_png
 
@@ -390,10 +390,23 @@ def test_a_rotated_token_file_is_loaded_without_a_restart(repo, tmp_path):
 
     with ServerThread(repo, auth_tokens=("fixed",), auth_token_file=path, credentials_reload_seconds=0.05) as server:
         assert accepted("old") and accepted("fixed") and not accepted("new")
-        rewrite("# rotated\nnew\nnewer\n")
-        _eventually(lambda: accepted("new"), "the new token is refused")
-        assert accepted("newer") and accepted("fixed") and not accepted("old")
-        assert server.metric("videogen_credentials_reloads_total", credentials="tokens", result="ok") == 1
+        # the rotation README gives: the new token added, the callers moved to it, the old one removed; a
+        # long-lived caller reads its token from a file (TokenFile) and moves without a new client
+        held = tmp_path / "client-token"
+        held.write_text("old\n")
+        with VideoGenClient(server.target, token=TokenFile(held), retry=False) as caller:
+            assert caller.list_models(timeout=10)[0].name == "svd-tiny"
+            rewrite("# rotated\nold\nnew\n")
+            _eventually(lambda: accepted("new"), "the new token is refused")
+            assert accepted("old")
+            (tmp_path / "client-token.new").write_text("new\n")
+            os.replace(tmp_path / "client-token.new", held)
+            rewrite("new\nnewer\n")
+            _eventually(lambda: not accepted("old"), "the removed token is still accepted")
+            assert caller.list_models(timeout=10)[0].name == "svd-tiny"  # on the new token, same client
+            assert _run(caller).summary.num_frames == 1
+        assert accepted("newer") and accepted("fixed")
+        assert server.metric("videogen_credentials_reloads_total", credentials="tokens", result="ok") == 2
         for text in ("# emptied by mistake\n", "caf\u00e9\n"):
             rewrite(text)
             _eventually(lambda: server.metric("videogen_credentials_reload_failing", credentials="tokens") == 1,
