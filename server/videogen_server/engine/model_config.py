@@ -129,11 +129,16 @@ class Warmup:
     batch_size: int = 1  # run the request as a batch of this many (compiled graphs are per batch size)
 
     def params(self, defaults: GenerationDefaults, limits: GenerationLimits) -> ResolvedParams:
-        """Its inputs resolved as a request's would be (ValueError: an input that is not a number;
-        InvalidRequest: one the model's limits refuse)."""
+        """Its inputs resolved as a request's would be (InvalidRequest naming the input: one that is not
+        a number, or one the model's limits refuse)."""
         from .admission import resolve_params  # (admission reads this module's types)
 
-        fields = {k: _parse_number("float" if k in _FLOAT_REQUEST_FIELDS else "int", v) for k, v in self.inputs.items()}
+        fields = {}
+        for key, text in self.inputs.items():
+            try:
+                fields[key] = _parse_number("float" if key in _FLOAT_REQUEST_FIELDS else "int", text)
+            except ValueError:
+                raise InvalidRequest(key, f"{text!r} is not a number") from None
         return resolve_params(GenerationParams(**fields), defaults, limits)
 
 
@@ -311,11 +316,6 @@ def settings_from_proto(
                         batch_size=max(1, w.batch_size))
         # each value as a request's, here: a bad one failed the load of every version, unnamed by file or
         # field ("invalid literal for int()"), after a traceback (repository review)
-        for key, text in warmup.inputs.items():
-            try:
-                _parse_number("float" if key in _FLOAT_REQUEST_FIELDS else "int", text)
-            except ValueError:
-                raise fail(f"model_warmup[{i}].inputs[{key!r}]", f"{text!r} is not a number") from None
         try:
             warmup.params(gen_defaults, gen_limits)
         except InvalidRequest as err:
