@@ -296,7 +296,6 @@ class VideoGenClient:
         """The events of one request, its attempts included. Each attempt's call is listed in ``calls``
         for GenerateCall.cancel, then ``cancelled`` read (a cancel sets it before cancelling the calls
         listed: either it sees this call or this reads its flag); once cancelled, nothing is sent again."""
-        metadata = call_metadata(self._settings, request_id, trace)
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 1
         attempts = StreamAttempts()
@@ -308,6 +307,8 @@ class VideoGenClient:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if cancelled.is_set():
                 raise RequestCancelledError("the call was cancelled", request_id=request_id)
+            # each attempt's: the request id the server gave, a token source's token of now (rotated since?)
+            metadata = call_metadata(self._settings, request_id, trace)
             call = self._stub.Generate(request, timeout=remaining, metadata=metadata)
             calls[:] = [call]
             if cancelled.is_set():  # cancelled while the call was made
@@ -335,7 +336,6 @@ class VideoGenClient:
                                   started=attempts.started)
                 if decoder.request_id and not request_id:
                     request_id = decoder.request_id
-                    metadata = call_metadata(self._settings, request_id, trace)
                 if wait is None:
                     raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
                 again = attempts.again(request, after=wait)

@@ -257,7 +257,6 @@ class AsyncVideoGenClient:
 
     async def _stream(self, request: videogen_pb2.GenerateRequest, *, request_id: str | None,
                       timeout: float | None, trace: tuple[tuple[str, str], ...] = ()) -> AsyncGenerator[Event, None]:
-        metadata = call_metadata(self._settings, request_id, trace)
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 1
         attempts = StreamAttempts()
@@ -267,6 +266,8 @@ class AsyncVideoGenClient:
                     raise RequestCancelledError("the client was closed during the call", request_id=request_id)
                 raise ValueError(f"{self!r} is closed")  # a generator made before close() and iterated after
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            # each attempt's: the request id the server gave, a token source's token of now (rotated since?)
+            metadata = call_metadata(self._settings, request_id, trace)
             call = self._stub.Generate(request, timeout=remaining, metadata=metadata)
             decoder = EventDecoder()
             received = False
@@ -288,7 +289,6 @@ class AsyncVideoGenClient:
                                   started=attempts.started)
                 if decoder.request_id and not request_id:
                     request_id = decoder.request_id
-                    metadata = call_metadata(self._settings, request_id, trace)
                 if wait is None:
                     raise from_rpc_error(err, request_id=decoder.request_id or request_id) from err
                 again = attempts.again(request, after=wait)

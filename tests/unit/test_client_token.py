@@ -68,3 +68,52 @@ def test_any_callable_is_asked_before_each_call():
     with pytest.raises(ValueError, match="printable ASCII"):  # a str is checked where it is given, as before
         connection_settings("localhost:8001", secure=False, root_certificates=None, private_key=None,
                             certificate_chain=None, token="tok one", options=None)
+
+
+def test_a_resent_generate_sends_the_token_of_its_resend(tmp_path):
+    """A request the SDK sends again (refused after the response headers: gRPC counts it as committed and
+    does not retry it itself) carries the token of the time it is resent: rotated meanwhile, the first
+    attempt's was resent, and the job ended UNAUTHENTICATED once the old token was removed (review).
+    A gRPC server in this process stands in for one that refuses the first attempt."""
+    import asyncio
+    from concurrent import futures
+
+    import grpc
+    from videogen.v1 import videogen_pb2_grpc as pb_grpc
+
+    from tests.helpers import sample_png
+    from videogen_client import AsyncVideoGenClient, InvalidArgumentError, VideoGenClient
+
+    path = tmp_path / "token"
+    seen: list[str] = []
+
+    class RefusesThenRotates(pb_grpc.VideoGenServicer):
+        def Generate(self, request, context):
+            seen.append(dict(context.invocation_metadata())["authorization"])
+            context.send_initial_metadata((("x-request-id", "r1"),))  # headers first: committed
+            if len(seen) % 2:  # the first attempt: the token rotates while it is refused
+                _replace(path, "new\n")
+                context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_frames: no")
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_VideoGenServicer_to_server(RefusesThenRotates(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        for client_class in (VideoGenClient, AsyncVideoGenClient):
+            path.write_text("old\n")
+            if client_class is VideoGenClient:
+                with VideoGenClient(f"127.0.0.1:{port}", token=TokenFile(path), timeout=30) as client:
+                    with pytest.raises(InvalidArgumentError):
+                        client.run(sample_png(), model="m", request_id="r1")
+            else:
+                async def run_async():
+                    async with AsyncVideoGenClient(f"127.0.0.1:{port}", token=TokenFile(path), timeout=30) as client:
+                        await client.run(sample_png(), model="m", request_id="r1")
+
+                with pytest.raises(InvalidArgumentError):
+                    asyncio.run(run_async())
+            assert seen[-2:] == ["Bearer old", "Bearer new"], (client_class.__name__, seen)
+    finally:
+        server.stop(0)
