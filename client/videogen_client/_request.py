@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import inspect
 import ipaddress
 import json
 import logging
@@ -329,6 +330,10 @@ def connection_settings(target: Target, *, secure: bool, root_certificates: byte
     grpc_target = channel_target(target)
     token_source = None
     if callable(token):
+        if inspect.iscoroutinefunction(token) or inspect.iscoroutinefunction(getattr(token, "__call__", None)):
+            # (asked on the call's path, the async client's included, and never awaited: every call failed)
+            raise TypeError("token: a callable returning the token, not a coroutine function; it is asked before "
+                            "each call (on the event loop, for AsyncVideoGenClient: keep it quick)")
         token_source, token = token, None
     elif token is not None:
         token = check_token(token)

@@ -65,6 +65,12 @@ def test_any_callable_is_asked_before_each_call():
     assert call_metadata(settings, None) == (("authorization", "Bearer two"),)  # (its newline stripped)
     with pytest.raises(ValueError, match="printable ASCII"):  # never sent: gRPC would refuse it as INTERNAL
         call_metadata(settings, None)
+    async def fetch():  # asked on the call's path and never awaited: refused where it is given
+        return "one"
+
+    with pytest.raises(TypeError, match="not a coroutine function"):
+        connection_settings("localhost:8001", secure=False, root_certificates=None, private_key=None,
+                            certificate_chain=None, token=fetch, options=None)
     with pytest.raises(ValueError, match="printable ASCII"):  # a str is checked where it is given, as before
         connection_settings("localhost:8001", secure=False, root_certificates=None, private_key=None,
                             certificate_chain=None, token="tok one", options=None)
