@@ -5,6 +5,7 @@ import dataclasses
 import math
 import os
 import ssl
+import sys
 import urllib.parse
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,8 @@ MODEL_CONTROL_MODES = ("none", "explicit", "poll")
 #: File descriptors kept from the gRPC port's connections when --max-connections is left to the default
 #: (the health port's 64 connections among them)
 FD_RESERVE = 256
+#: The shortest interval between checks of the credential files (each a few stat calls, on a thread)
+MIN_RELOAD_SECONDS = 0.1
 #: gRPC takes durations as int milliseconds
 MAX_GRPC_SECONDS = (2**31 - 1) / 1000
 
@@ -50,6 +53,38 @@ def check_tls_files(cert: Path, key: Optional[Path], client_ca: Optional[Path]) 
         except (OSError, ssl.SSLError) as err:
             raise ValueError(f"--tls-client-ca {client_ca}: {getattr(err, 'reason', None) or err} "
                              f"(PEM CA certificates)") from None
+    if not _grpc_serves(Path(cert).read_bytes(), Path(key).read_bytes(),
+                        Path(client_ca).read_bytes() if client_ca is not None else None):
+        raise ValueError(f"--tls-cert {cert} / --tls-key {key}: gRPC cannot serve them, though OpenSSL reads them "
+                         f"(gRPC's BoringSSL takes RSA, ECDSA on P-256, P-384 or P-521, and Ed25519 keys: not DSA or "
+                         f"secp256k1; its log above says why)")
+
+
+def _grpc_serves(cert: bytes, key: bytes, client_ca: Optional[bytes]) -> bool:
+    """Whether gRPC builds a TLS server of these: what OpenSSL takes, BoringSSL may not (a DSA key), and
+    the port's bind then failed at start, or a reload was refused at the next handshake while the old
+    certificate went on serving, reported loaded (review). A throwaway server on a Linux abstract socket
+    (no file, no TCP port); elsewhere, not checked."""
+    if not sys.platform.startswith("linux"):
+        return True
+    import uuid
+    from concurrent import futures
+
+    import grpc
+
+    credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                              require_client_auth=client_ca is not None)
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    try:
+        try:
+            return server.add_secure_port(f"unix-abstract:videogen-tls-check-{os.getpid()}-{uuid.uuid4().hex}",
+                                          credentials) != 0
+        except RuntimeError:  # grpcio's "Failed to bind"
+            return False
+        finally:
+            server.start()  # then stopped: a server never started keeps its listener (grpc/grpc#23390)
+    finally:
+        server.stop(None)
 
 
 
@@ -209,9 +244,9 @@ class ServerConfig:
         check_tokens(self.auth_tokens, "VIDEOGEN_AUTH_TOKENS")
         if self.auth_token_file is not None:
             read_token_file(self.auth_token_file)
-        if not 0 <= self.credentials_reload_seconds < math.inf:
+        if not (self.credentials_reload_seconds == 0 or MIN_RELOAD_SECONDS <= self.credentials_reload_seconds < math.inf):
             raise ValueError(f"--credentials-reload-seconds: {self.credentials_reload_seconds} is not 0 (read once) "
-                             f"or a positive number of seconds")
+                             f"or seconds from {MIN_RELOAD_SECONDS}")
         # ranges: gRPC wraps a port above 65535 (70000 listened on 4464), takes its integer options as C
         # ints (a larger value failed the start with an OverflowError) and a negative message size as
         # "unlimited"; a poll interval of 0 scanned the repositories in a busy loop (repository review)

@@ -118,24 +118,37 @@ def test_tls_files_that_cannot_serve_are_refused_naming_the_flag(tmp_path, pki):
     with pytest.raises(ValueError, match="--tls-client-ca .*no PEM certificate"):
         ServerConfig(model_repositories=(tmp_path,), tls_cert=pki["server.crt"], tls_key=pki["server.key"],
                      tls_client_ca=pki["server.key"])
+    # what OpenSSL reads and gRPC's BoringSSL does not serve: the bind failed ("cannot bind the gRPC port"),
+    # and a reload to it was reported loaded while the old certificate went on serving (review)
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec
+
+    for kind, key in (("dsa", dsa.generate_private_key(2048)), ("secp256k1", ec.generate_private_key(ec.SECP256K1()))):
+        cert, key_file = _self_signed(tmp_path, kind, key)
+        with pytest.raises(ValueError, match=f"--tls-cert {cert} / --tls-key {key_file}: gRPC cannot serve them"):
+            ServerConfig(model_repositories=(tmp_path,), tls_cert=cert, tls_key=key_file)
     ServerConfig(model_repositories=(tmp_path,), tls_cert=pki["server.crt"], tls_key=pki["server.key"],
                  tls_client_ca=pki["ca.crt"])
     # a key OpenSSL's default security level calls too small, which gRPC (BoringSSL) serves: not refused
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    cert, key_file = _self_signed(tmp_path, "small", rsa.generate_private_key(public_exponent=65537, key_size=1024))
+    ServerConfig(model_repositories=(tmp_path,), tls_cert=cert, tls_key=key_file)
+
+
+def _self_signed(folder: Path, stem: str, key) -> tuple[Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import NameOID
 
-    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(small.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .sign(small, hashes.SHA256()))
-    (tmp_path / "small.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "small.key").write_bytes(small.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                             serialization.NoEncryption()))
-    ServerConfig(model_repositories=(tmp_path,), tls_cert=tmp_path / "small.crt", tls_key=tmp_path / "small.key")
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    (folder / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / f"{stem}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    return folder / f"{stem}.crt", folder / f"{stem}.key"
 
 
 def test_mutual_tls(repo, pki):
@@ -280,9 +293,10 @@ def test_cli_reads_tokens_from_file_and_environment(tmp_path):
     with pytest.raises(ValueError, match="--auth-token-file .*No such file"):
         config_from_args(_parser().parse_args(["serve", "--model-repository", str(tmp_path),
                                                "--auth-token-file", str(tmp_path / "none")]), {})
-    with pytest.raises(ValueError, match="--credentials-reload-seconds"):
-        config_from_args(_parser().parse_args(["serve", "--model-repository", str(tmp_path),
-                                               "--credentials-reload-seconds", "-1"]), {})
+    for seconds in ("-1", "0.001", "inf", "nan"):  # (0.001: a poll on a thread a millisecond)
+        with pytest.raises(ValueError, match="--credentials-reload-seconds"):
+            config_from_args(_parser().parse_args(["serve", "--model-repository", str(tmp_path),
+                                                   "--credentials-reload-seconds", seconds]), {})
     with pytest.raises(ValueError):
         config_from_args(_parser().parse_args(["serve", "--model-repository", str(tmp_path),
                                                "--tls-cert", str(tokens)]), {})
@@ -339,7 +353,7 @@ def test_a_renewed_certificate_is_served_without_a_restart(repo, tmp_path, pki, 
     mount = tmp_path / "tls"
     _secret_volume(mount, {"tls.crt": pki["server.crt"], "tls.key": pki["server.key"]})
     with ServerThread(repo, tls_cert=mount / "tls.crt", tls_key=mount / "tls.key",
-                      credentials_reload_seconds=0.05) as server:
+                      credentials_reload_seconds=0.1) as server:
         assert server.metric("videogen_credentials_reload_failing", credentials="tls") == 0
         ca = pki["ca.crt"].read_bytes()
         with VideoGenClient(server.target, secure=True, root_certificates=ca) as before:
@@ -361,11 +375,21 @@ def test_a_renewed_certificate_is_served_without_a_restart(repo, tmp_path, pki, 
         failures = [r.getMessage() for r in caplog.records if "cannot load the new tls files" in r.getMessage()]
         assert len(failures) == 1 and "the key is not the certificate's" in failures[0], failures
         assert "still serving the ones loaded before" in failures[0]
+        # a pair OpenSSL reads and gRPC cannot serve: refused when gRPC took it, at the next handshake, and
+        # was reported loaded while the old certificate served on (review)
+        from cryptography.hazmat.primitives.asymmetric import dsa
+
+        dsa_cert, dsa_key = _self_signed(tmp_path, "dsa", dsa.generate_private_key(2048))
+        _secret_volume(mount, {"tls.crt": dsa_cert, "tls.key": dsa_key})
+        _eventually(lambda: server.metric("videogen_credentials_reloads_total", credentials="tls", result="error") == 2,
+                    "a certificate gRPC cannot serve is not reported")
+        assert server.metric("videogen_credentials_reload_failing", credentials="tls") == 1
+        assert _handshake(server.port, other["ca.crt"])
         _secret_volume(mount, {"tls.crt": pki["server.crt"], "tls.key": pki["server.key"]})
         _eventually(lambda: _handshake(server.port, pki["ca.crt"]), "the mended files are not served")
         assert server.metric("videogen_credentials_reload_failing", credentials="tls") == 0
         assert server.metric("videogen_credentials_reloads_total", credentials="tls", result="ok") == 2
-        assert len([r for r in caplog.records if "cannot load" in r.getMessage()]) == 1  # once, not every poll
+        assert len([r for r in caplog.records if "cannot load" in r.getMessage()]) == 2  # once each, not every poll
 
 
 def test_a_rotated_token_file_is_loaded_without_a_restart(repo, tmp_path):
@@ -388,7 +412,7 @@ def test_a_rotated_token_file_is_loaded_without_a_restart(repo, tmp_path):
             except UnauthenticatedError:
                 return False
 
-    with ServerThread(repo, auth_tokens=("fixed",), auth_token_file=path, credentials_reload_seconds=0.05) as server:
+    with ServerThread(repo, auth_tokens=("fixed",), auth_token_file=path, credentials_reload_seconds=0.1) as server:
         assert accepted("old") and accepted("fixed") and not accepted("new")
         # the rotation README gives: the new token added, the callers moved to it, the old one removed; a
         # long-lived caller reads its token from a file (TokenFile) and moves without a new client

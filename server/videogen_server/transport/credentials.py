@@ -8,7 +8,8 @@ restarted, and a restart here is a model load and warm-up (minutes of a GPU serv
 Each file set is polled (`os.stat`: device, inode, size, mtime, ctime) every
 `--credentials-reload-seconds`. A change is loaded once the files have stayed the same for one more
 interval (a writer copying the certificate, then the key, is not caught halfway), checked as at start
-(OpenSSL loads the certificate with its key; tokens as printable ASCII, at least one); a set that does
+(OpenSSL loads the certificate with its key, then gRPC builds a TLS server of them; tokens as printable
+ASCII, at least one); a set that does
 not pass is logged once and the server keeps serving what it loaded before
 (`videogen_credentials_reload_failing` 1 until the files load). A new certificate serves the
 connections opened after it is loaded: gRPC asks for it before each TLS handshake; open connections
@@ -44,6 +45,10 @@ def fingerprint(paths: Sequence[Path]) -> tuple:
     return tuple(out)
 
 
+class FilesChanging(Exception):
+    """The files changed while being read: not a failure, a load to try once they have settled."""
+
+
 class Reloadable(Protocol):
     #: the `credentials` label: "tls" or "tokens"
     kind: str
@@ -64,7 +69,15 @@ class TlsFiles:
         self._paths = (cert, key, client_ca)
         self._lock = threading.Lock()
         self._pending: Optional[grpc.ServerCertificateConfiguration] = None
-        self._initial = self._read()
+        for attempt in range(3):
+            #: the files' fingerprint before they were read (taken after, a change in between was never loaded)
+            self.fingerprint = fingerprint(self.files())
+            try:
+                self._initial = self._read()
+                break
+            except FilesChanging:
+                if attempt == 2:
+                    raise ValueError("--tls-cert/--tls-key: the files kept changing while being read") from None
 
     def files(self) -> tuple[Path, ...]:
         return tuple(p for p in self._paths if p is not None)
@@ -81,7 +94,7 @@ class TlsFiles:
         check_tls_files(*self._paths)
         cert, key, ca = self._bytes()
         if (cert, key, ca) != before:
-            raise ValueError("the TLS files changed while being read")
+            raise FilesChanging("the TLS files changed while being read")
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def server_credentials(self) -> grpc.ServerCredentials:
@@ -132,10 +145,9 @@ class CredentialReloader:
         self._watches: list[_Watch] = []
         self._metrics = metrics
 
-    def add(self, item: Reloadable) -> None:
-        """Registers a set already loaded (its current files are what serves)."""
-        fp = fingerprint(item.files())
-        self._watches.append(_Watch(item, loaded=fp, seen=fp))
+    def add(self, item: Reloadable, loaded: tuple) -> None:
+        """Registers a set already loaded: `loaded` is its files' fingerprint taken before they were read."""
+        self._watches.append(_Watch(item, loaded=loaded, seen=loaded))
         if self._metrics is not None:  # exported from the start: an alert on a series born failing misses
             self._metrics.credentials_reload_failing.labels(item.kind).set(0)
             for result in ("ok", "error"):
@@ -165,11 +177,14 @@ class CredentialReloader:
         names = ", ".join(map(str, watch.item.files()))
         try:
             watch.item.load()
-        except ValueError as err:
+        except FilesChanging:
+            watch.seen = ()  # (a change again: loaded once it has settled)
+            return
+        except Exception as err:  # noqa: BLE001 - any failure leaves the previous files serving
             watch.failed = fp
             self._count(kind, "error", failing=1)
             log.warning("cannot load the new %s files (%s): %s; still serving the ones loaded before",
-                        kind, names, err)
+                        kind, names, err, exc_info=not isinstance(err, ValueError))
             return
         watch.loaded, watch.failed = fp, None
         self._count(kind, "ok", failing=0)

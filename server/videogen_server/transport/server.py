@@ -17,7 +17,7 @@ from ..config import ServerConfig, read_token_file
 from ..errors import PortUnavailable
 from . import kserve
 from .auth import BearerTokenInterceptor
-from .credentials import CredentialReloader, TlsFiles, TokenFile
+from .credentials import CredentialReloader, TlsFiles, TokenFile, fingerprint
 from .limits import ConcurrencyLimit
 from .servicer import VideoGenServicer, refused_before_engine
 from .tracing import TracingInterceptor
@@ -153,11 +153,14 @@ def build_server(engine, config: ServerConfig, reloader: Optional[CredentialRelo
     change."""
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if config.authenticates:
-        file_tokens = read_token_file(config.auth_token_file) if config.auth_token_file else ()
+        file_tokens, stamp = (), ()
+        if config.auth_token_file:
+            stamp = fingerprint((config.auth_token_file,))  # before the read: a change in between is loaded
+            file_tokens = read_token_file(config.auth_token_file)
         tokens = BearerTokenInterceptor(config.auth_tokens + file_tokens, open_health_services=SERVER_HEALTH_SERVICES)
         interceptors.append(tokens)
         if reloader is not None and config.auth_token_file:
-            reloader.add(TokenFile(config.auth_token_file, config.auth_tokens, tokens.set_tokens))
+            reloader.add(TokenFile(config.auth_token_file, config.auth_tokens, tokens.set_tokens), stamp)
     if engine.tracing.enabled:  # after authentication: only a caller with a token makes the server trace
         interceptors.append(TracingInterceptor(engine.tracing.tracer))
     if config.max_concurrent_requests:  # innermost: a caller refused a token takes no place
@@ -184,6 +187,6 @@ def build_server(engine, config: ServerConfig, reloader: Optional[CredentialRelo
         tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
         credentials = tls.server_credentials()
         if reloader is not None:
-            reloader.add(tls)
+            reloader.add(tls, tls.fingerprint)
     port = _bind(server, address, "gRPC port", credentials)
     return server, port, HealthReporter(engine, health)
