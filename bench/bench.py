@@ -1,7 +1,7 @@
 """Benchmark: the plain diffusers pipeline vs. the videogen server, same weights, same workload, one run.
 
 Usage:
-    python bench/bench.py --tiny --out /tmp/benchout     # CPU, tiny random SVD (64x48, 8 frames, 6 steps)
+    OMP_NUM_THREADS=1 python bench/bench.py --tiny --out /tmp/benchout   # CPU, tiny random SVD (64x48, 8 frames, 6 steps)
     python bench/bench.py                                # GPU, full-size SVD-XT, random fp16 weights
     python bench/bench.py --variants plain,server --steps 10 --time-budget 400
 
@@ -38,7 +38,8 @@ gemm, gemm_fp8, triton = Inductor's fused kernels, memcpy, ...) and its top kern
 With --tiny the server variant also measures the overhead ratio (server e2e / plain total, medians of 5) and
 the busy fraction of a 1-instance server under --load concurrent requests.
 
-Results go to <out>/bench_results.json (rewritten after every variant); a table is printed at the end.
+Results go to <out>/bench_results.json (rewritten after every variant); a table is printed at the end. Exit
+status 1 when a variant failed (or the load test's requests did), else 0.
 """
 from __future__ import annotations
 
@@ -749,7 +750,7 @@ def print_table(variants: dict) -> None:
             print(f"{name:<20}" + "".join(f"{'-' if r.get(c) is None else format(r[c], '.3f'):>14}" for c in cols))
 
 
-def main() -> None:
+def main() -> int:
     quiet_libraries()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random model on CPU")
@@ -872,10 +873,13 @@ def main() -> None:
         print(f"\noverhead ratio, server e2e (client side) / plain total: {der['overhead_ratio_e2e']:.3f} "
               f"(medians {server['e2e_s']:.3f}s / {plain['total_s']:.3f}s of {len(server['runs'])} / "
               f"{len(plain['runs'])} runs), {der['overhead_ratio_e2e_min']:.3f} (best runs)")
-    if "busy_fraction" in der:
+    if der.get("busy_fraction") is not None:
         sat = server["saturation"]
         print(f"busy fraction under load ({sat['completed']}/{sat['requests']} concurrent requests, 1 instance): "
               f"{der['busy_fraction']:.3f}  (wall {sat['wall_s']:.2f}s, {sat['videos_per_s']:.2f} videos/s)")
+    sat_errors = server.get("saturation", {}).get("errors") or []
+    if sat_errors:
+        print(f"load test: {len(sat_errors)} requests failed, e.g. {sat_errors[0]}")
     for v, r in vs.items():
         if r.get("max_abs_diff_vs_plain") is not None:
             print(f"{v}: frames vs the plain pipeline's (all {a.frames}): max |diff| {r['max_abs_diff_vs_plain']} "
@@ -893,8 +897,16 @@ def main() -> None:
         for k, r in vs["unet_tricks"].items():
             if isinstance(r, dict):
                 print(f"  {k:<16} {r}")
+    if device == "cpu":
+        print("peak_GiB on CPU: process RSS, plain the lifetime peak (the weights' build included), the server the "
+              "resident size after its run (the same process, after plain): not comparable with each other")
     print(f"results: {path}")
+    failed = [v for v, r in vs.items() if isinstance(r, dict) and "error" in r]
+    if failed or sat_errors:  # (a script or CI running the bench must see it: the table alone exits 0)
+        print(f"failed: {', '.join(failed + (['load test'] if sat_errors else []))}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
