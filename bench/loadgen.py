@@ -24,9 +24,15 @@ share a device report that device's per-process figure, so each device counts on
 the process RSS), else the RSS of ``--pid`` processes. After the run it waits up to 5 s for the
 servers' ``videogen_inflight_requests`` and ``videogen_queue_depth`` to return to 0 and reports them.
 
+Closed loop: each client sends its next request when its previous one has ended, so a slower server
+is offered less load, and the latencies are those of ``--clients`` callers waiting on each other, not
+of requests arriving at a fixed rate (there is no rate mode: no coordinated-omission correction is
+needed or made). Raise ``--clients`` to load the servers harder.
+
 Only loopback is loaded: targets and metrics URLs whose host is not in 127.0.0.0/8, ::1 or
 ``localhost`` are refused (exit status 2, with the reason). Exit status 0 when every sent request
-completed or was refused with RESOURCE_EXHAUSTED (queue full), else 1.
+completed or was refused with RESOURCE_EXHAUSTED (queue full) and the servers could still be read
+after the run (``--metrics``, ``--pid``), else 1; the table and ``--json`` are written either way.
 
 Importable: ``run_load(targets, model=..., clients=..., requests=..., request_kwargs=..., timeout=...)``
 returns the same dict that ``--json`` writes; ``format_table(result)`` renders it.
@@ -141,9 +147,10 @@ def rss_memory(pids: Sequence[int]) -> int:
     """Resident set size of processes (Linux /proc), summed."""
     total = 0
     for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
+        lines = [line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS:")]
+        if not lines:  # a zombie (exited, not yet reaped): counted as 0 MiB, it read as a server that freed it all
+            raise OSError(f"process {pid} has exited")
+        total += int(lines[0].split()[1]) * 1024
     return total
 
 
@@ -327,15 +334,29 @@ def run_load(targets: str | Sequence[str], *, model: str, clients: int, requests
     if not duration > 0:
         raise ValueError("duration must be > 0 seconds")
 
-    source, before = server_memory(metrics, pids)
+    try:
+        source, before = server_memory(metrics, pids)
+    except (OSError, ValueError) as err:  # (URLError is an OSError)
+        raise ValueError(f"cannot read the servers' memory before the run: {err}") from None
     records, sent, wall, deadline_reached = asyncio.run(_run_async(
         target_list, model=model, clients=clients, requests=requests, request_kwargs=kwargs,
         timeout=timeout, duration=duration, retry=retry, image=image))
+    # after the run the servers may be gone (what a load test is there to find): the records are kept
+    # and the reason reported, not lost to a traceback
     server_after: dict[str, Any] = {}
+    unreadable = None
     if metrics:
-        values, waited = wait_idle(metrics)
-        server_after = {**values, "idle_wait_s": waited}
-    _, after = server_memory(metrics, pids)
+        try:
+            values, waited = wait_idle(metrics)
+            server_after = {**values, "idle_wait_s": waited}
+        except (OSError, ValueError) as err:
+            unreadable = f"{type(err).__name__}: {err}"
+    after = None
+    if unreadable is None:
+        try:
+            _, after = server_memory(metrics, pids)
+        except (OSError, ValueError) as err:
+            unreadable = f"{type(err).__name__}: {err}"
 
     ok = [r for r in records if r["status"] == "OK"]
     eta_errors = [r["eta_error_s"] for r in ok if r["eta_error_s"] is not None]
@@ -364,6 +385,7 @@ def run_load(targets: str | Sequence[str], *, model: str, clients: int, requests
         "memory": {"source": source, "before_bytes": before, "after_bytes": after,
                    "delta_bytes": None if before is None or after is None else after - before},
         "server_after": server_after,
+        "server_unreadable_after": unreadable,
     }
 
 
@@ -400,8 +422,11 @@ def format_table(result: dict[str, Any]) -> str:
     memory = result["memory"]
     if memory["source"]:
         delta = memory["delta_bytes"]
+        change = "" if delta is None else f" ({'+' if delta >= 0 else '-'}{_bytes(abs(delta))})"
         lines += ["", f"server memory ({memory['source']}): before {_bytes(memory['before_bytes'])}, "
-                      f"after {_bytes(memory['after_bytes'])} ({'+' if delta >= 0 else '-'}{_bytes(abs(delta))})"]
+                      f"after {_bytes(memory['after_bytes'])}{change}"]
+    if result.get("server_unreadable_after"):
+        lines.append(f"the servers could not be read after the run (gone?): {result['server_unreadable_after']}")
     if result["server_after"]:
         s = result["server_after"]
         lines.append(f"server after the run: inflight {s['inflight_requests']:g}, queue depth {s['queue_depth']:g} "
@@ -447,10 +472,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     kwargs["frame_encoding"] = args.frame_encoding
     kwargs["stream_video"] = not args.no_video
     try:
+        try:
+            image = args.image.read_bytes() if args.image else None
+        except OSError as err:
+            raise ValueError(f"--image {args.image}: {err.strerror or err}") from None
         result = run_load(split_targets(args.target), model=args.model, clients=args.clients,
                           requests=args.requests, request_kwargs=kwargs, timeout=args.timeout,
                           duration=args.duration, metrics=args.metrics, pids=args.pid, retry=args.retry,
-                          image=args.image.read_bytes() if args.image else None)
+                          image=image)
     except ValueError as err:
         print(f"loadgen: refusing to run: {err}", file=sys.stderr)
         return 2
@@ -458,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     accepted = {"RESOURCE_EXHAUSTED"}
-    return 0 if all(code in accepted for code in result["errors"]) else 1
+    return 0 if all(code in accepted for code in result["errors"]) and not result["server_unreadable_after"] else 1
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ machine).
 
 Exit status 0 when every request ended as its kind should (UNEXPECTED lists the others: an INTERNAL, a
 stream that outlived its own deadline by 10 s, a completion where only an error is possible), 1
-otherwise, 2 for bad arguments. With reloads, UNAVAILABLE is an expected end (a reload hands back the
+otherwise, or when the server process could no longer be read (it exited: the run stops there, and the
+table and ``--json`` keep what was gathered), 2 for bad arguments. With reloads, UNAVAILABLE is an expected end (a reload hands back the
 queued requests that would not end within the server's ``--unload-timeout-seconds`` and stops those still
 running at its end; retries are off). A completion's DeadlineExceededError is not: give ``--timeout`` room
 for the queue's wait (``--concurrency`` requests ahead). Importable: ``run_mix(...)`` runs the requests and returns the outcomes; the tests use it.
@@ -133,8 +134,8 @@ async def _one(client: Any, channel: grpc.aio.Channel, target: str, kind: str, *
 async def run_mix(target: str, *, model: str, requests: int, concurrency: int = 6, seed: int = 0,
                   sizes: Optional[dict[str, int]] = None, image: Optional[bytes] = None, timeout: float = 60.0,
                   reload_every: int = 0, burst_every: int = 0, burst_size: int = 0,
-                  on_done: Optional[Callable[[int], Awaitable[None]]] = None,
-                  kinds: Sequence[str] = KINDS) -> dict[str, Counter]:
+                  on_done: Optional[Callable[[int, int], Awaitable[None]]] = None,
+                  kinds: Sequence[str] = KINDS, outcomes: Optional[dict[str, Counter]] = None) -> dict[str, Counter]:
     """Sends ``requests`` requests of kinds drawn from ``kinds`` (seeded) from ``concurrency`` workers;
     with ``reload_every`` the model is reloaded (LoadModel, explicit model control) in place after every
     that many requests, while the others run; with ``burst_every``, after every that many the mix pauses
@@ -142,8 +143,10 @@ async def run_mix(target: str, *, model: str, requests: int, concurrency: int = 
     the server queues and runs, so that some are refused as a full queue, then the mix goes on. (The mix
     alone reaches a full queue only while ``concurrency`` exceeds what the server queues and runs, and
     then for most of its requests, as refusals are quick: a burst beside the running mix did the same.)
-    ``on_done(n)`` is awaited after each drawn request (n done so far). Returns {kind: Counter(outcome)};
-    a request that outlives its own deadline by HANG_GRACE_S is ``HANG``."""
+    ``on_done(n, sent)`` is awaited after each drawn request (n drawn requests done so far; ``sent``:
+    requests ended so far, the bursts' included). Returns {kind: Counter(outcome)}, filled into
+    ``outcomes`` when given (what ended before an exception stays the caller's); a request that outlives
+    its own deadline by HANG_GRACE_S is ``HANG``."""
     from videogen_client import AsyncVideoGenClient
 
     sizes = dict(sizes or {})
@@ -151,8 +154,8 @@ async def run_mix(target: str, *, model: str, requests: int, concurrency: int = 
     image = image or default_image()
     rng = random.Random(seed)
     drawn = [rng.choice(kinds) for _ in range(requests)]
-    outcomes: dict[str, Counter] = {}
-    taken = done = busy = 0
+    outcomes = {} if outcomes is None else outcomes
+    taken = done = busy = bursts = 0
     running = asyncio.Event()  # cleared while a burst waits for the mix to stop, and runs
     running.set()
     changed = asyncio.Condition()  # busy went down
@@ -172,9 +175,11 @@ async def run_mix(target: str, *, model: str, requests: int, concurrency: int = 
             running.clear()
             async with changed:
                 await changed.wait_for(lambda: busy == 0)
+            nonlocal bursts
             try:
                 await asyncio.gather(*(one("burst") for _ in range(burst_size)))
             finally:
+                bursts += burst_size
                 running.set()
 
         async def worker() -> None:
@@ -202,10 +207,16 @@ async def run_mix(target: str, *, model: str, requests: int, concurrency: int = 
                         changed.notify_all()
                 done += 1
                 if on_done is not None:
-                    await on_done(done)
+                    await on_done(done, done + bursts)
 
+        workers = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
         try:
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            await asyncio.gather(*workers)
+        except BaseException:  # (on_done stopped the run: the other workers' requests end here, uncounted)
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            raise
         finally:
             await channel.close()
     return outcomes
@@ -227,6 +238,10 @@ def unexpected(outcomes: dict[str, Counter]) -> dict[str, dict[str, int]]:
     return {kind: found for kind, found in bad.items() if found}
 
 
+class ServerGone(Exception):
+    """The server process cannot be read any more: the run stops, keeping what it gathered."""
+
+
 def process_sample(pid: int) -> dict[str, int]:
     """The process's resident memory (bytes), threads and open file descriptors, from /proc."""
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
@@ -246,8 +261,11 @@ def slope_per_1000(samples: list[dict[str, Any]], key: str) -> Optional[float]:
 
 def format_table(result: dict[str, Any]) -> str:
     samples = result["samples"]
-    lines = [f"videogen soak: model {result['model']} at {result['target']}, {result['requests']} requests, "
-             f"{result['concurrency']} at a time, {result['wall_seconds']:.0f} s"]
+    lines = [f"videogen soak: model {result['model']} at {result['target']}, {result['sent']} requests "
+             f"({result['requests']} drawn, the rest bursts), {result['concurrency']} at a time, "
+             f"{result['wall_seconds']:.0f} s"]
+    if result.get("server_gone"):
+        lines.append(f"STOPPED: {result['server_gone']}")
     if samples:
         first, last = samples[0], samples[-1]
         lines.append(f"{'server process':<16}{'first':>12}{'last':>12}{'min':>12}{'max':>12}"
@@ -298,20 +316,34 @@ def soak(target: str, pid: Optional[int], *, model: str, requests: int, concurre
          seed: int, sizes: dict[str, int], image: bytes, timeout: float, reload_every: int, burst_every: int,
          burst_size: int) -> dict[str, Any]:
     samples: list[dict[str, Any]] = []
+    outcomes: dict[str, Counter] = {}
+    sent = 0
 
-    async def on_done(n: int) -> None:
+    async def on_done(n: int, total: int) -> None:
+        nonlocal sent
+        sent = total
         if pid is not None and (n % sample_every == 0 or n == requests):
-            sample = {"requests": n, "seconds": round(time.monotonic() - t0, 1), **process_sample(pid)}
+            try:
+                figures = process_sample(pid)
+            except (OSError, KeyError, ValueError) as err:  # the server died: what a soak is there to find
+                raise ServerGone(f"the server process {pid} could not be read after {total} requests "
+                                 f"({type(err).__name__}: {err}): it has exited?") from None
+            # x: every request ended so far, the bursts' included (growth per 1000 requests sent)
+            sample = {"requests": total, "seconds": round(time.monotonic() - t0, 1), **figures}
             samples.append(sample)
-            print(f"{n:>8} requests {sample['seconds']:>8.1f} s  RSS {sample['rss_bytes'] / MIB:,.1f} MiB  "
+            print(f"{total:>8} requests {sample['seconds']:>8.1f} s  RSS {sample['rss_bytes'] / MIB:,.1f} MiB  "
                   f"threads {sample['threads']}  fds {sample['fds']}", flush=True)
 
     t0 = time.monotonic()
-    outcomes = asyncio.run(run_mix(target, model=model, requests=requests, concurrency=concurrency, seed=seed,
-                                   sizes=sizes, image=image, timeout=timeout, reload_every=reload_every,
-                                   burst_every=burst_every, burst_size=burst_size,
-                                   on_done=on_done))
-    return {"target": target, "model": model, "requests": requests, "concurrency": concurrency, "seed": seed,
+    gone = None
+    try:
+        asyncio.run(run_mix(target, model=model, requests=requests, concurrency=concurrency, seed=seed,
+                            sizes=sizes, image=image, timeout=timeout, reload_every=reload_every,
+                            burst_every=burst_every, burst_size=burst_size, on_done=on_done, outcomes=outcomes))
+    except ServerGone as err:
+        gone = str(err)
+    return {"target": target, "model": model, "requests": requests, "sent": sent, "server_gone": gone,
+            "concurrency": concurrency, "seed": seed,
             "sizes": sizes, "reload_every": reload_every, "burst_every": burst_every, "burst_size": burst_size,
             "wall_seconds": time.monotonic() - t0,
             "samples": samples, "rss_growth_mib_per_1000_requests":
@@ -364,7 +396,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as err:
             p.error(f"--pid {args.pid}: {err}")
     sizes = {k: getattr(args, k) for k in ("width", "height", "num_frames", "num_inference_steps", "decode_chunk_size")}
-    image = args.image.read_bytes() if args.image else default_image()
+    try:
+        image = args.image.read_bytes() if args.image else default_image()
+    except OSError as err:
+        p.error(f"--image {args.image}: {err.strerror or err}")
     with contextlib.ExitStack() as stack:
         if args.target:
             target, pid, model, reload_every = args.target, args.pid, args.model, args.reload_every or 0
@@ -380,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 1 if result["unexpected"] else 0
+    return 1 if result["unexpected"] or result["server_gone"] else 0
 
 
 if __name__ == "__main__":

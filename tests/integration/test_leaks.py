@@ -128,7 +128,8 @@ def test_soak_cli_starts_a_server_and_reports(tmp_path, capsys):
     import json
 
     data = json.loads(out.read_text())
-    assert [s["requests"] for s in data["samples"]] == [10, 20, 30, 40]
+    # x: the requests ended so far, the burst's 24 (sent once the 20th had ended) included
+    assert [s["requests"] for s in data["samples"]] == [10, 20, 54, 64] and data["sent"] == 64
     assert all(s["rss_bytes"] > 0 and s["threads"] > 0 and s["fds"] > 0 for s in data["samples"])
     assert data["rss_growth_mib_per_1000_requests"] is not None and not data["unexpected"]
     assert sum(sum(c.values()) for k, c in data["outcomes"].items() if k not in ("reload", "burst")) == 40
@@ -138,3 +139,28 @@ def test_soak_cli_starts_a_server_and_reports(tmp_path, capsys):
     assert sum(burst.values()) == 24 and burst.get("QueueFullError", 0) >= 1 and burst.get("ok", 0) >= 1
     for label in ("RSS MiB", "threads", "open fds", "RSS growth", "every request ended as its kind should"):
         assert label in printed
+
+
+def test_a_server_gone_mid_soak_stops_the_run_and_keeps_what_it_gathered(make_repo):
+    """The server's process vanished mid-run (what a soak is there to find): the next sample raised and the
+    samples and outcomes gathered were lost to a traceback (review). A process killed a second in stands
+    in for the server's (whose own death would take this test's server with it)."""
+    import subprocess
+    import sys
+
+    dummy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    killer = threading.Timer(1.0, lambda: (dummy.kill(), dummy.wait()))
+    try:
+        with ServerThread(make_repo({MODEL: CONFIG}), model_control_mode="explicit", load_models=(MODEL,)) as server:
+            killer.start()
+            result = soak.soak(server.target, dummy.pid, model=MODEL, requests=2000, concurrency=4, sample_every=4,
+                               seed=0, sizes=SIZES, image=soak.default_image(), timeout=60, reload_every=0,
+                               burst_every=0, burst_size=0)
+    finally:
+        killer.cancel()
+        dummy.kill()
+        dummy.wait()
+    assert result["server_gone"] and f"process {dummy.pid} could not be read" in result["server_gone"], result
+    assert result["samples"] and result["sent"] < 2000
+    assert sum(sum(c.values()) for c in result["outcomes"].values()) >= result["samples"][-1]["requests"]
+    assert "STOPPED: the server process" in soak.format_table(result)

@@ -134,3 +134,42 @@ def test_percentiles():
     assert loadgen.percentile([3.0], 99) == 3.0
     assert loadgen.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert loadgen.percentile(list(map(float, range(101))), 90) == 90.0
+
+
+def test_a_server_gone_after_the_run_keeps_the_results(small_queue_server, tmp_path, capsys):
+    """The server's memory could not be read after the run (it died: what a load test is there to find):
+    the records were lost to a traceback; and a zombie's missing VmRSS read as 0 MiB (review). A process
+    killed during the run stands in for the server's."""
+    import json
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    zombie = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    zombie.kill()
+    time.sleep(0.2)  # exited, not reaped
+    with pytest.raises(OSError, match="has exited"):
+        loadgen.rss_memory([zombie.pid])
+    zombie.wait()
+    dummy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    killer = threading.Timer(0.3, lambda: (dummy.kill(), dummy.wait()))
+    killer.start()
+    out = tmp_path / "load.json"
+    try:
+        status = loadgen.main(["--target", small_queue_server.target, "--model", MODEL, "--clients", "1",
+                               "--requests", "6", "--steps", "2", "--num-frames", "2", "--pid", str(dummy.pid),
+                               "--timeout", "30", "--json", str(out)])
+    finally:
+        killer.cancel()
+        dummy.kill()
+        dummy.wait()
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert status == 1, printed
+    assert data["completed"] == 6 and data["memory"]["after_bytes"] is None, data
+    assert f"/proc/{dummy.pid}/status" in data["server_unreadable_after"], data
+    assert "could not be read after the run" in printed and "end to end" in printed
+    assert loadgen.main(["--target", small_queue_server.target, "--model", MODEL, "--image",
+                         str(tmp_path / "missing.png")]) == 2
+    assert "--image" in capsys.readouterr().err
