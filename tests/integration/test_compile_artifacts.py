@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -62,6 +63,12 @@ def test_compile_artifacts_let_a_server_with_an_empty_cache_compile_nothing(make
                                           f'value {{ string_value: "{late_cache}" }} }}\n')})
     out = tmp_path / "out"
     folder = out / "m" / "1" / "compile_artifacts"
+    # a build killed mid-write (a Job's deadline) left its temporary file: the next build clears it
+    from videogen_server.backends.svd import accel
+
+    name = accel.artifacts_name(torch.device("cpu"))  # (this process runs one torch thread, as --cpu-threads 1)
+    folder.mkdir(parents=True)
+    (folder / f".{name}.x1y2z3").write_bytes(b"half a build")
 
     built = _cli("compile-artifacts", "--model-repository", str(repo), "--model", "m", "--cpu-threads", "1",
                  "--output", str(out), cache=tmp_path / "builder-cache", timeout=600, capture_output=True, text=True)
@@ -71,6 +78,12 @@ def test_compile_artifacts_let_a_server_with_an_empty_cache_compile_nothing(make
     assert len(files) == 1, (files, built.stdout, built.stderr[-2000:])
     path = files[0]
     assert path.name.startswith(f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-cpu-")
+    # Inductor's C++ for this CPU's vector instructions, at this thread count: a file from an AVX-512 host
+    # computed garbage on an AVX2 one (a cache hit), one built at another --cpu-threads never hit (review)
+    from torch._inductor import cpu_vec_isa
+
+    isa = str(cpu_vec_isa.pick_vec_isa()).replace(" ", "+") or "novec"
+    assert path.name == name and path.name.endswith(f"-{isa}-t1.bin"), path.name
     assert f"wrote {path}" in built.stdout, built.stdout
     assert path.stat().st_mode & 0o777 == 0o644  # servers often run as another user than the job that wrote it
     assert "compiled 1 from scratch" in built.stderr, built.stderr[-3000:]  # the builder's own cache was empty
@@ -194,6 +207,14 @@ def test_artifacts_for_another_machine_or_unreadable_ones_are_logged_and_left_ou
     assert "has no compile artifacts for this torch, Python and device" in caplog.text
     assert "torch-2.11.0+cu130-py312-NVIDIA-H200-sm90.bin" in caplog.text  # what it has, to see the mismatch
 
+    # an empty file (a node lost before the build's write reached the disk): said, not passed over
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / accel.artifacts_name(cpu)).write_bytes(b"")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        line, loaded = accel.load_compile_artifacts(tmp_path / "zero", cpu)
+    assert not loaded and "is empty: compiling from scratch" in caplog.text
+
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / accel.artifacts_name(cpu)).write_bytes(b"not torch's format")
@@ -241,3 +262,53 @@ def test_cache_lookups_are_counted_for_the_thread_that_compiled(tmp_path):
     for k in range(2):
         hits, misses, bypassed = (a - b for a, b in zip(accel.GraphCounter.lookups(idents[k]), before[k]))
         assert (hits + misses, bypassed) == (1, 0), (k, hits, misses, bypassed)
+
+
+def test_a_compile_cache_with_a_folder_this_user_cannot_write_is_left_out(tmp_path):
+    """Inductor writes its locks and new entries into folders an earlier run made: one made by another
+    user (a debugging run as root, an image whose user changed) failed the warm-up's first compile and the
+    version, where only the top folder was checked (review). As root here, the check runs in a child
+    process that has become another user."""
+    import stat
+
+    from videogen_server.backends.svd import accel
+
+    def check(cache: Path) -> tuple[int, str]:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: only the check, then out (no pytest, no gRPC)
+            status = 0
+            try:
+                os.close(read)
+                if os.getuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                accel._cache_dir = None  # (this child's copy: as in a new server process)
+                if not accel.use_compile_cache(str(cache)):
+                    status = 3
+            except OSError as err:
+                os.write(write, str(err).encode())
+                status = 5
+            except BaseException:  # noqa: BLE001 - any other end is a failure of the test
+                status = 4
+            os._exit(status)
+        os.close(write)
+        with os.fdopen(read) as f:
+            message = f.read()
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), message
+
+    top = Path(tempfile.mkdtemp(prefix="vg-cache-"))
+    try:
+        cache = top / "cache"
+        (cache / "fxgraph" / "ab").mkdir(parents=True)
+        for folder in (top, cache, cache / "fxgraph"):
+            folder.chmod(0o777)
+        # another user's folder, as this one sees it: not writable
+        (cache / "fxgraph" / "ab").chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+                                         if os.getuid() == 0 else 0o555)
+        status, _ = check(cache)
+        assert status == 3, status  # left out (the model compiles into the process's own cache), not failed
+        (cache / "fxgraph" / "ab").chmod(0o777)
+        assert check(cache) == (0, "")
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

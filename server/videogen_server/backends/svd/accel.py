@@ -1116,6 +1116,7 @@ def use_compile_cache(path: str) -> bool:
             try:
                 os.makedirs(path, exist_ok=True)
                 tempfile.TemporaryFile(dir=path).close()
+                _check_tree_writable(path)
             except OSError as err:
                 log.error("compile_cache_dir: %s is not a folder this process (uid %s) can write (%s); compiling "
                           "into %s instead, which a restart does not keep: make the folder writable for this "
@@ -1135,6 +1136,25 @@ def use_compile_cache(path: str) -> bool:
         return _cache_dir == path
 
 
+#: folders of a compile cache looked at for write access (a cache holds a few thousand at most)
+MAX_CACHE_FOLDERS_CHECKED = 50_000
+
+
+def _check_tree_writable(path: str) -> None:
+    """OSError naming the first folder under `path` this process cannot write: Inductor writes its locks and
+    new entries into folders an earlier run made, and one made by another uid (a debugging run as root, an
+    image whose user changed, NFS root squash) failed the warm-up's first compile, the version FAILED,
+    where the top folder alone passed (review)."""
+    import errno
+    import os
+
+    for n, (folder, _dirs, _files) in enumerate(os.walk(path)):
+        if n >= MAX_CACHE_FOLDERS_CHECKED:
+            return
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OSError(errno.EACCES, f"{folder} inside it is not writable")
+
+
 # -- the portable compile cache (torch's "Mega-Cache") ----------------------------------------------
 
 _artifacts_lock = threading.Lock()
@@ -1146,9 +1166,8 @@ def artifacts_name(device: torch.device) -> str:
     """The file in a compile_artifacts folder for what this process compiles on `device`.
 
     Compiled code is specific to the torch build, the Python version and the device model (Triton's
-    kernels to the GPU architecture, Inductor's C++ to the CPU's instruction set), and Inductor keys its
-    cache entries by them: a file from another combination would only miss. Each gets its own file, so
-    one model repository can serve a mixed fleet.
+    kernels to the GPU architecture, Inductor's C++ to the CPU's vector instructions and thread count),
+    and each combination gets its own file, so one model repository can serve a mixed fleet.
     """
     import platform
     import re
@@ -1158,7 +1177,13 @@ def artifacts_name(device: torch.device) -> str:
         props = torch.cuda.get_device_properties(device)
         where = f"{props.name}-sm{props.major}{props.minor}"
     else:
-        where = f"{device.type}-{platform.machine()}"
+        # Inductor's C++ is built for the vector instructions it picks here (AVX-512 code loaded on an AVX2
+        # host is a cache hit that computes garbage: its key does not hold them), and its entries are keyed
+        # by the thread count (another --cpu-threads never hits): both in the name
+        from torch._inductor import cpu_vec_isa
+
+        isa = str(cpu_vec_isa.pick_vec_isa()).replace(" ", "+") or "novec"
+        where = f"{device.type}-{platform.machine()}-{isa}-t{torch.get_num_threads()}"
     name = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{where}.bin"
     return re.sub(r"[^A-Za-z0-9.+_-]+", "-", name)
 
@@ -1211,6 +1236,9 @@ def load_compile_artifacts(folder: Path, device: torch.device, *, warn_missing: 
                 log.error("compile artifacts %s cannot be read (%s): compiling from scratch", path,
                           err.strerror or err)
                 data = b""
+            else:
+                if not data:  # (a node lost before the build's write reached the disk)
+                    log.error("compile artifacts %s is empty: compiling from scratch; build it again", path)
             info = None
             if data:
                 with _cache_lock:  # not while compile_cache_dir moves the cache
@@ -1280,16 +1308,27 @@ def save_compile_artifacts(folder: Path, device: torch.device) -> tuple[Path, in
         data = saved[0]
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / artifacts_name(device)
+        for stale in folder.glob(f".{path.name}.*"):  # a build killed mid-write (a deadline, out of memory)
+            with contextlib.suppress(OSError):
+                stale.unlink()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # on the disk before the rename: a crash after it leaves no empty file
             os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the servers (another uid, often) out
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        with contextlib.suppress(OSError):  # the rename itself
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         return path, len(data)
 
 
