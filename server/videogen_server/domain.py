@@ -103,6 +103,9 @@ class GenerateCall:
     # W3C trace context (traceparent, tracestate) the request's spans hang from: the RPC's span when
     # tracing is on, else the caller's own (its trace id then still reaches the request log)
     trace_context: tuple[tuple[str, str], ...] = ()
+    # A transport that sends every frame in one message (a unary KServe ModelInfer): the most their raw
+    # RGB may take; more is refused at admission (field "frames"), not found after the generation
+    max_frame_bytes: Optional[int] = None
     # For a transport that writes each event as it takes it (Generate): called (on the event loop, with
     # the error) when the engine ends the request because its caller took no message for
     # --stream-send-timeout-seconds; the transport ends the call with that status (queued behind the

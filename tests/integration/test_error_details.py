@@ -212,6 +212,29 @@ def test_a_bad_field_is_named_as_the_callers_request_names_it(make_repo):
         assert details_of(err)["BadRequest"].field_violations[0].field == "output.video_fps"
 
 
+def test_frames_one_infer_response_cannot_hold_are_refused_before_the_generation(make_repo):
+    """A unary ModelInfer sends every frame in one message, and protobuf serialises none of 2 GiB: a model
+    whose limits allow it generated the whole video, then failed to send it (review). Refused at admission,
+    naming the output; counted as a refusal, nothing run."""
+    from inference import grpc_service_pb2 as kpb
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+
+    big = tiny_config("big", parameters=TINY_PARAMETERS + 'parameters { key: "max_num_frames" value { string_value: "800" } }\n')
+    with ServerThread(make_repo({"big": big}), model_control_mode="explicit", load_models=("big",)) as server:
+        kserve = kpb_grpc.GRPCInferenceServiceStub(server.channel())
+        req = kpb.ModelInferRequest(model_name="big")
+        req.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(sample_png())
+        for name, value in (("num_frames", 700), ("width", 1024), ("height", 1024)):
+            req.inputs.add(name=name, datatype="INT32", shape=[1]).contents.int_contents.append(value)
+        started = time.monotonic()
+        err = refusal(lambda: kserve.ModelInfer(req, timeout=60))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.details().startswith("frames: 700 frames of 1024x1024 are 2.05 GiB of RGB, more than one response")
+        assert time.monotonic() - started < 10  # (700 frames at 1024x1024 take minutes on this CPU)
+        assert server.metric("videogen_requests_total", model="big", outcome="rejected", code="INVALID_ARGUMENT") == 1
+        assert server.metric("videogen_frames_generated_total", model="big") == 0
+
+
 def test_a_long_message_is_cut_so_the_status_survives(tiny_server, caplog):
     """Some messages echo a caller's text (an output's name): uncut, the message and its details passed
     gRPC's 8 KiB trailer limit and the caller read RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT; and

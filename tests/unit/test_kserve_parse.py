@@ -146,6 +146,11 @@ def test_conflicts_and_shapes():
     stray.inputs[1].contents.int64_contents.append(64)
     with pytest.raises(InvalidRequest, match="width: contents field int64_contents does not hold INT32 data"):
         parse(stray)
+    # a datatype the protocol has not: named as such (its contents field was blamed; review)
+    unknown = make(False, seed=("INT64", [7]))
+    unknown.inputs[1].datatype = "FOO"
+    with pytest.raises(InvalidRequest, match="seed: datatype 'FOO' is not one of the protocol's: BOOL, UINT8"):
+        parse(unknown)
 
 
 def test_model_config_is_one_triton_would_accept(tmp_path):

@@ -355,6 +355,16 @@ class ModelEntry:
         return rt
 
 
+def _check_frame_bytes(params: ResolvedParams, limit: Optional[int]) -> None:
+    """InvalidRequest when the request's frames, as raw RGB, are more than its transport can send at once."""
+    size = params.num_frames * params.height * params.width * 3
+    if limit is not None and size > limit:
+        raise InvalidRequest("frames", f"{params.num_frames} frames of {params.width}x{params.height} are "
+                                       f"{size / 2**30:.2f} GiB of RGB, more than one response holds "
+                                       f"({limit / 2**30:.2f} GiB): ask for fewer or smaller frames, the video "
+                                       f"alone, or a streaming call (a frame a message)")
+
+
 class Engine:
     def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
         self.config = config
@@ -859,6 +869,7 @@ class Engine:
                 labels = rt.labels
                 settings = rt.settings
                 params = resolve_params(wanted, settings.defaults, settings.limits)
+                _check_frame_bytes(params, call.max_frame_bytes)
                 wanted = dataclasses.replace(wanted, seed=params.seed)  # one seed, drawn once
                 batching = settings.batching
                 level = call.priority or batching.default_priority_level

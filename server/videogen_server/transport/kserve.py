@@ -161,6 +161,9 @@ def _tensor_values(t: kpb.ModelInferRequest.InferInputTensor, raw: Optional[byte
     name, dt = t.name, t.datatype
     # data in one place only, as Triton and KServe require: raw_input_contents, else the contents field
     # of the datatype (a value elsewhere was ignored, silently)
+    if dt not in _STRUCT and dt not in ("BYTES", "BF16"):  # (else its contents field was blamed)
+        raise InvalidRequest(name, f"datatype {dt!r} is not one of the protocol's: "
+                                   f"{', '.join([*_STRUCT, 'BF16', 'BYTES'])}")
     typed = [f.name for f, _ in t.contents.ListFields()]
     if raw is not None and typed:
         raise InvalidRequest(name, f"contents ({', '.join(typed)}) must not be given with raw_input_contents")
@@ -346,6 +349,13 @@ def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline
                         request_id=request_id, priority=priority, priority_falls_back=True, timeout_s=timeout_s,
                         deadline_s=deadline_s, trace_context=trace_context)
     return InferCall(call=call, outputs=outputs, fields=named)
+
+
+#: The most a unary ModelInferResponse's frames may take: protobuf serialises no message of 2 GiB or
+#: more, and the video and the rest of the message need room beside them. Past it a request failed to
+#: serialise after its whole generation (a model whose limits allow ~350 frames at 1920x1080; review);
+#: the engine refuses it at admission instead (GenerateCall.max_frame_bytes).
+MAX_UNARY_FRAME_BYTES = 2**31 - 1 - 256 * 2**20
 
 
 def requested_outputs(outputs: Iterable[kpb.ModelInferRequest.InferRequestedOutputTensor]) -> tuple[str, ...]:
@@ -609,6 +619,9 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             request_id = request_id_of(request.id, context, field="id")
             parsed = parse_infer_request(request, request_id=request_id, deadline_s=context.time_remaining(),
                                          trace_context=trace_context_of(context))
+            if "frames" in parsed.outputs:  # every frame in this one response
+                parsed = dataclasses.replace(parsed, call=dataclasses.replace(
+                    parsed.call, max_frame_bytes=MAX_UNARY_FRAME_BYTES))
             frames: list[bytes] = []
             video: list[bytes] = []
             accepted: Optional[AcceptedEvent] = None
