@@ -10,15 +10,31 @@ import threading
 import time
 
 
+def _message(record: logging.LogRecord) -> str:
+    """The record's message; one whose arguments do not fit it (a library's `log.info("%d", "x")`, an
+    argument whose str() raises) as its format and their repr, where logging printed a multi-line
+    "--- Logging error ---" block that broke a JSON log."""
+    try:
+        return record.getMessage()
+    except Exception as err:  # noqa: BLE001 - any failure to build the message
+        try:
+            args = repr(record.args)
+        except Exception:  # noqa: BLE001
+            args = "(arguments that cannot be shown)"
+        return f"{record.msg!s} % {args} (not formatted: {type(err).__name__})"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-               "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+               "level": record.levelname, "logger": record.name, "message": _message(record)}
         request = getattr(record, "videogen_request", None)
         if request:
             out["request"] = request
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
         return json.dumps(out, default=str)
 
 
@@ -41,7 +57,11 @@ class TextFormatter(logging.Formatter):
         if request and record.args:  # the request log's message names the request id: one token too
             record = logging.makeLogRecord({**record.__dict__, "args": tuple(
                 _field(a) if isinstance(a, str) else a for a in record.args)})
-        text = super().format(record)
+        try:
+            text = super().format(record)
+        except Exception:  # noqa: BLE001 - arguments that do not fit the message (see _message)
+            record = logging.makeLogRecord({**record.__dict__, "msg": _message(record), "args": None})
+            text = super().format(record)
         if request:
             text += " " + " ".join(f"{k}={_field(v)}" for k, v in request.items() if k != "request_id")
         return text
@@ -114,3 +134,21 @@ def adopt_library_loggers() -> None:
             library_logging.enable_propagation()
         except Exception as err:  # noqa: BLE001 - a broken install is the backend's to report
             logging.getLogger(__name__).debug("%s logs on its own: %r", name, err)
+    if "torch" in sys.modules:  # (diffusers imports it)
+        adopt_torch_loggers()
+
+
+def adopt_torch_loggers() -> None:
+    """torch gives its loggers (torch, torch._dynamo, torch._inductor, torch.compiler...) a stderr handler
+    of their own and stops them propagating: their lines ("W1129 01:58:26.190000 15018 torch/...] ...",
+    a traceback a line) came out as text in a JSON log, among them the warnings that say why compiled
+    code or compile artifacts could not be used (review). Their stderr handlers go; records propagate to
+    the server's handler, at torch's own levels. torch's structured trace (`torch.__trace`) is kept."""
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger) or "__" in name or not (name == "torch" or name.startswith("torch.")):
+            continue
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.__stderr__):
+                logger.removeHandler(handler)
+        if not logger.handlers:
+            logger.propagate = True

@@ -437,6 +437,39 @@ Leaky()
     assert entry["level"] == "WARNING" and "in __del__" in entry["exc"]
 
 
+def test_a_json_log_takes_torchs_own_lines_and_messages_that_cannot_be_formatted():
+    """torch's loggers write through stderr handlers of their own: the warning that says why compile
+    artifacts could not be used came out as 11 text lines in a JSON log; and a record whose arguments do not
+    fit its message printed logging's multi-line error block (observability review)."""
+    import subprocess
+    import sys
+
+    code = """
+import logging, torch
+from videogen_server import logs
+logs.setup("json")
+logs.adopt_library_loggers()
+torch.compiler.load_cache_artifacts(b"garbage")  # torch warns, with a traceback
+logging.getLogger("some.library").info("%d frames", "x")
+logging.getLogger("some.library").warning("where", stack_info=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = []
+    for line in proc.stderr.splitlines():
+        if line.strip():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                raise AssertionError(f"not JSON: {line!r}\n{proc.stderr[-3000:]}") from None
+    [torch_line] = [e for e in lines if e["logger"].startswith("torch")]
+    assert "un-pickle" in torch_line["message"] and torch_line["level"] == "WARNING", torch_line
+    [odd] = [e for e in lines if e["logger"] == "some.library" and e["level"] == "INFO"]
+    assert odd["message"] == "%d frames % ('x',) (not formatted: TypeError)", odd
+    [where] = [e for e in lines if e["message"] == "where"]
+    assert "Stack (most recent call last)" in where["stack"]
+
+
 def test_the_compose_healthcheck_reads_the_health_port(make_repo):
     """deploy/compose's healthcheck command, run as Docker would (against this server's health port
     instead of the image's 8003): exit 0 while SERVING, 1 once the server drains."""
