@@ -46,6 +46,9 @@ SERVER_ERROR_CODES = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED",
 
 #: The label of the latency histograms' exemplars (Grafana's exemplarTraceIdDestinations name it).
 EXEMPLAR_LABEL = "trace_id"
+#: In the trace context the transport hands the engine: the trace started here and was not sampled
+#: (nothing of it is exported, so the request's log line names no trace)
+UNSAMPLED_HERE = "x-videogen-unsampled-here"
 
 #: How long one export may take, and how long the server's stop waits for the last spans to leave.
 EXPORT_TIMEOUT_S = 5.0
@@ -145,6 +148,8 @@ class RequestTrace:
                  name: str = "videogen.generate", start: Optional[float] = None) -> None:
         parent = PROPAGATOR.extract(dict(carrier)) if carrier else None
         self._parent = trace.get_current_span(parent).get_span_context() if parent is not None else INVALID_SPAN_CONTEXT
+        if any(key == UNSAMPLED_HERE for key, _ in carrier):  # its trace id is nobody's: not for the log
+            self._parent = INVALID_SPAN_CONTEXT
         self._tracer = tracer
         self._offset_ns = time.time_ns() - time.monotonic_ns()  # one clock per request: its spans line up
         self.span = tracer.start_span(name, context=parent, kind=SpanKind.INTERNAL,

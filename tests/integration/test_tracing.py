@@ -280,17 +280,23 @@ def test_a_kserve_inference_is_traced_the_same_way(make_repo, collector, caller)
     assert {"denoise", "vae_decode"} <= {s.name for s in spans if s.parent_span_id == gen.span_id}
 
 
-def test_sampling_follows_the_caller_and_the_ratio(make_repo, collector, caller):
+def test_sampling_follows_the_caller_and_the_ratio(make_repo, collector, caller, caplog):
     repo = make_repo({"m": tiny_config("m")})
     with ServerThread(repo, otlp_endpoint=collector.endpoint, trace_sample_ratio=0.0) as server, \
-            VideoGenClient(server.target) as client:
+            VideoGenClient(server.target) as client, caplog.at_level(logging.INFO, logger="videogen.requests"):
         client.list_models()  # no caller trace: starts here, sampled at 0
+        # nor its generation; and its log line names no trace (the unsampled trace's id led nowhere: review)
+        client.run(sample_png(), model="m", width=64, height=64, num_frames=1, num_inference_steps=1,
+                   request_id="not-sampled-here")
         with _in_span(caller, "sampled") as sampled:
             client.list_models()  # the caller sampled it: kept
         tid = sampled.get_span_context().trace_id.to_bytes(16, "big")
         collector.wait("the caller-sampled span", lambda spans: any(s.trace_id == tid for s in spans))
         time.sleep(0.3)
         assert [s.trace_id for s in collector.spans] == [tid]
+    [line] = [r.videogen_request for r in caplog.records
+              if getattr(r, "videogen_request", {}).get("request_id") == "not-sampled-here"]
+    assert "trace_id" not in line, line
 
 
 def test_a_caller_that_does_not_sample_is_not_traced_here_but_its_log_line_names_its_trace(

@@ -19,7 +19,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ..tracing import PROPAGATOR, SERVER_ERROR_CODES, TRACE_HEADERS
+from ..tracing import PROPAGATOR, SERVER_ERROR_CODES, TRACE_HEADERS, UNSAMPLED_HERE
 
 UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/inference.GRPCInferenceService/ServerLive",
                      "/inference.GRPCInferenceService/ServerReady", "/inference.GRPCInferenceService/ModelReady")
@@ -34,12 +34,18 @@ def _incoming(metadata) -> tuple[tuple[str, str], ...]:
 
 
 def trace_context_of(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
-    """The trace context for the engine: this call's span when one is open (tracing on), else the
-    caller's own traceparent/tracestate as received."""
-    if trace.get_current_span().get_span_context().is_valid:
+    """The trace context for the engine: this call's span when one is open (tracing on) and recorded;
+    else the caller's own traceparent/tracestate as received; else (a trace this server started and did
+    not sample) this call's span, marked so, that the engine's follow it unsampled and the request's log
+    line names no trace: its id led nowhere (observability review)."""
+    span = trace.get_current_span()
+    if span.get_span_context().is_valid:
+        incoming = () if span.is_recording() else incoming_trace_context(context)
+        if incoming:
+            return incoming
         carrier: dict[str, str] = {}
         PROPAGATOR.inject(carrier)
-        return tuple(carrier.items())
+        return tuple(carrier.items()) + (() if span.is_recording() else ((UNSAMPLED_HERE, "1"),))
     return incoming_trace_context(context)
 
 
