@@ -13,6 +13,7 @@ stop at the next denoising step or decode chunk, once, whatever the transport.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -50,6 +51,45 @@ from .stats import ModelStats, StatsSnapshot
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("videogen.requests")
+#: Refusals (outcome rejected) logged one by one each second; more are summed in one line at its end. A
+#: server at its limits refused ~200 calls a second, each its own line, when the log matters most (review).
+REFUSALS_LOGGED_PER_SECOND = 10
+
+
+class _RefusalLog:
+    """At most REFUSALS_LOGGED_PER_SECOND refusal lines a second; the rest counted by status code and
+    summed in one line a second after the first of them. Every refusal is in videogen_requests_total."""
+
+    def __init__(self) -> None:
+        self._window = -1.0
+        self._logged = 0
+        self._skipped: collections.Counter = collections.Counter()
+        self._flush: Optional[asyncio.TimerHandle] = None
+
+    def take(self, code: str) -> bool:
+        """Whether to log this refusal one by one (on the event loop)."""
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            self._window, self._logged = now, 0
+        if self._logged < REFUSALS_LOGGED_PER_SECOND:
+            self._logged += 1
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (off the loop: logged as it comes)
+            return True
+        self._skipped[code] += 1
+        if self._flush is None:
+            self._flush = loop.call_later(1.0, self.flush)
+        return False
+
+    def flush(self) -> None:
+        self._flush = None
+        if self._skipped:
+            request_log.info("%d more requests refused in the last second, not logged one by one (counted in "
+                             "videogen_requests_total): %s", sum(self._skipped.values()),
+                             ", ".join(f"{code}={n}" for code, n in sorted(self._skipped.items())))
+            self._skipped.clear()
 
 
 def sample_image() -> Image.Image:
@@ -370,6 +410,7 @@ class Engine:
         self.config = config
         self.metrics = metrics
         self.tracing = Tracing(config)  # started by the server's start-up (exporter thread), stopped at its end
+        self._refusal_log = _RefusalLog()
         self.models: dict[str, ModelEntry] = {}
         self._scanned = False
         self.draining = False
@@ -1037,8 +1078,9 @@ class Engine:
         if outcome is not None and code not in ("OK", "CANCELLED"):
             record["error"] = "the caller's deadline passed" if cancelled else \
                 clip(outcome.message, MAX_MESSAGE_BYTES) if isinstance(outcome, VideoGenError) else "internal error"
-        request_log.info("request %s %s %s", record["request_id"], name, code,
-                         extra={"videogen_request": record})
+        if name != "rejected" or self._refusal_log.take(code):
+            request_log.info("request %s %s %s", record["request_id"], name, code,
+                             extra={"videogen_request": record})
         return code, str(record.get("error", ""))
 
     async def _next(self, req: EngineRequest, rt: ModelRuntime) -> tuple[float, object]:
