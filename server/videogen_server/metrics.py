@@ -77,6 +77,9 @@ class Metrics:
         self.last_peak = Gauge("videogen_request_peak_memory_bytes",
                                "Peak device memory of the instance's last request (process RSS on CPU)",
                                ML + ("instance", "device"), registry=r)
+        self.auth_failures = Counter("videogen_auth_failures_total",
+                                     "Calls refused UNAUTHENTICATED: no bearer token, or none that matches",
+                                     ("method",), registry=r)
         self.credentials_reloads = Counter("videogen_credentials_reloads_total",
                                            "Loads of changed TLS or token files (result ok, or error: the files "
                                            "cannot serve and the previous ones still do)",

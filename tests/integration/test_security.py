@@ -183,14 +183,21 @@ def test_mutual_tls(repo, pki):
                 anonymous.list_models(timeout=5)
 
 
-def test_bearer_tokens(repo):
-    with ServerThread(repo, auth_tokens=("tok-one", "tok-two")) as server:
+def test_bearer_tokens(repo, caplog):
+    with ServerThread(repo, auth_tokens=("tok-one", "tok-two")) as server, \
+            caplog.at_level("WARNING", logger="videogen_server.transport.auth"):
+        assert server.metric("videogen_auth_failures_total", method="/videogen.v1.VideoGen/Generate") == 0
         for token in (None, "wrong", "tok-on", "tok-one-extra"):
-            with VideoGenClient(server.target, token=token) as client:
+            with VideoGenClient(server.target, token=token, retry=False) as client:
                 with pytest.raises(UnauthenticatedError):
                     _run(client)
                 with pytest.raises(UnauthenticatedError):
                     client.list_models()
+        # counted, and said once a minute (a rotation gone wrong was in neither: observability review)
+        assert server.metric("videogen_auth_failures_total", method="/videogen.v1.VideoGen/Generate") == 4
+        assert server.metric("videogen_auth_failures_total", method="/videogen.v1.VideoGen/ListModels") == 4
+        [warning] = [r.getMessage() for r in caplog.records if "refused without a valid bearer token" in r.getMessage()]
+        assert warning.startswith("1 calls refused") and "wrong" not in warning and "tok-" not in warning
         for token in ("tok-one", "tok-two"):
             with VideoGenClient(server.target, token=token) as client:
                 assert _run(client).summary.num_frames == 1

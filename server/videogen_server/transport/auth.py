@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import hmac
-from typing import Awaitable, Callable, Iterable
+import logging
+import math
+import time
+from typing import Awaitable, Callable, Iterable, Optional
 
 import grpc
 
@@ -12,6 +15,10 @@ from .status import abort_call, status_details, to_status
 #: Methods callable without a token: Kubernetes and load-balancer probes, for the services the server
 #: names open (BearerTokenInterceptor's `open_health_services`); other names (a model's) need a token.
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
+#: The most often a refused token is said in the log (each is counted in videogen_auth_failures_total)
+DENIAL_WARNING_INTERVAL_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 def _denied_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
@@ -42,11 +49,15 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, tokens: Iterable[str], open_health_services: Iterable[str] = ("",),
-                 denial: str = "a valid bearer token is required (authorization: Bearer <token>)") -> None:
+                 denial: str = "a valid bearer token is required (authorization: Bearer <token>)",
+                 on_denied: Optional[Callable[[str], None]] = None) -> None:
         self._tokens: tuple[bytes, ...] = ()  # none: every call but the open health names refused
         self.set_tokens(tokens)
         self._open_health = frozenset(open_health_services)
         self._denial = denial
+        self._on_denied = on_denied
+        self._denied_since_warning = 0
+        self._last_warning = -math.inf
 
     def set_tokens(self, tokens: Iterable[str]) -> None:
         """The tokens accepted from the next call on (a rotated token file; any thread: one assignment)."""
@@ -71,12 +82,25 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or self._authorized(details.invocation_metadata):
             return handler
+        if self._on_denied is not None:
+            self._denied(details.method)
         denial = Unauthenticated(self._denial)
         code, message = to_status(denial)
         trailer = (status_details(denial, code, message),)
         if details.method.startswith(HEALTH_METHOD_PREFIX):
             return self._health_handler(handler, code, message, trailer)
         return _denied_handler(handler, code, message, trailer)
+
+    def _denied(self, method: str) -> None:
+        """Counted, and said at most once a minute: a token rotation gone wrong (every caller refused) was
+        in neither the log nor the metrics (observability review). Never the token."""
+        self._on_denied(method)
+        self._denied_since_warning += 1
+        now = time.monotonic()
+        if now - self._last_warning >= DENIAL_WARNING_INTERVAL_S:
+            log.warning("%d calls refused without a valid bearer token since the last such line (this one: %s); "
+                        "videogen_auth_failures_total counts them", self._denied_since_warning, method)
+            self._denied_since_warning, self._last_warning = 0, now
 
     def _health_handler(self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
                         trailer: tuple[tuple[str, bytes], ...]) -> grpc.RpcMethodHandler:

@@ -157,7 +157,10 @@ def build_server(engine, config: ServerConfig, reloader: Optional[CredentialRelo
         if config.auth_token_file:
             stamp = fingerprint((config.auth_token_file,))  # before the read: a change in between is loaded
             file_tokens = read_token_file(config.auth_token_file)
-        tokens = BearerTokenInterceptor(config.auth_tokens + file_tokens, open_health_services=SERVER_HEALTH_SERVICES)
+        tokens = BearerTokenInterceptor(config.auth_tokens + file_tokens, open_health_services=SERVER_HEALTH_SERVICES,
+                                        on_denied=lambda method: engine.metrics.auth_failures.labels(method).inc())
+        for method in (f"/{VIDEOGEN_SERVICE}/Generate", f"/{kserve.SERVICE_NAME}/ModelInfer"):
+            engine.metrics.auth_failures.labels(method)  # exported at 0: an alert's increase() sees the first
         interceptors.append(tokens)
         if reloader is not None and config.auth_token_file:
             reloader.add(TokenFile(config.auth_token_file, config.auth_tokens, tokens.set_tokens), stamp)
