@@ -141,6 +141,15 @@ class Tracing:
                    "outcome": outcome}, code, message)
 
 
+def logged_trace_id(carrier: Sequence[tuple[str, str]]) -> str:
+    """The trace a request refused before the engine names in its log line, from the context the
+    transport gives the engine (`trace_context_of`): that trace's id, or "" when it started here unsampled
+    or there is none (RequestTrace.trace_id's rule, without a span)."""
+    if not carrier or any(key == UNSAMPLED_HERE for key, _ in carrier):
+        return ""
+    return trace_id_of(trace.get_current_span(PROPAGATOR.extract(dict(carrier))).get_span_context())
+
+
 class RequestTrace:
     """The spans of one request in the engine (or of a model load); times are `time.monotonic()` seconds."""
 

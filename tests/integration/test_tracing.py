@@ -190,6 +190,32 @@ def test_refusals_and_errors_are_spans_with_their_codes_but_not_a_caller_without
     assert not [s for s in spans if s.trace_id == refused.get_span_context().trace_id.to_bytes(16, "big")]
 
 
+def test_a_call_refused_before_the_engine_names_its_trace_in_the_log(make_repo, collector, caller, caplog):
+    """A call the transport refuses (an empty model name; the concurrency limit) is exported as its RPC's
+    span, and its log line named no trace: the two could not be matched (observability review)."""
+    import grpc
+    from opentelemetry.propagate import inject
+    from videogen.v1 import videogen_pb2_grpc as pb_grpc
+
+    from ..helpers import request
+
+    with ServerThread(make_repo({"m": tiny_config("m")}), otlp_endpoint=collector.endpoint) as server, \
+            caplog.at_level(logging.INFO, logger="videogen.requests"):
+        stub = pb_grpc.VideoGenStub(server.channel())
+        with _in_span(caller, "empty model") as span:
+            carrier: dict[str, str] = {}
+            inject(carrier)
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Generate(request(model=""), metadata=(*carrier.items(), ("x-request-id", "no-model")),
+                                   timeout=30))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        trace_id = span.get_span_context().trace_id.to_bytes(16, "big")
+        collector.wait("the refused call's span", lambda spans: any(s.trace_id == trace_id for s in spans))
+    [line] = [r.videogen_request for r in caplog.records
+              if getattr(r, "videogen_request", {}).get("request_id") == "no-model"]
+    assert line["trace_id"] == trace_id.hex(), line
+
+
 def test_a_cancelled_generation_and_a_server_failure(make_repo, collector, caller):
     repo = make_repo({"m": tiny_config("m")})
     with ServerThread(repo, otlp_endpoint=collector.endpoint) as server, VideoGenClient(server.target) as client:

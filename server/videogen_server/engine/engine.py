@@ -36,7 +36,7 @@ from ..errors import (MAX_MESSAGE_BYTES, BackendError, ConfigError, Draining, In
 from ..media.frames import encode_frame
 from ..media.mp4 import FragmentedMP4Encoder
 from ..metrics import InstanceCollector, Metrics, NvmlReader
-from ..tracing import RequestTrace, Tracing
+from ..tracing import RequestTrace, Tracing, logged_trace_id
 from ..domain import (AcceptedEvent, EngineEvent, FrameEncoding, FrameEvent, GenerateCall,
                      ProgressEvent, ResolvedParams, SummaryEvent, VideoEvent)
 from . import repository
@@ -1052,11 +1052,15 @@ class Engine:
 
         job.add_done_callback(ended)
 
-    def refused(self, exc: VideoGenError, request_id: str = "") -> None:
+    def refused(self, exc: VideoGenError, request_id: str = "", trace_context: tuple[tuple[str, str], ...] = ()) -> None:
         """A request the transport refused before it reached `generate` (malformed: an id it cannot echo,
         an empty model name, an unknown enum value): counted and logged as `generate`'s refusals are,
-        with model and version empty. `request_id`: the caller's, when it was a valid one."""
-        self._account(("", ""), exc, {"request_id": request_id or "-", "model": ""}, 0.0, admitted=False)
+        with model and version empty. `request_id`: the caller's, when it was a valid one; `trace_context`:
+        as `GenerateCall.trace_context`, for the log line's trace id (its span's, when exported)."""
+        record: dict[str, object] = {"request_id": request_id or "-", "model": ""}
+        if trace_id := logged_trace_id(trace_context):
+            record["trace_id"] = trace_id
+        self._account(("", ""), exc, record, 0.0, admitted=False)
 
     def _account(self, labels: tuple[str, str], outcome: Optional[BaseException], record: dict[str, object],
                  seconds: float, *, admitted: bool, deadline_passed: bool = False) -> tuple[str, str]:

@@ -651,7 +651,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             return response
         except Exception as exc:  # CancelledError is not an Exception: a gone caller is not answered
             if parsed is None:
-                refused_before_engine(self._engine, exc, request_id)
+                refused_before_engine(self._engine, exc, request_id, trace_context_of(context))
             await abort(context, exc, request_id=request_id, triton=True,
                         fields=parsed.fields if parsed is not None else KSERVE_FIELDS,
                         trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
@@ -768,8 +768,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 final.raw_output_contents.append(serialize_bytes([b"".join(video)]))
             yield kpb.ModelStreamInferResponse(infer_response=final)
         except Exception as exc:
-            if parsed is None:
-                refused_before_engine(self._engine, exc, request_id)
+            if parsed is None:  # (a stream's requests hang from the caller's context, as below)
+                refused_before_engine(self._engine, exc, request_id, incoming_trace_context(context))
             exc = named_as(exc, parsed.fields if parsed is not None else KSERVE_FIELDS)
             code, message = to_status(exc, request_id=request_id, triton=True)
             failed = kpb.ModelInferResponse(model_name=req.model_name, model_version=model_version, id=req.id)

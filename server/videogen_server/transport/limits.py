@@ -28,20 +28,21 @@ import grpc
 from ..errors import InvalidRequest, RequestNotSent, ServerBusy
 from .servicer import REQUEST_ID_KEY, valid_request_id
 from .status import abort
+from .tracing import trace_context_of
 
 
 class ConcurrencyLimit(grpc.aio.ServerInterceptor):
     """At most `limit` calls of `methods` (full names, `/package.Service/Method`) in flight, from the
     call's start (before its message is read) to its end; one more is refused RESOURCE_EXHAUSTED
     (`ServerBusy`, with a retry delay; UNAVAILABLE, Triton's code for it, where `methods` maps the name to
-    True: the Open Inference Protocol's). `on_refused(exc, request_id)` counts and logs a refusal.
+    True: the Open Inference Protocol's). `on_refused(exc, request_id, trace_context)` counts and logs a refusal.
     Installed as the innermost interceptor: authentication refuses a caller without a token before it
     takes a place (and, given this handler's shape, without reading its message either). A caller that
     has not sent its message `read_timeout` seconds after the call's start (None: no limit) is ended
     (`RequestNotSent`): a place is not held by a stream that only opened."""
 
     def __init__(self, limit: int, methods: Mapping[str, bool],
-                 on_refused: Callable[[Exception, str], None] = lambda exc, request_id: None,
+                 on_refused: Callable[[Exception, str, tuple], None] = lambda exc, request_id, trace_context: None,
                  read_timeout: float | None = None) -> None:
         if limit < 1:
             raise ValueError(f"limit: {limit} is not a positive number of calls")
@@ -67,7 +68,7 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):
         """Ends the call with `exc`, counted and logged; the caller's id (metadata) echoed."""
         request_id = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY, "")
         request_id = request_id if isinstance(request_id, str) and valid_request_id(request_id) else ""
-        self._on_refused(exc, request_id)
+        self._on_refused(exc, request_id, trace_context_of(context))
         await abort(context, exc, request_id=request_id, triton=triton,
                     trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
 

@@ -35,11 +35,13 @@ def request_id_of(request_id: str, context: grpc.aio.ServicerContext, field: str
     return request_id or uuid.uuid4().hex
 
 
-def refused_before_engine(engine, exc: Exception, request_id: str) -> None:
+def refused_before_engine(engine, exc: Exception, request_id: str,
+                          trace_context: tuple[tuple[str, str], ...] = ()) -> None:
     """Counts and logs a request the transport refused before handing it to the engine (which counts
-    and logs all others): a malformed one. `request_id` is logged only when it is one we could echo."""
+    and logs all others): a malformed one. `request_id` is logged only when it is one we could echo;
+    `trace_context` (`trace_context_of`) names its trace, as an admitted request's log line does."""
     if isinstance(exc, VideoGenError):
-        engine.refused(exc, request_id if valid_request_id(request_id) else "")
+        engine.refused(exc, request_id if valid_request_id(request_id) else "", trace_context)
 
 
 _ENDING: set[asyncio.Task[None]] = set()  # calls being ended from outside their handlers (end_call_soon)
@@ -108,7 +110,7 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
                         yield message
         except Exception as exc:  # CancelledError is not an Exception: a gone caller is not answered
             if call is None:
-                refused_before_engine(self._engine, exc, request_id)
+                refused_before_engine(self._engine, exc, request_id, trace_context_of(context))
             trailer = ((REQUEST_ID_KEY, request_id),) if request_id and not headers_sent else ()
             await abort(context, exc, request_id=request_id, trailing_metadata=trailer)
 
