@@ -383,6 +383,13 @@ def test_request_log_line_and_json_format(tiny_server, caplog):
     assert (req["width"], req["height"], req["frames"], req["steps"], req["decode_chunk_size"]) == (64, 48, 2, 2, 1)
     for key in ("queue_s", "image_encode_s", "denoise_s", "decode_s", "video_encode_s", "peak_memory_bytes"):
         assert key in req
+    # refused once its version was chosen (a width past the limits): the line names the version too
+    with caplog.at_level(logging.INFO, logger="videogen.requests"):
+        with pytest.raises(grpc.RpcError):
+            collect(tiny_server.stub(), request(width=4096), metadata=(("x-request-id", "too-wide"),))
+    [refused] = [r.videogen_request for r in caplog.records
+                 if getattr(r, "videogen_request", {}).get("request_id") == "too-wide"]
+    assert (refused["version"], refused["outcome"], refused["code"]) == (1, "rejected", "INVALID_ARGUMENT"), refused
 
 
 def test_a_json_log_is_json_on_every_line(make_repo, tmp_path):

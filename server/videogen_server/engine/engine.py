@@ -908,6 +908,7 @@ class Engine:
             for attempt in range(3):
                 rt = entry.select(call.model_version)
                 labels = rt.labels
+                record["version"] = rt.version  # (a refusal after this point names the version too)
                 settings = rt.settings
                 params = resolve_params(wanted, settings.defaults, settings.limits)
                 _check_frame_bytes(params, call.max_frame_bytes)
