@@ -335,8 +335,10 @@ def connection_settings(target: Target, *, secure: bool, root_certificates: byte
             raise TypeError("token: a callable returning the token, not a coroutine function; it is asked before "
                             "each call (on the event loop, for AsyncVideoGenClient: keep it quick)")
         token_source, token = token, None
-    elif token is not None:
+    elif token is not None and token.strip():
         token = check_token(token)
+    else:  # "" (an empty VIDEOGEN_TOKEN, an unset CI secret): no token, as before TokenFile
+        token = None
     if (private_key is None) != (certificate_chain is None):
         raise ValueError("private_key and certificate_chain must be given together (mTLS)")
     if not secure and (root_certificates or private_key or certificate_chain):

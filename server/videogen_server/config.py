@@ -55,7 +55,8 @@ def check_tls_files(cert: Path, key: Optional[Path], client_ca: Optional[Path]) 
                              f"(PEM CA certificates)") from None
     if not _grpc_serves(Path(cert).read_bytes(), Path(key).read_bytes(),
                         Path(client_ca).read_bytes() if client_ca is not None else None):
-        raise ValueError(f"--tls-cert {cert} / --tls-key {key}: gRPC cannot serve them, though OpenSSL reads them "
+        ca = f" / --tls-client-ca {client_ca}" if client_ca is not None else ""
+        raise ValueError(f"--tls-cert {cert} / --tls-key {key}{ca}: gRPC cannot serve them, though OpenSSL reads them "
                          f"(gRPC's BoringSSL takes RSA, ECDSA on P-256, P-384 or P-521, and Ed25519 keys: not DSA or "
                          f"secp256k1; its log above says why)")
 
@@ -87,7 +88,6 @@ def _grpc_serves(cert: bytes, key: bytes, client_ca: Optional[bytes]) -> bool:
         server.stop(None)
 
 
-
 def check_tokens(tokens, source: str) -> None:
     """gRPC metadata is ASCII: a token with anything else could never be sent, and nothing said so."""
     if any(not t or not t.isascii() or not t.isprintable() or any(c.isspace() for c in t) for t in tokens):
@@ -108,6 +108,7 @@ def read_token_file(path: Path) -> tuple[str, ...]:
         raise ValueError(f"{source}: no token in it (one a line; '#' starts a comment)")
     check_tokens(tokens, source)
     return tokens
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:

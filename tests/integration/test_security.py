@@ -193,9 +193,13 @@ def test_bearer_tokens(repo, caplog):
                     _run(client)
                 with pytest.raises(UnauthenticatedError):
                     client.list_models()
-        # counted, and said once a minute (a rotation gone wrong was in neither: observability review)
+        # counted, and said once a minute (a rotation gone wrong was in neither: observability review); the
+        # server's own health, answered without a token (probes, the SDK's client-side health checking), is not
+        open_health = health_pb2_grpc.HealthStub(server.channel())
+        assert open_health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
         assert server.metric("videogen_auth_failures_total", method="/videogen.v1.VideoGen/Generate") == 4
         assert server.metric("videogen_auth_failures_total", method="/videogen.v1.VideoGen/ListModels") == 4
+        assert server.metric("videogen_auth_failures_total", method="/grpc.health.v1.Health/Check") == 0
         [warning] = [r.getMessage() for r in caplog.records if "refused without a valid bearer token" in r.getMessage()]
         assert warning.startswith("1 calls refused") and "wrong" not in warning and "tok-" not in warning
         for token in ("tok-one", "tok-two"):
@@ -223,6 +227,9 @@ def test_bearer_tokens(repo, caplog):
             with pytest.raises(grpc.RpcError) as refused:
                 next(health.Watch(health_pb2.HealthCheckRequest(service=service)))
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, service
+        # refused health names are counted: Check and Watch, 3 names each
+        assert server.metric("videogen_auth_failures_total", method="/grpc.health.v1.Health/Check") == 3
+        assert server.metric("videogen_auth_failures_total", method="/grpc.health.v1.Health/Watch") == 3
         with pytest.raises(grpc.RpcError) as refused:
             health.Check(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen/svd-tiny"),
                          metadata=(("authorization", "Bearer wrong"),))

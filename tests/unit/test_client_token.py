@@ -71,6 +71,9 @@ def test_any_callable_is_asked_before_each_call():
     with pytest.raises(TypeError, match="not a coroutine function"):
         connection_settings("localhost:8001", secure=False, root_certificates=None, private_key=None,
                             certificate_chain=None, token=fetch, options=None)
+    for empty in ("", "  \n"):  # no token (an empty VIDEOGEN_TOKEN), as before: not an error
+        assert connection_settings("localhost:8001", secure=False, root_certificates=None, private_key=None,
+                                   certificate_chain=None, token=empty, options=None).metadata == ()
     with pytest.raises(ValueError, match="printable ASCII"):  # a str is checked where it is given, as before
         connection_settings("localhost:8001", secure=False, root_certificates=None, private_key=None,
                             certificate_chain=None, token="tok one", options=None)

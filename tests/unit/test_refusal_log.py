@@ -21,3 +21,18 @@ def test_refusals_past_the_second_s_share_are_summed_in_one_line(caplog):
     [summary] = [r.getMessage() for r in caplog.records]
     assert summary == ("15 more requests refused in the last second, not logged one by one (counted in "
                        "videogen_requests_total): NOT_FOUND=5, RESOURCE_EXHAUSTED=10")
+
+
+def test_a_pending_summary_is_logged_at_flush(caplog):
+    """At shutdown the loop that would run the summary stops: Engine.shutdown flushes it (review)."""
+    async def burst() -> None:
+        log = engine._RefusalLog()
+        for _ in range(12):
+            log.take("UNAVAILABLE")
+        log.flush()
+
+    with caplog.at_level(logging.INFO, logger="videogen.requests"):
+        asyncio.run(burst())
+    assert [r.getMessage() for r in caplog.records] == [
+        "2 more requests refused in the last second, not logged one by one (counted in videogen_requests_total): "
+        "UNAVAILABLE=2"]

@@ -84,6 +84,9 @@ class _RefusalLog:
         return False
 
     def flush(self) -> None:
+        """Logs the summed refusals now (at their second's end; at shutdown, whatever is pending)."""
+        if self._flush is not None:
+            self._flush.cancel()
         self._flush = None
         if self._skipped:
             request_log.info("%d more requests refused in the last second, not logged one by one (counted in "
@@ -616,6 +619,7 @@ class Engine:
         await asyncio.gather(*(rt.unload(grace) for rt in list(self._runtimes) if rt.state != "LOADING"))
         self._media.shutdown(wait=False, cancel_futures=True)
         self._decode.shutdown(wait=False, cancel_futures=True)
+        self._refusal_log.flush()  # the last second's refusals, before the loop that would log them stops
 
     # -- model control ----------------------------------------------------------------------------
 

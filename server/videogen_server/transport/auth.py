@@ -82,18 +82,19 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or self._authorized(details.invocation_metadata):
             return handler
-        if self._on_denied is not None:
-            self._denied(details.method)
         denial = Unauthenticated(self._denial)
         code, message = to_status(denial)
         trailer = (status_details(denial, code, message),)
-        if details.method.startswith(HEALTH_METHOD_PREFIX):
-            return self._health_handler(handler, code, message, trailer)
+        if details.method.startswith(HEALTH_METHOD_PREFIX):  # (counted only if refused: probes are answered)
+            return self._health_handler(handler, code, message, trailer, details.method)
+        self._denied(details.method)
         return _denied_handler(handler, code, message, trailer)
 
     def _denied(self, method: str) -> None:
         """Counted, and said at most once a minute: a token rotation gone wrong (every caller refused) was
         in neither the log nor the metrics (observability review). Never the token."""
+        if self._on_denied is None:
+            return
         self._on_denied(method)
         self._denied_since_warning += 1
         now = time.monotonic()
@@ -103,7 +104,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             self._denied_since_warning, self._last_warning = 0, now
 
     def _health_handler(self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
-                        trailer: tuple[tuple[str, bytes], ...]) -> grpc.RpcMethodHandler:
+                        trailer: tuple[tuple[str, bytes], ...], method: str) -> grpc.RpcMethodHandler:
         """Health without a token: the server's own services answer (probes carry no token); any other
         name is refused, answered or not, so a caller without a token cannot learn which models exist."""
         open_services = self._open_health
@@ -111,6 +112,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         def guard(behaviour):
             async def guarded(request, context):
                 if request.service not in open_services:
+                    self._denied(method)
                     await abort_call(context, code, message, trailer)
                 return await behaviour(request, context)
 
@@ -122,4 +124,5 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary), **kw)
         if handler.unary_stream:  # Watch (grpc_health's aio servicer writes with context.write)
             return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream), **kw)
+        self._denied(method)
         return _denied_handler(handler, code, message, trailer)  # no such Health method today

@@ -1148,8 +1148,12 @@ def _check_tree_writable(path: str) -> None:
     import errno
     import os
 
-    for n, (folder, _dirs, _files) in enumerate(os.walk(path)):
+    def unlistable(err: OSError) -> None:  # (os.walk passes over a folder it cannot list, unchecked)
+        raise OSError(errno.EACCES, f"{err.filename} inside it cannot be read") from None
+
+    for n, (folder, _dirs, _files) in enumerate(os.walk(path, onerror=unlistable)):
         if n >= MAX_CACHE_FOLDERS_CHECKED:
+            log.info("compile_cache_dir %s: its first %d folders checked for write access, not the rest", path, n)
             return
         if not os.access(folder, os.W_OK | os.X_OK):
             raise OSError(errno.EACCES, f"{folder} inside it is not writable")
@@ -1182,7 +1186,8 @@ def artifacts_name(device: torch.device) -> str:
         # by the thread count (another --cpu-threads never hits): both in the name
         from torch._inductor import cpu_vec_isa
 
-        isa = str(cpu_vec_isa.pick_vec_isa()).replace(" ", "+") or "novec"
+        picked = cpu_vec_isa.pick_vec_isa()  # (an InvalidVecISA, false, where none is usable)
+        isa = str(picked).replace(" ", "+") if picked else "novec"
         where = f"{device.type}-{platform.machine()}-{isa}-t{torch.get_num_threads()}"
     name = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{where}.bin"
     return re.sub(r"[^A-Za-z0-9.+_-]+", "-", name)
