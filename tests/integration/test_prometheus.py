@@ -216,18 +216,25 @@ def collector() -> Iterator[Collector]:
 def test_a_real_prometheus_evaluates_every_rule_and_dashboard_query(make_repo, collector: Collector,
                                                                    tmp_path: Path) -> None:
     model = "svd-tiny"
-    with ServerThread(make_repo({model: tiny_config(model)}), otlp_endpoint=collector.endpoint) as server:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("sesame\n")  # (the security panels' series: a token file, reloaded, and a caller without)
+    auth = (("authorization", "Bearer sesame"),)
+    with ServerThread(make_repo({model: tiny_config(model)}), otlp_endpoint=collector.endpoint,
+                      auth_token_file=tokens) as server:
         prom, stop = _start_prometheus(tmp_path, server.server.metrics_port)
         try:
             stub = server.stub()
 
             def serve_a_round() -> None:
-                # a video with frames and MP4, and a request refused for a bad field
+                # a video with frames and MP4, a request refused for a bad field, and one without a token
                 collect(stub, request(model=model, num_frames=2, num_inference_steps=2, decode_chunk_size=1,
-                                      output={"stream_video": True}))
+                                      output={"stream_video": True}), metadata=auth)
                 with pytest.raises(grpc.RpcError) as refused:
-                    collect(stub, request(model=model, num_frames=2, num_inference_steps=2, fps=0))
+                    collect(stub, request(model=model, num_frames=2, num_inference_steps=2, fps=0), metadata=auth)
                 assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                with pytest.raises(grpc.RpcError) as refused:
+                    collect(stub, request(model=model, num_frames=2, num_inference_steps=2))
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 prom.wait("a scrape after the requests", _scraped_after(prom, server.server.metrics_port))
 
             # two rounds with a scrape between them: every counter and histogram series exists before
