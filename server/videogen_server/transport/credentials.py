@@ -9,11 +9,10 @@ Each file set is polled (`os.stat`: device, inode, size, mtime, ctime) every
 `--credentials-reload-seconds`. A change is loaded once the files have stayed the same for one more
 interval (a writer copying the certificate, then the key, is not caught halfway), checked as at start
 (OpenSSL loads the certificate with its key, then gRPC builds a TLS server of them; tokens as printable
-ASCII, at least one); a set that does
-not pass is logged once and the server keeps serving what it loaded before
-(`videogen_credentials_reload_failing` 1 until the files load). A new certificate serves the
-connections opened after it is loaded: gRPC asks for it before each TLS handshake; open connections
-keep theirs until they close (`--max-connection-age-seconds` bounds how long).
+ASCII, at least one); a set that does not pass is logged once and the server keeps serving what it
+loaded before (`videogen_credentials_reload_failing` 1 until the files load). A new certificate serves
+the connections opened after it is loaded: gRPC asks for it before each TLS handshake; open
+connections keep theirs until they close (`--max-connection-age-seconds` bounds how long).
 """
 from __future__ import annotations
 
