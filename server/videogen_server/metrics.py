@@ -88,6 +88,9 @@ class Metrics:
                                                 "1 while the TLS or token files on disk changed and cannot be "
                                                 "loaded (the server serves the ones it loaded before)",
                                                 ("credentials",), registry=r)
+        self.tls_certificate_expiry = Gauge("videogen_tls_certificate_expiry_timestamp_seconds",
+                                            "End of validity of the certificate the gRPC port serves (--tls-cert), "
+                                            "seconds since the epoch", ("credentials",), registry=r)
         self.build = Info("videogen_build", "Build information", registry=r)
         self._http = None
 

@@ -135,6 +135,12 @@ def test_tls_files_that_cannot_serve_are_refused_naming_the_flag(tmp_path, pki):
     ServerConfig(model_repositories=(tmp_path,), tls_cert=cert, tls_key=key_file)
 
 
+def _not_after(cert: Path) -> float:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc.timestamp()
+
+
 def _self_signed(folder: Path, stem: str, key) -> tuple[Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -369,6 +375,7 @@ def test_a_renewed_certificate_is_served_without_a_restart(repo, tmp_path, pki, 
     with ServerThread(repo, tls_cert=mount / "tls.crt", tls_key=mount / "tls.key",
                       credentials_reload_seconds=0.1) as server:
         assert server.metric("videogen_credentials_reload_failing", credentials="tls") == 0
+        assert server.metric("videogen_tls_certificate_expiry_timestamp_seconds") == _not_after(pki["server.crt"])
         ca = pki["ca.crt"].read_bytes()
         with VideoGenClient(server.target, secure=True, root_certificates=ca) as before:
             assert _run(before).summary.num_frames == 1
@@ -377,6 +384,8 @@ def test_a_renewed_certificate_is_served_without_a_restart(repo, tmp_path, pki, 
             _eventually(lambda: _handshake(server.port, other["ca.crt"]), "the renewed certificate is not served")
             assert not _handshake(server.port, pki["ca.crt"])
             assert server.metric("videogen_credentials_reloads_total", credentials="tls", result="ok") == 1
+            # the renewed certificate's end of validity (an alert watches it: renewals that stopped)
+            assert server.metric("videogen_tls_certificate_expiry_timestamp_seconds") == _not_after(other["server.crt"])
             # a connection made before keeps its session (until it closes: --max-connection-age-seconds)
             assert before.list_models()[0].name == "svd-tiny"
         # a key of another certificate (a copy caught halfway; a wrong Secret): logged, the last good serves
