@@ -121,8 +121,7 @@ class TlsFiles:
             #: the files' fingerprint before they were read (taken after, a change in between was never loaded)
             self.fingerprint = fingerprint(self.files())
             try:
-                self._initial = self._read()
-                self.not_after = self._read_not_after
+                self._initial, self.not_after = self._read()
                 break
             except FilesChanging:
                 if attempt == 2:
@@ -137,7 +136,8 @@ class TlsFiles:
         except OSError as err:
             raise ValueError(f"{err.filename}: {err.strerror or err}") from None
 
-    def _read(self) -> grpc.ServerCertificateConfiguration:
+    def _read(self) -> tuple[grpc.ServerCertificateConfiguration, Optional[float]]:
+        """The configuration for gRPC and the certificate's end of validity (None if unreadable)."""
         # what OpenSSL checked must be what gRPC gets: read, check the files, read again, compare
         before = self._bytes()
         check_tls_files(*self._paths)
@@ -145,21 +145,21 @@ class TlsFiles:
         if (cert, key, ca) != before:
             raise FilesChanging("the TLS files changed while being read")
         try:
-            self._read_not_after = certificate_not_after(cert)
+            not_after: Optional[float] = certificate_not_after(cert)
         except ValueError as err:  # (OpenSSL and gRPC took it: only the gauge goes without)
             log.warning("--tls-cert: its end of validity could not be read (%s): no expiry metric", err)
-            self._read_not_after = None
-        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+            not_after = None
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca), not_after
 
     def server_credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(self._initial, self._fetch,
                                                    require_client_authentication=self._paths[2] is not None)
 
     def load(self) -> None:
-        configuration = self._read()
+        configuration, not_after = self._read()
         with self._lock:
             self._pending = configuration
-        self.not_after = self._read_not_after
+        self.not_after = not_after
 
     def _fetch(self) -> Optional[grpc.ServerCertificateConfiguration]:
         """A configuration once after each load, else None (gRPC keeps the one it has)."""
