@@ -141,13 +141,19 @@ class Tracing:
                    "outcome": outcome}, code, message)
 
 
-def logged_trace_id(carrier: Sequence[tuple[str, str]]) -> str:
-    """The trace a request refused before the engine names in its log line, from the context the
-    transport gives the engine (`trace_context_of`): that trace's id, or "" when it started here unsampled
-    or there is none (RequestTrace.trace_id's rule, without a span)."""
+def _caller_span(carrier: Sequence[tuple[str, str]]) -> SpanContext:
+    """The caller's span in the context the transport gives the engine (`trace_context_of`), for a log
+    line to name: invalid when there is none, or when the trace started here unsampled (nothing of it is
+    exported: its id is nobody's)."""
     if not carrier or any(key == UNSAMPLED_HERE for key, _ in carrier):
-        return ""
-    return trace_id_of(trace.get_current_span(PROPAGATOR.extract(dict(carrier))).get_span_context())
+        return INVALID_SPAN_CONTEXT
+    return trace.get_current_span(PROPAGATOR.extract(dict(carrier))).get_span_context()
+
+
+def logged_trace_id(carrier: Sequence[tuple[str, str]]) -> str:
+    """The trace a request refused before the engine names in its log line (RequestTrace.trace_id's
+    rule, without a span of its own): the caller's, or ""."""
+    return trace_id_of(_caller_span(carrier))
 
 
 class RequestTrace:
@@ -156,9 +162,7 @@ class RequestTrace:
     def __init__(self, tracer: trace.Tracer, carrier: Sequence[tuple[str, str]], *,
                  name: str = "videogen.generate", start: Optional[float] = None) -> None:
         parent = PROPAGATOR.extract(dict(carrier)) if carrier else None
-        self._parent = trace.get_current_span(parent).get_span_context() if parent is not None else INVALID_SPAN_CONTEXT
-        if any(key == UNSAMPLED_HERE for key, _ in carrier):  # its trace id is nobody's: not for the log
-            self._parent = INVALID_SPAN_CONTEXT
+        self._parent = _caller_span(carrier)
         self._tracer = tracer
         self._offset_ns = time.time_ns() - time.monotonic_ns()  # one clock per request: its spans line up
         self.span = tracer.start_span(name, context=parent, kind=SpanKind.INTERNAL,
