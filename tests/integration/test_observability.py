@@ -21,6 +21,11 @@ def health(server: ServerThread, service: str = "") -> int:
     return health_pb2_grpc.HealthStub(server.channel()).Check(health_pb2.HealthCheckRequest(service=service)).status
 
 
+def health_list(server: ServerThread) -> dict[str, int]:
+    listed = health_pb2_grpc.HealthStub(server.channel()).List(health_pb2.HealthListRequest(), timeout=10)
+    return {name: answer.status for name, answer in listed.statuses.items()}
+
+
 HISTOGRAMS = {  # metric -> observations one request of 3 steps, 4 frames, decode chunks of 2 adds
     "videogen_request_duration_seconds": 1, "videogen_queue_wait_seconds": 1,
     "videogen_time_to_first_frame_seconds": 1, "videogen_image_encode_seconds": 1,
@@ -101,6 +106,10 @@ def test_health_follows_loading_and_drain(make_repo):
         assert health(server) == SERVING
         assert health(server, "videogen.v1.VideoGen") == SERVING
         assert health(server, "videogen.v1.VideoGen/m") == SERVING
+        # List (grpc.health.v1's snapshot of every name; grpcio-health-checking's asyncio servicer answered it
+        # UNIMPLEMENTED with Python's exception text: API audit)
+        names = ("", "videogen.v1.VideoGen", "inference.GRPCInferenceService", "videogen.v1.VideoGen/m")
+        assert health_list(server) == dict.fromkeys(names, SERVING)
         running = Stream(server.stub(), request(model="m", num_inference_steps=12))
         running.progressed.wait(10)
         import asyncio
@@ -111,6 +120,7 @@ def test_health_follows_loading_and_drain(make_repo):
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert health(server, "videogen.v1.VideoGen/m") == NOT_SERVING
+        assert health_list(server) == dict.fromkeys(names, NOT_SERVING)
         assert running.join().summary.num_frames == 4  # in-flight request finished during the drain
         stop_future.result(20)
     finally:

@@ -169,6 +169,9 @@ def test_mutual_tls(repo, pki):
             with pytest.raises(grpc.RpcError) as refused:
                 health.Check(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen/svd-tiny"), metadata=token)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and "gRPC port" in refused.value.details()
+            # List answers the server's own names, never a model's (an AttributeError's text, UNKNOWN, before)
+            listed = health.List(health_pb2.HealthListRequest(), metadata=token, timeout=10)
+            assert sorted(listed.statuses) == ["", "inference.GRPCInferenceService", "videogen.v1.VideoGen"]
         # the port is the server's alone: a second server cannot bind it too (gRPC's SO_REUSEPORT would let it
         # share the probes, and the main port's callers, silently)
         for taken in ({"health_port": server.server.health_port}, {"port": server.port}):
@@ -233,6 +236,14 @@ def test_bearer_tokens(repo, caplog):
             with pytest.raises(grpc.RpcError) as refused:
                 next(health.Watch(health_pb2.HealthCheckRequest(service=service)))
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, service
+        # List without a token: the server's own names only (it read `request.service`, which List's
+        # request has not: UNKNOWN with an AttributeError's text and a traceback in the log); with one, all
+        own = ["", "inference.GRPCInferenceService", "videogen.v1.VideoGen"]
+        assert sorted(health.List(health_pb2.HealthListRequest(), timeout=10).statuses) == own
+        listed = health.List(health_pb2.HealthListRequest(), metadata=(("authorization", "Bearer tok-one"),), timeout=10)
+        assert sorted(listed.statuses) == [*own, "videogen.v1.VideoGen/svd-tiny"]
+        assert listed.statuses["videogen.v1.VideoGen/svd-tiny"].status == serving
+        assert server.metric("videogen_auth_failures_total", method="/grpc.health.v1.Health/List") == 0
         # refused health names are counted: Check and Watch, 3 names each
         assert server.metric("videogen_auth_failures_total", method="/grpc.health.v1.Health/Check") == 3
         assert server.metric("videogen_auth_failures_total", method="/grpc.health.v1.Health/Watch") == 3

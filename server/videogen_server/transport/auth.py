@@ -106,7 +106,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def _health_handler(self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
                         trailer: tuple[tuple[str, bytes], ...], method: str) -> grpc.RpcMethodHandler:
         """Health without a token: the server's own services answer (probes carry no token); any other
-        name is refused, answered or not, so a caller without a token cannot learn which models exist."""
+        name is refused, answered or not, so a caller without a token cannot learn which models exist.
+        `List` answers with the server's own names only."""
         open_services = self._open_health
 
         def guard(behaviour):
@@ -118,8 +119,16 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
             return guarded
 
+        async def listed(request, context):
+            answer = await handler.unary_unary(request, context)
+            for name in [name for name in answer.statuses if name not in open_services]:
+                del answer.statuses[name]
+            return answer
+
         kw = {"request_deserializer": handler.request_deserializer,
               "response_serializer": handler.response_serializer}
+        if method == HEALTH_METHOD_PREFIX + "List":  # (its request names no service)
+            return grpc.unary_unary_rpc_method_handler(listed, **kw)
         if handler.unary_unary:  # Check
             return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary), **kw)
         if handler.unary_stream:  # Watch (grpc_health's aio servicer writes with context.write)

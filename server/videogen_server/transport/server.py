@@ -73,6 +73,17 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
+class Health(HealthServicer):
+    """grpc.health.v1 with `List` (grpcio-health-checking's asyncio servicer answers it UNIMPLEMENTED,
+    with Python's exception text): every name this server reports and its status. Without a token, when
+    tokens are configured, the auth interceptor leaves only the server's own names in the answer."""
+
+    async def List(self, request: health_pb2.HealthListRequest, context) -> health_pb2.HealthListResponse:
+        statuses = dict(self._server_status)  # (the base class's table: a snapshot, as the protocol allows)
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=status) for name, status in statuses.items()})
+
+
 class HealthReporter:
     """Keeps grpc.health.v1 in step with the engine.
 
@@ -83,7 +94,7 @@ class HealthReporter:
     load-balancing clients refuse every call to the server, those for its ready models and the model
     control calls included. Each model's name: SERVING while that model takes requests."""
 
-    def __init__(self, engine, servicer: HealthServicer) -> None:
+    def __init__(self, engine, servicer: Health) -> None:
         self._engine = engine
         self.servicer = servicer
 
@@ -178,7 +189,7 @@ def build_server(engine, config: ServerConfig, reloader: Optional[CredentialRelo
     # The Open Inference Protocol (KServe v2 / Triton) on the same port, over the same engine.
     kserve.kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
         kserve.KServeServicer(engine, model_control_mode=config.model_control_mode), server)
-    health = HealthServicer()
+    health = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (VIDEOGEN_SERVICE, kserve.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
