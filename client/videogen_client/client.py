@@ -222,8 +222,9 @@ class VideoGenClient:
                     mp4.write(event.data)
 
         The events come in order: one :class:`Accepted`, one :class:`Progress` per denoising step,
-        the :class:`Frame` s in index order (frames the server split into parts are reassembled),
-        the :class:`VideoChunk` s of a fragmented MP4, and one :class:`Summary`. The request is
+        then for each VAE decode chunk its :class:`Frame` s in index order (frames the server split
+        into parts are reassembled) followed by the :class:`VideoChunk` s of the fragmented MP4
+        encoded by then (frames and video chunks interleave), and one :class:`Summary`. The request is
         built (and the image read) when ``generate`` is called; the RPC starts on the first
         ``next()``. Closing the iterator early (``break`` out of the loop, or ``.close()``)
         cancels the RPC, and the server stops working on it; so does ``.cancel()``, from any
@@ -241,7 +242,7 @@ class VideoGenClient:
             num_frames: frames to generate (model default: 14 for SVD, 25 for SVD-XT).
             num_inference_steps: denoising steps (default 25).
             fps: the fps conditioning value (default 7).
-            motion_bucket_id: how much motion, 0..255 (default 127).
+            motion_bucket_id: how much motion, 0..1023 (SVD was trained on 0..255; default 127).
             noise_aug_strength: noise added to the conditioning image (default 0.02).
             min_guidance_scale, max_guidance_scale: the classifier-free guidance ramp over the
                 frames (defaults 1.0 and 3.0).

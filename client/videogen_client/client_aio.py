@@ -209,7 +209,7 @@ class AsyncVideoGenClient:
             num_frames: frames to generate (model default: 14 for SVD, 25 for SVD-XT).
             num_inference_steps: denoising steps (default 25).
             fps: the fps conditioning value (default 7).
-            motion_bucket_id: how much motion, 0..255 (default 127).
+            motion_bucket_id: how much motion, 0..1023 (SVD was trained on 0..255; default 127).
             noise_aug_strength: noise added to the conditioning image (default 0.02).
             min_guidance_scale, max_guidance_scale: the classifier-free guidance ramp over the
                 frames (defaults 1.0 and 3.0).

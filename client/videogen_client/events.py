@@ -1,8 +1,9 @@
 """Events streamed by a generation, and the result of a whole run.
 
 ``VideoGenClient.generate`` yields, in order: one :class:`Accepted`, one :class:`Progress` per
-denoising step, the :class:`Frame` s (whole: frames the server split into parts are put back
-together first), the :class:`VideoChunk` s of the MP4, and one :class:`Summary`::
+denoising step, then for each VAE decode chunk its :class:`Frame` s in index order (whole: frames
+the server split into parts are put back together first) followed by the :class:`VideoChunk` s of
+the MP4 encoded by then, and one :class:`Summary`::
 
     for event in client.generate("cat.png", model="svd-xt"):
         match event:
