@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from videogen.v1 import videogen_pb2 as pb
 from videogen.v1 import videogen_pb2_grpc as pb_grpc
@@ -391,3 +393,18 @@ class SilentPeerProxy:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def details_of(err: grpc.RpcError) -> dict[str, object]:
+    """The call's google.rpc.Status details by type, read with grpc's own reader."""
+    status = rpc_status.from_call(err)  # raises if the details disagree with the call's code or message
+    assert status is not None, f"no rich status on {err.code()}: {err.details()}"
+    out: dict[str, object] = {}
+    for packed in status.details:
+        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo,
+                    error_details_pb2.PreconditionFailure):
+            if packed.Is(cls.DESCRIPTOR):
+                message = cls()
+                packed.Unpack(message)
+                out[cls.__name__] = message
+    return out

@@ -87,6 +87,14 @@ class NotLoaded(NotReady):
     protocol answers it NOT_FOUND ("has no available versions"), as Triton does."""
 
 
+class LoadFailed(NotLoaded):
+    """No version of the model is ready and its last load failed: it stays so until a load succeeds
+    (a mended repository in poll mode, a LoadModel), unlike one still loading. Why is for operators
+    (GetModel, the log), not in the message."""
+
+    REASON = "MODEL_LOAD_FAILED"
+
+
 class Draining(NotReady):
     """The server is shutting down and admits no new requests."""
 

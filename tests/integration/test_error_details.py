@@ -11,7 +11,6 @@ import time
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from videogen.v1 import videogen_pb2 as pb
 from videogen.v1 import videogen_pb2_grpc as pb_grpc
@@ -20,22 +19,7 @@ from videogen_client.errors import (InvalidArgumentError, ModelNotFoundError, Ou
                                     UnauthenticatedError)
 
 from ..helpers import SHORT_REQUEST as SHORT
-from ..helpers import TINY_PARAMETERS, ServerThread, collect, full_queue, request, sample_png, tiny_config
-
-
-def details_of(err: grpc.RpcError) -> dict[str, object]:
-    """The call's google.rpc.Status details by type, read with grpc's own reader."""
-    status = rpc_status.from_call(err)  # raises if the details disagree with the call's code or message
-    assert status is not None, f"no rich status on {err.code()}: {err.details()}"
-    out: dict[str, object] = {}
-    for packed in status.details:
-        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo,
-                    error_details_pb2.PreconditionFailure):
-            if packed.Is(cls.DESCRIPTOR):
-                message = cls()
-                packed.Unpack(message)
-                out[cls.__name__] = message
-    return out
+from ..helpers import TINY_PARAMETERS, ServerThread, collect, details_of, full_queue, request, sample_png, tiny_config
 
 
 def refusal(call) -> grpc.RpcError:

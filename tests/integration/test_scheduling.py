@@ -10,7 +10,7 @@ import pytest
 
 from videogen.v1 import videogen_pb2 as pb
 
-from ..helpers import (LONG_REQUEST as LONG, SHORT_REQUEST as SHORT, ServerThread, Stream, collect, full_queue,
+from ..helpers import (LONG_REQUEST as LONG, SHORT_REQUEST as SHORT, ServerThread, Stream, collect, details_of, full_queue,
                        install_backend, raw_frames, request, tiny_config, wait_until)
 
 
@@ -277,6 +277,12 @@ def test_a_bad_config_fails_that_model_only(make_repo):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         # an inference caller learns that it failed, not the server's paths
         assert err.value.details() == "model 'bad' is not ready (it failed to load)"
+        # told apart from a model still loading by its reason: it stays so until a load succeeds (API audit)
+        assert details_of(err.value)["ErrorInfo"].reason == "MODEL_LOAD_FAILED"
+        # GetModel without a name: the field named, not a model called "" not found (API audit)
+        with pytest.raises(grpc.RpcError) as unnamed:
+            stub.GetModel(pb.GetModelRequest())
+        assert (unnamed.value.code(), unnamed.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "name: required")
 
 
 ECHO_BACKEND = '''

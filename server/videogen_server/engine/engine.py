@@ -31,7 +31,7 @@ from ..backends.base import (COMPILE_ARTIFACTS_FOLDER, BackendRequest, Finished,
                              ModelSettingError, PhaseTiming, StepDone, load_backend_class)
 from ..config import ServerConfig
 from ..errors import (MAX_MESSAGE_BYTES, BackendError, ConfigError, Draining, InvalidRequest, ModelNotFound,
-                      NotLoaded, NotReady, NotStarted, QueueFull, ReaderStalled, RequestCancelled, VideoGenError, clip,
+                      LoadFailed, NotLoaded, NotReady, NotStarted, QueueFull, ReaderStalled, RequestCancelled, VideoGenError, clip,
                       status_name)
 from ..media.frames import encode_frame
 from ..media.mp4 import FragmentedMP4Encoder
@@ -391,7 +391,9 @@ class ModelEntry:
             ready = [rt for v, rt in sorted(self.loaded.items(), reverse=True) if rt.state == "READY"]
             if not ready:
                 # why a load failed (file paths, driver text) is for operators: GetModel and the log
-                raise NotLoaded(f"model {self.name!r} is not ready" + (" (it failed to load)" if self.error else ""))
+                if self.error:
+                    raise LoadFailed(f"model {self.name!r} is not ready (it failed to load)")
+                raise NotLoaded(f"model {self.name!r} is not ready")
             rt = ready[0]
         if rt.state != "READY":
             raise NotReady(f"model {self.name!r} version {rt.version} is {rt.state.lower()}")

@@ -122,6 +122,8 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
+            if not request.name:  # a missing field, not a model called "" (NOT_FOUND said so)
+                raise InvalidRequest("name", "required")
             return convert.model_status_to_pb(self._engine.status(request.name))
         except Exception as exc:
             await abort(context, exc, fields=NAME_FIELD)
