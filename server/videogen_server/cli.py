@@ -12,6 +12,16 @@ from typing import Mapping, Optional, Sequence
 from .config import MODEL_CONTROL_MODES, ServerConfig
 
 
+def _boolean(text: str) -> bool:
+    """true/false (Triton's spelling of its boolean flags; 1/0, yes/no, on/off too)."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
 def _parser() -> argparse.ArgumentParser:
     d = ServerConfig(model_repositories=())
     p = argparse.ArgumentParser(prog="videogen-server", description="gRPC model server for Stable Video Diffusion")
@@ -43,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                                                                              "(default: CPU count, at most 8)")
     s.add_argument("--exit-on-error", action="store_true",
                    help="exit 1 when a model or version fails to load at start-up (default: serve the others)")
+    s.add_argument("--strict-readiness", type=_boolean, default=d.strict_readiness, metavar="{true,false}",
+                   help="true: ready (health \"\", ServerReady) only while every model is loaded and warm; false: while "
+                        "the server takes calls, a model loading or failed after start-up included (default %(default)s)")
     s.add_argument("--drain-grace-seconds", type=float, default=d.drain_grace_seconds,
                    help="on SIGTERM, how long in-flight requests may finish (default %(default)s)")
     s.add_argument("--unload-timeout-seconds", type=float, default=d.unload_timeout_seconds,
@@ -207,7 +220,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         otlp_endpoint=args.otlp_endpoint,
         otlp_service_name=args.otlp_service_name or environ.get("OTEL_SERVICE_NAME") or ServerConfig.otlp_service_name,
         trace_sample_ratio=args.trace_sample_ratio,
-        log_format=args.log_format, log_level=args.log_level.upper(), exit_on_error=args.exit_on_error)
+        log_format=args.log_format, log_level=args.log_level.upper(), exit_on_error=args.exit_on_error,
+        strict_readiness=args.strict_readiness)
 
 
 async def _serve(config: ServerConfig, port_file: Optional[Path]) -> None:

@@ -685,3 +685,45 @@ def test_sigterm_during_start_up_stops_cleanly(make_repo, tmp_path):
     text = log.read_text()
     assert rc == 0, text[-3000:]
     assert "stopped during start-up" in text and "Traceback" not in text, text[-3000:]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_readiness_is_strict_or_follows_the_server_taking_calls(tmp_path, slow_backend, strict):
+    """Readiness ("" and KServe's ServerReady, what the k8s readiness probe reads), as Triton's
+    --strict-readiness. Strict (the default): a model loading or failed after start-up makes the server
+    unready, and gRPC health said so only at the load's end while ServerReady said it at once (the two
+    disagreed; lifecycle audit). Not strict: the server stays ready with a model ready, so a model copied
+    in broken (poll mode) or a LoadModel no longer takes every pod out of its Service. The API names
+    (what the k8s liveness probe reads) stay SERVING either way."""
+    from inference import grpc_service_pb2 as kpb
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+
+    repo = slow_repo(tmp_path)
+    config = (repo / "a" / "config.pbtxt").read_text()
+    for name, text in (("b", config.replace('"0.0"', '"3.0"')), ("c", config.replace('"0.0"', '"x"'))):
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "config.pbtxt").write_text(text.replace('name: "a"', f'name: "{name}"'))
+    with ServerThread(repo, model_control_mode="explicit", load_models=("a",), strict_readiness=strict) as server:
+        health = health_pb2_grpc.HealthStub(server.channel())
+        kserve = kpb_grpc.GRPCInferenceServiceStub(server.channel())
+        serving = health_pb2.HealthCheckResponse.SERVING
+
+        def ready() -> bool:
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+            assert (status == serving) == kserve.ServerReady(kpb.ServerReadyRequest(), timeout=5).ready
+            assert health.Check(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen"), timeout=5).status == serving
+            return status == serving
+
+        assert ready()
+        loading, out = in_thread(lambda: server.stub().LoadModel(pb.LoadModelRequest(name="b"), timeout=60))
+        wait_until(lambda: "b" in server.engine.models and server.engine.models["b"].loaded)
+        time.sleep(0.3)  # the health update is a task of the event loop
+        assert ready() is not strict  # b initializes for 3 s
+        loading.join(60)
+        assert out["value"].state == pb.MODEL_STATE_READY and ready()
+        with pytest.raises(grpc.RpcError) as failed:
+            server.stub().LoadModel(pb.LoadModelRequest(name="c"), timeout=60)
+        assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION, failed.value.details()
+        time.sleep(0.3)
+        assert ready() is not strict
+        assert collect(server.stub(), request(model="a", width=16, height=16, **SHORT))[-1].summary.num_frames == 1

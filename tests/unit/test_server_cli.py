@@ -104,6 +104,16 @@ def test_the_concurrent_requests_flag_reaches_the_config(tmp_path):
         ServerConfig(model_repositories=(tmp_path,), max_concurrent_requests=-1)
 
 
+def test_the_strict_readiness_flag_reaches_the_config(tmp_path, capsys):
+    base = ["serve", "--model-repository", str(tmp_path)]
+    assert config_from_args(_parser().parse_args(base), {}).strict_readiness is True  # Triton's default
+    for value, expected in (("false", False), ("True", True), ("0", False), ("on", True)):
+        assert config_from_args(_parser().parse_args(base + ["--strict-readiness", value]), {}).strict_readiness is expected
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(base + ["--strict-readiness", "maybe"])
+    assert exit_.value.code == 2 and "--strict-readiness" in capsys.readouterr().err
+
+
 def test_the_connection_flags_reach_the_config(tmp_path):
     base = ["serve", "--model-repository", str(tmp_path)]
     config = config_from_args(_parser().parse_args(base), {})

@@ -501,7 +501,10 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        """Every model the control mode asked for is loaded and warmed up, and we are not draining."""
+        """Every model the control mode asked for is loaded and warmed up, and we are not draining; with
+        `strict_readiness` off, `serving` once start-up's loads are ready (one at least)."""
+        if not self.config.strict_readiness and self.started:
+            return self.serving and any(self.model_ready(name) for name in self.models)
         wanted = [e for e in self.models.values() if e.loaded or e.error or e.failed]
         return not self.draining and bool(wanted) and all(self.model_ready(e.name) for e in wanted)
 
@@ -720,6 +723,7 @@ class Engine:
                 rt = ModelRuntime(settings, version, self)
                 entry.loaded.setdefault(version, rt)  # visible as LOADING if it is new
                 self._publish(entry)
+                self._notify()  # health as ServerReady: a new model loading is not ready (strict readiness)
                 try:
                     log.info("loading %s version %d", name, version)
                     rt.files = entry.fingerprint.version(version)
