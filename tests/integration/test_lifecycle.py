@@ -62,6 +62,8 @@ class SlowBackend(Backend):
             EXECUTE.wait(30)
             if p.seed == 99:
                 raise SystemExit("a backend bug")
+            if p.seed == 98:  # torch's, known by name (the engine does not import torch)
+                raise type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 2.00 GiB")
             time.sleep(p.num_inference_steps * self.step_seconds)
             frames = np.zeros((p.num_frames, p.height, p.width, 3), np.uint8) + r.prepared
             r.sender.send(FramesDecoded(chunk_index=0, start_index=0, frames=frames))
@@ -726,4 +728,19 @@ def test_readiness_is_strict_or_follows_the_server_taking_calls(tmp_path, slow_b
         assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION, failed.value.details()
         time.sleep(0.3)
         assert ready() is not strict
+        assert collect(server.stub(), request(model="a", width=16, height=16, **SHORT))[-1].summary.num_frames == 1
+
+
+def test_out_of_memory_in_a_backend_that_does_not_handle_it_is_resource_exhausted(tmp_path, slow_backend):
+    """SVD's backend turns its out-of-memory errors into RESOURCE_EXHAUSTED itself; a third-party
+    backend's reached the caller as INTERNAL "internal error", counted so, and the out-of-memory alert
+    (code RESOURCE_EXHAUSTED) stayed silent (lifecycle audit)."""
+    from ..helpers import details_of
+
+    with ServerThread(slow_repo(tmp_path)) as server:
+        with pytest.raises(grpc.RpcError) as err:
+            collect(server.stub(), request(model="a", width=16, height=16, seed=98, **SHORT))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+        assert details_of(err.value)["ErrorInfo"].reason == "OUT_OF_MEMORY"
+        assert server.metric("videogen_requests_total", model="a", outcome="error", code="RESOURCE_EXHAUSTED") == 1
         assert collect(server.stub(), request(model="a", width=16, height=16, **SHORT))[-1].summary.num_frames == 1

@@ -12,8 +12,8 @@ import threading
 import time
 from typing import Callable, Optional
 
-from ..backends.base import Backend, BackendRequest, InstanceContext
-from ..errors import InstanceDead
+from ..backends.base import Backend, BackendRequest, InstanceContext, is_out_of_memory
+from ..errors import InstanceDead, OutOfMemory
 from .request import EngineRequest
 from .scheduler import Scheduler
 
@@ -21,6 +21,17 @@ from .scheduler import Scheduler
 INSTANCE_THREAD_PREFIX = "instance-"
 
 log = logging.getLogger(__name__)
+
+
+def _batch_error(exc: Exception, fatal: bool) -> Exception:
+    """What each request of a failed batch hears: its instance gone, out of device memory (a backend
+    that does not handle it itself, as SVD's does: RESOURCE_EXHAUSTED, what the out-of-memory alert
+    counts, not INTERNAL), or the batch's error."""
+    if fatal:
+        return InstanceDead("the model instance failed")
+    if is_out_of_memory(exc):
+        return OutOfMemory("out of device memory for this request; try fewer frames or a smaller size")
+    return _own_copy(exc)
 
 
 def _own_copy(exc: Exception) -> Exception:
@@ -161,7 +172,7 @@ class Instance:
                 self.state = "dead"
                 self._on_dead(self)
             for req in batch:
-                req.error(InstanceDead("the model instance failed") if fatal else _own_copy(exc))
+                req.error(_batch_error(exc, fatal))
         except BaseException:
             for req in batch:  # its callers hear of it before the instance goes (see _serve)
                 req.error(InstanceDead("the model instance stopped"))
