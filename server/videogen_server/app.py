@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from typing import Optional
@@ -42,6 +43,8 @@ class VideoGenServer:
         self._health = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._hurry = asyncio.Event()  # a second signal: the drain's grace ends now
+        self._signals = 0
         self._credentials = CredentialReloader(self.metrics)
         self._reloads: Optional[asyncio.Task] = None
 
@@ -153,9 +156,11 @@ class VideoGenServer:
             self.engine.begin_drain(finish_by=time.monotonic() + grace)
             if self._health is not None:
                 await self._health.update()
-            if not await self.engine.wait_idle(grace):
+            if not await self._idle_within(grace):
                 ended = self.engine.end_requests(grace)
-                log.warning("drain grace of %.0fs passed; stopping the %d requests still in flight", grace, ended)
+                log.warning("drain %s; stopping the %d requests still in flight",
+                            "cut short by a second signal" if self._hurry.is_set() else f"grace of {grace:.0f}s passed",
+                            ended)
             if self._health is not None:
                 await self._health.servicer.enter_graceful_shutdown()
             if self._server is not None:
@@ -169,7 +174,19 @@ class VideoGenServer:
             # the last requests' spans leave for the collector (bounded: an unreachable one costs seconds)
             await asyncio.get_running_loop().run_in_executor(None, self.engine.tracing.shutdown)
             self.metrics.close()
+            log.info("stopped")
             self._stopped.set()
+
+    async def _idle_within(self, grace: float) -> bool:
+        """Whether every request ended within `grace`; False at once on a second signal."""
+        idle = asyncio.ensure_future(self.engine.wait_idle(grace))
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        await asyncio.wait((idle, hurry), return_when=asyncio.FIRST_COMPLETED)
+        hurry.cancel()
+        if not idle.done():
+            idle.cancel()
+            return False
+        return idle.result()
 
     @property
     def stopping(self) -> bool:
@@ -185,8 +202,24 @@ class VideoGenServer:
             loop.add_signal_handler(sig, lambda s=sig: self._on_signal(s))
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        log.info("%s: draining (grace %.0fs)", sig.name, self.config.drain_grace_seconds)
-        asyncio.ensure_future(self.stop())
+        """First: drain (`stop`). Second: the drain's grace ends now. Third: exit at once, as an
+        operator pressing Ctrl+C three times means (128 + the signal, the shell's convention)."""
+        self._signals += 1
+        if self._signals == 1:
+            log.info("%s: draining (grace %.0fs; a second signal ends the grace, a third exits at once)",
+                     sig.name, self.config.drain_grace_seconds)
+            asyncio.ensure_future(self.stop())
+        elif self._signals == 2:
+            log.warning("%s again: ending the drain now (requests still in flight end UNAVAILABLE)", sig.name)
+            self._hurry.set()
+        else:
+            log.critical("%s a third time: exiting now, without waiting for the drain", sig.name)
+            _exit_now(128 + sig)
+
+
+def _exit_now(status: int) -> None:
+    logging.shutdown()
+    os._exit(status)
 
 
 def _versions() -> dict[str, str]:

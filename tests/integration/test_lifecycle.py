@@ -744,3 +744,39 @@ def test_out_of_memory_in_a_backend_that_does_not_handle_it_is_resource_exhauste
         assert details_of(err.value)["ErrorInfo"].reason == "OUT_OF_MEMORY"
         assert server.metric("videogen_requests_total", model="a", outcome="error", code="RESOURCE_EXHAUSTED") == 1
         assert collect(server.stub(), request(model="a", width=16, height=16, **SHORT))[-1].summary.num_frames == 1
+
+
+def test_a_second_signal_ends_the_drain_a_third_exits_and_a_stuck_instance_does_not_hold_the_stop(
+        tmp_path, slow_backend, monkeypatch, caplog):
+    """A second SIGTERM/SIGINT did nothing (it logged "draining" again), and the stop waited without end
+    for an instance whose backend call does not return: on bare metal the process never exited, and
+    Ctrl+C did not help (lifecycle audit). Now the second ends the drain's grace, the third exits at once
+    (the exit itself, two lines, stands in here: it would end pytest), and the stop leaves a stuck
+    instance to the process's exit after STOP_JOIN_SECONDS (30, 1 here), naming it."""
+    import signal
+
+    from videogen_server import app
+    from videogen_server.engine import engine
+
+    exits = []
+    monkeypatch.setattr(app, "_exit_now", exits.append)
+    monkeypatch.setattr(engine, "STOP_JOIN_SECONDS", 1.0)
+    server = ServerThread(slow_repo(tmp_path), drain_grace_seconds=60)
+    with server, caplog.at_level("INFO"):
+        slow_backend.EXECUTE.clear()  # the backend's call does not return (until the test's end)
+        running = Stream(server.stub(), request(model="a", width=16, height=16, **SHORT))
+        assert running.progressed.wait(10)
+        server.loop.call_soon_threadsafe(server.server._on_signal, signal.SIGTERM)
+        time.sleep(0.5)
+        assert running.error is None and "summary" not in [r.WhichOneof("event") for r in running.responses]
+        server.loop.call_soon_threadsafe(server.server._on_signal, signal.SIGINT)
+        assert running.join(10).code() == grpc.StatusCode.UNAVAILABLE, running.error
+        assert "drain cut short by a second signal" in caplog.text
+        server.loop.call_soon_threadsafe(server.server._on_signal, signal.SIGTERM)
+        wait_until(lambda: exits, timeout=5)
+        assert exits == [128 + signal.SIGTERM]
+        server.run(server.server.wait(), timeout=20)  # the stop ends without the stuck instance
+        assert "instance 0 of a/1 still busy 1s after its requests ended" in caplog.text
+        assert "stopped" in [r.getMessage() for r in caplog.records]
+        slow_backend.EXECUTE.set()  # the stuck call returns: its thread ends before the test's loop closes
+        wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("instance-a-")], timeout=10)

@@ -50,6 +50,10 @@ from .scheduler import Scheduler
 from .stats import ModelStats, StatsSnapshot
 
 log = logging.getLogger(__name__)
+
+#: At the server's stop, how long each instance's thread may take to end once its requests have (its
+#: current torch call returning: on a GPU a fraction of a second) before the process leaves without it.
+STOP_JOIN_SECONDS = 30.0
 request_log = logging.getLogger("videogen.requests")
 #: Refusals (outcome rejected) logged one by one each second; more are summed in one line at its end. A
 #: server at its limits refused ~200 calls a second, each its own line, when the log matters most (review).
@@ -259,8 +263,9 @@ class ModelRuntime:
                     f"nothing was done for it: send it again"))
                 self._engine._loop.call_soon_threadsafe(self._engine._notify)
 
-    async def unload(self, timeout: float) -> None:
-        """Stop admitting, let in-flight requests finish (up to `timeout`), then free the instances."""
+    async def unload(self, timeout: float, join_timeout: Optional[float] = None) -> None:
+        """Stop admitting, let in-flight requests finish (up to `timeout`), then free the instances
+        (`stop`'s `join_timeout`)."""
         self.state = "UNLOADING"
         entry = self._engine.models.get(self.name)
         if entry is None or entry.loaded.get(self.version, self) is self:
@@ -273,16 +278,25 @@ class ModelRuntime:
         except asyncio.TimeoutError:
             log.warning("unload of %s/%s: %d requests still running (%d in preprocessing) after %.0fs; "
                         "cancelling them", self.name, self.version, len(self.active), self.preparing, timeout)
-        await self.stop()
+        await self.stop(join_timeout)
         self.state = "UNAVAILABLE"
 
-    async def stop(self) -> None:
+    async def stop(self, join_timeout: Optional[float] = None) -> None:
+        """Ends every request and waits for the instances' threads: each ends once its current torch call
+        (a denoising step, a decode chunk) returns; with `join_timeout`, one still running after it is
+        named in the log and left to the process's exit (the server's stop: a call that never returns
+        kept the process up until the orchestrator killed it; lifecycle audit)."""
         # UNAVAILABLE (retryable elsewhere, unlike CANCELLED); a request still queued was never started
         self._close_queue(lambda: NotStarted(f"model {self.name!r} was unloaded before the request started; "
                                              f"nothing was done for it: send it again"))
         self.end_active(lambda req: NotReady(f"model {self.name!r} was unloaded"))
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(None, inst.join) for inst in self.instances))
+        ended = await asyncio.gather(*(loop.run_in_executor(None, inst.join, join_timeout) for inst in self.instances))
+        for inst, done in zip(self.instances, ended):
+            if not done:
+                log.error("instance %s of %s/%s still busy %.0fs after its requests ended (a backend call that "
+                          "does not return): left to the process's exit", inst.name, self.name, self.version,
+                          join_timeout)
         self._engine._forget(self)
 
     def finish_by(self, deadline: float, why: str) -> None:
@@ -621,7 +635,8 @@ class Engine:
         await asyncio.gather(*self._control_tasks, return_exceptions=True)
         # A load cut short closed its queue; its instances finish initialising and warming up (a
         # compile: minutes), find no work and exit. Not waited for: the process is going.
-        await asyncio.gather(*(rt.unload(grace) for rt in list(self._runtimes) if rt.state != "LOADING"))
+        await asyncio.gather(*(rt.unload(grace, STOP_JOIN_SECONDS) for rt in list(self._runtimes)
+                               if rt.state != "LOADING"))
         self._media.shutdown(wait=False, cancel_futures=True)
         self._decode.shutdown(wait=False, cancel_futures=True)
         self._refusal_log.flush()  # the last second's refusals, before the loop that would log them stops
