@@ -113,6 +113,23 @@ def test_fused_projections_attention_backend_channels_last_and_fp8_against_the_p
             up = next(iter(server.engine.models[name].loaded.values())).instances[0].backend.pipe
             for model in (up.unet, up.vae.decoder):
                 assert [m.fold for m in model.modules() if hasattr(m, "fold")] == [how]
+        # fuse_qkv, channels_last and forward_chunking too (their frames equal the plain model's whether
+        # applied or not: tests audit)
+        from diffusers.models.attention import FeedForward
+        from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+        def pipe_of(name):
+            return next(iter(server.engine.models[name].loaded.values())).instances[0].backend.pipe
+
+        attentions = [m for m in pipe_of("fused").unet.modules() if isinstance(m, Attention)]
+        assert attentions and all(isinstance(m.processor, FusedAttnProcessor2_0) and m.fused_projections
+                                  for m in attentions)
+        for model in (pipe_of("nhwc").unet, pipe_of("nhwc").vae):
+            convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+            assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last if m.weight.dim() == 4
+                                                        else torch.channels_last_3d) for m in convs)
+        feed_forwards = [m for m in pipe_of("blocks").unet.modules() if isinstance(m, FeedForward)]
+        assert feed_forwards and all(m._videogen_block_rows == 1024 for m in feed_forwards)
     # The attention kernel preference is process-wide (torch's switches are): a server of its own.
     import shutil
 

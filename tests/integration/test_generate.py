@@ -48,20 +48,52 @@ def test_defaults_apply_and_seed_is_reported(tiny_server):
     assert p.noise_aug_strength == pytest.approx(0.02) and (p.min_guidance_scale, p.max_guidance_scale) == (1.0, 3.0)
     assert p.decode_chunk_size == 2 and p.seed >= 0
     assert "video" not in kinds(responses)
+    # an unset seed is drawn at random, not a fixed one (p.seed >= 0 held for 0 too: tests audit)
+    again = collect(tiny_server.stub(), request(num_inference_steps=1, num_frames=1, output={"stream_video": False}))
+    assert again[0].accepted.parameters.seed != p.seed
+
+
+class DecodeGate:
+    """Holds the `hold_call`-th call of the served pipeline's VAE decoder until `open` (or 30 s): a
+    stream whose output waits for the decoder's later calls would wait that out, which `held` says."""
+
+    def __init__(self, server, hold_call: int) -> None:
+        import threading
+
+        [runtime] = server.engine.models["svd-tiny"].loaded.values()
+        [instance] = runtime.instances
+        self.calls = 0
+        self.held: list[bool] = []  # for the held call: whether the gate opened before the 30 s ran out
+        self.open = threading.Event()
+
+        def hold(module, args):
+            self.calls += 1
+            if self.calls == hold_call:
+                self.held.append(self.open.wait(30))
+
+        self._handle = instance.backend.pipe.vae.decoder.register_forward_pre_hook(hold)
+
+    def __enter__(self) -> "DecodeGate":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+        self.open.set()
 
 
 def test_frames_are_streamed_before_later_chunks_are_decoded(tiny_server):
-    """Each decode chunk's frames arrive before the next chunk is decoded (first frame well before the end)."""
-    stream = tiny_server.stub().Generate(request(num_frames=8, decode_chunk_size=1, num_inference_steps=1, output=RAW))
-    import time
-
-    arrivals = {}
-    for r in stream:
-        if r.WhichOneof("event") == "frame":
-            arrivals[r.frame.index] = time.monotonic()
-    # chunk_index grows frame by frame, and frames are not all sent in one burst at the end
-    assert sorted(arrivals) == list(range(8))
-    assert arrivals[7] > arrivals[0]
+    """Each decode chunk's frames go out before the next chunk is decoded: the decoder's second call is
+    held until the first frame has arrived (its arrival time before the last frame's held with frames
+    sent in one burst at the end; tests audit)."""
+    with DecodeGate(tiny_server, hold_call=2) as gate:
+        indices = []
+        for r in tiny_server.stub().Generate(request(num_frames=8, decode_chunk_size=1, num_inference_steps=1,
+                                                     output=RAW), timeout=120):
+            if r.WhichOneof("event") == "frame":
+                indices.append(r.frame.index)
+                gate.open.set()
+    assert indices == list(range(8)) and gate.calls == 8  # one decoder call per chunk of 1
+    assert gate.held == [True], "the first frame came only after the second chunk was decoded"
 
 
 PARITY_CASES = [
@@ -267,8 +299,16 @@ def test_mp4_decodes_to_the_requested_frames_and_fps(tiny_server):
 
 
 def test_mp4_streams_while_later_chunks_decode(tiny_server):
-    """The video is not held to the end: fragments of the first chunks go out before the last frames."""
-    responses = collect(tiny_server.stub(), request(num_frames=12, num_inference_steps=1, decode_chunk_size=2))
+    """The video is not held to the end: fragments of the first chunks go out before the last frames, and
+    before the last chunk is decoded (its decoder call held until a fragment has arrived)."""
+    with DecodeGate(tiny_server, hold_call=6) as gate:
+        responses = []
+        for r in tiny_server.stub().Generate(request(num_frames=12, num_inference_steps=1, decode_chunk_size=2),
+                                             timeout=120):
+            responses.append(r)
+            if r.WhichOneof("event") == "video" and b"moof" in r.video.data:
+                gate.open.set()
+    assert gate.calls == 6 and gate.held == [True], "no fragment came before the last chunk was decoded"
     k = kinds(responses)
     last_frame = max(i for i, x in enumerate(k) if x == "frame")
     early = [r.video for i, r in enumerate(responses) if k[i] == "video" and i < last_frame]
@@ -281,7 +321,13 @@ def test_jpeg_frames(tiny_server):
     responses = collect(tiny_server.stub(), request(num_frames=2, num_inference_steps=1,
                                                     output={"frame_encoding": pb.FRAME_ENCODING_JPEG, "jpeg_quality": 50}))
     frames = [r.frame for r in responses if r.WhichOneof("event") == "frame"]
+    assert [f.index for f in frames] == [0, 1]  # (all() of no frames held too: tests audit)
     assert all(Image.open(io.BytesIO(f.data)).format == "JPEG" for f in frames)
+    # jpeg_quality is applied: the same frames at quality 95 are larger
+    fine = collect(tiny_server.stub(), request(num_frames=2, num_inference_steps=1,
+                                               output={"frame_encoding": pb.FRAME_ENCODING_JPEG, "jpeg_quality": 95}))
+    sizes = [len(r.frame.data) for r in fine if r.WhichOneof("event") == "frame"]
+    assert len(sizes) == 2 and all(big > len(small.data) for big, small in zip(sizes, frames))
 
 
 def test_request_id_round_trips(tiny_server):

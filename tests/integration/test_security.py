@@ -481,6 +481,8 @@ def test_credentials_read_once_with_reloads_off(repo, tmp_path):
     path = tmp_path / "tokens"
     path.write_text("old\n")
     with ServerThread(repo, auth_token_file=path, credentials_reload_seconds=0) as server:
+        # no poller at all (a 0.5 s wait alone passed with one polling every 10 s: tests audit)
+        assert server.server._reloads is None
         path.write_text("new\n")
         import time
 
