@@ -361,3 +361,24 @@ def test_a_model_in_two_repositories_is_logged_once_not_at_every_poll(tmp_path, 
         assert server.engine.models["a"].path == first / "a"
     said = [r for r in caplog.records if "is in two repositories" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in said]
+
+
+def test_a_reload_with_fewer_instances_takes_their_peak_memory_series_along(make_repo):
+    """A version reloaded in place from 2 instances to 1 kept instance 1's last-peak gauge for good
+    (only a version's going took its peaks along; metrics audit)."""
+    from ..helpers import Stream
+
+    repo = make_repo({"a": tiny_config("a", "instance_group [ { count: 2, kind: KIND_CPU } ]")})
+    with ServerThread(repo, model_control_mode="poll", repository_poll_seconds=0.3) as server:
+        peaks = ("videogen_request_peak_memory_bytes",)
+        for _ in range(5):  # two at once run on the two instances (no batching)
+            streams = [Stream(server.stub(), request(model="a", num_frames=2, num_inference_steps=3)) for _ in range(2)]
+            for s in streams:
+                s.join()
+            if _series(server, *peaks, model="a", instance="1") and _series(server, *peaks, model="a", instance="0"):
+                break
+        assert _series(server, *peaks, model="a", version="1", instance="1")
+        (repo / "a" / "config.pbtxt").write_text(tiny_config("a", "instance_group [ { count: 1, kind: KIND_CPU } ]"))
+        wait_for(lambda: len(server.engine.models["a"].loaded[1].instances) == 1 and
+                 not _series(server, *peaks, model="a", instance="1"))
+        assert _series(server, *peaks, model="a", version="1", instance="0")  # the instance it still has

@@ -599,6 +599,12 @@ class Engine:
             for peak in [p for p in entry.peaks if p[0] == version]:
                 _remove_series(m.last_peak, entry.name, *peak)
                 entry.peaks.discard(peak)
+        # a version reloaded in place with fewer instances, or on other devices: the peaks of instances it
+        # no longer has go (they stayed for good; metrics audit)
+        serving = {(str(v), inst.name, inst.device) for v, rt in entry.loaded.items() for inst in rt.instances}
+        for peak in [p for p in entry.peaks if p[0] in now and p not in serving]:
+            _remove_series(m.last_peak, entry.name, *peak)
+            entry.peaks.discard(peak)
         for version, ready in now.items():
             m.model_ready.labels(entry.name, version).set(ready)
             if version and version not in entry.published:
