@@ -79,6 +79,9 @@ class Metrics:
         self.queue_depth = Gauge("videogen_queue_depth", "Requests waiting in the model's queue", ML, registry=r)
         self.inflight = Gauge("videogen_inflight_requests", "Requests admitted and not yet finished", ML, registry=r)
         self.instances_busy = Gauge("videogen_instances_busy", "Instances executing a batch", ML, registry=r)
+        self.instance_busy_seconds = Counter(
+            "videogen_instance_busy_seconds_total", "Seconds the instance spent executing batches (its rate: the "
+            "share of the time it was busy)", ML + ("instance",), registry=r)
         self.load_duration = Gauge("videogen_model_load_duration_seconds", "Time to load the model's instances",
                                    ML, registry=r)
         self.warmup_duration = Gauge("videogen_model_warmup_duration_seconds", "Time spent in warm-up requests "

@@ -64,6 +64,12 @@ def test_metrics_move_by_exactly_one_request(make_repo):
         assert metric_value(after, "videogen_device_memory_allocated_bytes", **mem) > 0
         assert metric_value(after, "videogen_request_peak_memory_bytes", **mem) > 0
         assert 'videogen_build_info{' in after and 'diffusers="' in after
+        # the instance's busy time: the batch's, about the request's end to end (its queue wait and the
+        # summary's sending apart), not the warm-up's
+        busy = delta("videogen_instance_busy_seconds_total", instance="0")
+        assert 0 < busy <= delta("videogen_request_duration_seconds_sum") + 0.5
+        # prometheus-client's process collector, and no _created series (metrics audit)
+        assert metric_value(after, "process_resident_memory_bytes") > 0 and "_created" not in after
         # a rejected request counts under its code, with bounded labels
         with pytest.raises(grpc.RpcError):
             collect(server.stub(), request(model="m", width=7))

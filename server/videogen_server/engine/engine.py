@@ -222,7 +222,8 @@ class ModelRuntime:
                        for name, params, size in warmups]
             self.instances.append(Instance(
                 backend_cls=backend_cls, context=ctx, scheduler=self.scheduler, warmup=batches,
-                on_busy=busy.inc, on_batch=on_batch, on_dead=self._instance_dead))
+                on_busy=busy.inc, on_batch=on_batch, on_dead=self._instance_dead,
+                on_busy_seconds=m.instance_busy_seconds.labels(*self.labels, str(ctx.instance_index)).inc))
         futures = [asyncio.wrap_future(inst.start()) for inst in self.instances]
         try:
             results = await asyncio.gather(*futures, return_exceptions=True)

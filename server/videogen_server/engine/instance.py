@@ -69,7 +69,8 @@ class WarmupSender:
 class Instance:
     def __init__(self, *, backend_cls: type[Backend], context: InstanceContext, scheduler: Scheduler,
                  warmup: list[list[BackendRequest]], on_busy: Callable[[int], None],
-                 on_batch: Callable[[list[EngineRequest]], None], on_dead: Callable[["Instance"], None]) -> None:
+                 on_batch: Callable[[list[EngineRequest]], None], on_dead: Callable[["Instance"], None],
+                 on_busy_seconds: Callable[[float], None] = lambda seconds: None) -> None:
         self.context = context
         self.name = str(context.instance_index)
         self.device = context.device
@@ -82,6 +83,7 @@ class Instance:
         self._scheduler = scheduler
         self._warmup = warmup
         self._on_busy = on_busy
+        self._on_busy_seconds = on_busy_seconds
         self._on_batch = on_batch
         self._on_dead = on_dead
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -160,6 +162,7 @@ class Instance:
                 req.instance = self.name
             self._on_busy(+1)
             busy = True
+            busy_since = time.monotonic()
             self._on_batch(batch)
             self.backend.execute([BackendRequest(r.request_id, r.params, r.image, r, r.prepared) for r in batch])
         except Exception as exc:
@@ -183,7 +186,8 @@ class Instance:
             self._scheduler.batch_done(batch)
             for req in batch:
                 req.close()
-            if busy:
+            if busy:  # the time first: a scrape that reads the instance idle reads its batch's time too
+                self._on_busy_seconds(time.monotonic() - busy_since)
                 self._on_busy(-1)
         return not fatal
 
