@@ -169,6 +169,30 @@ class UnauthenticatedError(VideoGenError):
     default_code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class PermissionDeniedError(VideoGenError):
+    """PERMISSION_DENIED: a model control call (``load_model``, ``unload_model``) to a server started
+    without ``--model-control-mode explicit``."""
+
+    default_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ModelConfigError(VideoGenError):
+    """FAILED_PRECONDITION: ``load_model`` of a model whose ``config.pbtxt`` the server refused.
+
+    ``file`` and ``field`` name the file and the field (from the status's ErrorInfo; ``None`` when it
+    carried none); ``details`` says why.
+    """
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, details: str, *, code: grpc.StatusCode | None = None,
+                 request_id: str | None = None, status: status_pb2.Status | None = None) -> None:
+        super().__init__(details, code=code, request_id=request_id, status=status)
+        info = next((d for d in self.status_details if isinstance(d, error_details_pb2.ErrorInfo)), None)
+        self.file: str | None = info.metadata.get("file") if info is not None else None
+        self.field: str | None = info.metadata.get("field") if info is not None else None
+
+
 class InternalServerError(VideoGenError):
     """INTERNAL, UNKNOWN or DATA_LOSS: the server failed while handling a valid request."""
 
@@ -208,6 +232,8 @@ _ERROR_CLASSES: dict[grpc.StatusCode, type[VideoGenError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.CANCELLED: RequestCancelledError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.FAILED_PRECONDITION: ModelConfigError,
     grpc.StatusCode.INTERNAL: InternalServerError,
     grpc.StatusCode.UNKNOWN: InternalServerError,
     grpc.StatusCode.DATA_LOSS: InternalServerError,

@@ -1030,15 +1030,16 @@ def test_closing_the_client_during_wait_until_ready_ends_it_as_cancelled(make_re
 def test_load_and_unload_models_from_the_sdk_and_the_cli(make_repo, tiny_server):
     """The SDK had no way to call LoadModel/UnloadModel, which README documents (Triton's client has
     load_model/unload_model): both clients and the CLI now do, on a server with explicit model control."""
-    from videogen_client import UnavailableError, VideoGenError
+    from videogen_client import ModelConfigError, PermissionDeniedError, UnavailableError
 
     from ..helpers import ServerThread
 
     with VideoGenClient(tiny_server.target, timeout=TIMEOUT) as fixed:  # --model-control-mode none
-        with pytest.raises(VideoGenError) as refused:
+        with pytest.raises(PermissionDeniedError) as refused:  # typed (a bare VideoGenError before: API audit)
             fixed.load_model(MODEL)
         assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
-    with ServerThread(make_repo({MODEL: None}), model_control_mode="explicit") as server:
+    repo = make_repo({MODEL: None})
+    with ServerThread(repo, model_control_mode="explicit") as server:
         with VideoGenClient(server.target, timeout=TIMEOUT) as client:
             assert client.get_model(MODEL).state == "unavailable"
             info = client.load_model(MODEL)
@@ -1059,6 +1060,13 @@ def test_load_and_unload_models_from_the_sdk_and_the_cli(make_repo, tiny_server)
         assert unloaded.returncode == 0 and f"{MODEL} unloaded" in unloaded.stdout, unloaded.stderr
         missing = cli("load", "no-such-model", "--target", server.target)
         assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+        # a config the server refuses: typed, naming its file and field
+        from ..helpers import tiny_config
+
+        (repo / MODEL / "config.pbtxt").write_text(tiny_config(MODEL, "max_batch_size: -1"))
+        with VideoGenClient(server.target, timeout=TIMEOUT) as client, pytest.raises(ModelConfigError) as bad:
+            client.load_model(MODEL)
+        assert bad.value.field == "max_batch_size" and bad.value.file.endswith("config.pbtxt"), bad.value
 
 
 def test_outputs_through_a_shell_redirection_and_links_to_new_folders(client, tiny_server, tmp_path):
