@@ -72,7 +72,7 @@ BREAKS = {
     "field renumbered": (VIDEOGEN, "optional int32 jpeg_quality = 2;", "optional int32 jpeg_quality = 20;",
                          'field "2" with name "jpeg_quality"'),
     "field removed without reserving it": (
-        VIDEOGEN, "  optional int32 motion_bucket_id = 9;       // default 127\n", "",
+        VIDEOGEN, "  optional int32 motion_bucket_id = 9;\n", "",
         'field "9" with name "motion_bucket_id"'),
     "field retyped": (VIDEOGEN, "optional int64 seed = 13;", "optional string seed = 13;", '"seed"'),
     "config field renamed (config.pbtxt is read by name)": (
@@ -98,11 +98,11 @@ def test_the_gate_lets_the_api_grow(tmp_path: Path) -> None:
     """A new optional field, message and RPC are compatible: the check is not just refusing change."""
     workspace = _workspace(tmp_path)
     _edit(workspace, VIDEOGEN, "  ResizeMode resize_mode = 19;\n",
-          "  ResizeMode resize_mode = 19;\n  optional int32 new_knob = 20;\n")
+          "  ResizeMode resize_mode = 19;\n  // A new knob.\n  optional int32 new_knob = 20;\n")
     _edit(workspace, VIDEOGEN, "service VideoGen {\n",
-          "service VideoGen {\n  rpc Ping(PingRequest) returns (PingResponse);\n")
+          "service VideoGen {\n  // Ping answers.\n  rpc Ping(PingRequest) returns (PingResponse);\n")
     with open(workspace / VIDEOGEN, "a") as file:
-        file.write("\nmessage PingRequest {}\nmessage PingResponse {}\n")
+        file.write("\n// Ping's request.\nmessage PingRequest {}\n// Ping's answer.\nmessage PingResponse {}\n")
     done = _buf(tmp_path, workspace, "breaking", "--against", str(BASELINE))
     assert done.returncode == 0, done.stdout + done.stderr
     lint = _buf(tmp_path, workspace, "lint")
@@ -114,7 +114,17 @@ def test_lint_exemptions_are_per_element(tmp_path: Path) -> None:
     a new enum in the same file is linted like any other."""
     workspace = _workspace(tmp_path)
     with open(workspace / MODEL_CONFIG, "a") as file:
-        file.write("\nenum Placement {\n  ANYWHERE = 0;\n}\n")
+        file.write("\n// Where.\nenum Placement {\n  // Anywhere.\n  ANYWHERE = 0;\n}\n")
     done = _buf(tmp_path, workspace, "lint")
     assert done.returncode != 0 and 'Enum zero value name "ANYWHERE" should be suffixed' in done.stdout, \
+        done.stdout + done.stderr
+
+
+def test_lint_requires_documentation(tmp_path: Path) -> None:
+    """buf's COMMENTS rules: a new field (or message, enum, RPC...) without a leading comment fails lint."""
+    workspace = _workspace(tmp_path)
+    _edit(workspace, VIDEOGEN, "  ResizeMode resize_mode = 19;\n",
+          "  ResizeMode resize_mode = 19;\n  optional int32 new_knob = 20;  // a trailing comment is not enough\n")
+    done = _buf(tmp_path, workspace, "lint")
+    assert done.returncode != 0 and 'Field "new_knob" should have a non-empty comment' in done.stdout, \
         done.stdout + done.stderr
