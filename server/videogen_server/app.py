@@ -157,7 +157,7 @@ class VideoGenServer:
             if self._health is not None:
                 await self._health.update()
             if not await self._idle_within(grace):
-                ended = self.engine.end_requests(grace)
+                ended = self.engine.end_requests(grace, cut_short=self._hurry.is_set())
                 log.warning("drain %s; stopping the %d requests still in flight",
                             "cut short by a second signal" if self._hurry.is_set() else f"grace of {grace:.0f}s passed",
                             ended)
@@ -181,12 +181,12 @@ class VideoGenServer:
         """Whether every request ended within `grace`; False at once on a second signal."""
         idle = asyncio.ensure_future(self.engine.wait_idle(grace))
         hurry = asyncio.ensure_future(self._hurry.wait())
-        await asyncio.wait((idle, hurry), return_when=asyncio.FIRST_COMPLETED)
-        hurry.cancel()
-        if not idle.done():
+        try:
+            await asyncio.wait((idle, hurry), return_when=asyncio.FIRST_COMPLETED)
+            return idle.done() and idle.result()
+        finally:  # (a cancelled stop leaves neither behind)
+            hurry.cancel()
             idle.cancel()
-            return False
-        return idle.result()
 
     @property
     def stopping(self) -> bool:

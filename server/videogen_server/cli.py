@@ -54,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--exit-on-error", action="store_true",
                    help="exit 1 when a model or version fails to load at start-up (default: serve the others)")
     s.add_argument("--strict-readiness", type=_boolean, default=d.strict_readiness, metavar="{true,false}",
-                   help="true: ready (health \"\", ServerReady) only while every model is loaded and warm; false: while "
-                        "the server takes calls, a model loading or failed after start-up included (default %(default)s)")
+                   help="true: ready (health \"\", ServerReady) only while every model is loaded and warm; false: from the end "
+                        "of start-up while one model at least is ready, others loading or failed included "
+                        "(default %(default)s)")
     s.add_argument("--drain-grace-seconds", type=float, default=d.drain_grace_seconds,
                    help="on SIGTERM, how long in-flight requests may finish (default %(default)s)")
     s.add_argument("--unload-timeout-seconds", type=float, default=d.unload_timeout_seconds,

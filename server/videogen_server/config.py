@@ -202,8 +202,9 @@ class ServerConfig:
     #: an orchestrator shows a crash loop at once instead of a pod that never turns ready.
     exit_on_error: bool = False
     #: Readiness ("" in grpc.health.v1, KServe's ServerReady), as Triton's --strict-readiness: true, SERVING
-    #: only while every model asked for is loaded and warm; false, SERVING whenever the server takes calls
-    #: (`Engine.serving`: a model failing or loading after start-up keeps the pod in its Service).
+    #: only while every model asked for is loaded and warm; false, SERVING from the end of start-up while
+    #: the server takes calls (`Engine.serving`) and one model at least is ready: another model failing or
+    #: loading after start-up keeps the pod in its Service.
     strict_readiness: bool = True
     #: `videogen-server compile-artifacts` only: each compiling model writes what its warm-up compiled into
     #: its version folder's compile_artifacts/ (servers elsewhere load it and start warm), or with an output

@@ -224,9 +224,9 @@ def _started(server: wsgiref.simple_server.WSGIServer) -> wsgiref.simple_server.
 class InstanceCollector(Collector):
     """Per-instance memory and compile counters, read at scrape time from the live instances."""
 
-    def __init__(self, instances: Callable[[], Iterable[tuple[str, str, str, str, object]]],
+    def __init__(self, instances: Callable[[], Iterable[tuple[str, str, str, str, object, Optional[float]]]],
                  nvml: Optional["NvmlReader"] = None) -> None:
-        self._instances = instances  # yields (model, version, instance, device, backend)
+        self._instances = instances  # yields (model, version, instance, device, backend, batch started or None)
         self._nvml = nvml
 
     def collect(self):
@@ -250,7 +250,12 @@ class InstanceCollector(Collector):
                                       "compiles: hit (found in the compile cache or compile artifacts), miss "
                                       "(compiled from scratch), bypass (not cacheable)",
                                       labels=["model", "version", "instance", "result"])
-        for model, version, instance, device, backend in self._instances():
+        started = GaugeMetricFamily("videogen_instance_batch_started_timestamp_seconds",
+                                    "When the batch the instance runs now started (seconds since the epoch); "
+                                    "absent while it is idle", labels=["model", "version", "instance"])
+        for model, version, instance, device, backend, batch_started in self._instances():
+            if batch_started is not None:
+                started.add_metric([model, version, instance], batch_started)
             try:
                 mem = backend.memory_stats()
                 comp = backend.compile_stats()
@@ -268,7 +273,7 @@ class InstanceCollector(Collector):
                 for result, key in (("hit", "cache_hits"), ("miss", "cache_misses"), ("bypass", "cache_bypasses")):
                     if key in comp:
                         lookups.add_metric([model, version, instance, result], comp[key])
-        yield from (allocated, reserved, compiles, recompiles, fallbacks, lookups)
+        yield from (allocated, reserved, compiles, recompiles, fallbacks, lookups, started)
         if self._nvml:
             yield from self._nvml.collect()
 

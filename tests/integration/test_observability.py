@@ -67,7 +67,10 @@ def test_metrics_move_by_exactly_one_request(make_repo):
         # the instance's busy time: the batch's, about the request's end to end (its queue wait and the
         # summary's sending apart), not the warm-up's
         busy = delta("videogen_instance_busy_seconds_total", instance="0")
-        assert 0 < busy <= delta("videogen_request_duration_seconds_sum") + 0.5
+        inside = sum(delta(f"videogen_{name}_seconds_sum") for name in ("image_encode", "denoise_step", "vae_decode_chunk"))
+        assert 0 < inside <= busy <= delta("videogen_request_duration_seconds_sum") + 0.5  # (measured inside execute)
+        # idle: no batch start
+        assert "videogen_instance_batch_started_timestamp_seconds{" not in after
         # prometheus-client's process collector, and no _created series (metrics audit)
         assert metric_value(after, "process_resident_memory_bytes") > 0 and "_created" not in after
         # a rejected request counts under its code, with bounded labels
@@ -87,6 +90,9 @@ def test_gauges_while_busy(make_repo):
         queued.accepted.wait(10)
         text = server.scrape()
         assert metric_value(text, "videogen_instances_busy", model="m") == 1
+        # the running batch's start (what VideoGenInstanceStalled reads), for that instance only
+        started = metric_value(text, "videogen_instance_batch_started_timestamp_seconds", model="m", instance="0")
+        assert time.time() - 60 < started <= time.time()
         assert metric_value(text, "videogen_inflight_requests", model="m") == 2
         assert metric_value(text, "videogen_queue_depth", model="m") == 1
         running.join(), queued.join()

@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 
 #: At the server's stop, how long each instance's thread may take to end once its requests have (its
 #: current torch call returning: on a GPU a fraction of a second) before the process leaves without it.
-STOP_JOIN_SECONDS = 30.0
+#: Within the manifests' margin: a 90 s drain, this, and the rest of the stop under their 120 s grace.
+STOP_JOIN_SECONDS = 10.0
 request_log = logging.getLogger("videogen.requests")
 #: Refusals (outcome rejected) logged one by one each second; more are summed in one line at its end. A
 #: server at its limits refused ~200 calls a second, each its own line, when the log matters most (review).
@@ -291,10 +292,13 @@ class ModelRuntime:
         self._close_queue(lambda: NotStarted(f"model {self.name!r} was unloaded before the request started; "
                                              f"nothing was done for it: send it again"))
         self.end_active(lambda req: NotReady(f"model {self.name!r} was unloaded"))
-        loop = asyncio.get_running_loop()
-        ended = await asyncio.gather(*(loop.run_in_executor(None, inst.join, join_timeout) for inst in self.instances))
-        for inst, done in zip(self.instances, ended):
-            if not done:
+        # awaited, not joined on an executor thread: a thread blocked in a join of a call that never
+        # returns held the loop's default executor, whose shutdown then held the process's exit (review)
+        waits = [asyncio.wrap_future(inst.finished) for inst in self.instances]
+        if waits:
+            await asyncio.wait(waits, timeout=join_timeout)
+        for inst, wait in zip(self.instances, waits):
+            if not wait.done():
                 log.error("instance %s of %s/%s still busy %.0fs after its requests ended (a backend call that "
                           "does not return): left to the process's exit", inst.name, self.name, self.version,
                           join_timeout)
@@ -378,7 +382,7 @@ class ModelRuntime:
     def instance_rows(self):
         for inst in self.instances:
             if inst.state in ("ready", "warming"):
-                yield self.name, str(self.version), inst.name, inst.device, inst.backend
+                yield self.name, str(self.version), inst.name, inst.device, inst.backend, inst.batch_started
 
 
 class ModelEntry:
@@ -613,11 +617,12 @@ class Engine:
                     m.requests.labels(entry.name, version, outcome, code)
         entry.published = set(now)
 
-    def end_requests(self, grace: float) -> int:
-        """The drain's end, `grace` seconds in: ends every request still in flight. One that is running
-        ends UNAVAILABLE as an error (its caller hears why; metrics count an error, not a cancellation);
-        one no instance has taken ends NotStarted (nothing was done for it, and its caller, the SDK,
-        sends it again, to another server). Returns how many."""
+    def end_requests(self, grace: float, cut_short: bool = False) -> int:
+        """The drain's end, `grace` seconds in (or before, `cut_short` by a second signal): ends every
+        request still in flight. One that is running ends UNAVAILABLE as an error (its caller hears why;
+        metrics count an error, not a cancellation); one no instance has taken ends NotStarted (nothing
+        was done for it, and its caller, the SDK, sends it again, to another server). Returns how many."""
+        when = "when its drain was cut short" if cut_short else f"after the drain grace of {grace:.0f}s"
         ended = 0
         for rt in list(self._runtimes):
             # the whole queue in one step: an instance freed by a stopped request takes nothing more
@@ -625,10 +630,9 @@ class Engine:
 
             def error(req: EngineRequest, queued: set = queued) -> Exception:
                 if req in queued:
-                    return NotStarted(f"the server shut down before the request started (drain grace "
-                                      f"{grace:.0f}s); nothing was done for it: send it again")
-                return Draining(f"the server shut down; the request was stopped after the drain grace of "
-                                f"{grace:.0f}s")
+                    return NotStarted(f"the server shut down before the request started ({when}); nothing "
+                                      f"was done for it: send it again")
+                return Draining(f"the server shut down; the request was stopped {when}")
 
             ended += rt.end_active(error)
         return ended

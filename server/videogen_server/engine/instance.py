@@ -13,7 +13,7 @@ import time
 from typing import Callable, Optional
 
 from ..backends.base import Backend, BackendRequest, InstanceContext, is_out_of_memory
-from ..errors import InstanceDead, OutOfMemory
+from ..errors import InstanceDead, OutOfMemory, VideoGenError
 from .request import EngineRequest
 from .scheduler import Scheduler
 
@@ -29,7 +29,7 @@ def _batch_error(exc: Exception, fatal: bool) -> Exception:
     counts, not INTERNAL), or the batch's error."""
     if fatal:
         return InstanceDead("the model instance failed")
-    if is_out_of_memory(exc):
+    if is_out_of_memory(exc) and not isinstance(exc, VideoGenError):  # (a backend's own error says what it means)
         return OutOfMemory("out of device memory for this request; try fewer frames or a smaller size")
     return _own_copy(exc)
 
@@ -87,6 +87,11 @@ class Instance:
         self._on_batch = on_batch
         self._on_dead = on_dead
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        #: done when the thread's work has ended (awaited with a bound, without holding a thread on a join)
+        self.finished: concurrent.futures.Future[None] = concurrent.futures.Future()
+        #: time.time() at the start of the batch running now, None when idle (a metric: a batch that
+        #: never ends shows as one started long ago)
+        self.batch_started: Optional[float] = None
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"{INSTANCE_THREAD_PREFIX}{context.model_name}-{context.model_version}-{self.name}")
 
@@ -100,6 +105,15 @@ class Instance:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
+        try:
+            self._work()
+        finally:
+            try:
+                self.finished.set_result(None)
+            except concurrent.futures.InvalidStateError:
+                pass
+
+    def _work(self) -> None:
         if not self.ready.set_running_or_notify_cancel():  # nobody waits any more: load nothing
             self.state = "stopped"
             return
@@ -163,6 +177,7 @@ class Instance:
             self._on_busy(+1)
             busy = True
             busy_since = time.monotonic()
+            self.batch_started = time.time()
             self._on_batch(batch)
             self.backend.execute([BackendRequest(r.request_id, r.params, r.image, r, r.prepared) for r in batch])
         except Exception as exc:
@@ -188,6 +203,7 @@ class Instance:
                 req.close()
             if busy:  # the time first: a scrape that reads the instance idle reads its batch's time too
                 self._on_busy_seconds(time.monotonic() - busy_since)
+                self.batch_started = None
                 self._on_busy(-1)
         return not fatal
 

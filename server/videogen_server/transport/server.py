@@ -87,8 +87,9 @@ class Health(HealthServicer):
 class HealthReporter:
     """Keeps grpc.health.v1 in step with the engine.
 
-    "" (the orchestrator's probes): SERVING once every model the control mode asked for is loaded and
-    warm, until a drain. Each API's service name (what gRPC client-side health checking asks): SERVING
+    "" (the orchestrator's probes): `Engine.ready`: SERVING once every model the control mode asked for
+    is loaded and warm (with --strict-readiness=false, after start-up, while one model at least is
+    ready), until a drain. Each API's service name (what gRPC client-side health checking asks): SERVING
     from the end of start-up until a drain (`Engine.serving`: unless every loaded version lost its
     instances), so that a model that failed to load (or none loaded yet, in explicit mode) does not make
     load-balancing clients refuse every call to the server, those for its ready models and the model
