@@ -601,13 +601,10 @@ class Engine:
         for version in entry.published - now.keys():
             for gauge in self._VERSION_GAUGES:
                 _remove_series(getattr(m, gauge), entry.name, version)
-            for peak in [p for p in entry.peaks if p[0] == version]:
-                _remove_series(m.last_peak, entry.name, *peak)
-                entry.peaks.discard(peak)
-        # a version reloaded in place with fewer instances, or on other devices: the peaks of instances it
-        # no longer has go (they stayed for good; metrics audit)
+        # the peaks of instances gone: with their version, or from a version reloaded in place with fewer
+        # instances or on other devices (those stayed for good; metrics audit)
         serving = {(str(v), inst.name, inst.device) for v, rt in entry.loaded.items() for inst in rt.instances}
-        for peak in [p for p in entry.peaks if p[0] in now and p not in serving]:
+        for peak in [p for p in entry.peaks if p not in serving]:
             _remove_series(m.last_peak, entry.name, *peak)
             entry.peaks.discard(peak)
         for version, ready in now.items():

@@ -99,11 +99,6 @@ class Instance:
         self._thread.start()
         return self.ready
 
-    def join(self, timeout: Optional[float] = None) -> bool:
-        """Waits for the thread to end (at most `timeout` seconds); False if it is still running."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
     def _run(self) -> None:
         try:
             self._work()

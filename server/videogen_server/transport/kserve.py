@@ -41,7 +41,7 @@ from ..domain import (AcceptedEvent, FrameEncoding, FrameEvent, GenerateCall, Ge
                       ResolvedParams, VideoEvent)
 from ..errors import MAX_FIELD_BYTES, InvalidRequest, ModelNotFound, NotLoaded, NotReady, ReaderStalled
 from .servicer import (NAME_FIELD, REQUEST_ID_KEY, check_request_id, end_call_soon, refused_before_engine,
-                       request_id_of, require_explicit_control)
+                       request_id_of, require_explicit_control, require_name)
 from .status import abort, error_reason, named_as, to_status
 from .tracing import incoming_trace_context, trace_context_of
 
@@ -252,8 +252,7 @@ def _values(name: str, raw: list[Any], kind: str) -> list[Any]:
 def parse_infer_request(req: kpb.ModelInferRequest, *, request_id: str, deadline_s: Optional[float],
                         trace_context: tuple[tuple[str, str], ...] = ()) -> InferCall:
     """Check a ModelInferRequest and build the engine call. Raises InvalidRequest naming the tensor."""
-    if not req.model_name:
-        raise InvalidRequest("model_name", "required")
+    require_name(req.model_name, "model_name")
     version = parse_version(req.model_version, "model_version")
     if req.raw_input_contents and len(req.raw_input_contents) != len(req.inputs):
         raise InvalidRequest("raw_input_contents",
@@ -524,8 +523,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     def _loaded(self, name: str, version_text: str):
         """The model's status and ready versions; errors for unknown or not loaded models/versions."""
-        if not name:
-            raise InvalidRequest("name", "required")
+        require_name(name)
         version = parse_version(version_text)
         status = self._engine.status(name)
         # a draining server shows its ready versions UNLOADING (readiness waits go on); their metadata and
@@ -584,8 +582,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     def _check_control(self, name: str, parameters) -> None:
         require_explicit_control(self._control)
-        if not name:
-            raise InvalidRequest("model_name", "required")
+        require_name(name, "model_name")
         for key in parameters:
             if key == "config" or key.startswith("file:"):
                 raise InvalidRequest(f"parameters[{key!r}]", "config overrides and model files in the request are "

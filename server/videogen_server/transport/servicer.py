@@ -82,6 +82,12 @@ def check_request_id(field: str, request_id: str) -> None:
         raise InvalidRequest(field, f"at most {MAX_REQUEST_ID_LEN} printable ASCII characters")
 
 
+def require_name(name: str, field: str = "name") -> None:
+    """A call about one model names it: "" is a missing field, not a model called "" (NOT_FOUND)."""
+    if not name:
+        raise InvalidRequest(field, "required")
+
+
 class VideoGenServicer(pb_grpc.VideoGenServicer):
     def __init__(self, engine, *, model_control_mode: str) -> None:
         self._engine = engine
@@ -122,8 +128,7 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
-            if not request.name:  # a missing field, not a model called "" (NOT_FOUND said so)
-                raise InvalidRequest("name", "required")
+            require_name(request.name)
             return convert.model_status_to_pb(self._engine.status(request.name))
         except Exception as exc:
             await abort(context, exc, fields=NAME_FIELD)
@@ -131,8 +136,7 @@ class VideoGenServicer(pb_grpc.VideoGenServicer):
     def _check_control(self, name: str) -> None:
         """A model control call: allowed in explicit mode, for a model named (as KServe's twin checks)."""
         require_explicit_control(self._control)
-        if not name:  # a missing field, not a model called ""
-            raise InvalidRequest("name", "required")
+        require_name(name)
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
