@@ -11,7 +11,7 @@ from PIL import Image
 
 from videogen.v1 import videogen_pb2 as pb
 
-from ..helpers import collect, kinds, raw_frames, request, sample_png, video_bytes
+from ..helpers import collect, kinds, raw_frames, request, sample_png, video_bytes, wait_until
 
 RAW = {"frame_encoding": pb.FRAME_ENCODING_RAW_RGB}
 
@@ -60,14 +60,10 @@ class DecodeGate:
     def __init__(self, server, hold_call: int) -> None:
         import threading
 
-        import time
-
         [runtime] = server.engine.models["svd-tiny"].loaded.values()
         [instance] = runtime.instances
-        deadline = time.monotonic() + 60  # the session's server: an earlier test's request has ended
-        while not (runtime.idle.is_set() and instance.batch_started is None):
-            assert time.monotonic() < deadline, "the shared server stayed busy"
-            time.sleep(0.05)
+        # the session's server: an earlier test's request has ended
+        wait_until(lambda: runtime.idle.is_set() and instance.batch_started is None, timeout=60, what="the shared server idle")
         self.calls = 0
         self.held: list[bool] = []  # for the held call: whether the gate opened before the 30 s ran out
         self.open = threading.Event()

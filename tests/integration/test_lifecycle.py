@@ -754,7 +754,7 @@ def test_a_second_signal_ends_the_drain_a_third_exits_and_a_stuck_instance_does_
     for an instance whose backend call does not return: on bare metal the process never exited, and
     Ctrl+C did not help (lifecycle audit). Now the second ends the drain's grace, the third exits at once
     (the exit itself, two lines, stands in here: it would end pytest), and the stop leaves a stuck
-    instance to the process's exit after STOP_JOIN_SECONDS (30, 1 here), naming it."""
+    instance to the process's exit after STOP_JOIN_SECONDS (10, 1 here), naming it."""
     import signal
 
     from videogen_server import app
