@@ -7,8 +7,8 @@
 Start-up order: bind the gRPC port and the metrics port first, so that probes and scrapes see a
 NOT_SERVING server while models load; health "" turns SERVING once every model is warm, the API's
 service names once start-up is done (see transport.server.HealthReporter). Stop order:
-health NOT_SERVING and new requests UNAVAILABLE, in-flight requests finish within the grace
-period, then the engine frees the instances.
+health NOT_SERVING, then GOAWAY and the gRPC port closed (new calls go to other servers),
+in-flight requests finish within the grace period, then the engine frees the instances.
 """
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ from .transport.credentials import CredentialReloader
 from .transport.server import build_health_server, build_server, release_unstarted
 
 log = logging.getLogger(__name__)
+
+#: How long the drain's last streams have, once it ended them, to take their status (a caller reading
+#: slowly included) before grpc cancels them; health watches end then too.
+_CLOSE_SECONDS = 1.0
 
 
 class VideoGenServer:
@@ -141,21 +145,31 @@ class VideoGenServer:
         return "; ".join(failed)
 
     async def stop(self, grace: Optional[float] = None) -> None:
-        """Drain: NOT_SERVING, refuse new requests, let in-flight ones finish within `grace`, then stop.
+        """Drain: NOT_SERVING, GOAWAY, let in-flight requests finish within `grace`, then stop.
 
-        The port stays open during the drain, so health checks read NOT_SERVING and new calls get a
-        clean UNAVAILABLE from the engine; only then does the gRPC server stop (grpc's own stop
-        refuses every new call at once, health checks included).
+        Health turns NOT_SERVING first (client-side health checks watching it hear so), then the
+        gRPC server stops taking calls at once, as grpc's graceful stop (grpc-go's GracefulStop)
+        does: an HTTP/2 GOAWAY on every connection and the listener closed. Calls in flight go on;
+        new ones go elsewhere: a client's round_robin drops this address (its connection refused,
+        where an open port refusing each call kept it in the rotation: 13 of 25 plain-gRPC calls
+        failed in a lifecycle audit), and grpc retries a call that raced the GOAWAY transparently.
+        A client of this server alone hears UNAVAILABLE, as a draining engine would say it. The
+        plaintext health port (`health_port`), which the probes read, answers NOT_SERVING to the end.
         """
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
         grace = self.config.drain_grace_seconds if grace is None else grace
+        closing: Optional[asyncio.Future] = None
         try:
             self.engine.begin_drain(finish_by=time.monotonic() + grace)
             if self._health is not None:
                 await self._health.update()
+            if self._server is not None:
+                # grpc's own grace outlasts the drain's: the drain's end below stops what still runs,
+                # with a status saying why, and then shortens it (the most restrictive grace wins)
+                closing = asyncio.ensure_future(self._server.stop(grace + _CLOSE_SECONDS))
             if not await self._idle_within(grace):
                 ended = self.engine.end_requests(grace, cut_short=self._hurry.is_set())
                 log.warning("drain %s; stopping the %d requests still in flight",
@@ -164,8 +178,13 @@ class VideoGenServer:
             if self._health is not None:
                 await self._health.servicer.enter_graceful_shutdown()
             if self._server is not None:
-                await self._server.stop(1.0)  # in-flight streams end with the engine below
+                # the streams ended above take their status within this; health watches end here
+                await self._server.stop(_CLOSE_SECONDS)
         finally:
+            if closing is not None:
+                if not closing.done():  # (a stop that failed above: what still runs ends now)
+                    await self._server.stop(None)
+                await asyncio.gather(closing, return_exceptions=True)
             if self._reloads is not None:
                 self._reloads.cancel()
             if self._health_server is not None:  # the probes' port answers NOT_SERVING until here

@@ -126,7 +126,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path, tiny_model_source):
     ports = tmp_path / "ports"
     proc = subprocess.Popen([sys.executable, "-m", "videogen_server.cli", "serve", "--model-repository", str(repo),
                              "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--port-file", str(ports),
-                             "--cpu-threads", "1", "--drain-grace-seconds", "20"],
+                             "--cpu-threads", "1", "--drain-grace-seconds", "20", "--health-port", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 60
@@ -134,9 +134,10 @@ def test_sigterm_drains_then_exits_zero(tmp_path, tiny_model_source):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        target = f"127.0.0.1:{ports.read_text().split()[0]}"
-        channel = grpc.insecure_channel(target)
-        health = health_pb2_grpc.HealthStub(channel)
+        port, _, health_port = ports.read_text().split()
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        probes = grpc.insecure_channel(f"127.0.0.1:{health_port}")  # what the orchestrator's probes read
+        health = health_pb2_grpc.HealthStub(probes)
         stub = pb_stub(channel)
         # ~5 s of work: the server must still be draining it when the checks below reach it, even after a ~2 s
         # pause of this test process's garbage collector (tests/gc_pauses.py); the server is not paused
@@ -147,12 +148,12 @@ def test_sigterm_drains_then_exits_zero(tmp_path, tiny_model_source):
         while health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.NOT_SERVING:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        with pytest.raises(grpc.RpcError) as err:
+        with pytest.raises(grpc.RpcError) as err:  # the main port closed (GOAWAY) at the drain's start
             collect(stub, request(num_inference_steps=1, num_frames=1))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert running.join(30).summary.num_frames == 4  # the in-flight request finished
         assert proc.wait(30) == 0
-        channel.close()
+        channel.close(), probes.close()
     finally:
         if proc.poll() is None:
             proc.kill()

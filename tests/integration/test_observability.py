@@ -102,7 +102,7 @@ def test_gauges_while_busy(make_repo):
 def test_health_follows_loading_and_drain(make_repo):
     # A warm-up of several requests keeps the model loading long enough to look at health meanwhile.
     cfg = tiny_config("m", 'model_warmup [ { name: "w", inputs { key: "num_inference_steps" value: "3" } count: 4 } ]')
-    server = ServerThread(make_repo({"m": cfg}))
+    server = ServerThread(make_repo({"m": cfg}), health_port=0)
     starting = threading.Thread(target=server.start)
     starting.start()
     seen = set()
@@ -122,17 +122,30 @@ def test_health_follows_loading_and_drain(make_repo):
         # UNIMPLEMENTED with Python's exception text: API audit)
         names = ("", "videogen.v1.VideoGen", "inference.GRPCInferenceService", "videogen.v1.VideoGen/m")
         assert health_list(server) == dict.fromkeys(names, SERVING)
+        # a client-side health check (the SDK's with several servers) watches the API's name
+        watch = health_pb2_grpc.HealthStub(server.channel()).Watch(
+            health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen"), timeout=60)
+        assert next(watch).status == SERVING
         running = Stream(server.stub(), request(model="m", num_inference_steps=12))
         running.progressed.wait(10)
         import asyncio
 
         stop_future = asyncio.run_coroutine_threadsafe(server.server.stop(10), server.loop)
-        deadline = time.monotonic() + 5
-        while health(server) != NOT_SERVING:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        assert health(server, "videogen.v1.VideoGen/m") == NOT_SERVING
-        assert health_list(server) == dict.fromkeys(names, NOT_SERVING)
+        assert next(watch).status == NOT_SERVING  # heard on the watch before the port closes
+        # then GOAWAY and the port closed: no new call reaches it, health checks included
+        with pytest.raises(grpc.RpcError) as refused:
+            health(server)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # the probes' plaintext port answers NOT_SERVING for the whole drain
+        probes = grpc.insecure_channel(f"127.0.0.1:{server.server.health_port}")
+        try:
+            stub = health_pb2_grpc.HealthStub(probes)
+            for name in names:
+                assert stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == NOT_SERVING
+            listed = stub.List(health_pb2.HealthListRequest(), timeout=10).statuses
+            assert {name: answer.status for name, answer in listed.items()} == dict.fromkeys(names, NOT_SERVING)
+        finally:
+            probes.close()
         assert running.join().summary.num_frames == 4  # in-flight request finished during the drain
         stop_future.result(20)
     finally:
@@ -140,36 +153,53 @@ def test_health_follows_loading_and_drain(make_repo):
 
 
 def test_draining_server_refuses_new_requests(make_repo):
+    """The engine's side of a drain (what a call that raced the GOAWAY meets, and an in-process
+    caller), then the server's: its port closed, new calls and a readiness wait read UNAVAILABLE."""
     import asyncio
+
+    from inference import grpc_service_pb2 as kpb
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+    from videogen.v1 import videogen_pb2 as pb
+    from videogen_client import VideoGenClient
+    from videogen_client.errors import DeadlineExceededError
 
     with ServerThread(make_repo({"m": tiny_config("m")})) as server:
         running = Stream(server.stub(), request(model="m", num_inference_steps=12))
         running.progressed.wait(10)
-        stop_future = asyncio.run_coroutine_threadsafe(server.server.stop(10), server.loop)
-        time.sleep(0.2)
+        server.engine.begin_drain()  # the drain's start, the port still open
         with pytest.raises(grpc.RpcError) as err:
             collect(server.stub(), request(model="m", num_inference_steps=1))
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
         # what a readiness wait reads: not ready (GetModel said READY, so `videogen wait-ready && generate`
         # went ahead at once and failed: black-box review of the SDK)
-        from videogen.v1 import videogen_pb2 as pb
-        from videogen_client import VideoGenClient
-        from videogen_client.errors import DeadlineExceededError
-
         info = server.stub().GetModel(pb.GetModelRequest(name="m"))
         assert info.state == pb.MODEL_STATE_UNLOADING and "draining" in info.versions[0].reason
         with VideoGenClient(server.target) as client, pytest.raises(DeadlineExceededError):
             client.wait_until_ready("m", timeout=0.5, poll_interval=0.1)
         # while KServe's metadata and config still describe the model (they failed "not ready")
-        from inference import grpc_service_pb2 as kpb
-        from inference import grpc_service_pb2_grpc as kpb_grpc
-
         kserve = kpb_grpc.GRPCInferenceServiceStub(server.channel())
         assert kserve.ModelMetadata(kpb.ModelMetadataRequest(name="m"), timeout=10).versions == ["1"]
         assert kserve.ModelConfig(kpb.ModelConfigRequest(name="m", version="1"), timeout=10).config.name == "m"
         assert not kserve.ModelReady(kpb.ModelReadyRequest(name="m"), timeout=10).ready
+        # the server's stop: GOAWAY, the port closed; the call in flight goes on
+        stop_future = asyncio.run_coroutine_threadsafe(server.server.stop(10), server.loop)
+        wait_until(lambda: not _reachable(server), 10, "the port's close")
+        with pytest.raises(grpc.RpcError) as err:
+            collect(server.stub(), request(model="m", num_inference_steps=1))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        with VideoGenClient(server.target) as client, pytest.raises(DeadlineExceededError):
+            client.wait_until_ready("m", timeout=0.5, poll_interval=0.1)
         assert running.join().summary.num_frames == 4
         stop_future.result(20)
+
+
+def _reachable(server: ServerThread) -> bool:
+    try:
+        health(server)
+        return True
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+        return False
 
 
 def test_requests_still_running_when_the_drain_ends_are_errors_not_cancellations(make_repo):

@@ -2,9 +2,9 @@
 
 The main test runs three real server processes (``python -m videogen_server.cli serve``) on
 loopback, each on its own copy of the tiny model: requests spread over all three; one is sent
-SIGTERM while it has a request in flight (it drains: NOT_SERVING, new calls refused with
-UNAVAILABLE, then exits 0) and the same client keeps working with zero failed requests: the calls
-the draining server refuses are retried on the others. A second test shows that retry in-process
+SIGTERM while it has a request in flight (it drains: NOT_SERVING, GOAWAY and its port closed,
+then exits 0) and the same client keeps working with zero failed requests: the calls go to the
+others. A plain gRPC client balancing over two servers loses no call to a drain either. A second test shows that retry in-process
 (the server refuses before sending any response, so gRPC's retry policy sends the call again; the
 client also retries calls refused after headers, for servers that send them first) and client-side
 health checks; the rest checks target parsing and the service config without a server.
@@ -40,7 +40,7 @@ from videogen_client import (
 from videogen_client._request import (StreamAttempts, channel_target, connection_settings, retry_wait,
                                       service_config)
 
-from ..helpers import ServerThread, metric_value, sample_png
+from ..helpers import ServerThread, metric_value, sample_png, wait_until
 
 MODEL = "svd-tiny"
 SAMPLE = sample_png()
@@ -56,6 +56,7 @@ class ServerProcess:
     log: Path
     port: int = 0
     metrics_port: int = 0
+    health_port: int = 0
 
     @property
     def target(self) -> str:
@@ -83,7 +84,7 @@ def _spawn(workdir: Path, source: Path, *args: str) -> ServerProcess:
     command = [sys.executable, "-m", "videogen_server.cli", "serve", "--model-repository", str(repo),
                "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
                "--port-file", str(port_file), "--cpu-threads", "1", "--media-threads", "1",
-               "--drain-grace-seconds", "5", *args]
+               "--drain-grace-seconds", "5", "--health-port", "0", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -99,7 +100,7 @@ def _wait_ready(servers: list[ServerProcess]) -> None:
             assert code is None, f"server exited with {code} while starting:\n{server.log_tail()}"
             assert time.monotonic() < deadline, f"server not ready after {START_TIMEOUT}s:\n{server.log_tail()}"
             time.sleep(0.1)
-        server.port, server.metrics_port = map(int, server.port_file.read_text().split()[:2])
+        server.port, server.metrics_port, server.health_port = map(int, server.port_file.read_text().split())
 
 
 @pytest.fixture
@@ -166,7 +167,8 @@ def test_requests_spread_over_servers_and_survive_a_drain(three_servers):
         spread = [s.successes() for s in servers]
         assert sum(spread) == 9 and all(n > 0 for n in spread), spread
 
-        # SIGTERM server 0 while it runs a request: it drains (NOT_SERVING, new calls refused).
+        # SIGTERM server 0 while it runs a request: it drains (NOT_SERVING on its probes' port, GOAWAY
+        # and its gRPC port closed).
         drained, rest = servers[0], servers[1:]
         before = sum(s.successes() for s in rest)
         long_request = _LongRequest(drained.target)
@@ -174,10 +176,10 @@ def test_requests_spread_over_servers_and_survive_a_drain(three_servers):
             assert long_request.started.wait(20) and long_request.outcome is None, long_request.outcome
             drained.process.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 5
-            while _health(drained.target) != health_pb2.HealthCheckResponse.NOT_SERVING:
+            while _health(f"127.0.0.1:{drained.health_port}") != health_pb2.HealthCheckResponse.NOT_SERVING:
                 assert time.monotonic() < deadline, "no NOT_SERVING after SIGTERM:\n" + drained.log_tail()
                 time.sleep(0.05)
-            with pytest.raises(UnavailableError):  # a direct call is refused while draining
+            with pytest.raises(UnavailableError):  # a direct call cannot reach it while it drains
                 with VideoGenClient(drained.target, timeout=10, retry=False) as direct:
                     direct.run(SAMPLE, **QUICK)
 
@@ -249,6 +251,48 @@ def test_a_refused_request_is_retried_on_another_server(tmp_path, tiny_model_sou
             for _ in range(4):
                 client.run(SAMPLE, **QUICK)
         assert refused() == before
+
+
+def test_a_plain_grpc_client_balancing_over_servers_loses_no_call_to_a_drain(tmp_path, tiny_model_source):
+    """A client that is not the SDK (grpc's round_robin over both addresses, no retry policy, no health
+    checks, as a Go or Java service would call us) kept sending calls to a draining server: its port
+    stayed open, refusing each call UNAVAILABLE, so round_robin kept it in the rotation (13 of 25 calls
+    failed in a lifecycle audit). The drain now sends GOAWAY and closes the port at its start, as
+    grpc's graceful stop does: the draining server's call in flight finishes, and the rest go to the
+    other server, none lost."""
+    from videogen.v1 import videogen_pb2 as pb
+    from videogen.v1 import videogen_pb2_grpc
+
+    from ..helpers import Stream, request
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_model_source, repo / MODEL)
+    with ServerThread(repo) as good, ServerThread(repo, drain_grace_seconds=60) as draining:
+        options = [("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 0)]
+        with grpc.insecure_channel(f"ipv4:{good.target},{draining.target}", options=options) as channel:
+            stub = videogen_pb2_grpc.VideoGenStub(channel)
+            quick = request(model=MODEL, num_frames=1, num_inference_steps=1,
+                            output={"frame_encoding": pb.FRAME_ENCODING_NONE})
+            for _ in range(4):
+                list(stub.Generate(quick, timeout=30))
+            before = good.metric("videogen_requests_total", outcome="success")
+            assert 0 < before < 4  # both addresses in the rotation
+            running = Stream(draining.stub(), request(model=MODEL, num_frames=2, num_inference_steps=40))
+            assert running.progressed.wait(30) and running.error is None
+            stopping = asyncio.run_coroutine_threadsafe(draining.server.stop(), draining.loop)
+            wait_until(lambda: draining.engine.draining, 10, "the drain's start")
+            failures = []
+            for _ in range(10):
+                try:
+                    list(stub.Generate(quick, timeout=30))
+                except grpc.RpcError as err:
+                    failures.append(f"{err.code().name}: {err.details()}")
+            assert failures == []
+            assert good.metric("videogen_requests_total", outcome="success") == before + 10
+            assert draining.metric("videogen_requests_total", outcome="rejected") == 0
+            assert not stopping.done()  # all the while the drain waited for the call in flight,
+            assert running.join().summary.num_frames == 2  # which finished
+            stopping.result(30)
 
 
 @pytest.mark.parametrize("client_kind", ["sync", "asyncio"])
