@@ -6,17 +6,11 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from videogen.v1 import videogen_pb2 as pb
 
-from ..helpers import TINY_PARAMETERS, ServerThread, collect, request, tiny_config
-
-
-def wait_for(predicate, timeout=20.0):
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "not reached in time"
-        time.sleep(0.1)
+from ..helpers import TINY_PARAMETERS, ServerThread, collect, request, tiny_config, wait_until
 
 
 def test_poll_reloads_adds_and_removes_models(make_repo):
@@ -32,20 +26,34 @@ def test_poll_reloads_adds_and_removes_models(make_repo):
         (repo / "a" / "config.pbtxt").write_text(tiny_config("a", parameters=TINY_PARAMETERS.replace(
             'key: "default_num_inference_steps" value { string_value: "2" }',
             'key: "default_num_inference_steps" value { string_value: "3" }')))
-        wait_for(lambda: defaults_steps("a") == 3)
+        wait_until(lambda: defaults_steps("a") == 3)
         assert len([r for r in collect(stub, request(model="a", num_frames=1)) if r.HasField("progress")]) == 3
         # a new model folder is loaded
         shutil.copytree(repo / "a" / "1", repo / "b" / "1")
         (repo / "b" / "config.pbtxt").write_text(tiny_config("b"))
-        wait_for(lambda: any(m.name == "b" and m.state == pb.MODEL_STATE_READY
+        wait_until(lambda: any(m.name == "b" and m.state == pb.MODEL_STATE_READY
                              for m in stub.ListModels(pb.ListModelsRequest()).models))
         assert collect(stub, request(model="b", num_frames=1, num_inference_steps=1))[-1].HasField("summary")
+        health = health_pb2_grpc.HealthStub(server.channel())
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen/b"), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         # a removed one is unloaded and forgotten
         shutil.rmtree(repo / "b")
-        wait_for(lambda: "b" not in [m.name for m in stub.ListModels(pb.ListModelsRequest()).models])
+        wait_until(lambda: "b" not in [m.name for m in stub.ListModels(pb.ListModelsRequest()).models])
         with pytest.raises(grpc.RpcError) as err:
             collect(stub, request(model="b", num_frames=1, num_inference_steps=1))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # its health name too (it stayed NOT_SERVING for good, and listed: API audit), as a name never known
+        seen = [next(watch).status]  # (the watch's own deadline bounds the wait)
+        while seen[-1] == health_pb2.HealthCheckResponse.NOT_SERVING:  # while it unloads
+            seen.append(next(watch).status)
+        assert seen[-1] == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN, seen
+        watch.cancel()
+        with pytest.raises(grpc.RpcError) as err:
+            health.Check(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen/b"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        listed = health.List(health_pb2.HealthListRequest(), timeout=10).statuses
+        assert "videogen.v1.VideoGen/a" in listed and "videogen.v1.VideoGen/b" not in listed
 
 
 def _series(server, name: str, **labels: str) -> list[str]:
@@ -77,8 +85,8 @@ def test_model_ready_follows_rollouts_failures_and_unloads(make_repo):
         # a rollout: version 2 replaces 1
         shutil.copytree(repo / "a" / "1", repo / "a" / ".v2")
         (repo / "a" / ".v2").rename(repo / "a" / "2")
-        wait_for(lambda: server.metric("videogen_model_ready", model="a", version="2") == 1)
-        wait_for(lambda: not _series(server, "videogen_model_ready", model="a", version="1"))
+        wait_until(lambda: server.metric("videogen_model_ready", model="a", version="2") == 1)
+        wait_until(lambda: not _series(server, "videogen_model_ready", model="a", version="1"))
         for gauge in ("videogen_queue_depth", "videogen_inflight_requests", "videogen_request_peak_memory_bytes"):
             assert not _series(server, gauge, model="a", version="1"), gauge
         assert _series(server, "videogen_requests_total", model="a", version="1")  # what it did stays counted
@@ -88,28 +96,28 @@ def test_model_ready_follows_rollouts_failures_and_unloads(make_repo):
         for weights in (repo / "a" / ".v3").rglob("*.safetensors"):
             weights.write_bytes(b"not safetensors")
         (repo / "a" / ".v3").rename(repo / "a" / "3")
-        wait_for(lambda: _series(server, "videogen_model_ready", model="a", version="3"))
+        wait_until(lambda: _series(server, "videogen_model_ready", model="a", version="3"))
         assert server.metric("videogen_model_ready", model="a", version="3") == 0
         assert server.metric("videogen_model_ready", model="a", version="2") == 1
         assert collect(stub, request(model="a", num_frames=1, num_inference_steps=1))[0].accepted.model_version == 2
         shutil.rmtree(repo / "a" / "3")
-        wait_for(lambda: not _series(server, "videogen_model_ready", model="a", version="3"))
+        wait_until(lambda: not _series(server, "videogen_model_ready", model="a", version="3"))
         assert server.metric("videogen_model_ready", model="a", version="2") == 1
         # a model whose weights are broken: version 1 shows 0
         shutil.copytree(repo / "a" / "1", repo / "broken" / "1")
         for weights in (repo / "broken" / "1").rglob("*.safetensors"):
             weights.write_bytes(b"not safetensors")
         (repo / "broken" / "config.pbtxt").write_text(tiny_config("broken"))
-        wait_for(lambda: _series(server, "videogen_model_ready", model="broken", version="1"))
+        wait_until(lambda: _series(server, "videogen_model_ready", model="broken", version="1"))
         assert server.metric("videogen_model_ready", model="broken", version="1") == 0
         # a model whose config cannot be read: no version is known, the model shows 0 under version ""
         (repo / "bad").mkdir()
         (repo / "bad" / "config.pbtxt").write_text('name: "bad"\nbackend: "svd"\nmax_batch_size: -3\n')
-        wait_for(lambda: _series(server, "videogen_model_ready", model="bad", version=""))
+        wait_until(lambda: _series(server, "videogen_model_ready", model="bad", version=""))
         # models that leave the repository take their series along
         shutil.rmtree(repo / "broken")
         shutil.rmtree(repo / "bad")
-        wait_for(lambda: not _series(server, "videogen_model_ready", model="broken")
+        wait_until(lambda: not _series(server, "videogen_model_ready", model="broken")
                  and not _series(server, "videogen_model_ready", model="bad"))
         assert server.metric("videogen_model_ready", model="a", version="2") == 1
 
@@ -121,7 +129,7 @@ def test_no_reload_starts_once_a_drain_has(make_repo):
     with ServerThread(repo, model_control_mode="poll", repository_poll_seconds=0.2) as server:
         runtime = server.engine.models["a"].loaded[1]
         server.loop.call_soon_threadsafe(server.engine.begin_drain)
-        wait_for(lambda: server.engine._poller.done())
+        wait_until(lambda: server.engine._poller.done())
         (repo / "a" / "config.pbtxt").write_text(tiny_config("a") + "\n# edited\n")
         time.sleep(1.0)  # five poll periods
         assert server.engine.models["a"].loaded[1] is runtime and not server.engine._control_tasks
@@ -154,11 +162,11 @@ def test_poll_reloads_only_the_version_that_changed_symlinks_included(make_repo)
         time.sleep(1.0)  # five polls
         assert runtime(1) is v1, "files outside the version folders reloaded version 1"
         (repo / "a" / ".staging-v2" / "2").rename(repo / "a" / "2")  # the rollout of version 2
-        wait_for(lambda: runtime(2) is not None)
+        wait_until(lambda: runtime(2) is not None)
         assert runtime(1) is v1, "a new version reloaded version 1"
         (repo / "a" / "1.next").symlink_to(store / "w2")
         os.replace(repo / "a" / "1.next", repo / "a" / "1")  # version 1 swapped atomically
-        wait_for(lambda: runtime(1) not in (None, v1))
+        wait_until(lambda: runtime(1) not in (None, v1))
         assert collect(server.stub(), request(model="a", model_version=1, num_frames=1,
                                               num_inference_steps=1))[-1].HasField("summary")
 
@@ -180,7 +188,7 @@ def test_a_failed_reload_in_place_is_told_beside_the_version_that_serves(make_re
         def version_1():
             return stub.GetModel(pb.GetModelRequest(name="a")).versions[0]
 
-        wait_for(lambda: version_1().reason.startswith("a reload failed (the previous load serves): "))
+        wait_until(lambda: version_1().reason.startswith("a reload failed (the previous load serves): "))
         assert version_1().state == pb.MODEL_STATE_READY
         assert collect(stub, request(model="a", num_frames=1, num_inference_steps=1))[-1].HasField("summary")
 
@@ -262,16 +270,16 @@ def test_a_version_is_kept_only_while_nothing_it_was_loaded_with_changed(tmp_pat
         v1 = ready(1)
         backend.FAIL.add(1)  # the new config's reload of version 1 fails (both copies in memory, say)
         (repo / "a" / "config.pbtxt").write_text(_recording_config("new"))
-        wait_for(lambda: 1 in entry.failed)
+        wait_until(lambda: 1 in entry.failed)
         assert ready(1) is v1
         backend.FAIL.clear()
         (repo / "a" / "2").mkdir()  # a rollout; version 1's files and the config unchanged since
         (repo / "a" / "2" / "defaults.json").write_text(json.dumps({"num_frames": 25}))
-        wait_for(lambda: ready(2) is not None and ready(1) not in (None, v1))
+        wait_until(lambda: ready(2) is not None and ready(1) not in (None, v1))
         assert ready(1).settings.parameters["tag"] == "new", "version 1 retried with the config it failed on"
         assert stub.GetModel(pb.GetModelRequest(name="a")).defaults.num_frames == 25
         shutil.rmtree(repo / "a" / "2")  # rolled back: version 1's checkpoint gives the defaults again
-        wait_for(lambda: 2 not in entry.loaded and ready(1) is not None
+        wait_until(lambda: 2 not in entry.loaded and ready(1) is not None
                  and stub.GetModel(pb.GetModelRequest(name="a")).defaults.num_frames == 14)
 
 
@@ -297,16 +305,16 @@ def test_new_files_seen_by_a_load_that_failed_are_loaded_once_it_can(tmp_path, m
         entry = server.engine.models["a"]
         assert backend.LOADS == [(1, "old")]
         (repo / "a" / "config.pbtxt").write_text(_recording_config("old") + "max_batch_size: oops\n")
-        wait_for(lambda: entry.error != "")
+        wait_until(lambda: entry.error != "")
         broken = entry.fingerprint
         (repo / "a" / "1" / "weights.new").write_text("W1")  # renamed over the old, as README advises
         os.replace(repo / "a" / "1" / "weights.new", repo / "a" / "1" / "weights.bin")
         # a poll saw the new weights (the whole replace, not the file written beside them), and its load failed
-        wait_for(lambda: entry.fingerprint != broken
+        wait_until(lambda: entry.fingerprint != broken
                  and entry.fingerprint == repository.fingerprint(repo / "a") and entry.error != "")
         assert entry.error != "" and backend.LOADS == [(1, "old")]
         (repo / "a" / "config.pbtxt").write_text(_recording_config("old"))  # the typo mended
-        wait_for(lambda: len(backend.LOADS) == 2, timeout=10)  # version 1 reloaded: it had never read W1
+        wait_until(lambda: len(backend.LOADS) == 2, timeout=10)  # version 1 reloaded: it had never read W1
         assert entry.error == "" and entry.loaded[1].state == "READY"
 
 
@@ -328,7 +336,7 @@ def test_a_model_whose_last_version_folder_is_removed_stops_serving_it(tmp_path,
         small = dict(num_frames=1, num_inference_steps=1, width=16, height=16, output={"stream_video": False})
         assert collect(stub, request(model="a", **small))[-1].HasField("summary")
         shutil.move(repo / "a" / "1", tmp_path / "v1")
-        wait_for(lambda: "selects no version folder" in entry.error and not entry.loaded)
+        wait_until(lambda: "selects no version folder" in entry.error and not entry.loaded)
         model = stub.GetModel(pb.GetModelRequest(name="a"))
         assert model.state != pb.MODEL_STATE_READY and "selects no version folder" in model.reason, model
         assert server.metric("videogen_model_ready", model="a", version="1") == 0
@@ -336,7 +344,7 @@ def test_a_model_whose_last_version_folder_is_removed_stops_serving_it(tmp_path,
             collect(stub, request(model="a", **small))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         shutil.move(tmp_path / "v1", repo / "a" / "1")
-        wait_for(lambda: entry.loaded.get(1) is not None and entry.loaded[1].state == "READY")
+        wait_until(lambda: entry.loaded.get(1) is not None and entry.loaded[1].state == "READY")
         assert collect(stub, request(model="a", **small))[-1].HasField("summary")
 
 
@@ -357,7 +365,7 @@ def test_a_model_in_two_repositories_is_logged_once_not_at_every_poll(tmp_path, 
     monkeypatch.setattr(repository, "scan", lambda *a, **kw: scans.append(1) or real_scan(*a, **kw))
     caplog.set_level("ERROR", logger="videogen_server")
     with ServerThread(first, second, model_control_mode="poll", repository_poll_seconds=0.1) as server:
-        wait_for(lambda: len(scans) >= 5)  # the start's scan and at least four polls
+        wait_until(lambda: len(scans) >= 5)  # the start's scan and at least four polls
         assert server.engine.models["a"].path == first / "a"
     said = [r for r in caplog.records if "is in two repositories" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in said]
@@ -379,6 +387,6 @@ def test_a_reload_with_fewer_instances_takes_their_peak_memory_series_along(make
                 break
         assert _series(server, *peaks, model="a", version="1", instance="1")
         (repo / "a" / "config.pbtxt").write_text(tiny_config("a", "instance_group [ { count: 1, kind: KIND_CPU } ]"))
-        wait_for(lambda: len(server.engine.models["a"].loaded[1].instances) == 1 and
+        wait_until(lambda: len(server.engine.models["a"].loaded[1].instances) == 1 and
                  not _series(server, *peaks, model="a", instance="1"))
         assert _series(server, *peaks, model="a", version="1", instance="0")  # the instance it still has

@@ -847,6 +847,7 @@ class Engine:
                     log.info("model %s left the repository; unloading", name)
                     await self.unload_model(name)
                     del self.models[name]
+                    self._notify()  # (health forgets its name)
                 except Exception:
                     log.exception("repository poll: unloading model %s", name)
 

@@ -83,6 +83,23 @@ class Health(HealthServicer):
         return health_pb2.HealthListResponse(
             statuses={name: health_pb2.HealthCheckResponse(status=status) for name, status in statuses.items()})
 
+    def names(self) -> list[str]:
+        return list(self._server_status)
+
+    async def forget(self, service: str) -> None:
+        """`service` is no longer reported (a model that left the repository): Check answers NOT_FOUND,
+        a Watch SERVICE_UNKNOWN, List leaves it out, as for a name never known. It was kept at its last
+        status (NOT_SERVING) for good, and listed."""
+        if self._gracefully_shutting_down or service not in self._server_status:
+            return
+        condition = self._server_watchers.get(service)  # (a defaultdict: get() adds nothing)
+        if condition is None:
+            del self._server_status[service]
+            return
+        async with condition:
+            self._server_status.pop(service, None)
+            condition.notify_all()
+
 
 class HealthReporter:
     """Keeps grpc.health.v1 in step with the engine.
@@ -93,7 +110,8 @@ class HealthReporter:
     from the end of start-up until a drain (`Engine.serving`: unless every loaded version lost its
     instances), so that a model that failed to load (or none loaded yet, in explicit mode) does not make
     load-balancing clients refuse every call to the server, those for its ready models and the model
-    control calls included. Each model's name: SERVING while that model takes requests."""
+    control calls included. Each model's name: SERVING while that model takes requests; unknown (NOT_FOUND)
+    once the model has left the repository."""
 
     def __init__(self, engine, servicer: Health) -> None:
         self._engine = engine
@@ -105,8 +123,12 @@ class HealthReporter:
         await self.servicer.set("", serving if self._engine.ready else not_serving)
         for name in SERVER_HEALTH_SERVICES[1:]:
             await self.servicer.set(name, serving if self._engine.serving else not_serving)
-        for name in list(self._engine.models):
-            await self.servicer.set(model_health_name(name), serving if self._engine.model_ready(name) else not_serving)
+        models = {model_health_name(name): name for name in list(self._engine.models)}
+        for health_name, name in models.items():
+            await self.servicer.set(health_name, serving if self._engine.model_ready(name) else not_serving)
+        for health_name in self.servicer.names():
+            if health_name not in models and health_name not in SERVER_HEALTH_SERVICES:
+                await self.servicer.forget(health_name)
 
 
 #: No SO_REUSEPORT (gRPC's default is on): a second server on a taken port fails to bind instead of
