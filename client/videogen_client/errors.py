@@ -173,7 +173,8 @@ class UnauthenticatedError(VideoGenError):
 
 class PermissionDeniedError(VideoGenError):
     """PERMISSION_DENIED: a model control call (``load_model``, ``unload_model``) to a server started
-    without ``--model-control-mode explicit``."""
+    without ``--model-control-mode explicit`` (``error_reason`` ``MODEL_CONTROL_DISABLED``), or with a
+    token that is not one of the server's model-control tokens (``MODEL_CONTROL_NOT_PERMITTED``)."""
 
     default_code = grpc.StatusCode.PERMISSION_DENIED
 

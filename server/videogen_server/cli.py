@@ -97,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--auth-token-file", type=Path,
                    help="file of accepted bearer tokens, one per line (at least one); also VIDEOGEN_AUTH_TOKENS "
                         "(comma-separated)")
+    s.add_argument("--model-control-token-file", type=Path,
+                   help="file of the bearer tokens model control (LoadModel, UnloadModel, KServe's repository "
+                        "load/unload) takes, one per line; others are refused it; also "
+                        "VIDEOGEN_MODEL_CONTROL_TOKENS (comma-separated); explicit mode only")
     s.add_argument("--credentials-reload-seconds", type=float, default=d.credentials_reload_seconds,
                    help="seconds between checks of the TLS files and the token file for changes, loaded again "
                         "once changed (no restart for a renewed certificate or rotated tokens); 0 = read once "
@@ -197,9 +201,9 @@ def _identity(path: Path) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _auth_tokens(environ: Mapping[str, str]) -> tuple[str, ...]:
-    """VIDEOGEN_AUTH_TOKENS (the file's tokens are read by the server: again when it changes)."""
-    return tuple(t for t in (t.strip() for t in environ.get("VIDEOGEN_AUTH_TOKENS", "").split(",")) if t)
+def _auth_tokens(environ: Mapping[str, str], name: str = "VIDEOGEN_AUTH_TOKENS") -> tuple[str, ...]:
+    """VIDEOGEN_AUTH_TOKENS, or `name` (the file's tokens are read by the server: again when it changes)."""
+    return tuple(t for t in (t.strip() for t in environ.get(name, "").split(",")) if t)
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> ServerConfig:
@@ -218,6 +222,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_tokens=_auth_tokens(environ),
         auth_token_file=args.auth_token_file, credentials_reload_seconds=args.credentials_reload_seconds,
+        model_control_tokens=_auth_tokens(environ, "VIDEOGEN_MODEL_CONTROL_TOKENS"),
+        model_control_token_file=args.model_control_token_file,
         otlp_endpoint=args.otlp_endpoint,
         otlp_service_name=args.otlp_service_name or environ.get("OTEL_SERVICE_NAME") or ServerConfig.otlp_service_name,
         trace_sample_ratio=args.trace_sample_ratio,

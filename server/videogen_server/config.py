@@ -94,10 +94,10 @@ def check_tokens(tokens, source: str) -> None:
         raise ValueError(f"{source}: tokens must be printable ASCII without whitespace")
 
 
-def read_token_file(path: Path) -> tuple[str, ...]:
-    """The bearer tokens of `--auth-token-file`: one a line, `#` comments and blank lines skipped; at least
+def read_token_file(path: Path, flag: str = "--auth-token-file") -> tuple[str, ...]:
+    """The bearer tokens of `--auth-token-file` (or `flag`): one a line, `#` comments and blank lines skipped; at least
     one (a file without any left the server open to every caller)."""
-    source = f"--auth-token-file {path}"
+    source = f"{flag} {path}"
     try:
         # utf-8-sig: a byte-order mark (an editor on Windows) is not part of the first token
         text = Path(path).read_text(encoding="utf-8-sig")
@@ -195,6 +195,14 @@ class ServerConfig:
     #: allowed (probes carry no token); a model's need one.
     auth_tokens: tuple[str, ...] = ()
     auth_token_file: Optional[Path] = None
+    #: Tokens for model control (LoadModel/UnloadModel, KServe's RepositoryModelLoad/Unload), as Triton's
+    #: restricted "model-repository" protocol (VIDEOGEN_MODEL_CONTROL_TOKENS, with those of
+    #: model_control_token_file): once any is set, model control takes one of them only (a caller with
+    #: another valid token is refused PERMISSION_DENIED, one without UNAUTHENTICATED), and they are valid for
+    #: every other call too; the other calls need a token only with auth_tokens/auth_token_file. Neither: any
+    #: caller with a valid token (any caller, without authentication) may load and unload. Explicit mode only.
+    model_control_tokens: tuple[str, ...] = ()
+    model_control_token_file: Optional[Path] = None
     #: How often the TLS files and the token file are checked for changes, loaded again when they have
     #: changed (a renewed certificate, rotated tokens: no restart); 0 = read once at start.
     credentials_reload_seconds: float = 10.0
@@ -225,6 +233,11 @@ class ServerConfig:
         """Whether calls need a bearer token."""
         return bool(self.auth_tokens) or self.auth_token_file is not None
 
+    @property
+    def restricts_model_control(self) -> bool:
+        """Whether model control takes only the model-control tokens."""
+        return bool(self.model_control_tokens) or self.model_control_token_file is not None
+
     def connection_limit(self) -> int:
         """max_connections, or from the open-file limit when not set (0: none)."""
         if self.max_connections is not None:
@@ -250,6 +263,13 @@ class ServerConfig:
         check_tokens(self.auth_tokens, "VIDEOGEN_AUTH_TOKENS")
         if self.auth_token_file is not None:
             read_token_file(self.auth_token_file)
+        check_tokens(self.model_control_tokens, "VIDEOGEN_MODEL_CONTROL_TOKENS")
+        if self.model_control_token_file is not None:
+            read_token_file(self.model_control_token_file, "--model-control-token-file")
+        if self.restricts_model_control and self.model_control_mode != "explicit":
+            raise ValueError(f"model-control tokens (--model-control-token-file, VIDEOGEN_MODEL_CONTROL_TOKENS) need "
+                             f"--model-control-mode explicit: in {self.model_control_mode!r} mode no call loads or "
+                             f"unloads")
         if not (self.credentials_reload_seconds == 0 or MIN_RELOAD_SECONDS <= self.credentials_reload_seconds < math.inf):
             raise ValueError(f"--credentials-reload-seconds: {self.credentials_reload_seconds} is not 0 (read once) "
                              f"or seconds from {MIN_RELOAD_SECONDS}")

@@ -198,6 +198,12 @@ class PermissionDenied(VideoGenError):
     REASON = "MODEL_CONTROL_DISABLED"
 
 
+class ModelControlNotPermitted(PermissionDenied):
+    """A valid bearer token that is not one of the model-control tokens, on a model load or unload."""
+
+    REASON = "MODEL_CONTROL_NOT_PERMITTED"
+
+
 class PortUnavailable(OSError):
     """Not a caller's error: a port the server was told to listen on (gRPC, health, metrics) cannot be
     bound at start-up. Its message names the port and why; `videogen-server` says it without a traceback."""

@@ -302,6 +302,14 @@ def test_cli_reads_tokens_from_file_and_environment(tmp_path):
     assert config.auth_tokens == ("env-a", "env-b") and config.auth_token_file == tokens and config.authenticates
     assert read_token_file(tokens) == ("file-token",)
     assert config.credentials_reload_seconds == 10.0
+    assert not config.restricts_model_control
+    control = _parser().parse_args(["serve", "--model-repository", str(tmp_path), "--model-control-mode", "explicit",
+                                    "--model-control-token-file", str(tokens)])
+    config = config_from_args(control, {"VIDEOGEN_MODEL_CONTROL_TOKENS": "ops-a,ops-b"})
+    assert config.model_control_tokens == ("ops-a", "ops-b") and config.model_control_token_file == tokens
+    assert config.restricts_model_control and not config.authenticates
+    with pytest.raises(ValueError, match="VIDEOGEN_MODEL_CONTROL_TOKENS: .*printable ASCII"):
+        config_from_args(control, {"VIDEOGEN_MODEL_CONTROL_TOKENS": "a b"})
     # a file saved with a byte-order mark (a Windows editor) and CRLF: the first token is the token (it
     # kept U+FEFF in front, and no client could send it: repository review), the comment a comment
     tokens.write_bytes("\ufeff# tokens\r\ntok-one\r\ntok-two\r\n".encode())
@@ -475,6 +483,73 @@ def test_a_rotated_token_file_is_loaded_without_a_restart(repo, tmp_path):
                         "the mended file is not loaded")
         assert not accepted("newer")
         assert server.metric("videogen_credentials_reloads_total", credentials="tokens", result="error") == 2
+
+
+def test_model_control_takes_its_own_tokens(repo, tmp_path):
+    """As Triton's restricted "model-repository" protocol: with model-control tokens configured, any other
+    valid token may generate but not load or unload (PERMISSION_DENIED: before, every caller with a token
+    could unload every model), on both APIs; a model-control token is valid everywhere; its file rotates
+    like the other. Model-control tokens alone leave the other calls open."""
+    import os
+
+    from inference import grpc_service_pb2 as kpb
+    from inference import grpc_service_pb2_grpc as kpb_grpc
+
+    from videogen_client import PermissionDeniedError
+
+    path = tmp_path / "control-tokens"
+    path.write_text("# operators\nadmin-1\n")
+    with ServerThread(repo, model_control_mode="explicit", load_models=("*",), auth_tokens=("user",),
+                      model_control_token_file=path, credentials_reload_seconds=0.1) as server:
+        with VideoGenClient(server.target, token="user", retry=False) as user:
+            assert _run(user).summary.num_frames == 1 and user.list_models()[0].name == "svd-tiny"
+            for call in (user.unload_model, user.load_model):
+                with pytest.raises(PermissionDeniedError) as denied:
+                    call("svd-tiny")
+                assert denied.value.error_reason == "MODEL_CONTROL_NOT_PERMITTED", denied.value
+        kserve = kpb_grpc.GRPCInferenceServiceStub(server.channel())
+        for token, code in (("user", grpc.StatusCode.PERMISSION_DENIED), (None, grpc.StatusCode.UNAUTHENTICATED),
+                            ("wrong", grpc.StatusCode.UNAUTHENTICATED)):
+            metadata = (("authorization", f"Bearer {token}"),) if token else ()
+            with pytest.raises(grpc.RpcError) as refused:
+                kserve.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name="svd-tiny"),
+                                             metadata=metadata, timeout=10)
+            assert refused.value.code() == code, token
+        assert server.metric("videogen_auth_failures_total", method="/videogen.v1.VideoGen/UnloadModel") == 1
+        assert server.metric("videogen_auth_failures_total",
+                             method="/inference.GRPCInferenceService/RepositoryModelUnload") == 3
+        assert server.engine.model_ready("svd-tiny")  # nothing refused reached the engine
+        with VideoGenClient(server.target, token="admin-1", retry=False) as admin:
+            admin.unload_model("svd-tiny")
+            assert not server.engine.model_ready("svd-tiny")
+            admin.load_model("svd-tiny")
+            assert _run(admin).summary.num_frames == 1  # valid for every call
+        # rotated: the new token taken, the removed one no longer valid anywhere
+        (tmp_path / "control-tokens.new").write_text("admin-2\n")
+        os.replace(tmp_path / "control-tokens.new", path)
+        _eventually(lambda: server.metric("videogen_credentials_reloads_total", credentials="model_control_tokens",
+                                          result="ok") == 1, "the rotated model-control tokens are not loaded")
+        with VideoGenClient(server.target, token="admin-1", retry=False) as old, pytest.raises(UnauthenticatedError):
+            old.list_models()
+        with VideoGenClient(server.target, token="admin-2", retry=False) as admin:
+            assert admin.load_model("svd-tiny").name == "svd-tiny"
+        assert server.metric("videogen_credentials_reloads_total", credentials="tokens", result="ok") == 0
+
+    with ServerThread(repo, model_control_mode="explicit", load_models=("*",), model_control_tokens=("admin",)) as server:
+        with VideoGenClient(server.target, retry=False) as anyone:
+            assert _run(anyone).summary.num_frames == 1  # no token needed but for model control
+            with pytest.raises(UnauthenticatedError, match="model-control"):
+                anyone.unload_model("svd-tiny")
+        with VideoGenClient(server.target, token="admin", retry=False) as admin:
+            admin.unload_model("svd-tiny")
+
+    from videogen_server.config import ServerConfig
+
+    with pytest.raises(ValueError, match="explicit"):
+        ServerConfig(model_repositories=(repo,), model_control_tokens=("admin",))
+    with pytest.raises(ValueError, match="--model-control-token-file"):
+        ServerConfig(model_repositories=(repo,), model_control_mode="explicit",
+                     model_control_token_file=tmp_path / "missing")
 
 
 def test_credentials_read_once_with_reloads_off(repo, tmp_path):

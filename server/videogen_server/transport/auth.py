@@ -9,7 +9,7 @@ from typing import Awaitable, Callable, Iterable, Optional
 
 import grpc
 
-from ..errors import Unauthenticated
+from ..errors import ModelControlNotPermitted, Unauthenticated
 from .status import abort_call, status_details, to_status
 
 #: Methods callable without a token: Kubernetes and load-balancer probes, for the services the server
@@ -44,15 +44,25 @@ def _denied_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, messa
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without `authorization: Bearer <token>` for one of the configured tokens.
 
+    With `restricted` methods (model control) and their own tokens, as Triton's restricted protocols:
+    those methods take only a token of `restricted_tokens` (a caller with another valid token is refused
+    PERMISSION_DENIED), which is valid for every other call too. `authenticate=False`: the other methods
+    need no token at all.
+
     Tokens are compared in constant time (hmac.compare_digest) against every configured token, so
     the time taken says nothing about how much of a token matched or which one.
     """
 
     def __init__(self, tokens: Iterable[str], open_health_services: Iterable[str] = ("",),
                  denial: str = "a valid bearer token is required (authorization: Bearer <token>)",
-                 on_denied: Optional[Callable[[str], None]] = None) -> None:
+                 on_denied: Optional[Callable[[str], None]] = None, restricted: Iterable[str] = (),
+                 restricted_tokens: Iterable[str] = (), authenticate: bool = True) -> None:
         self._tokens: tuple[bytes, ...] = ()  # none: every call but the open health names refused
+        self._restricted_tokens: tuple[bytes, ...] = ()
         self.set_tokens(tokens)
+        self.set_restricted_tokens(restricted_tokens)
+        self._restricted = frozenset(restricted)
+        self._authenticate = authenticate  # False: only the restricted methods need a token
         self._open_health = frozenset(open_health_services)
         self._denial = denial
         self._on_denied = on_denied
@@ -63,26 +73,49 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         """The tokens accepted from the next call on (a rotated token file; any thread: one assignment)."""
         self._tokens = tuple(t.encode() for t in tokens)
 
-    def _authorized(self, metadata) -> bool:
+    def set_restricted_tokens(self, tokens: Iterable[str]) -> None:
+        """The tokens the restricted methods take (and every other), from the next call on."""
+        self._restricted_tokens = tuple(t.encode() for t in tokens)
+
+    @staticmethod
+    def _given(metadata) -> Optional[bytes]:
         header = ""
         for key, value in metadata or ():
             if key == "authorization":
                 header = value if isinstance(value, str) else value.decode("latin-1")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            return False
-        given = token.strip().encode()
+            return None
+        return token.strip().encode()
+
+    @staticmethod
+    def _matches(given: bytes, tokens: tuple[bytes, ...]) -> bool:
         ok = False
-        for expected in self._tokens:  # (one read of the attribute: a reload swaps the whole tuple)
+        for expected in tokens:  # (every one, whatever matched: the time says nothing)
             ok |= hmac.compare_digest(given, expected)
         return ok
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or self._authorized(details.invocation_metadata):
+        if handler is None:
             return handler
-        denial = Unauthenticated(self._denial)
+        given = self._given(details.invocation_metadata)
+        # (one read of each attribute: a reload swaps the whole tuple)
+        restricted = given is not None and self._matches(given, self._restricted_tokens)
+        valid = given is not None and self._matches(given, self._tokens) or restricted
+        if details.method in self._restricted and self._restricted_tokens:
+            if restricted:
+                return handler
+        elif valid or not self._authenticate:
+            return handler
+        if details.method not in self._restricted or not self._restricted_tokens:
+            denial: Exception = Unauthenticated(self._denial)
+        elif valid:
+            denial = ModelControlNotPermitted("this token may not load or unload models: model control takes the "
+                                              "server's model-control tokens")
+        else:
+            denial = Unauthenticated("a model-control bearer token is required (authorization: Bearer <token>)")
         code, message = to_status(denial)
         trailer = (status_details(denial, code, message),)
         if details.method.startswith(HEALTH_METHOD_PREFIX):  # (counted only if refused: probes are answered)
@@ -99,8 +132,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._denied_since_warning += 1
         now = time.monotonic()
         if now - self._last_warning >= DENIAL_WARNING_INTERVAL_S:
-            log.warning("%d calls refused without a valid bearer token since the last such line (this one: %s); "
-                        "videogen_auth_failures_total counts them", self._denied_since_warning, method)
+            log.warning("%d calls refused without a valid bearer token (or, for model control, a model-control "
+                        "token) since the last such line (this one: %s); videogen_auth_failures_total counts them",
+                        self._denied_since_warning, method)
             self._denied_since_warning, self._last_warning = 0, now
 
     def _health_handler(self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,

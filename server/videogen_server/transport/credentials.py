@@ -169,20 +169,22 @@ class TlsFiles:
 
 
 class TokenFile:
-    """`--auth-token-file`: its tokens, with the fixed ones (VIDEOGEN_AUTH_TOKENS), given to `apply`."""
+    """`--auth-token-file` (or `flag`'s): its tokens, with the fixed ones (VIDEOGEN_AUTH_TOKENS), given to
+    `apply`."""
 
-    kind = "tokens"
-
-    def __init__(self, path: Path, fixed: tuple[str, ...], apply: Callable[[tuple[str, ...]], None]) -> None:
+    def __init__(self, path: Path, fixed: tuple[str, ...], apply: Callable[[tuple[str, ...]], None],
+                 flag: str = "--auth-token-file", kind: str = "tokens") -> None:
+        self.kind = kind  # (the metrics' label)
         self._path = path
         self._fixed = fixed
         self._apply = apply
+        self._flag = flag
 
     def files(self) -> tuple[Path, ...]:
         return (self._path,)
 
     def load(self) -> None:
-        self._apply(self._fixed + read_token_file(self._path))
+        self._apply(self._fixed + read_token_file(self._path, self._flag))
 
 
 @dataclasses.dataclass

@@ -31,6 +31,12 @@ VIDEOGEN_SERVICE = videogen_pb2.DESCRIPTOR.services_by_name["VideoGen"].full_nam
 SERVER_HEALTH_SERVICES = ("", VIDEOGEN_SERVICE, kserve.SERVICE_NAME)
 
 
+#: The calls that load and unload models: with model-control tokens configured, only those tokens may
+#: make them (Triton's restricted "model-repository" protocol).
+MODEL_CONTROL_METHODS = (f"/{VIDEOGEN_SERVICE}/LoadModel", f"/{VIDEOGEN_SERVICE}/UnloadModel",
+                         f"/{kserve.SERVICE_NAME}/RepositoryModelLoad", f"/{kserve.SERVICE_NAME}/RepositoryModelUnload")
+
+
 def model_health_name(model: str) -> str:
     """Per-model health service name: `videogen.v1.VideoGen/<model>`."""
     return f"{VIDEOGEN_SERVICE}/{model}"
@@ -186,18 +192,29 @@ def build_server(engine, config: ServerConfig, reloader: Optional[CredentialRelo
     Its TLS files and token file are registered with `reloader`, when given, to be loaded again as they
     change."""
     interceptors: list[grpc.aio.ServerInterceptor] = []
-    if config.authenticates:
+    if config.authenticates or config.restricts_model_control:
         file_tokens, stamp = (), ()
         if config.auth_token_file:
             stamp = fingerprint((config.auth_token_file,))  # before the read: a change in between is loaded
             file_tokens = read_token_file(config.auth_token_file)
+        control_tokens, control_stamp = (), ()
+        if config.model_control_token_file:
+            control_stamp = fingerprint((config.model_control_token_file,))
+            control_tokens = read_token_file(config.model_control_token_file, "--model-control-token-file")
         tokens = BearerTokenInterceptor(config.auth_tokens + file_tokens, open_health_services=SERVER_HEALTH_SERVICES,
-                                        on_denied=lambda method: engine.metrics.auth_failures.labels(method).inc())
+                                        on_denied=lambda method: engine.metrics.auth_failures.labels(method).inc(),
+                                        restricted=MODEL_CONTROL_METHODS,
+                                        restricted_tokens=config.model_control_tokens + control_tokens,
+                                        authenticate=config.authenticates)
         for method in (f"/{VIDEOGEN_SERVICE}/Generate", f"/{kserve.SERVICE_NAME}/ModelInfer"):
             engine.metrics.auth_failures.labels(method)  # exported at 0: an alert's increase() sees the first
         interceptors.append(tokens)
         if reloader is not None and config.auth_token_file:
             reloader.add(TokenFile(config.auth_token_file, config.auth_tokens, tokens.set_tokens), stamp)
+        if reloader is not None and config.model_control_token_file:
+            reloader.add(TokenFile(config.model_control_token_file, config.model_control_tokens,
+                                   tokens.set_restricted_tokens, flag="--model-control-token-file",
+                                   kind="model_control_tokens"), control_stamp)
     if engine.tracing.enabled:  # after authentication: only a caller with a token makes the server trace
         interceptors.append(TracingInterceptor(engine.tracing.tracer))
     if config.max_concurrent_requests:  # innermost: a caller refused a token takes no place
