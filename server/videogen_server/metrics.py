@@ -62,6 +62,10 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.first_frame = Histogram("videogen_time_to_first_frame_seconds", "Accepted to first frame sent", ML,
                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.preprocess = Histogram("videogen_preprocess_seconds",
+                                    "Admission's CPU work on an admitted request's image (decode, resize, the "
+                                    "backend's preparation), its wait for a preprocessing thread included", ML,
+                                    buckets=STEP_BUCKETS, registry=r)
         self.image_encode = Histogram("videogen_image_encode_seconds", "CLIP and VAE encoding of the conditioning image",
                                       ML, buckets=STEP_BUCKETS, registry=r)
         self.denoise_step = Histogram("videogen_denoise_step_seconds",

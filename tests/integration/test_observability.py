@@ -30,7 +30,7 @@ HISTOGRAMS = {  # metric -> observations one request of 3 steps, 4 frames, decod
     "videogen_request_duration_seconds": 1, "videogen_queue_wait_seconds": 1,
     "videogen_time_to_first_frame_seconds": 1, "videogen_image_encode_seconds": 1,
     "videogen_denoise_step_seconds": 3, "videogen_vae_decode_chunk_seconds": 2, "videogen_video_encode_seconds": 1,
-    "videogen_batch_size": 1,
+    "videogen_batch_size": 1, "videogen_preprocess_seconds": 1,
 }
 
 

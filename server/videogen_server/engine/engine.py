@@ -966,6 +966,7 @@ class Engine:
                     job = self._decode.submit(_decode_and_prepare, call.image, settings.limits, params,
                                               rt.live_backend())
                     image, prepared = await asyncio.wrap_future(job, loop=self._loop)
+                    self.metrics.preprocess.labels(*rt.labels).observe(time.monotonic() - t_prepare)
                 except Exception as err:
                     # a backend finalized under its preprocessing (an unload that timed out waiting) is the
                     # version's departure, not the request's fault: treated as below
