@@ -92,6 +92,16 @@ class Health(HealthServicer):
     def names(self) -> list[str]:
         return list(self._server_status)
 
+    async def enter_graceful_shutdown(self) -> None:
+        """The base class's, over a copy of the names: it awaits each name's watchers' lock while it walks
+        the table, and a `forget` waiting on one of them then changed the table under the walk (the stop
+        failed with "dictionary changed size during iteration": review)."""
+        if self._gracefully_shutting_down:
+            return
+        self._gracefully_shutting_down = True
+        for service in list(self._server_status):
+            await self._set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def forget(self, service: str) -> None:
         """`service` is no longer reported (a model that left the repository): Check answers NOT_FOUND,
         a Watch SERVICE_UNKNOWN, List leaves it out, as for a name never known. It was kept at its last
