@@ -131,8 +131,10 @@ class VideoGenClient:
             (device errors). ``None`` (default): on
             when ``target`` names several servers (several addresses, or a ``dns:`` name), off
             for one ``HOST:PORT`` (a lone server still starting would be unreachable rather than
-            answer). Without health checks, calls a draining server refuses are retried (see
-            ``retry``), but with concurrent calls a retry can land on the same server again.
+            answer). A draining server closes its port at once (GOAWAY), which takes it out of
+            the rotation with or without health checks; calls a server refuses (queue full, a
+            model not ready there) are retried (see ``retry``), but with concurrent calls a retry
+            can land on the same server again.
 
         keepalive: with calls open, ping the server after this many seconds without a frame from
             it, and end the calls ``UNAVAILABLE`` (:class:`UnavailableError`) when no answer comes

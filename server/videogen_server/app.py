@@ -7,8 +7,9 @@
 Start-up order: bind the gRPC port and the metrics port first, so that probes and scrapes see a
 NOT_SERVING server while models load; health "" turns SERVING once every model is warm, the API's
 service names once start-up is done (see transport.server.HealthReporter). Stop order:
-health NOT_SERVING, then GOAWAY and the gRPC port closed (new calls go to other servers),
-in-flight requests finish within the grace period, then the engine frees the instances.
+health NOT_SERVING, a second of lame duck, then GOAWAY and the gRPC port closed (new calls go to
+other servers), in-flight requests finish within the grace period, then the engine frees the
+instances.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ from .transport.server import build_health_server, build_server, release_unstart
 
 log = logging.getLogger(__name__)
 
+#: A drain's first seconds: NOT_SERVING, still serving, before the GOAWAY (see `VideoGenServer.stop`). The
+#: SDK's health checks take a server out of rotation within milliseconds of its NOT_SERVING.
+LAME_DUCK_SECONDS = 1.0
 #: How long the drain's last streams have, once it ended them, to take their status (a caller reading
 #: slowly included) before grpc cancels them; health watches end then too.
 _CLOSE_SECONDS = 1.0
@@ -145,16 +149,23 @@ class VideoGenServer:
         return "; ".join(failed)
 
     async def stop(self, grace: Optional[float] = None) -> None:
-        """Drain: NOT_SERVING, GOAWAY, let in-flight requests finish within `grace`, then stop.
+        """Drain: NOT_SERVING, then GOAWAY, let in-flight requests finish within `grace`, then stop.
 
-        Health turns NOT_SERVING first (client-side health checks watching it hear so), then the
-        gRPC server stops taking calls at once, as grpc's graceful stop (grpc-go's GracefulStop)
-        does: an HTTP/2 GOAWAY on every connection and the listener closed. Calls in flight go on;
-        new ones go elsewhere: a client's round_robin drops this address (its connection refused,
-        where an open port refusing each call kept it in the rotation: 13 of 25 plain-gRPC calls
-        failed in a lifecycle audit), and grpc retries a call that raced the GOAWAY transparently.
-        A client of this server alone hears UNAVAILABLE, as a draining engine would say it. The
-        plaintext health port (`health_port`), which the probes read, answers NOT_SERVING to the end.
+        Health turns NOT_SERVING on every name, for good: client-side health checks (the SDK's with
+        several servers, a proxy's) take this server out of their rotation, and it serves what
+        still comes for a short lame duck (`LAME_DUCK_SECONDS`, within the grace). Then the gRPC
+        server stops taking calls, as grpc's graceful stop (grpc-go's GracefulStop) does: an HTTP/2
+        GOAWAY on every connection and the listener closed. Calls in flight go on; new ones go
+        elsewhere: a client's round_robin drops this address (its connection refused, where an open
+        port refusing each call kept it in the rotation: 13 of 25 plain-gRPC calls failed in a
+        lifecycle audit), and grpc sends a stream the GOAWAY refused again itself. gRPC's core
+        cancels a call that had arrived but was not yet handed to the server at that instant (the
+        caller reads CANCELLED): the lame duck is what spares health-checking clients that race. A
+        call gRPC took before the GOAWAY is admitted as any (the engine's drain begins after it,
+        and hands back at once what would not end in time); a client of this server alone then
+        reads UNAVAILABLE (connection refused). The plaintext health port (`health_port`, what the
+        probes should read) answers NOT_SERVING to the end; without it, probes on this port are
+        refused from the GOAWAY on.
         """
         if self._stopping:
             await self._stopped.wait()
@@ -163,20 +174,22 @@ class VideoGenServer:
         grace = self.config.drain_grace_seconds if grace is None else grace
         closing: Optional[asyncio.Future] = None
         try:
-            self.engine.begin_drain(finish_by=time.monotonic() + grace)
+            finish_by = time.monotonic() + grace
             if self._health is not None:
-                await self._health.update()
+                await self._health.servicer.enter_graceful_shutdown()  # every name, whatever the engine says
             if self._server is not None:
+                await self._lame_duck(min(LAME_DUCK_SECONDS, grace))
                 # grpc's own grace outlasts the drain's: the drain's end below stops what still runs,
                 # with a status saying why, and then shortens it (the most restrictive grace wins)
-                closing = asyncio.ensure_future(self._server.stop(grace + _CLOSE_SECONDS))
-            if not await self._idle_within(grace):
+                closing = asyncio.ensure_future(
+                    self._server.stop(max(finish_by - time.monotonic(), 0.0) + _CLOSE_SECONDS))
+                await asyncio.sleep(0)  # its GOAWAY sent before the engine refuses anything
+            self.engine.begin_drain(finish_by=finish_by)
+            if not await self._idle_within(max(finish_by - time.monotonic(), 0.0)):
                 ended = self.engine.end_requests(grace, cut_short=self._hurry.is_set())
                 log.warning("drain %s; stopping the %d requests still in flight",
                             "cut short by a second signal" if self._hurry.is_set() else f"grace of {grace:.0f}s passed",
                             ended)
-            if self._health is not None:
-                await self._health.servicer.enter_graceful_shutdown()
             if self._server is not None:
                 # the streams ended above take their status within this; health watches end here
                 await self._server.stop(_CLOSE_SECONDS)
@@ -195,6 +208,16 @@ class VideoGenServer:
             self.metrics.close()
             log.info("stopped")
             self._stopped.set()
+
+    async def _lame_duck(self, seconds: float) -> None:
+        """Serve on, NOT_SERVING, for `seconds` (less on a second signal)."""
+        if seconds <= 0 or self._hurry.is_set():
+            return
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            await asyncio.wait((hurry,), timeout=seconds)
+        finally:
+            hurry.cancel()
 
     async def _idle_within(self, grace: float) -> bool:
         """Whether every request ended within `grace`; False at once on a second signal."""

@@ -148,7 +148,17 @@ def test_sigterm_drains_then_exits_zero(tmp_path, tiny_model_source):
         while health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.NOT_SERVING:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        with pytest.raises(grpc.RpcError) as err:  # the main port closed (GOAWAY) at the drain's start
+        # a second of lame duck (still serving), then the main port closed (GOAWAY)
+        main_health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                main_health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            except grpc.RpcError:
+                break
+            assert time.monotonic() < deadline, "the gRPC port still answers"
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as err:
             collect(stub, request(num_inference_steps=1, num_frames=1))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert running.join(30).summary.num_frames == 4  # the in-flight request finished
