@@ -243,9 +243,10 @@ def test_a_real_prometheus_evaluates_every_rule_and_dashboard_query(make_repo, c
             serve_a_round()
 
             # the dashboard's variables, as Grafana's label_values() asks for them
-            models = prom.api("label/model/values", **{"match[]": "videogen_model_ready"})
+            models = prom.api("label/model/values", **{"match[]": 'videogen_model_ready{namespace=~"videogen"}'})
             assert model in models, models
-            servers = prom.api("label/instance/values", **{"match[]": f'videogen_model_ready{{model=~"{model}"}}'})
+            servers = prom.api("label/instance/values",
+                               **{"match[]": f'videogen_model_ready{{namespace=~"videogen", model=~"{model}"}}'})
             # the scrape target, not the model instance the per-instance series carry as their own `instance`
             # (Prometheus renames that one `exported_instance`; the dashboard's memory panels rely on it)
             assert servers == [f"127.0.0.1:{server.server.metrics_port}"], servers
@@ -253,7 +254,10 @@ def test_a_real_prometheus_evaluates_every_rule_and_dashboard_query(make_repo, c
             assert per_instance and all(s["metric"].get("exported_instance") == "0" for s in per_instance), per_instance
 
             dashboard = json.loads(DASHBOARD.read_text())
-            substitutions = {"$__rate_interval": "1m", "$model": model, "$instance": _regex_in_string(servers[0])}
+            # the ServiceMonitor's namespace label (the dashboard's first variable: one fleet apart from another)
+            assert prom.api("label/namespace/values", **{"match[]": "videogen_model_ready"}) == ["videogen"]
+            substitutions = {"$__rate_interval": "1m", "$namespace": "videogen", "$model": model,
+                             "$instance": _regex_in_string(servers[0])}
             empty, not_numbers, checked = [], [], 0
             for panel in _panels(dashboard["panels"]):
                 for target in panel.get("targets") or []:
