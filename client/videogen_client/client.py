@@ -131,8 +131,8 @@ class VideoGenClient:
             (device errors). ``None`` (default): on
             when ``target`` names several servers (several addresses, or a ``dns:`` name), off
             for one ``HOST:PORT`` (a lone server still starting would be unreachable rather than
-            answer). A draining server closes its port at once (GOAWAY), which takes it out of
-            the rotation with or without health checks; calls a server refuses (queue full, a
+            answer). A draining server closes its port a second after it turns NOT_SERVING
+            (GOAWAY), which takes it out of the rotation with or without health checks; calls a server refuses (queue full, a
             model not ready there) are retried (see ``retry``), but with concurrent calls a retry
             can land on the same server again.
 
@@ -418,9 +418,11 @@ class VideoGenClient:
     def load_model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
         """Load (or reload) model ``name`` and return its ModelInfo once the load has ended.
 
-        Needs a server run with ``--model-control-mode explicit`` (else VideoGenError with code
-        PERMISSION_DENIED). A reload keeps serving the old version until the new one is ready; a model
-        that fails to load keeps what served before and the reason is in ``get_model``. The load runs
+        Needs a server run with ``--model-control-mode explicit`` (else PermissionDeniedError, reason
+        MODEL_CONTROL_DISABLED) and, where it has model-control tokens, one of them as ``token``
+        (another token: PermissionDeniedError, reason MODEL_CONTROL_NOT_PERMITTED). A reload keeps
+        serving the old version until the new one is ready; a model that fails to load keeps what
+        served before and the reason is in ``get_model``. The load runs
         to its end on the server even if ``timeout`` passes first (a compiled model takes minutes): then
         ``wait_until_ready``. A second call during a load joins it. Example::
 

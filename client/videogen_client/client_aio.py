@@ -97,8 +97,8 @@ class AsyncVideoGenClient:
             (device errors). ``None`` (default): on
             when ``target`` names several servers (several addresses, or a ``dns:`` name), off
             for one ``HOST:PORT`` (a lone server still starting would be unreachable rather than
-            answer). A draining server closes its port at once (GOAWAY), which takes it out of
-            the rotation with or without health checks; calls a server refuses (queue full, a
+            answer). A draining server closes its port a second after it turns NOT_SERVING
+            (GOAWAY), which takes it out of the rotation with or without health checks; calls a server refuses (queue full, a
             model not ready there) are retried (see ``retry``), but with concurrent calls a retry
             can land on the same server again.
 

@@ -160,10 +160,11 @@ class VideoGenServer:
         port refusing each call kept it in the rotation: 13 of 25 plain-gRPC calls failed in a
         lifecycle audit), and grpc sends a stream the GOAWAY refused again itself. gRPC's core
         cancels a call that had arrived but was not yet handed to the server at that instant (the
-        caller reads CANCELLED): the lame duck is what spares health-checking clients that race. A
-        call gRPC took before the GOAWAY is admitted as any (the engine's drain begins after it,
-        and hands back at once what would not end in time); a client of this server alone then
-        reads UNAVAILABLE (connection refused). The plaintext health port (`health_port`, what the
+        caller reads CANCELLED): the lame duck is what spares health-checking clients that race. The
+        engine turns not ready at the start (KServe's readiness, GetModel) but admits what comes,
+        the calls gRPC took before the GOAWAY included (a large image still uploading), and hands
+        back at once, marked not started, what would not end in time; a client of this server alone
+        reads UNAVAILABLE after the GOAWAY (connection refused). The plaintext health port (`health_port`, what the
         probes should read) answers NOT_SERVING to the end; without it, probes on this port are
         refused from the GOAWAY on.
         """
@@ -175,16 +176,17 @@ class VideoGenServer:
         closing: Optional[asyncio.Future] = None
         try:
             finish_by = time.monotonic() + grace
+            # not ready from here (KServe's readiness and GetModel too; no load), still admitting: the
+            # lame duck's calls, then those gRPC took before its GOAWAY (an upload still arriving)
+            self.engine.begin_drain(finish_by=finish_by, refuse_new=self._server is None)
             if self._health is not None:
-                await self._health.servicer.enter_graceful_shutdown()  # every name, whatever the engine says
+                await self._health.servicer.enter_graceful_shutdown()  # every name, for good
             if self._server is not None:
                 await self._lame_duck(min(LAME_DUCK_SECONDS, grace))
                 # grpc's own grace outlasts the drain's: the drain's end below stops what still runs,
                 # with a status saying why, and then shortens it (the most restrictive grace wins)
                 closing = asyncio.ensure_future(
                     self._server.stop(max(finish_by - time.monotonic(), 0.0) + _CLOSE_SECONDS))
-                await asyncio.sleep(0)  # its GOAWAY sent before the engine refuses anything
-            self.engine.begin_drain(finish_by=finish_by)
             if not await self._idle_within(max(finish_by - time.monotonic(), 0.0)):
                 ended = self.engine.end_requests(grace, cut_short=self._hurry.is_set())
                 log.warning("drain %s; stopping the %d requests still in flight",

@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                         "load/unload) takes, one per line; others are refused it; also "
                         "VIDEOGEN_MODEL_CONTROL_TOKENS (comma-separated); explicit mode only")
     s.add_argument("--credentials-reload-seconds", type=float, default=d.credentials_reload_seconds,
-                   help="seconds between checks of the TLS files and the token file for changes, loaded again "
+                   help="seconds between checks of the TLS files and the token files for changes, loaded again "
                         "once changed (no restart for a renewed certificate or rotated tokens); 0 = read once "
                         "(default %(default)s)")
     s.add_argument("--otlp-endpoint", metavar="URL",

@@ -266,6 +266,10 @@ class ServerConfig:
         check_tokens(self.model_control_tokens, "VIDEOGEN_MODEL_CONTROL_TOKENS")
         if self.model_control_token_file is not None:
             read_token_file(self.model_control_token_file, "--model-control-token-file")
+        if (self.model_control_token_file is not None and self.auth_token_file is not None
+                and Path(self.model_control_token_file).resolve() == Path(self.auth_token_file).resolve()):
+            raise ValueError("--model-control-token-file is --auth-token-file: every caller's token would load "
+                             "and unload models; give the model-control tokens a file of their own")
         if self.restricts_model_control and self.model_control_mode != "explicit":
             raise ValueError(f"model-control tokens (--model-control-token-file, VIDEOGEN_MODEL_CONTROL_TOKENS) need "
                              f"--model-control-mode explicit: in {self.model_control_mode!r} mode no call loads or "

@@ -219,10 +219,53 @@ def test_a_drain_is_a_lame_duck_not_serving_before_its_goaway(make_repo, monkeyp
         for name in ("", "videogen.v1.VideoGen", "inference.GRPCInferenceService", "videogen.v1.VideoGen/m"):
             assert health(server, name) == NOT_SERVING
         assert collect(server.stub(), request(model="m", num_frames=1, num_inference_steps=1))[-1].HasField("summary")
-        assert not server.engine.draining and not stop_future.done()
+        # not ready everywhere else too (KServe's readiness and GetModel said ready through it: review)
+        from inference import grpc_service_pb2 as kpb
+        from inference import grpc_service_pb2_grpc as kpb_grpc
+        from videogen.v1 import videogen_pb2 as pb
+
+        kserve = kpb_grpc.GRPCInferenceServiceStub(server.channel())
+        assert not kserve.ServerReady(kpb.ServerReadyRequest(), timeout=10).ready
+        assert not kserve.ModelReady(kpb.ModelReadyRequest(name="m"), timeout=10).ready
+        assert server.stub().GetModel(pb.GetModelRequest(name="m"), timeout=10).state == pb.MODEL_STATE_UNLOADING
+        assert not stop_future.done()
         server.loop.call_soon_threadsafe(server.server._on_signal, signal.SIGTERM)  # as the first signal
         server.loop.call_soon_threadsafe(server.server._on_signal, signal.SIGTERM)  # the second: no more waiting
         wait_until(lambda: not _reachable(server), 10, "the port's close")
+        stop_future.result(30)
+
+
+def test_a_call_grpc_took_before_the_goaway_is_served_though_its_image_arrives_after(make_repo, monkeypatch):
+    """A call whose headers gRPC took before the drain's GOAWAY but whose message (the image: up to
+    --max-request-bytes, on a slow link) arrives after it was refused "shutting down" by the draining
+    engine (review), though nothing new can reach a closed port: it is admitted and served."""
+    import asyncio
+    import types
+
+    from videogen.v1 import videogen_pb2 as pb
+
+    from videogen_server import app
+
+    monkeypatch.setattr(app, "LAME_DUCK_SECONDS", 0.2)
+    with ServerThread(make_repo({"m": tiny_config("m")}), drain_grace_seconds=60) as server:
+        running = Stream(server.stub(), request(model="m", num_inference_steps=40, num_frames=2))  # the drain lasts
+        assert running.progressed.wait(30) and running.error is None
+        release = threading.Event()
+
+        def held():
+            release.wait(30)
+            yield request(model="m", num_frames=1, num_inference_steps=1)
+
+        generate = server.channel().stream_stream("/videogen.v1.VideoGen/Generate",
+                                                  request_serializer=pb.GenerateRequest.SerializeToString,
+                                                  response_deserializer=pb.GenerateResponse.FromString)
+        late = Stream(types.SimpleNamespace(Generate=lambda _req, **kw: generate(held(), **kw)), None, timeout=60)
+        time.sleep(1.0)  # its headers reach the server (loopback: milliseconds)
+        stop_future = asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop)
+        wait_until(lambda: not _reachable(server), 10, "the port's close")
+        release.set()
+        assert late.join().summary.num_frames == 1, late.error
+        assert running.join().summary.num_frames == 2
         stop_future.result(30)
 
 

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from videogen_client import TokenFile, UnauthenticatedError, UnavailableError, VideoGenClient, VideoGenError
 
-from ..helpers import ServerThread, sample_png
+from ..helpers import ServerThread, metric_value, sample_png
 
 
 def _pki(tmp: Path) -> dict[str, Path]:
@@ -536,6 +536,10 @@ def test_model_control_takes_its_own_tokens(repo, tmp_path):
         assert server.metric("videogen_credentials_reloads_total", credentials="tokens", result="ok") == 0
 
     with ServerThread(repo, model_control_mode="explicit", load_models=("*",), model_control_tokens=("admin",)) as server:
+        scrape = server.scrape()  # the refusals that can happen here exported at 0, those that cannot not at all
+        assert metric_value(scrape, "videogen_auth_failures_total", method="/videogen.v1.VideoGen/UnloadModel") == 0
+        assert 'method="/videogen.v1.VideoGen/UnloadModel"' in scrape
+        assert 'videogen_auth_failures_total{method="/videogen.v1.VideoGen/Generate"}' not in scrape
         with VideoGenClient(server.target, retry=False) as anyone:
             assert _run(anyone).summary.num_frames == 1  # no token needed but for model control
             with pytest.raises(UnauthenticatedError, match="model-control"):
@@ -550,6 +554,9 @@ def test_model_control_takes_its_own_tokens(repo, tmp_path):
     with pytest.raises(ValueError, match="--model-control-token-file"):
         ServerConfig(model_repositories=(repo,), model_control_mode="explicit",
                      model_control_token_file=tmp_path / "missing")
+    with pytest.raises(ValueError, match="is --auth-token-file"):  # every caller a model controller
+        ServerConfig(model_repositories=(repo,), model_control_mode="explicit", model_control_token_file=path,
+                     auth_token_file=tmp_path / "." / "control-tokens")
 
 
 def test_credentials_read_once_with_reloads_off(repo, tmp_path):

@@ -438,6 +438,7 @@ class Engine:
         self.models: dict[str, ModelEntry] = {}
         self._scanned = False
         self.draining = False
+        self._refusing = False  # a drain that refuses new requests (begin_drain's refuse_new)
         self.started = False  # start-up's loads done
         self._listeners: list[Callable[[], None]] = []
         self._media = concurrent.futures.ThreadPoolExecutor(max_workers=config.media_threads,
@@ -538,10 +539,15 @@ class Engine:
         lost = bool(loaded) and all(rt.state == "FAILED" for rt in loaded)
         return self.started and not self.draining and not lost
 
-    def begin_drain(self, finish_by: Optional[float] = None) -> None:
-        """Refuse new requests from now on; with `finish_by` (time.monotonic(), the grace's end), start
-        nothing that would not end by then and hand back at once what is queued and would not."""
+    def begin_drain(self, finish_by: Optional[float] = None, refuse_new: bool = True) -> None:
+        """Not ready from now on (health, KServe's readiness, GetModel: UNLOADING, no load or reload);
+        `refuse_new`: refuse new requests too (an engine whose callers could still reach it). The
+        server's drain passes False: it closes its port, and what gRPC took before is admitted as any
+        (a call whose message was still on its way was refused: review). With `finish_by`
+        (time.monotonic(), the grace's end), start nothing that would not end by then and hand back
+        at once what is queued and would not."""
         self.draining = True
+        self._refusing = self._refusing or refuse_new
         if self._poller:  # no reload starts during a drain
             self._poller.cancel()
         if finish_by is not None:
@@ -932,7 +938,7 @@ class Engine:
         try:
             check_model_name(call.model)
             record["model"] = call.model
-            if self.draining:
+            if self._refusing:
                 raise Draining("the server is shutting down")
             entry = self.models.get(call.model)
             if entry is None:
@@ -966,7 +972,7 @@ class Engine:
                     job = self._decode.submit(_decode_and_prepare, call.image, settings.limits, params,
                                               rt.live_backend())
                     image, prepared = await asyncio.wrap_future(job, loop=self._loop)
-                    self.metrics.preprocess.labels(*rt.labels).observe(time.monotonic() - t_prepare)
+                    prepared_in = time.monotonic() - t_prepare  # (observed once the request is admitted)
                 except Exception as err:
                     # a backend finalized under its preprocessing (an unload that timed out waiting) is the
                     # version's departure, not the request's fault: treated as below
@@ -976,7 +982,7 @@ class Engine:
                 finally:
                     self._release_slot_after(rt, job)
                     spans.phase("preprocess", t_prepare, time.monotonic())
-                if self.draining:  # a drain may have begun while the image decoded
+                if self._refusing:  # a drain may have begun while the image decoded
                     raise Draining("the server is shutting down")
                 if rt.state == "READY":
                     break
@@ -993,6 +999,7 @@ class Engine:
             position, eta = rt.scheduler.submit(req)
             admitted_at = time.monotonic()
             admitted = True
+            self.metrics.preprocess.labels(*rt.labels).observe(prepared_in)
             rt.active.add(req)
             rt.update_idle()
             rt.inflight_gauge.inc()

@@ -216,8 +216,10 @@ def build_server(engine, config: ServerConfig, reloader: Optional[CredentialRelo
                                         restricted=MODEL_CONTROL_METHODS,
                                         restricted_tokens=config.model_control_tokens + control_tokens,
                                         authenticate=config.authenticates)
-        for method in (f"/{VIDEOGEN_SERVICE}/Generate", f"/{kserve.SERVICE_NAME}/ModelInfer"):
-            engine.metrics.auth_failures.labels(method)  # exported at 0: an alert's increase() sees the first
+        # exported at 0, the methods that may be refused: an alert's increase() sees the first refusal
+        for method in ((f"/{VIDEOGEN_SERVICE}/Generate", f"/{kserve.SERVICE_NAME}/ModelInfer") if config.authenticates
+                       else ()) + (MODEL_CONTROL_METHODS if config.restricts_model_control else ()):
+            engine.metrics.auth_failures.labels(method)
         interceptors.append(tokens)
         if reloader is not None and config.auth_token_file:
             reloader.add(TokenFile(config.auth_token_file, config.auth_tokens, tokens.set_tokens), stamp)
@@ -225,7 +227,7 @@ def build_server(engine, config: ServerConfig, reloader: Optional[CredentialRelo
             reloader.add(TokenFile(config.model_control_token_file, config.model_control_tokens,
                                    tokens.set_restricted_tokens, flag="--model-control-token-file",
                                    kind="model_control_tokens"), control_stamp)
-    if engine.tracing.enabled:  # after authentication: only a caller with a token makes the server trace
+    if engine.tracing.enabled:  # after authentication: a caller refused its token makes the server trace nothing
         interceptors.append(TracingInterceptor(engine.tracing.tracer))
     if config.max_concurrent_requests:  # innermost: a caller refused a token takes no place
         interceptors.append(ConcurrencyLimit(
