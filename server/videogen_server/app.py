@@ -164,9 +164,9 @@ class VideoGenServer:
         engine turns not ready at the start (KServe's readiness, GetModel) but admits what comes,
         the calls gRPC took before the GOAWAY included (a large image still uploading), and hands
         back at once, marked not started, what would not end in time; a client of this server alone
-        reads UNAVAILABLE after the GOAWAY (connection refused). The plaintext health port (`health_port`, what the
-        probes should read) answers NOT_SERVING to the end; without it, probes on this port are
-        refused from the GOAWAY on.
+        reads UNAVAILABLE after the GOAWAY (connection refused). The plaintext health port
+        (`health_port`, what the probes should read) answers NOT_SERVING to the end; without it,
+        probes on this port are refused from the GOAWAY on.
         """
         if self._stopping:
             await self._stopped.wait()
@@ -178,7 +178,7 @@ class VideoGenServer:
             finish_by = time.monotonic() + grace
             # not ready from here (KServe's readiness and GetModel too; no load), still admitting: the
             # lame duck's calls, then those gRPC took before its GOAWAY (an upload still arriving)
-            self.engine.begin_drain(finish_by=finish_by, refuse_new=self._server is None)
+            self.engine.begin_drain(finish_by=finish_by, refuse_new=False)
             if self._health is not None:
                 await self._health.servicer.enter_graceful_shutdown()  # every name, for good
             if self._server is not None:

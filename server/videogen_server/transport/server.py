@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from typing import Optional
 
 import grpc
@@ -196,6 +197,15 @@ def build_health_server(health: HealthReporter, config: ServerConfig) -> tuple[g
     return server, _bind(server, f"{config.host}:{config.health_port}", "health port")
 
 
+def _read_tokens(path: Optional[Path], flag: str) -> tuple[tuple[str, ...], tuple]:
+    """A token file's tokens and its fingerprint, taken before the read (a change in between is loaded
+    again); none without a file."""
+    if path is None:
+        return (), ()
+    stamp = fingerprint((path,))
+    return read_token_file(path, flag), stamp
+
+
 def build_server(engine, config: ServerConfig, reloader: Optional[CredentialReloader] = None,
                  ) -> tuple[grpc.aio.Server, int, HealthReporter]:
     """A configured, bound, not yet started server; returns it, the bound port and its health reporter.
@@ -203,14 +213,8 @@ def build_server(engine, config: ServerConfig, reloader: Optional[CredentialRelo
     change."""
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if config.authenticates or config.restricts_model_control:
-        file_tokens, stamp = (), ()
-        if config.auth_token_file:
-            stamp = fingerprint((config.auth_token_file,))  # before the read: a change in between is loaded
-            file_tokens = read_token_file(config.auth_token_file)
-        control_tokens, control_stamp = (), ()
-        if config.model_control_token_file:
-            control_stamp = fingerprint((config.model_control_token_file,))
-            control_tokens = read_token_file(config.model_control_token_file, "--model-control-token-file")
+        file_tokens, stamp = _read_tokens(config.auth_token_file, "--auth-token-file")
+        control_tokens, control_stamp = _read_tokens(config.model_control_token_file, "--model-control-token-file")
         tokens = BearerTokenInterceptor(config.auth_tokens + file_tokens, open_health_services=SERVER_HEALTH_SERVICES,
                                         on_denied=lambda method: engine.metrics.auth_failures.labels(method).inc(),
                                         restricted=MODEL_CONTROL_METHODS,
