@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from videogen_server.engine.admission import decode_image
+from videogen_server.engine.admission import decode_image, quiet_decompression_bomb_warnings
 from videogen_server.engine.model_config import GenerationLimits
 from videogen_server.errors import InvalidRequest
 
@@ -176,8 +176,15 @@ def test_decoding_leaves_the_process_warning_state_alone(monkeypatch):
     png = _png(Image.new("L", (16, 16)))
     ihdr = png[12:16] + (12000).to_bytes(4, "big") + (8000).to_bytes(4, "big") + png[24:29]
     big = png[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + png[33:]
-    with warnings.catch_warnings(record=True):  # the test's own: Pillow warns once, as it does in the server
+    with warnings.catch_warnings(record=True) as caught:  # the test's own
         warnings.simplefilter("always")
         with pytest.raises(InvalidRequest) as err:
             decode_image(big, GenerationLimits(max_image_pixels=89_000_000))
+        assert [w.category for w in caught] == [Image.DecompressionBombWarning]  # Image.open's own
+        # the engine's start-up silences it (a log line for each size a caller sent; the CI log had two)
+        quiet_decompression_bomb_warnings()
+        caught.clear()
+        with pytest.raises(InvalidRequest):
+            decode_image(big, GenerationLimits(max_image_pixels=89_000_000))
+        assert caught == []
     assert "exceeds the model's limit" in str(err.value)

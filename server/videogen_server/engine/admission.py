@@ -10,6 +10,7 @@ import logging
 import math
 import re
 import secrets
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -160,6 +161,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def quiet_decompression_bomb_warnings() -> None:
+    """Pillow's `Image.open` warns (DecompressionBombWarning) for an image of 89.5M to 179M pixels before
+    `decode_image` can refuse it by its header: a line in the server's log for every size a caller
+    sends. The refusal says it all; installed once, at the engine's start-up (a per-call
+    catch_warnings would swap the process-wide filters: see `decode_image`)."""
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def decode_image(data: bytes, lim: GenerationLimits) -> Image.Image:
     """Decode the conditioning image to RGB, refusing oversized payloads and decompression bombs.
 
@@ -175,7 +184,8 @@ def decode_image(data: bytes, lim: GenerationLimits) -> Image.Image:
     # process-wide warning filters and hook, and interleaved with another thread's (Inductor records
     # CUDA graphs in one) it left every later warning of the process going to a dead list. Not needed
     # either: max_image_pixels is at most Pillow's warning threshold, and the header check below refuses
-    # every image that warns, before a pixel is decoded.
+    # every image that warns, before a pixel is decoded (Image.open's warning itself is silenced once,
+    # by quiet_decompression_bomb_warnings at start-up).
     try:
         img = Image.open(io.BytesIO(data), formats=sorted(ACCEPTED_IMAGE_FORMATS))
         w, h = img.size

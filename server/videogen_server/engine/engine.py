@@ -41,7 +41,7 @@ from ..domain import (AcceptedEvent, EngineEvent, FrameEncoding, FrameEvent, Gen
                      ProgressEvent, ResolvedParams, SummaryEvent, VideoEvent)
 from . import repository
 from .repository import check_model_name, is_model_name
-from .admission import decode_image, fit_image, resolve_params
+from .admission import decode_image, fit_image, quiet_decompression_bomb_warnings, resolve_params
 from .devices import cuda_uuids
 from .instance import Instance, WarmupSender
 from .model_config import InstanceGroup, ModelSettings, resolve_instance_groups
@@ -439,6 +439,7 @@ class Engine:
         self._scanned = False
         self.draining = False
         self._refusing = False  # a drain that refuses new requests (begin_drain's refuse_new)
+        quiet_decompression_bomb_warnings()
         self.started = False  # start-up's loads done
         self._listeners: list[Callable[[], None]] = []
         self._media = concurrent.futures.ThreadPoolExecutor(max_workers=config.media_threads,
