@@ -138,6 +138,13 @@ class ServerThread:
         """Sum of the samples of `name` whose labels include `labels` (0 when absent)."""
         return metric_value(self.scrape(), name, **labels)
 
+    def counted(self, name: str, **labels: str) -> Optional[float]:
+        """As `metric`, read from the server's registry (no scrape: a stop takes /metrics); None when
+        no sample of `name` has those labels (a label set never counted is not exported at 0)."""
+        values = [sample.value for family in self.server.metrics.registry.collect() for sample in family.samples
+                  if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())]
+        return sum(values) if values else None
+
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -151,6 +158,21 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Non
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def port_answers(target: str, timeout: float = 5.0) -> bool:
+    """Whether a gRPC server on `target` answers a health check on a new connection: False once its
+    port is closed (a drain's GOAWAY). CANCELLED counts as closed too: a call that reached gRPC's core
+    at the instant the server stopped, before the server took it."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            return True
+        except grpc.RpcError as err:
+            assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), err
+            return False
 
 
 def ipv6_loopback() -> bool:

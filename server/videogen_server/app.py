@@ -182,12 +182,13 @@ class VideoGenServer:
             if self._health is not None:
                 await self._health.servicer.enter_graceful_shutdown()  # every name, for good
             if self._server is not None:
-                await self._lame_duck(min(LAME_DUCK_SECONDS, grace))
+                # serve on, NOT_SERVING, for the lame duck (less on a second signal)
+                await self._unless_hurried(asyncio.sleep(max(min(LAME_DUCK_SECONDS, grace), 0.0)))
                 # grpc's own grace outlasts the drain's: the drain's end below stops what still runs,
                 # with a status saying why, and then shortens it (the most restrictive grace wins)
                 closing = asyncio.ensure_future(
                     self._server.stop(max(finish_by - time.monotonic(), 0.0) + _CLOSE_SECONDS))
-            if not await self._idle_within(max(finish_by - time.monotonic(), 0.0)):
+            if not await self._unless_hurried(self.engine.wait_idle(max(finish_by - time.monotonic(), 0.0))):
                 ended = self.engine.end_requests(grace, cut_short=self._hurry.is_set())
                 log.warning("drain %s; stopping the %d requests still in flight",
                             "cut short by a second signal" if self._hurry.is_set() else f"grace of {grace:.0f}s passed",
@@ -211,26 +212,17 @@ class VideoGenServer:
             log.info("stopped")
             self._stopped.set()
 
-    async def _lame_duck(self, seconds: float) -> None:
-        """Serve on, NOT_SERVING, for `seconds` (less on a second signal)."""
-        if seconds <= 0 or self._hurry.is_set():
-            return
+    async def _unless_hurried(self, awaitable, timeout: Optional[float] = None):
+        """`awaitable`'s result, or None when a second signal (or `timeout`) comes first: it is then
+        cancelled (as is everything here when the stop itself is)."""
+        task = asyncio.ensure_future(awaitable)
         hurry = asyncio.ensure_future(self._hurry.wait())
         try:
-            await asyncio.wait((hurry,), timeout=seconds)
+            await asyncio.wait((task, hurry), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            return task.result() if task.done() else None
         finally:
             hurry.cancel()
-
-    async def _idle_within(self, grace: float) -> bool:
-        """Whether every request ended within `grace`; False at once on a second signal."""
-        idle = asyncio.ensure_future(self.engine.wait_idle(grace))
-        hurry = asyncio.ensure_future(self._hurry.wait())
-        try:
-            await asyncio.wait((idle, hurry), return_when=asyncio.FIRST_COMPLETED)
-            return idle.done() and idle.result()
-        finally:  # (a cancelled stop leaves neither behind)
-            hurry.cancel()
-            idle.cancel()
+            task.cancel()
 
     @property
     def stopping(self) -> bool:

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from videogen.v1 import videogen_pb2 as pb
 
-from ..helpers import TINY_PARAMETERS, ServerThread, Stream, collect, request, tiny_config
+from ..helpers import TINY_PARAMETERS, ServerThread, Stream, collect, port_answers, request, tiny_config, wait_until
 
 SHORT = dict(num_inference_steps=3, num_frames=2, output={"stream_video": False})
 
@@ -149,15 +149,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path, tiny_model_source):
             assert time.monotonic() < deadline
             time.sleep(0.02)
         # a second of lame duck (still serving), then the main port closed (GOAWAY)
-        main_health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                main_health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-            except grpc.RpcError:
-                break
-            assert time.monotonic() < deadline, "the gRPC port still answers"
-            time.sleep(0.05)
+        wait_until(lambda: not port_answers(f"127.0.0.1:{port}"), 10, "the gRPC port's close")
         with pytest.raises(grpc.RpcError) as err:
             collect(stub, request(num_inference_steps=1, num_frames=1))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -11,10 +11,12 @@ import pytest
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ..helpers import ServerThread, Stream, collect, ipv6_loopback, metric_value, request, tiny_config, wait_until
+from ..helpers import (ServerThread, Stream, collect, ipv6_loopback, metric_value, port_answers, request, tiny_config,
+                       wait_until)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_REQUESTS, _M = "videogen_requests_total", {"model": "m", "version": "1"}
 
 
 def health(server: ServerThread, service: str = "") -> int:
@@ -133,7 +135,7 @@ def test_health_follows_loading_and_drain(make_repo):
         stop_future = asyncio.run_coroutine_threadsafe(server.server.stop(10), server.loop)
         assert next(watch).status == NOT_SERVING  # heard on the watch before the port closes
         # then GOAWAY and the port closed: no new call reaches it, health checks included
-        wait_until(lambda: not _reachable(server), 10, "the port's close")
+        wait_until(lambda: not port_answers(server.target), 10, "the port's close")
         # the probes' plaintext port answers NOT_SERVING for the whole drain
         probes = grpc.insecure_channel(f"127.0.0.1:{server.server.health_port}")
         try:
@@ -181,7 +183,7 @@ def test_draining_server_refuses_new_requests(make_repo):
         assert not kserve.ModelReady(kpb.ModelReadyRequest(name="m"), timeout=10).ready
         # the server's stop: GOAWAY, the port closed; the call in flight goes on
         stop_future = asyncio.run_coroutine_threadsafe(server.server.stop(10), server.loop)
-        wait_until(lambda: not _reachable(server), 10, "the port's close")
+        wait_until(lambda: not port_answers(server.target), 10, "the port's close")
         with pytest.raises(grpc.RpcError) as err:
             collect(server.stub(), request(model="m", num_inference_steps=1))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -189,16 +191,6 @@ def test_draining_server_refuses_new_requests(make_repo):
             client.wait_until_ready("m", timeout=0.5, poll_interval=0.1)
         assert running.join().summary.num_frames == 4
         stop_future.result(20)
-
-
-def _reachable(server: ServerThread) -> bool:
-    try:
-        health(server)
-        return True
-    except grpc.RpcError as err:
-        # (CANCELLED: a call that reached gRPC's core as the server stopped, not yet handed to it)
-        assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), err
-        return False
 
 
 def test_a_drain_is_a_lame_duck_not_serving_before_its_goaway(make_repo, monkeypatch):
@@ -231,7 +223,7 @@ def test_a_drain_is_a_lame_duck_not_serving_before_its_goaway(make_repo, monkeyp
         assert not stop_future.done()
         server.loop.call_soon_threadsafe(server.server._on_signal, signal.SIGTERM)  # as the first signal
         server.loop.call_soon_threadsafe(server.server._on_signal, signal.SIGTERM)  # the second: no more waiting
-        wait_until(lambda: not _reachable(server), 10, "the port's close")
+        wait_until(lambda: not port_answers(server.target), 10, "the port's close")
         stop_future.result(30)
 
 
@@ -262,7 +254,7 @@ def test_a_call_grpc_took_before_the_goaway_is_served_though_its_image_arrives_a
         late = Stream(types.SimpleNamespace(Generate=lambda _req, **kw: generate(held(), **kw)), None, timeout=60)
         time.sleep(1.0)  # its headers reach the server (loopback: milliseconds)
         stop_future = asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop)
-        wait_until(lambda: not _reachable(server), 10, "the port's close")
+        wait_until(lambda: not port_answers(server.target), 10, "the port's close")
         release.set()
         assert late.join().summary.num_frames == 1, late.error
         assert running.join().summary.num_frames == 2
@@ -321,11 +313,6 @@ def _slow_reader_done_on_the_device(server, inflight: int = 1):
     return slow, call
 
 
-def _counted(server, outcome: str, code: str):
-    return server.server.metrics.registry.get_sample_value(
-        "videogen_requests_total", {"model": "m", "version": "1", "outcome": outcome, "code": code})
-
-
 def test_a_slow_reader_the_drain_ends_is_an_error_not_a_cancellation(make_repo):
     """A request whose device work is done but whose caller reads slowly (HTTP/2 flow control holds its
     frames back) is still in flight when the drain ends; the server's stop then cancels its stream, and
@@ -340,8 +327,8 @@ def test_a_slow_reader_the_drain_ends_is_an_error_not_a_cancellation(make_repo):
             for _ in call:
                 pass
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert _counted(server, "error", "UNAVAILABLE") == 1
-        assert _counted(server, "cancelled", "CANCELLED") is None
+        assert server.counted(_REQUESTS, outcome="error", code="UNAVAILABLE", **_M) == 1
+        assert server.counted(_REQUESTS, outcome="cancelled", code="CANCELLED", **_M) is None
         slow.close()
 
 
@@ -360,8 +347,8 @@ def test_a_slow_reader_an_unload_cuts_is_an_error_not_a_success(make_repo):
             for event in call:
                 assert event.WhichOneof("event") != "summary"
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
-        assert _counted(server, "error", "UNAVAILABLE") == 1
-        assert _counted(server, "success", "OK") is None
+        assert server.counted(_REQUESTS, outcome="error", code="UNAVAILABLE", **_M) == 1
+        assert server.counted(_REQUESTS, outcome="success", code="OK", **_M) is None
         slow.close()
 
 

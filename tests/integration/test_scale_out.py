@@ -41,7 +41,7 @@ from videogen_client import (
 from videogen_client._request import (StreamAttempts, channel_target, connection_settings, retry_wait,
                                       service_config)
 
-from ..helpers import ServerThread, metric_value, sample_png, wait_until
+from ..helpers import ServerThread, metric_value, port_answers, sample_png, wait_until
 
 MODEL = "svd-tiny"
 SAMPLE = sample_png()
@@ -131,14 +131,6 @@ def _health(target: str) -> int:
         return stub.Check(health_pb2.HealthCheckRequest(service="videogen.v1.VideoGen"), timeout=5).status
 
 
-def _answers(target: str) -> bool:
-    try:
-        _health(target)
-        return True
-    except grpc.RpcError:
-        return False
-
-
 class _LongRequest:
     """A long Generate on one server, consumed on a thread; ``started`` is set at its first step."""
 
@@ -189,7 +181,7 @@ def test_requests_spread_over_servers_and_survive_a_drain(three_servers):
                 assert time.monotonic() < deadline, "no NOT_SERVING after SIGTERM:\n" + drained.log_tail()
                 time.sleep(0.05)
             deadline = time.monotonic() + 10  # a second of lame duck (still serving), then GOAWAY
-            while _answers(drained.target):
+            while port_answers(drained.target):
                 assert time.monotonic() < deadline, "the gRPC port still answers:\n" + drained.log_tail()
                 time.sleep(0.05)
             with pytest.raises(UnavailableError):  # a direct call cannot reach it while it drains
@@ -307,15 +299,8 @@ def test_a_plain_grpc_client_balancing_over_servers_loses_no_call_to_a_drain(tmp
             assert running.join().summary.num_frames == 4  # the call in flight finished in the drain
             stopping.result(30)
             # (the draining server's own registry: its stop took /metrics) its share, and the call in flight
-            assert _outcomes(draining, "success") == (4 - before) + (10 - served) + 1
-            assert _outcomes(draining, "rejected") == 0
-
-
-def _outcomes(server: ServerThread, outcome: str) -> float:
-    """Requests of `outcome` the server counted, read from its registry (no scrape: its stop takes /metrics)."""
-    return sum(sample.value for family in server.server.metrics.registry.collect()
-               for sample in family.samples
-               if sample.name == "videogen_requests_total" and sample.labels.get("outcome") == outcome)
+            assert draining.counted("videogen_requests_total", outcome="success") == (4 - before) + (10 - served) + 1
+            assert not draining.counted("videogen_requests_total", outcome="rejected")
 
 
 @pytest.mark.parametrize("client_kind", ["sync", "asyncio"])
