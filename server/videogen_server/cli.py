@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--stream-send-timeout-seconds", type=float, default=d.stream_send_timeout_seconds,
                    help="end a request whose caller takes none of its messages for this long (its frames are "
                         "freed; the caller reads DEADLINE_EXCEEDED); 0 = never (default %(default)s)")
+    s.add_argument("--instance-stall-seconds", type=float, default=d.instance_stall_seconds,
+                   help="retire an instance whose running batch shows no progress (no denoising step, no decoded "
+                        "chunk) for this long: its requests end UNAVAILABLE and it takes no more work; above the "
+                        "longest compile of a shape not warmed up; 0 = never (default %(default)s)")
     s.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="largest request message, image included (default %(default)s)")
     s.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
@@ -214,6 +218,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         max_queue_size=args.max_queue_size, cpu_threads=args.cpu_threads, media_threads=args.media_threads,
         drain_grace_seconds=args.drain_grace_seconds, unload_timeout_seconds=args.unload_timeout_seconds,
         stream_send_timeout_seconds=args.stream_send_timeout_seconds,
+        instance_stall_seconds=args.instance_stall_seconds,
         max_request_bytes=args.max_request_bytes, max_concurrent_requests=args.max_concurrent_requests,
         request_read_timeout_seconds=args.request_read_timeout_seconds, max_connections=args.max_connections,
         handshake_timeout_seconds=args.handshake_timeout_seconds, max_connection_age_seconds=args.max_connection_age_seconds,

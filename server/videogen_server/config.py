@@ -145,6 +145,13 @@ class ServerConfig:
     #: process stopped reading (yet still answers keepalive pings) otherwise holds them until its deadline,
     #: if it set one. Time a message waits to be written, as nginx's send_timeout: a slow link passes.
     stream_send_timeout_seconds: float = 120.0
+    #: An instance whose running batch shows no progress (no denoising step, no decoded chunk: none of
+    #: the events its backend sends) for this long is retired (0 = never): a backend call that does not
+    #: return (a hung kernel or driver) otherwise held its requests and the instance for good, liveness
+    #: green. Its requests end UNAVAILABLE, it takes no more work, and it counts as lost (the last one
+    #: takes the version down: liveness then restarts the pod). Above the slowest step and the longest
+    #: compile of a shape the warm-up did not cover.
+    instance_stall_seconds: float = 600.0
     #: Largest request message accepted (the conditioning image travels in it). Per-model image limits
     #: (parameters max_image_bytes / max_image_pixels) apply on top.
     max_request_bytes: int = 64 * 2**20
@@ -325,6 +332,9 @@ class ServerConfig:
         if not (self.stream_send_timeout_seconds == 0 or 0 < self.stream_send_timeout_seconds < math.inf):
             raise ValueError(f"--stream-send-timeout-seconds: {self.stream_send_timeout_seconds} is not 0 (never) "
                              f"or a positive number of seconds")
+        if not (self.instance_stall_seconds == 0 or 0 < self.instance_stall_seconds < math.inf):
+            raise ValueError(f"--instance-stall-seconds: {self.instance_stall_seconds} is not 0 (never) or a "
+                             f"positive number of seconds")
         if not (self.request_read_timeout_seconds == 0 or 0 < self.request_read_timeout_seconds < math.inf):
             raise ValueError(f"--request-read-timeout-seconds: {self.request_read_timeout_seconds} is not 0 (never) "
                              f"or a positive number of seconds")

@@ -92,7 +92,7 @@ class Metrics:
                                      "(compilation included)", ML, registry=r)
         self.model_ready = Gauge("videogen_model_ready", "1 when the model version serves requests", ML, registry=r)
         self.instances_lost = Gauge("videogen_instances_lost", "Instances of the model version that stopped for good "
-                                    "(a lost device, an unexpected error) and serve nothing until it is reloaded",
+                                    "(a lost device, an unexpected error, a stall) and serve nothing until it is reloaded",
                                     ML, registry=r)
         self.last_peak = Gauge("videogen_request_peak_memory_bytes",
                                "Peak device memory of the instance's last request (process RSS on CPU)",

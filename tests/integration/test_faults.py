@@ -77,6 +77,41 @@ def test_an_instance_lost_for_good_is_told_until_a_reload_restores_it(make_repo)
         assert server.metric("videogen_instances_lost", model="m", version="1") == 0
 
 
+def test_an_instance_that_stalls_is_retired_and_a_reload_restores_it(make_repo, caplog):
+    """A backend call that does not return (a hung kernel, a driver wait: injected as `hang@2`, which
+    sends nothing and takes no step) held its request and its instance for good, with the queue behind
+    it, and liveness stayed green (audit). After --instance-stall-seconds without progress the instance
+    is retired: its request ends UNAVAILABLE, the version serves on the other instance, and the lost
+    one is told until a reload. A request longer than the limit whose steps come within it runs on."""
+    limit = 3.0  # (above the test process's longest garbage-collector pause: it stops every thread)
+    cfg = tiny_config("m", "instance_group [ { count: 2, kind: KIND_CPU } ]", parameters=TINY_PARAMETERS + (
+        'parameters { key: "fault_injection" value { string_value: "hang@2:seed=666" } }'))
+    with ServerThread(make_repo({"m": cfg}), model_control_mode="explicit", load_models=("m",),
+                      instance_stall_seconds=limit) as server:
+        stub = server.stub()
+        started = time.monotonic()
+        long = collect(stub, request(model="m", seed=1, num_inference_steps=80, num_frames=2,
+                                     output={"stream_video": False}))
+        assert long[-1].summary.num_frames == 2
+        took = time.monotonic() - started
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, request(model="m", seed=666, request_id="stalled-1", **SHORT))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no progress" in err.value.details() and "retired" in err.value.details()
+        assert "no progress for" in caplog.text and "stalled-1" in caplog.text
+        assert server.metric("videogen_instances_lost", model="m", version="1") == 1
+        info = stub.GetModel(pb.GetModelRequest(name="m"))
+        assert info.instances == 1 and info.state == pb.MODEL_STATE_READY
+        assert "1 of 2 instances stopped for good" in info.versions[0].reason
+        for seed in (1, 2):  # the other instance serves
+            assert collect(stub, request(model="m", seed=seed, **SHORT))[-1].summary.num_frames == 2
+        stub.LoadModel(pb.LoadModelRequest(name="m"), timeout=60)  # not held by the retired instance's thread
+        info = stub.GetModel(pb.GetModelRequest(name="m"))
+        assert info.instances == 2 and info.versions[0].reason == ""
+        assert server.metric("videogen_instances_lost", model="m", version="1") == 0
+        assert took > limit, f"the long request took {took:.1f}s: not longer than the limit, it proved nothing"
+
+
 def test_unexpected_errors_in_model_listing_are_internal_with_a_generic_message(make_repo, monkeypatch):
     """ListModels and GetModel, as every call: a bug's exception text never reaches the caller (it was
     UNKNOWN with the exception's class and message). The fault is injected into the engine's method."""

@@ -79,17 +79,20 @@ def test_keepalive_flags_become_the_grpc_servers_ping_options(tmp_path):
             ServerConfig(model_repositories=(tmp_path,), keepalive_timeout_seconds=bad)
 
 
-def test_the_stream_send_timeout_flag_reaches_the_config(tmp_path):
+@pytest.mark.parametrize("flag, default", [("--stream-send-timeout-seconds", 120.0),
+                                           ("--instance-stall-seconds", 600.0)])
+def test_the_seconds_flags_that_0_turns_off_reach_the_config(tmp_path, flag, default):
     from videogen_server.config import ServerConfig
 
+    field = flag[2:].replace("-", "_")
     base = ["serve", "--model-repository", str(tmp_path)]
-    assert config_from_args(_parser().parse_args(base), {}).stream_send_timeout_seconds == 120.0
+    assert getattr(config_from_args(_parser().parse_args(base), {}), field) == default
     for value, expected in (("2.5", 2.5), ("0", 0.0)):  # 0: never
-        args = _parser().parse_args(base + ["--stream-send-timeout-seconds", value])
-        assert config_from_args(args, {}).stream_send_timeout_seconds == expected
+        args = _parser().parse_args(base + [flag, value])
+        assert getattr(config_from_args(args, {}), field) == expected
     for bad in (-1, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="--stream-send-timeout-seconds"):
-            ServerConfig(model_repositories=(tmp_path,), stream_send_timeout_seconds=bad)
+        with pytest.raises(ValueError, match=flag):
+            ServerConfig(model_repositories=(tmp_path,), **{field: bad})
 
 
 def test_the_concurrent_requests_flag_reaches_the_config(tmp_path):

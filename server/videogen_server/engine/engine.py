@@ -30,9 +30,9 @@ from PIL import Image
 from ..backends.base import (COMPILE_ARTIFACTS_FOLDER, BackendRequest, Finished, FramesDecoded, InstanceContext,
                              ModelSettingError, PhaseTiming, StepDone, load_backend_class)
 from ..config import ServerConfig
-from ..errors import (MAX_MESSAGE_BYTES, BackendError, ConfigError, Draining, InvalidRequest, ModelNotFound,
-                      LoadFailed, NotLoaded, NotReady, NotStarted, QueueFull, ReaderStalled, RequestCancelled, VideoGenError, clip,
-                      status_name)
+from ..errors import (MAX_MESSAGE_BYTES, BackendError, ConfigError, Draining, InstanceDead, InvalidRequest,
+                      LoadFailed, ModelNotFound, NotLoaded, NotReady, NotStarted, QueueFull, ReaderStalled,
+                      RequestCancelled, VideoGenError, clip, status_name)
 from ..media.frames import encode_frame
 from ..media.mp4 import FragmentedMP4Encoder
 from ..metrics import InstanceCollector, Metrics, NvmlReader
@@ -241,8 +241,37 @@ class ModelRuntime:
         m.instances_lost.labels(*self.labels).set(0)
         m.model_ready.labels(*self.labels).set(1)
 
+    def retire_stalled(self, limit: float) -> None:
+        """On the loop: retires each instance whose running batch has shown no progress for `limit`
+        seconds (--instance-stall-seconds): a backend call that does not return (a hung kernel, a driver
+        wait) held its requests and the instance for good, the queue behind it, and kept liveness
+        green. Its requests end UNAVAILABLE (their callers decide: they had started), the instance takes
+        no more work and counts as lost (the last one takes the version down, and liveness with it: a
+        restart frees the device). Its thread cannot be stopped: it is left where it hangs."""
+        now = time.monotonic()
+        for inst in self.instances:
+            batch = inst.running
+            if inst.state != "ready" or not batch:
+                continue
+            stalled = inst.stalled_for(batch, now)
+            if stalled < limit or not inst.retire(batch):
+                continue
+            log.critical("instance %s of %s/%s: no progress for %.0fs in a batch of %d (%s; "
+                         "--instance-stall-seconds %g): retired, its requests ended; its thread is left where it "
+                         "waits (a py-spy dump of the process shows where). A reload or a restart restores it",
+                         inst.name, self.name, self.version, stalled, len(batch),
+                         ", ".join(r.request_id for r in batch), limit)
+            self.scheduler.abandon(batch)  # (not a measured run, nor an instance to be free soon)
+            self._instance_dead(inst)  # before its callers hear: one retrying at once finds the version down
+            for req in batch:
+                exc = InstanceDead(f"the model instance made no progress for {stalled:.0f}s and was retired")
+                if req.ended_by_server is None:
+                    req.ended_by_server = exc
+                req.error(exc)
+                req.cancel()
+
     def _instance_dead(self, instance: Instance) -> None:
-        """On the dead instance's thread. The last one takes the version down with it; before that, the
+        """On the dead instance's thread (the loop's, for a stall). The last one takes the version down with it; before that, the
         version serves on fewer instances, which the gauge and GetModel's `reason` say until a reload."""
         with self._dead_lock:
             entry = self._engine.models.get(self.name)
@@ -251,12 +280,13 @@ class ModelRuntime:
             if current:
                 self._engine.metrics.instances_lost.labels(*self.labels).set(lost)
             if lost < len(self.instances):
-                self.reason = (f"{lost} of {len(self.instances)} instances stopped for good (a lost device or an "
-                               f"unexpected error: see the server log); a reload of the model or a restart "
-                               f"restores them")
+                self.reason = (f"{lost} of {len(self.instances)} instances stopped for good (a lost device, an "
+                               f"unexpected error or a stall: see the server log); a reload of the model or a "
+                               f"restart restores them")
             if all(i.state == "dead" for i in self.instances):
                 self.state = "FAILED"
-                self.reason = "every instance hit an unrecoverable device error"
+                self.reason = ("every instance stopped for good (a lost device, an unexpected error or a stall: "
+                               "see the server log)")
                 if current:
                     self._engine.metrics.model_ready.labels(*self.labels).set(0)
                 # nothing would ever take them; none was started, so their callers may send them elsewhere
@@ -294,10 +324,13 @@ class ModelRuntime:
         self.end_active(lambda req: NotReady(f"model {self.name!r} was unloaded"))
         # awaited, not joined on an executor thread: a thread blocked in a join of a call that never
         # returns held the loop's default executor, whose shutdown then held the process's exit (review)
-        waits = [asyncio.wrap_future(inst.finished) for inst in self.instances]
+        # (not one retired for a stall: it waits where it hangs, and an unload or a reload's waiting on it
+        # held the model's control for good)
+        watched = [inst for inst in self.instances if not inst.retired]
+        waits = [asyncio.wrap_future(inst.finished) for inst in watched]
         if waits:
             await asyncio.wait(waits, timeout=join_timeout)
-        for inst, wait in zip(self.instances, waits):
+        for inst, wait in zip(watched, waits):
             if not wait.done():
                 log.error("instance %s of %s/%s still busy %.0fs after its requests ended (a backend call that "
                           "does not return): left to the process's exit", inst.name, self.name, self.version,
@@ -446,6 +479,7 @@ class Engine:
                                                             thread_name_prefix="media")
         self._decode = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
         self._poller: Optional[asyncio.Task[None]] = None
+        self._watchdog: Optional[asyncio.Task[None]] = None  # --instance-stall-seconds
         self._unreadable: set[str] = set()  # model folders the last scan could not read
         self._skipped: set[str] = set()  # what the last scan said of folders it did not serve (logged once)
         self._control_tasks: set[asyncio.Task[None]] = set()  # loads and unloads (strong references)
@@ -491,6 +525,8 @@ class Engine:
         """Scan the repository (unless done) and load what the model control mode asks for."""
         self._loop = asyncio.get_running_loop()
         self.scan()
+        if self.config.instance_stall_seconds and self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch_stalls(self.config.instance_stall_seconds))
         mode = self.config.model_control_mode
         if mode == "explicit":
             unknown = [n for n in self.config.load_models if n not in self.models and n != "*"]
@@ -507,6 +543,16 @@ class Engine:
             self._poller = asyncio.create_task(self._poll())
         self.started = True
         self._notify()
+
+    async def _watch_stalls(self, limit: float) -> None:
+        """Every runtime's `retire_stalled`, a few times within each `limit`."""
+        while True:
+            await asyncio.sleep(min(limit / 4, 5.0))
+            for rt in list(self._runtimes):
+                try:
+                    rt.retire_stalled(limit)
+                except Exception:  # (a bug here must not end the watch for the others)
+                    log.exception("stall watch of %s/%s failed", rt.name, rt.version)
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Called (on the event loop) whenever readiness may have changed."""
@@ -643,6 +689,8 @@ class Engine:
 
     async def shutdown(self, grace: float = 0.0) -> None:
         self.begin_drain()
+        if self._watchdog is not None:  # (the drain's end stops what runs; the unloads below, what is left)
+            self._watchdog.cancel()
         # loads and unloads still in flight stop here; their runtimes (retiring after a reload, or still
         # loading) are in _runtimes until stopped, and the retiring ones are unloaded below with the rest
         for task in list(self._control_tasks):

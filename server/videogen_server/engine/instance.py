@@ -92,6 +92,12 @@ class Instance:
         #: time.time() at the start of the batch running now, None when idle (a metric: a batch that
         #: never ends shows as one started long ago)
         self.batch_started: Optional[float] = None
+        # the batch running now and its time.monotonic() start (the stall watchdog reads them from the
+        # loop; the lock orders a retirement against the batch's end)
+        self._batch: list[EngineRequest] = []
+        self._batch_since = 0.0
+        self._batch_lock = threading.Lock()
+        self.retired = False  # by the stall watchdog (`retire`): its thread waits where it hangs
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"{INSTANCE_THREAD_PREFIX}{context.model_name}-{context.model_version}-{self.name}")
 
@@ -173,6 +179,8 @@ class Instance:
             busy = True
             busy_since = time.monotonic()
             self.batch_started = time.time()
+            with self._batch_lock:
+                self._batch, self._batch_since = batch, busy_since
             self._on_batch(batch)
             self.backend.execute([BackendRequest(r.request_id, r.params, r.image, r, r.prepared) for r in batch])
         except Exception as exc:
@@ -183,8 +191,8 @@ class Instance:
                 fatal = True
             log.error("instance %s of %s/%s failed a batch of %d%s", self.name, self.context.model_name,
                       self.context.model_version, len(batch), " (device lost)" if fatal else "", exc_info=True)
-            if fatal:  # before anyone hears of it: a caller retrying at once must find the version down
-                self.state = "dead"
+            if fatal and self.state != "dead":  # before anyone hears of it: a caller retrying at once must
+                self.state = "dead"                 # find the version down
                 self._on_dead(self)
             for req in batch:
                 req.error(_batch_error(exc, fatal))
@@ -193,6 +201,8 @@ class Instance:
                 req.error(InstanceDead("the model instance stopped"))
             raise
         finally:
+            with self._batch_lock:
+                self._batch = []
             self._scheduler.batch_done(batch)
             for req in batch:
                 req.close()
@@ -200,7 +210,27 @@ class Instance:
                 self._on_busy_seconds(time.monotonic() - busy_since)
                 self.batch_started = None
                 self._on_busy(-1)
-        return not fatal
+        return not fatal and self.state != "dead"  # (retired meanwhile: a stall)
+
+    @property
+    def running(self) -> list[EngineRequest]:
+        """The batch running now ([] when idle)."""
+        return self._batch
+
+    def stalled_for(self, batch: list[EngineRequest], now: float) -> float:
+        """Seconds `batch` (`running`) has shown no progress: since its start or the last event its
+        backend sent for any of its requests (a step, a decoded chunk)."""
+        return now - max(self._batch_since, max((r.last_sent for r in batch), default=0.0))
+
+    def retire(self, batch: list[EngineRequest]) -> bool:
+        """Marks the instance dead from outside its thread, if it is still running `batch` (a stall): it
+        takes no more work, even if that call returns one day. False if the batch ended meanwhile."""
+        with self._batch_lock:
+            if self._batch is not batch or self.state != "ready":
+                return False
+            self.state = "dead"
+            self.retired = True
+            return True
 
     def _finalize(self) -> None:
         try:

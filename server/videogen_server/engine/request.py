@@ -60,11 +60,13 @@ class EngineRequest:
         self._loop = loop
         self.events: asyncio.Queue[tuple[float, Any]] = asyncio.Queue()  # (sent at, event)
         self._cancelled = threading.Event()
+        self.last_sent = 0.0  # time.monotonic() of the last event its instance sent
 
     # -- ResponseSender (worker thread) --
     # Each event is queued with the time.monotonic() it was sent at: the end of the phase it reports
     # (the loop may read it later, e.g. while frames of the chunk before still encode).
     def send(self, event: Any) -> None:
+        self.last_sent = time.monotonic()  # a sign of progress (the stall watchdog), cancelled or not
         if not self._cancelled.is_set():
             self._loop.call_soon_threadsafe(self.events.put_nowait, (time.monotonic(), event))
 

@@ -513,6 +513,13 @@ class Scheduler:
                 run.busy_s = time.monotonic() - run.started
                 self._settle(run)
 
+    def abandon(self, batch: list[EngineRequest]) -> None:
+        """`batch` (from `next_batch`) no longer runs for the estimates, nor counts as a measured run: its
+        instance was retired while running it (a stall). Its `batch_done`, if the call ever returns, is
+        then a no-op."""
+        with self._cv:
+            self._running.pop(id(batch), None)
+
     def request_ended(self, req: EngineRequest, *, whole: bool) -> None:
         """A request has ended for its caller; `whole`: it succeeded, run in the batch it was handed out
         in. (One no instance took has no run: nothing to do.)"""

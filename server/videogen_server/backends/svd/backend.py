@@ -133,7 +133,9 @@ PARAMETERS = {
                     "made FP8 stay as they are; the same frames up to float rounding"),
     "fault_injection": ("", "testing only: `oom@K`, `error@K` or `lost@K` raises a device out-of-memory error, a "
                         "RuntimeError or a CUDA error that leaves the device unusable (the instance stops for good) "
-                        "at denoising step K, for requests whose seed is the one after `:seed=` (e.g. oom@2:seed=666)"),
+                        "at denoising step K, for requests whose seed is the one after `:seed=` (e.g. oom@2:seed=666); "
+                        "`hang@K` stops there for good, sending nothing (a call that never returns: its thread is "
+                        "never freed; for --instance-stall-seconds)"),
     "compile_options": ("", "extra Inductor options for compile and compile_vae, `key=value;key=value` (e.g. "
                         "conv_1x1_as_mm=true;coordinate_descent_tuning=true), over the mode's own"),
     "compile_vae_options": ("", "Inductor options for compile_vae only, over compile_options (same form), e.g. "
@@ -548,10 +550,13 @@ class SVDBackend(Backend):
             latents = self._denoise_step(self._unet, scheduler, t, latents, emb, img_lat, ids, gscale, do_cfg)
             # (on a GPU, step K-1 is not reported yet when the fault at step K is raised: run-ahead)
             if self.fault and self.fault[1] == i + 1 and any(requests[r].params.seed == self.fault[2] for r in live):
-                if self.fault[0] == "lost":  # what torch raises for an illegal address, an ECC error, ...
+                if self.fault[0] == "hang":  # a call that never returns: no event, no step, for good
+                    threading.Event().wait()
+                elif self.fault[0] == "lost":  # what torch raises for an illegal address, an ECC error, ...
                     raise _InjectedDeviceLoss(f"CUDA error: injected device loss at step {i + 1}")
-                raise (torch.OutOfMemoryError if self.fault[0] == "oom" else RuntimeError)(
-                    f"injected {self.fault[0]} at step {i + 1}")
+                else:
+                    raise (torch.OutOfMemoryError if self.fault[0] == "oom" else RuntimeError)(
+                        f"injected {self.fault[0]} at step {i + 1}")
             for step in progress.launched(i):  # the steps the device has finished by now
                 now = time.perf_counter()
                 for row in live:
@@ -889,18 +894,18 @@ class _InjectedDeviceLoss(RuntimeError):
 
 
 def _parse_fault(text: str):
-    """`oom@K:seed=N` / `error@K:seed=N` / `lost@K:seed=N` -> (kind, step, seed); "" -> None."""
+    """`oom@K:seed=N` / `error@K:seed=N` / `lost@K:seed=N` / `hang@K:seed=N` -> (kind, step, seed); "" -> None."""
     if not text:
         return None
     try:
         head, _, seed = text.partition(":seed=")
         kind, _, step = head.partition("@")
-        if kind not in ("oom", "error", "lost"):
+        if kind not in ("oom", "error", "lost", "hang"):
             raise ValueError
         return kind, int(step), int(seed)
     except ValueError:
-        raise ValueError(f"fault_injection: {text!r} is not oom@STEP:seed=N, error@STEP:seed=N or "
-                         f"lost@STEP:seed=N") from None
+        raise ValueError(f"fault_injection: {text!r} is not oom@STEP:seed=N, error@STEP:seed=N, "
+                         f"lost@STEP:seed=N or hang@STEP:seed=N") from None
 
 
 def _process_rss() -> int:
