@@ -49,6 +49,7 @@ class VideoGenServer:
         self._server = None
         self._health_server = None
         self._health = None
+        self._image_calls = None  # the --max-concurrent-requests bound: its in_flight, for the drain
         self._stopped = asyncio.Event()
         self._stopping = False
         self._hurry = asyncio.Event()  # a second signal: the drain's grace ends now
@@ -63,7 +64,8 @@ class VideoGenServer:
         self.engine.scan()
         self.engine.tracing.start()  # before the server is built: its interceptor opens each call's span
         try:
-            self._server, self.port, self._health = build_server(self.engine, self.config, self._credentials)
+            self._server, self.port, self._health, self._image_calls = build_server(self.engine, self.config,
+                                                                                      self._credentials)
             try:
                 if self.config.health_port >= 0:
                     self._health_server, self.health_port = build_health_server(self._health, self.config)
@@ -188,7 +190,7 @@ class VideoGenServer:
                 # with a status saying why, and then shortens it (the most restrictive grace wins)
                 closing = asyncio.ensure_future(
                     self._server.stop(max(finish_by - time.monotonic(), 0.0) + _CLOSE_SECONDS))
-            if not await self._unless_hurried(self.engine.wait_idle(max(finish_by - time.monotonic(), 0.0))):
+            if not await self._settled(finish_by):
                 ended = self.engine.end_requests(grace, cut_short=self._hurry.is_set())
                 log.warning("drain %s; stopping the %d requests still in flight",
                             "cut short by a second signal" if self._hurry.is_set() else f"grace of {grace:.0f}s passed",
@@ -212,13 +214,28 @@ class VideoGenServer:
             log.info("stopped")
             self._stopped.set()
 
-    async def _unless_hurried(self, awaitable, timeout: Optional[float] = None):
-        """`awaitable`'s result, or None when a second signal (or `timeout`) comes first: it is then
-        cancelled (as is everything here when the stop itself is)."""
+    async def _settled(self, finish_by: float) -> bool:
+        """Whether every request has ended by `finish_by`, the calls gRPC took before the GOAWAY whose
+        message (an image on a slow link) was still arriving included: an idle engine ended the drain at
+        once, and the close's second then cancelled such a call. --max-concurrent-requests counts an
+        image call from its start (without it, gRPC reads the message before the server sees the call).
+        False at once on a second signal."""
+        while True:
+            if not await self._unless_hurried(self.engine.wait_idle(max(finish_by - time.monotonic(), 0.0))):
+                return False
+            if self._image_calls is None or self._image_calls.in_flight == 0:
+                return True
+            if time.monotonic() >= finish_by:  # (an image still arriving, or a call about to be admitted)
+                return False
+            await self._unless_hurried(asyncio.sleep(0.05))
+
+    async def _unless_hurried(self, awaitable):
+        """`awaitable`'s result, or None when a second signal comes first: it is then cancelled (as is
+        everything here when the stop itself is)."""
         task = asyncio.ensure_future(awaitable)
         hurry = asyncio.ensure_future(self._hurry.wait())
         try:
-            await asyncio.wait((task, hurry), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((task, hurry), return_when=asyncio.FIRST_COMPLETED)
             return task.result() if task.done() else None
         finally:
             hurry.cancel()

@@ -207,8 +207,10 @@ def _read_tokens(path: Optional[Path], flag: str) -> tuple[tuple[str, ...], tupl
 
 
 def build_server(engine, config: ServerConfig, reloader: Optional[CredentialReloader] = None,
-                 ) -> tuple[grpc.aio.Server, int, HealthReporter]:
-    """A configured, bound, not yet started server; returns it, the bound port and its health reporter.
+                 ) -> tuple[grpc.aio.Server, int, HealthReporter, Optional[ConcurrencyLimit]]:
+    """A configured, bound, not yet started server; returns it, the bound port, its health reporter and
+    its bound on image calls (None without --max-concurrent-requests: its `in_flight` counts them from
+    their start, before gRPC has read their message).
     Its TLS files and token file are registered with `reloader`, when given, to be loaded again as they
     change."""
     interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -233,8 +235,9 @@ def build_server(engine, config: ServerConfig, reloader: Optional[CredentialRelo
                                    kind="model_control_tokens"), control_stamp)
     if engine.tracing.enabled:  # after authentication: a caller refused its token makes the server trace nothing
         interceptors.append(TracingInterceptor(engine.tracing.tracer))
+    limit = None
     if config.max_concurrent_requests:  # innermost: a caller refused a token takes no place
-        interceptors.append(ConcurrencyLimit(
+        interceptors.append(limit := ConcurrencyLimit(
             config.max_concurrent_requests, {f"/{VIDEOGEN_SERVICE}/Generate": False,
                                              f"/{kserve.SERVICE_NAME}/ModelInfer": True},
             on_refused=functools.partial(refused_before_engine, engine),
@@ -259,4 +262,4 @@ def build_server(engine, config: ServerConfig, reloader: Optional[CredentialRelo
         if reloader is not None:
             reloader.add(tls, tls.fingerprint)
     port = _bind(server, address, "gRPC port", credentials)
-    return server, port, HealthReporter(engine, health)
+    return server, port, HealthReporter(engine, health), limit
