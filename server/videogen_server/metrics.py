@@ -81,6 +81,8 @@ class Metrics:
         self.batch_size = Histogram("videogen_batch_size", "Requests per executed batch", ML,
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("videogen_queue_depth", "Requests waiting in the model's queue", ML, registry=r)
+        self.queue_capacity = Gauge("videogen_queue_capacity", "Requests the model's queue holds (max_queue_size): "
+                                    "one more is refused RESOURCE_EXHAUSTED", ML, registry=r)
         self.inflight = Gauge("videogen_inflight_requests", "Requests admitted and not yet finished", ML, registry=r)
         self.instances_busy = Gauge("videogen_instances_busy", "Instances executing a batch", ML, registry=r)
         self.instance_busy_seconds = Counter(
@@ -226,7 +228,7 @@ def _started(server: wsgiref.simple_server.WSGIServer) -> wsgiref.simple_server.
 
 
 class InstanceCollector(Collector):
-    """Per-instance memory and compile counters, read at scrape time from the live instances."""
+    """Per-instance memory, compile and run counters, read at scrape time from the live instances."""
 
     def __init__(self, instances: Callable[[], Iterable[tuple[str, str, str, str, object, Optional[float]]]],
                  nvml: Optional["NvmlReader"] = None) -> None:
@@ -254,6 +256,10 @@ class InstanceCollector(Collector):
                                       "compiles: hit (found in the compile cache or compile artifacts), miss "
                                       "(compiled from scratch), bypass (not cacheable)",
                                       labels=["model", "version", "instance", "result"])
+        splits = CounterMetricFamily("videogen_batches_split", "Batches this instance ran out of device memory in "
+                                     "and ran again one request at a time (the steps before were lost): a "
+                                     "max_batch_size the device does not hold at that shape",
+                                     labels=["model", "version", "instance"])
         started = GaugeMetricFamily("videogen_instance_batch_started_timestamp_seconds",
                                     "When the batch the instance runs now started (seconds since the epoch); "
                                     "absent while it is idle", labels=["model", "version", "instance"])
@@ -263,6 +269,7 @@ class InstanceCollector(Collector):
             try:
                 mem = backend.memory_stats()
                 comp = backend.compile_stats()
+                runs = backend.run_stats()
             except Exception:  # a dead device must not break the scrape
                 log.debug("memory stats unavailable for %s/%s#%s", model, version, instance, exc_info=True)
                 continue
@@ -270,6 +277,8 @@ class InstanceCollector(Collector):
                 allocated.add_metric([model, version, instance, device], mem["allocated"])
             if "reserved" in mem:
                 reserved.add_metric([model, version, instance, device], mem["reserved"])
+            if "batches_split" in runs:
+                splits.add_metric([model, version, instance], runs["batches_split"])
             if comp:
                 compiles.add_metric([model, version, instance], comp.get("compiles", 0))
                 recompiles.add_metric([model, version, instance], comp.get("recompiles", 0))
@@ -277,7 +286,7 @@ class InstanceCollector(Collector):
                 for result, key in (("hit", "cache_hits"), ("miss", "cache_misses"), ("bypass", "cache_bypasses")):
                     if key in comp:
                         lookups.add_metric([model, version, instance, result], comp[key])
-        yield from (allocated, reserved, compiles, recompiles, fallbacks, lookups, started)
+        yield from (allocated, reserved, compiles, recompiles, fallbacks, lookups, splits, started)
         if self._nvml:
             yield from self._nvml.collect()
 

@@ -242,9 +242,10 @@ def test_out_of_memory_in_a_batch_fails_only_the_request_that_does_not_fit(make_
         steps = [r.progress.step for r in good.responses if r.HasField("progress")]
         assert steps == [1, 2, 3]
         assert good.summary.num_frames == 2 and good.summary.batch_size == 1  # it finished on its own
-        # the scheduler formed one batch of 2; the re-runs happened inside it
+        # the scheduler formed one batch of 2; the re-runs happened inside it, and are counted
         assert server.metric("videogen_batch_size_count", model="m") == 1
         assert server.metric("videogen_batch_size_sum", model="m") == 2
+        assert server.metric("videogen_batches_split_total", model="m", version="1", instance="0") == 1
 
 
 def test_a_failed_batch_gives_each_request_an_error_of_its_own(make_repo, monkeypatch, caplog):

@@ -397,7 +397,9 @@ def test_a_caller_gone_during_preprocessing_keeps_its_slot_until_the_work_ends(t
         assert 'videogen_model_ready{model="a",version="1"} 1.0' in server.scrape()
         stub.UnloadModel(pb.UnloadModelRequest(name="a"))
         assert server.metric("videogen_requests_total", code="INTERNAL") == 0
-        assert "videogen_model_ready{" not in server.scrape()  # unloaded: no 0 left for the alert to page on
+        text = server.scrape()
+        assert "videogen_model_ready{" not in text  # unloaded: no 0 left for the alert to page on
+        assert "videogen_queue_capacity{" not in text  # (nor a capacity for a queue depth gone)
 
 
 def test_loads_in_flight_are_joined_and_stop_with_the_server(tmp_path, slow_backend):

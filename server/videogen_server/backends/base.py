@@ -219,6 +219,11 @@ class Backend(abc.ABC):
     def warmed_up(self) -> None:
         """Called on the instance thread once the warm-up requests ran, before serving starts."""
 
+    def run_stats(self) -> Mapping[str, int]:
+        """Counts of this instance's life: {"batches_split": batches that ran out of device memory and
+        ran again one request at a time} where the backend does it (keys it does not know are left out)."""
+        return {}
+
     def compile_stats(self) -> Mapping[str, int]:
         """{"compiles": graphs built, "recompiles": graphs built after warm-up, "eager_fallbacks": phases run
         uncompiled after warm-up at shapes it did not compile; and of the compiles' graph-cache lookups,

@@ -236,6 +236,7 @@ class ModelRuntime:
             await self.stop()
             raise failures[0]
         m.load_duration.labels(*self.labels).set(time.perf_counter() - t0)
+        m.queue_capacity.labels(*self.labels).set(self.scheduler.max_queue_size)
         m.warmup_duration.labels(*self.labels).set(max(i.warmup_seconds for i in self.instances))
         self.state = "READY"
         m.instances_lost.labels(*self.labels).set(0)
@@ -613,8 +614,8 @@ class Engine:
 
     # the per-version gauges: they describe what serves now, so a version that went away takes them along
     # (its counters and histograms stay: they count what it did, and rate() ends with them)
-    _VERSION_GAUGES = ("model_ready", "queue_depth", "inflight", "instances_busy", "load_duration", "warmup_duration",
-                       "instances_lost")
+    _VERSION_GAUGES = ("model_ready", "queue_depth", "queue_capacity", "inflight", "instances_busy", "load_duration",
+                       "warmup_duration", "instances_lost")
     # the request outcomes the alerts watch: exported at 0 from the start, since increase() over a series
     # that appears at its first event reads 0 for that event
     _ALERTED_OUTCOMES = (("error", "RESOURCE_EXHAUSTED"), ("rejected", "RESOURCE_EXHAUSTED"), ("error", "INTERNAL"),

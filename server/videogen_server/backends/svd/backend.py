@@ -355,6 +355,7 @@ class SVDBackend(Backend):
         self.unwarmed_shapes = p.get("unwarmed_shapes", "eager")
         self.unet_shapes: set[tuple[int, ...]] = set()  # the UNet input shapes compiled (by the warm-up)
         self.eager_fallbacks = 0  # phases of a batch run uncompiled since their shape was not warmed up
+        self.batches_split = 0  # batches that ran out of device memory, then ran request by request
         self._fallback_phases: set[str] = set()  # this batch's
         self._fallbacks_logged: set[tuple] = set()  # (phase, shape), up to FALLBACK_LOG_LIMIT
         self._over_limit: set[tuple] = set()  # (phase, shape) Dynamo refused to compile: its recompile limit
@@ -462,6 +463,7 @@ class SVDBackend(Backend):
             torch.cuda.empty_cache()
         pending = [r for r in requests if not (r.sender.done or r.sender.is_cancelled())]
         if len(requests) > 1 and pending:
+            self.batches_split += 1
             log.warning("out of device memory in a batch of %d; running its %d unfinished requests one by one",
                         len(requests), len(pending))
             for r in pending:
@@ -783,6 +785,9 @@ class SVDBackend(Backend):
             log.warning("%s did not cover this warm-up (%d graphs compiled from scratch: the model's compile "
                         "parameters, warm-up shapes or versions changed since they were written?); rerun "
                         "`videogen-server compile-artifacts` for this model", self.artifacts_folder, misses)
+
+    def run_stats(self) -> Mapping[str, int]:
+        return {"batches_split": self.batches_split}
 
     def compile_stats(self) -> Mapping[str, int]:
         if self.compile_mode == "none" and self.compile_vae_mode == "none":
