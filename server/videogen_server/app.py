@@ -192,9 +192,11 @@ class VideoGenServer:
                     self._server.stop(max(finish_by - time.monotonic(), 0.0) + _CLOSE_SECONDS))
             if not await self._settled(finish_by):
                 ended = self.engine.end_requests(grace, cut_short=self._hurry.is_set())
-                log.warning("drain %s; stopping the %d requests still in flight",
+                # (the image calls open: the requests above, and any whose image was still arriving)
+                calls = f", {self._image_calls.in_flight} image calls open" if self._image_calls is not None else ""
+                log.warning("drain %s; stopping the %d requests still in flight%s",
                             "cut short by a second signal" if self._hurry.is_set() else f"grace of {grace:.0f}s passed",
-                            ended)
+                            ended, calls)
             if self._server is not None:
                 # the streams ended above take their status within this; health watches end here
                 await self._server.stop(_CLOSE_SECONDS)
@@ -221,7 +223,8 @@ class VideoGenServer:
         image call from its start (without it, gRPC reads the message before the server sees the call).
         False at once on a second signal."""
         while True:
-            if not await self._unless_hurried(self.engine.wait_idle(max(finish_by - time.monotonic(), 0.0))):
+            if self._hurry.is_set() or not await self._unless_hurried(
+                    self.engine.wait_idle(max(finish_by - time.monotonic(), 0.0))):
                 return False
             if self._image_calls is None or self._image_calls.in_flight == 0:
                 return True
@@ -230,13 +233,13 @@ class VideoGenServer:
             await self._unless_hurried(asyncio.sleep(0.05))
 
     async def _unless_hurried(self, awaitable):
-        """`awaitable`'s result, or None when a second signal comes first: it is then cancelled (as is
-        everything here when the stop itself is)."""
+        """`awaitable`'s result, or None when a second signal comes first (or with it): it is then
+        cancelled (as is everything here when the stop itself is)."""
         task = asyncio.ensure_future(awaitable)
         hurry = asyncio.ensure_future(self._hurry.wait())
         try:
             await asyncio.wait((task, hurry), return_when=asyncio.FIRST_COMPLETED)
-            return task.result() if task.done() else None
+            return task.result() if task.done() and not hurry.done() else None
         finally:
             hurry.cancel()
             task.cancel()

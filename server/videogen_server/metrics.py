@@ -96,6 +96,10 @@ class Metrics:
         self.instances_lost = Gauge("videogen_instances_lost", "Instances of the model version that stopped for good "
                                     "(a lost device, an unexpected error, a stall) and serve nothing until it is reloaded",
                                     ML, registry=r)
+        self.instances_stuck = Gauge("videogen_instances_stuck", "Instances retired for a stall whose thread is "
+                                     "still in the call that did not return, holding what it holds (device "
+                                     "memory): only a restart frees it. Kept across reloads and unloads",
+                                     ML, registry=r)
         self.last_peak = Gauge("videogen_request_peak_memory_bytes",
                                "Peak device memory of the instance's last request (process RSS on CPU)",
                                ML + ("instance", "device"), registry=r)

@@ -82,15 +82,18 @@ def test_an_instance_that_stalls_is_retired_and_a_reload_restores_it(make_repo, 
     sends nothing and takes no step) held its request and its instance for good, with the queue behind
     it, and liveness stayed green (audit). After --instance-stall-seconds without progress the instance
     is retired: its request ends UNAVAILABLE, the version serves on the other instance, and the lost
-    one is told until a reload. A request longer than the limit whose steps come within it runs on."""
+    one is told until a reload; its thread, which a reload cannot free, is told until it returns. A
+    request longer than the limit whose steps come within it runs on. A reload while an instance hangs
+    is not held by it (a review found the retiring version's stop waiting for its thread for good)."""
     limit = 3.0  # (above the test process's longest garbage-collector pause: it stops every thread)
     cfg = tiny_config("m", "instance_group [ { count: 2, kind: KIND_CPU } ]", parameters=TINY_PARAMETERS + (
         'parameters { key: "fault_injection" value { string_value: "hang@2:seed=666" } }'))
+    labels = {"model": "m", "version": "1"}
     with ServerThread(make_repo({"m": cfg}), model_control_mode="explicit", load_models=("m",),
-                      instance_stall_seconds=limit) as server:
+                      instance_stall_seconds=limit, unload_timeout_seconds=1.0) as server:
         stub = server.stub()
         started = time.monotonic()
-        long = collect(stub, request(model="m", seed=1, num_inference_steps=80, num_frames=2,
+        long = collect(stub, request(model="m", seed=1, num_inference_steps=60, num_frames=2,
                                      output={"stream_video": False}))
         assert long[-1].summary.num_frames == 2
         took = time.monotonic() - started
@@ -99,16 +102,26 @@ def test_an_instance_that_stalls_is_retired_and_a_reload_restores_it(make_repo, 
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "no progress" in err.value.details() and "retired" in err.value.details()
         assert "no progress for" in caplog.text and "stalled-1" in caplog.text
-        assert server.metric("videogen_instances_lost", model="m", version="1") == 1
+        assert server.metric("videogen_instances_lost", **labels) == 1
+        assert server.metric("videogen_instances_stuck", **labels) == 1
+        assert server.metric("videogen_instances_busy", **labels) == 0  # (its thread is no longer busy serving)
         info = stub.GetModel(pb.GetModelRequest(name="m"))
         assert info.instances == 1 and info.state == pb.MODEL_STATE_READY
         assert "1 of 2 instances stopped for good" in info.versions[0].reason
         for seed in (1, 2):  # the other instance serves
             assert collect(stub, request(model="m", seed=seed, **SHORT))[-1].summary.num_frames == 2
-        stub.LoadModel(pb.LoadModelRequest(name="m"), timeout=60)  # not held by the retired instance's thread
+        # the other hangs too; a reload meanwhile ends its request (the unload's timeout), then waits for
+        # the retiring version's instances: for the hung one, until the watchdog retires it
+        hung = Stream(stub, request(model="m", seed=666, request_id="stalled-2", **SHORT))
+        assert hung.progressed.wait(30)
+        stub.LoadModel(pb.LoadModelRequest(name="m"), timeout=60)
+        assert hung.join().code() == grpc.StatusCode.UNAVAILABLE
         info = stub.GetModel(pb.GetModelRequest(name="m"))
         assert info.instances == 2 and info.versions[0].reason == ""
-        assert server.metric("videogen_instances_lost", model="m", version="1") == 0
+        assert server.metric("videogen_instances_lost", **labels) == 0
+        assert server.metric("videogen_instances_stuck", **labels) == 2  # (both threads still wait)
+        assert server.metric("videogen_instances_busy", **labels) == 0
+        assert collect(stub, request(model="m", seed=3, **SHORT))[-1].summary.num_frames == 2
         assert took > limit, f"the long request took {took:.1f}s: not longer than the limit, it proved nothing"
 
 

@@ -237,9 +237,6 @@ def test_a_call_grpc_took_before_the_goaway_is_served_though_its_image_arrives_a
     engine the drain ended at once, and the close's second then cancelled the call: the drain now waits
     for the calls --max-concurrent-requests counts, from their start."""
     import asyncio
-    import types
-
-    from videogen.v1 import videogen_pb2 as pb
 
     from videogen_server import app
 
@@ -250,16 +247,7 @@ def test_a_call_grpc_took_before_the_goaway_is_served_though_its_image_arrives_a
             running = Stream(server.stub(), request(model="m", num_inference_steps=40, num_frames=2))
             assert running.progressed.wait(30) and running.error is None
         release = threading.Event()
-
-        def held():
-            release.wait(30)
-            yield request(model="m", num_frames=1, num_inference_steps=1)
-
-        generate = server.channel().stream_stream("/videogen.v1.VideoGen/Generate",
-                                                  request_serializer=pb.GenerateRequest.SerializeToString,
-                                                  response_deserializer=pb.GenerateResponse.FromString)
-        late = Stream(types.SimpleNamespace(Generate=lambda _req, **kw: generate(held(), **kw)), None, timeout=60)
-        time.sleep(1.0)  # its headers reach the server (loopback: milliseconds)
+        late = _held_upload(server, release)
         stop_future = asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop)
         wait_until(lambda: not port_answers(server.target), 10, "the port's close")
         time.sleep(1.5)  # (past the close's second)
@@ -267,6 +255,25 @@ def test_a_call_grpc_took_before_the_goaway_is_served_though_its_image_arrives_a
         assert late.join().summary.num_frames == 1, late.error
         assert running is None or running.join().summary.num_frames == 2
         stop_future.result(30)
+
+
+def _held_upload(server: ServerThread, release: threading.Event) -> Stream:
+    """A Generate call whose headers have reached the server and whose message (a tiny request) is sent
+    once `release` is set: an image still arriving on a slow link."""
+    import types
+
+    from videogen.v1 import videogen_pb2 as pb
+
+    def held():
+        release.wait(60)
+        yield request(model="m", num_frames=1, num_inference_steps=1)
+
+    generate = server.channel().stream_stream("/videogen.v1.VideoGen/Generate",
+                                              request_serializer=pb.GenerateRequest.SerializeToString,
+                                              response_deserializer=pb.GenerateResponse.FromString)
+    late = Stream(types.SimpleNamespace(Generate=lambda _req, **kw: generate(held(), **kw)), None, timeout=60)
+    time.sleep(1.0)  # its headers reach the server (loopback: milliseconds)
+    return late
 
 
 def test_requests_still_running_when_the_drain_ends_are_errors_not_cancellations(make_repo):
@@ -647,3 +654,27 @@ def test_the_compose_healthcheck_reads_the_health_port(make_repo):
         asyncio.run_coroutine_threadsafe(server.server._health.update(), server.loop).result(10)
         assert check() == 1
 
+
+
+def test_a_second_signal_ends_the_wait_for_an_image_still_arriving(make_repo, monkeypatch):
+    """The drain waits for a call whose image is still arriving (--max-concurrent-requests counts it);
+    a second signal must end that wait at once, as it ends the grace: it did not on an idle engine, and
+    the wait spun the loop until the grace's end (review)."""
+    import asyncio
+    import signal
+
+    from videogen_server import app
+
+    monkeypatch.setattr(app, "LAME_DUCK_SECONDS", 0.2)
+    with ServerThread(make_repo({"m": tiny_config("m")}), drain_grace_seconds=60) as server:
+        release = threading.Event()
+        late = _held_upload(server, release)
+        stop_future = asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop)
+        wait_until(lambda: not port_answers(server.target), 10, "the port's close")
+        time.sleep(0.5)
+        assert not stop_future.done()  # waiting for the image
+        server.loop.call_soon_threadsafe(server.server._on_signal, signal.SIGTERM)  # (the first was stop())
+        server.loop.call_soon_threadsafe(server.server._on_signal, signal.SIGTERM)  # the second
+        stop_future.result(10)
+        release.set()
+        assert late.join().error is not None

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from videogen_server.backends.base import Backend, InstanceContext
 from videogen_server.engine.instance import Instance
 from videogen_server.engine.model_config import Batching
@@ -62,9 +64,11 @@ def test_a_retired_instance_whose_call_returns_takes_no_more_work():
 
     scheduler = Scheduler(batching=Batching(), max_batch_size=1)
     dead: list[Instance] = []
+    busy: list[int] = []
+    busy_seconds: list[float] = []
     instance = Instance(backend_cls=Stuck, context=InstanceContext("m", 1, Path("."), {}, "cpu", 0, 1),
-                        scheduler=scheduler, warmup=[], on_busy=lambda n: None, on_batch=lambda b: None,
-                        on_dead=dead.append)
+                        scheduler=scheduler, warmup=[], on_busy=busy.append, on_batch=lambda b: None,
+                        on_dead=dead.append, on_busy_seconds=busy_seconds.append)
     instance.start().result(10)
     assert instance.running == []
     first, second = _request("first"), _request("second")
@@ -73,14 +77,64 @@ def test_a_retired_instance_whose_call_returns_takes_no_more_work():
     batch = instance.running
     assert batch == [first]
     # progress is the batch's last event, not its start
-    assert instance.stalled_for(batch, first.last_sent + 100) == 100
+    assert instance.stalled_for(batch, first.last_sent + 100) == pytest.approx(100)
     assert not instance.retire([first])  # not the batch running (another list): nothing happens
     assert instance.retire(batch) and instance.state == "dead" and instance.retired
     assert not instance.retire(batch)  # once
+    assert instance.released.done() and not instance.finished.done()  # what a stop waits for: not its thread
+    assert busy == [+1, -1] and len(busy_seconds) == 1  # no longer busy; its time so far counted
     scheduler.abandon(batch)
     scheduler.submit(second)
     release.set()  # the call returns after all
     instance.finished.result(10)  # its thread ended without taking the queued request
     assert finalized.is_set() and first.closed and not first.errors
     assert instance.state == "dead" and dead == []  # (the watchdog, not the thread, reports a retirement)
+    assert busy == [+1, -1] and len(busy_seconds) == 1  # the thread counted nothing again
     assert scheduler.close() == [second]
+
+
+def test_work_re_run_without_its_events_counts_as_progress():
+    """The svd backend re-runs a batch's requests one by one after running out of memory, and drops
+    the events each sent before (the caller has them): a re-run of many steps sent nothing, and was
+    retired as a stall (review). A dropped event is progress still."""
+    from videogen_server.backends.base import StepDone
+    from videogen_server.backends.svd.backend import _Replay
+
+    class Sender:
+        def __init__(self) -> None:
+            self.sent, self.progress = [], 0
+
+        def send(self, event) -> None:
+            self.sent.append(event)
+
+        def progressed(self) -> None:
+            self.progress += 1
+
+    sender = Sender()
+    replay = _Replay(sender)  # one per request and execute: the re-run sends through it again
+    replay.send(StepDone(1, 2, 0.1))
+    replay.send(StepDone(1, 2, 0.1))  # the re-run's step 1
+    assert len(sender.sent) == 1 and sender.progress == 1
+
+
+def test_a_retirement_leaves_a_request_whose_result_went_out():
+    """A batch re-run request by request can hang after one request's result went out (its caller may
+    still be reading its frames): that request keeps its result; the others end UNAVAILABLE."""
+    from videogen_server.engine.engine import ModelRuntime
+    from videogen_server.errors import InstanceDead
+
+    done, waiting = _request("done"), _request("waiting")
+    done.finished, waiting.finished = True, False
+    for r in (done, waiting):
+        r.ended_by_server, r.cancel = None, lambda: None
+    batch = [done, waiting]
+    instance = SimpleNamespace(state="ready", running=batch, name="0", stalled_for=lambda b, now: 10.0,
+                               retire=lambda b: True)
+    stuck: list = []
+    runtime = SimpleNamespace(name="m", version=1, instances=[instance],
+                              scheduler=SimpleNamespace(abandon=lambda b: None),
+                              _instance_dead=lambda inst: None,
+                              _engine=SimpleNamespace(count_stuck=lambda rt, inst: stuck.append(inst)))
+    ModelRuntime.retire_stalled(runtime, 5.0)
+    assert stuck == [instance] and done.errors == [] and done.ended_by_server is None
+    assert [type(e) for e in waiting.errors] == [InstanceDead] and waiting.ended_by_server is waiting.errors[0]

@@ -128,6 +128,10 @@ class ResponseSender(Protocol):
 
     def is_cancelled(self) -> bool: ...
 
+    def progressed(self) -> None:
+        """Work for the request went on without an event to send (work re-run whose events went out
+        before): each event sent counts as progress too (--instance-stall-seconds)."""
+
 
 @dataclasses.dataclass
 class BackendRequest:
@@ -202,7 +206,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def execute(self, requests: list[BackendRequest]) -> None:
-        """Run a batch (1..max_batch_size requests of equal `params.batch_key`)."""
+        """Run a batch (1..max_batch_size requests of equal `params.batch_key`). Each event sent (or
+        `sender.progressed()`) is a sign of progress: a batch with none for --instance-stall-seconds
+        (600 s by default) retires the instance as hung, so no phase of it may go longer silent."""
 
     def finalize(self) -> None:
         """Free everything `initialize` took."""

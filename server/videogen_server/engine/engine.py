@@ -257,14 +257,18 @@ class ModelRuntime:
             stalled = inst.stalled_for(batch, now)
             if stalled < limit or not inst.retire(batch):
                 continue
-            log.critical("instance %s of %s/%s: no progress for %.0fs in a batch of %d (%s; "
+            # (one whose result went out already, in a batch re-run request by request, keeps it)
+            unfinished = [req for req in batch if not req.finished]
+            log.critical("instance %s of %s/%s: no progress for %.0fs in a batch of %d (%s unfinished; "
                          "--instance-stall-seconds %g): retired, its requests ended; its thread is left where it "
-                         "waits (a py-spy dump of the process shows where). A reload or a restart restores it",
+                         "waits (a py-spy dump of the process shows where), holding what it holds: a restart "
+                         "frees it (a hung device needs one); a reload starts a new instance",
                          inst.name, self.name, self.version, stalled, len(batch),
-                         ", ".join(r.request_id for r in batch), limit)
+                         ", ".join(r.request_id for r in unfinished) or "none", limit)
+            self._engine.count_stuck(self, inst)
             self.scheduler.abandon(batch)  # (not a measured run, nor an instance to be free soon)
             self._instance_dead(inst)  # before its callers hear: one retrying at once finds the version down
-            for req in batch:
+            for req in unfinished:
                 exc = InstanceDead(f"the model instance made no progress for {stalled:.0f}s and was retired")
                 if req.ended_by_server is None:
                     req.ended_by_server = exc
@@ -325,13 +329,12 @@ class ModelRuntime:
         self.end_active(lambda req: NotReady(f"model {self.name!r} was unloaded"))
         # awaited, not joined on an executor thread: a thread blocked in a join of a call that never
         # returns held the loop's default executor, whose shutdown then held the process's exit (review)
-        # (not one retired for a stall: it waits where it hangs, and an unload or a reload's waiting on it
-        # held the model's control for good)
-        watched = [inst for inst in self.instances if not inst.retired]
-        waits = [asyncio.wrap_future(inst.finished) for inst in watched]
+        # (one retired for a stall, before or during this wait, is not waited for: it waits where it hangs,
+        # and an unload or a reload waiting on it held the model's control for good)
+        waits = [asyncio.wrap_future(inst.released) for inst in self.instances]
         if waits:
             await asyncio.wait(waits, timeout=join_timeout)
-        for inst, wait in zip(watched, waits):
+        for inst, wait in zip(self.instances, waits):
             if not wait.done():
                 log.error("instance %s of %s/%s still busy %.0fs after its requests ended (a backend call that "
                           "does not return): left to the process's exit", inst.name, self.name, self.version,
@@ -526,8 +529,6 @@ class Engine:
         """Scan the repository (unless done) and load what the model control mode asks for."""
         self._loop = asyncio.get_running_loop()
         self.scan()
-        if self.config.instance_stall_seconds and self._watchdog is None:
-            self._watchdog = asyncio.create_task(self._watch_stalls(self.config.instance_stall_seconds))
         mode = self.config.model_control_mode
         if mode == "explicit":
             unknown = [n for n in self.config.load_models if n not in self.models and n != "*"]
@@ -539,6 +540,8 @@ class Engine:
             names = list(self.models) if "*" in self.config.load_models else list(self.config.load_models)
         else:
             names = list(self.models)
+        if self.config.instance_stall_seconds and self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch_stalls(self.config.instance_stall_seconds))
         await asyncio.gather(*(self.load_model(n, raise_errors=False) for n in names))
         if mode == "poll":
             self._poller = asyncio.create_task(self._poll())
@@ -548,12 +551,20 @@ class Engine:
     async def _watch_stalls(self, limit: float) -> None:
         """Every runtime's `retire_stalled`, a few times within each `limit`."""
         while True:
-            await asyncio.sleep(min(limit / 4, 5.0))
+            await asyncio.sleep(min(max(limit / 4, 0.05), 5.0))
             for rt in list(self._runtimes):
                 try:
                     rt.retire_stalled(limit)
                 except Exception:  # (a bug here must not end the watch for the others)
                     log.exception("stall watch of %s/%s failed", rt.name, rt.version)
+
+    def count_stuck(self, rt: "ModelRuntime", inst: Instance) -> None:
+        """`inst` was retired with its thread still in a call: `videogen_instances_stuck` counts it until
+        that call returns, whatever happens to its version (a reload or an unload forgets the version's
+        other gauges): only a restart frees what the thread holds."""
+        gauge = self.metrics.instances_stuck.labels(*rt.labels)
+        gauge.inc()
+        inst.finished.add_done_callback(lambda _finished: gauge.dec())  # (on its thread, if it ever returns)
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Called (on the event loop) whenever readiness may have changed."""

@@ -65,6 +65,9 @@ class WarmupSender:
     def is_cancelled(self) -> bool:
         return False
 
+    def progressed(self) -> None:
+        pass
+
 
 class Instance:
     def __init__(self, *, backend_cls: type[Backend], context: InstanceContext, scheduler: Scheduler,
@@ -98,6 +101,9 @@ class Instance:
         self._batch_since = 0.0
         self._batch_lock = threading.Lock()
         self.retired = False  # by the stall watchdog (`retire`): its thread waits where it hangs
+        #: done once the thread's work has ended or the instance was retired: what a stop waits for (a
+        #: retired instance's thread may never end)
+        self.released: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"{INSTANCE_THREAD_PREFIX}{context.model_name}-{context.model_version}-{self.name}")
 
@@ -109,10 +115,11 @@ class Instance:
         try:
             self._work()
         finally:
-            try:
-                self.finished.set_result(None)
-            except concurrent.futures.InvalidStateError:
-                pass
+            for done in (self.finished, self.released):
+                try:
+                    done.set_result(None)
+                except concurrent.futures.InvalidStateError:
+                    pass
 
     def _work(self) -> None:
         if not self.ready.set_running_or_notify_cancel():  # nobody waits any more: load nothing
@@ -191,9 +198,11 @@ class Instance:
                 fatal = True
             log.error("instance %s of %s/%s failed a batch of %d%s", self.name, self.context.model_name,
                       self.context.model_version, len(batch), " (device lost)" if fatal else "", exc_info=True)
-            if fatal and self.state != "dead":  # before anyone hears of it: a caller retrying at once must
-                self.state = "dead"                 # find the version down
-                self._on_dead(self)
+            if fatal:  # before anyone hears of it: a caller retrying at once must find the version down
+                with self._batch_lock:  # (not if the stall watchdog retired it meanwhile: it told the engine)
+                    first, self.state = self.state != "dead", "dead"
+                if first:
+                    self._on_dead(self)
             for req in batch:
                 req.error(_batch_error(exc, fatal))
         except BaseException:
@@ -203,10 +212,11 @@ class Instance:
         finally:
             with self._batch_lock:
                 self._batch = []
+                retired = self.retired  # (retired while running this batch: `retire` counted its time)
             self._scheduler.batch_done(batch)
             for req in batch:
                 req.close()
-            if busy:  # the time first: a scrape that reads the instance idle reads its batch's time too
+            if busy and not retired:  # the time first: a scrape that reads the instance idle reads its batch's time too
                 self._on_busy_seconds(time.monotonic() - busy_since)
                 self.batch_started = None
                 self._on_busy(-1)
@@ -224,13 +234,21 @@ class Instance:
 
     def retire(self, batch: list[EngineRequest]) -> bool:
         """Marks the instance dead from outside its thread, if it is still running `batch` (a stall): it
-        takes no more work, even if that call returns one day. False if the batch ended meanwhile."""
+        takes no more work, even if that call returns one day, and no longer counts as busy (its busy
+        time so far is counted now). False if the batch ended meanwhile."""
         with self._batch_lock:
             if self._batch is not batch or self.state != "ready":
                 return False
             self.state = "dead"
             self.retired = True
-            return True
+            self._on_busy_seconds(time.monotonic() - self._batch_since)
+            self.batch_started = None
+            self._on_busy(-1)
+        try:
+            self.released.set_result(None)
+        except concurrent.futures.InvalidStateError:
+            pass
+        return True
 
     def _finalize(self) -> None:
         try:

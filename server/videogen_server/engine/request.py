@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
+from ..backends.base import Finished
 from ..domain import ResolvedParams
 from ..errors import DeadlinePassed, QueueTimeout
 
@@ -60,15 +61,21 @@ class EngineRequest:
         self._loop = loop
         self.events: asyncio.Queue[tuple[float, Any]] = asyncio.Queue()  # (sent at, event)
         self._cancelled = threading.Event()
-        self.last_sent = 0.0  # time.monotonic() of the last event its instance sent
+        self.last_sent = 0.0  # time.monotonic() of the last event its instance sent (or progressed())
+        self.finished = False  # its instance sent its result (Finished)
 
     # -- ResponseSender (worker thread) --
     # Each event is queued with the time.monotonic() it was sent at: the end of the phase it reports
     # (the loop may read it later, e.g. while frames of the chunk before still encode).
     def send(self, event: Any) -> None:
         self.last_sent = time.monotonic()  # a sign of progress (the stall watchdog), cancelled or not
+        if isinstance(event, Finished):
+            self.finished = True
         if not self._cancelled.is_set():
             self._loop.call_soon_threadsafe(self.events.put_nowait, (time.monotonic(), event))
+
+    def progressed(self) -> None:
+        self.last_sent = time.monotonic()
 
     def error(self, exc: BaseException) -> None:
         self._loop.call_soon_threadsafe(self.events.put_nowait, (time.monotonic(), _Failed(exc)))

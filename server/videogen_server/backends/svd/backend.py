@@ -815,15 +815,15 @@ class _Replay:
     def send(self, event) -> None:
         if isinstance(event, StepDone):
             if event.step <= self._step:
-                return
+                return self._sender.progressed()  # (the re-run goes on: not a stall)
             self._step = event.step
         elif isinstance(event, FramesDecoded):
             if event.chunk_index <= self._chunk:
-                return
+                return self._sender.progressed()
             self._chunk = event.chunk_index
         elif isinstance(event, PhaseTiming):
             if event.phase in self._phases:
-                return
+                return self._sender.progressed()
             self._phases.add(event.phase)
         elif isinstance(event, Finished):
             self.done = True
@@ -835,6 +835,9 @@ class _Replay:
 
     def is_cancelled(self) -> bool:
         return self._sender.is_cancelled()
+
+    def progressed(self) -> None:
+        self._sender.progressed()
 
 
 class _RunAhead:
