@@ -239,7 +239,11 @@ class VideoGenServer:
         hurry = asyncio.ensure_future(self._hurry.wait())
         try:
             await asyncio.wait((task, hurry), return_when=asyncio.FIRST_COMPLETED)
-            return task.result() if task.done() and not hurry.done() else None
+            if task.done() and not hurry.done():
+                return task.result()
+            if task.done() and not task.cancelled():
+                task.exception()  # (retrieved: a tie's error is not left for asyncio to log)
+            return None
         finally:
             hurry.cancel()
             task.cancel()

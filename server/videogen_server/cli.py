@@ -350,7 +350,8 @@ def _exit(status: int) -> int:
     if any(t.is_alive() and t.name.startswith(INSTANCE_THREAD_PREFIX) for t in threading.enumerate()):
         import logging
 
-        logging.getLogger(__name__).info("exiting with an instance thread still busy (a load or compile cut short)")
+        logging.getLogger(__name__).info("exiting with an instance thread still busy (a load or compile cut short, or "
+                                          "a call that never returned)")
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -149,8 +149,8 @@ class ServerConfig:
     #: the events its backend sends) for this long is retired (0 = never): a backend call that does not
     #: return (a hung kernel or driver) otherwise held its requests and the instance for good, liveness
     #: green. Its requests end UNAVAILABLE, it takes no more work, and it counts as lost (the last one
-    #: takes the version down: liveness then restarts the pod). Above the slowest step and the longest
-    #: compile of a shape the warm-up did not cover.
+    #: takes the version down; the server's last serving version, liveness with it) and stuck. Above
+    #: the slowest step and the longest compile of a shape the warm-up did not cover.
     instance_stall_seconds: float = 600.0
     #: Largest request message accepted (the conditioning image travels in it). Per-model image limits
     #: (parameters max_image_bytes / max_image_pixels) apply on top.

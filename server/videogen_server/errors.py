@@ -169,7 +169,7 @@ class BackendError(VideoGenError):
 
 
 class InstanceDead(VideoGenError):
-    """An instance hit an unrecoverable device error and takes no more work."""
+    """An instance hit an unrecoverable device error, or was retired for a stall, and takes no more work."""
 
     REASON = "INSTANCE_FAILED"
 

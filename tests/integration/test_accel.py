@@ -779,6 +779,9 @@ def test_a_request_cancelled_before_its_batch_runs_costs_no_device_work(tiny_mod
         def is_cancelled(self) -> bool:
             return self.cancelled
 
+        def progressed(self) -> None:
+            pass
+
     backend = SVDBackend()
     backend.initialize(InstanceContext("svd-tiny", 1, tiny_model_source / "1", {}, "cpu", 0, 2, cpu_threads=1))
     calls = {"image_encoder": 0, "unet": 0}

@@ -92,11 +92,13 @@ def test_an_instance_that_stalls_is_retired_and_a_reload_restores_it(make_repo, 
     with ServerThread(make_repo({"m": cfg}), model_control_mode="explicit", load_models=("m",),
                       instance_stall_seconds=limit, unload_timeout_seconds=1.0) as server:
         stub = server.stub()
-        started = time.monotonic()
-        long = collect(stub, request(model="m", seed=1, num_inference_steps=60, num_frames=2,
-                                     output={"stream_video": False}))
-        assert long[-1].summary.num_frames == 2
-        took = time.monotonic() - started
+        steps, took = 60, 0.0  # ~8 s on a 2-core machine; more steps where a run is faster than the limit
+        while took <= limit:
+            started = time.monotonic()
+            long = collect(stub, request(model="m", seed=1, num_inference_steps=steps, num_frames=2,
+                                         output={"stream_video": False}))
+            assert long[-1].summary.num_frames == 2
+            took, steps = time.monotonic() - started, steps * 2
         with pytest.raises(grpc.RpcError) as err:
             collect(stub, request(model="m", seed=666, request_id="stalled-1", **SHORT))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -122,7 +124,6 @@ def test_an_instance_that_stalls_is_retired_and_a_reload_restores_it(make_repo, 
         assert server.metric("videogen_instances_stuck", **labels) == 2  # (both threads still wait)
         assert server.metric("videogen_instances_busy", **labels) == 0
         assert collect(stub, request(model="m", seed=3, **SHORT))[-1].summary.num_frames == 2
-        assert took > limit, f"the long request took {took:.1f}s: not longer than the limit, it proved nothing"
 
 
 def test_unexpected_errors_in_model_listing_are_internal_with_a_generic_message(make_repo, monkeypatch):

@@ -400,6 +400,7 @@ def test_a_caller_gone_during_preprocessing_keeps_its_slot_until_the_work_ends(t
         text = server.scrape()
         assert "videogen_model_ready{" not in text  # unloaded: no 0 left for the alert to page on
         assert "videogen_queue_capacity{" not in text  # (nor a capacity for a queue depth gone)
+        assert "videogen_instances_stuck{" not in text  # (none stuck: nothing to keep it for)
 
 
 def test_loads_in_flight_are_joined_and_stop_with_the_server(tmp_path, slow_backend):

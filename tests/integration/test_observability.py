@@ -62,6 +62,7 @@ def test_metrics_move_by_exactly_one_request(make_repo):
         assert metric_value(after, "videogen_model_ready", **labels) == 1
         assert metric_value(after, "videogen_model_load_duration_seconds", **labels) > 0
         assert metric_value(after, "videogen_queue_capacity", **labels) == server.config.max_queue_size  # (config's 0)
+        assert 'videogen_instances_stuck{model="m",version="1"} 0.0' in after  # (at 0 from the start, for the alert)
         assert metric_value(after, "videogen_model_warmup_duration_seconds", **labels) > 0
         mem = dict(labels, instance="0", device="cpu")
         assert metric_value(after, "videogen_device_memory_allocated_bytes", **mem) > 0

@@ -54,6 +54,7 @@ def test_a_retired_instance_whose_call_returns_takes_no_more_work():
             pass
 
         def execute(self, requests) -> None:
+            time.sleep(0.2)  # (its event comes well after the batch's start)
             for r in requests:
                 r.sender.send("a step")
             entered.set()
@@ -70,17 +71,15 @@ def test_a_retired_instance_whose_call_returns_takes_no_more_work():
                         scheduler=scheduler, warmup=[], on_busy=busy.append, on_batch=lambda b: None,
                         on_dead=dead.append, on_busy_seconds=busy_seconds.append)
     instance.start().result(10)
-    assert instance.running == []
+    assert instance.retire_if_stalled(0.0, time.monotonic()) is None  # idle: nothing to retire
     first, second = _request("first"), _request("second")
     scheduler.submit(first)
     assert entered.wait(10)
-    batch = instance.running
-    assert batch == [first]
-    # progress is the batch's last event, not its start
-    assert instance.stalled_for(batch, first.last_sent + 100) == pytest.approx(100)
-    assert not instance.retire([first])  # not the batch running (another list): nothing happens
-    assert instance.retire(batch) and instance.state == "dead" and instance.retired
-    assert not instance.retire(batch)  # once
+    # progress is the batch's last event, not its start (0.2 s before it)
+    assert instance.retire_if_stalled(100.0, first.last_sent + 99.9) is None
+    batch, stalled = instance.retire_if_stalled(100.0, first.last_sent + 100.5)
+    assert batch == [first] and stalled == pytest.approx(100.5) and instance.state == "dead" and instance.retired
+    assert instance.retire_if_stalled(100.0, first.last_sent + 200) is None  # once
     assert instance.released.done() and not instance.finished.done()  # what a stop waits for: not its thread
     assert busy == [+1, -1] and len(busy_seconds) == 1  # no longer busy; its time so far counted
     scheduler.abandon(batch)
@@ -128,8 +127,7 @@ def test_a_retirement_leaves_a_request_whose_result_went_out():
     for r in (done, waiting):
         r.ended_by_server, r.cancel = None, lambda: None
     batch = [done, waiting]
-    instance = SimpleNamespace(state="ready", running=batch, name="0", stalled_for=lambda b, now: 10.0,
-                               retire=lambda b: True)
+    instance = SimpleNamespace(name="0", retire_if_stalled=lambda limit, now: (batch, 10.0))
     stuck: list = []
     runtime = SimpleNamespace(name="m", version=1, instances=[instance],
                               scheduler=SimpleNamespace(abandon=lambda b: None),
@@ -138,3 +136,23 @@ def test_a_retirement_leaves_a_request_whose_result_went_out():
     ModelRuntime.retire_stalled(runtime, 5.0)
     assert stuck == [instance] and done.errors == [] and done.ended_by_server is None
     assert [type(e) for e in waiting.errors] == [InstanceDead] and waiting.ended_by_server is waiting.errors[0]
+
+
+def test_a_retirement_whose_bookkeeping_fails_still_ends_its_requests():
+    """The instance is dead once retired, and never looked at again: a failure in what follows (the log,
+    the metrics, the version's state) must not leave its requests waiting for their deadlines."""
+    from videogen_server.engine.engine import ModelRuntime
+
+    waiting = _request("waiting")
+    waiting.finished, waiting.ended_by_server, waiting.cancel = False, None, lambda: None
+
+    def broken(inst) -> None:
+        raise RuntimeError("a bug in the bookkeeping")
+
+    runtime = SimpleNamespace(name="m", version=1, _instance_dead=broken,
+                              instances=[SimpleNamespace(name="0", retire_if_stalled=lambda l, n: ([waiting], 9.0))],
+                              scheduler=SimpleNamespace(abandon=lambda b: None),
+                              _engine=SimpleNamespace(count_stuck=lambda rt, inst: None))
+    with pytest.raises(RuntimeError, match="bookkeeping"):  # (the watch logs it and goes on)
+        ModelRuntime.retire_stalled(runtime, 5.0)
+    assert len(waiting.errors) == 1 and waiting.ended_by_server is waiting.errors[0]

@@ -128,6 +128,15 @@ class ModelStatus:
     instance_groups: tuple[InstanceGroup, ...] = ()
 
 
+def _end(req: EngineRequest, exc: Exception) -> None:
+    """Ends `req` from the server's side with `exc` (kept as the reason, unless it had one); a running
+    one stops at its next step or chunk."""
+    if req.ended_by_server is None:
+        req.ended_by_server = exc
+    req.error(exc)
+    req.cancel()
+
+
 class ModelRuntime:
     """One loaded version of a model: its queue and its instances."""
 
@@ -237,6 +246,7 @@ class ModelRuntime:
             raise failures[0]
         m.load_duration.labels(*self.labels).set(time.perf_counter() - t0)
         m.queue_capacity.labels(*self.labels).set(self.scheduler.max_queue_size)
+        self._engine._stuck_series(self.labels, serving=True)
         m.warmup_duration.labels(*self.labels).set(max(i.warmup_seconds for i in self.instances))
         self.state = "READY"
         m.instances_lost.labels(*self.labels).set(0)
@@ -247,33 +257,31 @@ class ModelRuntime:
         seconds (--instance-stall-seconds): a backend call that does not return (a hung kernel, a driver
         wait) held its requests and the instance for good, the queue behind it, and kept liveness
         green. Its requests end UNAVAILABLE (their callers decide: they had started), the instance takes
-        no more work and counts as lost (the last one takes the version down, and liveness with it: a
-        restart frees the device). Its thread cannot be stopped: it is left where it hangs."""
+        no more work and counts as lost (the last one takes the version down; the server's last serving
+        version, liveness with it). Its thread cannot be stopped: it is left where it hangs, counted
+        stuck (only a restart frees what it holds)."""
         now = time.monotonic()
         for inst in self.instances:
-            batch = inst.running
-            if inst.state != "ready" or not batch:
+            retired = inst.retire_if_stalled(limit, now)
+            if retired is None:
                 continue
-            stalled = inst.stalled_for(batch, now)
-            if stalled < limit or not inst.retire(batch):
-                continue
+            batch, stalled = retired
             # (one whose result went out already, in a batch re-run request by request, keeps it)
             unfinished = [req for req in batch if not req.finished]
-            log.critical("instance %s of %s/%s: no progress for %.0fs in a batch of %d (%s unfinished; "
-                         "--instance-stall-seconds %g): retired, its requests ended; its thread is left where it "
-                         "waits (a py-spy dump of the process shows where), holding what it holds: a restart "
-                         "frees it (a hung device needs one); a reload starts a new instance",
-                         inst.name, self.name, self.version, stalled, len(batch),
-                         ", ".join(r.request_id for r in unfinished) or "none", limit)
-            self._engine.count_stuck(self, inst)
-            self.scheduler.abandon(batch)  # (not a measured run, nor an instance to be free soon)
-            self._instance_dead(inst)  # before its callers hear: one retrying at once finds the version down
-            for req in unfinished:
-                exc = InstanceDead(f"the model instance made no progress for {stalled:.0f}s and was retired")
-                if req.ended_by_server is None:
-                    req.ended_by_server = exc
-                req.error(exc)
-                req.cancel()
+            try:
+                log.critical("instance %s of %s/%s: no progress for %.0fs in a batch of %d (%s unfinished; "
+                             "--instance-stall-seconds %g): retired, its requests ended; its thread is left where "
+                             "it waits (a py-spy dump of the process shows where), holding what it holds: a "
+                             "restart frees it (a hung device needs one); a reload starts a new instance",
+                             inst.name, self.name, self.version, stalled, len(batch),
+                             ", ".join(r.request_id for r in unfinished) or "none", limit)
+                self._engine.count_stuck(self, inst)
+                self.scheduler.abandon(batch)  # (not a measured run, nor an instance to be free soon)
+                self._instance_dead(inst)  # before its callers hear: one retrying at once finds the version down
+            finally:  # (whatever failed above: nothing else would end them)
+                for req in unfinished:
+                    _end(req, InstanceDead(f"the model instance made no progress for {stalled:.0f}s and was "
+                                           f"retired"))
 
     def _instance_dead(self, instance: Instance) -> None:
         """On the dead instance's thread (the loop's, for a stall). The last one takes the version down with it; before that, the
@@ -286,8 +294,8 @@ class ModelRuntime:
                 self._engine.metrics.instances_lost.labels(*self.labels).set(lost)
             if lost < len(self.instances):
                 self.reason = (f"{lost} of {len(self.instances)} instances stopped for good (a lost device, an "
-                               f"unexpected error or a stall: see the server log); a reload of the model or a "
-                               f"restart restores them")
+                               f"unexpected error or a stall: see the server log); a reload of the model starts "
+                               f"new ones, a restart frees what they held (a hung device needs one)")
             if all(i.state == "dead" for i in self.instances):
                 self.state = "FAILED"
                 self.reason = ("every instance stopped for good (a lost device, an unexpected error or a stall: "
@@ -354,11 +362,7 @@ class ModelRuntime:
         (running ones stop at their next step or chunk). Returns how many."""
         requests = list(self.active)
         for req in requests:
-            exc = error(req)
-            if req.ended_by_server is None:
-                req.ended_by_server = exc
-            req.error(exc)
-            req.cancel()
+            _end(req, error(req))
         return len(requests)
 
     def _close_queue(self, error: Callable[[], Exception]) -> None:
@@ -496,6 +500,9 @@ class Engine:
         # beside the new one, under the same labels, and the gauge is their sum (instance threads write it)
         self._depths: dict[tuple[str, str], dict[ModelRuntime, int]] = {}
         self._depth_lock = threading.Lock()
+        # retired instances still in their call, by version labels (`count_stuck`; instance threads end them)
+        self._stuck: dict[tuple[str, str], int] = {}
+        self._stuck_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop
         metrics.add_collector(InstanceCollector(self._instance_rows, NvmlReader.try_create(cuda_uuids)))
 
@@ -562,9 +569,25 @@ class Engine:
         """`inst` was retired with its thread still in a call: `videogen_instances_stuck` counts it until
         that call returns, whatever happens to its version (a reload or an unload forgets the version's
         other gauges): only a restart frees what the thread holds."""
-        gauge = self.metrics.instances_stuck.labels(*rt.labels)
-        gauge.inc()
-        inst.finished.add_done_callback(lambda _finished: gauge.dec())  # (on its thread, if it ever returns)
+        with self._stuck_lock:
+            self._stuck[rt.labels] = self._stuck.get(rt.labels, 0) + 1
+            self.metrics.instances_stuck.labels(*rt.labels).set(self._stuck[rt.labels])
+
+        def returned(_finished) -> None:  # (on its thread, if it ever returns)
+            with self._stuck_lock:
+                self._stuck[rt.labels] -= 1
+                self.metrics.instances_stuck.labels(*rt.labels).set(self._stuck[rt.labels])
+
+        inst.finished.add_done_callback(returned)
+
+    def _stuck_series(self, labels: tuple[str, str], serving: bool) -> None:
+        """`videogen_instances_stuck` for a version: exported (at 0 unless some are) while it serves, and
+        after it goes for as long as a retired thread of it is still in its call."""
+        with self._stuck_lock:
+            if serving or self._stuck.get(labels):
+                self.metrics.instances_stuck.labels(*labels).set(self._stuck.get(labels, 0))
+            else:
+                _remove_series(self.metrics.instances_stuck, *labels)
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Called (on the event loop) whenever readiness may have changed."""
@@ -666,6 +689,7 @@ class Engine:
         for version in entry.published - now.keys():
             for gauge in self._VERSION_GAUGES:
                 _remove_series(getattr(m, gauge), entry.name, version)
+            self._stuck_series((entry.name, version), serving=False)
         # the peaks of instances gone: with their version, or from a version reloaded in place with fewer
         # instances or on other devices (those stayed for good; metrics audit)
         serving = {(str(v), inst.name, inst.device) for v, rt in entry.loaded.items() for inst in rt.instances}

@@ -50,6 +50,13 @@ def _own_copy(exc: Exception) -> Exception:
     return own
 
 
+def _set_done(future: concurrent.futures.Future) -> None:
+    try:
+        future.set_result(None)
+    except concurrent.futures.InvalidStateError:  # done before
+        pass
+
+
 class WarmupSender:
     """Collects a warm-up request's events; raises its error on the worker thread."""
 
@@ -115,11 +122,8 @@ class Instance:
         try:
             self._work()
         finally:
-            for done in (self.finished, self.released):
-                try:
-                    done.set_result(None)
-                except concurrent.futures.InvalidStateError:
-                    pass
+            _set_done(self.finished)
+            _set_done(self.released)
 
     def _work(self) -> None:
         if not self.ready.set_running_or_notify_cancel():  # nobody waits any more: load nothing
@@ -212,43 +216,41 @@ class Instance:
         finally:
             with self._batch_lock:
                 self._batch = []
-                retired = self.retired  # (retired while running this batch: `retire` counted its time)
-            self._scheduler.batch_done(batch)
+                # retired while running this batch: `retire` counted its time, and the watchdog takes it
+                # out of the scheduler's runs (not a measured run, however it ended)
+                retired = self.retired
+            if not retired:
+                self._scheduler.batch_done(batch)
             for req in batch:
                 req.close()
             if busy and not retired:  # the time first: a scrape that reads the instance idle reads its batch's time too
-                self._on_busy_seconds(time.monotonic() - busy_since)
-                self.batch_started = None
-                self._on_busy(-1)
+                self._end_busy(busy_since)
         return not fatal and self.state != "dead"  # (retired meanwhile: a stall)
 
-    @property
-    def running(self) -> list[EngineRequest]:
-        """The batch running now ([] when idle)."""
-        return self._batch
+    def _end_busy(self, since: float) -> None:
+        self._on_busy_seconds(time.monotonic() - since)
+        self.batch_started = None
+        self._on_busy(-1)
 
-    def stalled_for(self, batch: list[EngineRequest], now: float) -> float:
-        """Seconds `batch` (`running`) has shown no progress: since its start or the last event its
-        backend sent for any of its requests (a step, a decoded chunk)."""
-        return now - max(self._batch_since, max((r.last_sent for r in batch), default=0.0))
-
-    def retire(self, batch: list[EngineRequest]) -> bool:
-        """Marks the instance dead from outside its thread, if it is still running `batch` (a stall): it
-        takes no more work, even if that call returns one day, and no longer counts as busy (its busy
-        time so far is counted now). False if the batch ended meanwhile."""
+    def retire_if_stalled(self, limit: float, now: float) -> Optional[tuple[list[EngineRequest], float]]:
+        """If the batch running now has shown no progress for `limit` seconds at `now` (none since its
+        start or the last event its backend sent for any of its requests: a step, a decoded chunk, a
+        `progressed()`), marks the instance dead from outside its thread: it takes no more work, even if
+        that call returns one day, and no longer counts as busy (its busy time so far is counted now).
+        Returns that batch and how long it was silent; None if the instance is idle, not ready, or not
+        stalled. Read and decided under the lock the batch's start and end take."""
         with self._batch_lock:
-            if self._batch is not batch or self.state != "ready":
-                return False
+            batch = self._batch
+            if self.state != "ready" or not batch:
+                return None
+            stalled = now - max(self._batch_since, max(r.last_sent for r in batch))
+            if stalled < limit:
+                return None
             self.state = "dead"
             self.retired = True
-            self._on_busy_seconds(time.monotonic() - self._batch_since)
-            self.batch_started = None
-            self._on_busy(-1)
-        try:
-            self.released.set_result(None)
-        except concurrent.futures.InvalidStateError:
-            pass
-        return True
+            self._end_busy(self._batch_since)
+        _set_done(self.released)
+        return batch, stalled
 
     def _finalize(self) -> None:
         try:

@@ -68,11 +68,11 @@ class EngineRequest:
     # Each event is queued with the time.monotonic() it was sent at: the end of the phase it reports
     # (the loop may read it later, e.g. while frames of the chunk before still encode).
     def send(self, event: Any) -> None:
-        self.last_sent = time.monotonic()  # a sign of progress (the stall watchdog), cancelled or not
+        self.last_sent = now = time.monotonic()  # a sign of progress (the stall watchdog), cancelled or not
         if isinstance(event, Finished):
             self.finished = True
         if not self._cancelled.is_set():
-            self._loop.call_soon_threadsafe(self.events.put_nowait, (time.monotonic(), event))
+            self._loop.call_soon_threadsafe(self.events.put_nowait, (now, event))
 
     def progressed(self) -> None:
         self.last_sent = time.monotonic()
