@@ -1,4 +1,4 @@
-"""The stall watchdog's part in one instance (`Instance.running` / `stalled_for` / `retire`): what
+"""The stall watchdog's part in one instance (`Instance.retire_if_stalled`): what
 counts as progress, and a retired instance whose call returns after all takes no more work. The
 integration test (tests/integration/test_faults.py) retires a real server's instance whose call never
 returns; this one needs a call that returns when told, so the backend here is a stand-in that blocks

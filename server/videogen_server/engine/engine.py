@@ -284,8 +284,9 @@ class ModelRuntime:
                                            f"retired"))
 
     def _instance_dead(self, instance: Instance) -> None:
-        """On the dead instance's thread (the loop's, for a stall). The last one takes the version down with it; before that, the
-        version serves on fewer instances, which the gauge and GetModel's `reason` say until a reload."""
+        """On the dead instance's thread (the loop's, for a stall). The last one takes the version down
+        with it; before that, the version serves on fewer instances, which the gauge and GetModel's
+        `reason` say until a reload."""
         with self._dead_lock:
             entry = self._engine.models.get(self.name)
             current = entry is None or entry.loaded.get(self.version, self) is self  # not a reload's retiring one

@@ -107,7 +107,7 @@ class Instance:
         self._batch: list[EngineRequest] = []
         self._batch_since = 0.0
         self._batch_lock = threading.Lock()
-        self.retired = False  # by the stall watchdog (`retire`): its thread waits where it hangs
+        self.retired = False  # by the stall watchdog (`retire_if_stalled`): its thread waits where it hangs
         #: done once the thread's work has ended or the instance was retired: what a stop waits for (a
         #: retired instance's thread may never end)
         self.released: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -216,8 +216,8 @@ class Instance:
         finally:
             with self._batch_lock:
                 self._batch = []
-                # retired while running this batch: `retire` counted its time, and the watchdog takes it
-                # out of the scheduler's runs (not a measured run, however it ended)
+                # retired while running this batch: `retire_if_stalled` counted its time, and the watchdog
+                # takes it out of the scheduler's runs (not a measured run, however it ended)
                 retired = self.retired
             if not retired:
                 self._scheduler.batch_done(batch)
