@@ -515,8 +515,8 @@ class Scheduler:
 
     def abandon(self, batch: list[EngineRequest]) -> None:
         """`batch` (from `next_batch`) no longer runs for the estimates, nor counts as a measured run: its
-        instance was retired while running it (a stall). Its `batch_done`, if the call ever returns, is
-        then a no-op."""
+        instance was retired while running it (a stall), and calls no `batch_done` for it if the call
+        ever returns."""
         with self._cv:
             self._running.pop(id(batch), None)
 
